@@ -1,0 +1,1 @@
+"""What runs inside pods: the training driver and the model server."""
