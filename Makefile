@@ -29,13 +29,14 @@ demo: setup ## start the local cluster and the operator, apply the examples, sho
 demo-down: setup ## stop the demo operator and the local cluster
 	$(BIN)/tandem cluster down
 
-test: setup ## run every test: unit, then end-to-end on a real control plane
-	$(BIN)/python -m pytest tests
+test: cluster-build ## run every test: unit, then end-to-end on a real control plane
+	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/e2e
 
 test-unit: setup ## unit tests only (no cluster)
 	$(BIN)/python -m pytest tests/unit
 
-test-e2e: setup ## end-to-end tests only
+test-e2e: cluster-build ## end-to-end tests only
 	$(BIN)/python -m pytest tests/e2e
 
 typecheck: setup ## mypy --strict

@@ -1,0 +1,371 @@
+"""The InferenceService resource: autoscaled GPU model-server replicas with dynamic batching."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar, Final, Literal
+
+from pydantic import Field, computed_field
+
+from tandem.operator.api.common import (
+    API_VERSION,
+    CONDITIONS_LIST_EXTRA,
+    GPU_PRODUCT_DESCRIPTION,
+    ApiModel,
+    CheckpointSelector,
+    Condition,
+    NodeSelector,
+    ObjectMeta,
+    Resources,
+    Rule,
+    SpecModel,
+    StatusModel,
+    Tolerations,
+    display_fraction,
+    display_usd,
+    gpu_product_rule,
+)
+
+KIND: Final = "InferenceService"
+PLURAL: Final = "inferenceservices"
+SINGULAR: Final = "inferenceservice"
+SHORT_NAMES = ("tisvc",)
+
+#: Where a model can be loaded from.
+MODEL_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|file:///.+|s3://[^/]+/.+)$"
+TRAININGJOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# ------------------------------------------------------------------------------------------------
+# Spec
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainingJobRef(SpecModel):
+    """A checkpoint of a TrainingJob in the same namespace."""
+
+    name: str = Field(max_length=63, pattern=TRAININGJOB_NAME_PATTERN)
+    """Name of the TrainingJob."""
+    checkpoint: CheckpointSelector = "latest"
+    """`latest` (follow the newest complete checkpoint) or a step number (pinned)."""
+
+
+class ModelSource(SpecModel):
+    """The model to serve: exactly one of `uri` or `trainingJobRef`."""
+
+    uri: str | None = Field(default=None, max_length=2048, pattern=MODEL_URI_PATTERN)
+    """`pvc://CLAIM/PATH`, `file:///PATH` (inside the image) or `s3://BUCKET/KEY`."""
+    training_job_ref: TrainingJobRef | None = None
+    """Serve a checkpoint of a TrainingJob; the service then records which run and step it serves."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="has(self.uri) != has(self.trainingJobRef)",
+            message="spec.model: set exactly one of spec.model.uri (a stored model) or "
+            "spec.model.trainingJobRef (a TrainingJob's checkpoint)",
+            check=lambda m: (m.uri is None) != (m.training_job_ref is None),
+        ),
+    )
+
+
+class Runtime(StrEnum):
+    """How the model server loads and runs the model."""
+
+    CAUSAL_LM = "causal-lm"
+    EMBEDDINGS = "embeddings"
+    TORCHSCRIPT = "torchscript"
+
+
+class ServingPrecision(StrEnum):
+    """Numeric precision of the served weights; int8 is dynamic quantization."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Batching(SpecModel):
+    """Dynamic batching: requests wait up to maxQueueDelayMs to share one forward pass."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    """Most requests in one forward pass."""
+    max_queue_delay_ms: int = Field(default=5, ge=0, le=60000)
+    """Longest a request waits for a batch to fill, in milliseconds; 0 runs whatever is queued."""
+    max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    """Most requests queued per replica; beyond it requests get 429 with Retry-After."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="self.maxQueueSize >= self.maxBatchSize",
+            message="spec.batching.maxQueueSize must be >= spec.batching.maxBatchSize "
+            "(a full batch has to fit in the queue)",
+            check=lambda b: b.max_queue_size >= b.max_batch_size,
+            field_path=".maxQueueSize",
+        ),
+    )
+
+
+class Replicas(SpecModel):
+    """Replica bounds, and the requested count that the scale subresource reads and writes."""
+
+    min: int = Field(default=1, ge=0, le=1000)
+    """Fewest replicas; 0 lets an idle service scale to zero."""
+    max: int = Field(default=1, ge=1, le=1000)
+    """Most replicas."""
+    count: int = Field(default=1, ge=0, le=100_000)
+    """Requested replica count, clamped by the operator to [min, max]. The scale subresource reads and
+    writes it (specReplicasPath): `kubectl scale`, an HPA or KEDA set it; with autoscaling.mode
+    `builtin` the operator's own autoscaler writes its decisions here too."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="self.min <= self.max",
+            message="spec.replicas.min must be <= spec.replicas.max (raise max or lower min)",
+            check=lambda r: r.min <= r.max,
+            field_path=".min",
+        ),
+    )
+
+    def clamp(self, wanted: int | None = None) -> int:
+        """`wanted` (default: count) clamped to [min, max]: the replicas to run."""
+        return max(self.min, min(self.max, self.count if wanted is None else wanted))
+
+
+class AutoscalingMode(StrEnum):
+    """Who scales the service."""
+
+    BUILTIN = "builtin"
+    EXTERNAL = "external"
+
+
+class ScalingMetric(StrEnum):
+    """The load signal the built-in autoscaler tracks, per replica."""
+
+    CONCURRENCY = "concurrency"
+    QUEUE_DEPTH = "queueDepth"
+    RPS = "rps"
+    LATENCY_P99 = "latencyP99"
+
+
+class Autoscaling(SpecModel):
+    """Scaling on load between replicas.min and replicas.max."""
+
+    mode: AutoscalingMode = AutoscalingMode.BUILTIN
+    """`builtin`: the operator scales on live metrics. `external`: the operator leaves
+    spec.replicas.count to an HPA or KEDA, through the scale subresource."""
+    metric: ScalingMetric = ScalingMetric.CONCURRENCY
+    """`concurrency` (in-flight requests), `queueDepth`, `rps` (requests per second) or
+    `latencyP99` (milliseconds); all per replica except latency."""
+    target: float | None = Field(default=None, gt=0)
+    """Target value of the metric per replica. Unset: the operator's default for the metric."""
+    stable_window_seconds: int = Field(default=60, ge=1, le=3600)
+    """Window the metric is averaged over for normal scaling decisions."""
+    panic_window_seconds: int = Field(default=6, ge=1, le=3600)
+    """Short window that triggers fast scale-up on a burst; at most stableWindowSeconds."""
+    scale_down_delay_seconds: int = Field(default=300, ge=0, le=86400)
+    """How long load must stay low before replicas are removed."""
+    max_scale_up_rate: float = Field(default=2.0, ge=1, le=1000)
+    """Most replicas after one decision, as a multiple of the current count."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="self.panicWindowSeconds <= self.stableWindowSeconds",
+            message="spec.autoscaling.panicWindowSeconds must be <= spec.autoscaling.stableWindowSeconds",
+            check=lambda a: a.panic_window_seconds <= a.stable_window_seconds,
+            field_path=".panicWindowSeconds",
+        ),
+    )
+
+
+class RolloutPolicy(StrEnum):
+    """What to do when the referenced TrainingJob writes a newer checkpoint."""
+
+    AUTO = "auto"
+    MANUAL = "manual"
+
+
+class Rollout(SpecModel):
+    """Rolling out new model versions."""
+
+    on_new_checkpoint: RolloutPolicy = RolloutPolicy.AUTO
+    """With trainingJobRef.checkpoint `latest`: `auto` rolls out each newer checkpoint;
+    `manual` keeps serving the current one until the service's spec changes."""
+
+
+class InferenceServiceSpec(SpecModel):
+    """The desired state of an InferenceService."""
+
+    image: str | None = Field(default=None, max_length=1024)
+    """Container image of the model server. Unset: the operator's default serving image."""
+    model: ModelSource
+    """The model to serve."""
+    runtime: Runtime = Runtime.CAUSAL_LM
+    """`causal-lm` (text generation), `embeddings` or `torchscript` (a traced module)."""
+    precision: ServingPrecision = ServingPrecision.FP32
+    """`fp32`, `bf16`, `fp16` or `int8`."""
+    batching: Batching = Field(default_factory=Batching)
+    """Dynamic batching."""
+    resources: Resources = Field(default_factory=Resources)
+    """Resources of each replica."""
+    gpu_product: str | None = Field(default=None, max_length=128, description=GPU_PRODUCT_DESCRIPTION)
+    node_selector: NodeSelector | None = None
+    """Node labels a replica needs."""
+    tolerations: Tolerations | None = None
+    """Taints the replicas tolerate."""
+    replicas: Replicas = Field(default_factory=Replicas)
+    """Replica bounds and requested count."""
+    autoscaling: Autoscaling | None = None
+    """Scaling on load. Unset: a fixed count, replicas.count clamped to [min, max]."""
+    rollout: Rollout = Field(default_factory=Rollout)
+    """Rolling out new checkpoints."""
+    suspend: bool = False
+    """True scales to zero and keeps it there; false again restores the replicas."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (gpu_product_rule("spec."),)
+
+
+# ------------------------------------------------------------------------------------------------
+# Status
+# ------------------------------------------------------------------------------------------------
+
+
+class InferenceServicePhase(StrEnum):
+    """Where an InferenceService is in its life."""
+
+    PENDING = "Pending"
+    LOADING = "Loading"
+    READY = "Ready"
+    SUSPENDED = "Suspended"
+    FAILED = "Failed"
+
+
+class ConditionType(StrEnum):
+    """Condition types of an InferenceService."""
+
+    MODEL_RESOLVED = "ModelResolved"
+    READY = "Ready"
+    SCALING_ACTIVE = "ScalingActive"
+    FAILED = "Failed"
+
+
+class ReplicaCounts(StatusModel):
+    """Replicas wanted and ready."""
+
+    desired: int | None = Field(default=None, ge=0)
+    """Replicas the operator is converging to (after clamping and autoscaling)."""
+    ready: int | None = Field(default=None, ge=0)
+    """Replicas ready to serve (the scale subresource's status.replicas)."""
+
+
+class ServedModel(StatusModel):
+    """The model the replicas serve now: the lineage link from serving back to training."""
+
+    uri: str | None = None
+    """Where the weights were loaded from."""
+    training_job: str | None = None
+    """The TrainingJob that produced them, if any."""
+    checkpoint_step: int | None = Field(default=None, ge=0)
+    """The checkpoint step served, if from a TrainingJob."""
+
+
+class ServingMetrics(StatusModel):
+    """Live load, over all replicas (averaged over the autoscaler's stable window)."""
+
+    rps: float | None = Field(default=None, ge=0)
+    """Requests per second."""
+    latency_p50_ms: float | None = Field(default=None, ge=0)
+    """Median request latency, milliseconds."""
+    latency_p99_ms: float | None = Field(default=None, ge=0)
+    """99th percentile request latency, milliseconds."""
+    queue_depth: float | None = Field(default=None, ge=0)
+    """Requests waiting for a batch."""
+    concurrency: float | None = Field(default=None, ge=0)
+    """Requests in flight."""
+
+
+class ServingCost(StatusModel):
+    """What serving costs (GPU time priced by the operator's price table)."""
+
+    hourly_usd: float | None = Field(default=None, ge=0, alias="hourlyUSD")
+    """Cost per hour of the current replicas, US dollars."""
+    usd_per_million_requests: float | None = Field(default=None, ge=0)
+    """Cost per million requests at the current load."""
+    usd_per_million_tokens: float | None = Field(default=None, ge=0)
+    """Cost per million generated tokens at the current load (causal-lm)."""
+
+
+class InferenceServiceStatus(StatusModel):
+    """The observed state of an InferenceService, written by the operator.
+
+    The `*Display` fields are computed from the structured ones when the status is serialized; they
+    exist only for `kubectl get` columns.
+    """
+
+    phase: InferenceServicePhase | None = None
+    """Pending, Loading, Ready, Suspended or Failed."""
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_LIST_EXTRA)
+    """Standard conditions: ModelResolved, Ready, ScalingActive, Failed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation this status reflects."""
+    url: str | None = None
+    """In-cluster URL of the service, e.g. `http://NAME.NAMESPACE.svc:8080`."""
+    replicas: ReplicaCounts | None = None
+    """Replicas wanted and ready."""
+    selector: str | None = None
+    """Label selector of the replica pods, as a string (the scale subresource's labelSelectorPath,
+    which an HPA needs)."""
+    model: ServedModel | None = None
+    """The model served now."""
+    metrics: ServingMetrics | None = None
+    """Live load."""
+    cost: ServingCost | None = None
+    """Serving cost."""
+    last_scale_time: datetime | None = None
+    """When the replica count last changed."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def replicas_display(self) -> str | None:
+        """Ready/desired replicas, e.g. `2/4` (for `kubectl get`)."""
+        if self.replicas is None:
+            return None
+        return display_fraction(self.replicas.ready or 0, self.replicas.desired)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def model_display(self) -> str | None:
+        """The served model in short, `TRAININGJOB@STEP` or the URI (for `kubectl get`)."""
+        if self.model is None:
+            return None
+        if self.model.training_job:
+            step = "?" if self.model.checkpoint_step is None else str(self.model.checkpoint_step)
+            return f"{self.model.training_job}@{step}"
+        return self.model.uri
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def hourly_cost_display(self) -> str | None:
+        """Cost per hour in dollars, e.g. `$2.49` (for `kubectl get`)."""
+        return None if self.cost is None else display_usd(self.cost.hourly_usd)
+
+
+# ------------------------------------------------------------------------------------------------
+# The resource
+# ------------------------------------------------------------------------------------------------
+
+
+class InferenceService(ApiModel):
+    """A served model: GPU replicas behind one Service, batched and autoscaled."""
+
+    api_version: Literal["tandem.dev/v1alpha1"] = API_VERSION
+    kind: Literal["InferenceService"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: InferenceServiceSpec
+    status: InferenceServiceStatus = Field(default_factory=InferenceServiceStatus)
+
+
+# Scale subresource paths (see docs/api.md, "Scale subresource").
+SPEC_REPLICAS_PATH = ".spec.replicas.count"
+STATUS_REPLICAS_PATH = ".status.replicas.ready"
+LABEL_SELECTOR_PATH = ".status.selector"

@@ -1,0 +1,144 @@
+"""The operator's one settings object: every knob, its default and its meaning in one place.
+
+Values come from a YAML file (the Helm chart mounts its `config:` values as a ConfigMap, key for key)
+and can be overridden by environment variables `TANDEM_<FIELD_IN_UPPER_SNAKE_CASE>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tandem.errors import UserError
+
+CONFIG_FILE_ENV = "TANDEM_CONFIG_FILE"
+ENV_PREFIX = "TANDEM_"
+
+DEFAULT_GPU_PRICES_USD_PER_HOUR: dict[str, float] = {
+    "NVIDIA-H100-80GB-HBM3": 4.00,
+    "NVIDIA-H200": 5.00,
+    "NVIDIA-A100-SXM4-80GB": 2.50,
+    "NVIDIA-L4": 0.80,
+}
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Operator configuration. Field names map one to one onto the chart's `config:` values (camelCase)."""
+
+    training_image: str = field(
+        default="ghcr.io/tandem-dev/tandem-workloads:0.1.0",
+        metadata=_doc("Image for TrainingJob head and worker pods when spec.image is not set."),
+    )
+    serving_image: str = field(
+        default="ghcr.io/tandem-dev/tandem-workloads:0.1.0",
+        metadata=_doc("Image for InferenceService replicas."),
+    )
+    namespaces: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("Namespaces to watch; empty watches the whole cluster."),
+    )
+    gpu_prices_usd_per_hour: Mapping[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_GPU_PRICES_USD_PER_HOUR),
+        metadata=_doc("Price of one GPU-hour by GPU product label (nvidia.com/gpu.product)."),
+    )
+    default_gpu_price_usd_per_hour: float = field(
+        default=3.00,
+        metadata=_doc("Price of one GPU-hour for products missing from the table."),
+    )
+    prometheus_url: str = field(
+        default="",
+        metadata=_doc("Prometheus HTTP API the autoscaler queries; empty scrapes replicas directly."),
+    )
+    metrics_port: int = field(default=8080, metadata=_doc("Port of the operator's Prometheus /metrics."))
+    health_port: int = field(default=8081, metadata=_doc("Port of the operator's liveness /healthz."))
+    autoscaler_tick_seconds: float = field(
+        default=2.0, metadata=_doc("How often the builtin autoscaler evaluates each service.")
+    )
+    autoscaler_stable_window_seconds: int = field(
+        default=60, metadata=_doc("Default stable window when a service does not set one.")
+    )
+    autoscaler_panic_window_seconds: int = field(
+        default=6, metadata=_doc("Default panic window when a service does not set one.")
+    )
+
+    def gpu_price(self, product: str | None) -> float:
+        """USD per GPU-hour for a product label, falling back to the default price."""
+        if product and product in self.gpu_prices_usd_per_hour:
+            return self.gpu_prices_usd_per_hour[product]
+        return self.default_gpu_price_usd_per_hour
+
+
+def camel_name(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _convert(name: str, raw: Any, target: Any, source: str) -> Any:
+    """Convert one raw value (YAML value or env string) to the field's type, or say what is wrong."""
+    try:
+        if target in ("int", int):
+            return int(raw)
+        if target in ("float", float):
+            return float(raw)
+        if target in ("str", str):
+            if not isinstance(raw, str):
+                raise TypeError("expected a string")
+            return raw
+        if "tuple" in str(target):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(item.strip() for item in items if str(item).strip())
+        if "Mapping" in str(target):
+            table = json.loads(raw) if isinstance(raw, str) else dict(raw)
+            return {str(key): float(value) for key, value in table.items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"operator config {name!r} from {source}: {raw!r} is invalid ({exc})") from exc
+    raise AssertionError(f"unsupported settings type {target!r}")  # pragma: no cover - programming error
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Build settings from the config file named by TANDEM_CONFIG_FILE, then TANDEM_* env overrides."""
+    env = os.environ if environ is None else environ
+    fields = {f.name: f for f in dataclasses.fields(OperatorSettings)}
+    values: dict[str, Any] = {}
+    config_file = env.get(CONFIG_FILE_ENV)
+    if config_file:
+        path = Path(config_file)
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read operator config {path}: {exc}") from exc
+        if not isinstance(document, dict):
+            raise UserError(f"operator config {path} must be a mapping of settings")
+        by_camel = {camel_name(name): name for name in fields}
+        for key, raw in document.items():
+            if key not in by_camel:
+                known = ", ".join(sorted(by_camel))
+                raise UserError(f"operator config {path}: unknown setting {key!r}; known settings: {known}")
+            name = by_camel[key]
+            values[name] = _convert(key, raw, fields[name].type, str(path))
+    for name, spec in fields.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in env:
+            values[name] = _convert(env_name, env[env_name], spec.type, "the environment")
+    return OperatorSettings(**values)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(chart value name, default, meaning) for every setting: used by docs and `--help`."""
+    defaults = OperatorSettings()
+    rows = []
+    for spec in dataclasses.fields(OperatorSettings):
+        rows.append((camel_name(spec.name), repr(getattr(defaults, spec.name)), spec.metadata["doc"]))
+    return rows

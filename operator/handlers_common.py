@@ -1,0 +1,75 @@
+"""What every resource's kopf handlers share: spec validation and the Accepted condition.
+
+Reconcilers stay pure (spec and current status in, new status out); handlers are the thin layer that
+reads from kopf and writes through kopf's patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import kopf
+from pydantic import BaseModel, ValidationError
+
+from tandem.operator.api.common import Condition, describe_validation_error, set_condition
+
+#: Condition every Tandem resource carries: is the spec valid and taken in hand?
+ACCEPTED = "Accepted"
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def accepted(generation: int, conditions: Sequence[Condition]) -> list[Condition]:
+    """`conditions` with Accepted=True for this generation."""
+    return set_condition(
+        conditions,
+        Condition(
+            type=ACCEPTED,
+            status="True",
+            reason="SpecValid",
+            message="the spec is valid",
+            observed_generation=generation,
+            last_transition_time=utc_now(),
+        ),
+    )
+
+
+def utc_now() -> datetime:
+    """Now, to the second (Kubernetes timestamps have no fractions)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def parse_spec_or_reject(
+    model: type[ModelT],
+    body: kopf.Body,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    generation: int,
+    patch: kopf.Patch,
+    phase_on_error: str,
+) -> ModelT:
+    """Validate the spec; an invalid one is a permanent failure with a condition that says why.
+
+    The API server's schema and CEL rules reject most bad input before it is stored; this catches what
+    they cannot express, and objects stored before a schema change.
+    """
+    try:
+        return model.model_validate(dict(spec))
+    except ValidationError as error:
+        message = "; ".join(describe_validation_error(error, prefix="spec."))
+        conditions = [Condition.model_validate(c) for c in status.get("conditions") or ()]
+        rejected = Condition(
+            type=ACCEPTED,
+            status="False",
+            reason="InvalidSpec",
+            message=message,
+            observed_generation=generation,
+            last_transition_time=utc_now(),
+        )
+        patch.status["phase"] = phase_on_error
+        patch.status["observedGeneration"] = generation
+        patch.status["conditions"] = [c.to_dict() for c in set_condition(conditions, rejected)]
+        kopf.warn(body, reason="InvalidSpec", message=message)
+        raise kopf.PermanentError(f"invalid spec: {message}") from error

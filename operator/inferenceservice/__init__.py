@@ -1,0 +1,1 @@
+"""InferenceService reconciler: kopf handlers -> reconcile logic -> builders -> API models."""

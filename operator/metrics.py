@@ -1,0 +1,36 @@
+"""The operator's own Prometheus metrics (the workloads export theirs separately)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Histogram
+
+RECONCILE_TOTAL = Counter(
+    "tandem_operator_reconcile_total",
+    "Reconciliations run, by resource kind and result.",
+    ["kind", "result"],
+)
+RECONCILE_SECONDS = Histogram(
+    "tandem_operator_reconcile_duration_seconds",
+    "Wall time of one reconciliation, by resource kind.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+
+@contextmanager
+def timed_reconcile(kind: str) -> Iterator[None]:
+    """Count and time one reconciliation; an exception counts as result="error"."""
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        RECONCILE_TOTAL.labels(kind=kind, result="error").inc()
+        raise
+    else:
+        RECONCILE_TOTAL.labels(kind=kind, result="ok").inc()
+    finally:
+        RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - started)

@@ -1,0 +1,60 @@
+"""Start the operator: kopf with Tandem's storage settings, /metrics and a liveness endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tandem.operator.config import OperatorSettings
+
+ANNOTATION_PREFIX = "tandem.dev"
+log = logging.getLogger("tandem.operator")
+
+
+def configure_kopf(kopf_settings: Any) -> None:
+    """Keep kopf's bookkeeping in tandem.dev annotations (status is ours and schema-pruned)."""
+    import kopf
+
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    kopf_settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    kopf_settings.posting.level = logging.INFO
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.networking.request_timeout = 60
+
+
+def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
+    """Run until interrupted. Handlers are registered by importing their modules."""
+    import kopf
+    from prometheus_client import start_http_server
+
+    from tandem.operator.inferenceservice import handlers as _inferenceservice_handlers
+    from tandem.operator.trainingjob import handlers as _trainingjob_handlers
+
+    del _inferenceservice_handlers, _trainingjob_handlers
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    @kopf.on.startup()
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings)
+
+    start_http_server(settings.metrics_port)
+    log.info(
+        "metrics on :%d/metrics, liveness on :%d/healthz, watching %s",
+        settings.metrics_port,
+        settings.health_port,
+        ", ".join(settings.namespaces) or "all namespaces",
+    )
+    kopf.run(
+        standalone=True,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
+        memo=kopf.Memo(settings=settings),
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""TrainingJob reconciler: kopf handlers -> reconcile logic -> builders -> API models."""

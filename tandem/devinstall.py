@@ -1,0 +1,116 @@
+"""Install Tandem into a cluster the way the Helm chart does, without Helm.
+
+Used by `make demo` and by the end-to-end tests: apply the generated CRDs, bind the chart's exact
+RBAC rules to an operator ServiceAccount, and mint a kubeconfig for that identity. The tests then run
+the operator under it, so a permission missing from the chart fails the tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tandem.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CRD_DIR = REPO_ROOT / "manifests" / "crds"
+RBAC_RULES_FILE = REPO_ROOT / "charts" / "tandem" / "files" / "clusterrole-rules.yaml"
+OPERATOR_NAMESPACE = "tandem-system"
+OPERATOR_NAME = "tandem-operator"
+
+
+@dataclass(frozen=True)
+class Kubectl:
+    """A kubectl binary bound to one kubeconfig."""
+
+    binary: str
+    kubeconfig: Path
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        command = [self.binary, f"--kubeconfig={self.kubeconfig}", *args]
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, check=False, timeout=120)
+        if check and done.returncode != 0:
+            raise UserError(
+                f"`kubectl {' '.join(args)}` failed: {done.stderr.strip() or done.stdout.strip()}"
+            )
+        return done.stdout
+
+    def apply(self, documents: list[dict[str, Any]], server_side: bool = True) -> None:
+        stream = yaml.safe_dump_all(documents, sort_keys=False)
+        flags = (
+            ["--server-side", "--force-conflicts", "--field-manager=tandem-install"] if server_side else []
+        )
+        self.run("apply", *flags, "-f", "-", stdin=stream)
+
+
+def rbac_documents(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAME) -> list[dict[str, Any]]:
+    """ServiceAccount, ClusterRole (the chart's rules file, verbatim) and ClusterRoleBinding."""
+    rules = yaml.safe_load(RBAC_RULES_FILE.read_text())
+    labels = {"app.kubernetes.io/name": "tandem-operator"}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
+
+
+def install_crds(kubectl: Kubectl) -> None:
+    """Apply manifests/crds and wait until the API server serves them."""
+    kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+
+
+def operator_kubeconfig(
+    kubectl: Kubectl,
+    output: Path,
+    namespace: str = OPERATOR_NAMESPACE,
+    name: str = OPERATOR_NAME,
+    duration: str = "24h",
+) -> Path:
+    """Apply the RBAC objects and write a kubeconfig that authenticates as the operator's ServiceAccount."""
+    kubectl.apply(rbac_documents(namespace, name))
+    token = kubectl.run("create", "token", name, "-n", namespace, f"--duration={duration}").strip()
+    admin = json.loads(kubectl.run("config", "view", "--raw", "--minify", "-o", "json"))
+    cluster = admin["clusters"][0]["cluster"]
+    ca_data = cluster.get("certificate-authority-data")
+    if ca_data is None and "certificate-authority" in cluster:
+        ca_data = base64.b64encode(Path(cluster["certificate-authority"]).read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "tandem",
+                "cluster": {"server": cluster["server"], "certificate-authority-data": ca_data},
+            }
+        ],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "tandem", "user": name}}],
+        "current-context": name,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(yaml.safe_dump(config, sort_keys=False))
+    output.chmod(0o600)
+    return output
