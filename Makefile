@@ -23,11 +23,11 @@ setup: $(STAMP) ## create .venv with the operator, the dev cluster and the dev t
 cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd and kwok binaries
 	$(BIN)/tandem cluster build
 
-demo: setup ## start the local cluster and the operator, apply the examples, show kubectl get
-	$(BIN)/python -m tandem.devcluster.demo
+demo: cluster-build ## start the local cluster and the operator, apply the examples, show kubectl get
+	$(BIN)/python -m tandem.demo
 
 demo-down: setup ## stop the demo operator and the local cluster
-	$(BIN)/tandem cluster down
+	$(BIN)/python -m tandem.demo --down
 
 test: cluster-build ## run every test: unit, then end-to-end on a real control plane
 	$(BIN)/python -m pytest tests/unit
@@ -46,8 +46,8 @@ lint: setup typecheck ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-crds: setup ## regenerate manifests/crds from the API models
-	$(BIN)/tandem crds --output-dir manifests/crds
+crds: setup ## regenerate manifests/crds and the reference in docs/api.md from the API models
+	$(BIN)/tandem crds --output-dir manifests/crds --docs docs/api.md
 
 clean: ## remove the virtualenv and build outputs (the control-plane cache stays)
 	rm -rf $(VENV) .build build *.egg-info

@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="with --output-dir: exit 1 if the files there differ from the models (CI drift check)",
     )
+    crds.add_argument(
+        "--docs",
+        type=Path,
+        help="also write (or with --check, compare) the generated reference section of this Markdown file",
+    )
     crds.set_defaults(handler=_crds)
 
 
@@ -88,8 +93,12 @@ def _crds(args: argparse.Namespace) -> int:
             raise UserError("--check needs --output-dir (the folder to compare with)")
         sys.stdout.write("---\n".join(crdgen.render_crds().values()))
         return 0
+    from tandem.operator.crdgen_docs import check_reference, write_reference
+
     if args.check:
         stale = crdgen.check_crds(args.output_dir)
+        if args.docs is not None and not check_reference(args.docs):
+            stale.append(str(args.docs))
         if stale:
             print(f"out of date in {args.output_dir}: {', '.join(stale)}; run `make crds`", file=sys.stderr)
             return 1
@@ -97,4 +106,6 @@ def _crds(args: argparse.Namespace) -> int:
         return 0
     for path in crdgen.write_crds(args.output_dir):
         print(f"wrote {path}")
+    if args.docs is not None and write_reference(args.docs):
+        print(f"wrote {args.docs}")
     return 0

@@ -1,16 +1,12 @@
 """CustomResourceDefinitions of Tandem, generated from the API models.
 
 The models in `tandem.operator.api` are the single source of truth; this module renders them into the
-files in `manifests/crds/` (`make crds`, `tandem crds`), and a unit test fails when the committed files
-differ from what it renders. `python -m tandem.operator.crdgen` writes the CRDs and refreshes the
-generated reference in docs/api.md.
+files in `manifests/crds/` and the reference in docs/api.md (`make crds`, which runs `tandem crds`), and
+a unit test fails when the committed files differ from what it renders.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,31 +231,3 @@ def check_crds(directory: Path) -> list[str]:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             stale.append(name)
     return stale
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tandem.operator.crdgen [--check]`: write (or check) the CRDs and the API reference."""
-    # crdgen_docs imports this module, so it is imported here, at call time.
-    from tandem.operator.crdgen_docs import check_reference, write_reference
-
-    parser = argparse.ArgumentParser(prog="python -m tandem.operator.crdgen", description=main.__doc__)
-    parser.add_argument("--output-dir", type=Path, default=Path("manifests/crds"))
-    parser.add_argument("--docs", type=Path, default=Path("docs/api.md"))
-    parser.add_argument("--check", action="store_true", help="only report stale files; exit 1 if any")
-    args = parser.parse_args(argv)
-    if args.check:
-        stale = check_crds(args.output_dir)
-        if not check_reference(args.docs):
-            stale.append(str(args.docs))
-        for name in stale:
-            print(f"stale: {name} (run `make crds`)", file=sys.stderr)
-        return 1 if stale else 0
-    for path in write_crds(args.output_dir):
-        print(path)
-    if write_reference(args.docs):
-        print(args.docs)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """The field reference in docs/api.md, generated from the same CRD schemas as manifests/crds/.
 
 docs/api.md is written by hand except between the two marker lines, which `write_reference` fills
-(`python -m tandem.operator.crdgen`); a unit test fails when that part is stale.
+(`make crds`); a unit test fails when that part is stale.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from tandem.operator.crdgen import RESOURCES, build_crd
 
-BEGIN = "<!-- BEGIN GENERATED REFERENCE: python -m tandem.operator.crdgen -->"
+BEGIN = "<!-- BEGIN GENERATED REFERENCE: make crds -->"
 END = "<!-- END GENERATED REFERENCE -->"
 
 

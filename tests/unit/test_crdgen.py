@@ -14,6 +14,7 @@ import yaml
 from celpy.adapter import json_to_cel
 from pydantic import BaseModel, ValidationError
 
+from tandem import cli
 from tandem.operator import crdgen
 from tandem.operator.api import common, inferenceservice, trainingjob
 from tandem.operator.crdgen_docs import check_reference
@@ -58,7 +59,7 @@ def test_committed_crds_are_up_to_date() -> None:
 
 def test_api_reference_is_up_to_date() -> None:
     assert check_reference(REPO / "docs" / "api.md"), (
-        "the generated reference in docs/api.md is stale: run `python -m tandem.operator.crdgen`"
+        "the generated reference in docs/api.md is stale: run `make crds`"
     )
 
 
@@ -82,13 +83,14 @@ def test_write_and_check(tmp_path: Path) -> None:
     assert crdgen.check_crds(tmp_path / "crds") == [written[0].name]
 
 
-def test_main_check_reports_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tandem_crds_check_reports_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "api.md"
     docs.write_text((REPO / "docs" / "api.md").read_text())
-    assert crdgen.main(["--output-dir", str(tmp_path / "crds"), "--docs", str(docs), "--check"]) == 1
+    crds = ["crds", "--output-dir", str(tmp_path / "crds"), "--docs", str(docs)]
+    assert cli.main([*crds, "--check"]) == 1
     assert "run `make crds`" in capsys.readouterr().err
-    assert crdgen.main(["--output-dir", str(tmp_path / "crds"), "--docs", str(docs)]) == 0
-    assert crdgen.main(["--output-dir", str(tmp_path / "crds"), "--docs", str(docs), "--check"]) == 0
+    assert cli.main(crds) == 0
+    assert cli.main([*crds, "--check"]) == 0
 
 
 def test_unknown_kind() -> None:

@@ -1,0 +1,302 @@
+"""`up`, `down` and `status` of a named local cluster: etcd, the Kubernetes control plane and kwok.
+
+`up` is idempotent: on a running cluster it only re-checks readiness; on a cluster whose processes
+died (a reboot, a kill) it restarts them on the same ports, certificates and etcd data. It returns
+only once the cluster is usable end to end: the API server is ready, every simulated node is Ready
+and schedulable, the controller manager has created the `default` ServiceAccount, and a probe pod
+was scheduled and reported Running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tandem.devcluster import build, components, kubeconfig, nodes, paths, pki, processes, readiness, state
+from tandem.devcluster.kubeapi import ApiError, KubeAPI
+from tandem.devcluster.processes import ProcessRecord
+from tandem.devcluster.state import ClusterState
+from tandem.errors import UserError
+
+Progress = Callable[[str], None]
+DEFAULT_NAME = "tandem"
+UP_TIMEOUT_SECONDS = 180.0
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """How to reach a running cluster."""
+
+    name: str
+    server: str
+    kubeconfig: Path
+    state_dir: Path
+    bin_dir: Path
+
+    @property
+    def kubectl(self) -> Path:
+        """The pinned kubectl (same version as the API server)."""
+        return self.bin_dir / "kubectl"
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    running: bool
+    pid: int | None
+    log: Path
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What `status` found; `info` is set while the cluster is running."""
+
+    name: str
+    state_dir: Path
+    exists: bool
+    components: tuple[ComponentStatus, ...]
+    api_ready: bool
+    info: ClusterInfo | None
+
+    @property
+    def running(self) -> bool:
+        return self.exists and all(c.running for c in self.components) and self.api_ready
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _cluster_lock(name: str) -> Iterator[None]:
+    """Serialize up/down of one cluster (e.g. two test runs starting `tandem-test` at once)."""
+    root = paths.clusters_root() / ".locks"  # outside the state folder, which `down` deletes
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _records(directory: Path) -> list[ProcessRecord]:
+    """Pid records found in a state folder, in start order (also when state.json is unreadable)."""
+    found = []
+    for component in state.COMPONENTS:
+        record = ProcessRecord.load(directory / "run" / f"{component}.json")
+        if record is not None:
+            found.append(record)
+    return found
+
+
+def _api(s: ClusterState, timeout: float = 5.0) -> KubeAPI:
+    p = s.pki
+    return KubeAPI(
+        s.server, ca_file=p.ca_cert, cert_file=p.cert("admin"), key_file=p.key("admin"), timeout=timeout
+    )
+
+
+def _info(s: ClusterState, bin_dir: Path) -> ClusterInfo:
+    return ClusterInfo(
+        name=s.name, server=s.server, kubeconfig=s.kubeconfig, state_dir=s.directory, bin_dir=bin_dir
+    )
+
+
+def _new_state(name: str) -> ClusterState:
+    directory = paths.cluster_dir(name)
+    ports = processes.pick_free_ports(len(state.PORT_NAMES))
+    s = ClusterState(name=name, directory=directory, ports=dict(zip(state.PORT_NAMES, ports, strict=True)))
+    s.save()
+    return s
+
+
+def _check_ports(s: ClusterState) -> None:
+    for port_name, port in s.ports.items():
+        if not processes.port_is_free(port):
+            owner = state.PORT_OWNERS[port_name]
+            raise UserError(
+                f"port {port} on 127.0.0.1, recorded for {owner} of cluster {s.name!r}, is in use by another "
+                f"process (see `ss -ltnp 'sport = :{port}'`); stop that process, or run "
+                f"`tandem cluster down --name {s.name}` to drop this cluster's state and pick new ports"
+            )
+
+
+def _write_config(s: ClusterState) -> None:
+    """Certificates (once), kubeconfigs, scheduler config and kwok stages for this cluster."""
+    for folder in (s.log_dir, s.run_dir, s.config_dir, s.etcd_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    s.etcd_dir.chmod(0o700)  # etcd refuses a data dir others can read
+    p = pki.ensure_pki(s.pki.directory)
+    context = f"tandem-{s.name}"
+    kubeconfig.write(s.kubeconfig, context=context, server=s.server, pki=p, stem="admin", user=pki.ADMIN.user)
+    for component, identity in (
+        ("kube-controller-manager", pki.CONTROLLER_MANAGER),
+        ("kube-scheduler", pki.SCHEDULER),
+        ("kwok", pki.KWOK),
+    ):
+        kubeconfig.write(
+            s.component_kubeconfig(component),
+            context=context,
+            server=s.server,
+            pki=p,
+            stem=identity.stem,
+            user=identity.user,
+        )
+    (s.config_dir / "scheduler.yaml").write_text(
+        yaml.safe_dump(components.scheduler_config(s), sort_keys=False)
+    )
+    for stage_file in components.KWOK_STAGE_FILES:
+        shutil.copyfile(paths.KWOK_CONFIG_DIR / stage_file, s.config_dir / stage_file)
+
+
+def _start(component: str, bin_dir: Path, s: ClusterState) -> ProcessRecord:
+    # kwok also reads ~/.kwok/kwok.yaml when it exists: give it a HOME of its own to stay hermetic.
+    env = None
+    if component == "kwok":
+        env = {**os.environ, "HOME": str(s.config_dir)}
+    record = processes.spawn(component, components.command(component, bin_dir, s), s.log(component), env=env)
+    record.save(s.pid_file(component))
+    return record
+
+
+def _release_node_leases(api: KubeAPI, specs: list[nodes.NodeSpec]) -> None:
+    """Drop node leases a previous kwok held: a new kwok (new holder id) would wait ~40 s for them."""
+    for spec in specs:
+        api.delete(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{spec.name}")
+
+
+def _register_nodes(api: KubeAPI, specs: list[nodes.NodeSpec]) -> None:
+    for spec in specs:
+        api.create("/api/v1/nodes", nodes.node_manifest(spec))
+
+
+def _wait_usable(s: ClusterState, waiter: readiness.Waiter, specs: list[nodes.NodeSpec]) -> None:
+    """After /readyz: register the nodes and wait until workloads can run on them."""
+    api = _api(s)
+    _register_nodes(api, specs)
+    waiter.until(
+        f"{len(specs)} simulated nodes Ready", readiness.nodes_ready(api, [n.name for n in specs]), "kwok"
+    )
+    waiter.until(
+        "ServiceAccount default/default",
+        readiness.service_account_exists(api, "default"),
+        "kube-controller-manager",
+    )
+    waiter.until(
+        "ServiceAccount kube-system/default",
+        readiness.service_account_exists(api, readiness.PROBE_NAMESPACE),
+        "kube-controller-manager",
+    )
+    waiter.until("probe pod scheduled and Running", readiness.probe_pod_running(api), "kube-scheduler")
+    api.delete(
+        f"/api/v1/namespaces/{readiness.PROBE_NAMESPACE}/pods/{readiness.PROBE_POD}", grace_period_seconds=0
+    )
+
+
+def up(
+    name: str = DEFAULT_NAME,
+    *,
+    progress: Progress | None = None,
+    timeout: float = UP_TIMEOUT_SECONDS,
+    gpu_nodes: int = 2,
+    cpu_nodes: int = 1,
+) -> ClusterInfo:
+    """Start cluster `name` (or confirm it runs) and return how to reach it once it is usable.
+
+    Builds the pinned binaries first if they are not cached. Raises UserError, naming the log to
+    read, if a component exits or readiness is not reached within `timeout` seconds.
+    """
+    report = progress or _quiet
+    paths.validate_name(name)
+    bin_dir = build.ensure_binaries(report)
+    specs = nodes.default_nodes(gpu_nodes, cpu_nodes)
+    with _cluster_lock(name):
+        s = state.load(name)
+        records = _records(paths.cluster_dir(name))
+        if (
+            s is not None
+            and len(records) == len(state.COMPONENTS)
+            and all(map(processes.is_running, records))
+        ):
+            report(f"cluster {name!r} is already running; checking readiness")
+            waiter = readiness.Waiter(s, timeout, report)
+            for record in records:
+                waiter.watch(record)
+            waiter.until("kube-apiserver /readyz", readiness.api_ready(_api(s)), "kube-apiserver")
+            _wait_usable(s, waiter, specs)
+            return _info(s, bin_dir)
+        # Anything half-running is stopped and started again on the same state.
+        processes.stop(records)
+        if s is None:
+            s = _new_state(name)
+        _check_ports(s)
+        _write_config(s)
+        report(f"starting cluster {name!r} (state in {s.directory})")
+        waiter = readiness.Waiter(s, timeout, report)
+        waiter.watch(_start("etcd", bin_dir, s))
+        waiter.until("etcd healthy", readiness.etcd_healthy(s), "etcd")
+        waiter.watch(_start("kube-apiserver", bin_dir, s))
+        waiter.until("kube-apiserver /readyz", readiness.api_ready(_api(s)), "kube-apiserver")
+        _release_node_leases(_api(s), specs)
+        for component in ("kube-controller-manager", "kube-scheduler", "kwok"):
+            waiter.watch(_start(component, bin_dir, s))
+        _wait_usable(s, waiter, specs)
+        return _info(s, bin_dir)
+
+
+def down(name: str = DEFAULT_NAME, *, progress: Progress | None = None) -> bool:
+    """Stop every process of cluster `name` and delete its state (not the binary cache).
+
+    Returns False when there was nothing to take down. Idempotent.
+    """
+    report = progress or _quiet
+    directory = paths.cluster_dir(name)
+    with _cluster_lock(name):
+        if not directory.exists():
+            return False
+        records = _records(directory)
+        live = [r for r in records if processes.is_running(r)]
+        if live:
+            report(f"stopping {', '.join(r.name for r in live)}")
+        survivors = processes.stop(records)
+        if survivors:
+            pids = ", ".join(f"{r.name} (pid {r.pid})" for r in survivors)
+            raise UserError(f"could not stop {pids} even with SIGKILL; state kept in {directory}")
+        shutil.rmtree(directory)
+        return True
+
+
+def status(name: str = DEFAULT_NAME) -> ClusterStatus:
+    """Which components of cluster `name` run, and whether its API server answers /readyz."""
+    directory = paths.cluster_dir(name)
+    s = state.load(name)
+    records = {r.name: r for r in _records(directory)}
+    found = []
+    for component in state.COMPONENTS:
+        record = records.get(component)
+        running = record is not None and processes.is_running(record)
+        log = directory / "logs" / f"{component}.log"
+        found.append(ComponentStatus(component, running, record.pid if record else None, log))
+    api_ready = False
+    info = None
+    if s is not None and found[1].running:
+        with contextlib.suppress(OSError, ApiError):
+            api_ready = readiness.api_ready(_api(s, timeout=2.0))() is None
+        bin_dir = Path(records["kube-apiserver"].argv[0]).parent
+        info = _info(s, bin_dir)
+    return ClusterStatus(
+        name=name,
+        state_dir=directory,
+        exists=s is not None,
+        components=tuple(found),
+        api_ready=api_ready,
+        info=info,
+    )

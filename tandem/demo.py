@@ -1,0 +1,132 @@
+"""`make demo`: a local control plane, the operator, the example resources, and `kubectl get`.
+
+The operator runs detached under the ServiceAccount the chart's RBAC rules describe, with its log in
+the cluster's state folder; `make demo-down` (`python -m tandem.demo --down`) stops it and the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from tandem.devcluster import cluster as devcluster
+from tandem.devcluster import processes
+from tandem.devinstall import REPO_ROOT, Kubectl, install_crds, operator_kubeconfig
+from tandem.errors import UserError
+
+DEMO_CLUSTER = "tandem"
+EXAMPLES = REPO_ROOT / "manifests" / "examples"
+STATUS_TIMEOUT_SECONDS = 60
+
+
+def _say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def _operator_record(state_dir: Path) -> Path:
+    return state_dir / "run" / "demo-operator.json"
+
+
+def _start_operator(info: devcluster.ClusterInfo, kubectl: Kubectl) -> Path:
+    record_path = _operator_record(info.state_dir)
+    log = info.state_dir / "logs" / "operator.log"
+    existing = processes.ProcessRecord.load(record_path)
+    if existing is not None and processes.is_running(existing):
+        _say(f"operator already running (pid {existing.pid}), log {log}")
+        return log
+    kubeconfig = operator_kubeconfig(kubectl, info.state_dir / "operator.kubeconfig")
+    metrics_port, health_port = processes.pick_free_ports(2)
+    env = dict(os.environ)
+    env.update(
+        {
+            "KUBECONFIG": str(kubeconfig),
+            "TANDEM_METRICS_PORT": str(metrics_port),
+            "TANDEM_HEALTH_PORT": str(health_port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    record = processes.spawn("demo-operator", [sys.executable, "-m", "tandem.operator"], log, env=env)
+    record.save(record_path)
+    deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
+    while True:
+        if not processes.is_running(record):
+            raise UserError(f"the operator exited; see {log}:\n{processes.log_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise UserError(f"the operator did not become healthy in {STATUS_TIMEOUT_SECONDS}s; see {log}")
+        time.sleep(0.5)
+    _say(f"operator running (pid {record.pid}), metrics on :{metrics_port}/metrics, log {log}")
+    return log
+
+
+def _wait_for_status(kubectl: Kubectl) -> None:
+    deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        items = json.loads(kubectl.run("get", "tj,tisvc", "-o", "json"))["items"]
+        if items and all(
+            (item.get("status") or {}).get("observedGeneration") == item["metadata"]["generation"]
+            for item in items
+        ):
+            return
+        time.sleep(0.5)
+    raise UserError("the operator did not publish status within a minute; see its log")
+
+
+def up() -> int:
+    info = devcluster.up(DEMO_CLUSTER, progress=_say)
+    kubectl = Kubectl(str(info.bin_dir / "kubectl"), info.kubeconfig)
+    _say("installing the CRDs (manifests/crds)")
+    install_crds(kubectl)
+    _start_operator(info, kubectl)
+    _say("applying manifests/examples/")
+    print(kubectl.run("apply", "-f", str(EXAMPLES)), end="")
+    _wait_for_status(kubectl)
+    _say("kubectl get nodes,tj,tisvc")
+    print(kubectl.run("get", "nodes", "-L", "nvidia.com/gpu.product"))
+    print(kubectl.run("get", "tj,tisvc"))
+    print(
+        "Try it yourself:\n"
+        f"  export KUBECONFIG={info.kubeconfig}\n"
+        f"  export PATH={info.bin_dir}:$PATH   # the pinned kubectl\n"
+        "  kubectl get tj,tisvc\n"
+        "  kubectl describe tj gpt-tiny\n"
+        "Stop everything with `make demo-down`."
+    )
+    return 0
+
+
+def down() -> int:
+    state_dir = devcluster.status(DEMO_CLUSTER).state_dir
+    record = processes.ProcessRecord.load(_operator_record(state_dir))
+    if record is not None:
+        processes.stop([record])
+        _say("operator stopped")
+    stopped = devcluster.down(DEMO_CLUSTER, progress=_say)
+    _say("cluster stopped" if stopped else "no demo cluster was running")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem.demo", description=__doc__)
+    parser.add_argument("--down", action="store_true", help="stop the demo operator and cluster")
+    args = parser.parse_args(argv)
+    try:
+        return down() if args.down else up()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Operator fixtures: CRDs installed from manifests/crds, and the real operator as a separate process
+running under a ServiceAccount bound to exactly the chart's RBAC rules (never as cluster admin)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from operator_process import OperatorProcess, start_operator
+
+from tandem.devcluster.cluster import ClusterInfo
+from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig
+
+FORBIDDEN = re.compile(r"forbidden", re.IGNORECASE)
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: ClusterInfo) -> Kubectl:
+    """The pinned kubectl, as the cluster admin."""
+    return Kubectl(str(cluster.bin_dir / "kubectl"), cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: Kubectl) -> None:
+    install_crds(kubectl)
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kubectl: Kubectl, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator for the whole session; its log must hold no RBAC "forbidden" error at the end."""
+    workdir = tmp_path_factory.mktemp("operator")
+    kubeconfig = operator_kubeconfig(kubectl, workdir / "operator.kubeconfig")
+    process = start_operator(kubeconfig, workdir / "operator.log")
+    try:
+        yield process
+    finally:
+        process.stop()
+        log = process.log_text()
+        kept = Path(str(tmp_path_factory.getbasetemp())) / "operator.log"
+        shutil.copyfile(process.log_path, kept)
+        denied = [line for line in log.splitlines() if FORBIDDEN.search(line)]
+        assert not denied, "operator hit RBAC denials (fix charts/tandem/files/clusterrole-rules.yaml):\n" + (
+            "\n".join(denied[:10])
+        )
