@@ -17,7 +17,7 @@ from tandem.devcluster.state import ClusterState
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-KWOK_STAGE_FILES = ("node-stages.yaml", "pod-stages.yaml", "pod-crash.yaml")
+KWOK_STAGE_FILES = ("node-stages.yaml", "pod-stages.yaml", "pod-crash.yaml", "pod-complete.yaml")
 
 
 def etcd(bin_dir: Path, s: ClusterState) -> list[str]:

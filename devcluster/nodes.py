@@ -23,6 +23,8 @@ SIMULATED_LABEL = "tandem.dev/simulated"
 CRASH_POD_ANNOTATION = "devcluster.tandem.dev/crash"
 CRASH_EXIT_CODE_ANNOTATION = "devcluster.tandem.dev/crash-exit-code"
 CRASH_REASON_ANNOTATION = "devcluster.tandem.dev/crash-reason"
+#: A Running pod with this annotation set to "true" succeeds (exit 0); see devcluster/kwok/pod-complete.yaml.
+COMPLETE_POD_ANNOTATION = "devcluster.tandem.dev/complete"
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"

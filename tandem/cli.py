@@ -21,12 +21,16 @@ Start here:
   tandem cluster up        start a local control plane with simulated GPU nodes
   tandem crds              print (or write) the CustomResourceDefinitions
   tandem operator run      run the operator against the current kubeconfig
+  tandem train JOB --local run a TrainingJob on this machine
+  tandem serve ...         run the model server
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.devcluster import cli as cluster_cli
     from tandem.operator import cli as operator_cli
+    from tandem.workloads.serve import cli as serve_cli
+    from tandem.workloads.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
         prog="tandem",
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     cluster_cli.register(subparsers)
     operator_cli.register(subparsers)
+    train_cli.register(subparsers)
+    serve_cli.register(subparsers)
     return parser
 
 

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from tandem.devcluster import cluster as devcluster
 from tandem.devcluster import processes
-from tandem.devinstall import REPO_ROOT, Kubectl, install_crds, operator_kubeconfig
+from tandem.devinstall import (
+    REPO_ROOT,
+    Kubectl,
+    install_checkpoint_volume,
+    install_crds,
+    operator_kubeconfig,
+)
 from tandem.errors import UserError
 
 DEMO_CLUSTER = "tandem"
@@ -89,6 +95,8 @@ def up() -> int:
     _say("installing the CRDs (manifests/crds)")
     install_crds(kubectl)
     _start_operator(info, kubectl)
+    _say("creating the checkpoint volume the examples use (pvc/tandem-checkpoints)")
+    install_checkpoint_volume(kubectl, "default")
     _say("applying manifests/examples/")
     print(kubectl.run("apply", "-f", str(EXAMPLES)), end="")
     _wait_for_status(kubectl)

@@ -76,6 +76,53 @@ def rbac_documents(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAM
     ]
 
 
+#: The shared claim the examples checkpoint to (`spec.checkpoint.storage.pvc`).
+CHECKPOINT_CLAIM = "tandem-checkpoints"
+
+
+def checkpoint_volume_documents(namespace: str, claim: str = CHECKPOINT_CLAIM) -> list[dict[str, Any]]:
+    """A ReadWriteMany claim and a hostPath volume pre-bound to it.
+
+    The dev cluster has no storage provisioner; a statically bound volume lets the real PV controller
+    bind the claim, so the scheduler places pods that mount it, as on a cluster with shared storage.
+    """
+    volume = f"{claim}-{namespace}"[:253]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {"tandem.dev/dev-volume": "true"}},
+            "spec": {
+                "capacity": {"storage": "100Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Delete",
+                "storageClassName": "",
+                "hostPath": {"path": f"/var/tmp/tandem/{namespace}/{claim}", "type": "DirectoryOrCreate"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "100Gi"}},
+            },
+        },
+    ]
+
+
+def install_checkpoint_volume(kubectl: Kubectl, namespace: str, claim: str = CHECKPOINT_CLAIM) -> None:
+    """Create the examples' checkpoint claim in `namespace` and wait until it is Bound."""
+    kubectl.apply(checkpoint_volume_documents(namespace, claim))
+    kubectl.run(
+        "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
+    )
+
+
 def install_crds(kubectl: Kubectl) -> None:
     """Apply manifests/crds and wait until the API server serves them."""
     kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))

@@ -337,6 +337,8 @@ class TrainingCost(StatusModel):
     """GPU-hours used, over all attempts."""
     usd: float | None = Field(default=None, ge=0)
     """Cost in US dollars."""
+    last_update_time: datetime | None = None
+    """When gpuHours and usd were last brought up to date (cost accrues from here)."""
 
 
 class TrainingJobStatus(StatusModel):
@@ -360,6 +362,10 @@ class TrainingJobStatus(StatusModel):
     """The latest complete checkpoint."""
     restarts: int | None = Field(default=None, ge=0)
     """Gang restarts so far."""
+    attempt: int | None = Field(default=None, ge=0)
+    """Gangs created so far (restarts and scheduling retries); pod names carry it."""
+    next_attempt_time: datetime | None = None
+    """While Recovering or Pending after a gang timeout: when the next gang is created (backoff)."""
     last_failure: FailureInfo | None = None
     """The last failure."""
     start_time: datetime | None = None

@@ -1,40 +1,162 @@
-"""kopf handlers for TrainingJob: thin glue between kopf and the pure reconcile logic."""
+"""kopf glue for TrainingJob: indexes of pods and nodes, and a level-based reconcile timer.
+
+The timer runs `reconcile.decide` on what the indexes hold (no API reads per reconcile), then
+carries out the decision: create or delete children, post events, patch status when it changed.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
+from tandem.operator import kube
 from tandem.operator.api.common import GROUP, VERSION
-from tandem.operator.api.trainingjob import KIND, PLURAL, TrainingJobPhase, TrainingJobSpec
+from tandem.operator.api.trainingjob import KIND, PLURAL, TrainingJobPhase, TrainingJobSpec, TrainingJobStatus
+from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import parse_spec_or_reject
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.trainingjob.reconcile import accepted_status
+from tandem.operator.trainingjob.builders import LABEL_JOB
+from tandem.operator.trainingjob.observe import (
+    TERMINAL_PHASES,
+    ClusterView,
+    ObservedNode,
+    ObservedPod,
+    observe_node,
+    observe_pod,
+    pod_gpus,
+)
+from tandem.operator.trainingjob.reconcile import Decision, Job, decide, refuse
+
+RECONCILE_INTERVAL_SECONDS = 2.0
+log = logging.getLogger(__name__)
+#: Warnings a reconcile would repeat every tick (bad progress record, refused child): the last message
+#: posted per (job uid, reason), so each distinct problem becomes one event, not one every 2 s.
+REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
+_last_warning: dict[tuple[str, str], str] = {}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
+    if _last_warning.get((uid, reason)) != message:
+        _last_warning[(uid, reason)] = message
+        kopf.warn(body, reason=reason, message=message)
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def training_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, ObservedPod]:
+    """TrainingJob pods by (namespace, job)."""
+    return {(namespace, labels[LABEL_JOB]): observe_pod(body)}
+
+
+@kopf.index("pods")
+def gpus_by_node(spec: kopf.Spec, status: kopf.Status, body: kopf.Body, **_: Any) -> dict[str, int]:
+    """GPUs held on each node by pods of any owner (for 'N free' in Unschedulable messages)."""
+    node, gpus = spec.get("nodeName"), pod_gpus(body)
+    if not node or not gpus or status.get("phase") in TERMINAL_PHASES:
+        return {}
+    return {str(node): gpus}
+
+
+@kopf.index("nodes")
+def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, ObservedNode]:
+    return {name: observe_node(body)}
+
+
+def cluster_view(nodes: kopf.Index[str, ObservedNode], gpus: kopf.Index[str, int]) -> ClusterView:
+    return ClusterView(
+        nodes={name: next(iter(store)) for name, store in nodes.items()},
+        gpus_in_use={name: sum(store) for name, store in gpus.items()},
+    )
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch of the top-level status fields that changed (None removes a field)."""
+    patch = {key: value for key, value in new.items() if old.get(key) != value}
+    patch |= {key: None for key in old if key not in new}
+    return patch
+
+
+def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: str) -> str | None:
+    """Carry out a decision; return why the API server refused a child, if it did.
+
+    Every call is idempotent, so a crash half-way is repaired on the next tick.
+    """
+    refused = None
+    for manifest in decision.create:
+        child = f"{manifest['kind']} {manifest['metadata']['name']}"
+        try:
+            if kube.create(manifest):
+                log.info("created %s in %s", child, namespace)
+        except kube.Refused as error:
+            refused = f"the API server refused {child}: {error}"
+            break
+    for pod in decision.delete:
+        if kube.delete_pod(namespace, pod):
+            log.info("deleted pod %s/%s", namespace, pod)
+    for event in decision.events:
+        if event.reason in REPEATING_WARNINGS:
+            _warn_once(body, uid, event.reason, event.message)
+        else:
+            (kopf.warn if event.type == "Warning" else kopf.info)(
+                body, reason=event.reason, message=event.message
+            )
+    if refused:
+        _warn_once(body, uid, "CreateFailed", refused)
+    if decision.delete_job:
+        kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
+    return refused
+
+
+# kopf's TimerFn protocol does not know the index keyword arguments kopf passes by name.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)  # type: ignore[arg-type]
 def reconcile_trainingjob(
     body: kopf.Body,
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
     patch: kopf.Patch,
+    memo: kopf.Memo,
+    training_pods: kopf.Index[Any, ObservedPod],
+    gpus_by_node: kopf.Index[str, int],
+    nodes_by_name: kopf.Index[str, ObservedNode],
     **_: Any,
 ) -> None:
-    """Validate the spec and publish the status every `kubectl get tj` column reads."""
+    """Converge the job's pods to its phase, and its status to what the pods and driver report."""
     with timed_reconcile(KIND):
+        settings: OperatorSettings = memo.settings
+        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
-        job = parse_spec_or_reject(
+        job_spec = parse_spec_or_reject(
             TrainingJobSpec, body, spec, status, generation, patch, TrainingJobPhase.FAILED.value
         )
-        new_status = accepted_status(job, status, generation)
-        if status.get("phase") != new_status.phase:
-            kopf.info(
-                body,
-                reason=str(new_status.phase),
-                message=f"TrainingJob is {new_status.phase} ({job.workers.replicas} workers)",
-            )
-        patch.status.update(new_status.to_dict())
+        job = Job(name, namespace, uid, generation, job_spec, job_spec.image or settings.training_image)
+        current = TrainingJobStatus.model_validate(dict(status))
+        pods = list(training_pods.get((namespace, name), ()))
+        decision = decide(
+            job,
+            current,
+            pods,
+            cluster_view(nodes_by_name, gpus_by_node),
+            datetime.now(UTC),
+            settings.gpu_price,
+        )
+        refused = apply(decision, body, namespace, name, uid)
+        new_status = decision.status
+        if refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry next tick
+            new_status = refuse(new_status, refused, generation)
+        changes = status_patch(dict(status), new_status.to_dict())
+        if changes and not decision.delete_job:
+            patch.status.update(changes)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def forget_trainingjob(meta: kopf.Meta, **_: Any) -> None:
+    """Children go with the job (ownerReferences); only in-memory bookkeeping is dropped here."""
+    uid = str(meta.get("uid"))
+    for reason in REPEATING_WARNINGS:
+        _last_warning.pop((uid, reason), None)

@@ -1,11 +1,27 @@
-"""TrainingJob reconcile logic as pure functions: spec and current status in, new status out."""
+"""TrainingJob state machine as a pure function: (spec, status, observed pods and nodes, now) -> decision.
+
+Phases: Pending -> Scheduling (gang created, waiting for every pod to be bound) -> Running ->
+Succeeded; a failed, vanished or stranded pod sends Running or Scheduling to Recovering (restart with
+backoff, resuming from the last checkpoint) or, past maxRestarts, to Failed. A gang that is not fully
+bound within gangTimeoutSeconds is deleted whole and retried with backoff (Pending/Unschedulable).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from tandem.operator.api.common import Condition, set_condition
 from tandem.operator.api.trainingjob import (
+    CheckpointInfo,
+    ConditionType,
+    FailureInfo,
     Progress,
     TrainingCost,
     TrainingJobPhase,
@@ -13,34 +29,472 @@ from tandem.operator.api.trainingjob import (
     TrainingJobStatus,
     WorkerCounts,
 )
-from tandem.operator.handlers_common import accepted
+from tandem.operator.handlers_common import accepted, utc_now
+from tandem.operator.trainingjob import builders
+from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
+
+Phase = TrainingJobPhase
+MAX_BACKOFF_SECONDS = 900
+#: While nothing else changes, the running cost is written at most this often.
+COST_REFRESH_SECONDS = 30
 
 
-def accepted_status(spec: TrainingJobSpec, current: Mapping[str, Any], generation: int) -> TrainingJobStatus:
-    """The status of a valid TrainingJob before any pod exists: every column has a value.
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes event to post on the TrainingJob."""
 
-    Facts already observed (phase, progress, checkpoints, restarts, cost) are kept, so re-running this
-    on an operator restart loses nothing.
-    """
-    status = TrainingJobStatus.model_validate(dict(current))
-    if spec.suspend:
-        phase = TrainingJobPhase.SUSPENDED
-    elif status.phase is None or status.phase is TrainingJobPhase.SUSPENDED:
-        phase = TrainingJobPhase.PENDING
-    else:
-        phase = status.phase
-    total_steps = spec.trainer.builtin.max_steps if spec.trainer.builtin else None
-    progress = status.progress or Progress(step=0)
-    return status.model_copy(
-        update={
-            "phase": phase,
-            "observed_generation": generation,
-            "workers": WorkerCounts(
-                desired=spec.workers.replicas, ready=status.workers.ready if status.workers else 0
-            ),
-            "progress": progress.model_copy(update={"total_steps": total_steps or progress.total_steps}),
-            "restarts": status.restarts or 0,
-            "cost": status.cost or TrainingCost(gpu_hours=0.0, usd=0.0),
-            "conditions": accepted(generation, status.conditions),
-        }
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """What one reconcile wants done: the new status, children to create or delete, events."""
+
+    status: TrainingJobStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    delete_job: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """The TrainingJob being reconciled: identity, validated spec, image."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: TrainingJobSpec
+    image: str
+
+
+class ProgressReport(BaseModel):
+    """The training driver's progress record (annotation `tandem.dev/progress` on the head pod)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    step: int = Field(ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: int | None = Field(default=None, ge=0)
+    loss: float | None = None
+    samples_per_second: float | None = Field(default=None, ge=0)
+    tokens_per_second: float | None = Field(default=None, ge=0)
+    eta_seconds: int | None = Field(default=None, ge=0)
+    checkpoint: CheckpointInfo | None = None
+
+
+def backoff_seconds(base: int, exponent: int) -> int:
+    """base x 2^exponent, capped at 15 minutes."""
+    return int(min(base * 2 ** max(exponent, 0), MAX_BACKOFF_SECONDS))
+
+
+def _condition(
+    type_: str, status: Literal["True", "False"], reason: str, message: str, job: Job, now: datetime
+) -> Condition:
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        observed_generation=job.generation,
+        last_transition_time=now,
     )
+
+
+class _Machine:
+    """One reconcile pass. Methods mutate `self.status` and collect actions into the decision."""
+
+    def __init__(
+        self,
+        job: Job,
+        current: TrainingJobStatus,
+        pods: Sequence[ObservedPod],
+        cluster: ClusterView,
+        now: datetime,
+        price: Callable[[str | None], float],
+    ) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.now = now
+        self.price = price
+        self.cluster = cluster
+        self.original = current
+        self.pods = [p for p in pods if not p.deleting]
+        self.attempt = max([current.attempt or 0, *(p.attempt for p in pods)])
+        self.current = [p for p in self.pods if p.attempt == self.attempt]
+        self.decision = Decision(status=current.model_copy(deep=True))
+        self.decision.delete += [p.name for p in self.pods if p.attempt < self.attempt]  # stragglers
+
+    # -- status helpers ---------------------------------------------------------------------------
+
+    @property
+    def status(self) -> TrainingJobStatus:
+        return self.decision.status
+
+    def set(self, **fields: Any) -> None:
+        self.decision.status = self.status.model_copy(update=fields)
+
+    def condition(self, type_: str, status: Literal["True", "False"], reason: str, message: str) -> None:
+        self.set(
+            conditions=set_condition(
+                self.status.conditions, _condition(type_, status, reason, message, self.job, self.now)
+            )
+        )
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def phase(self, phase: TrainingJobPhase, message: str, warning: bool = False) -> None:
+        if self.status.phase != phase:
+            self.event(phase.value, message, warning)
+        self.set(phase=phase)
+
+    # -- the passes -------------------------------------------------------------------------------
+
+    def run(self) -> Decision:
+        spec = self.spec
+        total = spec.trainer.builtin.max_steps if spec.trainer.builtin else None
+        progress = self.status.progress or Progress(step=0)
+        self.set(
+            observed_generation=self.job.generation,
+            attempt=self.attempt,
+            restarts=self.status.restarts or 0,
+            progress=progress.model_copy(update={"total_steps": progress.total_steps or total}),
+            cost=self.status.cost or TrainingCost(gpu_hours=0.0, usd=0.0, last_update_time=self.now),
+            conditions=accepted(self.job.generation, self.status.conditions),
+        )
+        self.fold_progress()
+        self.step()
+        self.set(
+            workers=WorkerCounts(
+                desired=spec.workers.replicas,
+                ready=sum(1 for p in self.current if p.role == "worker" and p.ready and not self.deleted(p)),
+            )
+        )
+        self.accrue_cost()
+        return self.decision
+
+    def deleted(self, pod: ObservedPod) -> bool:
+        return pod.name in self.decision.delete
+
+    def step(self) -> None:
+        phase = self.status.phase
+        if phase is not None and phase.finished:
+            self.finished()
+            return
+        if self.deadline_exceeded():
+            return
+        if self.spec.suspend:
+            self.delete_current()
+            self.set(next_attempt_time=None)
+            self.phase(Phase.SUSPENDED, "suspended: pods deleted, status and checkpoints kept")
+            self.condition(ConditionType.RUNNING, "False", "Suspended", "spec.suspend is true")
+            return
+        if phase in (Phase.SCHEDULING, Phase.RUNNING) and self.spec_changed():
+            return
+        if phase in (None, Phase.PENDING, Phase.RECOVERING, Phase.SUSPENDED):
+            self.start_gang()
+        elif phase is Phase.SCHEDULING:
+            self.scheduling()
+        elif phase is Phase.RUNNING:
+            self.running()
+
+    def spec_changed(self) -> bool:
+        """A spec edit that reshapes the pods replaces the gang; it does not count as a restart."""
+        wanted = builders.pod_spec_hash(self.spec)
+        if all(p.spec_hash == wanted for p in self.current):
+            return False
+        self.delete_current()
+        self.set(next_attempt_time=None)
+        self.phase(Phase.PENDING, "the spec changed: replacing the gang (resuming from the last checkpoint)")
+        self.condition(
+            ConditionType.RUNNING, "False", "SpecChanged", "replacing the gang after a spec change"
+        )
+        return True
+
+    def start_gang(self) -> None:
+        if self.current:  # the last gang is still being torn down
+            self.delete_current()
+            return
+        due = self.status.next_attempt_time
+        if due is not None and self.now < due:
+            return
+        attempt = self.attempt + 1
+        resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
+        self.decision.create.append(builders.head_service(self.job.name, self.job.uid, self.job.namespace))
+        self.decision.create += builders.gang(
+            self.spec,
+            job=self.job.name,
+            uid=self.job.uid,
+            namespace=self.job.namespace,
+            attempt=attempt,
+            image=self.job.image,
+            resume_from=resume,
+        )
+        self.attempt = attempt
+        self.set(attempt=attempt, next_attempt_time=None, start_time=self.status.start_time or self.now)
+        pods = self.spec.workers.replicas + 1
+        resumed = f", resuming from {resume}" if resume else ""
+        self.phase(Phase.SCHEDULING, f"gang {attempt}: {pods} pods created together{resumed}")
+        self.condition(ConditionType.SCHEDULED, "False", "Scheduling", f"waiting for {pods} pods to be bound")
+
+    def expected_names(self) -> list[str]:
+        names = [builders.head_pod_name(self.job.name, self.attempt)]
+        names += [
+            builders.worker_pod_name(self.job.name, self.attempt, i)
+            for i in range(self.spec.workers.replicas)
+        ]
+        return names
+
+    def scheduling(self) -> None:
+        if self.gang_broken():
+            return
+        present = {p.name: p for p in self.current}
+        missing = [name for name in self.expected_names() if name not in present]
+        if missing:  # not yet seen, or deleted by someone: creating again is idempotent
+            gang = builders.gang(
+                self.spec,
+                job=self.job.name,
+                uid=self.job.uid,
+                namespace=self.job.namespace,
+                attempt=self.attempt,
+                image=self.job.image,
+                resume_from=self.status.last_checkpoint.uri if self.status.last_checkpoint else None,
+            )
+            self.decision.create += [pod for pod in gang if pod["metadata"]["name"] in missing]
+        if not missing and all(p.bound for p in self.current):
+            self.condition(ConditionType.SCHEDULED, "True", "AllBound", f"all {len(self.current)} pods bound")
+            self.phase(Phase.RUNNING, f"gang {self.attempt}: all {len(self.current)} pods bound")
+            self.condition(ConditionType.RUNNING, "True", "GangBound", "the Ray cluster is running")
+            self.set(next_attempt_time=None)
+            return
+        started = min((p.created for p in self.current if p.created), default=self.now)
+        if self.now - started >= timedelta(seconds=self.spec.scheduling.gang_timeout_seconds):
+            self.unschedulable()
+
+    def unschedulable(self) -> None:
+        message = self.unschedulable_message()
+        retries = max(self.attempt - 1 - (self.status.restarts or 0), 0)
+        delay = backoff_seconds(max(self.spec.failure_policy.backoff_seconds, 1), retries)
+        self.delete_current()
+        self.set(next_attempt_time=self.now + timedelta(seconds=delay))
+        self.phase(
+            Phase.PENDING,
+            f"gang {self.attempt} not bound within {self.spec.scheduling.gang_timeout_seconds}s: "
+            f"{message}; retry in {delay}s",
+            warning=True,
+        )
+        self.condition(ConditionType.SCHEDULED, "False", "Unschedulable", message)
+
+    def unschedulable_message(self) -> str:
+        workers = self.spec.workers
+        gpus = workers.resources.gpu
+        parts = []
+        if gpus:
+            own: dict[str, int] = {}
+            for pod in self.current:
+                if pod.node:
+                    own[pod.node] = own.get(pod.node, 0) + pod.gpus
+            free, nodes = self.cluster.free_gpus(workers.gpu_product, ignore=own)
+            where = (
+                f"nodes with {builders.GPU_PRODUCT_LABEL}={workers.gpu_product}"
+                if workers.gpu_product
+                else "GPU nodes"
+            )
+            parts.append(
+                f"needs {workers.replicas * gpus} {builders.GPU_RESOURCE} "
+                f"({workers.replicas} workers x {gpus}) on {where}; {free} free on {nodes} ready nodes"
+            )
+        unbound = [p for p in self.current if not p.bound]
+        parts.append(f"{len(unbound)} of {len(self.expected_names())} pods unbound")
+        hint = next((p.scheduler_message for p in unbound if p.scheduler_message), "")
+        if hint:
+            parts.append(f"scheduler: {hint}")
+        return "; ".join(parts)
+
+    def running(self) -> None:
+        head = next((p for p in self.current if p.role == "head"), None)
+        if head is not None and head.phase == "Succeeded":
+            self.delete_current(keep_head=True)
+            self.set(completion_time=self.now, next_attempt_time=None)
+            self.phase(Phase.SUCCEEDED, "training finished")
+            self.condition(ConditionType.COMPLETE, "True", "Succeeded", "the training driver exited 0")
+            self.condition(ConditionType.RUNNING, "False", "Completed", "training finished")
+            return
+        if self.gang_broken():
+            return
+        missing = sorted(set(self.expected_names()) - {p.name for p in self.current})
+        if missing:
+            self.restart("PodDeleted", f"pod {missing[0]} disappeared")
+
+    def gang_broken(self) -> bool:
+        """Restart when a pod failed or its node is gone or NotReady; True if it did."""
+        for pod in self.current:
+            if pod.failed:
+                self.restart(
+                    f"{pod.role.capitalize()}Failed",
+                    f"pod {pod.name} failed: {pod.failure or 'no reason given'}",
+                )
+                return True
+            node = self.cluster.nodes.get(pod.node) if pod.node else None
+            if pod.node and self.cluster.nodes and node is None:
+                self.restart("NodeLost", f"node {pod.node} of pod {pod.name} is gone")
+                return True
+            if node is not None and not node.ready:
+                self.restart("NodeNotReady", f"node {pod.node} of pod {pod.name} is NotReady")
+                return True
+        return False
+
+    def restart(self, reason: str, message: str) -> None:
+        self.delete_current()
+        self.set(last_failure=FailureInfo(reason=reason, message=message, time=self.now))
+        restarts = self.status.restarts or 0
+        limit = self.spec.failure_policy.max_restarts
+        if restarts >= limit:
+            self.set(completion_time=self.now, next_attempt_time=None)
+            self.phase(Phase.FAILED, f"{message}; no restarts left (maxRestarts {limit})", warning=True)
+            self.condition(ConditionType.FAILED, "True", reason, message)
+            self.condition(ConditionType.RUNNING, "False", reason, message)
+            return
+        delay = backoff_seconds(self.spec.failure_policy.backoff_seconds, restarts)
+        checkpoint = self.status.last_checkpoint
+        resume = (
+            f"resume from step {checkpoint.step} ({checkpoint.uri})"
+            if checkpoint and checkpoint.uri
+            else "start from scratch (no checkpoint yet)"
+        )
+        self.set(restarts=restarts + 1, next_attempt_time=self.now + timedelta(seconds=delay))
+        self.decision.status = self.status.model_copy(update={"phase": Phase.RECOVERING})
+        self.event(reason, f"{message}; restart {restarts + 1}/{limit} in {delay}s, {resume}", warning=True)
+        self.condition(ConditionType.RUNNING, "False", reason, message)
+
+    def deadline_exceeded(self) -> bool:
+        limit = self.spec.active_deadline_seconds
+        started = self.status.start_time
+        if limit is None or started is None or self.now - started < timedelta(seconds=limit):
+            return False
+        message = f"running longer than spec.activeDeadlineSeconds ({limit}s)"
+        self.delete_current()
+        self.set(
+            completion_time=self.now,
+            next_attempt_time=None,
+            last_failure=FailureInfo(reason="DeadlineExceeded", message=message, time=self.now),
+        )
+        self.phase(Phase.FAILED, message, warning=True)
+        self.condition(ConditionType.FAILED, "True", "DeadlineExceeded", message)
+        self.condition(ConditionType.RUNNING, "False", "DeadlineExceeded", message)
+        return True
+
+    def finished(self) -> None:
+        """Free every pod that still holds resources (keep the head for its logs); honour the TTL."""
+        self.delete_current(keep_head=True)
+        ttl = self.spec.ttl_seconds_after_finished
+        done = self.status.completion_time
+        if ttl is not None and done is not None and self.now - done >= timedelta(seconds=ttl):
+            self.decision.delete_job = True
+            self.event("Deleted", f"finished {ttl}s ago (spec.ttlSecondsAfterFinished)")
+
+    def delete_current(self, keep_head: bool = False) -> None:
+        for pod in self.current:
+            if keep_head and pod.role == "head":
+                continue
+            if pod.name not in self.decision.delete:
+                self.decision.delete.append(pod.name)
+
+    # -- progress and cost ------------------------------------------------------------------------
+
+    def fold_progress(self) -> None:
+        head = next((p for p in self.pods if p.role == "head" and p.attempt == self.attempt), None)
+        if head is None or not head.progress:
+            return
+        try:
+            report = ProgressReport.model_validate(json.loads(head.progress))
+        except (ValueError, ValidationError) as error:
+            detail = str(error).splitlines()[0][:200]
+            self.event(
+                "BadProgress",
+                f"ignoring malformed {builders.PROGRESS_ANNOTATION} on {head.name}: {detail}",
+                warning=True,
+            )
+            return
+        previous = self.status.progress or Progress()
+        self.set(
+            progress=Progress(
+                step=report.step,
+                total_steps=report.total_steps or previous.total_steps,
+                epoch=report.epoch,
+                loss=round(report.loss, 4) if report.loss is not None else None,
+                samples_per_second=round(report.samples_per_second, 2)
+                if report.samples_per_second is not None
+                else None,
+                tokens_per_second=round(report.tokens_per_second, 1)
+                if report.tokens_per_second is not None
+                else None,
+                eta_seconds=report.eta_seconds,
+            )
+        )
+        checkpoint = report.checkpoint
+        known = self.status.last_checkpoint
+        if (
+            checkpoint is not None
+            and checkpoint.uri
+            and (known is None or (checkpoint.step or 0) > (known.step or -1))
+        ):
+            self.set(last_checkpoint=checkpoint)
+            self.condition(
+                ConditionType.CHECKPOINT_AVAILABLE,
+                "True",
+                "Saved",
+                f"step {checkpoint.step} at {checkpoint.uri}",
+            )
+            self.event("Checkpoint", f"checkpoint at step {checkpoint.step}: {checkpoint.uri}")
+
+    def accrue_cost(self) -> None:
+        """GPU-hours and USD of bound, running pods since the last update; written every 30 s or on change."""
+        cost = self.status.cost or TrainingCost(gpu_hours=0.0, usd=0.0)
+        since = cost.last_update_time or self.now
+        changed = self.status.model_copy(update={"cost": None}) != self.original.model_copy(
+            update={"cost": None}
+        )
+        if not changed and (self.now - since).total_seconds() < COST_REFRESH_SECONDS:
+            return
+        gpu_hours, usd = cost.gpu_hours or 0.0, cost.usd or 0.0
+        for pod in self.pods:
+            if pod.phase != "Running" or not pod.gpus or pod.node is None:
+                continue
+            start = max(since, pod.started or since)
+            hours = max((self.now - start).total_seconds(), 0) / 3600 * pod.gpus
+            node = self.cluster.nodes.get(pod.node)
+            gpu_hours += hours
+            usd += hours * self.price(node.product if node else self.spec.workers.gpu_product)
+        self.set(
+            cost=TrainingCost(gpu_hours=round(gpu_hours, 6), usd=round(usd, 6), last_update_time=self.now)
+        )
+
+
+def refuse(status: TrainingJobStatus, message: str, generation: int) -> TrainingJobStatus:
+    """The status after the API server refused a child: Scheduled=False with its words."""
+    refused = Condition(
+        type=ConditionType.SCHEDULED,
+        status="False",
+        reason="CreateFailed",
+        message=message,
+        observed_generation=generation,
+        last_transition_time=utc_now(),
+    )
+    return status.model_copy(update={"conditions": set_condition(status.conditions, refused)})
+
+
+def decide(
+    job: Job,
+    current: TrainingJobStatus,
+    pods: Sequence[ObservedPod],
+    cluster: ClusterView,
+    now: datetime,
+    price: Callable[[str | None], float],
+) -> Decision:
+    """One level-based reconcile of a TrainingJob. Pure: no I/O, no clock."""
+    return _Machine(job, current, pods, cluster, now, price).run()

@@ -14,7 +14,8 @@ from operator_process import OperatorProcess, start_operator
 from tandem.devcluster.cluster import ClusterInfo
 from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig
 
-FORBIDDEN = re.compile(r"forbidden", re.IGNORECASE)
+#: What the API server says when RBAC denies a request (not e.g. a namespace being terminated).
+FORBIDDEN = re.compile(r"forbidden: User \"", re.IGNORECASE)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+"""The few Kubernetes API calls the reconcilers make, each idempotent.
+
+Creating a child that exists and deleting one that is gone both succeed: with deterministic names,
+that is what makes re-running a reconcile (or an operator restart mid-way) harmless.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+FIELD_MANAGER = "tandem-operator"
+
+
+@functools.cache
+def api_client() -> Any:
+    """One shared client: in-cluster credentials in a pod, else the current kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Refused(Exception):
+    """The API server rejected a child for a reason the user must fix (bad reference, quota, policy)."""
+
+
+def _status_of(error: Exception) -> int | None:
+    return getattr(error, "status", None)
+
+
+def create(manifest: Mapping[str, Any]) -> bool:
+    """Create a Pod or Service; False if it already exists. Raises Refused on a 4xx the user must fix."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core = client.CoreV1Api(api_client())
+    namespace = manifest["metadata"]["namespace"]
+    creators: dict[str, Any] = {"Pod": core.create_namespaced_pod, "Service": core.create_namespaced_service}
+    try:
+        creators[manifest["kind"]](namespace, dict(manifest), field_manager=FIELD_MANAGER)
+    except ApiException as error:
+        if _status_of(error) == 409 or _namespace_terminating(error):
+            return False
+        if _status_of(error) in (400, 403, 404, 422):
+            raise Refused(_api_message(error)) from error
+        raise
+    return True
+
+
+def _namespace_terminating(error: Exception) -> bool:
+    """The namespace is being deleted: its objects are going away, nothing to create there."""
+    return _status_of(error) == 403 and "NamespaceTerminating" in str(getattr(error, "body", ""))
+
+
+def _api_message(error: Exception) -> str:
+    import json
+
+    try:
+        return str(json.loads(getattr(error, "body", "") or "{}").get("message") or error)
+    except ValueError:
+        return str(error)
+
+
+def delete_pod(namespace: str, name: str) -> bool:
+    """Delete a pod (graceful: the driver gets SIGTERM and checkpoints); False if it was gone."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace)
+    except ApiException as error:
+        if _status_of(error) == 404:
+            return False
+        raise
+    return True
+
+
+def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
+    """Delete one of Tandem's resources (children follow through ownerReferences); False if gone."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.CustomObjectsApi(api_client()).delete_namespaced_custom_object(
+            group, version, namespace, plural, name, propagation_policy="Background"
+        )
+    except ApiException as error:
+        if _status_of(error) == 404:
+            return False
+        raise
+    return True

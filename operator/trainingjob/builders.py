@@ -1,0 +1,305 @@
+"""TrainingJob -> child manifests, as pure functions (golden-tested without a cluster).
+
+Children of attempt N: one head pod `<job>-<N>-head`, worker pods `<job>-<N>-worker-<i>`, and one
+Service `<job>-head` (stable across attempts) in front of the current head. Names are deterministic,
+so creating a child twice is a harmless 409, and an operator restarted mid-way finds what it made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from tandem.operator.api.common import API_VERSION
+from tandem.operator.api.trainingjob import KIND, TrainingJobSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+#: NVIDIA's device plugin taints GPU nodes; pods that ask for GPUs tolerate it.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+LABEL_JOB = "tandem.dev/trainingjob"
+LABEL_ROLE = "tandem.dev/role"
+LABEL_ATTEMPT = "tandem.dev/attempt"
+LABEL_INDEX = "tandem.dev/worker-index"
+#: Hash of the spec fields that shape the pods: a change replaces the gang (not counted as a failure).
+LABEL_SPEC_HASH = "tandem.dev/spec-hash"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+#: Gang labels/annotations understood by the coscheduling plugin and by Volcano.
+LABEL_POD_GROUP = "scheduling.x-k8s.io/pod-group"
+ANNOTATION_VOLCANO_GROUP = "scheduling.k8s.io/group-name"
+ANNOTATION_GANG_SIZE = "tandem.dev/gang-size"
+#: The training driver writes its progress record (JSON) here, on the head pod.
+PROGRESS_ANNOTATION = "tandem.dev/progress"
+
+RAY_GCS_PORT = 6379
+RAY_DASHBOARD_PORT = 8265
+METRICS_PORT = 8080
+CHECKPOINT_MOUNT = "/checkpoints"
+#: Long enough for the driver to write a checkpoint after SIGTERM.
+TERMINATION_GRACE_SECONDS = 120
+
+
+def head_pod_name(job: str, attempt: int) -> str:
+    return f"{job}-{attempt}-head"
+
+
+def worker_pod_name(job: str, attempt: int, index: int) -> str:
+    return f"{job}-{attempt}-worker-{index}"
+
+
+def head_service_name(job: str) -> str:
+    return f"{job}-head"
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def checkpoint_uri(spec: TrainingJobSpec, namespace: str, job: str) -> str | None:
+    """Where this job's checkpoints live, as the driver sees it (a PVC is mounted at /checkpoints)."""
+    if spec.checkpoint is None:
+        return None
+    storage = spec.checkpoint.storage
+    if storage.pvc:
+        return f"file://{CHECKPOINT_MOUNT}/{namespace}/{job}"
+    return storage.uri
+
+
+def _resources(cpu: Any, memory: Any, gpu: int) -> dict[str, Any]:
+    amounts: dict[str, Any] = {}
+    if cpu is not None:
+        amounts["cpu"] = str(cpu)
+    if memory is not None:
+        amounts["memory"] = str(memory)
+    if gpu:
+        amounts[GPU_RESOURCE] = str(gpu)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def pod_spec_hash(spec: TrainingJobSpec) -> str:
+    """Hash of what the pods are made of; lifecycle fields (suspend, deadlines, TTL, restarts) excluded."""
+    shaping = spec.to_dict()
+    for lifecycle in ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy"):
+        shaping.pop(lifecycle, None)
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _labels(job: str, role: str, attempt: int, spec: TrainingJobSpec) -> dict[str, str]:
+    labels = {
+        LABEL_JOB: job,
+        LABEL_ROLE: role,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_SPEC_HASH: pod_spec_hash(spec),
+        LABEL_POD_GROUP: f"{job}-{attempt}",
+        "app.kubernetes.io/name": "tandem-training",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/managed-by": "tandem-operator",
+    }
+    if spec.scheduling.queue_name:
+        labels[LABEL_QUEUE] = spec.scheduling.queue_name
+    return labels
+
+
+def _env(
+    spec: TrainingJobSpec, namespace: str, job: str, attempt: int, resume_from: str | None
+) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "TANDEM_JOB_NAME", "value": job},
+        {"name": "TANDEM_JOB_NAMESPACE", "value": namespace},
+        {"name": "TANDEM_JOB_SPEC", "value": json.dumps(spec.to_dict(), sort_keys=True)},
+        {"name": "TANDEM_NUM_WORKERS", "value": str(spec.workers.replicas)},
+        {"name": "TANDEM_ATTEMPT", "value": str(attempt)},
+        {"name": "TANDEM_HEAD_ADDRESS", "value": f"{head_service_name(job)}.{namespace}.svc:{RAY_GCS_PORT}"},
+        {"name": "TANDEM_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    uri = checkpoint_uri(spec, namespace, job)
+    if uri:
+        env.append({"name": "TANDEM_CHECKPOINT_URI", "value": uri})
+    if resume_from:
+        env.append({"name": "TANDEM_RESUME_FROM", "value": resume_from})
+    return env
+
+
+def _pod(
+    *,
+    name: str,
+    role: str,
+    job: str,
+    uid: str,
+    namespace: str,
+    spec: TrainingJobSpec,
+    attempt: int,
+    image: str,
+    command: list[str],
+    resources: dict[str, Any],
+    gpus: int,
+    resume_from: str | None,
+    extra_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    gang_size = spec.workers.replicas + 1
+    tolerations: list[dict[str, Any]] = []
+    node_selector: dict[str, str] = {}
+    if role == "worker":
+        tolerations = [t.to_dict() for t in spec.workers.tolerations or ()]
+        node_selector = dict(spec.workers.node_selector or {})
+        if spec.workers.gpu_product:
+            node_selector[GPU_PRODUCT_LABEL] = spec.workers.gpu_product
+    if gpus and GPU_TOLERATION not in tolerations:
+        tolerations.append(dict(GPU_TOLERATION))
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [
+            {
+                "name": role,
+                "image": image,
+                "command": command,
+                "env": _env(spec, namespace, job, attempt, resume_from),
+                "ports": [{"name": "metrics", "containerPort": METRICS_PORT}]
+                + (
+                    [
+                        {"name": "gcs", "containerPort": RAY_GCS_PORT},
+                        {"name": "dashboard", "containerPort": RAY_DASHBOARD_PORT},
+                    ]
+                    if role == "head"
+                    else []
+                ),
+                "resources": resources,
+            }
+        ],
+    }
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if spec.scheduling.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if spec.scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
+    if spec.checkpoint is not None and spec.checkpoint.storage.pvc:
+        pod_spec["volumes"] = [
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.storage.pvc}}
+        ]
+        pod_spec["containers"][0]["volumeMounts"] = [{"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}]
+    labels = _labels(job, role, attempt, spec) | (extra_labels or {})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {
+                ANNOTATION_VOLCANO_GROUP: f"{job}-{attempt}",
+                ANNOTATION_GANG_SIZE: str(gang_size),
+            },
+            "ownerReferences": [owner_reference(job, uid)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def head_pod(
+    spec: TrainingJobSpec,
+    *,
+    job: str,
+    uid: str,
+    namespace: str,
+    attempt: int,
+    image: str,
+    resume_from: str | None,
+) -> dict[str, Any]:
+    """The Ray head: runs the driver (`tandem train head`), reports progress on its own annotation."""
+    head = spec.head.resources
+    return _pod(
+        name=head_pod_name(job, attempt),
+        role="head",
+        job=job,
+        uid=uid,
+        namespace=namespace,
+        spec=spec,
+        attempt=attempt,
+        image=image,
+        command=["tandem", "train", "head"],
+        resources=_resources(head.cpu, head.memory, head.gpu),
+        gpus=head.gpu,
+        resume_from=resume_from,
+    )
+
+
+def worker_pod(
+    spec: TrainingJobSpec, index: int, *, job: str, uid: str, namespace: str, attempt: int, image: str
+) -> dict[str, Any]:
+    """One Ray worker (`tandem train worker`): joins the head and holds the GPUs the gang asked for."""
+    workers = spec.workers.resources
+    return _pod(
+        name=worker_pod_name(job, attempt, index),
+        role="worker",
+        job=job,
+        uid=uid,
+        namespace=namespace,
+        spec=spec,
+        attempt=attempt,
+        image=image,
+        command=["tandem", "train", "worker"],
+        resources=_resources(workers.cpu, workers.memory, workers.gpu),
+        gpus=workers.gpu,
+        resume_from=None,
+        extra_labels={LABEL_INDEX: str(index)},
+    )
+
+
+def head_service(job: str, uid: str, namespace: str) -> dict[str, Any]:
+    """Stable address of the current attempt's Ray head (GCS, dashboard, metrics)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": head_service_name(job),
+            "namespace": namespace,
+            "labels": {LABEL_JOB: job, "app.kubernetes.io/managed-by": "tandem-operator"},
+            "ownerReferences": [owner_reference(job, uid)],
+        },
+        "spec": {
+            "selector": {LABEL_JOB: job, LABEL_ROLE: "head"},
+            "ports": [
+                {"name": "gcs", "port": RAY_GCS_PORT, "targetPort": RAY_GCS_PORT},
+                {"name": "dashboard", "port": RAY_DASHBOARD_PORT, "targetPort": RAY_DASHBOARD_PORT},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+            ],
+        },
+    }
+
+
+def gang(
+    spec: TrainingJobSpec,
+    *,
+    job: str,
+    uid: str,
+    namespace: str,
+    attempt: int,
+    image: str,
+    resume_from: str | None,
+) -> list[dict[str, Any]]:
+    """Every pod of one attempt: created together, scheduled together, deleted together."""
+    pods = [
+        head_pod(
+            spec, job=job, uid=uid, namespace=namespace, attempt=attempt, image=image, resume_from=resume_from
+        )
+    ]
+    pods += [
+        worker_pod(spec, index, job=job, uid=uid, namespace=namespace, attempt=attempt, image=image)
+        for index in range(spec.workers.replicas)
+    ]
+    return pods

@@ -1,0 +1,154 @@
+"""What the operator sees of a TrainingJob's world, reduced to small immutable facts.
+
+kopf indexes feed these from watch events (no API calls per reconcile); the state machine in
+`reconcile` reads only these, so it can be tested on hand-made observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from tandem.operator.trainingjob.builders import (
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    LABEL_ATTEMPT,
+    LABEL_INDEX,
+    LABEL_ROLE,
+    LABEL_SPEC_HASH,
+    PROGRESS_ANNOTATION,
+)
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def pod_gpus(pod: Mapping[str, Any]) -> int:
+    """GPUs a pod holds (its containers' `nvidia.com/gpu` limits)."""
+    total = 0
+    for container in (pod.get("spec") or {}).get("containers") or ():
+        limits = (container.get("resources") or {}).get("limits") or {}
+        total += int(limits.get(GPU_RESOURCE, 0) or 0)
+    return total
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """One child pod as last seen."""
+
+    name: str
+    role: str
+    attempt: int
+    index: int | None
+    phase: str
+    node: str | None
+    ready: bool
+    deleting: bool
+    created: datetime | None
+    started: datetime | None
+    gpus: int
+    failure: str
+    scheduler_message: str
+    progress: str | None
+    spec_hash: str = ""
+
+    @property
+    def bound(self) -> bool:
+        return self.node is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+
+def _failure(status: Mapping[str, Any]) -> str:
+    """Why a pod failed, from its container states (exit code and reason), or its own reason."""
+    for container in status.get("containerStatuses") or ():
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated and terminated.get("exitCode", 0) != 0:
+            reason = terminated.get("reason") or "Error"
+            return (
+                f"container {container.get('name')} exited with code {terminated.get('exitCode')} ({reason})"
+            )
+    return str(status.get("reason") or status.get("message") or "")
+
+
+def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    scheduled = conditions.get("PodScheduled") or {}
+    ready = conditions.get("Ready") or {}
+    index = labels.get(LABEL_INDEX)
+    return ObservedPod(
+        name=str(meta.get("name")),
+        role=str(labels.get(LABEL_ROLE, "")),
+        attempt=int(labels.get(LABEL_ATTEMPT, 0) or 0),
+        index=int(index) if index is not None else None,
+        phase=str(status.get("phase") or "Pending"),
+        node=(pod.get("spec") or {}).get("nodeName") or None,
+        ready=ready.get("status") == "True",
+        deleting=bool(meta.get("deletionTimestamp")),
+        created=_time(meta.get("creationTimestamp")),
+        started=_time(status.get("startTime")),
+        gpus=pod_gpus(pod),
+        failure=_failure(status),
+        scheduler_message=str(scheduled.get("message") or "") if scheduled.get("status") == "False" else "",
+        progress=(meta.get("annotations") or {}).get(PROGRESS_ANNOTATION),
+        spec_hash=str(labels.get(LABEL_SPEC_HASH, "")),
+    )
+
+
+@dataclass(frozen=True)
+class ObservedNode:
+    """A node's readiness, GPU capacity and GPU product."""
+
+    name: str
+    ready: bool
+    gpus: int
+    product: str | None
+    unschedulable: bool
+
+
+def observe_node(node: Mapping[str, Any]) -> ObservedNode:
+    meta = node.get("metadata") or {}
+    status = node.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+    return ObservedNode(
+        name=str(meta.get("name")),
+        ready=(conditions.get("Ready") or {}).get("status") == "True",
+        gpus=int((status.get("allocatable") or {}).get(GPU_RESOURCE, 0) or 0),
+        product=(meta.get("labels") or {}).get(GPU_PRODUCT_LABEL),
+        unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
+    )
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Nodes and the GPUs that pods (of any owner) hold on them: for Unschedulable messages and cost."""
+
+    nodes: Mapping[str, ObservedNode]
+    gpus_in_use: Mapping[str, int]
+
+    def free_gpus(self, product: str | None, ignore: Mapping[str, int] | None = None) -> tuple[int, int]:
+        """(free GPUs, matching Ready nodes) for a product (None: any GPU node); `ignore` adds back
+        GPUs that the job's own pods hold (they would be freed by a retry)."""
+        free = 0
+        count = 0
+        for node in self.nodes.values():
+            if not node.ready or node.unschedulable or node.gpus == 0:
+                continue
+            if product is not None and node.product != product:
+                continue
+            count += 1
+            used = self.gpus_in_use.get(node.name, 0) - (ignore or {}).get(node.name, 0)
+            free += max(node.gpus - used, 0)
+        return free, count

@@ -1,0 +1,31 @@
+"""Reading objects back through the real kubectl, as a user would."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tandem.devinstall import Kubectl
+
+
+def get(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    return dict(json.loads(kubectl.run("get", kind, name, "-n", namespace, "-o", "json")))
+
+
+def items(kubectl: Kubectl, namespace: str, kind: str, *selector: str) -> list[dict[str, Any]]:
+    return list(json.loads(kubectl.run("get", kind, "-n", namespace, *selector, "-o", "json"))["items"])
+
+
+def observed(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    """The object once the operator has reconciled its current generation, else None."""
+    obj = get(kubectl, namespace, kind, name)
+    status = obj.get("status") or {}
+    return obj if status.get("observedGeneration") == obj["metadata"]["generation"] else None
+
+
+def status_of(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    return dict(get(kubectl, namespace, kind, name).get("status") or {})
+
+
+def events(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
+    return items(kubectl, namespace, "events", f"--field-selector=involvedObject.name={name}")
