@@ -20,8 +20,8 @@ from tandem.devcluster import processes
 from tandem.devinstall import (
     REPO_ROOT,
     Kubectl,
-    install_checkpoint_volume,
     install_crds,
+    install_example_volumes,
     operator_kubeconfig,
 )
 from tandem.errors import UserError
@@ -95,8 +95,8 @@ def up() -> int:
     _say("installing the CRDs (manifests/crds)")
     install_crds(kubectl)
     _start_operator(info, kubectl)
-    _say("creating the checkpoint volume the examples use (pvc/tandem-checkpoints)")
-    install_checkpoint_volume(kubectl, "default")
+    _say("creating the volumes the examples mount (data sets, checkpoints, models)")
+    install_example_volumes(kubectl, "default")
     _say("applying manifests/examples/")
     print(kubectl.run("apply", "-f", str(EXAMPLES)), end="")
     _wait_for_status(kubectl)

@@ -76,11 +76,11 @@ def rbac_documents(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAM
     ]
 
 
-#: The shared claim the examples checkpoint to (`spec.checkpoint.storage.pvc`).
-CHECKPOINT_CLAIM = "tandem-checkpoints"
+#: The claims manifests/examples/ mount: data sets, checkpoints, served models.
+EXAMPLE_CLAIMS = ("datasets", "tandem-checkpoints", "gpt-124m-checkpoints", "models")
 
 
-def checkpoint_volume_documents(namespace: str, claim: str = CHECKPOINT_CLAIM) -> list[dict[str, Any]]:
+def volume_documents(namespace: str, claim: str) -> list[dict[str, Any]]:
     """A ReadWriteMany claim and a hostPath volume pre-bound to it.
 
     The dev cluster has no storage provisioner; a statically bound volume lets the real PV controller
@@ -115,12 +115,15 @@ def checkpoint_volume_documents(namespace: str, claim: str = CHECKPOINT_CLAIM) -
     ]
 
 
-def install_checkpoint_volume(kubectl: Kubectl, namespace: str, claim: str = CHECKPOINT_CLAIM) -> None:
-    """Create the examples' checkpoint claim in `namespace` and wait until it is Bound."""
-    kubectl.apply(checkpoint_volume_documents(namespace, claim))
-    kubectl.run(
-        "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
-    )
+def install_example_volumes(
+    kubectl: Kubectl, namespace: str, claims: tuple[str, ...] = EXAMPLE_CLAIMS
+) -> None:
+    """Create the claims the examples use in `namespace` and wait until they are Bound."""
+    kubectl.apply([doc for claim in claims for doc in volume_documents(namespace, claim)])
+    for claim in claims:
+        kubectl.run(
+            "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
+        )
 
 
 def install_crds(kubectl: Kubectl) -> None:

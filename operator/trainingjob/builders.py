@@ -37,6 +37,7 @@ RAY_GCS_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
 CHECKPOINT_MOUNT = "/checkpoints"
+DATASET_MOUNT = "/datasets"
 #: Long enough for the driver to write a checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -72,6 +73,15 @@ def checkpoint_uri(spec: TrainingJobSpec, namespace: str, job: str) -> str | Non
     if storage.pvc:
         return f"file://{CHECKPOINT_MOUNT}/{namespace}/{job}"
     return storage.uri
+
+
+def dataset_claim(spec: TrainingJobSpec) -> tuple[str, str] | None:
+    """(claim, path inside it) of a `pvc://claim/path` data set, else None."""
+    builtin = spec.trainer.builtin
+    if builtin is None or not builtin.dataset.uri.startswith("pvc://"):
+        return None
+    claim, _, path = builtin.dataset.uri.removeprefix("pvc://").partition("/")
+    return claim, path
 
 
 def _resources(cpu: Any, memory: Any, gpu: int) -> dict[str, Any]:
@@ -123,12 +133,33 @@ def _env(
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
+    dataset = dataset_claim(spec)
+    if dataset:
+        claim, path = dataset
+        env.append({"name": "TANDEM_DATASET_URI", "value": f"file://{DATASET_MOUNT}/{claim}/{path}"})
     uri = checkpoint_uri(spec, namespace, job)
     if uri:
         env.append({"name": "TANDEM_CHECKPOINT_URI", "value": uri})
     if resume_from:
         env.append({"name": "TANDEM_RESUME_FROM", "value": resume_from})
     return env
+
+
+def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checkpoint claim (read-write, shared by every pod) and a pvc:// data set (read-only)."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if spec.checkpoint is not None and spec.checkpoint.storage.pvc:
+        volumes.append(
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.storage.pvc}}
+        )
+        mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
+    dataset = dataset_claim(spec)
+    if dataset:
+        claim = dataset[0]
+        volumes.append({"name": "dataset", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "dataset", "mountPath": f"{DATASET_MOUNT}/{claim}", "readOnly": True})
+    return volumes, mounts
 
 
 def _pod(
@@ -187,11 +218,10 @@ def _pod(
         pod_spec["schedulerName"] = spec.scheduling.scheduler_name
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    if spec.checkpoint is not None and spec.checkpoint.storage.pvc:
-        pod_spec["volumes"] = [
-            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.storage.pvc}}
-        ]
-        pod_spec["containers"][0]["volumeMounts"] = [{"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT}]
+    volumes, mounts = _volumes(spec)
+    if volumes:
+        pod_spec["volumes"] = volumes
+        pod_spec["containers"][0]["volumeMounts"] = mounts
     labels = _labels(job, role, attempt, spec) | (extra_labels or {})
     return {
         "apiVersion": "v1",

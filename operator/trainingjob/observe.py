@@ -149,6 +149,6 @@ class ClusterView:
             if product is not None and node.product != product:
                 continue
             count += 1
-            used = self.gpus_in_use.get(node.name, 0) - (ignore or {}).get(node.name, 0)
+            used = max(self.gpus_in_use.get(node.name, 0) - (ignore or {}).get(node.name, 0), 0)
             free += max(node.gpus - used, 0)
         return free, count

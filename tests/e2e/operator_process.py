@@ -46,6 +46,8 @@ class OperatorProcess:
     log_path: Path
     metrics_port: int
     health_port: int
+    kubeconfig: Path
+    extra_env: dict[str, str]
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -66,6 +68,20 @@ class OperatorProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError):
             return False
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish what it was doing (an OOM kill or a node loss)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def restart(self) -> None:
+        """Start again with the same identity and log (appending), after stop() or kill()."""
+        fresh = start_operator(self.kubeconfig, self.log_path, self.extra_env)
+        self.process, self.metrics_port, self.health_port = (
+            fresh.process,
+            fresh.metrics_port,
+            fresh.health_port,
+        )
 
     def stop(self, timeout: float = 20) -> None:
         if self.process.poll() is None:
@@ -101,7 +117,9 @@ def start_operator(
             env=env,
             start_new_session=True,
         )
-    operator = OperatorProcess(process, log_path, metrics_port, health_port)
+    operator = OperatorProcess(
+        process, log_path, metrics_port, health_port, kubeconfig, dict(extra_env or {})
+    )
     try:
         wait_for(operator.healthy, timeout=60, what="the operator's /healthz")
     except BaseException:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operator_process import OperatorProcess, start_operator
+from operator_process import OperatorProcess, start_operator, wait_for
 
 from tandem.devcluster.cluster import ClusterInfo
 from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig
@@ -24,9 +24,46 @@ def kubectl(cluster: ClusterInfo) -> Kubectl:
     return Kubectl(str(cluster.bin_dir / "kubectl"), cluster.kubeconfig)
 
 
+GC_PROBE_NAMESPACE = "tandem-gc-probe"
+GC_DISCOVERY_SECONDS = 90
+
+
+def _wait_until_garbage_collector_knows_trainingjobs(kubectl: Kubectl) -> None:
+    """The controller-manager's garbage collector finds new CRDs on a 30 s discovery resync; until
+    then, children of a deleted TrainingJob linger. Delete an owner with one dependent and wait."""
+    kubectl.run("create", "namespace", GC_PROBE_NAMESPACE)
+    try:
+        owner = {
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": "probe", "namespace": GC_PROBE_NAMESPACE},
+            "spec": {"trainer": {"entrypoint": "probe:main"}, "suspend": True},
+        }
+        kubectl.apply([owner])
+        uid = kubectl.run("get", "tj", "probe", "-n", GC_PROBE_NAMESPACE, "-o", "jsonpath={.metadata.uid}")
+        ref = {"apiVersion": "tandem.dev/v1alpha1", "kind": "TrainingJob", "name": "probe", "uid": uid}
+        dependent = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "dependent", "namespace": GC_PROBE_NAMESPACE, "ownerReferences": [ref]},
+        }
+        kubectl.apply([dependent])
+        kubectl.run("delete", "tj", "probe", "-n", GC_PROBE_NAMESPACE)
+        wait_for(
+            lambda: (
+                "dependent" not in kubectl.run("get", "configmaps", "-n", GC_PROBE_NAMESPACE, "-o", "name")
+            ),
+            GC_DISCOVERY_SECONDS,
+            "the garbage collector to collect a TrainingJob's dependent",
+        )
+    finally:
+        kubectl.run("delete", "namespace", GC_PROBE_NAMESPACE, "--wait=false")
+
+
 @pytest.fixture(scope="session")
 def crds(kubectl: Kubectl) -> None:
     install_crds(kubectl)
+    _wait_until_garbage_collector_knows_trainingjobs(kubectl)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 from kubeobjects import events, get, observed, status_of
 from operator_process import OperatorProcess, wait_for
 
-from tandem.devinstall import Kubectl, install_checkpoint_volume
+from tandem.devinstall import Kubectl, install_example_volumes
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "examples"
 STATUS_SECONDS = 30
@@ -34,7 +34,7 @@ def _table(kubectl: Kubectl, namespace: str, kind: str) -> list[dict[str, str]]:
 
 @pytest.mark.usefixtures("operator")
 def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: str) -> None:
-    install_checkpoint_volume(kubectl, namespace)
+    install_example_volumes(kubectl, namespace)
     kubectl.run("apply", "-n", namespace, "-f", str(EXAMPLES))
     names = {"trainingjob": ["gpt-tiny", "gpt-124m"], "inferenceservice": ["embeddings", "gpt-tiny"]}
     for kind, objects in names.items():
@@ -64,7 +64,7 @@ def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: st
 
 @pytest.mark.usefixtures("operator")
 def test_status_follows_spec_changes_with_conditions_and_events(kubectl: Kubectl, namespace: str) -> None:
-    install_checkpoint_volume(kubectl, namespace)
+    install_example_volumes(kubectl, namespace)
     kubectl.run("apply", "-n", namespace, "-f", str(EXAMPLES / "trainingjob-gpt-tiny.yaml"))
     first = wait_for(lambda: observed(kubectl, namespace, "tj", "gpt-tiny"), STATUS_SECONDS, "first status")
     accepted = {c["type"]: c for c in first["status"]["conditions"]}["Accepted"]

@@ -1,0 +1,92 @@
+"""TrainingJob builders against golden YAML (run with TANDEM_UPDATE_GOLDEN=1 to rewrite, then review)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem.operator.api.trainingjob import TrainingJobSpec
+from tandem.operator.trainingjob import builders
+
+GOLDEN = Path(__file__).parent / "golden"
+GPU_JOB: dict[str, Any] = {
+    "trainer": {"builtin": {"size": "124m", "dataset": {"uri": "pvc://datasets/owt"}, "maxSteps": 5000}},
+    "workers": {
+        "replicas": 2,
+        "resources": {"gpu": 8, "cpu": "32", "memory": "256Gi"},
+        "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+        "tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"}
+        ],
+    },
+    "head": {"resources": {"cpu": "4", "memory": "16Gi"}},
+    "batch": {"global": 512, "perDevice": 16},
+    "checkpoint": {"storage": {"pvc": "ckpt"}, "everySteps": 500},
+    "scheduling": {"queueName": "research", "schedulerName": "volcano", "priorityClassName": "training-high"},
+}
+
+
+def _gang() -> list[dict[str, Any]]:
+    spec = TrainingJobSpec.model_validate(GPU_JOB)
+    children = [builders.head_service("gpt", "uid-1", "ml")]
+    children += builders.gang(
+        spec, job="gpt", uid="uid-1", namespace="ml", attempt=3, image="img:1", resume_from="file:///c/step-1"
+    )
+    return children
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_children_match_golden(index: int) -> None:
+    child = _gang()[index]
+    path = GOLDEN / f"trainingjob-{child['kind'].lower()}-{child['metadata']['name']}.yaml"
+    rendered = yaml.safe_dump(child, sort_keys=True)
+    if os.environ.get("TANDEM_UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert path.exists(), f"missing {path}: run with TANDEM_UPDATE_GOLDEN=1 and review the file"
+    assert rendered == path.read_text(), f"{path.name} changed: review, then TANDEM_UPDATE_GOLDEN=1"
+
+
+def test_gang_is_one_head_and_every_worker_with_the_gang_annotations() -> None:
+    service, head, *workers = _gang()
+    assert service["kind"] == "Service"
+    assert head["metadata"]["name"] == "gpt-3-head"
+    assert [w["metadata"]["name"] for w in workers] == ["gpt-3-worker-0", "gpt-3-worker-1"]
+    for pod in (head, *workers):
+        assert pod["metadata"]["annotations"]["tandem.dev/gang-size"] == "3"
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "gpt-3"
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+        assert pod["spec"]["schedulerName"] == "volcano"
+        assert pod["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_worker_asks_for_its_gpus_and_tolerates_gpu_and_user_taints() -> None:
+    worker = _gang()[2]
+    container = worker["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    keys = {t["key"] for t in worker["spec"]["tolerations"]}
+    assert keys == {"dedicated", "nvidia.com/gpu"}
+    assert worker["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_only_the_head_gets_the_checkpoint_to_resume_from() -> None:
+    _, head, worker, _ = _gang()
+    head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    worker_env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
+    assert head_env["TANDEM_RESUME_FROM"] == "file:///c/step-1"
+    assert "TANDEM_RESUME_FROM" not in worker_env
+    assert head_env["TANDEM_CHECKPOINT_URI"] == "file:///checkpoints/ml/gpt"
+    assert worker_env["TANDEM_HEAD_ADDRESS"] == "gpt-head.ml.svc:6379"
+    assert TrainingJobSpec.model_validate_json(head_env["TANDEM_JOB_SPEC"] or "").workers.replicas == 2
+
+
+def test_spec_hash_ignores_lifecycle_fields_but_not_shape() -> None:
+    spec = TrainingJobSpec.model_validate(GPU_JOB)
+    same = TrainingJobSpec.model_validate({**GPU_JOB, "suspend": True, "activeDeadlineSeconds": 60})
+    reshaped = TrainingJobSpec.model_validate({**GPU_JOB, "precision": "fp16"})
+    assert builders.pod_spec_hash(spec) == builders.pod_spec_hash(same)
+    assert builders.pod_spec_hash(spec) != builders.pod_spec_hash(reshaped)

@@ -1,0 +1,254 @@
+"""The TrainingJob state machine as a pure function: observations in, decisions out, no clock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tandem.operator.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from tandem.operator.trainingjob import builders
+from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
+from tandem.operator.trainingjob.reconcile import Decision, Job, backoff_seconds, decide
+
+T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+SPEC: dict[str, Any] = {
+    "trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///d"}, "maxSteps": 1000}},
+    "workers": {"replicas": 2, "resources": {"gpu": 4}, "gpuProduct": "H100"},
+    "batch": {"perDevice": 4},
+    "checkpoint": {"storage": {"uri": "file:///c"}},
+    "failurePolicy": {"maxRestarts": 2, "backoffSeconds": 10},
+    "scheduling": {"gangTimeoutSeconds": 60},
+}
+NODES = ClusterView(
+    nodes={
+        "g0": ObservedNode("g0", ready=True, gpus=8, product="H100", unschedulable=False),
+        "g1": ObservedNode("g1", ready=True, gpus=8, product="H100", unschedulable=False),
+        "c0": ObservedNode("c0", ready=True, gpus=0, product=None, unschedulable=False),
+    },
+    gpus_in_use={"g0": 4, "g1": 6},  # g0: our own worker-0 (see the gang-timeout test)
+)
+
+
+def job(**spec: Any) -> Job:
+    return Job("gpt", "ml", "uid", 1, TrainingJobSpec.model_validate({**SPEC, **spec}), "img")
+
+
+def pod(
+    name: str, attempt: int = 1, node: str | None = "g0", phase: str = "Running", **extra: Any
+) -> ObservedPod:
+    role = "head" if name.endswith("head") else "worker"
+    return ObservedPod(
+        name=f"gpt-{attempt}-{name}",
+        role=role,
+        attempt=attempt,
+        index=None if role == "head" else int(name[-1]),
+        phase=phase,
+        node=node if role == "worker" else ("c0" if node else None),
+        ready=phase == "Running" and node is not None,
+        deleting=False,
+        created=T0,
+        started=T0 if node else None,
+        gpus=4 if role == "worker" else 0,
+        failure=extra.pop("failure", ""),
+        scheduler_message=extra.pop("scheduler_message", ""),
+        progress=extra.pop("progress", None),
+        spec_hash=extra.pop("spec_hash", builders.pod_spec_hash(job().spec)),
+    )
+
+
+def gang(attempt: int = 1, **extra: Any) -> list[ObservedPod]:
+    return [pod("head", attempt), pod("worker-0", attempt), pod("worker-1", attempt, node="g1", **extra)]
+
+
+def tick(
+    status: dict[str, Any], pods: list[ObservedPod], now: datetime = T0, the_job: Job | None = None
+) -> Decision:
+    return decide(the_job or job(), TrainingJobStatus.model_validate(status), pods, NODES, now, lambda _: 2.0)
+
+
+def test_a_new_job_creates_its_whole_gang_at_once() -> None:
+    decision = tick({}, [])
+    names = [m["metadata"]["name"] for m in decision.create]
+    assert names == ["gpt-head", "gpt-1-head", "gpt-1-worker-0", "gpt-1-worker-1"]
+    assert decision.status.phase == "Scheduling"
+    assert decision.status.attempt == 1
+    assert decision.status.start_time == T0
+    assert [e.reason for e in decision.events] == ["Scheduling"]
+
+
+def test_pods_not_yet_seen_are_created_again_idempotently() -> None:
+    decision = tick({"phase": "Scheduling", "attempt": 1}, [pod("head")])
+    assert [m["metadata"]["name"] for m in decision.create] == ["gpt-1-worker-0", "gpt-1-worker-1"]
+    assert decision.status.attempt == 1
+
+
+def test_all_bound_is_running_and_counts_ready_workers() -> None:
+    decision = tick({"phase": "Scheduling", "attempt": 1}, gang())
+    assert decision.status.phase == "Running"
+    assert decision.status.workers is not None
+    assert decision.status.workers.ready == 2
+    assert decision.create == []
+
+
+def test_gang_timeout_deletes_every_pod_and_says_what_is_missing() -> None:
+    pods = [
+        pod("head"),
+        pod("worker-0"),
+        pod("worker-1", node=None, phase="Pending", scheduler_message="0/3 nodes"),
+    ]
+    waiting = tick({"phase": "Scheduling", "attempt": 1}, pods, now=T0 + timedelta(seconds=59))
+    assert waiting.status.phase == "Scheduling"
+    assert waiting.delete == []
+    decision = tick({"phase": "Scheduling", "attempt": 1}, pods, now=T0 + timedelta(seconds=60))
+    assert decision.status.phase == "Pending"
+    assert sorted(decision.delete) == ["gpt-1-head", "gpt-1-worker-0", "gpt-1-worker-1"]
+    scheduled = next(c for c in decision.status.conditions if c.type == "Scheduled")
+    assert scheduled.reason == "Unschedulable"
+    # g0 holds 4 of our own GPUs (freed by the retry), g1 has 2 free: 8 + 2.
+    assert (
+        "needs 8 nvidia.com/gpu (2 workers x 4) on nodes with nvidia.com/gpu.product=H100"
+        in scheduled.message
+    )
+    assert "10 free on 2 ready nodes" in scheduled.message
+    assert "scheduler: 0/3 nodes" in scheduled.message
+    assert decision.status.next_attempt_time == T0 + timedelta(seconds=70)
+    assert decision.status.restarts == 0
+
+
+def test_backoff_is_respected_before_the_next_gang() -> None:
+    status = {"phase": "Pending", "attempt": 1, "nextAttemptTime": (T0 + timedelta(seconds=10)).isoformat()}
+    assert tick(status, [], now=T0 + timedelta(seconds=9)).create == []
+    assert len(tick(status, [], now=T0 + timedelta(seconds=10)).create) == 4
+
+
+def test_a_failed_worker_restarts_from_the_last_checkpoint_with_backoff() -> None:
+    status = {
+        "phase": "Running",
+        "attempt": 1,
+        "lastCheckpoint": {"step": 500, "uri": "file:///c/step-500"},
+    }
+    decision = tick(status, gang(failure="exit 137", phase="Failed"))
+    assert decision.status.phase == "Recovering"
+    assert decision.status.restarts == 1
+    assert decision.status.last_failure is not None
+    assert decision.status.last_failure.reason == "WorkerFailed"
+    assert sorted(decision.delete) == ["gpt-1-head", "gpt-1-worker-0", "gpt-1-worker-1"]
+    assert decision.status.next_attempt_time == T0 + timedelta(seconds=10)
+    warning = next(e for e in decision.events if e.type == "Warning")
+    assert "restart 1/2 in 10s, resume from step 500" in warning.message
+
+    recovering = decision.status.to_dict()
+    later = tick(recovering, [], now=T0 + timedelta(seconds=10))
+    head = next(m for m in later.create if m["metadata"]["name"] == "gpt-2-head")
+    env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    assert env["TANDEM_RESUME_FROM"] == "file:///c/step-500"
+    assert later.status.attempt == 2
+
+
+def test_restarts_back_off_exponentially_and_cap() -> None:
+    assert [backoff_seconds(10, n) for n in range(4)] == [10, 20, 40, 80]
+    assert backoff_seconds(10, 20) == 900
+
+
+def test_no_restarts_left_fails_the_job_and_frees_workers() -> None:
+    decision = tick({"phase": "Running", "attempt": 3, "restarts": 2}, gang(3, phase="Failed"))
+    assert decision.status.phase == "Failed"
+    assert decision.status.restarts == 2
+    assert decision.status.completion_time == T0
+    assert any(c.type == "Failed" and c.status == "True" for c in decision.status.conditions)
+
+
+def test_a_vanished_pod_or_a_notready_node_restarts() -> None:
+    vanished = tick({"phase": "Running", "attempt": 1}, gang()[:2])
+    assert vanished.status.last_failure is not None
+    assert vanished.status.last_failure.reason == "PodDeleted"
+    sick = replace(NODES, nodes={**NODES.nodes, "g1": replace(NODES.nodes["g1"], ready=False)})
+    decision = decide(job(), TrainingJobStatus(phase="Running", attempt=1), gang(), sick, T0, lambda _: 1.0)
+    assert decision.status.last_failure is not None
+    assert decision.status.last_failure.reason == "NodeNotReady"
+
+
+def test_head_success_completes_and_keeps_only_the_head() -> None:
+    pods = [pod("head", phase="Succeeded"), pod("worker-0"), pod("worker-1")]
+    decision = tick({"phase": "Running", "attempt": 1}, pods)
+    assert decision.status.phase == "Succeeded"
+    assert sorted(decision.delete) == ["gpt-1-worker-0", "gpt-1-worker-1"]
+
+
+def test_ttl_deletes_a_finished_job_once_due() -> None:
+    done = {"phase": "Succeeded", "attempt": 1, "completionTime": T0.isoformat()}
+    the_job = job(ttlSecondsAfterFinished=30)
+    assert not tick(done, [], now=T0 + timedelta(seconds=29), the_job=the_job).delete_job
+    assert tick(done, [], now=T0 + timedelta(seconds=30), the_job=the_job).delete_job
+
+
+def test_deadline_fails_a_running_job() -> None:
+    status = {"phase": "Running", "attempt": 1, "startTime": T0.isoformat()}
+    decision = tick(status, gang(), now=T0 + timedelta(seconds=100), the_job=job(activeDeadlineSeconds=100))
+    assert decision.status.phase == "Failed"
+    assert decision.status.last_failure is not None
+    assert decision.status.last_failure.reason == "DeadlineExceeded"
+
+
+def test_suspend_deletes_pods_and_resume_starts_a_new_gang() -> None:
+    suspended = tick({"phase": "Running", "attempt": 1}, gang(), the_job=job(suspend=True))
+    assert suspended.status.phase == "Suspended"
+    assert len(suspended.delete) == 3
+    resumed = tick(suspended.status.to_dict(), [])
+    assert resumed.status.phase == "Scheduling"
+    assert resumed.status.attempt == 2
+
+
+def test_a_spec_change_replaces_the_gang_without_counting_a_restart() -> None:
+    decision = tick({"phase": "Running", "attempt": 1}, gang(), the_job=job(precision="fp16"))
+    assert decision.status.phase == "Pending"
+    assert decision.status.restarts == 0
+    assert len(decision.delete) == 3
+
+
+def test_pods_of_older_attempts_are_deleted() -> None:
+    decision = tick({"phase": "Running", "attempt": 2}, [*gang(2), pod("worker-0", attempt=1)])
+    assert decision.delete == ["gpt-1-worker-0"]
+    assert decision.status.phase == "Running"
+
+
+def test_progress_record_is_folded_into_status() -> None:
+    record = {
+        "step": 120,
+        "totalSteps": 1000,
+        "loss": 2.123456,
+        "checkpoint": {"step": 100, "uri": "file:///c/100"},
+    }
+    pods = [pod("head", progress=json.dumps(record)), *gang()[1:]]
+    decision = tick({"phase": "Running", "attempt": 1}, pods)
+    wire = decision.status.to_dict()
+    assert wire["stepDisplay"] == "120/1000"
+    assert wire["progress"]["loss"] == 2.1235
+    assert wire["lastCheckpoint"]["step"] == 100
+    assert any(c.type == "CheckpointAvailable" for c in decision.status.conditions)
+
+
+def test_malformed_progress_warns_and_keeps_the_last_good_values() -> None:
+    pods = [pod("head", progress='{"step": "many"}'), *gang()[1:]]
+    decision = tick({"phase": "Running", "attempt": 1, "progress": {"step": 7, "totalSteps": 1000}}, pods)
+    assert decision.status.progress is not None
+    assert decision.status.progress.step == 7
+    assert [e.reason for e in decision.events] == ["BadProgress"]
+
+
+def test_cost_accrues_for_running_gpu_pods_every_30_seconds() -> None:
+    start = {
+        "phase": "Running",
+        "attempt": 1,
+        "cost": {"gpuHours": 1.0, "usd": 2.0, "lastUpdateTime": T0.isoformat()},
+    }
+    steady = tick(start, gang()).status.to_dict()
+    quiet = tick(steady, gang(), now=T0 + timedelta(seconds=10))
+    assert quiet.status.to_dict() == steady  # nothing changed: no status write every tick
+    hour = tick(steady, gang(), now=T0 + timedelta(hours=1))
+    assert hour.status.cost is not None
+    assert hour.status.cost.gpu_hours == 1.0 + 8  # two workers x 4 GPUs for an hour
+    assert hour.status.cost.usd == 2.0 + 8 * 2.0
+    assert hour.status.to_dict()["costDisplay"] == "$18.00"
