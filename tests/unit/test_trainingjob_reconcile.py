@@ -165,7 +165,14 @@ def test_a_vanished_pod_or_a_notready_node_restarts() -> None:
     assert vanished.status.last_failure is not None
     assert vanished.status.last_failure.reason == "PodDeleted"
     sick = replace(NODES, nodes={**NODES.nodes, "g1": replace(NODES.nodes["g1"], ready=False)})
-    decision = decide(job(), TrainingJobStatus(phase="Running", attempt=1), gang(), sick, T0, lambda _: 1.0)
+    decision = decide(
+        job(),
+        TrainingJobStatus.model_validate({"phase": "Running", "attempt": 1}),
+        gang(),
+        sick,
+        T0,
+        lambda _: 1.0,
+    )
     assert decision.status.last_failure is not None
     assert decision.status.last_failure.reason == "NodeNotReady"
 
