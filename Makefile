@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help setup cluster-build demo demo-down test test-unit test-e2e lint typecheck crds clean
+.PHONY: help setup system-tools cluster-build demo demo-down test test-unit test-e2e lint typecheck crds clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -18,7 +18,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-setup: $(STAMP) ## create .venv with the operator, the dev cluster and the dev tools
+setup: $(STAMP) system-tools ## create .venv (operator, workloads, dev tools) and install promtool
+
+# Debian's prometheus package: promtool checks /metrics output and alert rules; the server backs the
+# metrics tests. Installed with apt-get (as root, or through sudo) when missing.
+system-tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool and the Prometheus server)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  command -v promtool >/dev/null || { echo "error: promtool is still missing: install Debian's prometheus package"; exit 1; }; }
 
 cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd and kwok binaries
 	$(BIN)/tandem cluster build
@@ -29,8 +39,9 @@ demo: cluster-build ## start the local cluster and the operator, apply the examp
 demo-down: setup ## stop the demo operator and the local cluster
 	$(BIN)/python -m tandem.demo --down
 
-test: cluster-build ## run every test: unit, then end-to-end on a real control plane
+test: cluster-build ## run every test: unit, model server over real HTTP, then end-to-end on a real control plane
 	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/serve
 	$(BIN)/python -m pytest tests/e2e
 
 test-unit: setup ## unit tests only (no cluster)

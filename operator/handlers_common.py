@@ -71,5 +71,5 @@ def parse_spec_or_reject(
         patch.status["phase"] = phase_on_error
         patch.status["observedGeneration"] = generation
         patch.status["conditions"] = [c.to_dict() for c in set_condition(conditions, rejected)]
-        kopf.warn(body, reason="InvalidSpec", message=message)
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
         raise kopf.PermanentError(f"invalid spec: {message}") from error

@@ -22,7 +22,9 @@ def api_client() -> Any:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 32  # handler threads x concurrent child calls
+    return client.ApiClient(configuration)
 
 
 class Refused(Exception):
@@ -42,7 +44,10 @@ def create(manifest: Mapping[str, Any]) -> bool:
     namespace = manifest["metadata"]["namespace"]
     creators: dict[str, Any] = {"Pod": core.create_namespaced_pod, "Service": core.create_namespaced_service}
     try:
-        creators[manifest["kind"]](namespace, dict(manifest), field_manager=FIELD_MANAGER)
+        # _preload_content=False: the reply is not needed, and decoding it into models costs milliseconds.
+        creators[manifest["kind"]](
+            namespace, dict(manifest), field_manager=FIELD_MANAGER, _preload_content=False
+        )
     except ApiException as error:
         if _status_of(error) == 409 or _namespace_terminating(error):
             return False
@@ -72,12 +77,24 @@ def delete_pod(namespace: str, name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace)
+        client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace, _preload_content=False)
     except ApiException as error:
         if _status_of(error) == 404:
             return False
         raise
     return True
+
+
+def list_bound_pods() -> list[dict[str, Any]]:
+    """Every pod bound to a node, cluster-wide, as plain dicts."""
+    import json
+
+    from kubernetes import client
+
+    reply: Any = client.CoreV1Api(api_client()).list_pod_for_all_namespaces(
+        field_selector="spec.nodeName!=", _preload_content=False
+    )
+    return list(json.loads(reply.data)["items"])
 
 
 def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
@@ -87,7 +104,7 @@ def delete_custom_object(group: str, version: str, plural: str, namespace: str, 
 
     try:
         client.CustomObjectsApi(api_client()).delete_namespaced_custom_object(
-            group, version, namespace, plural, name, propagation_policy="Background"
+            group, version, namespace, plural, name, propagation_policy="Background", _preload_content=False
         )
     except ApiException as error:
         if _status_of(error) == 404:

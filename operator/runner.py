@@ -8,6 +8,7 @@ from typing import Any
 from tandem.operator.config import OperatorSettings
 
 ANNOTATION_PREFIX = "tandem.dev"
+HANDLER_THREADS = 16
 log = logging.getLogger("tandem.operator")
 
 
@@ -20,9 +21,12 @@ def configure_kopf(kopf_settings: Any) -> None:
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     kopf_settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
-    kopf_settings.posting.level = logging.INFO
+    # Only kopf's own warnings become Kubernetes events; Tandem posts its events with kopf.event().
+    kopf_settings.posting.level = logging.WARNING
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
+    # Sync handlers run in this many threads; kopf's default (cores + 4) starves hundreds of timers.
+    kopf_settings.execution.max_workers = HANDLER_THREADS
 
 
 def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
@@ -38,6 +42,8 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # "Timer ... succeeded" for every object every tick drowns everything else
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -38,8 +38,9 @@ def reconcile_inferenceservice(
         )
         new_status = accepted_status(str(meta["name"]), service, status, generation, memo.settings)
         if status.get("phase") != new_status.phase:
-            kopf.info(
+            kopf.event(
                 body,
+                type="Normal",
                 reason=str(new_status.phase),
                 message=f"InferenceService is {new_status.phase}",
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,9 @@ from tandem.operator.trainingjob.observe import (
 from tandem.operator.trainingjob.reconcile import Decision, Job, decide, refuse
 
 RECONCILE_INTERVAL_SECONDS = 2.0
+#: Threads for a reconcile's child create/delete calls (the API client's pool holds as many connections).
+CHILD_CALL_THREADS = 8
+_CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
 log = logging.getLogger(__name__)
 #: Warnings a reconcile would repeat every tick (bad progress record, refused child): the last message
 #: posted per (job uid, reason), so each distinct problem becomes one event, not one every 2 s.
@@ -42,7 +46,7 @@ _last_warning: dict[tuple[str, str], str] = {}
 def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
     if _last_warning.get((uid, reason)) != message:
         _last_warning[(uid, reason)] = message
-        kopf.warn(body, reason=reason, message=message)
+        kopf.event(body, type="Warning", reason=reason, message=message)
 
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -53,25 +57,25 @@ def training_pods(
     return {(namespace, labels[LABEL_JOB]): observe_pod(body)}
 
 
-@kopf.index("pods")
-def gpus_by_node(spec: kopf.Spec, status: kopf.Status, body: kopf.Body, **_: Any) -> dict[str, int]:
-    """GPUs held on each node by pods of any owner (for 'N free' in Unschedulable messages)."""
-    node, gpus = spec.get("nodeName"), pod_gpus(body)
-    if not node or not gpus or status.get("phase") in TERMINAL_PHASES:
-        return {}
-    return {str(node): gpus}
-
-
 @kopf.index("nodes")
 def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, ObservedNode]:
     return {name: observe_node(body)}
 
 
-def cluster_view(nodes: kopf.Index[str, ObservedNode], gpus: kopf.Index[str, int]) -> ClusterView:
+def cluster_view(nodes: kopf.Index[str, ObservedNode]) -> ClusterView:
     return ClusterView(
-        nodes={name: next(iter(store)) for name, store in nodes.items()},
-        gpus_in_use={name: sum(store) for name, store in gpus.items()},
+        nodes={name: next(iter(store)) for name, store in nodes.items()}, gpus_in_use=gpus_in_use
     )
+
+
+def gpus_in_use() -> dict[str, int]:
+    """GPUs held on each node by live pods of any owner (one list call, made only when needed)."""
+    used: dict[str, int] = {}
+    for pod in kube.list_bound_pods():
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and (pod.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+            used[node] = used.get(node, 0) + pod_gpus(pod)
+    return used
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,30 +85,39 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
+def _create(manifest: dict[str, Any]) -> bool | kube.Refused:
+    try:
+        return kube.create(manifest)
+    except kube.Refused as refused:
+        return refused
+
+
 def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: str) -> str | None:
     """Carry out a decision; return why the API server refused a child, if it did.
 
     Every call is idempotent, so a crash half-way is repaired on the next tick.
     """
     refused = None
-    for manifest in decision.create:
+    # A gang's pods are created (and deleted) concurrently: one round trip, not one per pod.
+    created = list(_CHILD_CALLS.map(_create, decision.create))
+    for manifest, outcome in zip(decision.create, created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
-        try:
-            if kube.create(manifest):
-                log.info("created %s in %s", child, namespace)
-        except kube.Refused as error:
-            refused = f"the API server refused {child}: {error}"
-            break
-    for pod in decision.delete:
-        if kube.delete_pod(namespace, pod):
+        if isinstance(outcome, kube.Refused):
+            refused = refused or f"the API server refused {child}: {outcome}"
+        elif outcome:
+            log.info("created %s in %s", child, namespace)
+    for pod, gone in zip(
+        decision.delete,
+        _CHILD_CALLS.map(lambda name: kube.delete_pod(namespace, name), decision.delete),
+        strict=True,
+    ):
+        if gone:
             log.info("deleted pod %s/%s", namespace, pod)
     for event in decision.events:
         if event.reason in REPEATING_WARNINGS:
             _warn_once(body, uid, event.reason, event.message)
         else:
-            (kopf.warn if event.type == "Warning" else kopf.info)(
-                body, reason=event.reason, message=event.message
-            )
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if refused:
         _warn_once(body, uid, "CreateFailed", refused)
     if decision.delete_job:
@@ -122,7 +135,6 @@ def reconcile_trainingjob(
     patch: kopf.Patch,
     memo: kopf.Memo,
     training_pods: kopf.Index[Any, ObservedPod],
-    gpus_by_node: kopf.Index[str, int],
     nodes_by_name: kopf.Index[str, ObservedNode],
     **_: Any,
 ) -> None:
@@ -141,7 +153,7 @@ def reconcile_trainingjob(
             job,
             current,
             pods,
-            cluster_view(nodes_by_name, gpus_by_node),
+            cluster_view(nodes_by_name),
             datetime.now(UTC),
             settings.gpu_price,
         )

@@ -6,7 +6,7 @@ kopf indexes feed these from watch events (no API calls per reconcile); the stat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -136,19 +136,22 @@ class ClusterView:
     """Nodes and the GPUs that pods (of any owner) hold on them: for Unschedulable messages and cost."""
 
     nodes: Mapping[str, ObservedNode]
-    gpus_in_use: Mapping[str, int]
+    #: GPUs held per node by pods of any owner. A callable, because only an Unschedulable message
+    #: needs it: the operator then lists pods once instead of watching every pod in the cluster.
+    gpus_in_use: Callable[[], Mapping[str, int]]
 
     def free_gpus(self, product: str | None, ignore: Mapping[str, int] | None = None) -> tuple[int, int]:
         """(free GPUs, matching Ready nodes) for a product (None: any GPU node); `ignore` adds back
         GPUs that the job's own pods hold (they would be freed by a retry)."""
         free = 0
         count = 0
+        in_use = self.gpus_in_use()
         for node in self.nodes.values():
             if not node.ready or node.unschedulable or node.gpus == 0:
                 continue
             if product is not None and node.product != product:
                 continue
             count += 1
-            used = max(self.gpus_in_use.get(node.name, 0) - (ignore or {}).get(node.name, 0), 0)
+            used = max(in_use.get(node.name, 0) - (ignore or {}).get(node.name, 0), 0)
             free += max(node.gpus - used, 0)
         return free, count

@@ -7,6 +7,7 @@ the pinned binaries (many minutes, progress on stderr).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -21,7 +22,8 @@ import pytest
 from tandem.devcluster import cluster as devcluster
 from tandem.errors import UserError
 
-TEST_CLUSTER = "tandem-test"
+#: Override with TANDEM_TEST_CLUSTER to run two suites side by side (each gets its own control plane).
+TEST_CLUSTER = os.environ.get("TANDEM_TEST_CLUSTER", "tandem-test")
 NAMESPACE_READY_SECONDS = 30.0
 
 

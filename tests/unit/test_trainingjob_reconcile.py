@@ -27,7 +27,7 @@ NODES = ClusterView(
         "g1": ObservedNode("g1", ready=True, gpus=8, product="H100", unschedulable=False),
         "c0": ObservedNode("c0", ready=True, gpus=0, product=None, unschedulable=False),
     },
-    gpus_in_use={"g0": 4, "g1": 6},  # g0: our own worker-0 (see the gang-timeout test)
+    gpus_in_use=lambda: {"g0": 4, "g1": 6},  # g0: our own worker-0 (see the gang-timeout test)
 )
 
 

@@ -1,0 +1,192 @@
+"""TrainingJob at scale: N jobs of W workers against the floor of creating the same pods directly.
+
+Runs on a real control plane (`tandem-bench` dev cluster, kwok nodes), in one process, side by side:
+  floor  - a plain script creates the N x (W+1) pods (the operator's own manifests, no owner) with
+           the same client concurrency, and waits until all are Running;
+  tandem - the same number of TrainingJobs are applied and the real operator (a separate process,
+           under the chart's RBAC) creates the pods; we wait until all pods are Running.
+Prints a table: time to all-Running, the ratio to the floor, operator peak RSS and CPU seconds,
+and reconcile latency p50/p99 from the operator's own histogram.
+
+    .venv/bin/python bench/trainingjob_scale.py --jobs 500 --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+from operator_process import start_operator  # noqa: E402
+
+from tandem.devcluster import cluster as devcluster  # noqa: E402
+from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig  # noqa: E402
+from tandem.operator.api.trainingjob import TrainingJobSpec  # noqa: E402
+from tandem.operator.trainingjob import builders  # noqa: E402
+
+CLUSTER = "tandem-bench"
+PODS_PER_NODE = 250
+
+
+def job_spec(workers: int) -> dict[str, Any]:
+    return {
+        "trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///data/corpus.txt"}}},
+        "workers": {"replicas": workers},
+        "batch": {"perDevice": 4},
+        "scheduling": {"gangTimeoutSeconds": 600},
+    }
+
+
+def clients(kubeconfig: Path) -> tuple[Any, Any]:
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    api.configuration.connection_pool_maxsize = 32
+    return client.CoreV1Api(api), client.CustomObjectsApi(api)
+
+
+def wait_all_running(core: Any, namespace: str, expected: int, started: float, timeout: float) -> float:
+    """Seconds from `started` until `expected` pods in the namespace are Running."""
+    while True:
+        pods = core.list_namespaced_pod(namespace, _preload_content=False)
+        import json
+
+        items = json.loads(pods.data)["items"]
+        running = sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running")
+        if running >= expected:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"timed out: {running}/{expected} pods Running in {namespace}")
+        time.sleep(0.5)
+
+
+def run_floor(core: Any, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
+    spec = TrainingJobSpec.model_validate(job_spec(workers))
+    manifests = []
+    for j in range(jobs):
+        for pod in builders.gang(
+            spec, job=f"j{j}", uid="none", namespace=namespace, attempt=1, image="img", resume_from=None
+        ):
+            pod["metadata"].pop("ownerReferences")
+            manifests.append(pod)
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda m: core.create_namespaced_pod(namespace, m, _preload_content=False), manifests))
+    return wait_all_running(core, namespace, len(manifests), started, timeout=1800)
+
+
+def run_tandem(core: Any, custom: Any, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
+    def create(j: int) -> None:
+        body = {
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": f"j{j}"},
+            "spec": job_spec(workers),
+        }
+        custom.create_namespaced_custom_object(
+            "tandem.dev", "v1alpha1", namespace, "trainingjobs", body, _preload_content=False
+        )
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(create, range(jobs)))
+    return wait_all_running(core, namespace, jobs * (workers + 1), started, timeout=1800)
+
+
+def quantile(histogram: list[tuple[float, float]], q: float) -> float:
+    """Quantile from cumulative (upper bound, count) buckets, interpolated linearly within a bucket."""
+    total = histogram[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in histogram:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            width = count - below
+            return lower + (bound - lower) * ((rank - below) / width if width else 0)
+        lower, below = bound, count
+    return lower
+
+
+def reconcile_histogram(metrics: str, kind: str) -> list[tuple[float, float]]:
+    buckets = []
+    for line in metrics.splitlines():
+        if line.startswith("tandem_operator_reconcile_duration_seconds_bucket") and f'kind="{kind}"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(buckets)
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS in MB, CPU seconds) of a live process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return peak_kb / 1024, cpu
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads creating objects")
+    parser.add_argument("--keep-cluster", action="store_true")
+    args = parser.parse_args()
+    pods = args.jobs * (args.workers + 1)
+    nodes = pods // PODS_PER_NODE + 2
+    print(f"starting {CLUSTER} with {nodes} CPU nodes for {pods} pods", flush=True)
+    info = devcluster.up(
+        CLUSTER, gpu_nodes=0, cpu_nodes=nodes, progress=lambda m: print(f"  {m}", flush=True)
+    )
+    kubectl = Kubectl(str(info.bin_dir / "kubectl"), info.kubeconfig)
+    install_crds(kubectl)
+    core, custom = clients(info.kubeconfig)
+    workdir = Path(f"/tmp/{CLUSTER}")
+    try:
+        for ns in ("floor", "tandem"):
+            kubectl.run("create", "namespace", ns)
+        print("floor: creating pods directly ...", flush=True)
+        floor = run_floor(core, "floor", args.jobs, args.workers, args.concurrency)
+        print(f"floor: {floor:.1f}s; deleting", flush=True)
+        kubectl.run("delete", "namespace", "floor", "--wait=false")
+        operator = start_operator(
+            operator_kubeconfig(kubectl, workdir / "operator.kubeconfig"), workdir / "operator.log"
+        )
+        try:
+            print("tandem: applying TrainingJobs ...", flush=True)
+            tandem = run_tandem(core, custom, "tandem", args.jobs, args.workers, args.concurrency)
+            rss, cpu = proc_stats(operator.process.pid)
+            histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
+        finally:
+            operator.stop()
+    finally:
+        if not args.keep_cluster:
+            devcluster.down(CLUSTER)
+    count = histogram[-1][1] if histogram else 0
+    print()
+    print(f"| {args.jobs} TrainingJobs x {args.workers} workers ({pods} pods) | value |")
+    print("| --- | --- |")
+    print(f"| floor: pods created directly, time to all Running | {floor:.1f} s |")
+    print(f"| Tandem: TrainingJobs applied, time to all pods Running | {tandem:.1f} s |")
+    print(f"| ratio Tandem / floor (goal <= 1.5) | {tandem / floor:.2f} |")
+    print(f"| operator peak RSS (goal < 300 MB) | {rss:.0f} MB |")
+    print(f"| operator CPU time during the run | {cpu:.1f} s |")
+    print(f"| reconciles | {count:.0f} |")
+    if histogram:
+        p50, p99 = quantile(histogram, 0.5) * 1000, quantile(histogram, 0.99) * 1000
+        print(f"| reconcile latency p50 / p99 | {p50:.1f} / {p99:.1f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
