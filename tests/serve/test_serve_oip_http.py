@@ -1,0 +1,201 @@
+"""The Open Inference Protocol over real HTTP, serving a TorchScript model this module writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tandem.workloads.serve.process import ServerProcess
+
+MODEL_JSON = {
+    "inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "scale", "datatype": "FP32", "shape": [-1, 1]},
+    ],
+    "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "total", "datatype": "FP32", "shape": [-1]},
+    ],
+}
+
+
+def write_model(directory: Path) -> None:
+    import torch
+
+    class Affine(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.linear(x) * scale
+            return y, y.sum(dim=1)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
+        torch.jit.script(Affine()).save(str(directory / "model.pt"))  # type: ignore[no-untyped-call]
+    (directory / "model.json").write_text(json.dumps(MODEL_JSON))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory = tmp_path_factory.mktemp("affine")
+    write_model(directory)
+    args = [
+        "--runtime", "torchscript", "--model-uri", f"file://{directory}", "--model-name", "affine",
+        "--device", "cpu", "--max-batch-size", "8", "--max-queue-delay-ms", "20",
+    ]  # fmt: skip
+    with ServerProcess(args) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def request(x: list[list[float]], scale: list[float] | None = None) -> dict[str, Any]:
+    scale = scale if scale is not None else [1.0] * len(x)
+    return {
+        "id": "r1",
+        "inputs": [
+            {"name": "x", "shape": [len(x), 4], "datatype": "FP32", "data": [v for row in x for v in row]},
+            {"name": "scale", "shape": [len(x), 1], "datatype": "FP32", "data": scale},
+        ],
+    }
+
+
+def outputs(response: httpx.Response) -> dict[str, np.ndarray[Any, Any]]:
+    assert response.status_code == 200, response.text
+    return {
+        o["name"]: np.array(o["data"], dtype=np.float32).reshape(o["shape"])
+        for o in response.json()["outputs"]
+    }
+
+
+def test_health_ready_and_metadata(client: httpx.Client) -> None:
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/affine/ready").status_code == 200
+    assert client.get("/v2/models/affine/versions/1/ready").status_code == 200
+    meta = client.get("/v2/models/affine").json()
+    assert meta == {
+        "name": "affine",
+        "versions": ["1"],
+        "platform": "pytorch_torchscript",
+        "inputs": MODEL_JSON["inputs"],
+        "outputs": MODEL_JSON["outputs"],
+    }
+    assert client.get("/v2/models/nope").status_code == 404
+
+
+def test_infer_computes_every_row(client: httpx.Client) -> None:
+    x = [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [-1.0, 0.5, 2.0, 8.0]]
+    response = client.post("/v2/models/affine/infer", json=request(x, [1.0, 2.0, 3.0]))
+    got = outputs(response)
+    body = response.json()
+    assert body["model_name"] == "affine"
+    assert body["id"] == "r1"
+    assert got["y"].shape == (3, 4)
+    assert got["total"].shape == (3,)
+    np.testing.assert_allclose(got["total"], got["y"].sum(axis=1), rtol=1e-5)
+    # row 1 is the bias alone, scaled by 2; compare with row 1 computed alone
+    alone = outputs(client.post("/v2/models/affine/infer", json=request([x[1]], [2.0])))
+    np.testing.assert_allclose(got["y"][1], alone["y"][0], rtol=1e-6)
+
+
+def test_requested_outputs_only(client: httpx.Client) -> None:
+    body = request([[1.0, 1.0, 1.0, 1.0]]) | {"outputs": [{"name": "total"}]}
+    response = client.post("/v2/models/affine/infer", json=body)
+    assert [o["name"] for o in response.json()["outputs"]] == ["total"]
+
+
+def test_concurrent_requests_batch_and_match(server: ServerProcess, client: httpx.Client) -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(24, 4)).astype(np.float32).tolist()
+    alone = [outputs(client.post("/v2/models/affine/infer", json=request([r])))["y"][0] for r in rows]
+    multi_before = server.metric("tandem_serve_batch_size_count") - server.metric(
+        "tandem_serve_batch_size_bucket", le="1.0"
+    )
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            return await asyncio.gather(
+                *(ac.post("/v2/models/affine/infer", json=request([r])) for r in rows)
+            )
+
+    together = [outputs(r)["y"][0] for r in asyncio.run(burst())]
+    np.testing.assert_allclose(np.stack(together), np.stack(alone), rtol=1e-5, atol=1e-6)
+    multi_after = server.metric("tandem_serve_batch_size_count") - server.metric(
+        "tandem_serve_batch_size_bucket", le="1.0"
+    )
+    assert multi_after > multi_before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda b: b["inputs"][0].update(datatype="INT32"), "inputs[0].datatype"),
+        (lambda b: b["inputs"][0].update(datatype="COMPLEX"), "inputs[0].datatype"),
+        (lambda b: b["inputs"][0].update(shape=[1, 5]), "inputs[0].shape"),
+        (lambda b: b["inputs"][0].update(shape=[]), "inputs[0].shape"),
+        (lambda b: b["inputs"][0].update(data=[1, 2, 3]), "inputs[0].data"),
+        (lambda b: b["inputs"][0].update(data=["a", "b", "c", "d"]), "inputs[0].data"),
+        (lambda b: b["inputs"][0].update(name="z"), "inputs[0].name"),
+        (lambda b: b["inputs"].pop(), "inputs"),
+        (lambda b: b["inputs"][1].update(shape=[2, 1], data=[1.0, 1.0]), "inputs"),
+        (lambda b: b.update(outputs=[{"name": "nope"}]), "outputs[0].name"),
+        (lambda b: b["inputs"][0].pop("shape"), "inputs[0].shape"),
+    ],
+)
+def test_bad_requests_are_400_and_name_the_field(client: httpx.Client, mutate: Any, field: str) -> None:
+    body = request([[1.0, 2.0, 3.0, 4.0]])
+    mutate(body)
+    response = client.post("/v2/models/affine/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"{field}:")
+
+
+def test_unknown_model_is_404(client: httpx.Client) -> None:
+    response = client.post("/v2/models/other/infer", json=request([[1.0, 2.0, 3.0, 4.0]]))
+    assert response.status_code == 404
+
+
+NUMBERS = st.one_of(
+    st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.booleans(), st.text(max_size=3)
+)
+TENSOR = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["x", "scale", "other"]),
+        "shape": st.lists(st.integers(-1, 5), max_size=3),
+        "datatype": st.sampled_from(["FP32", "FP16", "INT64", "BOOL", "BYTES", "x"]),
+        "data": st.recursive(st.lists(NUMBERS, max_size=8), lambda c: st.lists(c, max_size=3), max_leaves=10),
+    }
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=st.lists(TENSOR, max_size=3), extra=st.dictionaries(st.text(max_size=5), st.none(), max_size=2))
+def test_malformed_tensors_never_break_the_server(
+    client: httpx.Client, inputs: list[dict[str, Any]], extra: dict[str, None]
+) -> None:
+    body = json.dumps({**extra, "inputs": inputs}).encode()  # json.dumps writes Infinity, as clients may
+    response = client.post("/v2/models/affine/infer", content=body)
+    assert response.status_code in (200, 400), response.text
+
+
+def test_still_ready_and_no_500s(client: httpx.Client, server: ServerProcess) -> None:
+    assert client.get("/v2/health/ready").status_code == 200
+    assert server.metric("tandem_serve_request_duration_seconds_count", code="500") == 0

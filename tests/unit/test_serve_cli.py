@@ -1,0 +1,91 @@
+"""`tandem serve` argument handling: helpful errors, no heavy imports for --help."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem.errors import UserError
+from tandem.workloads.serve import cli
+from tandem.workloads.serve.model import Precision, Runtime, default_model_name
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.register(sub)
+    return parser.parse_args(["serve", *argv])
+
+
+def test_help_imports_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from tandem.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['serve', '--help'])\n"
+        "assert '--max-queue-delay-ms' in out.getvalue()\n"
+        "heavy = {'torch', 'ray', 'kopf', 'uvicorn', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_module_entry_point_shows_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.workloads.serve", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--model-uri" in result.stdout
+    assert "/v1/embeddings" in result.stdout
+
+
+def test_config_from_arguments(tmp_path: Path) -> None:
+    model_dir = tmp_path / "minilm" / "model"
+    model_dir.mkdir(parents=True)
+    args = parse(
+        "--runtime", "embeddings", "--model-uri", f"file://{model_dir}", "--max-batch-size", "8",
+        "--max-queue-size", "64", "--preferred-batch-sizes", "4,8", "--precision", "int8",
+        "--request-timeout-s", "0",
+    )  # fmt: skip
+    config = cli.build_config(args)
+    assert config.runtime is Runtime.EMBEDDINGS
+    assert config.model.name == "minilm"  # `model` is too generic: the parent's name
+    assert config.model.path == model_dir
+    assert config.model.precision is Precision.INT8
+    assert config.batching.preferred_batch_sizes == (4, 8)
+    assert config.batching.timeout_s is None
+    assert config.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model-uri", "/does/not/exist"], "does not exist"),
+        (["--model-uri", "pvc://claim/model"], "local files only"),
+        (["--model-uri", "s3://bucket/key"], "local files only"),
+        (["--model-uri", "http://example.invalid/model"], "unsupported scheme"),
+        (["--model-uri", "file://otherhost/x"], "must be local"),
+        (["--model-uri", ".", "--max-batch-size", "64", "--max-queue-size", "8"], "max_queue_size"),
+        (["--model-uri", ".", "--preferred-batch-sizes", "64"], "preferred batch size"),
+        (["--model-uri", ".", "--model-name", "a/b"], "--model-name"),
+    ],
+)
+def test_user_errors_say_what_to_do(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        cli.build_config(parse("--runtime", "embeddings", *argv))
+
+
+def test_bad_numbers_are_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--runtime", "embeddings", "--model-uri", ".", "--max-batch-size", "0")
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_default_model_name(tmp_path: Path) -> None:
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "resnet" / "model.pt").write_bytes(b"")
+    assert default_model_name(tmp_path / "resnet") == "resnet"
+    assert default_model_name(tmp_path / "resnet" / "model.pt") == "resnet"

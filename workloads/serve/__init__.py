@@ -1,0 +1,1 @@
+"""The model server: model, dynamic batcher, protocol handlers, HTTP transport (InferenceService pods)."""

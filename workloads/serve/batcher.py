@@ -1,0 +1,366 @@
+"""Dynamic batching in pure asyncio: no HTTP, no torch.
+
+Callers `submit` items; each waits on a future. One loop forms batches: it waits for the first item, then
+until the batch is full (or reaches the largest preferred size) or the oldest item has waited
+`max_queue_delay_ms`. A batch runs `predict(items) -> results` in a thread so the event loop keeps
+accepting requests, and the next batch forms while the model computes. At most `max_concurrent_batches`
+batches run at once: the loop takes a slot *before* it forms a batch, so requests that arrive while the model
+is busy join the next batch instead of waiting behind a half-empty one.
+
+Guarantees: every submitted future is resolved (result, the batch's exception, a timeout or a shutdown error);
+cancelled or timed-out items are dropped before compute; `predict` must return one result per item (checked);
+the queue is bounded (`QueueFull` carries a Retry-After estimate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from tandem.workloads.serve.errors import (
+    Draining,
+    InvalidInput,
+    ModelError,
+    NotReady,
+    QueueFull,
+    RequestTimeout,
+    ServeError,
+)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Knobs of the dynamic batcher (the InferenceService's `spec.batching` maps onto the first three)."""
+
+    max_batch_size: int = 32
+    """Most items in one `predict` call."""
+    max_queue_delay_ms: float = 5.0
+    """Longest the oldest queued item waits for its batch to fill; 0 runs whatever is queued."""
+    max_queue_size: int = 1024
+    """Most items waiting; beyond it `submit` raises `QueueFull`."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Sizes the model runs best at (compiled shapes): dispatch as soon as the largest is reached; when the
+    delay expires, send the largest preferred size that is queued (the rest goes next)."""
+    max_concurrent_batches: int = 1
+    """Batches computing at once (more overlaps pre/post-processing with compute on a GPU)."""
+    timeout_s: float | None = 30.0
+    """Per-request limit from submit to result (queueing included); None waits forever."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError("max_queue_delay_ms must be >= 0")
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                "max_queue_size must be >= max_batch_size (a full batch has to fit in the queue)"
+            )
+        if self.max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be >= 1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0 (or None for no limit)")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(f"preferred batch size {size} must be between 1 and max_batch_size")
+
+    @property
+    def dispatch_size(self) -> int:
+        """Queue length at which a batch leaves at once, without waiting for the delay."""
+        return max(self.preferred_batch_sizes, default=self.max_batch_size)
+
+
+class BatchObserver(Protocol):
+    """Metrics hooks (called on the event loop; must be cheap and never raise)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None: ...
+
+    def batch_finished(self, size: int, seconds: float, error: BaseException | None) -> None: ...
+
+    def dropped(self, reason: str) -> None:
+        """An item left the queue without being computed: `cancelled` or `timeout`."""
+
+
+class NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        pass
+
+    def batch_finished(self, size: int, seconds: float, error: BaseException | None) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued: float
+    queued: bool = True
+    answered: bool = False
+    drop_reason: str | None = field(default=None)
+
+
+class Batcher(Generic[In, Out]):
+    """Groups concurrent `submit` calls into `predict` calls. Use inside one running event loop."""
+
+    def __init__(
+        self,
+        predict: Callable[[list[In]], Sequence[Out]],
+        config: BatchingConfig,
+        *,
+        observer: BatchObserver | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        self.config = config
+        self._predict = predict
+        self._observer: BatchObserver = observer or NullObserver()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=config.max_concurrent_batches, thread_name_prefix="batch"
+        )
+        self._queue: deque[_Pending[In, Out]] = deque()
+        self._arrived = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_concurrent_batches)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._hurry = False
+        self._batch_seconds = 0.0  # moving average of one batch's compute time, for Retry-After
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_batches(self) -> int:
+        return len(self._running)
+
+    def hurry(self) -> None:
+        """From now on dispatch whatever is queued without waiting for the delay (used while draining:
+        requests are still accepted, but nothing waits for company that will not come)."""
+        self._hurry = True
+        self._arrived.set()
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Refuse new items; with `drain`, compute everything queued first (no delay wait), then stop.
+
+        Without `drain` (or for whatever is left when the loop is gone) pending items fail with `Draining`.
+        """
+        self._closing = True
+        self.hurry()
+        loop_alive = self._loop_task is not None and not self._loop_task.done()
+        if drain and loop_alive:
+            while self._queue or self._running:
+                self._progress.clear()
+                await self._progress.wait()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        self._fail_queued(Draining("the server is shutting down; retry on another replica"))
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submitting ---------------------------------------------------------------------------------
+
+    async def submit(self, item: In) -> Out:
+        """Queue one item and wait for its result."""
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: Sequence[In]) -> list[Out]:
+        """Queue several items at once (all or none) and wait for all their results.
+
+        Raises `QueueFull` if they do not all fit, `RequestTimeout` after `timeout_s`, `Draining` once
+        `close` was called, or whatever the batch's `predict` raised (wrapped in `ModelError` unless it is a
+        `ServeError` already).
+        """
+        if self._closing:
+            raise Draining("the server is shutting down; retry on another replica")
+        if self._loop_task is None or self._loop_task.done():
+            raise NotReady("the batcher is not running")
+        if len(items) > self.config.max_queue_size:
+            raise InvalidInput("input", f"at most {self.config.max_queue_size} items per request")
+        if len(self._queue) + len(items) > self.config.max_queue_size:
+            raise QueueFull(
+                f"the queue is full ({len(self._queue)} of {self.config.max_queue_size} waiting); "
+                "retry later or on another replica",
+                retry_after_s=self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = [_Pending[In, Out](item, loop.create_future(), now) for item in items]
+        self._queue.extend(pending)
+        self._observer.queue_depth(len(self._queue))
+        self._arrived.set()
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                return list(await asyncio.gather(*(p.future for p in pending)))
+        except TimeoutError:
+            self._drop(pending, "timeout")
+            raise RequestTimeout(
+                f"no answer within {self.config.timeout_s:g} s (the server is overloaded or the model slow)"
+            ) from None
+        finally:
+            self._drop(pending, "cancelled")
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the queue has likely drained by one request's worth (at least 1)."""
+        batches_ahead = len(self._queue) / self.config.max_batch_size + 1
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    def _drop(self, pending: Sequence[_Pending[In, Out]], reason: str) -> None:
+        """Abandon unanswered items: out of the queue (never computed), futures cancelled, counted once."""
+        removed = False
+        for p in pending:
+            if p.answered:
+                continue
+            p.future.cancel()
+            if p.drop_reason is None:
+                p.drop_reason = reason
+                self._observer.dropped(reason)
+            if p.queued:
+                p.queued = False
+                self._queue.remove(p)
+                removed = True
+        if removed:
+            self._observer.queue_depth(len(self._queue))
+            self._progress.set()
+
+    def _fail_queued(self, error: ServeError) -> None:
+        while self._queue:
+            p = self._queue.popleft()
+            p.queued = False
+            if not p.future.done():
+                p.answered = True
+                p.future.set_exception(error)
+        self._observer.queue_depth(0)
+        self._progress.set()
+
+    # -- the batching loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._slots.acquire()
+                try:
+                    batch = await self._next_batch()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                task = asyncio.get_running_loop().create_task(self._process(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self._closing = True
+            self._fail_queued(ModelError(f"the batcher stopped: {exc!r}"))
+            raise
+
+    async def _next_batch(self) -> list[_Pending[In, Out]]:
+        loop = asyncio.get_running_loop()
+        delay = self.config.max_queue_delay_ms / 1000.0
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            while self._queue and len(self._queue) < self.config.dispatch_size and not self._hurry:
+                remaining = self._queue[0].enqueued + delay - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+            if not self._queue:
+                continue  # everything queued was cancelled while we waited
+            size = self._choose_size(len(self._queue))
+            batch = [self._queue.popleft() for _ in range(size)]
+            for p in batch:
+                p.queued = False
+            self._observer.queue_depth(len(self._queue))
+            return batch
+
+    def _choose_size(self, available: int) -> int:
+        cfg = self.config
+        if available >= cfg.dispatch_size:
+            return min(available, cfg.dispatch_size)
+        fitting = [s for s in cfg.preferred_batch_sizes if s <= available]
+        return max(fitting) if fitting else available
+
+    async def _process(self, batch: list[_Pending[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        live = [p for p in batch if not p.future.done()]
+        for p in batch:
+            if p.future.done() and p.drop_reason is None:
+                p.drop_reason = "cancelled"
+                self._observer.dropped("cancelled")
+        error: BaseException | None = None
+        try:
+            if not live:
+                return
+            self._observer.batch_started(len(live), [started - p.enqueued for p in live])
+            try:
+                results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in live])
+                if len(results) != len(live):
+                    raise ModelError(f"the model returned {len(results)} results for a batch of {len(live)}")
+            except ServeError as exc:
+                error = exc
+            except Exception as exc:
+                error = ModelError(f"the model failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            if error is None:
+                for p, result in zip(live, results, strict=True):
+                    if not p.future.done():
+                        p.answered = True
+                        p.future.set_result(result)
+            else:
+                for p in live:
+                    if not p.future.done():
+                        p.answered = True
+                        p.future.set_exception(error)
+        except asyncio.CancelledError:
+            error = Draining("the server stopped before the batch finished")
+            for p in live:
+                if not p.future.done():
+                    p.answered = True
+                    p.future.set_exception(error)
+            raise
+        finally:
+            seconds = loop.time() - started
+            if live:
+                average = self._batch_seconds
+                self._batch_seconds = seconds if not average else 0.8 * average + 0.2 * seconds
+                self._observer.batch_finished(len(live), seconds, error)
+            self._slots.release()
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
+            self._progress.set()

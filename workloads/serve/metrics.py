@@ -1,0 +1,162 @@
+"""Prometheus metrics of one model server, every series labelled with the model name.
+
+One registry per server (not the process-global one), so several servers in one process (tests) never
+collide. The names below are the contract with the operator's autoscaler and the Grafana dashboards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+PREFIX: Final = "tandem_serve"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Metric names (the autoscaler and dashboards read these).
+REQUEST_DURATION: Final = f"{PREFIX}_request_duration_seconds"
+QUEUE_WAIT: Final = f"{PREFIX}_queue_wait_seconds"
+BATCH_SIZE: Final = f"{PREFIX}_batch_size"
+BATCH_DURATION: Final = f"{PREFIX}_batch_duration_seconds"
+QUEUE_DEPTH: Final = f"{PREFIX}_queue_depth"
+INFLIGHT: Final = f"{PREFIX}_inflight_requests"
+DROPPED: Final = f"{PREFIX}_dropped_requests_total"
+MODEL_LOAD: Final = f"{PREFIX}_model_load_seconds"
+READY: Final = f"{PREFIX}_ready"
+TOKENS_GENERATED: Final = f"{PREFIX}_generated_tokens_total"
+TIME_TO_FIRST_TOKEN: Final = f"{PREFIX}_time_to_first_token_seconds"
+
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch, so `le="1"` counts the unbatched passes exactly."""
+    buckets = [1.0]
+    while buckets[-1] < max_batch_size:
+        buckets.append(buckets[-1] * 2)
+    return tuple(buckets)
+
+
+class ServeMetrics:
+    """The server's metrics; also the batcher's observer (`tandem.workloads.serve.batcher.BatchObserver`)."""
+
+    def __init__(self, model: str, max_batch_size: int, *, process_metrics: bool = True) -> None:
+        self.model = model
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        if process_metrics:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+        self.request_duration = Histogram(
+            REQUEST_DURATION,
+            "Time from receiving a request to sending its response, by route and status code.",
+            ["model", "route", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            QUEUE_WAIT,
+            "Time an item waited in the batch queue before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            BATCH_SIZE,
+            "Items per forward pass.",
+            ["model"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=reg,
+        )
+        self.batch_duration = Histogram(
+            BATCH_DURATION,
+            "Time the model took to compute one batch (pre- and post-processing included).",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_depth_gauge = Gauge(QUEUE_DEPTH, "Items waiting for a batch.", ["model"], registry=reg)
+        self.inflight = Gauge(
+            INFLIGHT, "Inference requests received and not yet answered.", ["model"], registry=reg
+        )
+        self.dropped_total = Counter(
+            DROPPED.removesuffix("_total"),
+            "Queued items abandoned without an answer, by reason (cancelled: the client went away).",
+            ["model", "reason"],
+            registry=reg,
+        )
+        self.model_load = Gauge(
+            MODEL_LOAD, "Seconds spent loading and warming up the model.", ["model"], registry=reg
+        )
+        self.ready = Gauge(
+            READY, "1 when the model is loaded, warmed up and not draining.", ["model"], registry=reg
+        )
+        self.tokens_generated = Counter(
+            TOKENS_GENERATED.removesuffix("_total"),
+            "Tokens generated (causal-lm).",
+            ["model"],
+            registry=reg,
+        )
+        self.time_to_first_token = Histogram(
+            TIME_TO_FIRST_TOKEN,
+            "Time from receiving a generation request to its first token (causal-lm).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        # Create every label set the server will use, so dashboards see zeros rather than no data.
+        per_model: list[Histogram | Gauge | Counter] = [
+            self.queue_wait,
+            self.batch_size,
+            self.queue_depth_gauge,
+            self.inflight,
+            self.model_load,
+            self.ready,
+            self.tokens_generated,
+            self.time_to_first_token,
+        ]
+        for metric in per_model:
+            metric.labels(model)
+        for reason in ("cancelled", "timeout"):
+            self.dropped_total.labels(model, reason)
+        self._queue_wait = self.queue_wait.labels(model)
+        self._batch_size = self.batch_size.labels(model)
+        self._queue_depth = self.queue_depth_gauge.labels(model)
+        self._batch_ok = self.batch_duration.labels(model, "ok")
+        self._batch_error = self.batch_duration.labels(model, "error")
+
+    def render(self) -> bytes:
+        """The text exposition format for `/metrics`."""
+        return generate_latest(self.registry)
+
+    def observe_request(self, route: str, code: int, seconds: float) -> None:
+        self.request_duration.labels(self.model, route, str(code)).observe(seconds)
+
+    # BatchObserver ------------------------------------------------------------------------------
+
+    def queue_depth(self, depth: int) -> None:
+        self._queue_depth.set(depth)
+
+    def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
+        self._batch_size.observe(size)
+        for wait in queue_waits_s:
+            self._queue_wait.observe(wait)
+
+    def batch_finished(self, size: int, seconds: float, error: BaseException | None) -> None:
+        (self._batch_ok if error is None else self._batch_error).observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        self.dropped_total.labels(self.model, reason).inc()
