@@ -1,0 +1,101 @@
+"""Shared pieces of the Ray + PyTorch integration tests (real processes, CPU, the tiny model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _write_job(
+    path: Path, *, steps: int, every: int, workers: int = 2, keep: int = 10, **builtin: Any
+) -> Path:
+    job = {
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": path.stem},
+        "spec": {
+            "trainer": {
+                "builtin": {
+                    "size": "tiny",
+                    "dataset": {"uri": "tandem://corpus-small"},
+                    "maxSteps": steps,
+                    "learningRate": 0.003,
+                    **builtin,
+                }
+            },
+            "workers": {"replicas": workers, "resources": {"cpu": "1"}},
+            "precision": "fp32",
+            "batch": {"perDevice": 4, "global": 8 * workers},
+            "checkpoint": {"storage": {"pvc": "unused-locally"}, "everySteps": every, "keep": keep},
+        },
+    }
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _tandem_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tandem", *args]
+
+
+# The helpers are fixtures (not imports) because every test folder has its own conftest module.
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """`wait_for(condition, timeout, what)`: poll until truthy, fail after `timeout` seconds."""
+    return _wait_for
+
+
+@pytest.fixture
+def write_job() -> Callable[..., Path]:
+    """`write_job(path, steps=, every=, workers=2, **builtin)`: a tiny-GPT TrainingJob YAML file."""
+    return _write_job
+
+
+@pytest.fixture
+def tandem_cmd() -> Callable[..., list[str]]:
+    """`tandem_cmd(*args)`: the argv that runs `tandem ARGS` with this interpreter."""
+    return _tandem_cmd
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts in their own session; whatever is left of them is killed at the end."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray instance per test module (4 logical CPUs on this 2-core machine)."""
+    import ray
+
+    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,150 @@
+"""Ray Train + PyTorch DDP on CPU: 2 workers learn and checkpoint; a killed worker is recovered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tandem.workloads.train import checkpoint as ckpt
+from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.progress import ListWriter, ProgressReporter, TrainMetrics
+from tandem.workloads.train.ray_runner import RunOutcome, run
+
+
+def config(tmp_path: Path, **kw: Any) -> TrainConfig:
+    base = TrainConfig(
+        job_name="ddp",
+        model_size="tiny",
+        dataset_uri="tandem://corpus-small",
+        max_steps=30,
+        learning_rate=3e-3,
+        warmup_steps=3,
+        seq_len=64,
+        per_device_batch=4,
+        global_batch=16,
+        num_workers=2,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every_steps=10,
+        checkpoint_keep=2,
+        sync_every=5,
+    )
+    return replace(base, **kw)
+
+
+def test_two_worker_ddp_lowers_loss_and_checkpoints(ray_cluster: None, tmp_path: Path) -> None:
+    writer, metrics = ListWriter(), TrainMetrics("ddp")
+    outcome = run(config(tmp_path), ProgressReporter(writer=writer, metrics=metrics, min_interval=0))
+    assert outcome.status == "completed"
+    assert outcome.step == 30
+    assert outcome.start_step == 0
+    records = writer.records()
+    assert records[-1]["step"] == 30
+    assert records[-1]["totalSteps"] == 30
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["checkpoint"]["uri"] == f"file://{tmp_path}/step-00000030"
+    assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [20, 30]  # keep: 2
+    meta = ckpt.verify(ckpt.list_checkpoints(tmp_path)[-1])
+    assert meta["worldSize"] == 2
+    assert meta["batch"]["accumulationSteps"] == 2
+    assert 'tandem_train_checkpoints_total{job="ddp"} 3.0' in metrics.text()
+    assert list((tmp_path / ".ray-train").glob("*/pointer-00000030-*/pointer.json"))  # Ray's pointer
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of this machine's Ray Train worker processes (their title is `ray::RayTrainWorker...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_killing_one_ray_worker_mid_run_still_completes(
+    ray_cluster: None, tmp_path: Path, wait_for: Callable[..., Any]
+) -> None:
+    cfg = config(tmp_path, max_steps=60, checkpoint_every_steps=5, max_failures=2, checkpoint_keep=3)
+    box: dict[str, RunOutcome] = {}
+    thread = threading.Thread(target=lambda: box.update(out=run(cfg, ProgressReporter())))
+    thread.start()
+    wait_for((tmp_path / "step-00000005" / ckpt.MARKER_FILE).exists, 120, "the first checkpoint")
+    pids = wait_for(train_worker_pids, 30, "the Ray Train worker processes")
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    outcome = box["out"]
+    assert outcome.status == "completed"
+    assert outcome.step == 60
+    assert outcome.start_step is not None
+    assert 5 <= outcome.start_step < 60
+
+
+def test_stop_request_checkpoints_then_a_new_run_resumes_there(
+    ray_cluster: None, tmp_path: Path, wait_for: Callable[..., Any]
+) -> None:
+    cfg = config(tmp_path, max_steps=400, checkpoint_every_steps=5, checkpoint_keep=3)
+    stop = threading.Event()
+    box: dict[str, RunOutcome] = {}
+    thread = threading.Thread(target=lambda: box.update(out=run(cfg, ProgressReporter(), stop=stop)))
+    thread.start()
+    wait_for((tmp_path / "step-00000005" / ckpt.MARKER_FILE).exists, 120, "the first checkpoint")
+    stop.set()  # what SIGTERM does in the head and in `tandem train --local`
+    thread.join(timeout=300)
+    stopped = box["out"]
+    assert stopped.status == "stopped"
+    assert stopped.step is not None
+    assert stopped.step < 400
+    assert stopped.step % cfg.sync_every == 0  # the ranks agreed at a sync step
+    assert ckpt.list_checkpoints(tmp_path)[-1].step == stopped.step
+    resumed = run(replace(cfg, max_steps=stopped.step + 5), ProgressReporter())
+    assert resumed.status == "completed"
+    assert resumed.start_step == stopped.step
+
+
+def test_bad_config_fails_before_ray_or_torch_start(
+    tmp_path: Path, write_job: Callable[..., Path], tandem_cmd: Callable[..., list[str]]
+) -> None:
+    job = write_job(tmp_path / "bad.yaml", steps=10, every=5, size="huge")
+    code = (
+        "import sys; from tandem.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, 'ray' in sys.modules, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", str(job), "--local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stdout.split() == ["1", "False", "False"]
+    assert "spec.trainer.builtin.size" in proc.stderr
+    missing = write_job(tmp_path / "missing.yaml", steps=10, every=5, dataset={"uri": "file:///no/such/file"})
+    proc = subprocess.run(
+        tandem_cmd("train", str(missing), "--local"), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    assert "spec.trainer.builtin.dataset.uri" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["head", "worker"])
+def test_pod_commands_outside_a_pod_explain_themselves(
+    mode: str, tandem_cmd: Callable[..., list[str]]
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    proc = subprocess.run(
+        tandem_cmd("train", mode), capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert proc.returncode == 1
+    assert "TANDEM_JOB_SPEC" in proc.stderr
+    assert "--local" in proc.stderr

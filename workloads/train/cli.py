@@ -1,0 +1,161 @@
+"""`tandem train ...`: run a TrainingJob locally, or as a pod's head or worker.
+
+    tandem train JOB.yaml --local     run the TrainingJob on this machine (a local Ray cluster)
+    tandem train head                 the head pod's command (environment from the operator)
+    tandem train worker               a worker pod's command
+    tandem train corpus FILE          write the built-in corpus (tandem://corpus) to FILE
+
+Nothing heavy (torch, ray) is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import UserError
+
+EPILOG = """\
+modes:
+  tandem train JOB.yaml --local   run a TrainingJob on this machine (local Ray, CPU or local GPUs)
+  tandem train head               Ray head + driver, in the head pod the operator creates
+  tandem train worker             Ray worker, in each worker pod
+  tandem train corpus FILE        write the built-in demo corpus (dataset uri tandem://corpus)
+
+The pod commands read their settings from the environment (TANDEM_JOB_SPEC, TANDEM_CHECKPOINT_URI, ...);
+see docs/training.md.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="run a TrainingJob locally, or as a pod's head/worker",
+        description="Run a TrainingJob locally, or as a pod's head/worker.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="JOB.yaml|head|worker|corpus", help="a TrainingJob file, or a mode")
+    p.add_argument("output", nargs="?", help="(corpus) the file to write")
+    local = p.add_argument_group("local runs (JOB.yaml --local)")
+    local.add_argument("--local", action="store_true", help="run the job on this machine")
+    local.add_argument("--checkpoint-dir", help="checkpoint root (default: ./tandem-runs/NAME/checkpoints)")
+    local.add_argument("--data-root", help="directory holding pvc://CLAIM/PATH data sets as CLAIM/PATH")
+    local.add_argument("--workers", type=int, help="override spec.workers.replicas")
+    local.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are reproducible)")
+    local.add_argument("--seq-len", type=int, help="sequence length (default: the model size's)")
+    local.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pod = p.add_argument_group("pods (head)")
+    pod.add_argument("--port", type=int, default=6379, help="Ray GCS port of the head")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    target = args.target
+    if target == "head":
+        from tandem.workloads.train.pod import head
+
+        return head(args)
+    if target == "worker":
+        from tandem.workloads.train.pod import worker
+
+        return worker(args)
+    if target == "corpus":
+        return write_corpus(args.output)
+    if not args.local:
+        raise UserError(
+            f"`tandem train {target}` needs --local to run the job on this machine "
+            "(to run it on Kubernetes: kubectl apply -f it)"
+        )
+    return run_local(args)
+
+
+def write_corpus(output: str | None) -> int:
+    if not output:
+        raise UserError("tandem train corpus FILE: say which file to write")
+    from tandem.workloads.data.corpus import builtin_corpus
+
+    data = builtin_corpus()
+    Path(output).write_bytes(data)
+    print(f"wrote {len(data):,} bytes to {output}")
+    return 0
+
+
+def load_job(path: str) -> tuple[str, dict[str, Any]]:
+    """(name, spec) of a TrainingJob YAML file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such file; pass a TrainingJob YAML file (or head/worker/corpus)")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "TrainingJob":
+        raise UserError(
+            f"{path}: not a TrainingJob (kind: {doc.get('kind') if isinstance(doc, dict) else None})"
+        )
+    if not isinstance(doc.get("spec"), dict):
+        raise UserError(f"{path}: spec: missing; a TrainingJob needs a spec")
+    name = str((doc.get("metadata") or {}).get("name") or p.stem)
+    return name, doc["spec"]
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from tandem.workloads.train.config import from_spec
+
+    name, spec = load_job(args.target)
+    ckpt_dir = args.checkpoint_dir or str(Path("tandem-runs") / name / "checkpoints")
+    cfg = from_spec(
+        spec,
+        job_name=name,
+        checkpoint_dir=str(Path(ckpt_dir).resolve()),
+        data_root=args.data_root,
+        seed=args.seed,
+        seq_len=args.seq_len,
+        num_workers=args.workers,
+    )
+    if cfg.entrypoint:
+        from tandem.workloads.train.session import resolve_entrypoint
+
+        resolve_entrypoint(cfg.entrypoint)
+    # Everything is checked: now take resources.
+    from tandem.workloads.train.progress import ProgressBar, ProgressReporter
+    from tandem.workloads.train.ray_runner import run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(
+            f"\n{signal.Signals(signum).name}: checkpointing and stopping (again to abort)", file=sys.stderr
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reporter = ProgressReporter(bar=None if args.no_progress else ProgressBar())
+    print(
+        f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s), "
+        f"{cfg.max_steps} steps, checkpoints in {ckpt_dir}",
+        file=sys.stderr,
+    )
+    outcome = run(cfg, reporter, stop=stop, data_root=args.data_root)
+    if outcome.status == "failed":
+        print(f"error: training failed: {outcome.error}", file=sys.stderr)
+        return 1
+    resumed = f" (resumed at step {outcome.start_step})" if outcome.start_step else ""
+    print(
+        f"{outcome.status} at step {outcome.step}{resumed}, loss {outcome.loss}; "
+        f"last checkpoint {outcome.checkpoint_uri}",
+        file=sys.stderr,
+    )
+    return 0 if outcome.status == "completed" else 143

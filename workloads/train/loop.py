@@ -1,0 +1,471 @@
+"""The training loop of the built-in GPT, independent of Ray.
+
+`run_builtin(cfg, dist, hooks)` runs on every rank once `torch.distributed` is initialised (by Ray Train's
+`TorchTrainer`, or by `init_process_group` in a plain `torch.distributed` run such as the benchmark's);
+Ray-specific behaviour (reporting to the head, Ray checkpoint pointers) lives behind `Hooks`.
+
+One optimizer step: `accumulation_steps` micro-batches of `per_device_batch` samples on each rank (DDP
+all-reduces gradients on the last one only), optional autocast (bf16, or fp16 with a `GradScaler`),
+gradient clipping, AdamW, warmup + cosine LR. Ranks agree every `sync_every` steps (one tiny all-reduce)
+on whether to stop (SIGTERM) or checkpoint (time-based interval), so collectives always line up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from tandem.workloads.models.gpt import GPT, config_for
+from tandem.workloads.models.tokenizer import ByteTokenizer
+from tandem.workloads.train import checkpoint as ckpt
+from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.data import WindowSampler, load_tokens, micro_batch_first_sample
+
+log = logging.getLogger(__name__)
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+"""Dense bf16/fp16 tensor-core peak per GPU, for the MFU estimate (fp32 runs are rated against it too)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What rank 0 reports after an optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    step_seconds: float
+    samples_per_second: float
+    tokens_per_second: float
+    mfu: float | None = None
+    grad_norm: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """A checkpoint that was just published."""
+
+    step: int
+    uri: str
+    time: str
+    seconds: float
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    """How a run on one rank ended."""
+
+    status: str  # "completed" | "stopped"
+    step: int
+    loss: float | None = None
+    start_step: int = 0
+    checkpoint: CheckpointEvent | None = None
+    history: list[float] = field(default_factory=list)
+
+
+class Hooks(Protocol):
+    """What the loop tells its runner, and asks it."""
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        """Rank 0, after each optimizer step whose loss was read (every `log_every` steps)."""
+
+    def on_checkpoint(self, event: CheckpointEvent) -> None:
+        """Every rank, after a checkpoint was published (Ray's report is a collective)."""
+
+    def stop_requested(self) -> bool:
+        """True once this rank was asked to stop (SIGTERM); the ranks agree at the next sync step."""
+
+    def resume_hint(self) -> str | None:
+        """A checkpoint URI the runner prefers to resume from (Ray Train's latest), or None."""
+
+
+class NullHooks:
+    """Hooks that do nothing (tests, benchmarks)."""
+
+    def on_step(self, metrics: StepMetrics) -> None:
+        pass
+
+    def on_checkpoint(self, event: CheckpointEvent) -> None:
+        pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def resume_hint(self) -> str | None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces (shared with the benchmark and the user-entrypoint helpers)
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(cfg: TrainConfig, dist: DistInfo) -> torch.device:
+    """The rank's CUDA device when the job asks for GPUs and one is visible, else the CPU."""
+    if cfg.use_gpu and torch.cuda.is_available():
+        index = dist.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of the forward pass's autocast context for `precision`."""
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak LR at a step: linear warmup, then cosine decay to `min_lr_ratio`."""
+    warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (fused on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def gather_objects(obj: Any, dist: DistInfo) -> list[Any]:
+    """`obj` from every rank (a list indexed by rank)."""
+    if dist.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, dist: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak, if known (MFU is only estimated for known GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def find_resume(cfg: TrainConfig, dist: DistInfo, hooks: Hooks) -> ckpt.CheckpointRef | None:
+    """Rank 0 picks (and verifies) the checkpoint to resume from; every rank gets the same answer."""
+    ref = None
+    if dist.is_main and cfg.checkpoint_dir:
+        root = ckpt.uri_to_path(cfg.checkpoint_dir)
+        ckpt.clean_staging(root)
+        ref = ckpt.latest_complete(root, prefer=hooks.resume_hint() or cfg.resume_from)
+    found = broadcast_object(None if ref is None else (ref.step, str(ref.path)), dist)
+    return None if found is None else ckpt.CheckpointRef(found[0], Path(found[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in GPT run
+# ------------------------------------------------------------------------------------------------
+
+
+class GPTRun:
+    """State of one rank's built-in GPT run: model, optimizer, scheduler, scaler, data."""
+
+    def __init__(
+        self, cfg: TrainConfig, dist: DistInfo, hooks: Hooks | None = None, data_root: str | None = None
+    ) -> None:
+        assert cfg.model_size is not None
+        assert cfg.dataset_uri is not None
+        self.cfg, self.dist, self.hooks = cfg, dist, hooks or NullHooks()
+        self.device = pick_device(cfg, dist)
+        seed_everything(cfg.seed)
+        self.model_config = config_for(cfg.model_size, block_size=cfg.seq_len)
+        self.raw_model = GPT(self.model_config).to(self.device)
+        self.model: nn.Module = self.raw_model
+        if dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
+        self.forward: nn.Module | Callable[..., Any] = (
+            torch.compile(self.model) if cfg.compile else self.model
+        )
+        self.optimizer = make_optimizer(self.raw_model, cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.autocast = autocast_context(cfg.precision, self.device)
+        self.sampler = WindowSampler(load_tokens(cfg.dataset_uri, data_root=data_root), cfg.seq_len, cfg.seed)
+        self.step = 0
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # -- one optimizer step (the code the benchmark measures) -------------------------------------
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over `accumulation_steps` micro-batches; returns the mean loss (a tensor)."""
+        cfg, dist = self.cfg, self.dist
+        accum = cfg.accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            first = micro_batch_first_sample(
+                self.step,
+                micro,
+                dist.rank,
+                global_batch=cfg.global_batch,
+                per_device=cfg.per_device_batch,
+                world_size=dist.world_size,
+            )
+            batch = torch.from_numpy(self.sampler.batch(first, cfg.per_device_batch))
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            last = micro == accum - 1
+            sync: AbstractContextManager[Any] = (
+                self.model.no_sync()
+                if not last and isinstance(self.model, nn.parallel.DistributedDataParallel)
+                else nullcontext()
+            )
+            with sync:
+                with self.autocast():
+                    _, loss = self.forward(inputs, targets)
+                assert loss is not None
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return total / accum
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def load(self, ref: ckpt.CheckpointRef) -> None:
+        """Restore everything from a checkpoint (every rank)."""
+        p = ref.path
+        self.raw_model.load_state_dict(
+            torch.load(p / ckpt.MODEL_FILE, map_location=self.device, weights_only=True)
+        )
+        self.optimizer.load_state_dict(
+            torch.load(p / ckpt.OPTIMIZER_FILE, map_location=self.device, weights_only=True)
+        )
+        state = torch.load(p / ckpt.TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: RNG states not restored",
+                p,
+                len(rngs),
+                self.dist.world_size,
+            )
+        self.step = int(state["step"])
+
+    def save(self, loss: float | None) -> CheckpointEvent:
+        """Write and publish a checkpoint (a collective: every rank calls it at the same step)."""
+        assert self.cfg.checkpoint_dir is not None
+        t0 = time.perf_counter()
+        rngs = gather_objects(rng_state(), self.dist)
+        result = None
+        if self.dist.is_main:
+            root = ckpt.uri_to_path(self.cfg.checkpoint_dir)
+            with ckpt.staging(root, self.step) as st:
+                st.save_torch(ckpt.MODEL_FILE, self.raw_model.state_dict())
+                st.save_torch(ckpt.OPTIMIZER_FILE, self.optimizer.state_dict())
+                st.save_torch(
+                    ckpt.TRAINER_STATE_FILE,
+                    {
+                        "step": self.step,
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(),
+                        "rng": rngs,
+                    },
+                )
+                ref = st.publish(self.metadata(loss))
+                nbytes = st.nbytes
+            ckpt.prune(root, self.cfg.checkpoint_keep)
+            result = (ref.step, ref.uri, ckpt.read_metadata(ref.path)["time"], nbytes)
+        step, uri, when, nbytes = broadcast_object(result, self.dist)
+        return CheckpointEvent(step=step, uri=uri, time=when, seconds=time.perf_counter() - t0, bytes=nbytes)
+
+    def metadata(self, loss: float | None) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "job": cfg.job_name,
+            "attempt": cfg.attempt,
+            "loss": loss,
+            "epoch": self.sampler.position(self.step * cfg.global_batch).epoch,
+            "totalSteps": cfg.max_steps,
+            "worldSize": self.dist.world_size,
+            "precision": cfg.precision,
+            "seed": cfg.seed,
+            "model": {
+                "family": "gpt",
+                "size": cfg.model_size,
+                "config": self.model_config.to_dict(),
+                "parameters": self.raw_model.num_parameters(),
+            },
+            "tokenizer": ByteTokenizer().to_dict(),
+            "data": {"uri": cfg.dataset_uri, **self.sampler.position(self.step * cfg.global_batch).to_dict()},
+            "batch": {
+                "global": cfg.global_batch,
+                "perDevice": cfg.per_device_batch,
+                "accumulationSteps": cfg.accumulation_steps,
+            },
+        }
+
+
+def agree(flags: list[bool], dist: DistInfo, device: torch.device) -> list[bool]:
+    """Logical OR of each flag over all ranks (one all-reduce)."""
+    if dist.world_size == 1:
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def run_builtin(
+    cfg: TrainConfig,
+    dist: DistInfo,
+    hooks: Hooks | None = None,
+    *,
+    data_root: str | None = None,
+    log_every: int = 1,
+) -> RunResult:
+    """Train the built-in GPT to `cfg.max_steps`, resuming from the newest checkpoint; every rank calls it."""
+    hooks = hooks or NullHooks()
+    run = GPTRun(cfg, dist, hooks, data_root=data_root)
+    ref = find_resume(cfg, dist, hooks)
+    if ref is not None:
+        run.load(ref)
+        if dist.is_main:
+            log.info("resumed from %s at step %d", ref.uri, run.step)
+    start = run.step
+    result = RunResult(status="completed", step=run.step, start_step=start)
+    every_steps = cfg.checkpoint_every_steps
+    every_s = cfg.checkpoint_every_minutes * 60 if cfg.checkpoint_every_minutes else None
+    last_ckpt_time = time.monotonic()
+    samples_per_step = cfg.global_batch
+    loss_value: float | None = None
+    t_prev, last_logged = time.perf_counter(), start
+    while run.step < cfg.max_steps:
+        loss_t = run.train_step()
+        step = run.step
+        if dist.is_main and (step % log_every == 0 or step == cfg.max_steps):
+            loss_value = float(loss_t.item())
+            now = time.perf_counter()
+            dt = (now - t_prev) / max(1, step - last_logged)
+            t_prev, last_logged = now, step
+            tokens_s = samples_per_step * cfg.seq_len / dt
+            hooks.on_step(
+                StepMetrics(
+                    step=step,
+                    total_steps=cfg.max_steps,
+                    epoch=step * cfg.global_batch // run.sampler.windows,
+                    loss=loss_value,
+                    lr=float(run.scheduler.get_last_lr()[0]),
+                    step_seconds=dt,
+                    samples_per_second=samples_per_step / dt,
+                    tokens_per_second=tokens_s,
+                    mfu=(run.flops_per_token * tokens_s / (run.peak * dist.world_size)) if run.peak else None,
+                )
+            )
+            result.history.append(loss_value)
+        stop = want_ckpt = False
+        if dist.world_size == 1 or step % cfg.sync_every == 0:
+            due = every_s is not None and time.monotonic() - last_ckpt_time >= every_s
+            stop, want_ckpt = agree([hooks.stop_requested(), due], dist, run.device)
+        if cfg.checkpoint_dir and (
+            want_ckpt or stop or step == cfg.max_steps or (every_steps and step % every_steps == 0)
+        ):
+            event = run.save(loss_value)
+            last_ckpt_time = time.monotonic()
+            result.checkpoint = event
+            hooks.on_checkpoint(event)
+            t_prev, last_logged = time.perf_counter(), step  # step time excludes checkpoint time
+        if stop:
+            result.status = "stopped"
+            break
+    result.step = run.step
+    result.loss = loss_value
+    return result

@@ -1,0 +1,213 @@
+"""`tandem train head` and `tandem train worker`: the commands of a TrainingJob's pods.
+
+The contract with the operator (environment variables, exit codes, the progress annotation) is written
+down in docs/training.md. Torch and Ray are imported only once a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.errors import UserError
+from tandem.workloads.train.config import TrainConfig, from_spec, parse_spec
+
+log = logging.getLogger(__name__)
+
+RAY_PORT = 6379
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_STOPPED = 143  # stopped by SIGTERM after a final checkpoint (128 + SIGTERM)
+
+
+@dataclass(frozen=True)
+class PodEnv:
+    """The environment the operator gives the head and worker pods."""
+
+    job_name: str
+    namespace: str
+    spec: dict[str, Any]
+    num_workers: int
+    attempt: int
+    head_address: str | None
+    checkpoint_uri: str | None
+    resume_from: str | None
+    metrics_port: int
+    worker_wait_seconds: float
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, *, need_head_address: bool = False) -> PodEnv:
+        e = dict(os.environ if env is None else env)
+        missing = [k for k in ("TANDEM_JOB_NAME", "TANDEM_JOB_SPEC") if not e.get(k)]
+        if need_head_address and not e.get("TANDEM_HEAD_ADDRESS"):
+            missing.append("TANDEM_HEAD_ADDRESS")
+        if missing:
+            raise UserError(
+                f"missing environment variable(s) {', '.join(missing)}: `tandem train head|worker` "
+                "run in pods the operator creates; to run a job yourself use "
+                "`tandem train JOB.yaml --local`"
+            )
+        try:
+            spec = json.loads(e["TANDEM_JOB_SPEC"])
+        except ValueError as exc:
+            raise UserError(f"TANDEM_JOB_SPEC is not valid JSON ({exc})") from None
+
+        def integer(name: str, default: int) -> int:
+            try:
+                return int(e.get(name) or default)
+            except ValueError:
+                raise UserError(f"{name}={e[name]!r} is not an integer") from None
+
+        return cls(
+            job_name=e["TANDEM_JOB_NAME"],
+            namespace=e.get("TANDEM_JOB_NAMESPACE", "default"),
+            spec=spec,
+            num_workers=integer("TANDEM_NUM_WORKERS", int(spec.get("workers", {}).get("replicas", 1))),
+            attempt=integer("TANDEM_ATTEMPT", 0),
+            head_address=e.get("TANDEM_HEAD_ADDRESS"),
+            checkpoint_uri=e.get("TANDEM_CHECKPOINT_URI") or None,
+            resume_from=e.get("TANDEM_RESUME_FROM") or None,
+            metrics_port=integer("TANDEM_METRICS_PORT", 8080),
+            worker_wait_seconds=float(e.get("TANDEM_WORKER_WAIT_SECONDS") or 600),
+        )
+
+    def train_config(self) -> TrainConfig:
+        return from_spec(
+            self.spec,
+            job_name=self.job_name,
+            checkpoint_dir=self.checkpoint_uri,
+            resume_from=self.resume_from,
+            attempt=self.attempt,
+            num_workers=self.num_workers,
+        )
+
+
+def _ray_cli() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
+
+
+def worker_resources(spec: dict[str, Any]) -> tuple[int, int]:
+    """(CPUs, GPUs) a worker pod offers Ray, from `spec.workers.resources` (what the pod was given)."""
+    parsed = parse_spec(spec)
+    cfg_cpus = parsed.workers.resources.cpu
+    cpus = 1
+    if cfg_cpus is not None:
+        text = str(cfg_cpus)
+        cpus = max(1, int(float(text[:-1]) / 1000 if text.endswith("m") else float(text)))
+    return cpus, int(parsed.workers.resources.gpu)
+
+
+def wait_for_workers(expected: int, timeout: float, *, poll: float = 1.0) -> int:
+    """Block until `expected` Ray nodes offering a worker slot are alive; UserError on timeout."""
+    import ray
+
+    from tandem.workloads.train.ray_runner import WORKER_RESOURCE
+
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+        alive = [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get(WORKER_RESOURCE)]
+        if len(alive) >= expected:
+            return len(alive)
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"only {len(alive)} of {expected} workers joined the Ray cluster within {timeout:.0f}s; "
+                "check that the worker pods are running and can reach the head service on port "
+                f"{RAY_PORT} (TANDEM_WORKER_WAIT_SECONDS sets the timeout)"
+            )
+        time.sleep(poll)  # polling the cluster state: there is no event to wait on
+
+
+def head(args: Any) -> int:
+    """Start the Ray head, wait for the workers, train, report progress; exit 0 / 1 / 143."""
+    from tandem.workloads.train.progress import PodAnnotationWriter, ProgressReporter, TrainMetrics
+    from tandem.workloads.train.ray_runner import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = PodEnv.from_env()
+    cfg = env.train_config()  # a bad spec fails here, before Ray starts
+    if cfg.entrypoint:
+        from tandem.workloads.train.session import resolve_entrypoint
+
+        resolve_entrypoint(cfg.entrypoint)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    metrics = TrainMetrics(env.job_name)
+    metrics.serve(env.metrics_port)
+    reporter = ProgressReporter(writer=PodAnnotationWriter.from_env(), metrics=metrics)
+    port = getattr(args, "port", RAY_PORT)
+    subprocess.run(
+        [
+            _ray_cli(),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+        ],
+        check=True,
+    )
+    import ray
+
+    ray.init(address=f"127.0.0.1:{port}", configure_logging=False)
+    try:
+        n = wait_for_workers(cfg.num_workers, env.worker_wait_seconds)
+        log.info("%d workers joined; training %s (attempt %d)", n, env.job_name, env.attempt)
+        outcome = run(cfg, reporter, cluster=True, stop=stop)
+    finally:
+        ray.shutdown()
+        subprocess.run([_ray_cli(), "stop", "--force"], check=False, capture_output=True)
+    log.info("run ended: %s", outcome)
+    if outcome.status == "completed":
+        return EXIT_OK
+    if outcome.status == "stopped":
+        return EXIT_STOPPED
+    print(f"error: training failed: {outcome.error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def worker(args: Any) -> int:
+    """Join the head's Ray cluster with this pod's resources and block until the cluster goes away."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = PodEnv.from_env(need_head_address=True)
+    cpus, gpus = worker_resources(env.spec)
+    from tandem.workloads.train.ray_runner import WORKER_RESOURCE
+
+    resources = json.dumps({WORKER_RESOURCE: 1})
+    deadline = time.monotonic() + env.worker_wait_seconds
+    cmd = [
+        _ray_cli(),
+        "start",
+        f"--address={env.head_address}",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus}",
+        f"--resources={resources}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    # SIGTERM: the head checkpoints and ends the run; this node (and its training rank) stays up until
+    # then, within the pod's grace period. `ray start --block` returns when the head goes away.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for the head to end the run"))
+    while True:
+        t0 = time.monotonic()
+        rc = subprocess.run(cmd, check=False).returncode
+        if time.monotonic() - t0 > 30 or rc == 0:
+            log.info("the Ray cluster went away (ray start exited %d): the head ended the run", rc)
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"could not join the Ray head at {env.head_address} within "
+                f"{env.worker_wait_seconds:.0f}s; check the head pod and its service"
+            )
+        time.sleep(2)  # the head is not up yet: retry (ray start has no wait-for-head option)

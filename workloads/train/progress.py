@@ -1,0 +1,265 @@
+"""Progress of a run as the platform sees it: the pod annotation, Prometheus metrics, a progress bar.
+
+`ProgressReporter` receives step metrics and checkpoint events (in the head process) and fans them out:
+
+- the `tandem.dev/progress` annotation on the head pod, through an injectable `AnnotationWriter`
+  (`PodAnnotationWriter` in a pod, a list in tests), rate-limited to one write per `min_interval` seconds
+  plus one for every checkpoint and one at the end;
+- Prometheus metrics (`TrainMetrics`, on its own registry);
+- optionally a one-line progress bar on a terminal (`tandem train --local`).
+
+Nothing here imports torch or ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, TextIO
+
+from tandem.workloads.train.checkpoint import rfc3339
+
+log = logging.getLogger(__name__)
+
+ANNOTATION: Final = "tandem.dev/progress"
+
+
+class AnnotationWriter(Protocol):
+    """Writes the progress annotation (a JSON string) somewhere the operator reads it."""
+
+    def write(self, value: str) -> None: ...
+
+
+class PodAnnotationWriter:
+    """Patches `tandem.dev/progress` on this pod (`POD_NAME`/`POD_NAMESPACE`) with in-cluster credentials."""
+
+    def __init__(self, pod_name: str, namespace: str) -> None:
+        self.pod_name, self.namespace = pod_name, namespace
+        self._api: Any = None
+
+    @classmethod
+    def from_env(cls) -> PodAnnotationWriter | None:
+        """A writer for this pod, or None outside a pod (no `POD_NAME`)."""
+        name, ns = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+        return cls(name, ns) if name and ns else None
+
+    def write(self, value: str) -> None:
+        if self._api is None:
+            from kubernetes import client, config
+
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            self._api = client.CoreV1Api()
+        body = {"metadata": {"annotations": {ANNOTATION: value}}}
+        self._api.patch_namespaced_pod(self.pod_name, self.namespace, body)
+
+
+@dataclass
+class ListWriter:
+    """An `AnnotationWriter` that keeps what it was given (tests, local runs)."""
+
+    values: list[str] = field(default_factory=list)
+
+    def write(self, value: str) -> None:
+        self.values.append(value)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.values]
+
+
+class TrainMetrics:
+    """The head's Prometheus metrics (a private registry; `serve(port)` exposes it)."""
+
+    def __init__(self, job: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        labels = ["job"]
+        self._job = job
+
+        def g(name: str, doc: str) -> Any:
+            return Gauge(name, doc, labels, registry=self.registry).labels(job)
+
+        self.step = g("tandem_train_step", "Optimizer steps done")
+        self.total_steps = g("tandem_train_total_steps", "Optimizer steps of the whole run")
+        self.loss = g("tandem_train_loss", "Training loss of the last reported step")
+        self.lr = g("tandem_train_learning_rate", "Learning rate of the last reported step")
+        self.samples_per_second = g("tandem_train_samples_per_second", "Training samples/s over all workers")
+        self.tokens_per_second = g("tandem_train_tokens_per_second", "Training tokens/s over all workers")
+        self.mfu = g("tandem_train_mfu_ratio", "Estimated model FLOPs utilisation (0-1), GPU runs only")
+        self.step_seconds = Histogram(
+            "tandem_train_step_seconds",
+            "Wall time of one optimizer step",
+            labels,
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        ).labels(job)
+        self.checkpoint_seconds = Histogram(
+            "tandem_train_checkpoint_save_seconds",
+            "Time to write and publish a checkpoint",
+            labels,
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        ).labels(job)
+        self.checkpoint_bytes = g("tandem_train_checkpoint_bytes", "Size of the last checkpoint")
+        self.checkpoints = Counter(
+            "tandem_train_checkpoints", "Checkpoints published", labels, registry=self.registry
+        ).labels(job)
+        self.last_checkpoint_step = g("tandem_train_last_checkpoint_step", "Step of the latest checkpoint")
+
+    def serve(self, port: int) -> None:
+        """Start the HTTP endpoint (`/metrics`) in a daemon thread."""
+        from prometheus_client import start_http_server
+
+        start_http_server(port, registry=self.registry)
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
+class ProgressBar:
+    """`step 120/2000 [#####.....] loss 2.31  1.2k tok/s  eta 4m10s` on one terminal line."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 24) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self._tty = self.stream.isatty()
+
+    def update(self, record: dict[str, Any]) -> None:
+        step, total = record["step"], max(1, record["totalSteps"])
+        filled = int(self.width * min(step, total) / total)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = (
+            f"step {step}/{total} [{bar}] loss {record['loss']:.4f}  "
+            f"{_si(record['tokensPerSecond'])} tok/s  eta {_duration(record['etaSeconds'])}"
+        )
+        if "checkpoint" in record:
+            line += f"  ckpt@{record['checkpoint']['step']}"
+        self.stream.write(("\r" + line + "\033[K") if self._tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _si(v: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if v >= div:
+            return f"{v / div:.1f}{unit}"
+    return f"{v:.0f}"
+
+
+def _duration(s: int) -> str:
+    h, rem = divmod(int(s), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+class ProgressReporter:
+    """Folds step metrics and checkpoint events into the progress record and publishes it.
+
+    Thread-safe. `step(...)` and `checkpoint(...)` take the dicts of `StepMetrics` / `CheckpointEvent`.
+    """
+
+    def __init__(
+        self,
+        *,
+        writer: AnnotationWriter | None = None,
+        metrics: TrainMetrics | None = None,
+        bar: ProgressBar | None = None,
+        min_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        bar_interval: float = 0.5,
+    ) -> None:
+        self.writer, self.metrics, self.bar = writer, metrics, bar
+        self.min_interval, self.clock, self.bar_interval = min_interval, clock, bar_interval
+        self._lock = threading.Lock()
+        self._last_write = -float("inf")
+        self._last_bar = -float("inf")
+        self._record: dict[str, Any] | None = None
+        self._checkpoint: dict[str, Any] | None = None
+        self._rate: float | None = None  # smoothed steps/s for the ETA
+        self.write_errors = 0
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The latest progress record (what the annotation holds), or None before the first step."""
+        with self._lock:
+            return None if self._record is None else dict(self._record)
+
+    def step(self, m: dict[str, Any]) -> None:
+        with self._lock:
+            sps = 1.0 / m["step_seconds"] if m["step_seconds"] > 0 else 0.0
+            self._rate = sps if self._rate is None else 0.8 * self._rate + 0.2 * sps
+            remaining = max(0, m["total_steps"] - m["step"])
+            record: dict[str, Any] = {
+                "step": m["step"],
+                "totalSteps": m["total_steps"],
+                "epoch": m["epoch"],
+                "loss": round(float(m["loss"]), 6),
+                "samplesPerSecond": round(m["samples_per_second"], 3),
+                "tokensPerSecond": round(m["tokens_per_second"], 1),
+                "etaSeconds": int(remaining / self._rate) if self._rate else 0,
+            }
+            if self._checkpoint is not None:
+                record["checkpoint"] = self._checkpoint
+            record["time"] = rfc3339()
+            self._record = record
+            if self.metrics is not None:
+                mt = self.metrics
+                mt.step.set(m["step"])
+                mt.total_steps.set(m["total_steps"])
+                mt.loss.set(m["loss"])
+                mt.lr.set(m["lr"])
+                mt.samples_per_second.set(m["samples_per_second"])
+                mt.tokens_per_second.set(m["tokens_per_second"])
+                mt.step_seconds.observe(m["step_seconds"])
+                if m.get("mfu") is not None:
+                    mt.mfu.set(m["mfu"])
+            now = self.clock()
+            if self.bar is not None and (
+                now - self._last_bar >= self.bar_interval or m["step"] == m["total_steps"]
+            ):
+                self._last_bar = now
+                self.bar.update(record)
+            if now - self._last_write >= self.min_interval:
+                self._write_locked(now)
+
+    def checkpoint(self, ev: dict[str, Any]) -> None:
+        with self._lock:
+            self._checkpoint = {"step": ev["step"], "uri": ev["uri"], "time": ev["time"]}
+            if self.metrics is not None:
+                self.metrics.checkpoint_seconds.observe(ev["seconds"])
+                self.metrics.checkpoint_bytes.set(ev["bytes"])
+                self.metrics.checkpoints.inc()
+                self.metrics.last_checkpoint_step.set(ev["step"])
+            if self._record is not None:
+                self._record["checkpoint"] = self._checkpoint
+                self._write_locked(self.clock())
+
+    def flush(self) -> None:
+        """Write the latest record now (end of run)."""
+        with self._lock:
+            if self._record is not None:
+                self._write_locked(self.clock())
+        if self.bar is not None:
+            self.bar.close()
+
+    def _write_locked(self, now: float) -> None:
+        if self.writer is None or self._record is None:
+            return
+        self._last_write = now
+        try:
+            self.writer.write(json.dumps(self._record, separators=(",", ":")))
+        except Exception as exc:  # progress must never kill training
+            self.write_errors += 1
+            log.warning("could not write the %s annotation: %s", ANNOTATION, exc)
