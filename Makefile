@@ -39,9 +39,10 @@ demo: cluster-build ## start the local cluster and the operator, apply the examp
 demo-down: setup ## stop the demo operator and the local cluster
 	$(BIN)/python -m tandem.demo --down
 
-test: cluster-build ## run every test: unit, model server over real HTTP, then end-to-end on a real control plane
+test: cluster-build ## run every test: unit, model server (real HTTP), training (real Ray), end-to-end (real control plane)
 	$(BIN)/python -m pytest tests/unit
 	$(BIN)/python -m pytest tests/serve
+	$(BIN)/python -m pytest tests/train
 	$(BIN)/python -m pytest tests/e2e
 
 test-unit: setup ## unit tests only (no cluster)

@@ -36,13 +36,20 @@ def _status_of(error: Exception) -> int | None:
 
 
 def create(manifest: Mapping[str, Any]) -> bool:
-    """Create a Pod or Service; False if it already exists. Raises Refused on a 4xx the user must fix."""
+    """Create a namespaced child; False if it already exists. Raises Refused on a 4xx the user must fix."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     core = client.CoreV1Api(api_client())
+    rbac = client.RbacAuthorizationV1Api(api_client())
     namespace = manifest["metadata"]["namespace"]
-    creators: dict[str, Any] = {"Pod": core.create_namespaced_pod, "Service": core.create_namespaced_service}
+    creators: dict[str, Any] = {
+        "Pod": core.create_namespaced_pod,
+        "Service": core.create_namespaced_service,
+        "ServiceAccount": core.create_namespaced_service_account,
+        "Role": rbac.create_namespaced_role,
+        "RoleBinding": rbac.create_namespaced_role_binding,
+    }
     try:
         # _preload_content=False: the reply is not needed, and decoding it into models costs milliseconds.
         creators[manifest["kind"]](
@@ -111,3 +118,121 @@ def delete_custom_object(group: str, version: str, plural: str, namespace: str, 
             return False
         raise
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# InferenceService children
+# ------------------------------------------------------------------------------------------------
+
+
+def apply_deployment(manifest: Mapping[str, Any]) -> None:
+    """Server-side apply a Deployment as the operator's one field manager (forcing its own fields).
+
+    Raises Refused on a 4xx the user must fix (e.g. a quota or an admission policy).
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    meta = manifest["metadata"]
+    try:
+        client.AppsV1Api(api_client()).patch_namespaced_deployment(
+            meta["name"],
+            meta["namespace"],
+            dict(manifest),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+            _preload_content=False,
+        )
+    except ApiException as error:
+        if _namespace_terminating(error):
+            return
+        if _status_of(error) in (400, 403, 404, 422):
+            raise Refused(_api_message(error)) from error
+        raise
+
+
+#: (group, version, plural) of the custom-resource children the operator creates.
+_CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors")}
+
+
+def create_child(manifest: Mapping[str, Any]) -> bool:
+    """Create a Service, PodDisruptionBudget or ServiceMonitor; False if it already exists.
+
+    Raises Refused on a 4xx the user must fix.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    namespace = manifest["metadata"]["namespace"]
+    kind = manifest["kind"]
+    try:
+        if kind in _CUSTOM_CHILDREN:
+            group, version, plural = _CUSTOM_CHILDREN[kind]
+            client.CustomObjectsApi(api_client()).create_namespaced_custom_object(
+                group,
+                version,
+                namespace,
+                plural,
+                dict(manifest),
+                field_manager=FIELD_MANAGER,
+                _preload_content=False,
+            )
+        else:
+            creators: dict[str, Any] = {
+                "Service": client.CoreV1Api(api_client()).create_namespaced_service,
+                "PodDisruptionBudget": client.PolicyV1Api(
+                    api_client()
+                ).create_namespaced_pod_disruption_budget,
+            }
+            creators[kind](namespace, dict(manifest), field_manager=FIELD_MANAGER, _preload_content=False)
+    except ApiException as error:
+        if _status_of(error) == 409 or _namespace_terminating(error):
+            return False
+        if _status_of(error) in (400, 403, 404, 422):
+            raise Refused(_api_message(error)) from error
+        raise
+    return True
+
+
+def crd_exists(name: str) -> bool:
+    """Whether a CustomResourceDefinition (e.g. `servicemonitors.monitoring.coreos.com`) is installed."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.ApiextensionsV1Api(api_client()).read_custom_resource_definition(name, _preload_content=False)
+    except ApiException as error:
+        if _status_of(error) == 404:
+            return False
+        raise
+    return True
+
+
+def scale_custom_object(
+    group: str, version: str, plural: str, namespace: str, name: str, replicas: int
+) -> None:
+    """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
+    from kubernetes import client
+
+    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_scale(
+        group,
+        version,
+        namespace,
+        plural,
+        name,
+        {"spec": {"replicas": replicas}},
+        field_manager=FIELD_MANAGER,
+        _preload_content=False,
+    )
+
+
+def patch_custom_object_status(
+    group: str, version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+) -> None:
+    """Merge-patch a custom resource's status subresource (fields not named are left alone)."""
+    from kubernetes import client
+
+    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+        group, version, namespace, plural, name, {"status": dict(status)}, _preload_content=False
+    )

@@ -1,26 +1,170 @@
-"""kopf handlers for InferenceService: thin glue between kopf and the pure reconcile logic."""
+"""kopf glue for InferenceService: indexes of its children and of TrainingJobs, a reconcile timer, and
+the autoscaler daemon.
+
+The timer runs `reconcile.decide` on what the indexes hold (no API reads per reconcile), then carries
+out the decision: server-side apply the Deployment when its hash changed, create missing children,
+post events, patch status when it changed. The daemon (one per service, asyncio) reads load every
+`autoscaler_tick_seconds`, writes `status.metrics`, and in builtin mode writes its decisions to
+`spec.replicas.count` through the scale subresource.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from tandem.operator.api.common import GROUP, VERSION
+from tandem.operator import autoscaler, kube
+from tandem.operator.api.common import GROUP, VERSION, Condition, set_condition
 from tandem.operator.api.inferenceservice import (
     KIND,
     PLURAL,
+    AutoscalingMode,
+    ConditionType,
     InferenceServicePhase,
     InferenceServiceSpec,
+    InferenceServiceStatus,
 )
-from tandem.operator.handlers_common import parse_spec_or_reject
-from tandem.operator.inferenceservice.reconcile import accepted_status
+from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
+from tandem.operator.config import OperatorSettings
+from tandem.operator.handlers_common import parse_spec_or_reject, utc_now
+from tandem.operator.inferenceservice.builders import SERVICE_LABEL, Service
+from tandem.operator.inferenceservice.observe import (
+    ObservedDeployment,
+    ObservedReplica,
+    ObservedTrainingJob,
+    observe_deployment,
+    observe_replica,
+    observe_trainingjob,
+)
+from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
 
+RECONCILE_INTERVAL_SECONDS = 2.0
+SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+#: How long the answer to "is the ServiceMonitor CRD installed?" is reused.
+CRD_CHECK_SECONDS = 300.0
+#: status.metrics is written at most this often (and when a scaling decision is made).
+METRICS_WRITE_SECONDS = 5.0
+log = logging.getLogger(__name__)
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+#: The autoscaler's last word per service uid, read by the reconcile timer (ScalingActive condition).
+_scaling: dict[str, ScalingInfo] = {}
+_last_warning: dict[tuple[str, str], str] = {}
+_crd_cache: dict[str, tuple[float, bool]] = {}
+_service_monitors: set[str] = set()
+
+
+def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
+    if _last_warning.get((uid, reason)) != message:
+        _last_warning[(uid, reason)] = message
+        kopf.event(body, type="Warning", reason=reason, message=message)
+
+
+# -- indexes ---------------------------------------------------------------------------------------
+
+
+@kopf.index("apps", "v1", "deployments", labels={SERVICE_LABEL: kopf.PRESENT})
+def isvc_deployments(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, ObservedDeployment]:
+    return {(namespace, labels[SERVICE_LABEL]): observe_deployment(body)}
+
+
+@kopf.index("pods", labels={SERVICE_LABEL: kopf.PRESENT})
+def isvc_replicas(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, ObservedReplica]:
+    return {(namespace, labels[SERVICE_LABEL]): observe_replica(body)}
+
+
+@kopf.index("services", labels={SERVICE_LABEL: kopf.PRESENT})
+def isvc_services(namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, str]:
+    return {(namespace, labels[SERVICE_LABEL]): "Service"}
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels={SERVICE_LABEL: kopf.PRESENT})
+def isvc_pdbs(namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, str]:
+    return {(namespace, labels[SERVICE_LABEL]): "PodDisruptionBudget"}
+
+
+@kopf.index(GROUP, VERSION, "trainingjobs")
+def isvc_trainingjobs(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[Any, ObservedTrainingJob]:
+    return {(namespace, name): observe_trainingjob(body)}
+
+
+def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
+    return next(iter(index.get(key, ())), None)
+
+
+def service_monitor_crd() -> bool:
+    """Whether the Prometheus Operator's ServiceMonitor CRD exists (asked at most every 5 minutes)."""
+    now = time.monotonic()
+    cached = _crd_cache.get(SERVICE_MONITOR_CRD)
+    if cached is None or now - cached[0] > CRD_CHECK_SECONDS:
+        cached = (now, kube.crd_exists(SERVICE_MONITOR_CRD))
+        _crd_cache[SERVICE_MONITOR_CRD] = cached
+    return cached[1]
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch of the top-level status fields that changed (None removes a field)."""
+    patch = {key: value for key, value in new.items() if old.get(key) != value}
+    patch |= {key: None for key in old if key not in new}
+    return patch
+
+
+# -- reconcile -------------------------------------------------------------------------------------
+
+
+def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
+    """Carry out a decision; return why the API server refused a child, if it did. Idempotent."""
+    refused = None
+    for manifest in decision.create:
+        child = f"{manifest['kind']} {manifest['metadata']['name']}"
+        try:
+            if kube.create_child(manifest):
+                log.info("created %s in %s", child, manifest["metadata"]["namespace"])
+            if manifest["kind"] == "ServiceMonitor":
+                _service_monitors.add(uid)
+        except kube.Refused as error:
+            refused = refused or f"the API server refused {child}: {error}"
+    if decision.apply is not None:
+        try:
+            kube.apply_deployment(decision.apply)
+        except kube.Refused as error:
+            refused = (
+                refused or f"the API server refused Deployment {decision.apply['metadata']['name']}: {error}"
+            )
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if refused:
+        _warn_once(body, uid, "CreateFailed", refused)
+    return refused
+
+
+def refuse(status: InferenceServiceStatus, message: str, generation: int) -> InferenceServiceStatus:
+    refused = Condition(
+        type=ConditionType.READY,
+        status="False",
+        reason="CreateFailed",
+        message=message,
+        observed_generation=generation,
+        last_transition_time=utc_now(),
+    )
+    return status.model_copy(update={"conditions": set_condition(status.conditions, refused)})
+
+
+# kopf's TimerFn protocol does not know the index keyword arguments kopf passes by name.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)  # type: ignore[arg-type]
 def reconcile_inferenceservice(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -28,20 +172,190 @@ def reconcile_inferenceservice(
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
+    isvc_deployments: kopf.Index[Any, ObservedDeployment],
+    isvc_replicas: kopf.Index[Any, ObservedReplica],
+    isvc_services: kopf.Index[Any, str],
+    isvc_pdbs: kopf.Index[Any, str],
+    isvc_trainingjobs: kopf.Index[Any, ObservedTrainingJob],
     **_: Any,
 ) -> None:
-    """Validate the spec and publish the status every `kubectl get tisvc` column reads."""
+    """Converge the children to the spec, and the status to what the children report."""
     with timed_reconcile(KIND):
+        settings: OperatorSettings = memo.settings
+        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
-        service = parse_spec_or_reject(
+        if meta.get("deletionTimestamp"):
+            return
+        service_spec = parse_spec_or_reject(
             InferenceServiceSpec, body, spec, status, generation, patch, InferenceServicePhase.FAILED.value
         )
-        new_status = accepted_status(str(meta["name"]), service, status, generation, memo.settings)
-        if status.get("phase") != new_status.phase:
-            kopf.event(
-                body,
-                type="Normal",
-                reason=str(new_status.phase),
-                message=f"InferenceService is {new_status.phase}",
+        service = Service(name, namespace, uid, service_spec, service_spec.image or settings.serving_image)
+        key = (namespace, name)
+        ref = service_spec.model.training_job_ref
+        with_monitor = service_monitor_crd()
+        children = frozenset(
+            list(isvc_services.get(key, ()))
+            + list(isvc_pdbs.get(key, ()))
+            + (["ServiceMonitor"] if uid in _service_monitors else [])
+        )
+        observed = Observed(
+            deployment=_one(isvc_deployments, key),
+            replicas=list(isvc_replicas.get(key, ())),
+            training_job=_one(isvc_trainingjobs, (namespace, ref.name)) if ref else None,
+            children=children,
+            service_monitor_crd=with_monitor,
+            scaling=_scaling.get(uid),
+        )
+        current = InferenceServiceStatus.model_validate(dict(status))
+        decision = decide(service, generation, current, observed, datetime.now(UTC), settings)
+        refused = apply(decision, body, uid)
+        new_status = decision.status
+        if refused:
+            new_status = refuse(new_status, refused, generation)
+        changes = status_patch(dict(status), new_status.to_dict())
+        # status.metrics belongs to the autoscaler daemon: never overwrite it from a stale view.
+        changes.pop("metrics", None)
+        if changes:
+            patch.status.update(changes)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def forget_inferenceservice(meta: kopf.Meta, **_: Any) -> None:
+    """Children go with the service (ownerReferences); only in-memory bookkeeping is dropped here."""
+    uid = str(meta.get("uid"))
+    _scaling.pop(uid, None)
+    _service_monitors.discard(uid)
+    _last_warning.pop((uid, "CreateFailed"), None)
+
+
+# -- autoscaler ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scaling:
+    """One service's autoscaler memory: the metric series, the decision state, the scraper."""
+
+    samples: list[autoscaler.Sample] = field(default_factory=list)
+    state: autoscaler.State = field(default_factory=autoscaler.State)
+    scraper: Scraper = field(default_factory=Scraper)
+    written: dict[str, float] = field(default_factory=dict)
+    written_at: float = 0.0
+    policy_key: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one autoscaler tick did, for the coroutine to report (events are posted on the loop)."""
+
+    events: list[tuple[str, str, str]]
+    scaling: ScalingInfo | None
+
+
+def policy(spec: InferenceServiceSpec, settings: OperatorSettings) -> autoscaler.Policy:
+    """The autoscaler policy of a service, from spec.autoscaling and spec.replicas."""
+    scaling = spec.autoscaling
+    assert scaling is not None
+    metric = scaling.metric.value
+    return autoscaler.Policy(
+        metric=metric,
+        target=scaling.target or autoscaler.DEFAULT_TARGETS[metric],
+        stable_window=float(scaling.stable_window_seconds),
+        panic_window=float(scaling.panic_window_seconds),
+        scale_down_delay=float(scaling.scale_down_delay_seconds),
+        max_scale_up_rate=scaling.max_scale_up_rate,
+        min_replicas=spec.replicas.min,
+        max_replicas=spec.replicas.max,
+    )
+
+
+def read_load(
+    settings: OperatorSettings, namespace: str, name: str, ready: list[tuple[str, str]], memory: _Scaling
+) -> Load:
+    if settings.prometheus_url:
+        return query_prometheus(settings.prometheus_url, promql(namespace, name))
+    if not ready:
+        return Load()
+    return memory.scraper.scrape(ready, time.monotonic())
+
+
+def autoscale_tick(
+    settings: OperatorSettings,
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    replicas: list[ObservedReplica],
+    memory: _Scaling,
+) -> _Outcome:
+    """One autoscaler step for one service (blocking I/O; run off the event loop)."""
+    try:
+        service_spec = InferenceServiceSpec.model_validate(dict(spec))
+    except ValueError:
+        return _Outcome([], None)  # the reconcile timer reports an invalid spec
+    if service_spec.suspend:
+        memory.samples.clear()
+        memory.state = autoscaler.State()
+        return _Outcome([], ScalingInfo(False, "Suspended", "suspended: not scaling"))
+    ready = [(r.name, r.ip) for r in replicas if r.ready and r.ip and not r.deleting]
+    now = time.monotonic()
+    load = read_load(settings, namespace, name, ready, memory)
+    metrics = rounded(load)
+    if metrics and (metrics != memory.written and now - memory.written_at >= METRICS_WRITE_SECONDS):
+        kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, {"metrics": metrics})
+        memory.written, memory.written_at = metrics, now
+    scaling = service_spec.autoscaling
+    if scaling is None or scaling.mode is AutoscalingMode.EXTERNAL:
+        return _Outcome([], None)
+    rules = policy(service_spec, settings)
+    key = (rules,)
+    if key != memory.policy_key:  # a changed policy starts a fresh history
+        memory.samples.clear()
+        memory.state = autoscaler.State()
+        memory.policy_key = key
+    value = load.value(rules.metric)
+    if value is not None:
+        memory.samples.append(autoscaler.Sample(now, value, max(load.replicas, len(ready))))
+    memory.samples = autoscaler.prune(memory.samples, now, rules)
+    count = service_spec.replicas.count
+    current = service_spec.replicas.clamp()
+    decision = autoscaler.decide(rules, memory.samples, now, current, len(ready), memory.state)
+    memory.state = decision.state
+    events: list[tuple[str, str, str]] = []
+    text = decision.describe(rules, current)
+    if decision.replicas != count:
+        kube.scale_custom_object(GROUP, VERSION, PLURAL, namespace, name, decision.replicas)
+        events.append(("Normal", "Scaled", text))
+        log.info("%s/%s: %s", namespace, name, text)
+    if decision.stable_value is None:
+        return _Outcome(events, ScalingInfo(False, "NoMetrics", text))
+    return _Outcome(events, ScalingInfo(True, decision.reason, text))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)  # type: ignore[arg-type]
+async def autoscale_inferenceservice(
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    isvc_replicas: kopf.Index[Any, ObservedReplica],
+    **_: Any,
+) -> None:
+    """Read load and (builtin mode) scale, every autoscaler_tick_seconds, until the service goes."""
+    settings: OperatorSettings = memo.settings
+    namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
+    memory = _Scaling()
+    loop = asyncio.get_running_loop()
+    while not stopped:
+        replicas = list(isvc_replicas.get((namespace, name), ()))
+        try:
+            outcome = await loop.run_in_executor(
+                None, autoscale_tick, settings, namespace, name, dict(body.spec), replicas, memory
             )
-        patch.status.update(new_status.to_dict())
+        except Exception as error:  # one bad tick (API hiccup, Prometheus down) must not end the loop
+            log.warning("autoscaler %s/%s: %s", namespace, name, error)
+        else:
+            for type_, reason, message in outcome.events:
+                kopf.event(body, type=type_, reason=reason, message=message)
+            if outcome.scaling is not None:
+                _scaling[uid] = outcome.scaling
+        await stopped.wait(settings.autoscaler_tick_seconds)

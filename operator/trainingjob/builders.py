@@ -37,7 +37,8 @@ RAY_GCS_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
 CHECKPOINT_MOUNT = "/checkpoints"
-DATASET_MOUNT = "/datasets"
+#: `pvc://CLAIM/PATH` data sets are mounted at DATASET_MOUNT/CLAIM; the driver resolves them there.
+DATASET_MOUNT = "/data"
 #: Long enough for the driver to write a checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -52,6 +53,10 @@ def worker_pod_name(job: str, attempt: int, index: int) -> str:
 
 def head_service_name(job: str) -> str:
     return f"{job}-head"
+
+
+def trainer_account_name(job: str) -> str:
+    return f"{job}-trainer"
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -75,13 +80,12 @@ def checkpoint_uri(spec: TrainingJobSpec, namespace: str, job: str) -> str | Non
     return storage.uri
 
 
-def dataset_claim(spec: TrainingJobSpec) -> tuple[str, str] | None:
-    """(claim, path inside it) of a `pvc://claim/path` data set, else None."""
+def dataset_claim(spec: TrainingJobSpec) -> str | None:
+    """The claim of a `pvc://claim/path` data set, else None."""
     builtin = spec.trainer.builtin
     if builtin is None or not builtin.dataset.uri.startswith("pvc://"):
         return None
-    claim, _, path = builtin.dataset.uri.removeprefix("pvc://").partition("/")
-    return claim, path
+    return builtin.dataset.uri.removeprefix("pvc://").partition("/")[0]
 
 
 def _resources(cpu: Any, memory: Any, gpu: int) -> dict[str, Any]:
@@ -133,10 +137,7 @@ def _env(
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
-    dataset = dataset_claim(spec)
-    if dataset:
-        claim, path = dataset
-        env.append({"name": "TANDEM_DATASET_URI", "value": f"file://{DATASET_MOUNT}/{claim}/{path}"})
+    env.append({"name": "TANDEM_DATA_ROOT", "value": DATASET_MOUNT})
     uri = checkpoint_uri(spec, namespace, job)
     if uri:
         env.append({"name": "TANDEM_CHECKPOINT_URI", "value": uri})
@@ -154,9 +155,8 @@ def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.storage.pvc}}
         )
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
-    dataset = dataset_claim(spec)
-    if dataset:
-        claim = dataset[0]
+    claim = dataset_claim(spec)
+    if claim:
         volumes.append({"name": "dataset", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "dataset", "mountPath": f"{DATASET_MOUNT}/{claim}", "readOnly": True})
     return volumes, mounts
@@ -189,6 +189,7 @@ def _pod(
     if gpus and GPU_TOLERATION not in tolerations:
         tolerations.append(dict(GPU_TOLERATION))
     pod_spec: dict[str, Any] = {
+        "serviceAccountName": trainer_account_name(job),
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [
@@ -310,6 +311,34 @@ def head_service(job: str, uid: str, namespace: str) -> dict[str, Any]:
             ],
         },
     }
+
+
+def trainer_identity(job: str, uid: str, namespace: str) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding of the job's pods: the head may read and annotate pods in
+    its namespace (the progress record goes on its own pod), and nothing else."""
+    name = trainer_account_name(job)
+    meta = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {LABEL_JOB: job, "app.kubernetes.io/managed-by": "tandem-operator"},
+        "ownerReferences": [owner_reference(job, uid)],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": dict(meta),
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": dict(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
 
 
 def gang(

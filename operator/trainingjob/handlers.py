@@ -98,9 +98,12 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
     Every call is idempotent, so a crash half-way is repaired on the next tick.
     """
     refused = None
-    # A gang's pods are created (and deleted) concurrently: one round trip, not one per pod.
-    created = list(_CHILD_CALLS.map(_create, decision.create))
-    for manifest, outcome in zip(decision.create, created, strict=True):
+    # The supporting objects go first and in order (a RoleBinding needs its Role; admission rejects a
+    # pod whose ServiceAccount does not exist yet); then the gang's pods, concurrently.
+    support = [m for m in decision.create if m["kind"] != "Pod"]
+    pods = [m for m in decision.create if m["kind"] == "Pod"]
+    created = [_create(m) for m in support] + list(_CHILD_CALLS.map(_create, pods))
+    for manifest, outcome in zip(support + pods, created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or f"the API server refused {child}: {outcome}"
@@ -139,6 +142,8 @@ def reconcile_trainingjob(
     **_: Any,
 ) -> None:
     """Converge the job's pods to its phase, and its status to what the pods and driver report."""
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: its children go with it; recreating "lost" pods would fight the GC
     with timed_reconcile(KIND):
         settings: OperatorSettings = memo.settings
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])

@@ -216,14 +216,24 @@ class _Machine:
         return True
 
     def start_gang(self) -> None:
-        if self.current:  # the last gang is still being torn down
-            self.delete_current()
+        if self.current:
+            if self.attempt > (self.original.attempt or 0):
+                # Pods of an attempt the status never recorded: an operator that died between creating
+                # them and writing status made them. Adopt them rather than start over.
+                self.set(attempt=self.attempt, start_time=self.status.start_time or self.now)
+                self.phase(
+                    Phase.SCHEDULING, f"gang {self.attempt}: adopted {len(self.current)} existing pods"
+                )
+                self.scheduling()
+                return
+            self.delete_current()  # the last gang is still being torn down
             return
         due = self.status.next_attempt_time
         if due is not None and self.now < due:
             return
         attempt = self.attempt + 1
         resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
+        self.decision.create += builders.trainer_identity(self.job.name, self.job.uid, self.job.namespace)
         self.decision.create.append(builders.head_service(self.job.name, self.job.uid, self.job.namespace))
         self.decision.create += builders.gang(
             self.spec,

@@ -70,8 +70,16 @@ def tick(
 
 def test_a_new_job_creates_its_whole_gang_at_once() -> None:
     decision = tick({}, [])
-    names = [m["metadata"]["name"] for m in decision.create]
-    assert names == ["gpt-head", "gpt-1-head", "gpt-1-worker-0", "gpt-1-worker-1"]
+    children = [(m["kind"], m["metadata"]["name"]) for m in decision.create]
+    assert children == [
+        ("ServiceAccount", "gpt-trainer"),
+        ("Role", "gpt-trainer"),
+        ("RoleBinding", "gpt-trainer"),
+        ("Service", "gpt-head"),
+        ("Pod", "gpt-1-head"),
+        ("Pod", "gpt-1-worker-0"),
+        ("Pod", "gpt-1-worker-1"),
+    ]
     assert decision.status.phase == "Scheduling"
     assert decision.status.attempt == 1
     assert decision.status.start_time == T0
@@ -120,7 +128,9 @@ def test_gang_timeout_deletes_every_pod_and_says_what_is_missing() -> None:
 def test_backoff_is_respected_before_the_next_gang() -> None:
     status = {"phase": "Pending", "attempt": 1, "nextAttemptTime": (T0 + timedelta(seconds=10)).isoformat()}
     assert tick(status, [], now=T0 + timedelta(seconds=9)).create == []
-    assert len(tick(status, [], now=T0 + timedelta(seconds=10)).create) == 4
+    assert (
+        len([m for m in tick(status, [], now=T0 + timedelta(seconds=10)).create if m["kind"] == "Pod"]) == 3
+    )
 
 
 def test_a_failed_worker_restarts_from_the_last_checkpoint_with_backoff() -> None:
@@ -259,3 +269,11 @@ def test_cost_accrues_for_running_gpu_pods_every_30_seconds() -> None:
     assert hour.status.cost.gpu_hours == 1.0 + 8  # two workers x 4 GPUs for an hour
     assert hour.status.cost.usd == 2.0 + 8 * 2.0
     assert hour.status.to_dict()["costDisplay"] == "$18.00"
+
+
+def test_pods_made_by_an_operator_that_died_before_writing_status_are_adopted() -> None:
+    decision = tick({}, [pod("head"), pod("worker-0")])
+    assert decision.status.phase == "Scheduling"
+    assert decision.status.attempt == 1
+    assert decision.delete == []
+    assert [m["metadata"]["name"] for m in decision.create] == ["gpt-1-worker-1"]
