@@ -75,6 +75,7 @@ def run_floor(core: Any, namespace: str, jobs: int, workers: int, concurrency: i
             spec, job=f"j{j}", uid="none", namespace=namespace, attempt=1, image="img", resume_from=None
         ):
             pod["metadata"].pop("ownerReferences")
+            pod["spec"].pop("serviceAccountName")  # the floor creates pods only, as a plain script would
             manifests.append(pod)
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:

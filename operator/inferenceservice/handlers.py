@@ -45,6 +45,7 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
+from tandem.operator.podcache import PodCache
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
@@ -77,11 +78,22 @@ def isvc_deployments(
     return {(namespace, labels[SERVICE_LABEL]): observe_deployment(body)}
 
 
-@kopf.index("pods", labels={SERVICE_LABEL: kopf.PRESENT})
-def isvc_replicas(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[Any, ObservedReplica]:
-    return {(namespace, labels[SERVICE_LABEL]): observe_replica(body)}
+def _service_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod["metadata"]
+    return str(meta["namespace"]), str(meta["labels"][SERVICE_LABEL])
+
+
+@kopf.on.startup()
+def start_replica_cache(memo: kopf.Memo, **_: Any) -> None:
+    """Watch the replicas (selected by label on the server) into a lean cache, not through kopf."""
+    settings: OperatorSettings = memo.settings
+    memo.isvc_replicas = PodCache(SERVICE_LABEL, _service_key, observe_replica, settings.namespaces)
+    memo.isvc_replicas.start()
+
+
+@kopf.on.cleanup()
+def stop_replica_cache(memo: kopf.Memo, **_: Any) -> None:
+    memo.isvc_replicas.stop()
 
 
 @kopf.index("services", labels={SERVICE_LABEL: kopf.PRESENT})
@@ -173,7 +185,6 @@ def reconcile_inferenceservice(
     patch: kopf.Patch,
     memo: kopf.Memo,
     isvc_deployments: kopf.Index[Any, ObservedDeployment],
-    isvc_replicas: kopf.Index[Any, ObservedReplica],
     isvc_services: kopf.Index[Any, str],
     isvc_pdbs: kopf.Index[Any, str],
     isvc_trainingjobs: kopf.Index[Any, ObservedTrainingJob],
@@ -186,6 +197,9 @@ def reconcile_inferenceservice(
         generation = int(meta.get("generation") or 0)
         if meta.get("deletionTimestamp"):
             return
+        isvc_replicas: PodCache[ObservedReplica] = memo.isvc_replicas
+        if not isvc_replicas.synced:
+            return  # before the first list, missing replicas prove nothing
         service_spec = parse_spec_or_reject(
             InferenceServiceSpec, body, spec, status, generation, patch, InferenceServicePhase.FAILED.value
         )
@@ -200,7 +214,7 @@ def reconcile_inferenceservice(
         )
         observed = Observed(
             deployment=_one(isvc_deployments, key),
-            replicas=list(isvc_replicas.get(key, ())),
+            replicas=isvc_replicas.get(key),
             training_job=_one(isvc_trainingjobs, (namespace, ref.name)) if ref else None,
             children=children,
             service_monitor_crd=with_monitor,
@@ -330,14 +344,13 @@ def autoscale_tick(
     return _Outcome(events, ScalingInfo(True, decision.reason, text))
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)  # type: ignore[arg-type]
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
 async def autoscale_inferenceservice(
     stopped: kopf.DaemonStopped,
     body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
     memo: kopf.Memo,
-    isvc_replicas: kopf.Index[Any, ObservedReplica],
     **_: Any,
 ) -> None:
     """Read load and (builtin mode) scale, every autoscaler_tick_seconds, until the service goes."""
@@ -346,7 +359,7 @@ async def autoscale_inferenceservice(
     memory = _Scaling()
     loop = asyncio.get_running_loop()
     while not stopped:
-        replicas = list(isvc_replicas.get((namespace, name), ()))
+        replicas = memo.isvc_replicas.get((namespace, name))
         try:
             outcome = await loop.run_in_executor(
                 None, autoscale_tick, settings, namespace, name, dict(body.spec), replicas, memory

@@ -1,6 +1,6 @@
-"""kopf glue for TrainingJob: indexes of pods and nodes, and a level-based reconcile timer.
+"""kopf glue for TrainingJob: a cache of its pods, an index of nodes, and a level-based reconcile timer.
 
-The timer runs `reconcile.decide` on what the indexes hold (no API reads per reconcile), then
+The timer runs `reconcile.decide` on what the cache and index hold (no API reads per reconcile), then
 carries out the decision: create or delete children, post events, patch status when it changed.
 """
 
@@ -20,6 +20,7 @@ from tandem.operator.api.trainingjob import KIND, PLURAL, TrainingJobPhase, Trai
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import parse_spec_or_reject
 from tandem.operator.metrics import timed_reconcile
+from tandem.operator.podcache import PodCache
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
     TERMINAL_PHASES,
@@ -49,12 +50,22 @@ def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
         kopf.event(body, type="Warning", reason=reason, message=message)
 
 
-@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
-def training_pods(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[Any, ObservedPod]:
-    """TrainingJob pods by (namespace, job)."""
-    return {(namespace, labels[LABEL_JOB]): observe_pod(body)}
+def _job_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod["metadata"]
+    return str(meta["namespace"]), str(meta["labels"][LABEL_JOB])
+
+
+@kopf.on.startup()
+def start_pod_cache(memo: kopf.Memo, **_: Any) -> None:
+    """Watch the operator's own pods (selected by label on the server) into a lean cache."""
+    settings: OperatorSettings = memo.settings
+    memo.training_pods = PodCache(LABEL_JOB, _job_key, observe_pod, settings.namespaces)
+    memo.training_pods.start()
+
+
+@kopf.on.cleanup()
+def stop_pod_cache(memo: kopf.Memo, **_: Any) -> None:
+    memo.training_pods.stop()
 
 
 @kopf.index("nodes")
@@ -137,13 +148,15 @@ def reconcile_trainingjob(
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    training_pods: kopf.Index[Any, ObservedPod],
     nodes_by_name: kopf.Index[str, ObservedNode],
     **_: Any,
 ) -> None:
     """Converge the job's pods to its phase, and its status to what the pods and driver report."""
     if meta.get("deletionTimestamp"):
         return  # being deleted: its children go with it; recreating "lost" pods would fight the GC
+    training_pods: PodCache[ObservedPod] = memo.training_pods
+    if not training_pods.synced:
+        return  # before the first list, a missing pod proves nothing: try again next tick
     with timed_reconcile(KIND):
         settings: OperatorSettings = memo.settings
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
@@ -153,7 +166,7 @@ def reconcile_trainingjob(
         )
         job = Job(name, namespace, uid, generation, job_spec, job_spec.image or settings.training_image)
         current = TrainingJobStatus.model_validate(dict(status))
-        pods = list(training_pods.get((namespace, name), ()))
+        pods = training_pods.get((namespace, name))
         decision = decide(
             job,
             current,

@@ -1,0 +1,167 @@
+"""InferenceService builders against golden YAML (run with TANDEM_UPDATE_GOLDEN=1 to rewrite, then review)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem.operator.api.inferenceservice import InferenceServiceSpec
+from tandem.operator.inferenceservice import builders
+from tandem.operator.inferenceservice.builders import ModelTarget, Service
+
+GOLDEN = Path(__file__).parent / "golden"
+GPU_SERVICE: dict[str, Any] = {
+    "model": {"uri": "pvc://models/minilm-l6"},
+    "runtime": "embeddings",
+    "precision": "fp16",
+    "batching": {"maxBatchSize": 64, "maxQueueDelayMs": 2, "maxQueueSize": 2048},
+    "resources": {"gpu": 1, "cpu": "4", "memory": "16Gi"},
+    "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+    "nodeSelector": {"pool": "serving"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "serving", "effect": "NoSchedule"}],
+    "replicas": {"min": 1, "max": 8, "count": 3},
+}
+
+
+def service(**spec: Any) -> Service:
+    return Service(
+        "embed", "ml", "uid-1", InferenceServiceSpec.model_validate({**GPU_SERVICE, **spec}), "img:1"
+    )
+
+
+def _children() -> list[dict[str, Any]]:
+    svc = service()
+    made = [builders.deployment(svc, ModelTarget(uri="pvc://models/minilm-l6"), builders.replicas(svc.spec))]
+    made += builders.children(svc, with_service_monitor=True)
+    lineage = Service(
+        "gpt",
+        "ml",
+        "uid-2",
+        InferenceServiceSpec.model_validate(
+            {
+                "model": {"trainingJobRef": {"name": "gpt-tiny"}},
+                "runtime": "causal-lm",
+                "resources": {"cpu": "2"},
+            }
+        ),
+        "img:1",
+    )
+    target = ModelTarget("file:///checkpoints/ml/gpt-tiny/step-00000200", "gpt-tiny", 200, "ckpt")
+    made.append(builders.deployment(lineage, target, 1))
+    return made
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_children_match_golden(index: int) -> None:
+    child = _children()[index]
+    path = GOLDEN / f"inferenceservice-{child['kind'].lower()}-{child['metadata']['name']}.yaml"
+    rendered = yaml.safe_dump(child, sort_keys=True)
+    if os.environ.get("TANDEM_UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert path.exists(), f"missing {path}: run with TANDEM_UPDATE_GOLDEN=1 and review the file"
+    assert rendered == path.read_text(), f"{path.name} changed: review, then TANDEM_UPDATE_GOLDEN=1"
+
+
+def test_deployment_runs_the_model_server_with_the_batching_settings() -> None:
+    deployment = _children()[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:2] == ["tandem", "serve"]
+    flags = dict(zip(command[2::2], command[3::2], strict=True))
+    assert flags == {
+        "--model-uri": "file:///models/models/minilm-l6",
+        "--runtime": "embeddings",
+        "--precision": "fp16",
+        "--max-batch-size": "64",
+        "--max-queue-delay-ms": "2",
+        "--max-queue-size": "2048",
+        "--host": "0.0.0.0",
+        "--port": "8080",
+        "--model-name": "embed",
+        "--drain-timeout-s": "30",
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > builders.DRAIN_SECONDS
+
+
+def test_gpu_replicas_ask_for_gpus_tolerate_the_taint_and_pick_the_product() -> None:
+    pod = _children()[0]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert builders.GPU_TOLERATION in pod["tolerations"]
+    assert {t["key"] for t in pod["tolerations"]} == {"dedicated", "nvidia.com/gpu"}
+    assert pod["nodeSelector"] == {"pool": "serving", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    cpu_pod = _children()[4]["spec"]["template"]["spec"]
+    assert "tolerations" not in cpu_pod
+    assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
+
+
+def test_pvc_models_are_mounted_read_only() -> None:
+    pod = _children()[0]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    ]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": "model", "mountPath": "/models/models", "readOnly": True}
+    ]
+    checkpoint_pod = _children()[4]["spec"]["template"]["spec"]
+    assert checkpoint_pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "ckpt", "readOnly": True}
+    assert "--model-uri" in checkpoint_pod["containers"][0]["command"]
+    assert "file:///checkpoints/ml/gpt-tiny/step-00000200" in checkpoint_pod["containers"][0]["command"]
+
+
+def test_every_child_is_owned_and_selected_by_the_service_label() -> None:
+    for child in _children()[:4]:
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "InferenceService",
+            "embed",
+            "uid-1",
+            True,
+        )
+        assert child["metadata"]["labels"]["tandem.dev/inferenceservice"] == "embed"
+    deployment, svc, pdb, monitor, _ = _children()
+    assert deployment["spec"]["selector"] == {"matchLabels": {"tandem.dev/inferenceservice": "embed"}}
+    assert deployment["spec"]["template"]["metadata"]["labels"]["tandem.dev/inferenceservice"] == "embed"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert monitor["kind"] == "ServiceMonitor"
+    assert builders.selector("embed") == "tandem.dev/inferenceservice=embed"
+
+
+@pytest.mark.parametrize(
+    ("replicas", "suspend", "expected"),
+    [
+        ({"min": 1, "max": 8, "count": 3}, False, 3),
+        ({"min": 2, "max": 8, "count": 1}, False, 2),
+        ({"min": 1, "max": 4, "count": 9}, False, 4),
+        ({"min": 1, "max": 4, "count": 3}, True, 0),
+    ],
+)
+def test_replicas_are_the_count_clamped_or_zero_when_suspended(
+    replicas: dict[str, int], suspend: bool, expected: int
+) -> None:
+    assert builders.replicas(service(replicas=replicas, suspend=suspend).spec) == expected
+
+
+def test_the_service_monitor_is_built_only_when_asked() -> None:
+    assert [c["kind"] for c in builders.children(service(), with_service_monitor=False)] == [
+        "Service",
+        "PodDisruptionBudget",
+    ]
+
+
+def test_spec_hash_follows_the_manifest() -> None:
+    svc = service()
+    model = ModelTarget(uri="pvc://models/minilm-l6")
+    one = builders.deployment(svc, model, 3)["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
+    same = builders.deployment(svc, model, 3)["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
+    other = builders.deployment(svc, model, 4)["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
+    assert one == same != other
