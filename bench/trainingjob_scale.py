@@ -153,13 +153,14 @@ def main() -> int:
     install_crds(kubectl)
     core, custom = clients(info.kubeconfig)
     workdir = Path(f"/tmp/{CLUSTER}")
+    (workdir / "operator.log").unlink(missing_ok=True)
     try:
         for ns in ("floor", "tandem"):
             kubectl.run("create", "namespace", ns)
         print("floor: creating pods directly ...", flush=True)
         floor = run_floor(core, "floor", args.jobs, args.workers, args.concurrency)
-        print(f"floor: {floor:.1f}s; deleting", flush=True)
-        kubectl.run("delete", "namespace", "floor", "--wait=false")
+        print(f"floor: {floor:.1f}s; deleting its pods before the Tandem run", flush=True)
+        kubectl.run("delete", "namespace", "floor", "--timeout=600s")  # waits until it is gone
         operator = start_operator(
             operator_kubeconfig(kubectl, workdir / "operator.kubeconfig"), workdir / "operator.log"
         )

@@ -31,6 +31,10 @@ class Refused(Exception):
     """The API server rejected a child for a reason the user must fix (bad reference, quota, policy)."""
 
 
+class Busy(Exception):
+    """The API server asked us to come back later (429, or a 5xx): the next reconcile tick retries."""
+
+
 def _status_of(error: Exception) -> int | None:
     return getattr(error, "status", None)
 
@@ -60,6 +64,8 @@ def create(manifest: Mapping[str, Any]) -> bool:
             return False
         if _status_of(error) in (400, 403, 404, 422):
             raise Refused(_api_message(error)) from error
+        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
+            raise Busy(_api_message(error)) from error
         raise
     return True
 
@@ -149,6 +155,8 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
             return
         if _status_of(error) in (400, 403, 404, 422):
             raise Refused(_api_message(error)) from error
+        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
+            raise Busy(_api_message(error)) from error
         raise
 
 
@@ -191,6 +199,8 @@ def create_child(manifest: Mapping[str, Any]) -> bool:
             return False
         if _status_of(error) in (400, 403, 404, 422):
             raise Refused(_api_message(error)) from error
+        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
+            raise Busy(_api_message(error)) from error
         raise
     return True
 

@@ -66,6 +66,7 @@ def rbac_documents(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAM
             "metadata": {"name": name, "labels": labels},
             "rules": rules,
         },
+        flow_schema(namespace, name),
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
@@ -124,6 +125,38 @@ def install_example_volumes(
         kubectl.run(
             "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"
         )
+
+
+def flow_schema(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAME) -> dict[str, Any]:
+    """API Priority and Fairness: the operator's requests share the `workload-high` level with the
+    built-in controllers, instead of the `workload-low` level every other ServiceAccount falls into,
+    where a burst of gangs is answered with 429s (the chart ships the same object)."""
+    return {
+        "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+        "kind": "FlowSchema",
+        "metadata": {"name": name},
+        "spec": {
+            "priorityLevelConfiguration": {"name": "workload-high"},
+            "matchingPrecedence": 1000,
+            "distinguisherMethod": {"type": "ByUser"},
+            "rules": [
+                {
+                    "subjects": [
+                        {"kind": "ServiceAccount", "serviceAccount": {"name": name, "namespace": namespace}}
+                    ],
+                    "resourceRules": [
+                        {
+                            "verbs": ["*"],
+                            "apiGroups": ["*"],
+                            "resources": ["*"],
+                            "namespaces": ["*"],
+                            "clusterScope": True,
+                        }
+                    ],
+                }
+            ],
+        },
+    }
 
 
 def install_crds(kubectl: Kubectl) -> None:

@@ -309,7 +309,7 @@ class InferenceServiceStatus(StatusModel):
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation this status reflects."""
     url: str | None = None
-    """In-cluster URL of the service, e.g. `http://NAME.NAMESPACE.svc:8080`."""
+    """In-cluster URL of the service, e.g. `http://NAME.NAMESPACE.svc` (the Service listens on port 80)."""
     replicas: ReplicaCounts | None = None
     """Replicas wanted and ready."""
     selector: str | None = None

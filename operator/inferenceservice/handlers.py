@@ -233,9 +233,12 @@ def reconcile_inferenceservice(
             patch.status.update(changes)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget_inferenceservice(meta: kopf.Meta, **_: Any) -> None:
+# A raw event handler, not on.delete, which would make kopf write a diff-base annotation per service.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def forget_inferenceservice(type: str, meta: kopf.Meta, **_: Any) -> None:
     """Children go with the service (ownerReferences); only in-memory bookkeeping is dropped here."""
+    if type != "DELETED":
+        return
     uid = str(meta.get("uid"))
     _scaling.pop(uid, None)
     _service_monitors.discard(uid)

@@ -55,8 +55,8 @@ def head_service_name(job: str) -> str:
     return f"{job}-head"
 
 
-def trainer_account_name(job: str) -> str:
-    return f"{job}-trainer"
+#: The ServiceAccount (and Role, RoleBinding) that training pods run as, one per namespace.
+TRAINER_ACCOUNT = "tandem-trainer"
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def _pod(
     if gpus and GPU_TOLERATION not in tolerations:
         tolerations.append(dict(GPU_TOLERATION))
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": trainer_account_name(job),
+        "serviceAccountName": TRAINER_ACCOUNT,
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [
@@ -313,15 +313,15 @@ def head_service(job: str, uid: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def trainer_identity(job: str, uid: str, namespace: str) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding of the job's pods: the head may read and annotate pods in
-    its namespace (the progress record goes on its own pod), and nothing else."""
-    name = trainer_account_name(job)
+def trainer_identity(namespace: str) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding of training pods in a namespace: the head may read and
+    annotate pods (its progress record goes on its own pod), and nothing else.
+
+    Shared by every job of the namespace (no owner), so a job costs no extra API writes for it."""
     meta = {
-        "name": name,
+        "name": TRAINER_ACCOUNT,
         "namespace": namespace,
-        "labels": {LABEL_JOB: job, "app.kubernetes.io/managed-by": "tandem-operator"},
-        "ownerReferences": [owner_reference(job, uid)],
+        "labels": {"app.kubernetes.io/managed-by": "tandem-operator"},
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
@@ -335,8 +335,8 @@ def trainer_identity(job: str, uid: str, namespace: str) -> list[dict[str, Any]]
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
             "metadata": dict(meta),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TRAINER_ACCOUNT},
+            "subjects": [{"kind": "ServiceAccount", "name": TRAINER_ACCOUNT, "namespace": namespace}],
         },
     ]
 

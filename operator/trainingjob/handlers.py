@@ -96,11 +96,24 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
-def _create(manifest: dict[str, Any]) -> bool | kube.Refused:
+#: Shared namespace objects (no owner) this process has seen in place, so each is written once.
+_shared_present: set[tuple[str, str, str]] = set()
+
+
+def _shared_key(manifest: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    meta = manifest["metadata"]
+    return None if meta.get("ownerReferences") else (manifest["kind"], meta["namespace"], meta["name"])
+
+
+def _known_shared(manifest: Mapping[str, Any]) -> bool:
+    return _shared_key(manifest) in _shared_present
+
+
+def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
     try:
         return kube.create(manifest)
-    except kube.Refused as refused:
-        return refused
+    except (kube.Refused, kube.Busy) as problem:
+        return problem
 
 
 def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: str) -> str | None:
@@ -111,15 +124,22 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
     refused = None
     # The supporting objects go first and in order (a RoleBinding needs its Role; admission rejects a
     # pod whose ServiceAccount does not exist yet); then the gang's pods, concurrently.
-    support = [m for m in decision.create if m["kind"] != "Pod"]
+    support = [m for m in decision.create if m["kind"] != "Pod" and not _known_shared(m)]
     pods = [m for m in decision.create if m["kind"] == "Pod"]
     created = [_create(m) for m in support] + list(_CHILD_CALLS.map(_create, pods))
     for manifest, outcome in zip(support + pods, created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or f"the API server refused {child}: {outcome}"
-        elif outcome:
-            log.info("created %s in %s", child, namespace)
+        elif isinstance(outcome, kube.Busy):
+            log.warning(
+                "API server busy creating %s in %s (%s); retrying next tick", child, namespace, outcome
+            )
+        else:
+            if (key := _shared_key(manifest)) is not None:
+                _shared_present.add(key)
+            if outcome:
+                log.info("created %s in %s", child, namespace)
     for pod, gone in zip(
         decision.delete,
         _CHILD_CALLS.map(lambda name: kube.delete_pod(namespace, name), decision.delete),
@@ -184,9 +204,13 @@ def reconcile_trainingjob(
             patch.status.update(changes)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget_trainingjob(meta: kopf.Meta, **_: Any) -> None:
+# A raw event handler, not on.delete: change handlers make kopf write a diff-base annotation on every
+# object it first sees, one more API write per job for nothing.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def forget_trainingjob(type: str, meta: kopf.Meta, **_: Any) -> None:
     """Children go with the job (ownerReferences); only in-memory bookkeeping is dropped here."""
+    if type != "DELETED":
+        return
     uid = str(meta.get("uid"))
     for reason in REPEATING_WARNINGS:
         _last_warning.pop((uid, reason), None)

@@ -233,7 +233,7 @@ class _Machine:
             return
         attempt = self.attempt + 1
         resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
-        self.decision.create += builders.trainer_identity(self.job.name, self.job.uid, self.job.namespace)
+        self.decision.create += builders.trainer_identity(self.job.namespace)
         self.decision.create.append(builders.head_service(self.job.name, self.job.uid, self.job.namespace))
         self.decision.create += builders.gang(
             self.spec,
@@ -480,6 +480,8 @@ class _Machine:
             node = self.cluster.nodes.get(pod.node)
             gpu_hours += hours
             usd += hours * self.price(node.product if node else self.spec.workers.gpu_product)
+        if not changed and gpu_hours == (cost.gpu_hours or 0.0):
+            return  # nothing accrued (no GPU pod running): no status write just to move the clock
         self.set(
             cost=TrainingCost(gpu_hours=round(gpu_hours, 6), usd=round(usd, 6), last_update_time=self.now)
         )

@@ -72,9 +72,9 @@ def test_a_new_job_creates_its_whole_gang_at_once() -> None:
     decision = tick({}, [])
     children = [(m["kind"], m["metadata"]["name"]) for m in decision.create]
     assert children == [
-        ("ServiceAccount", "gpt-trainer"),
-        ("Role", "gpt-trainer"),
-        ("RoleBinding", "gpt-trainer"),
+        ("ServiceAccount", "tandem-trainer"),
+        ("Role", "tandem-trainer"),
+        ("RoleBinding", "tandem-trainer"),
         ("Service", "gpt-head"),
         ("Pod", "gpt-1-head"),
         ("Pod", "gpt-1-worker-0"),
