@@ -54,12 +54,20 @@ def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: st
     assert jobs["gpt-tiny"]["RESTARTS"] == "0"
     assert jobs["gpt-tiny"]["COST"] == "$0.00"
 
+    wait_for(
+        lambda: status_of(kubectl, namespace, "tisvc", "embeddings").get("phase") == "Ready",
+        STATUS_SECONDS,
+        "the embeddings service Ready (one replica on an H100 node)",
+    )
     services = {row["NAME"]: row for row in _table(kubectl, namespace, "tisvc")}
     assert list(services["embeddings"]) == ["NAME", "PHASE", "READY", "MODEL", "RPS", "P99", "COST/H", "AGE"]
-    assert services["embeddings"]["PHASE"] == "Pending"
+    assert services["embeddings"]["PHASE"] == "Ready"
+    assert services["embeddings"]["READY"] == "1/1"
+    assert services["embeddings"]["MODEL"] == "pvc://models/minilm-l6/"
+    assert services["embeddings"]["COST/H"] == "$4.00"  # one H100 at the default price table
+    # The service that serves gpt-tiny's checkpoints waits for the first one, and says so.
     assert services["gpt-tiny"]["MODEL"].startswith("gpt-tiny")
-    assert services["embeddings"]["READY"].startswith("0/")
-    assert services["embeddings"]["COST/H"].startswith("$")
+    assert services["gpt-tiny"]["PHASE"] == "Pending"
 
 
 @pytest.mark.usefixtures("operator")
