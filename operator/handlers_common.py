@@ -19,6 +19,45 @@ from tandem.operator.api.common import Condition, describe_validation_error, set
 ACCEPTED = "Accepted"
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+StatusT = TypeVar("StatusT", bound=BaseModel)
+
+
+class WarningsOnce:
+    """Warnings a reconcile would repeat every tick (a refused child, a bad progress record): each
+    distinct message per (object uid, reason) becomes one event, not one every 2 s."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], str] = {}
+
+    def warn(self, body: kopf.Body, uid: str, reason: str, message: str) -> None:
+        if self._last.get((uid, reason)) != message:
+            self._last[(uid, reason)] = message
+            kopf.event(body, type="Warning", reason=reason, message=message)
+
+    def forget(self, uid: str) -> None:
+        for key in [key for key in self._last if key[0] == uid]:
+            del self._last[key]
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch of the top-level status fields that changed (None removes a field)."""
+    patch = {key: value for key, value in new.items() if old.get(key) != value}
+    patch |= {key: None for key in old if key not in new}
+    return patch
+
+
+def with_refusal(status: StatusT, condition_type: str, message: str, generation: int) -> StatusT:
+    """The status after the API server refused a child: `condition_type`=False, reason CreateFailed."""
+    refused = Condition(
+        type=condition_type,
+        status="False",
+        reason="CreateFailed",
+        message=message,
+        observed_generation=generation,
+        last_transition_time=utc_now(),
+    )
+    conditions = set_condition(getattr(status, "conditions", []), refused)
+    return status.model_copy(update={"conditions": conditions})
 
 
 def accepted(generation: int, conditions: Sequence[Condition]) -> list[Condition]:

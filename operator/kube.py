@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 FIELD_MANAGER = "tandem-operator"
 
@@ -39,35 +39,62 @@ def _status_of(error: Exception) -> int | None:
     return getattr(error, "status", None)
 
 
-def create(manifest: Mapping[str, Any]) -> bool:
-    """Create a namespaced child; False if it already exists. Raises Refused on a 4xx the user must fix."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+#: (group, version, plural) of the custom-resource children the operator creates.
+_CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors")}
 
-    core = client.CoreV1Api(api_client())
-    rbac = client.RbacAuthorizationV1Api(api_client())
-    namespace = manifest["metadata"]["namespace"]
-    creators: dict[str, Any] = {
+
+def _creator(kind: str) -> Any:
+    """The client call that creates a namespaced child of this kind: f(namespace, body, **options)."""
+    from kubernetes import client
+
+    api = api_client()
+    if kind in _CUSTOM_CHILDREN:
+        group, version, plural = _CUSTOM_CHILDREN[kind]
+        custom = client.CustomObjectsApi(api)
+        return lambda namespace, body, **options: custom.create_namespaced_custom_object(
+            group, version, namespace, plural, body, **options
+        )
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    return {
         "Pod": core.create_namespaced_pod,
         "Service": core.create_namespaced_service,
         "ServiceAccount": core.create_namespaced_service_account,
         "Role": rbac.create_namespaced_role,
         "RoleBinding": rbac.create_namespaced_role_binding,
-    }
+        "PodDisruptionBudget": client.PolicyV1Api(api).create_namespaced_pod_disruption_budget,
+    }[kind]
+
+
+def create(manifest: Mapping[str, Any]) -> bool:
+    """Create a namespaced child; False if it already exists (or its namespace is going away).
+
+    Raises Refused on a 4xx the user must fix, Busy when the API server asks us to come back.
+    """
+    from kubernetes.client.exceptions import ApiException
+
     try:
         # _preload_content=False: the reply is not needed, and decoding it into models costs milliseconds.
-        creators[manifest["kind"]](
-            namespace, dict(manifest), field_manager=FIELD_MANAGER, _preload_content=False
+        _creator(manifest["kind"])(
+            manifest["metadata"]["namespace"],
+            dict(manifest),
+            field_manager=FIELD_MANAGER,
+            _preload_content=False,
         )
     except ApiException as error:
         if _status_of(error) == 409 or _namespace_terminating(error):
             return False
-        if _status_of(error) in (400, 403, 404, 422):
-            raise Refused(_api_message(error)) from error
-        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
-            raise Busy(_api_message(error)) from error
-        raise
+        _raise_classified(error)
     return True
+
+
+def _raise_classified(error: Exception) -> NoReturn:
+    """Raise Refused for a 4xx the user must fix, Busy for 429 and 5xx, else the error itself."""
+    status = _status_of(error) or 0
+    if status in (400, 403, 404, 422):
+        raise Refused(_api_message(error)) from error
+    if status == 429 or status >= 500:
+        raise Busy(_api_message(error)) from error
+    raise error
 
 
 def _namespace_terminating(error: Exception) -> bool:
@@ -153,56 +180,7 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
     except ApiException as error:
         if _namespace_terminating(error):
             return
-        if _status_of(error) in (400, 403, 404, 422):
-            raise Refused(_api_message(error)) from error
-        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
-            raise Busy(_api_message(error)) from error
-        raise
-
-
-#: (group, version, plural) of the custom-resource children the operator creates.
-_CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors")}
-
-
-def create_child(manifest: Mapping[str, Any]) -> bool:
-    """Create a Service, PodDisruptionBudget or ServiceMonitor; False if it already exists.
-
-    Raises Refused on a 4xx the user must fix.
-    """
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    namespace = manifest["metadata"]["namespace"]
-    kind = manifest["kind"]
-    try:
-        if kind in _CUSTOM_CHILDREN:
-            group, version, plural = _CUSTOM_CHILDREN[kind]
-            client.CustomObjectsApi(api_client()).create_namespaced_custom_object(
-                group,
-                version,
-                namespace,
-                plural,
-                dict(manifest),
-                field_manager=FIELD_MANAGER,
-                _preload_content=False,
-            )
-        else:
-            creators: dict[str, Any] = {
-                "Service": client.CoreV1Api(api_client()).create_namespaced_service,
-                "PodDisruptionBudget": client.PolicyV1Api(
-                    api_client()
-                ).create_namespaced_pod_disruption_budget,
-            }
-            creators[kind](namespace, dict(manifest), field_manager=FIELD_MANAGER, _preload_content=False)
-    except ApiException as error:
-        if _status_of(error) == 409 or _namespace_terminating(error):
-            return False
-        if _status_of(error) in (400, 403, 404, 422):
-            raise Refused(_api_message(error)) from error
-        if _status_of(error) == 429 or (_status_of(error) or 0) >= 500:
-            raise Busy(_api_message(error)) from error
-        raise
-    return True
+        _raise_classified(error)
 
 
 def crd_exists(name: str) -> bool:

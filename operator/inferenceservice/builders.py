@@ -14,11 +14,7 @@ from typing import Any
 
 from tandem.operator.api.common import API_VERSION
 from tandem.operator.api.inferenceservice import KIND, InferenceServiceSpec
-
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-#: NVIDIA's device plugin taints GPU nodes; replicas that ask for GPUs tolerate it.
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 #: Label every replica pod carries; `status.selector` (the scale subresource's selector) is built on it.
 SERVICE_LABEL = "tandem.dev/inferenceservice"

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from tandem.operator import autoscaler, kube
-from tandem.operator.api.common import GROUP, VERSION, Condition, set_condition
+from tandem.operator.api.common import GROUP, VERSION
 from tandem.operator.api.inferenceservice import (
     KIND,
     PLURAL,
@@ -33,7 +33,12 @@ from tandem.operator.api.inferenceservice import (
 )
 from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import parse_spec_or_reject, utc_now
+from tandem.operator.handlers_common import (
+    WarningsOnce,
+    parse_spec_or_reject,
+    status_patch,
+    with_refusal,
+)
 from tandem.operator.inferenceservice.builders import SERVICE_LABEL, Service
 from tandem.operator.inferenceservice.observe import (
     ObservedDeployment,
@@ -57,15 +62,9 @@ log = logging.getLogger(__name__)
 
 #: The autoscaler's last word per service uid, read by the reconcile timer (ScalingActive condition).
 _scaling: dict[str, ScalingInfo] = {}
-_last_warning: dict[tuple[str, str], str] = {}
+_warnings = WarningsOnce()
 _crd_cache: dict[str, tuple[float, bool]] = {}
 _service_monitors: set[str] = set()
-
-
-def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
-    if _last_warning.get((uid, reason)) != message:
-        _last_warning[(uid, reason)] = message
-        kopf.event(body, type="Warning", reason=reason, message=message)
 
 
 # -- indexes ---------------------------------------------------------------------------------------
@@ -127,13 +126,6 @@ def service_monitor_crd() -> bool:
     return cached[1]
 
 
-def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch of the top-level status fields that changed (None removes a field)."""
-    patch = {key: value for key, value in new.items() if old.get(key) != value}
-    patch |= {key: None for key in old if key not in new}
-    return patch
-
-
 # -- reconcile -------------------------------------------------------------------------------------
 
 
@@ -143,7 +135,7 @@ def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
     for manifest in decision.create:
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         try:
-            if kube.create_child(manifest):
+            if kube.create(manifest):
                 log.info("created %s in %s", child, manifest["metadata"]["namespace"])
             if manifest["kind"] == "ServiceMonitor":
                 _service_monitors.add(uid)
@@ -159,20 +151,8 @@ def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if refused:
-        _warn_once(body, uid, "CreateFailed", refused)
+        _warnings.warn(body, uid, "CreateFailed", refused)
     return refused
-
-
-def refuse(status: InferenceServiceStatus, message: str, generation: int) -> InferenceServiceStatus:
-    refused = Condition(
-        type=ConditionType.READY,
-        status="False",
-        reason="CreateFailed",
-        message=message,
-        observed_generation=generation,
-        last_transition_time=utc_now(),
-    )
-    return status.model_copy(update={"conditions": set_condition(status.conditions, refused)})
 
 
 # kopf's TimerFn protocol does not know the index keyword arguments kopf passes by name.
@@ -225,7 +205,7 @@ def reconcile_inferenceservice(
         refused = apply(decision, body, uid)
         new_status = decision.status
         if refused:
-            new_status = refuse(new_status, refused, generation)
+            new_status = with_refusal(new_status, ConditionType.READY, refused, generation)
         changes = status_patch(dict(status), new_status.to_dict())
         # status.metrics belongs to the autoscaler daemon: never overwrite it from a stale view.
         changes.pop("metrics", None)
@@ -242,7 +222,7 @@ def forget_inferenceservice(type: str, meta: kopf.Meta, **_: Any) -> None:
     uid = str(meta.get("uid"))
     _scaling.pop(uid, None)
     _service_monitors.discard(uid)
-    _last_warning.pop((uid, "CreateFailed"), None)
+    _warnings.forget(uid)
 
 
 # -- autoscaler ------------------------------------------------------------------------------------

@@ -13,11 +13,7 @@ from typing import Any
 
 from tandem.operator.api.common import API_VERSION
 from tandem.operator.api.trainingjob import KIND, TrainingJobSpec
-
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-#: NVIDIA's device plugin taints GPU nodes; pods that ask for GPUs tolerate it.
-GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 LABEL_JOB = "tandem.dev/trainingjob"
 LABEL_ROLE = "tandem.dev/role"

@@ -16,9 +16,16 @@ import kopf
 
 from tandem.operator import kube
 from tandem.operator.api.common import GROUP, VERSION
-from tandem.operator.api.trainingjob import KIND, PLURAL, TrainingJobPhase, TrainingJobSpec, TrainingJobStatus
+from tandem.operator.api.trainingjob import (
+    KIND,
+    PLURAL,
+    ConditionType,
+    TrainingJobPhase,
+    TrainingJobSpec,
+    TrainingJobStatus,
+)
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import parse_spec_or_reject
+from tandem.operator.handlers_common import WarningsOnce, parse_spec_or_reject, status_patch, with_refusal
 from tandem.operator.metrics import timed_reconcile
 from tandem.operator.podcache import PodCache
 from tandem.operator.trainingjob.builders import LABEL_JOB
@@ -31,23 +38,16 @@ from tandem.operator.trainingjob.observe import (
     observe_pod,
     pod_gpus,
 )
-from tandem.operator.trainingjob.reconcile import Decision, Job, decide, refuse
+from tandem.operator.trainingjob.reconcile import Decision, Job, decide
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 #: Threads for a reconcile's child create/delete calls (the API client's pool holds as many connections).
 CHILD_CALL_THREADS = 8
 _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
 log = logging.getLogger(__name__)
-#: Warnings a reconcile would repeat every tick (bad progress record, refused child): the last message
-#: posted per (job uid, reason), so each distinct problem becomes one event, not one every 2 s.
+#: Reasons whose warnings a reconcile would repeat every tick.
 REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
-_last_warning: dict[tuple[str, str], str] = {}
-
-
-def _warn_once(body: kopf.Body, uid: str, reason: str, message: str) -> None:
-    if _last_warning.get((uid, reason)) != message:
-        _last_warning[(uid, reason)] = message
-        kopf.event(body, type="Warning", reason=reason, message=message)
+_warnings = WarningsOnce()
 
 
 def _job_key(pod: Mapping[str, Any]) -> tuple[str, str]:
@@ -87,13 +87,6 @@ def gpus_in_use() -> dict[str, int]:
         if node and (pod.get("status") or {}).get("phase") not in TERMINAL_PHASES:
             used[node] = used.get(node, 0) + pod_gpus(pod)
     return used
-
-
-def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch of the top-level status fields that changed (None removes a field)."""
-    patch = {key: value for key, value in new.items() if old.get(key) != value}
-    patch |= {key: None for key in old if key not in new}
-    return patch
 
 
 #: Shared namespace objects (no owner) this process has seen in place, so each is written once.
@@ -149,11 +142,11 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
             log.info("deleted pod %s/%s", namespace, pod)
     for event in decision.events:
         if event.reason in REPEATING_WARNINGS:
-            _warn_once(body, uid, event.reason, event.message)
+            _warnings.warn(body, uid, event.reason, event.message)
         else:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if refused:
-        _warn_once(body, uid, "CreateFailed", refused)
+        _warnings.warn(body, uid, "CreateFailed", refused)
     if decision.delete_job:
         kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
     return refused
@@ -198,7 +191,7 @@ def reconcile_trainingjob(
         refused = apply(decision, body, namespace, name, uid)
         new_status = decision.status
         if refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry next tick
-            new_status = refuse(new_status, refused, generation)
+            new_status = with_refusal(new_status, ConditionType.SCHEDULED, refused, generation)
         changes = status_patch(dict(status), new_status.to_dict())
         if changes and not decision.delete_job:
             patch.status.update(changes)
@@ -211,6 +204,4 @@ def forget_trainingjob(type: str, meta: kopf.Meta, **_: Any) -> None:
     """Children go with the job (ownerReferences); only in-memory bookkeeping is dropped here."""
     if type != "DELETED":
         return
-    uid = str(meta.get("uid"))
-    for reason in REPEATING_WARNINGS:
-        _last_warning.pop((uid, reason), None)
+    _warnings.forget(str(meta.get("uid")))

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.trainingjob.builders import (
-    GPU_PRODUCT_LABEL,
-    GPU_RESOURCE,
     LABEL_ATTEMPT,
     LABEL_INDEX,
     LABEL_ROLE,

@@ -29,7 +29,8 @@ from tandem.operator.api.trainingjob import (
     TrainingJobStatus,
     WorkerCounts,
 )
-from tandem.operator.handlers_common import accepted, utc_now
+from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
+from tandem.operator.handlers_common import accepted
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
 
@@ -310,12 +311,12 @@ class _Machine:
                     own[pod.node] = own.get(pod.node, 0) + pod.gpus
             free, nodes = self.cluster.free_gpus(workers.gpu_product, ignore=own)
             where = (
-                f"nodes with {builders.GPU_PRODUCT_LABEL}={workers.gpu_product}"
+                f"nodes with {GPU_PRODUCT_LABEL}={workers.gpu_product}"
                 if workers.gpu_product
                 else "GPU nodes"
             )
             parts.append(
-                f"needs {workers.replicas * gpus} {builders.GPU_RESOURCE} "
+                f"needs {workers.replicas * gpus} {GPU_RESOURCE} "
                 f"({workers.replicas} workers x {gpus}) on {where}; {free} free on {nodes} ready nodes"
             )
         unbound = [p for p in self.current if not p.bound]
@@ -485,19 +486,6 @@ class _Machine:
         self.set(
             cost=TrainingCost(gpu_hours=round(gpu_hours, 6), usd=round(usd, 6), last_update_time=self.now)
         )
-
-
-def refuse(status: TrainingJobStatus, message: str, generation: int) -> TrainingJobStatus:
-    """The status after the API server refused a child: Scheduled=False with its words."""
-    refused = Condition(
-        type=ConditionType.SCHEDULED,
-        status="False",
-        reason="CreateFailed",
-        message=message,
-        observed_generation=generation,
-        last_transition_time=utc_now(),
-    )
-    return status.model_copy(update={"conditions": set_condition(status.conditions, refused)})
 
 
 def decide(

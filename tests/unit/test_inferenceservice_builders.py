@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tandem.operator.api.inferenceservice import InferenceServiceSpec
+from tandem.operator.gpu import GPU_TOLERATION
 from tandem.operator.inferenceservice import builders
 from tandem.operator.inferenceservice.builders import ModelTarget, Service
 
@@ -95,7 +96,7 @@ def test_gpu_replicas_ask_for_gpus_tolerate_the_taint_and_pick_the_product() -> 
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     assert container["resources"]["requests"] == container["resources"]["limits"]
-    assert builders.GPU_TOLERATION in pod["tolerations"]
+    assert GPU_TOLERATION in pod["tolerations"]
     assert {t["key"] for t in pod["tolerations"]} == {"dedicated", "nvidia.com/gpu"}
     assert pod["nodeSelector"] == {"pool": "serving", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     cpu_pod = _children()[4]["spec"]["template"]["spec"]

@@ -218,6 +218,8 @@ class Batcher(Generic[In, Out]):
         self._arrived.set()
         try:
             async with asyncio.timeout(self.config.timeout_s):
+                if len(pending) == 1:  # the common case: no gathering future
+                    return [await pending[0].future]
                 return list(await asyncio.gather(*(p.future for p in pending)))
         except TimeoutError:
             self._drop(pending, "timeout")

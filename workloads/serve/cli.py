@@ -16,10 +16,13 @@ Serve one model over HTTP with dynamic batching.
 Runtimes and their endpoints:
   embeddings   a sentence-transformers directory    POST /v1/embeddings (OpenAI)
   torchscript  a TorchScript file or directory      POST /v2/models/NAME/infer (Open Inference Protocol)
+  causal-lm    a Tandem training checkpoint         POST /v1/completions (OpenAI, stream: true over SSE)
+  noop         (benchmarks) no model: zero vectors  POST /v1/embeddings, the server's own cost
 Every runtime: GET /v2/health/live, /v2/health/ready, /v2/models/NAME[/ready], /v1/models, /metrics.
 
 Batching: a batch leaves when it has --max-batch-size items or its oldest item has waited
 --max-queue-delay-ms; past --max-queue-size waiting items, requests get 429 with Retry-After.
+causal-lm batches continuously: sequences join and leave the running batch between decoding steps.
 SIGTERM drains: requests already accepted finish, new ones get 503, then the server exits 0.
 """
 
@@ -27,6 +30,7 @@ EPILOG = """\
 examples:
   tandem serve --runtime embeddings --model-uri ./all-MiniLM-L6-v2
   tandem serve --runtime torchscript --model-uri file:///models/resnet/model.pt --device cuda --precision fp16
+  tandem serve --runtime causal-lm --model-uri ./tandem-runs/demo/checkpoints --max-batch-size 16
 See docs/serving.md.
 """
 
@@ -63,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--runtime",
         required=True,
-        choices=["embeddings", "torchscript", "causal-lm"],
+        choices=["embeddings", "torchscript", "causal-lm", "noop"],
         help="how to load and serve it (required)",
     )
     model.add_argument("--model-name", help="name clients use (default: the model directory's name)")
@@ -196,10 +200,6 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = build_config(args)
-    from tandem.workloads.serve.model import Runtime, create_model
-
-    if config.runtime is Runtime.CAUSAL_LM:
-        create_model(config.runtime, config.model)  # raises the clear "not available" error
     from tandem.workloads.serve.server import serve
 
     return serve(config)

@@ -16,8 +16,9 @@ from typing import Any
 
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
 from tandem.workloads.serve.errors import Draining, NotReady
+from tandem.workloads.serve.generation import GenerationScheduler
 from tandem.workloads.serve.metrics import ServeMetrics
-from tandem.workloads.serve.model import Model
+from tandem.workloads.serve.model import Model, Runtime
 
 log = logging.getLogger("tandem.serve")
 
@@ -38,7 +39,10 @@ class DataPlane:
         self.state = State.LOADING
         self.load_error: str | None = None
         self.batcher: Batcher[Any, Any] | None = None
+        self.generation: GenerationScheduler | None = None
+        """causal-lm only: the continuous-batching scheduler (instead of `batcher`)."""
         self._inflight = 0
+        self._inflight_gauge = metrics.inflight.labels(metrics.model)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -64,8 +68,12 @@ class DataPlane:
         self.metrics.model_load.labels(self.metrics.model).set(seconds)
         if self.state is not State.LOADING:  # a drain began while loading: stay out of rotation
             return
-        self.batcher = Batcher(self.model.predict, self.batching, observer=self.metrics)
-        self.batcher.start()
+        if self.model.runtime is Runtime.CAUSAL_LM:
+            self.generation = GenerationScheduler(self.model, self.batching, self.metrics)  # type: ignore[arg-type]
+            self.generation.start()
+        else:
+            self.batcher = Batcher(self.model.predict, self.batching, observer=self.metrics)
+            self.batcher.start()
         self.state = State.READY
         self.metrics.ready.labels(self.metrics.model).set(1)
         log.info("model %s ready (loaded and warmed up in %.1f s)", self.model.name, seconds)
@@ -81,7 +89,7 @@ class DataPlane:
             )
         self._inflight += 1
         self._idle.clear()
-        gauge = self.metrics.inflight.labels(self.metrics.model)
+        gauge = self._inflight_gauge
         gauge.inc()
         try:
             yield
@@ -105,15 +113,28 @@ class DataPlane:
         self.state = State.DRAINING
         self.metrics.ready.labels(self.metrics.model).set(0)
         log.info("draining: %d request(s) in flight", self._inflight)
-        if self.batcher is not None:
-            self.batcher.hurry()
+        for scheduler in (self.batcher, self.generation):
+            if scheduler is not None:
+                scheduler.hurry()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             finished = True
         except TimeoutError:
             log.warning("drain timeout (%g s): %d request(s) still in flight", timeout_s, self._inflight)
             finished = False
-        if self.batcher is not None:
-            await self.batcher.close(drain=finished)
+        for scheduler in (self.batcher, self.generation):
+            if scheduler is not None:
+                await scheduler.close(drain=finished)
         self.state = State.STOPPED
         return finished
+
+    async def close(self) -> None:
+        """Stop at once (server shutdown after the drain, or without one): unanswered requests get 503."""
+        for scheduler in (self.batcher, self.generation):
+            if scheduler is not None:
+                await scheduler.close(drain=False)
+
+    def generator(self) -> GenerationScheduler:
+        if self.generation is None:
+            raise NotReady(f"model {self.model.name} is {self.state.value}")
+        return self.generation

@@ -1,24 +1,28 @@
 """HTTP transport: the Starlette app, the error table, body limits, disconnects and request metrics.
 
-Every endpoint goes through `_endpoint`, the one place that turns domain errors into status codes
-(`HTTP_STATUS`), records the request-duration histogram, and (for inference) counts the request in flight and
-cancels it when the client disconnects, so its items are dropped before compute.
+Inference (POST) routes are served on raw ASGI by `_Endpoints._infer` (the hot path); the other routes through
+Starlette by `_Endpoints._respond`. Both turn domain errors into status codes with one table (`HTTP_STATUS`)
+and record the request-duration histogram; inference also counts the request in flight and cancels it when
+the client disconnects, so its items are dropped before compute (or its generation stops).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.errors import (
@@ -53,7 +57,8 @@ HTTP_STATUS: Final[Mapping[type[ServeError], int]] = {
 
 Family = Literal["openai", "oip", "plain"]
 Handler = Callable[[Request], Awaitable[Response | dict[str, Any]]]
-InferenceHandler = Callable[[Request, bytes], Awaitable[dict[str, Any]]]
+InferenceHandler = Callable[[dict[str, str], bytes], Awaitable["dict[str, Any] | EventStream"]]
+T = TypeVar("T")
 
 
 def status_for(error: ServeError) -> int:
@@ -63,7 +68,8 @@ def status_for(error: ServeError) -> int:
     return 500
 
 
-def error_response(error: ServeError, family: Family) -> JSONResponse:
+def error_parts(error: ServeError, family: Family) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Status code, extra headers and JSON body of an error answer (the one place for both transports)."""
     status = status_for(error)
     headers: dict[str, str] = {}
     if isinstance(error, QueueFull):
@@ -84,7 +90,17 @@ def error_response(error: ServeError, family: Family) -> JSONResponse:
         }
     else:
         body = {"error": error.message}
+    return status, headers, body
+
+
+def error_response(error: ServeError, family: Family) -> JSONResponse:
+    status, headers, body = error_parts(error, family)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def dump_json(content: Any) -> bytes:
+    """Compact JSON, as Starlette's JSONResponse writes it."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -93,90 +109,179 @@ class HttpLimits:
     """Largest request body accepted (413 beyond)."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit} (--max-request-bytes)")
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body (413 beyond `limit` bytes, by Content-Length or as it arrives)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(
+                    f"the body has {value.decode()} bytes; the limit is {limit} (--max-request-bytes)"
+                )
+            break
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending the body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body is over the {limit}-byte limit (--max-request-bytes)")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await `work`, cancelling it if the client disconnects first (its queued items are then dropped)."""
-    task = asyncio.ensure_future(work)
+class DisconnectWatch:
+    """While active, cancels the current task when the client disconnects (ASGI tells that only through
+    `receive`, once the body has been read). One small task per request; the work itself runs inline, so a
+    disconnect cancels it where it waits (e.g. in the batch queue, whose items are then dropped)."""
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._active = True
+        self.disconnected = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        self.disconnected = True
+        if self._active and self._task is not None:
+            self._task.cancel()
 
-    watcher = asyncio.ensure_future(disconnected())
+    def stop(self) -> None:
+        self._active = False
+        self._watcher.cancel()
+
+    def __enter__(self) -> DisconnectWatch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.stop()
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it and raise `ClientDisconnected`."""
+    watch = DisconnectWatch(receive)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if watch.disconnected and task is not None:
+            task.uncancel()
+            raise ClientDisconnected("the client disconnected") from None
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientDisconnected("the client disconnected")
-    return task.result()
+        watch.stop()
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """A streamed answer: server-sent events (each chunk is one or more complete `data: ...` events)."""
+
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], None] = lambda: None
+    """Called when the stream ends, however it ends (e.g. stop generating for a client that left)."""
+
+
+JSON_TYPE: Final = (b"content-type", b"application/json")
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
+]
+
+
+@dataclass(frozen=True)
+class _Post:
+    """An inference route handled on raw ASGI (the hot path, no framework in between)."""
+
+    template: str
+    pattern: re.Pattern[str] | None
+    family: Family
+    handler: InferenceHandler
 
 
 class _Endpoints:
-    """The handlers; `wrap` is the one place that applies the error table and records metrics."""
+    """The handlers. `_respond` (GET, through Starlette) and `_infer` (POST inference, raw ASGI) are the two
+    places that apply the error table and record the request metrics."""
 
     def __init__(self, plane: DataPlane, limits: HttpLimits) -> None:
         self.plane = plane
         self.limits = limits
+        self.metrics = plane.metrics
 
-    async def _respond(
-        self,
-        request: Request,
-        route: str,
-        family: Family,
-        inference: InferenceHandler | None,
-        plain: Handler | None,
-    ) -> Response:
+    async def _respond(self, request: Request, route: str, family: Family, handler: Handler) -> Response:
         started = time.perf_counter()
-        result: Response | dict[str, Any]
         try:
-            if inference is not None:
-                # The body is read first: afterwards the only message left is the disconnect.
-                body = await read_body(request, self.limits.max_request_bytes)
-                with self.plane.admit():
-                    result = await _until_disconnect(request, inference(request, body))
-            else:
-                assert plain is not None
-                result = await plain(request)
+            result = await handler(request)
             response = result if isinstance(result, Response) else JSONResponse(result)
         except ServeError as exc:
             response = error_response(exc, family)
-            if status_for(exc) >= 500 and not isinstance(exc, Unavailable):
-                log.warning("%s %s: %s", request.method, route, exc.message)
         except Exception:
             log.exception("%s %s failed", request.method, route)
             response = error_response(ModelError("internal server error; see the server log"), family)
-        self.plane.metrics.observe_request(route, response.status_code, time.perf_counter() - started)
+        self.metrics.observe_request(route, response.status_code, time.perf_counter() - started)
         return response
+
+    async def _infer(
+        self, post: _Post, params: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        started = time.perf_counter()
+        stream: EventStream | None = None
+        try:
+            # The body is read first: afterwards the only message left is the disconnect.
+            body = await read_body(scope, receive, self.limits.max_request_bytes)
+            with self.plane.admit():
+                result = await until_disconnect(receive, post.handler(params, body))
+                if isinstance(result, EventStream):
+                    stream = result
+                    try:
+                        await until_disconnect(receive, self._stream(send, stream))
+                    finally:
+                        stream.close()
+                    status = 200
+                else:
+                    payload = dump_json(result)
+                    status, headers = 200, [JSON_TYPE]
+        except ServeError as exc:
+            status, extra, error = error_parts(exc, post.family)
+            payload = dump_json(error)
+            headers = [JSON_TYPE, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+            if status >= 500 and not isinstance(exc, Unavailable):
+                log.warning("POST %s: %s", post.template, exc.message)
+        except Exception:
+            log.exception("POST %s failed", post.template)
+            status, _, error = error_parts(
+                ModelError("internal server error; see the server log"), post.family
+            )
+            payload, headers = dump_json(error), [JSON_TYPE]
+        if stream is None:
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+        self.metrics.observe_request(post.template, status, time.perf_counter() - started)
+
+    async def _stream(self, send: Send, stream: EventStream) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        async for chunk in stream.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     def get(self, path: str, handler: Handler, family: Family = "plain") -> Route:
         async def endpoint(request: Request) -> Response:
-            return await self._respond(request, path, family, None, handler)
+            return await self._respond(request, path, family, handler)
 
         return Route(path, endpoint, methods=["GET"])
 
-    def post(self, path: str, handler: InferenceHandler, family: Family) -> Route:
-        async def endpoint(request: Request) -> Response:
-            return await self._respond(request, path, family, handler, None)
-
-        return Route(path, endpoint, methods=["POST"])
+    def post(self, path: str, handler: InferenceHandler, family: Family) -> _Post:
+        pattern = None
+        if "{" in path:
+            pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        return _Post(path, pattern, family, handler)
 
     # -- handlers ---------------------------------------------------------------------------------
 
@@ -200,20 +305,22 @@ class _Endpoints:
     async def server_metadata(self, request: Request) -> dict[str, Any]:
         return oip.server_metadata()
 
-    async def infer(self, request: Request, body: bytes) -> dict[str, Any]:
-        params = request.path_params
+    async def infer(self, params: dict[str, str], body: bytes) -> dict[str, Any]:
         return await oip.infer(self.plane, params["name"], body, params.get("version"))
 
     async def models(self, request: Request) -> dict[str, Any]:
         return openai.models(self.plane)
 
-    async def embeddings(self, request: Request, body: bytes) -> dict[str, Any]:
+    async def embeddings(self, params: dict[str, str], body: bytes) -> dict[str, Any]:
         return await openai.embeddings(self.plane, body)
 
-    async def prometheus(self, request: Request) -> Response:
-        return Response(self.plane.metrics.render(), media_type=CONTENT_TYPE)
+    async def completions(self, params: dict[str, str], body: bytes) -> dict[str, Any] | EventStream:
+        return await openai.completions(self.plane, body)
 
-    def routes(self) -> list[Route]:
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    def routes(self) -> tuple[list[Route], list[_Post]]:
         model = "/v2/models/{name}"
         version = "/v2/models/{name}/versions/{version}"
         routes = [
@@ -227,16 +334,49 @@ class _Endpoints:
             self.get("/v1/models", self.models, "openai"),
             self.get("/metrics", self.prometheus),
         ]
+        posts: list[_Post] = []
         runtime = self.plane.model.runtime
         if runtime is Runtime.TORCHSCRIPT:
-            routes.append(self.post(f"{model}/infer", self.infer, "oip"))
-            routes.append(self.post(f"{version}/infer", self.infer, "oip"))
+            posts.append(self.post(f"{model}/infer", self.infer, "oip"))
+            posts.append(self.post(f"{version}/infer", self.infer, "oip"))
         if runtime is Runtime.EMBEDDINGS:
-            routes.append(self.post("/v1/embeddings", self.embeddings, "openai"))
-        return routes
+            posts.append(self.post("/v1/embeddings", self.embeddings, "openai"))
+        if runtime is Runtime.CAUSAL_LM:
+            posts.append(self.post("/v1/completions", self.completions, "openai"))
+        return routes, posts
 
 
-def build_app(plane: DataPlane, limits: HttpLimits, *, on_load_failed: Callable[[], None]) -> Starlette:
+class ServeApp:
+    """The ASGI app: POST inference routes are served directly (the hot path: no routing table walk, no
+    middleware, no Request/Response objects); everything else goes to Starlette."""
+
+    def __init__(self, endpoints: _Endpoints, starlette: Starlette, posts: list[_Post]) -> None:
+        self.endpoints = endpoints
+        self.starlette = starlette
+        self.exact = {p.template: p for p in posts if p.pattern is None}
+        self.patterns = [p for p in posts if p.pattern is not None]
+
+    def _match(self, path: str) -> tuple[_Post, dict[str, str]] | None:
+        post = self.exact.get(path)
+        if post is not None:
+            return post, {}
+        for post in self.patterns:
+            assert post.pattern is not None
+            found = post.pattern.match(path)
+            if found:
+                return post, found.groupdict()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            matched = self._match(scope["path"])
+            if matched is not None:
+                await self.endpoints._infer(matched[0], matched[1], scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
+def build_app(plane: DataPlane, limits: HttpLimits, *, on_load_failed: Callable[[], None]) -> ServeApp:
     """The ASGI app. Loading starts in the lifespan (after the port is open, so liveness answers)."""
 
     @contextlib.asynccontextmanager
@@ -254,7 +394,8 @@ def build_app(plane: DataPlane, limits: HttpLimits, *, on_load_failed: Callable[
         finally:
             if not loading.done():
                 loading.cancel()
-            if plane.batcher is not None:
-                await plane.batcher.close(drain=False)
+            await plane.close()
 
-    return Starlette(routes=_Endpoints(plane, limits).routes(), lifespan=lifespan)
+    endpoints = _Endpoints(plane, limits)
+    routes, posts = endpoints.routes()
+    return ServeApp(endpoints, Starlette(routes=routes, lifespan=lifespan), posts)

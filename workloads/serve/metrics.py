@@ -7,7 +7,7 @@ collide. The names below are the contract with the operator's autoscaler and the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -112,7 +112,7 @@ class ServeMetrics:
         )
         self.time_to_first_token = Histogram(
             TIME_TO_FIRST_TOKEN,
-            "Time from receiving a generation request to its first token (causal-lm).",
+            "Time from receiving a streamed generation request to its first generated token (causal-lm).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
@@ -137,13 +137,28 @@ class ServeMetrics:
         self._queue_depth = self.queue_depth_gauge.labels(model)
         self._batch_ok = self.batch_duration.labels(model, "ok")
         self._batch_error = self.batch_duration.labels(model, "error")
+        self._tokens = self.tokens_generated.labels(model)
+        self._ttft = self.time_to_first_token.labels(model)
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._dropped = {
+            reason: self.dropped_total.labels(model, reason) for reason in ("cancelled", "timeout")
+        }
 
     def render(self) -> bytes:
         """The text exposition format for `/metrics`."""
         return generate_latest(self.registry)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.request_duration.labels(self.model, route, str(code)).observe(seconds)
+        child = self._requests.get((route, code))
+        if child is None:
+            child = self._requests[route, code] = self.request_duration.labels(self.model, route, str(code))
+        child.observe(seconds)
+
+    def tokens(self, count: int) -> None:
+        self._tokens.inc(count)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
 
     # BatchObserver ------------------------------------------------------------------------------
 
@@ -151,7 +166,8 @@ class ServeMetrics:
         self._queue_depth.set(depth)
 
     def batch_started(self, size: int, queue_waits_s: Sequence[float]) -> None:
-        self._batch_size.observe(size)
+        if size:  # causal-lm reports queue waits on admission (size 0) and each step's size separately
+            self._batch_size.observe(size)
         for wait in queue_waits_s:
             self._queue_wait.observe(wait)
 
@@ -159,4 +175,5 @@ class ServeMetrics:
         (self._batch_ok if error is None else self._batch_error).observe(seconds)
 
     def dropped(self, reason: str) -> None:
-        self.dropped_total.labels(self.model, reason).inc()
+        child = self._dropped.get(reason)
+        (child or self.dropped_total.labels(self.model, reason)).inc()

@@ -29,6 +29,8 @@ class Runtime(StrEnum):
     EMBEDDINGS = "embeddings"
     TORCHSCRIPT = "torchscript"
     CAUSAL_LM = "causal-lm"
+    NOOP = "noop"
+    """Benchmarks only: the embeddings protocol without a model (the server's own cost)."""
 
 
 class Precision(StrEnum):
@@ -166,7 +168,10 @@ def create_model(runtime: Runtime, options: ModelOptions) -> Model[Any, Any]:
         from tandem.workloads.serve.runtimes.torchscript import TorchScriptModel
 
         return TorchScriptModel(options)
-    raise UserError(
-        "--runtime causal-lm is not available yet: it needs the training workload's GPT model and "
-        "checkpoint format (tandem.workloads.models), which has not landed; use embeddings or torchscript"
-    )
+    if runtime is Runtime.NOOP:
+        from tandem.workloads.serve.runtimes.noop import NoopModel
+
+        return NoopModel(options)
+    from tandem.workloads.serve.runtimes.causal_lm import CausalLM
+
+    return CausalLM(options)

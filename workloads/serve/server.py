@@ -114,6 +114,7 @@ def serve(config: ServerConfig) -> int:
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
         server_header=False,
+        proxy_headers=False,  # the Service in front is no proxy whose headers we trust; saves a middleware
     )
     server = DrainingServer(uv_config, plane, config.drain_timeout_s)
     # Printed at every log level: ServerProcess (tests, benchmarks) reads the address from this line.

@@ -1,0 +1,205 @@
+"""The continuous-batching generation scheduler in pure asyncio, with a pure-Python "model".
+
+`CountingModel` continues every sequence with the next letter after its last token; its `gate` (if set)
+blocks each step in the worker thread until the test releases it, so the tests control exactly what is
+queued or active between steps. No sleeps stand in for conditions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import pytest
+
+from tandem.workloads.serve.batcher import BatchingConfig
+from tandem.workloads.serve.errors import Draining, ModelError, QueueFull
+from tandem.workloads.serve.generation import (
+    GenerationScheduler,
+    GenSequence,
+    SamplingParams,
+    TokenEvent,
+    collect,
+    safe_prefix,
+    stop_position,
+)
+from tandem.workloads.serve.metrics import ServeMetrics
+
+T = TypeVar("T")
+EOS = 0
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+class CountingModel:
+    """Token ids are character codes; the next token is the next character ('z' is followed by EOS)."""
+
+    name = "counting"
+    eos_id: int | None = EOS
+
+    def __init__(self, *, gated: bool = False, fail: bool = False) -> None:
+        self.steps: list[int] = []  # batch size of every step
+        self.gate = threading.Semaphore(0) if gated else None
+        self.fail = fail
+        self.stepping = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        self.steps.append(len(batch))
+        self.loop.call_soon_threadsafe(self.stepping.set)
+        if self.gate is not None:
+            self.gate.acquire()
+        if self.fail:
+            raise RuntimeError("boom")
+        return [EOS if s.ids[-1] == ord("z") else s.ids[-1] + 1 for s in batch]
+
+
+def scheduler(model: CountingModel, **batching: Any) -> GenerationScheduler:
+    config = BatchingConfig(**{"max_batch_size": 4, "max_queue_delay_ms": 0, **batching})
+    metrics = ServeMetrics(model.name, config.max_batch_size, process_metrics=False)
+    sched = GenerationScheduler(model, config, metrics)
+    sched.start()
+    return sched
+
+
+async def text_of(sched: GenerationScheduler, prompt: str, **params: Any) -> TokenEvent:
+    handle = sched.submit([sched.model.encode(prompt)], SamplingParams(**params), stream=False)
+    return (await collect(handle, 1, 10))[0]
+
+
+def test_generates_until_max_tokens_or_eos() -> None:
+    async def main() -> None:
+        sched = scheduler(CountingModel())
+        assert await text_of(sched, "a", max_tokens=3) == TokenEvent(0, "bcd", "length", 3)
+        assert await text_of(sched, "x", max_tokens=10) == TokenEvent(0, "yz", "stop", 2)
+        await sched.close()
+
+    run(main())
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed() -> None:
+    async def main() -> None:
+        sched = scheduler(CountingModel())
+        event = await text_of(sched, "a", max_tokens=20, stop=("def",))
+        assert event == TokenEvent(0, "bc", "stop", 5)
+        handle = sched.submit(
+            [sched.model.encode("a")], SamplingParams(max_tokens=20, stop=("def",)), stream=True
+        )
+        streamed = []
+        while (e := await handle.next_event()) is not None:
+            streamed.append(e.text)
+        assert "".join(streamed) == "bc"
+        assert all("d" not in piece for piece in streamed)
+        await sched.close()
+
+    run(main())
+
+
+def test_safe_prefix_holds_back_partial_characters_and_stop_prefixes() -> None:
+    assert safe_prefix("hello wo", ("world",)) == len("hello ")
+    assert safe_prefix("hello", ()) == 5
+    assert safe_prefix("ab\ufffd", ()) == 2
+    assert stop_position("one. two.", (".", "two")) == 3
+    assert stop_position("abc", ("x",)) == -1
+
+
+def test_requests_join_the_running_batch_between_steps() -> None:
+    async def main() -> None:
+        model = CountingModel(gated=True)
+        sched = scheduler(model)
+        assert model.gate is not None
+        first = asyncio.ensure_future(text_of(sched, "a", max_tokens=3))
+        await model.stepping.wait()  # step 1 runs with one sequence
+        model.stepping.clear()
+        second = asyncio.ensure_future(text_of(sched, "k", max_tokens=2))
+        while sched.queue_depth != 1:
+            await asyncio.sleep(0)
+        model.gate.release()
+        await model.stepping.wait()  # step 2: the second request joined
+        for _ in range(4):
+            model.gate.release()
+        assert (await first).text == "bcd"
+        assert (await second).text == "lm"
+        assert model.steps[:2] == [1, 2]
+        await sched.close()
+
+    run(main())
+
+
+def test_a_cancelled_request_leaves_before_its_next_step() -> None:
+    async def main() -> None:
+        model = CountingModel(gated=True)
+        sched = scheduler(model)
+        assert model.gate is not None
+        handle = sched.submit([model.encode("a")], SamplingParams(max_tokens=1000), stream=True)
+        await model.stepping.wait()
+        handle.cancel()
+        model.gate.release()
+        other = asyncio.ensure_future(text_of(sched, "q", max_tokens=1))
+        model.gate.release()
+        assert (await other).text == "r"
+        assert sched.active == 0
+        assert model.steps == [1, 1]  # the cancelled sequence was not in the second step
+        await sched.close()
+
+    run(main())
+
+
+def test_a_model_error_reaches_every_request_of_the_step() -> None:
+    async def main() -> None:
+        sched = scheduler(CountingModel(fail=True), max_queue_delay_ms=60_000, max_batch_size=2)
+        results = await asyncio.gather(
+            text_of(sched, "a", max_tokens=2), text_of(sched, "b", max_tokens=2), return_exceptions=True
+        )
+        assert all(isinstance(r, ModelError) and "boom" in str(r) for r in results)
+        await sched.close()
+
+    run(main())
+
+
+def test_a_full_queue_is_refused_with_retry_after() -> None:
+    async def main() -> None:
+        model = CountingModel(gated=True)
+        sched = scheduler(model, max_batch_size=1, max_queue_size=2)
+        assert model.gate is not None
+        sched.submit([[97]], SamplingParams(max_tokens=1), stream=False)
+        await model.stepping.wait()  # one active, none waiting
+        sched.submit([[97], [98]], SamplingParams(max_tokens=1), stream=False)  # two waiting
+        with pytest.raises(QueueFull) as refused:
+            sched.submit([[99]], SamplingParams(max_tokens=1), stream=False)
+        assert refused.value.retry_after_s >= 1
+        for _ in range(3):
+            model.gate.release()
+        await sched.close(drain=True)
+
+    run(main())
+
+
+def test_drain_finishes_active_sequences_and_refuses_new_ones() -> None:
+    async def main() -> None:
+        model = CountingModel(gated=True)
+        sched = scheduler(model)
+        assert model.gate is not None
+        running = asyncio.ensure_future(text_of(sched, "a", max_tokens=2))
+        await model.stepping.wait()
+        closing = asyncio.ensure_future(sched.close(drain=True))
+        while not sched._closing:
+            await asyncio.sleep(0)
+        with pytest.raises(Draining):
+            sched.submit([[97]], SamplingParams(), stream=False)
+        model.gate.release()
+        model.gate.release()
+        assert (await running).text == "bc"
+        await closing
+
+    run(main())

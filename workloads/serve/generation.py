@@ -1,0 +1,406 @@
+"""Continuous batching for text generation (the `causal-lm` runtime), in pure asyncio.
+
+The scheduler keeps a set of *active* sequences and runs one decoding step for all of them at a time (one
+forward pass, in a worker thread, off the event loop). Between two steps, finished and abandoned sequences
+leave and waiting ones join (iteration-level scheduling, as in Orca / vLLM), so a new request never waits
+for a long generation to end, only for the current step. When nothing is generating, the first request waits
+up to `max_queue_delay_ms` for company (like the dynamic batcher), then generation starts.
+
+Guarantees: every request ends (its tokens, the step's error, `Draining`, or a timeout handled by the
+caller); a request whose client went away (`GenerationHandle.cancel`) is dropped before its next step; the
+number of waiting sequences is bounded (`QueueFull` with Retry-After); `predict`-style length checks on every
+step. Text is produced here (stop strings, held-back partial characters), so the protocol layer only formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tandem.workloads.serve.batcher import BatchingConfig, BatchObserver
+from tandem.workloads.serve.errors import (
+    Draining,
+    InvalidInput,
+    ModelError,
+    NotReady,
+    QueueFull,
+    RequestTimeout,
+    ServeError,
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    """0 is greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens whose probabilities sum to `top_p`."""
+    seed: int | None = None
+    """Seeds this sequence's own random generator (so a seeded answer does not depend on its batch)."""
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class GenSequence:
+    """One prompt being continued. The model reads `ids` (prompt + generated) and `params`, and may keep its
+    own per-sequence `state` (e.g. a random generator); the scheduler appends the tokens."""
+
+    ids: list[int]
+    params: SamplingParams
+    index: int = 0
+    prompt_tokens: int = 0
+    state: Any = None
+    generated: int = 0
+    text: str = ""
+    sent: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None
+    enqueued: float = 0.0
+    request: _Request | None = None
+
+
+class GenerativeModel(Protocol):
+    """What the scheduler needs from a language model (`runtimes.causal_lm.CausalLM`)."""
+
+    name: str
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        """One decoding step: the next token of every sequence, in order (runs in a worker thread)."""
+
+
+class GenerationObserver(BatchObserver, Protocol):
+    def tokens(self, count: int) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text of one sequence of a request (`text` may be empty on the last event)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class _Request:
+    sequences: list[GenSequence]
+    stream: bool
+    submitted: float
+    events: asyncio.Queue[TokenEvent | ServeError] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    unfinished: int = 0
+    first_token_seen: bool = False
+
+
+class GenerationHandle:
+    """The caller's side of one request: its events, in order, until every sequence has finished."""
+
+    def __init__(self, scheduler: GenerationScheduler, request: _Request) -> None:
+        self._scheduler = scheduler
+        self._request = request
+        self._open = request.unfinished
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(s.prompt_tokens for s in self._request.sequences)
+
+    async def next_event(self) -> TokenEvent | None:
+        """The next event, None after the last one; raises the request's error (`ServeError`)."""
+        if self._open == 0:
+            return None
+        item = await self._request.events.get()
+        if isinstance(item, ServeError):
+            self._open = 0
+            raise item
+        if item.finish_reason is not None:
+            self._open -= 1
+        return item
+
+    def cancel(self) -> None:
+        """The caller is gone: drop its sequences before their next step (harmless once finished)."""
+        self._scheduler._cancel(self._request)
+
+
+def stop_position(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found, default=-1)
+
+
+def safe_prefix(text: str, stops: Sequence[str]) -> int:
+    """How much of an unfinished sequence's `text` can be sent: not a trailing partial UTF-8 character
+    (U+FFFD from an incomplete byte sequence), not a tail that may be the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd" and len(text) - end < 3:
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), hold, -1):
+            if text[end - k : end] == stop[:k]:
+                hold = k
+                break
+    return end - hold
+
+
+class GenerationScheduler:
+    """Continuous batching of generation requests. Use inside one running event loop."""
+
+    def __init__(self, model: GenerativeModel, config: BatchingConfig, observer: GenerationObserver) -> None:
+        self.model = model
+        self.config = config
+        self._observer = observer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._waiting: deque[GenSequence] = deque()
+        self._active: list[GenSequence] = []
+        self._arrived = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._hurry = False
+        self._step_seconds = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="generation")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def hurry(self) -> None:
+        self._hurry = True
+        self._arrived.set()
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Refuse new requests; with `drain`, finish every sequence first; then stop (the rest: Draining)."""
+        self._closing = True
+        self.hurry()
+        if drain and self._loop_task is not None and not self._loop_task.done():
+            while self._waiting or self._active:
+                self._progress.clear()
+                await self._progress.wait()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._fail_all(Draining("the server is shutting down; retry on another replica"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submitting ---------------------------------------------------------------------------------
+
+    def submit(
+        self, prompts: Sequence[list[int]], params: SamplingParams, *, stream: bool
+    ) -> GenerationHandle:
+        """Queue one request (one sequence per prompt, all or none) and return its handle."""
+        if self._closing:
+            raise Draining("the server is shutting down; retry on another replica")
+        if self._loop_task is None or self._loop_task.done():
+            raise NotReady("the generation scheduler is not running")
+        if len(prompts) > self.config.max_queue_size:
+            raise InvalidInput("prompt", f"at most {self.config.max_queue_size} prompts per request")
+        if len(self._waiting) + len(prompts) > self.config.max_queue_size:
+            raise QueueFull(
+                f"the queue is full ({len(self._waiting)} of {self.config.max_queue_size} waiting); "
+                "retry later or on another replica",
+                retry_after_s=self.retry_after_s(),
+            )
+        now = asyncio.get_running_loop().time()
+        request = _Request([], stream, time.perf_counter())
+        for index, ids in enumerate(prompts):
+            seq = GenSequence(list(ids), params, index, len(ids), enqueued=now, request=request)
+            request.sequences.append(seq)
+        request.unfinished = len(request.sequences)
+        self._waiting.extend(request.sequences)
+        self._observer.queue_depth(len(self._waiting))
+        self._arrived.set()
+        return GenerationHandle(self, request)
+
+    def retry_after_s(self) -> int:
+        steps_ahead = len(self._waiting) / self.config.max_batch_size + 1
+        return max(1, math.ceil(steps_ahead * self._step_seconds * 16))
+
+    def _cancel(self, request: _Request) -> None:
+        if request.cancelled or request.unfinished == 0:
+            return
+        request.cancelled = True
+        removed = False
+        for seq in request.sequences:
+            if seq.finish_reason is None and seq in self._waiting:
+                self._waiting.remove(seq)
+                seq.finish_reason = "cancelled"
+                self._observer.dropped("cancelled")
+                removed = True
+        if removed:
+            self._observer.queue_depth(len(self._waiting))
+            self._progress.set()
+
+    def _fail_all(self, error: ServeError) -> None:
+        for seq in [*self._active, *self._waiting]:
+            self._fail(seq, error)
+        self._active.clear()
+        self._waiting.clear()
+        self._observer.queue_depth(0)
+        self._progress.set()
+
+    @staticmethod
+    def _fail(seq: GenSequence, error: ServeError) -> None:
+        request = seq.request
+        if seq.finish_reason is None:
+            seq.finish_reason = "error"
+        if request is not None and request.unfinished:
+            request.unfinished = 0
+            request.events.put_nowait(error)
+
+    # -- the scheduling loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._admit()
+                if self._active:
+                    await self._step()
+                self._progress.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            self._closing = True
+            self._fail_all(ModelError(f"the generation scheduler stopped: {exc!r}"))
+            raise
+
+    async def _admit(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._active:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            delay = self.config.max_queue_delay_ms / 1000.0
+            while self._waiting and len(self._waiting) < self.config.max_batch_size and not self._hurry:
+                remaining = self._waiting[0].enqueued + delay - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+        now = loop.time()
+        waits = []
+        while self._waiting and len(self._active) < self.config.max_batch_size:
+            seq = self._waiting.popleft()
+            self._active.append(seq)
+            waits.append(now - seq.enqueued)
+        if waits:
+            self._observer.queue_depth(len(self._waiting))
+            self._observer.batch_started(0, waits)  # queue waits only; the step observes its size
+
+    async def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch = [s for s in self._active if not (s.request is not None and s.request.cancelled)]
+        for seq in self._active:
+            if seq.request is not None and seq.request.cancelled and seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+                self._observer.dropped("cancelled")
+        self._active = batch
+        if not batch:
+            return
+        started = loop.time()
+        self._observer.batch_started(len(batch), ())
+        error: ServeError | None = None
+        try:
+            tokens = await loop.run_in_executor(self._executor, self.model.step, batch)
+            if len(tokens) != len(batch):
+                raise ModelError(f"the model returned {len(tokens)} tokens for a batch of {len(batch)}")
+        except ServeError as exc:
+            error = exc
+        except Exception as exc:
+            error = ModelError(f"the model failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        seconds = loop.time() - started
+        self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
+        self._observer.batch_finished(len(batch), seconds, error)
+        if error is not None:
+            for seq in batch:
+                self._fail(seq, error)
+            self._active = []
+            return
+        produced = 0
+        for seq, token in zip(batch, tokens, strict=True):
+            produced += self._advance(seq, token)
+        if produced:
+            self._observer.tokens(produced)
+        self._active = [s for s in self._active if s.finish_reason is None]
+
+    def _advance(self, seq: GenSequence, token: int) -> int:
+        """Apply one token to `seq` and tell its request what is new; the number of tokens it produced."""
+        request = seq.request
+        assert request is not None
+        if request.cancelled:
+            seq.finish_reason = "cancelled"
+            self._observer.dropped("cancelled")
+            return 0
+        params = seq.params
+        produced = 0
+        if self.model.eos_id is not None and token == self.model.eos_id:
+            seq.finish_reason = "stop"
+        else:
+            produced = 1
+            seq.ids.append(token)
+            seq.generated += 1
+            seq.text = self.model.decode(seq.ids[seq.prompt_tokens :])
+            cut = stop_position(seq.text, params.stop) if params.stop else -1
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.finish_reason = "stop"
+            elif seq.generated >= params.max_tokens:
+                seq.finish_reason = "length"
+        if request.stream and not request.first_token_seen and produced:
+            request.first_token_seen = True
+            self._observer.first_token(time.perf_counter() - request.submitted)
+        end = len(seq.text) if seq.finish_reason else safe_prefix(seq.text, params.stop)
+        if end > seq.sent or seq.finish_reason:
+            new = seq.text[seq.sent : end]
+            seq.sent = max(seq.sent, end)
+            request.events.put_nowait(TokenEvent(seq.index, new, seq.finish_reason, seq.generated))
+        if seq.finish_reason:
+            request.unfinished -= 1
+        return produced
+
+
+async def collect(handle: GenerationHandle, count: int, timeout_s: float | None) -> list[TokenEvent]:
+    """Every sequence's whole text (one merged event per sequence), within `timeout_s` (504 after)."""
+    texts = [""] * count
+    last: list[TokenEvent | None] = [None] * count
+    try:
+        async with asyncio.timeout(timeout_s):
+            while (event := await handle.next_event()) is not None:
+                texts[event.index] += event.text
+                last[event.index] = event
+    except TimeoutError:
+        raise RequestTimeout(
+            f"no complete answer within {timeout_s:g} s (the server is overloaded or max_tokens is large; "
+            "use stream: true for long generations)"
+        ) from None
+    return [
+        TokenEvent(i, texts[i], e.finish_reason if e else "error", e.completion_tokens if e else 0)
+        for i, e in enumerate(last)
+    ]

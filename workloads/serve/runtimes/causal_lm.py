@@ -1,0 +1,169 @@
+"""The `causal-lm` runtime: a GPT checkpoint of Tandem's training workload, one decoding step at a time.
+
+`--model-uri` is a checkpoint directory (`.../step-00000200`) or the checkpoint root (its newest complete
+checkpoint is used), as `tandem.workloads.models.gpt.load_for_inference` reads them. The generation scheduler
+(`tandem.workloads.serve.generation`) calls `step` with every active sequence: the contexts are right-padded
+into one batch, one forward pass computes each row's next-token logits at its own last position (causal
+attention: the padding after a row never changes it), and each row is sampled with its own parameters and
+random generator. There is no KV cache: each step recomputes every context (at most `block_size` tokens,
+older tokens slide out of the window like `GPT.generate`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tandem.errors import UserError
+from tandem.workloads.serve.generation import GenSequence, SamplingParams
+from tandem.workloads.serve.model import (
+    ModelOptions,
+    Precision,
+    Runtime,
+    check_precision,
+    quantize_int8,
+    torch_device,
+    torch_dtype,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tandem.workloads.models.gpt import GPT
+    from tandem.workloads.models.tokenizer import ByteTokenizer
+
+WARM_UP_PROMPT = "The model server warms up. "
+
+
+class CausalLM:
+    runtime = Runtime.CAUSAL_LM
+
+    def __init__(self, options: ModelOptions) -> None:
+        self.name = options.name
+        self.options = options
+        self.eos_id: int | None = None
+        self.block_size = 0
+        self.vocab_size = 0
+        self._model: GPT | None = None
+        self._tokenizer: ByteTokenizer | None = None
+        self._device: torch.device | None = None
+        self._meta: dict[str, Any] = {}
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def load(self) -> None:
+        import torch
+
+        from tandem.workloads.models.gpt import load_for_inference
+
+        device = torch_device(self.options.device)
+        check_precision(self.options.precision, device)
+        dtype = torch_dtype(self.options.precision)
+        try:
+            model, tokenizer, config = load_for_inference(
+                self.options.path, device=device, dtype=None if dtype == torch.float32 else dtype
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(
+                f"--model-uri {self.options.path}: {exc}; the causal-lm runtime serves checkpoints written "
+                "by Tandem's training workload (a step-NNNNNNNN directory or the checkpoint root)"
+            ) from exc
+        if self.options.precision is Precision.INT8:
+            model = quantize_int8(model)  # type: ignore[assignment]
+        torch.set_grad_enabled(False)
+        self._model, self._tokenizer, self._device = model, tokenizer, device
+        self.eos_id = tokenizer.eos_id
+        self.block_size = config.block_size
+        self.vocab_size = tokenizer.vocab_size
+        self._meta = {
+            "platform": "tandem_gpt",
+            "block_size": config.block_size,
+            "n_layer": config.n_layer,
+            "n_embd": config.n_embd,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "tokenizer": tokenizer.name,
+        }
+
+    def warm_up(self, max_batch_size: int) -> None:
+        for size in sorted({1, max_batch_size}):
+            batch = [
+                GenSequence(self.encode(WARM_UP_PROMPT), SamplingParams(temperature=1.0, seed=i))
+                for i in range(size)
+            ]
+            self.step(batch)
+        self._ready = True
+
+    def encode(self, text: str) -> list[int]:
+        assert self._tokenizer is not None, "load() first"
+        return self._tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        assert self._tokenizer is not None, "load() first"
+        return self._tokenizer.decode(ids)
+
+    def logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Next-token logits `(batch, vocab)` (fp32) of each context at its own last position."""
+        import torch
+
+        model = self._model
+        assert model is not None, "load() first"
+        lengths = [len(c) for c in contexts]
+        width = max(lengths)
+        rows = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, context in enumerate(contexts):
+            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
+        idx = rows.to(self._device)
+        with torch.inference_mode():
+            pos = torch.arange(width, dtype=torch.long, device=idx.device)
+            x = model.wte(idx) + model.wpe(pos)
+            for block in model.h:
+                x = block(x)
+            last = x[
+                torch.arange(len(contexts), device=idx.device), torch.tensor(lengths, device=idx.device) - 1
+            ]
+            logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
+            logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
+        return logits
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        import torch
+
+        contexts = [seq.ids[-self.block_size :] for seq in batch]
+        with torch.inference_mode():
+            return self._sample(batch, self.logits(contexts))
+
+    def _sample(self, batch: list[GenSequence], logits: torch.Tensor) -> list[int]:
+        import torch
+
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(batch):
+            params = seq.params
+            if params.temperature <= 0:
+                continue
+            if seq.state is None:
+                generator = torch.Generator(device=logits.device)
+                generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+                seq.state = generator
+            probs = torch.softmax(logits[i] / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                ordered, order = torch.sort(probs, descending=True)
+                outside = ordered.cumsum(0) - ordered > params.top_p  # keep the smallest set reaching top_p
+                ordered[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+            chosen[i] = int(torch.multinomial(probs, 1, generator=seq.state).item())
+        return [int(t) for t in chosen]
+
+    def predict(self, batch: list[GenSequence]) -> list[int]:
+        """The `Model` protocol's batch call: one decoding step."""
+        return self.step(batch)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            **self._meta,
+            "precision": str(self.options.precision),
+            "device": str(self._device) if self._device else self.options.device,
+        }
