@@ -256,5 +256,6 @@ def rounded(load: Load) -> dict[str, float]:
         ("latencyP99Ms", load.latency_p99_ms, 1),
         ("queueDepth", load.queue_depth, 1),
         ("concurrency", load.concurrency, 1),
+        ("tokensPerSecond", load.tokens_per_second, 1),
     )
     return {name: round(max(value, 0.0), digits) for name, value, digits in fields if value is not None}

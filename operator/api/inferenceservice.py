@@ -282,6 +282,8 @@ class ServingMetrics(StatusModel):
     """Requests waiting for a batch."""
     concurrency: float | None = Field(default=None, ge=0)
     """Requests in flight."""
+    tokens_per_second: float | None = Field(default=None, ge=0)
+    """Tokens generated per second (causal-lm)."""
 
 
 class ServingCost(StatusModel):

@@ -23,6 +23,7 @@ from tandem.operator.api.inferenceservice import (
     RolloutPolicy,
     ServedModel,
     ServingCost,
+    ServingMetrics,
 )
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import accepted
@@ -89,14 +90,21 @@ def hourly_cost_usd(spec: InferenceServiceSpec, replicas: int, settings: Operato
 
 
 def cost(
-    spec: InferenceServiceSpec, replicas: int, rps: float | None, settings: OperatorSettings
+    spec: InferenceServiceSpec, replicas: int, metrics: ServingMetrics | None, settings: OperatorSettings
 ) -> ServingCost:
-    """Hourly cost of the replicas, and per million requests at the observed request rate."""
+    """Hourly cost of the replicas, and per million requests and tokens at the observed rates."""
     hourly = hourly_cost_usd(spec, replicas, settings)
-    per_million = None
-    if rps and rps > 0:
-        per_million = round(hourly / (rps * 3600) * 1_000_000, 4)
-    return ServingCost().model_copy(update={"hourly_usd": hourly, "usd_per_million_requests": per_million})
+
+    def per_million(rate: float | None) -> float | None:
+        return round(hourly / (rate * 3600) * 1_000_000, 4) if rate and rate > 0 else None
+
+    return ServingCost().model_copy(
+        update={
+            "hourly_usd": hourly,
+            "usd_per_million_requests": per_million(metrics.rps if metrics else None),
+            "usd_per_million_tokens": per_million(metrics.tokens_per_second if metrics else None),
+        }
+    )
 
 
 class _Machine:
@@ -167,8 +175,7 @@ class _Machine:
         dep = self.observed.deployment
         ready = min(dep.ready_replicas, desired) if dep else 0
         self.set(replicas=ReplicaCounts(desired=desired, ready=ready))
-        rps = self.status.metrics.rps if self.status.metrics else None
-        self.set(cost=cost(self.spec, desired, rps, self.settings))
+        self.set(cost=cost(self.spec, desired, self.status.metrics, self.settings))
         self.scaling_condition()
         return self.decision
 

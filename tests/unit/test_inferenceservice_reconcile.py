@@ -188,12 +188,13 @@ def test_suspend_scales_to_zero_keeps_everything_and_resume_restores_the_count()
     assert resumed.status.phase == "Pending"
 
 
-def test_cost_per_million_requests_comes_from_the_observed_rate() -> None:
-    status = InferenceServiceStatus.model_validate({"metrics": {"rps": 100.0}})
+def test_cost_per_million_requests_and_tokens_comes_from_the_observed_rates() -> None:
+    status = InferenceServiceStatus.model_validate({"metrics": {"rps": 100.0, "tokensPerSecond": 2000.0}})
     decision = tick(svc(), status=status)
     assert decision.status.cost is not None
-    # $8/h at 360,000 requests/h.
+    # $8/h at 360,000 requests/h and 7.2 million tokens/h.
     assert decision.status.cost.usd_per_million_requests == round(8 / 360_000 * 1e6, 4)
+    assert decision.status.cost.usd_per_million_tokens == round(8 / 7_200_000 * 1e6, 4)
 
 
 def test_lineage_serves_the_latest_checkpoint_and_rolls_forward_on_a_newer_one() -> None:
