@@ -23,7 +23,10 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     present = {"tandem", "tandem.operator"}
     present |= _python_packages("operator", "tandem.operator")
     present |= _python_packages("workloads", "tandem.workloads")
-    present |= _python_packages("devcluster", "tandem.devcluster") - {"tandem.devcluster.gomod"}
+    present |= _python_packages("devcluster", "tandem.devcluster")
+    # Data-only folders shipped as packages: the pinned Go modules and the kwok stages.
+    present |= {f"tandem.devcluster.gomod.{name}" for name in ("etcd", "kubernetes", "kwok")}
+    present |= {"tandem.devcluster.kwok"}
     assert present - listed == set(), "add these to [tool.setuptools] packages"
     assert listed - present == set(), "these are listed but missing"
 
