@@ -8,7 +8,7 @@ rollout exceeded its deadline; an invalid spec is Failed too, set by the handler
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from tandem.operator.inferenceservice.observe import (
     ObservedTrainingJob,
 )
 
-__all__ = ["SERVICE_LABEL", "Decision", "Event", "Observed", "ScalingInfo", "accepted_status", "decide"]
+__all__ = ["SERVICE_LABEL", "Decision", "Event", "Observed", "ScalingInfo", "decide"]
 
 Phase = InferenceServicePhase
 #: With rollout `manual`: True while the referenced TrainingJob has a newer checkpoint than the one served.
@@ -327,40 +327,3 @@ def decide(
 ) -> Decision:
     """One level-based reconcile of an InferenceService. Pure: no I/O, no clock."""
     return _Machine(service, generation, current, observed, now, settings).run()
-
-
-def accepted_status(
-    name: str,
-    spec: InferenceServiceSpec,
-    current: Mapping[str, Any],
-    generation: int,
-    settings: OperatorSettings,
-) -> InferenceServiceStatus:
-    """The status of a valid InferenceService before any replica exists: every column has a value."""
-    status = InferenceServiceStatus.model_validate(dict(current))
-    if spec.suspend:
-        phase = InferenceServicePhase.SUSPENDED
-    elif status.phase is None or status.phase is InferenceServicePhase.SUSPENDED:
-        phase = InferenceServicePhase.PENDING
-    else:
-        phase = status.phase
-    desired = builders.replicas(spec)
-    source = spec.model
-    ref = source.training_job_ref
-    return status.model_copy(
-        update={
-            "phase": phase,
-            "observed_generation": generation,
-            "replicas": ReplicaCounts(desired=desired, ready=status.replicas.ready if status.replicas else 0),
-            "selector": builders.selector(name),
-            "model": ServedModel(
-                uri=source.uri,
-                training_job=ref.name if ref else None,
-                checkpoint_step=status.model.checkpoint_step if status.model else None,
-            ),
-            "cost": (status.cost or ServingCost()).model_copy(
-                update={"hourly_usd": hourly_cost_usd(spec, desired, settings)}
-            ),
-            "conditions": accepted(generation, status.conditions),
-        }
-    )
