@@ -12,32 +12,33 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from tandem.operator import kube
 
 T = TypeVar("T")
+#: (namespace, owner name): the value of the owner label is the owner's name.
+Key = tuple[str, str]
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 
 
 class PodCache(Generic[T]):
-    """Pods with `label` present, reduced by `observe` and grouped by `key` (e.g. (namespace, job))."""
+    """Pods with `label` present, reduced by `observe` and grouped by owner: (namespace, label value)."""
 
     def __init__(
         self,
         label: str,
-        key: Callable[[Mapping[str, Any]], Hashable],
         observe: Callable[[Mapping[str, Any]], T],
         namespaces: Iterable[str] = (),
     ) -> None:
-        self._label, self._key, self._observe = label, key, observe
+        self._label, self._observe = label, observe
         self._namespaces = tuple(namespaces) or (None,)
         self._lock = threading.Lock()
-        self._by_key: dict[Hashable, dict[str, T]] = {}
-        self._key_of: dict[str, Hashable] = {}
+        self._by_key: dict[Key, dict[str, T]] = {}
+        self._key_of: dict[str, Key] = {}
         self._synced: set[str | None] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -48,7 +49,11 @@ class PodCache(Generic[T]):
         with self._lock:
             return len(self._synced) == len(self._namespaces)
 
-    def get(self, key: Hashable) -> list[T]:
+    def _key(self, pod: Mapping[str, Any]) -> tuple[str, str]:
+        meta = pod["metadata"]
+        return str(meta["namespace"]), str(meta["labels"][self._label])
+
+    def get(self, key: Key) -> list[T]:
         with self._lock:
             return list(self._by_key.get(key, {}).values())
 
@@ -89,8 +94,8 @@ class PodCache(Generic[T]):
 
     def _list(self, namespace: str | None) -> str:
         reply = json.loads(self._call(namespace).data)
-        fresh: dict[Hashable, dict[str, T]] = {}
-        key_of: dict[str, Hashable] = {}
+        fresh: dict[Key, dict[str, T]] = {}
+        key_of: dict[str, Key] = {}
         for pod in reply["items"]:
             uid, key = pod["metadata"]["uid"], self._key(pod)
             fresh.setdefault(key, {})[uid] = self._observe(pod)
@@ -99,7 +104,7 @@ class PodCache(Generic[T]):
             if namespace is None:
                 self._by_key, self._key_of = fresh, key_of
             else:  # replace this namespace's pods only
-                stale = [uid for uid, key in self._key_of.items() if _namespace_of(key) == namespace]
+                stale = [uid for uid, key in self._key_of.items() if key[0] == namespace]
                 for uid in stale:
                     self._forget(uid)
                 for key, pods in fresh.items():
@@ -151,7 +156,3 @@ class PodCache(Generic[T]):
             pods.pop(uid, None)
             if not pods:
                 self._by_key.pop(key, None)
-
-
-def _namespace_of(key: Hashable) -> str | None:
-    return key[0] if isinstance(key, tuple) and key else None

@@ -77,16 +77,11 @@ def isvc_deployments(
     return {(namespace, labels[SERVICE_LABEL]): observe_deployment(body)}
 
 
-def _service_key(pod: Mapping[str, Any]) -> tuple[str, str]:
-    meta = pod["metadata"]
-    return str(meta["namespace"]), str(meta["labels"][SERVICE_LABEL])
-
-
 @kopf.on.startup()
 def start_replica_cache(memo: kopf.Memo, **_: Any) -> None:
     """Watch the replicas (selected by label on the server) into a lean cache, not through kopf."""
     settings: OperatorSettings = memo.settings
-    memo.isvc_replicas = PodCache(SERVICE_LABEL, _service_key, observe_replica, settings.namespaces)
+    memo.isvc_replicas = PodCache(SERVICE_LABEL, observe_replica, settings.namespaces)
     memo.isvc_replicas.start()
 
 

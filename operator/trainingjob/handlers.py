@@ -50,16 +50,11 @@ REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
 _warnings = WarningsOnce()
 
 
-def _job_key(pod: Mapping[str, Any]) -> tuple[str, str]:
-    meta = pod["metadata"]
-    return str(meta["namespace"]), str(meta["labels"][LABEL_JOB])
-
-
 @kopf.on.startup()
 def start_pod_cache(memo: kopf.Memo, **_: Any) -> None:
     """Watch the operator's own pods (selected by label on the server) into a lean cache."""
     settings: OperatorSettings = memo.settings
-    memo.training_pods = PodCache(LABEL_JOB, _job_key, observe_pod, settings.namespaces)
+    memo.training_pods = PodCache(LABEL_JOB, observe_pod, settings.namespaces)
     memo.training_pods.start()
 
 
