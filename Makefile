@@ -41,6 +41,7 @@ demo-down: setup ## stop the demo operator and the local cluster
 
 test: cluster-build ## run every test: unit, model server (real HTTP), training (real Ray), end-to-end (real control plane)
 	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/storage
 	$(BIN)/python -m pytest tests/serve
 	$(BIN)/python -m pytest tests/train
 	$(BIN)/python -m pytest tests/e2e

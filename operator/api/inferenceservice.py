@@ -11,6 +11,7 @@ from pydantic import Field, computed_field
 from tandem.operator.api.common import (
     API_VERSION,
     CONDITIONS_LIST_EXTRA,
+    DNS_SUBDOMAIN_PATTERN,
     GPU_PRODUCT_DESCRIPTION,
     ApiModel,
     CheckpointSelector,
@@ -54,9 +55,16 @@ class ModelSource(SpecModel):
     """The model to serve: exactly one of `uri` or `trainingJobRef`."""
 
     uri: str | None = Field(default=None, max_length=2048, pattern=MODEL_URI_PATTERN)
-    """`pvc://CLAIM/PATH`, `file:///PATH` (inside the image) or `s3://BUCKET/KEY`."""
+    """`pvc://CLAIM/PATH` (the claim is mounted read-only), `file:///PATH` (inside the image) or
+    `s3://BUCKET/KEY` (every object under the prefix KEY/, or the single object KEY, downloaded by each
+    replica into an emptyDir before it starts serving)."""
     training_job_ref: TrainingJobRef | None = None
     """Serve a checkpoint of a TrainingJob; the service then records which run and step it serves."""
+    credentials_secret: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """For an `s3://` uri: a Secret in the service's namespace whose keys become the replicas'
+    environment (envFrom): `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, optionally
+    `AWS_ENDPOINT_URL` (S3-compatible storage such as MinIO) and `AWS_REGION`. Unset: the credentials
+    the pod has otherwise (e.g. a service account bound to a cloud role)."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -64,6 +72,14 @@ class ModelSource(SpecModel):
             message="spec.model: set exactly one of spec.model.uri (a stored model) or "
             "spec.model.trainingJobRef (a TrainingJob's checkpoint)",
             check=lambda m: (m.uri is None) != (m.training_job_ref is None),
+        ),
+        Rule(
+            rule="!has(self.credentialsSecret) || (has(self.uri) && self.uri.startsWith('s3://'))",
+            message="spec.model.credentialsSecret is used only for s3:// models: set spec.model.uri "
+            "to s3://BUCKET/KEY or remove credentialsSecret",
+            check=lambda m: m.credentials_secret is None or (m.uri or "").startswith("s3://"),
+            field_path=".credentialsSecret",
+            reason="FieldValueForbidden",
         ),
     )
 

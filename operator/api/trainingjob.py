@@ -55,7 +55,8 @@ class Dataset(SpecModel):
     """Where the training text comes from."""
 
     uri: str = Field(max_length=2048, pattern=URI_PATTERN)
-    """`pvc://CLAIM/PATH`, `file:///PATH` (inside the pod) or `s3://BUCKET/KEY`."""
+    """`pvc://CLAIM/PATH` (the claim is mounted), `file:///PATH` (inside the pod) or `s3://BUCKET/KEY`
+    (downloaded by the training driver with the pod's AWS credentials; see docs/training.md)."""
 
 
 class BuiltinTrainer(SpecModel):
@@ -141,7 +142,8 @@ class CheckpointStorage(SpecModel):
     pvc: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """Name of a PersistentVolumeClaim (ReadWriteMany) in the job's namespace."""
     uri: str | None = Field(default=None, max_length=2048, pattern=URI_PATTERN)
-    """A storage URI such as `s3://bucket/prefix` or `file:///shared/ckpt`."""
+    """A `file:///PATH` directory on a shared volume that every pod of the job mounts (e.g. through
+    the image or a node mount). Object storage (`s3://`) is not supported for checkpoints."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -149,6 +151,14 @@ class CheckpointStorage(SpecModel):
             message="spec.checkpoint.storage: set exactly one of spec.checkpoint.storage.pvc "
             "(a PersistentVolumeClaim name) or spec.checkpoint.storage.uri",
             check=lambda s: (s.pvc is None) != (s.uri is None),
+        ),
+        Rule(
+            rule="!has(self.uri) || self.uri.startsWith('file:///')",
+            message="spec.checkpoint.storage.uri: checkpoints are written to a shared file system, "
+            "not object storage (s3:// and other schemes are not supported): use a pvc "
+            "(spec.checkpoint.storage.pvc) or a file:///PATH that every pod mounts",
+            check=lambda s: s.uri is None or s.uri.startswith("file:///"),
+            field_path=".uri",
         ),
         Rule(
             rule="self == oldSelf",

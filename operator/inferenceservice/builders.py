@@ -33,6 +33,12 @@ SERVICE_PORT = 80
 MODEL_MOUNT = "/models"
 #: Where a TrainingJob's checkpoint claim is mounted, as in the training pods (same `file://` URIs).
 CHECKPOINT_MOUNT = "/checkpoints"
+#: Where an `s3://` model is downloaded (an emptyDir per replica; `tandem serve --model-cache-dir`).
+MODEL_CACHE_MOUNT = "/model-cache"
+#: How long an `s3://` model may take to download before the replica is restarted: the startup probe
+#: allows this long for the port to open (the server downloads before it listens).
+MODEL_DOWNLOAD_SECONDS = 1800
+STARTUP_PROBE_PERIOD = 5
 #: The server finishes accepted requests for this long after SIGTERM (`tandem serve --drain-timeout-s`).
 DRAIN_SECONDS = 30
 #: Drain plus time for endpoints to drop the pod and for the process to exit.
@@ -99,6 +105,11 @@ def pvc_model(uri: str) -> tuple[str, str] | None:
     return claim, path
 
 
+def s3_model(uri: str) -> bool:
+    """True for an `s3://` model, which each replica downloads into its model cache."""
+    return uri.startswith("s3://")
+
+
 def server_uri(uri: str) -> str:
     """The `--model-uri` the server gets: a `pvc://` model as the path where its claim is mounted."""
     claim = pvc_model(uri)
@@ -161,6 +172,7 @@ def server_command(service: Service, model: ModelTarget) -> list[str]:
         service.name,
         "--drain-timeout-s",
         str(DRAIN_SECONDS),
+        *(["--model-cache-dir", MODEL_CACHE_MOUNT] if s3_model(model.uri) else []),
     ]
 
 
@@ -179,6 +191,9 @@ def _volumes(model: ModelTarget) -> tuple[list[dict[str, Any]], list[dict[str, A
             }
         )
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT, "readOnly": True})
+    if s3_model(model.uri):
+        volumes.append({"name": "model-cache", "emptyDir": {}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
     return volumes, mounts
 
 
@@ -244,6 +259,15 @@ def deployment(service: Service, model: ModelTarget, replica_count: int) -> dict
         pod_spec["tolerations"] = tolerations
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
+    if s3_model(model.uri):
+        # The server downloads the model before it listens: liveness and readiness wait for this probe.
+        container["startupProbe"] = _probe(
+            "/v2/health/live",
+            period=STARTUP_PROBE_PERIOD,
+            failures=MODEL_DOWNLOAD_SECONDS // STARTUP_PROBE_PERIOD,
+        )
+        if spec.model.credentials_secret:
+            container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
     volumes, mounts = _volumes(model)
     if volumes:
         pod_spec["volumes"] = volumes

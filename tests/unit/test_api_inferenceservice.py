@@ -121,6 +121,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("bad checkpoint", {"model": {"trainingJobRef": {"name": "g", "checkpoint": "newest"}}}, "checkpoint"),
     ("negative checkpoint", {"model": {"trainingJobRef": {"name": "g", "checkpoint": -1}}}, "checkpoint"),
     ("unknown field", spec_with(replica={"min": 1}), "replica"),
+    (
+        "credentials for a pvc model",
+        {"model": {"uri": "pvc://m/x", "credentialsSecret": "s3-creds"}},
+        "spec.model.credentialsSecret is used only for s3:// models",
+    ),
+    ("bad secret name", {"model": {"uri": "s3://b/m", "credentialsSecret": "S3_creds"}}, "credentialsSecret"),
 ]
 
 

@@ -88,7 +88,7 @@ def test_camel_case_round_trip() -> None:
         "precision": "fp16",
         "batch": {"global": 512, "perDevice": 8},
         "checkpoint": {
-            "storage": {"uri": "s3://bucket/ckpt"},
+            "storage": {"uri": "file:///shared/ckpt"},
             "everySteps": 100,
             "everyMinutes": 15,
             "keep": 2,
@@ -161,6 +161,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("dataset without scheme", spec_with(trainer={"builtin": {"dataset": {"uri": "/data/x"}}}), "uri"),
     ("float cpu", spec_with(workers={"resources": {"cpu": 0.5}}), "quantity"),
     ("bad pvc name", spec_with(checkpoint={"storage": {"pvc": "Ckpt_1"}}), "pvc"),
+    (
+        "s3 checkpoints",
+        spec_with(checkpoint={"storage": {"uri": "s3://bucket/ckpt"}}),
+        "spec.checkpoint.storage.uri: checkpoints are written to a shared file system",
+    ),
+    (
+        "non-local file checkpoints",
+        spec_with(checkpoint={"storage": {"uri": "file://nfs-host/ckpt"}}),
+        "use a pvc (spec.checkpoint.storage.pvc) or a file:///PATH",
+    ),
 ]
 
 

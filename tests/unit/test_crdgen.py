@@ -297,7 +297,9 @@ def test_rule_cost_is_bounded(kind: str) -> None:
     """
     for path, node in nodes(schema_of(kind)):
         for rule in node.get("x-kubernetes-validations", []):
-            for ref in re.findall(r"self((?:\.[A-Za-z_]\w*)+)", rule["rule"]):
+            for path_read, call in re.findall(r"self((?:\.[A-Za-z_]\w*)+)(\(?)", rule["rule"]):
+                # A method such as `self.uri.startsWith(...)` reads the field it is called on.
+                ref = path_read.rsplit(".", 1)[0] if call else path_read
                 target = _resolve(node, ref)
                 assert target is not None, f"{path}: rule reads {ref}, which is not in the schema"
                 if target.get("type") == "string":
@@ -428,7 +430,12 @@ CEL_CASES: list[tuple[str, dict[str, Any]]] = [
             "workers": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 5}]},
         },
     ),
+    (trainingjob.KIND, {"trainer": {"entrypoint": "a:b"}, "checkpoint": {"storage": {"uri": "s3://b/k"}}}),
+    (trainingjob.KIND, {"trainer": {"entrypoint": "a:b"}, "checkpoint": {"storage": {"uri": "file:///c"}}}),
     (inferenceservice.KIND, {"model": {"uri": "pvc://m/x"}}),
+    (inferenceservice.KIND, {"model": {"uri": "s3://b/m", "credentialsSecret": "c"}}),
+    (inferenceservice.KIND, {"model": {"uri": "pvc://m/x", "credentialsSecret": "c"}}),
+    (inferenceservice.KIND, {"model": {"trainingJobRef": {"name": "g"}, "credentialsSecret": "c"}}),
     (inferenceservice.KIND, {"model": {}}),
     (inferenceservice.KIND, {"model": {"uri": "pvc://m/x", "trainingJobRef": {"name": "g"}}}),
     (inferenceservice.KIND, {"model": {"uri": "pvc://m/x"}, "replicas": {"min": 3, "max": 2}}),

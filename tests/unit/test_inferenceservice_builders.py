@@ -166,3 +166,66 @@ def test_spec_hash_follows_the_manifest() -> None:
     same = builders.deployment(svc, model, 3)["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
     other = builders.deployment(svc, model, 4)["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
     assert one == same != other
+
+
+# ---------------------------------------------------------------------------------------------
+# s3:// models: each replica downloads the model into an emptyDir before it listens
+# ---------------------------------------------------------------------------------------------
+
+
+def _s3_deployment(**model: Any) -> dict[str, Any]:
+    spec = InferenceServiceSpec.model_validate(
+        {
+            "model": {"uri": "s3://tandem-models/minilm", "credentialsSecret": "s3-reader", **model},
+            "runtime": "embeddings",
+            "resources": {"cpu": "2", "memory": "4Gi"},
+        }
+    )
+    svc = Service("minilm-s3", "ml", "uid-3", spec, "img:1")
+    assert spec.model.uri is not None
+    return builders.deployment(svc, ModelTarget(uri=spec.model.uri), 1)
+
+
+def test_s3_deployment_matches_golden() -> None:
+    child = _s3_deployment()
+    path = GOLDEN / f"inferenceservice-{child['kind'].lower()}-{child['metadata']['name']}.yaml"
+    rendered = yaml.safe_dump(child, sort_keys=True)
+    if os.environ.get("TANDEM_UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert path.exists(), f"missing {path}: run with TANDEM_UPDATE_GOLDEN=1 and review the file"
+    assert rendered == path.read_text(), f"{path.name} changed: review, then TANDEM_UPDATE_GOLDEN=1"
+
+
+def test_s3_models_get_a_cache_volume_credentials_and_time_to_download() -> None:
+    pod = _s3_deployment()["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    flags = dict(zip(container["command"][2::2], container["command"][3::2], strict=True))
+    # The server gets the s3:// URI itself and downloads into the emptyDir.
+    assert flags["--model-uri"] == "s3://tandem-models/minilm"
+    assert flags["--model-cache-dir"] == builders.MODEL_CACHE_MOUNT
+    assert pod["volumes"] == [{"name": "model-cache", "emptyDir": {}}]
+    assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": builders.MODEL_CACHE_MOUNT}]
+    # The Secret's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become the environment.
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-reader"}}]
+    # The port opens only after the download: the startup probe holds liveness and readiness back
+    # for MODEL_DOWNLOAD_SECONDS, then liveness takes over as for any model.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] == builders.MODEL_DOWNLOAD_SECONDS >= 600
+    assert container["livenessProbe"] == _children()[0]["spec"]["template"]["spec"]["containers"][0][
+        "livenessProbe"
+    ]
+
+
+def test_s3_without_a_secret_uses_the_pods_own_credentials() -> None:
+    container = _s3_deployment(credentialsSecret=None)["spec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in container
+    assert "startupProbe" in container
+
+
+def test_other_models_get_no_cache_no_startup_probe_no_credentials() -> None:
+    for child in (_children()[0], _children()[4]):
+        container = child["spec"]["template"]["spec"]["containers"][0]
+        assert "--model-cache-dir" not in container["command"]
+        assert not {"startupProbe", "envFrom"} & set(container)
+        assert "model-cache" not in [v["name"] for v in child["spec"]["template"]["spec"]["volumes"]]

@@ -65,7 +65,6 @@ def test_config_from_arguments(tmp_path: Path) -> None:
     [
         (["--model-uri", "/does/not/exist"], "does not exist"),
         (["--model-uri", "pvc://claim/model"], "local files only"),
-        (["--model-uri", "s3://bucket/key"], "local files only"),
         (["--model-uri", "http://example.invalid/model"], "unsupported scheme"),
         (["--model-uri", "file://otherhost/x"], "must be local"),
         (["--model-uri", ".", "--max-batch-size", "64", "--max-queue-size", "8"], "max_queue_size"),

@@ -48,7 +48,7 @@ def test_a_good_spec_gives_the_run_config(tmp_path: Path) -> None:
             "spec.trainer.builtin.dataset.uri",
         ),
         (
-            lambda s: s["trainer"]["builtin"]["dataset"].update(uri="s3://bucket/key"),
+            lambda s: s["trainer"]["builtin"]["dataset"].update(uri="gs://bucket/key"),
             "spec.trainer.builtin.dataset.uri",
         ),
         (
@@ -69,6 +69,16 @@ def test_bad_config_names_the_field(change: Any, field: str, tmp_path: Path) -> 
 def test_missing_checkpoint_location_names_the_field() -> None:
     with pytest.raises(UserError, match=r"spec\.checkpoint\.storage"):
         from_spec(SPEC, job_name="j")
+
+
+def test_object_storage_checkpoints_are_refused_before_anything_starts() -> None:
+    s = copy.deepcopy(SPEC)
+    s["checkpoint"]["storage"] = {"uri": "s3://bucket/ckpt"}
+    with pytest.raises(UserError, match=r"spec\.checkpoint\.storage\.uri: .*use a pvc"):
+        from_spec(s, job_name="j", checkpoint_dir="s3://bucket/ckpt")
+    # A TANDEM_CHECKPOINT_URI that is not a file system path (whatever the spec says) is refused too.
+    with pytest.raises(UserError, match=r"spec\.checkpoint\.storage\.uri: .*'s3://b/c'.*use a pvc"):
+        from_spec(SPEC, job_name="j", checkpoint_dir="s3://b/c")
 
 
 def test_dataset_shorter_than_a_sequence_is_rejected(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from tandem.errors import UserError
@@ -62,7 +63,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model-uri", required=True, help="the model: a local path or file:///path URI (required)"
+        "--model-uri",
+        required=True,
+        help="the model: a local path, file:///path or s3://BUCKET/KEY (a prefix or one object) (required)",
+    )
+    model.add_argument(
+        "--model-cache-dir",
+        default=os.environ.get("TANDEM_MODEL_CACHE") or None,
+        help="where s3:// models are downloaded; a finished download is reused "
+        "(default $TANDEM_MODEL_CACHE, else ~/.cache/tandem/models)",
     )
     model.add_argument(
         "--runtime",
@@ -165,7 +174,8 @@ def build_config(args: argparse.Namespace) -> Any:
     )
     from tandem.workloads.serve.server import ServerConfig
 
-    path = resolve_model_path(args.model_uri)
+    cache_dir = Path(args.model_cache_dir) if args.model_cache_dir else None
+    path = resolve_model_path(args.model_uri, cache_dir)
     try:
         batching = BatchingConfig(
             max_batch_size=args.max_batch_size,

@@ -76,9 +76,21 @@ class ModelOptions:
     precision: Precision = Precision.FP32
 
 
-def resolve_model_path(uri: str) -> Path:
-    """A local path or `file://` URI that must exist. Other schemes are mounted by the operator first."""
+def resolve_model_path(uri: str, cache_dir: Path | None = None) -> Path:
+    """A local path or `file://` URI that must exist, or an `s3://BUCKET/KEY` model downloaded into
+    `cache_dir` (default `$TANDEM_MODEL_CACHE` or `~/.cache/tandem/models`; a finished download is reused).
+    `pvc://` models are mounted by the operator, which passes the mounted path."""
     parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from tandem.workloads.storage import materialize
+
+        return materialize(
+            uri,
+            cache_dir,
+            what="--model-uri",
+            credentials_hint=" (in an InferenceService: name a Secret with these keys in "
+            "spec.model.credentialsSecret)",
+        ).resolve()
     if parsed.scheme in ("", "file"):
         raw = unquote(parsed.path) if parsed.scheme == "file" else uri
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
@@ -87,12 +99,14 @@ def resolve_model_path(uri: str) -> Path:
         if not path.exists():
             raise UserError(f"--model-uri {uri!r}: {path} does not exist; pass a local directory or file")
         return path.resolve()
-    if parsed.scheme in ("pvc", "s3"):
+    if parsed.scheme == "pvc":
         raise UserError(
-            f"--model-uri {uri!r}: the server reads local files only; in a pod the operator mounts "
-            f"{parsed.scheme}:// models and passes the mounted path, locally download it and pass the path"
+            f"--model-uri {uri!r}: the server reads local files only (and s3://); in a pod the operator "
+            "mounts pvc:// models and passes the mounted path, locally pass the path"
         )
-    raise UserError(f"--model-uri {uri!r}: unsupported scheme {parsed.scheme!r}; use a path or file:// URI")
+    raise UserError(
+        f"--model-uri {uri!r}: unsupported scheme {parsed.scheme!r}; use a path, file:// or s3:// URI"
+    )
 
 
 def default_model_name(path: Path) -> str:

@@ -8,6 +8,7 @@ message names the spec field, so a bad job fails before a Ray cluster, a GPU or 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -99,18 +100,40 @@ def parse_spec(spec: dict[str, Any], *, source: str = "spec") -> Any:
         raise UserError(f"invalid TrainingJob {source}:\n  " + "\n  ".join(lines)) from None
 
 
+def data_cache_dir(data_root: str | None = None) -> Path:
+    """Where `s3://` data sets are downloaded: `$TANDEM_DATA_CACHE`, else `.s3-cache` in the data root
+    when it is a writable directory, else a directory under the system's temp dir."""
+    if os.environ.get("TANDEM_DATA_CACHE"):
+        return Path(os.environ["TANDEM_DATA_CACHE"])
+    root = Path(data_root or os.environ.get("TANDEM_DATA_ROOT", DEFAULT_DATA_ROOT))
+    if root.is_dir() and os.access(root, os.W_OK):
+        return root / ".s3-cache"
+    return Path(tempfile.gettempdir()) / "tandem-data-cache"
+
+
 def resolve_data_uri(uri: str, *, data_root: str | None = None, field_name: str = "uri") -> Path:
-    """A local path for a data URI: `file:///P`, a plain path, or `pvc://CLAIM/P` under the data root."""
+    """A local path for a data URI: `file:///P`, a plain path, `pvc://CLAIM/P` under the data root, or
+    `s3://BUCKET/KEY` downloaded once into `data_cache_dir` (later calls reuse the finished copy)."""
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     if uri.startswith("pvc://"):
         root = data_root or os.environ.get("TANDEM_DATA_ROOT", DEFAULT_DATA_ROOT)
         return Path(root) / uri.removeprefix("pvc://")
+    if uri.startswith("s3://"):
+        from tandem.workloads.storage import materialize
+
+        return materialize(
+            uri,
+            data_cache_dir(data_root),
+            what=field_name,
+            credentials_hint=" (in a TrainingJob's pods: in their environment, or through a service "
+            "account bound to a cloud role that can read the bucket)",
+        )
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise UserError(
             f"{field_name}: {uri!r} uses the {scheme}:// scheme, which the training driver cannot read; "
-            "use file:///PATH, pvc://CLAIM/PATH or tandem://corpus"
+            "use file:///PATH, pvc://CLAIM/PATH, s3://BUCKET/KEY or tandem://corpus"
         )
     return Path(uri)
 
@@ -163,6 +186,12 @@ def from_spec(
         "max_failures": spec.failure_policy.max_restarts,
         "resume_from": resume_from,
     }
+    if checkpoint_dir is not None and "://" in checkpoint_dir and not checkpoint_dir.startswith("file://"):
+        raise UserError(
+            f"spec.checkpoint.storage.uri: the checkpoint location {checkpoint_dir!r} is not a file "
+            "system path; checkpoints are written to a shared volume, not object storage: use a pvc "
+            "(spec.checkpoint.storage.pvc) or a file:///PATH that every pod mounts"
+        )
     ck = spec.checkpoint
     if ck is not None:
         if checkpoint_dir is None:
