@@ -220,12 +220,13 @@ class _S3Download:
         found = self.finished()
         if found is not None:
             return found
+        lock = self.cache / f".{self.entry.name}.lock"
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
-            lock = self.cache / f".{self.entry.name}.lock"
+            lock.touch()
         except OSError as exc:
             raise self.fail(
-                f"cannot create the cache directory {self.cache} ({exc}); point it at a writable directory"
+                f"cannot write to the cache directory {self.cache} ({exc}); point it at a writable directory"
             ) from None
         with _locked(lock):
             found = self.finished()  # another process may have finished it while we waited
@@ -294,10 +295,11 @@ class _S3Download:
         return [(loc.key, PurePosixPath(loc.name), int(head["ContentLength"]))], True
 
     def download(self) -> Path:
+        started = time.monotonic()
+        client = self.client()  # first: a missing boto3 is explained there
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        started = time.monotonic()
-        client = self.client()
         try:
             objects, single = self.listing(client)
             total = sum(size for _, _, size in objects)
@@ -328,6 +330,8 @@ class _S3Download:
             raise self.explain_client_error(exc) from None
         except BotoCoreError as exc:
             raise self.explain_botocore_error(exc) from None
+        except Boto3Error as exc:  # a transfer that failed after its retries (the connection broke)
+            raise self.fail(f"the download from {self.where()} failed ({exc}); try again") from None
         except OSError as exc:
             raise self.fail(
                 f"cannot write the download into {self.cache} ({exc}); free disk space or use another "
