@@ -212,9 +212,10 @@ def test_s3_models_get_a_cache_volume_credentials_and_time_to_download() -> None
     startup = container["startupProbe"]
     assert startup["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert startup["periodSeconds"] * startup["failureThreshold"] == builders.MODEL_DOWNLOAD_SECONDS >= 600
-    assert container["livenessProbe"] == _children()[0]["spec"]["template"]["spec"]["containers"][0][
-        "livenessProbe"
-    ]
+    assert (
+        container["livenessProbe"]
+        == _children()[0]["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    )
 
 
 def test_s3_without_a_secret_uses_the_pods_own_credentials() -> None:
