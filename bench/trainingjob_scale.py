@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,54 @@ def reconcile_histogram(metrics: str, kind: str) -> list[tuple[float, float]]:
     return sorted(buckets)
 
 
+def request_counts(kubectl: Kubectl) -> dict[tuple[str, str], float]:
+    """The API server's request counter by (verb, resource), summed over codes and scopes."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in kubectl.run("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        key = (labels.get("verb", ""), labels.get("resource", "") + "/" + labels.get("subresource", ""))
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def request_delta(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float], jobs: int
+) -> list[str]:
+    """Table rows of the write requests made between two snapshots, per job."""
+    rows = []
+    for key in sorted(after):
+        verb, resource = key
+        delta = after[key] - before.get(key, 0.0)
+        if verb in ("POST", "PATCH", "PUT", "DELETE", "APPLY") and delta >= jobs / 10:
+            rows.append(f"| {verb} {resource.rstrip('/')} | {delta:.0f} | {delta / jobs:.2f} |")
+    return rows
+
+
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def control_plane_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each control-plane program (all such processes on the machine)."""
+    used = dict.fromkeys(CONTROL_PLANE, 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        name = head.split("(", 1)[1]
+        name = next((program for program in CONTROL_PLANE if program[:15] == name), name)  # comm: 15 chars
+        if name in used:
+            fields = rest.split()
+            used[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> str:
+    return ", ".join(f"{name} {after[name] - before[name]:.0f} s" for name in CONTROL_PLANE)
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
     """(peak RSS in MB, CPU seconds) of a live process."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -132,6 +181,31 @@ def proc_stats(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return peak_kb / 1024, cpu
+
+
+def report(
+    jobs: int,
+    workers: int,
+    floor: float,
+    tandem: float,
+    rss: float,
+    cpu: float,
+    histogram: list[tuple[float, float]],
+) -> None:
+    pods = jobs * (workers + 1)
+    count = histogram[-1][1] if histogram else 0
+    print()
+    print(f"| {jobs} TrainingJobs x {workers} workers ({pods} pods) | value |")
+    print("| --- | --- |")
+    print(f"| floor: pods created directly, time to all Running | {floor:.1f} s |")
+    print(f"| Tandem: TrainingJobs applied, time to all pods Running | {tandem:.1f} s |")
+    print(f"| ratio Tandem / floor (goal <= 1.5) | {tandem / floor:.2f} |")
+    print(f"| operator peak RSS (goal < 300 MB) | {rss:.0f} MB |")
+    print(f"| operator CPU time during the run | {cpu:.1f} s |")
+    print(f"| reconciles | {count:.0f} |")
+    if histogram:
+        p50, p99 = quantile(histogram, 0.5) * 1000, quantile(histogram, 0.99) * 1000
+        print(f"| reconcile latency p50 / p99 | {p50:.1f} / {p99:.1f} ms |")
 
 
 def main() -> int:
@@ -158,7 +232,10 @@ def main() -> int:
         for ns in ("floor", "tandem"):
             kubectl.run("create", "namespace", ns)
         print("floor: creating pods directly ...", flush=True)
+        before_floor, cpu_before = request_counts(kubectl), control_plane_cpu()
         floor = run_floor(core, "floor", args.jobs, args.workers, args.concurrency)
+        print(f"floor: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
+        floor_requests = request_delta(before_floor, request_counts(kubectl), args.jobs)
         print(f"floor: {floor:.1f}s; deleting its pods before the Tandem run", flush=True)
         kubectl.run("delete", "namespace", "floor", "--timeout=600s")  # waits until it is gone
         operator = start_operator(
@@ -166,7 +243,10 @@ def main() -> int:
         )
         try:
             print("tandem: applying TrainingJobs ...", flush=True)
+            before_tandem, cpu_before = request_counts(kubectl), control_plane_cpu()
             tandem = run_tandem(core, custom, "tandem", args.jobs, args.workers, args.concurrency)
+            print(f"tandem: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
+            tandem_requests = request_delta(before_tandem, request_counts(kubectl), args.jobs)
             rss, cpu = proc_stats(operator.process.pid)
             histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
         finally:
@@ -174,19 +254,12 @@ def main() -> int:
     finally:
         if not args.keep_cluster:
             devcluster.down(CLUSTER)
-    count = histogram[-1][1] if histogram else 0
-    print()
-    print(f"| {args.jobs} TrainingJobs x {args.workers} workers ({pods} pods) | value |")
-    print("| --- | --- |")
-    print(f"| floor: pods created directly, time to all Running | {floor:.1f} s |")
-    print(f"| Tandem: TrainingJobs applied, time to all pods Running | {tandem:.1f} s |")
-    print(f"| ratio Tandem / floor (goal <= 1.5) | {tandem / floor:.2f} |")
-    print(f"| operator peak RSS (goal < 300 MB) | {rss:.0f} MB |")
-    print(f"| operator CPU time during the run | {cpu:.1f} s |")
-    print(f"| reconciles | {count:.0f} |")
-    if histogram:
-        p50, p99 = quantile(histogram, 0.5) * 1000, quantile(histogram, 0.99) * 1000
-        print(f"| reconcile latency p50 / p99 | {p50:.1f} / {p99:.1f} ms |")
+    report(args.jobs, args.workers, floor, tandem, rss, cpu, histogram)
+    for name, rows in (("floor", floor_requests), ("Tandem", tandem_requests)):
+        print()
+        print(f"| {name}: writes to the API server | requests | per job |")
+        print("| --- | --- | --- |")
+        print("\n".join(rows))
     return 0
 
 

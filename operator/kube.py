@@ -7,6 +7,7 @@ that is what makes re-running a reconcile (or an operator restart mid-way) harml
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -217,10 +218,15 @@ def scale_custom_object(
 
 def patch_custom_object_status(
     group: str, version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
-) -> None:
-    """Merge-patch a custom resource's status subresource (fields not named are left alone)."""
+) -> dict[str, Any]:
+    """Merge-patch a custom resource's status subresource (fields not named are left alone).
+
+    Returns the object as stored after the patch.
+    """
     from kubernetes import client
 
-    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+    reply: Any = client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
         group, version, namespace, plural, name, {"status": dict(status)}, _preload_content=False
     )
+    stored: dict[str, Any] = json.loads(reply.data)
+    return stored

@@ -42,6 +42,8 @@ class PodCache(Generic[T]):
         self._synced: set[str | None] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Called from the watch thread with an owner key whose pods changed (after the cache has them).
+        self.on_change: Callable[[Key], None] | None = None
 
     @property
     def synced(self) -> bool:
@@ -101,6 +103,7 @@ class PodCache(Generic[T]):
             fresh.setdefault(key, {})[uid] = self._observe(pod)
             key_of[uid] = key
         with self._lock:
+            touched = {key for key in self._key_of.values() if namespace in (None, key[0])} | set(fresh)
             if namespace is None:
                 self._by_key, self._key_of = fresh, key_of
             else:  # replace this namespace's pods only
@@ -111,6 +114,8 @@ class PodCache(Generic[T]):
                     self._by_key.setdefault(key, {}).update(pods)
                 self._key_of.update(key_of)
             self._synced.add(namespace)
+        for key in touched:
+            self._changed(key)
         return str(reply["metadata"]["resourceVersion"])
 
     def _watch(self, namespace: str | None, version: str) -> str:
@@ -142,12 +147,25 @@ class PodCache(Generic[T]):
     def _apply(self, kind: str, pod: Mapping[str, Any]) -> None:
         uid = pod["metadata"]["uid"]
         with self._lock:
+            key = self._key_of.get(uid) or self._key(pod)
             if kind == "DELETED":
                 self._forget(uid)
-                return
-            key = self._key(pod)
-            self._by_key.setdefault(key, {})[uid] = self._observe(pod)
-            self._key_of[uid] = key
+                changed = True
+            else:
+                seen = self._by_key.setdefault(key, {})
+                observed = self._observe(pod)
+                changed = seen.get(uid) != observed
+                seen[uid] = observed
+                self._key_of[uid] = key
+        if changed:  # a pod update that changes nothing the reconciler reads wakes nobody
+            self._changed(key)
+
+    def _changed(self, key: Key) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(key)
+            except RuntimeError:  # the event loop is closing: nobody left to wake
+                log.debug("pod change for %s after shutdown", key)
 
     def _forget(self, uid: str) -> None:
         key = self._key_of.pop(uid, None)

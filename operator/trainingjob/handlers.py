@@ -1,12 +1,15 @@
-"""kopf glue for TrainingJob: a cache of its pods, an index of nodes, and a level-based reconcile timer.
+"""kopf glue for TrainingJob: a cache of its pods, an index of nodes, and a keyed work queue.
 
-The timer runs `reconcile.decide` on what the cache and index hold (no API reads per reconcile), then
-carries out the decision: create or delete children, post events, patch status when it changed.
+A job is reconciled when its watch event or one of its pods' changes queues it, and every 2 s while
+it is active. A reconcile runs `reconcile.decide` on what the caches hold (no API reads), then carries
+out the decision: create or delete children, post events, patch status when it changed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -27,7 +30,7 @@ from tandem.operator.api.trainingjob import (
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import WarningsOnce, parse_spec_or_reject, status_patch, with_refusal
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.podcache import PodCache
+from tandem.operator.podcache import Key, PodCache
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
     TERMINAL_PHASES,
@@ -39,8 +42,16 @@ from tandem.operator.trainingjob.observe import (
     pod_gpus,
 )
 from tandem.operator.trainingjob.reconcile import Decision, Job, decide
+from tandem.operator.workqueue import WorkQueue
 
+#: Resync period of an active job (timeouts, cost accrual); changes are handled as they come.
 RECONCILE_INTERVAL_SECONDS = 2.0
+#: A pod's change wakes its job this much later, so that a gang's pods coming up one by one (each
+#: bound, then Running, then ready) fold into one reconcile and one status write, not fifteen.
+POD_CHANGE_DELAY_SECONDS = 0.5
+#: Jobs reconciled at the same time (threads: a reconcile blocks on its API calls).
+RECONCILE_WORKERS = 16
+_RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-trainingjob")
 #: Threads for a reconcile's child create/delete calls (the API client's pool holds as many connections).
 CHILD_CALL_THREADS = 8
 _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
@@ -48,19 +59,6 @@ log = logging.getLogger(__name__)
 #: Reasons whose warnings a reconcile would repeat every tick.
 REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
 _warnings = WarningsOnce()
-
-
-@kopf.on.startup()
-def start_pod_cache(memo: kopf.Memo, **_: Any) -> None:
-    """Watch the operator's own pods (selected by label on the server) into a lean cache."""
-    settings: OperatorSettings = memo.settings
-    memo.training_pods = PodCache(LABEL_JOB, observe_pod, settings.namespaces)
-    memo.training_pods.start()
-
-
-@kopf.on.cleanup()
-def stop_pod_cache(memo: kopf.Memo, **_: Any) -> None:
-    memo.training_pods.stop()
 
 
 @kopf.index("nodes")
@@ -86,6 +84,7 @@ def gpus_in_use() -> dict[str, int]:
 
 #: Shared namespace objects (no owner) this process has seen in place, so each is written once.
 _shared_present: set[tuple[str, str, str]] = set()
+_support_lock = threading.Lock()
 
 
 def _shared_key(manifest: Mapping[str, Any]) -> tuple[str, str, str] | None:
@@ -112,9 +111,14 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
     refused = None
     # The supporting objects go first and in order (a RoleBinding needs its Role; admission rejects a
     # pod whose ServiceAccount does not exist yet); then the gang's pods, concurrently.
-    support = [m for m in decision.create if m["kind"] != "Pod" and not _known_shared(m)]
+    with _support_lock:  # so that the first jobs of a namespace do not all create its shared account
+        support = [m for m in decision.create if m["kind"] != "Pod" and not _known_shared(m)]
+        created = [_create(m) for m in support]
+        for manifest, outcome in zip(support, created, strict=True):
+            if (key := _shared_key(manifest)) is not None and not isinstance(outcome, Exception):
+                _shared_present.add(key)
     pods = [m for m in decision.create if m["kind"] == "Pod"]
-    created = [_create(m) for m in support] + list(_CHILD_CALLS.map(_create, pods))
+    created += list(_CHILD_CALLS.map(_create, pods))
     for manifest, outcome in zip(support + pods, created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
@@ -123,11 +127,8 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
             log.warning(
                 "API server busy creating %s in %s (%s); retrying next tick", child, namespace, outcome
             )
-        else:
-            if (key := _shared_key(manifest)) is not None:
-                _shared_present.add(key)
-            if outcome:
-                log.info("created %s in %s", child, namespace)
+        elif outcome:
+            log.info("created %s in %s", child, namespace)
     for pod, gone in zip(
         decision.delete,
         _CHILD_CALLS.map(lambda name: kube.delete_pod(namespace, name), decision.delete),
@@ -147,56 +148,155 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
     return refused
 
 
-# kopf's TimerFn protocol does not know the index keyword arguments kopf passes by name.
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)  # type: ignore[arg-type]
-def reconcile_trainingjob(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
+class JobStore:
+    """The newest body seen of each TrainingJob: from the watch, or from our own status patch's reply.
+
+    A reconcile that ran on a body older than its own last status write would redo what that write
+    recorded (count a restart twice), so a reply newer than the watch's copy replaces it, and a watch
+    event older than what is held is ignored.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[Key, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        with self._lock:
+            return self._bodies.get(key)
+
+    def put(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (str(meta["namespace"]), str(meta["name"]))
+        with self._lock:
+            held = self._bodies.get(key)
+            if held is None or held["metadata"].get("uid") != meta.get("uid") or _not_older(meta, held):
+                self._bodies[key] = body
+
+    def drop(self, key: Key) -> None:
+        with self._lock:
+            self._bodies.pop(key, None)
+
+
+def _not_older(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
+    """Whether `meta`'s resourceVersion is at least the held one's (etcd's are integers; else: yes)."""
+    new, old = str(meta.get("resourceVersion", "")), str(held["metadata"].get("resourceVersion", ""))
+    return not (new.isdigit() and old.isdigit()) or int(new) >= int(old)
+
+
+class Controller:
+    """What the TrainingJob reconciler needs between calls: the job bodies, the caches, the queue."""
+
+    def __init__(self, settings: OperatorSettings, pods: PodCache[ObservedPod]) -> None:
+        self.settings, self.pods = settings, pods
+        self.jobs = JobStore()
+        self.nodes: kopf.Index[str, ObservedNode] | None = None
+        self.queue: WorkQueue[Key] | None = None
+
+    def reconcile(self, key: Key) -> float | None:
+        """Converge one job; seconds until it should be looked at again (None: only on a change)."""
+        body = self.jobs.get(key)
+        if body is None or self.nodes is None:
+            return None  # deleted; or not seen through kopf yet (its event brings it back)
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return None  # being deleted: its children go with it; recreating "lost" pods would fight the GC
+        if not self.pods.synced:
+            return RECONCILE_INTERVAL_SECONDS  # before the first list, a missing pod proves nothing
+        with timed_reconcile(KIND):
+            return self._reconcile(body)
+
+    def _reconcile(self, raw: dict[str, Any]) -> float | None:
+        assert self.nodes is not None
+        body = kopf.Body(raw)  # type: ignore[arg-type]
+        meta, status = raw["metadata"], raw.get("status") or {}
+        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
+        generation = int(meta.get("generation") or 0)
+        patch = kopf.Patch()
+        try:
+            job_spec = parse_spec_or_reject(
+                TrainingJobSpec,
+                body,
+                body.get("spec") or {},
+                status,
+                generation,
+                patch,
+                TrainingJobPhase.FAILED.value,
+            )
+        except kopf.PermanentError:
+            self._write_status(namespace, name, dict(patch.status))
+            return None  # nothing to do until the spec changes (its watch event queues the job)
+        job = Job(name, namespace, uid, generation, job_spec, job_spec.image or self.settings.training_image)
+        current = TrainingJobStatus.model_validate(status)
+        decision = decide(
+            job,
+            current,
+            self.pods.get((namespace, name)),
+            cluster_view(self.nodes),
+            datetime.now(UTC),
+            self.settings.gpu_price,
+        )
+        refused = apply(decision, body, namespace, name, uid)
+        if decision.delete_job:
+            return None
+        new_status = decision.status
+        if refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry next tick
+            new_status = with_refusal(new_status, ConditionType.SCHEDULED, refused, generation)
+        changes = status_patch(status, new_status.to_dict())
+        if changes:
+            self._write_status(namespace, name, changes)
+        return RECONCILE_INTERVAL_SECONDS
+
+    def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
+        if changes:
+            self.jobs.put(kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes))
+
+
+@kopf.on.startup()
+async def start_controller(memo: kopf.Memo, **_: Any) -> None:
+    """Watch the operator's own pods (selected by label on the server) into a lean cache; start the queue."""
+    settings: OperatorSettings = memo.settings
+    pods: PodCache[ObservedPod] = PodCache(LABEL_JOB, observe_pod, settings.namespaces)
+    controller = Controller(settings, pods)
+    controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
+    queue = controller.queue
+    pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)
+    pods.start()
+    controller.queue.start()
+    memo.trainingjobs = controller
+
+
+@kopf.on.cleanup()
+async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller = memo.trainingjobs
+    controller.pods.stop()
+    if controller.queue is not None:
+        await controller.queue.stop()
+
+
+# A raw event handler, neither a timer nor a change handler: a timer makes kopf put a finalizer on
+# every job and change handlers a diff-base annotation, each one more API write per job for nothing.
+# kopf's WatchingFn protocol does not know the index keyword arguments kopf passes by name.
+@kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]
+async def trainingjob_event(
+    type: str,
+    event: Mapping[str, Any],
     memo: kopf.Memo,
     nodes_by_name: kopf.Index[str, ObservedNode],
     **_: Any,
 ) -> None:
-    """Converge the job's pods to its phase, and its status to what the pods and driver report."""
-    if meta.get("deletionTimestamp"):
-        return  # being deleted: its children go with it; recreating "lost" pods would fight the GC
-    training_pods: PodCache[ObservedPod] = memo.training_pods
-    if not training_pods.synced:
-        return  # before the first list, a missing pod proves nothing: try again next tick
-    with timed_reconcile(KIND):
-        settings: OperatorSettings = memo.settings
-        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
-        generation = int(meta.get("generation") or 0)
-        job_spec = parse_spec_or_reject(
-            TrainingJobSpec, body, spec, status, generation, patch, TrainingJobPhase.FAILED.value
-        )
-        job = Job(name, namespace, uid, generation, job_spec, job_spec.image or settings.training_image)
-        current = TrainingJobStatus.model_validate(dict(status))
-        pods = training_pods.get((namespace, name))
-        decision = decide(
-            job,
-            current,
-            pods,
-            cluster_view(nodes_by_name),
-            datetime.now(UTC),
-            settings.gpu_price,
-        )
-        refused = apply(decision, body, namespace, name, uid)
-        new_status = decision.status
-        if refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry next tick
-            new_status = with_refusal(new_status, ConditionType.SCHEDULED, refused, generation)
-        changes = status_patch(dict(status), new_status.to_dict())
-        if changes and not decision.delete_job:
-            patch.status.update(changes)
-
-
-# A raw event handler, not on.delete: change handlers make kopf write a diff-base annotation on every
-# object it first sees, one more API write per job for nothing.
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def forget_trainingjob(type: str, meta: kopf.Meta, **_: Any) -> None:
-    """Children go with the job (ownerReferences); only in-memory bookkeeping is dropped here."""
-    if type != "DELETED":
+    """Keep the newest body and queue the job; forget a deleted one (its children go by ownerReference)."""
+    controller: Controller = memo.trainingjobs
+    body: dict[str, Any] = event["object"]
+    meta = body["metadata"]
+    key = (str(meta["namespace"]), str(meta["name"]))
+    assert controller.queue is not None
+    if controller.queue.context is None:  # kopf.event() needs the variables of a handler's context
+        controller.queue.context = contextvars.copy_context()
+    controller.nodes = nodes_by_name
+    if type == "DELETED":
+        controller.jobs.drop(key)
+        controller.queue.forget(key)
+        _warnings.forget(str(meta.get("uid")))
         return
-    _warnings.forget(str(meta.get("uid")))
+    controller.jobs.put(body)
+    controller.queue.add(key)

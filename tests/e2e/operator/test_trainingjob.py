@@ -340,3 +340,19 @@ def test_operator_killed_mid_reconcile_leaves_one_set_of_children(
         assert status_of(kubectl, namespace, "tj", "solo")["attempt"] == 1
     finally:
         second.stop()
+
+
+def test_a_job_deleted_while_the_operator_is_down_goes_with_its_children(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, second_operator: Path
+) -> None:
+    """No finalizer on a job: deleting it never waits for the operator (kopf timers would add one)."""
+    kubeconfig = operator.kubeconfig
+    first = start_operator(kubeconfig, second_operator / "first.log")
+    try:
+        apply(kubectl, namespace, job_manifest("orphan"))
+        wait_phase(kubectl, namespace, "orphan", "Running")
+    finally:
+        first.stop()
+    assert items(kubectl, namespace, "trainingjobs")[0]["metadata"].get("finalizers") is None
+    kubectl.run("delete", "tj", "orphan", "-n", namespace, "--timeout=60s")  # returns once it is gone
+    wait_for(lambda: pods(kubectl, namespace, "orphan") == [], WAIT, "pods garbage-collected")
