@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from tandem.workloads.models.tokenizer import ByteTokenizer
 
 WARM_UP_PROMPT = "The model server warms up. "
+#: Context lengths are padded up to a multiple of this (fewer distinct shapes for the attention kernels).
+WIDTH_STEP = 16
 
 
 class CausalLM:
@@ -74,6 +76,10 @@ class CausalLM:
             ) from exc
         if self.options.precision is Precision.INT8:
             model = quantize_int8(model)  # type: ignore[assignment]
+        if device.type == "cuda":
+            # cuDNN's attention plans each new (batch, length) shape once, ~50 ms on an H100: training
+            # repeats one shape, but continuous batching meets new ones all the time.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         torch.set_grad_enabled(False)
         self._model, self._tokenizer, self._device = model, tokenizer, device
         self.eos_id = tokenizer.eos_id
@@ -112,7 +118,10 @@ class CausalLM:
         model = self._model
         assert model is not None, "load() first"
         lengths = [len(c) for c in contexts]
-        width = max(lengths)
+        # Right padding is invisible to causal attention at each row's own last position; rounding the
+        # width up means a growing context meets a new tensor shape every WIDTH_STEP tokens, not every one.
+        longest = max(lengths)
+        width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(self.block_size, longest))
         rows = torch.zeros((len(contexts), width), dtype=torch.long)
         for i, context in enumerate(contexts):
             rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
