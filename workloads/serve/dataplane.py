@@ -2,6 +2,10 @@
 
 Protocol handlers call `infer`; the transport wraps each inference request in `admit` (503 unless ready,
 counts in-flight requests so a drain knows when they have all finished).
+
+In a worker of a multi-process server (`--workers N`) the plane also publishes its state to `peers` (the
+supervisor's worker board), and the server counts as ready (`server_ready`, the readiness probe) only while
+every worker is.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
 from tandem.workloads.serve.errors import Draining, NotReady
@@ -31,11 +35,31 @@ class State(StrEnum):
     STOPPED = "stopped"
 
 
+class Peers(Protocol):
+    """The other workers of a multi-process server, as far as readiness goes."""
+
+    workers: int
+
+    def publish(self, state: State) -> None:
+        """Tell the others this worker's state."""
+
+    def ready_count(self) -> int:
+        """How many workers (this one included) are ready."""
+
+
 class DataPlane:
-    def __init__(self, model: Model[Any, Any], batching: BatchingConfig, metrics: ServeMetrics) -> None:
+    def __init__(
+        self,
+        model: Model[Any, Any],
+        batching: BatchingConfig,
+        metrics: ServeMetrics,
+        *,
+        peers: Peers | None = None,
+    ) -> None:
         self.model = model
         self.batching = batching
         self.metrics = metrics
+        self.peers = peers
         self.state = State.LOADING
         self.load_error: str | None = None
         self.batcher: Batcher[Any, Any] | None = None
@@ -48,7 +72,21 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
+        """This process serves inference requests."""
         return self.state is State.READY
+
+    @property
+    def server_ready(self) -> bool:
+        """The whole server is ready: this process and, with several workers, every other one."""
+        if self.state is not State.READY:
+            return False
+        return self.peers is None or self.peers.ready_count() == self.peers.workers
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.metrics.set_ready(state is State.READY)
+        if self.peers is not None:
+            self.peers.publish(state)
 
     @property
     def inflight(self) -> int:
@@ -61,11 +99,11 @@ class DataPlane:
             await asyncio.to_thread(self.model.load)
             await asyncio.to_thread(self.model.warm_up, self.batching.max_batch_size)
         except BaseException as exc:
-            self.state = State.FAILED
+            self._set_state(State.FAILED)
             self.load_error = str(exc) or type(exc).__name__
             raise
         seconds = time.perf_counter() - started
-        self.metrics.model_load.labels(self.metrics.model).set(seconds)
+        self.metrics.set_model_load(seconds)
         if self.state is not State.LOADING:  # a drain began while loading: stay out of rotation
             return
         if self.model.runtime is Runtime.CAUSAL_LM:
@@ -74,8 +112,7 @@ class DataPlane:
         else:
             self.batcher = Batcher(self.model.predict, self.batching, observer=self.metrics)
             self.batcher.start()
-        self.state = State.READY
-        self.metrics.ready.labels(self.metrics.model).set(1)
+        self._set_state(State.READY)
         log.info("model %s ready (loaded and warmed up in %.1f s)", self.model.name, seconds)
 
     @contextmanager
@@ -110,8 +147,7 @@ class DataPlane:
 
         Returns True if every in-flight request finished in time.
         """
-        self.state = State.DRAINING
-        self.metrics.ready.labels(self.metrics.model).set(0)
+        self._set_state(State.DRAINING)
         log.info("draining: %d request(s) in flight", self._inflight)
         for scheduler in (self.batcher, self.generation):
             if scheduler is not None:
@@ -125,7 +161,7 @@ class DataPlane:
         for scheduler in (self.batcher, self.generation):
             if scheduler is not None:
                 await scheduler.close(drain=finished)
-        self.state = State.STOPPED
+        self._set_state(State.STOPPED)
         return finished
 
     async def close(self) -> None:

@@ -2,11 +2,19 @@
 
 One registry per server (not the process-global one), so several servers in one process (tests) never
 collide. The names below are the contract with the operator's autoscaler and the Grafana dashboards.
+
+With `--workers N` every worker process writes its samples to files in a directory that the supervisor
+creates fresh at each start (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`), and
+`/metrics` in any worker merges them: counters and histograms add up, `queue_depth` and `inflight_requests`
+are summed over the live workers, `model_load_seconds` is the slowest worker's, and `ready` is 1 only when
+every worker is (read from the supervisor's worker board, not from a file). The per-process `process_*` and
+`python_*` collectors are left out there: they would describe whichever worker answered the scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import (
@@ -17,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -49,14 +59,60 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(buckets)
 
 
-class ServeMetrics:
-    """The server's metrics; also the batcher's observer (`tandem.workloads.serve.batcher.BatchObserver`)."""
+READY_HELP: Final = "1 when the model is loaded, warmed up and not draining (every worker, with --workers)."
 
-    def __init__(self, model: str, max_batch_size: int, *, process_metrics: bool = True) -> None:
+
+def multiprocess_values() -> bool:
+    """True when prometheus_client was imported with `PROMETHEUS_MULTIPROC_DIR` set (values go to files)."""
+    from prometheus_client import values
+
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+class _ServerReady:
+    """`tandem_serve_ready` of a multi-process server: 1 only while every worker is ready."""
+
+    def __init__(self, model: str, server_ready: Callable[[], bool]) -> None:
+        self.model = model
+        self.server_ready = server_ready
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(READY, READY_HELP, labels=["model"])
+        family.add_metric([self.model], 1.0 if self.server_ready() else 0.0)
+        yield family
+
+
+class ServeMetrics:
+    """The server's metrics; also the batcher's observer (`tandem.workloads.serve.batcher.BatchObserver`).
+
+    `multiprocess_dir` (a worker of a multi-process server): samples go to files there, `render` merges every
+    worker's, and `server_ready` says whether the whole server is ready.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        max_batch_size: int,
+        *,
+        process_metrics: bool = True,
+        multiprocess_dir: Path | None = None,
+        server_ready: Callable[[], bool] | None = None,
+    ) -> None:
         self.model = model
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
-        if process_metrics:
+        self._exposition = reg
+        multiprocess = multiprocess_dir is not None
+        if multiprocess:
+            if not multiprocess_values():
+                raise RuntimeError(
+                    "PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported "
+                    "(the supervisor sets it for its workers)"
+                )
+            self._exposition = CollectorRegistry()
+            MultiProcessCollector(self._exposition, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            self._exposition.register(_ServerReady(model, server_ready or (lambda: False)))
+        elif process_metrics:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
             GCCollector(registry=reg)
@@ -88,9 +144,15 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.queue_depth_gauge = Gauge(QUEUE_DEPTH, "Items waiting for a batch.", ["model"], registry=reg)
+        self.queue_depth_gauge = Gauge(
+            QUEUE_DEPTH, "Items waiting for a batch.", ["model"], registry=reg, multiprocess_mode="livesum"
+        )
         self.inflight = Gauge(
-            INFLIGHT, "Inference requests received and not yet answered.", ["model"], registry=reg
+            INFLIGHT,
+            "Inference requests received and not yet answered.",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.dropped_total = Counter(
             DROPPED.removesuffix("_total"),
@@ -99,11 +161,14 @@ class ServeMetrics:
             registry=reg,
         )
         self.model_load = Gauge(
-            MODEL_LOAD, "Seconds spent loading and warming up the model.", ["model"], registry=reg
+            MODEL_LOAD,
+            "Seconds spent loading and warming up the model (the slowest worker's, with --workers).",
+            ["model"],
+            registry=reg,
+            multiprocess_mode="max",
         )
-        self.ready = Gauge(
-            READY, "1 when the model is loaded, warmed up and not draining.", ["model"], registry=reg
-        )
+        # With several workers `ready` is computed at scrape time from every worker's state (`_ServerReady`).
+        self.ready: Gauge | None = None if multiprocess else Gauge(READY, READY_HELP, ["model"], registry=reg)
         self.tokens_generated = Counter(
             TOKENS_GENERATED.removesuffix("_total"),
             "Tokens generated (causal-lm).",
@@ -124,10 +189,11 @@ class ServeMetrics:
             self.queue_depth_gauge,
             self.inflight,
             self.model_load,
-            self.ready,
             self.tokens_generated,
             self.time_to_first_token,
         ]
+        if self.ready is not None:
+            per_model.append(self.ready)
         for metric in per_model:
             metric.labels(model)
         for reason in ("cancelled", "timeout"):
@@ -145,8 +211,15 @@ class ServeMetrics:
         }
 
     def render(self) -> bytes:
-        """The text exposition format for `/metrics`."""
-        return generate_latest(self.registry)
+        """The text exposition format for `/metrics` (every worker's samples merged, with --workers)."""
+        return generate_latest(self._exposition)
+
+    def set_ready(self, ready: bool) -> None:
+        if self.ready is not None:
+            self.ready.labels(self.model).set(1 if ready else 0)
+
+    def set_model_load(self, seconds: float) -> None:
+        self.model_load.labels(self.model).set(seconds)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         child = self._requests.get((route, code))

@@ -4,7 +4,9 @@
         httpx.post(f"{server.url}/v1/embeddings", json={"input": "hi"})
 
 The child binds port 0 and logs its address; `start` reads that line, then waits until
-`/v2/health/ready` answers 200 (or the child exits, which raises with the end of its log).
+`/v2/health/ready` answers 200 (or the child exits, which raises with the end of its log). With
+`--workers N` the child is the supervisor: readiness is 200 once every worker is ready, and `worker_pids`
+lists the workers' process ids (from the supervisor's "worker i/N started (pid P)" lines).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 _ADDRESS = re.compile(r"on (http://[^\s;]+)")
+_WORKER = re.compile(r"tandem serve: worker \d+/\d+ started \(pid (\d+)\)")
 
 
 class ServerProcess:
@@ -41,6 +44,11 @@ class ServerProcess:
     def pid(self) -> int:
         assert self._proc is not None, "start() first"
         return self._proc.pid
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids with `--workers` > 1 (empty for a single-process server)."""
+        return [int(m.group(1)) for line in list(self.lines) if (m := _WORKER.search(line))]
 
     def log(self) -> str:
         return "".join(self.lines[-60:])

@@ -3,17 +3,23 @@
 First SIGTERM (or Ctrl+C): the server leaves rotation (`/v2/health/ready` 503, new inference requests 503
 with `Connection: close`), requests already accepted finish, the batcher stops, then uvicorn exits 0.
 A second signal exits at once.
+
+With `workers` > 1, `serve` hands over to `tandem.workloads.serve.workers`: a supervisor process starts that
+many worker processes, each running `run_server` here on its own listening socket of the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -23,6 +29,9 @@ from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.http import HttpLimits, build_app
 from tandem.workloads.serve.metrics import ServeMetrics
 from tandem.workloads.serve.model import ModelOptions, Runtime, create_model
+
+if TYPE_CHECKING:
+    from tandem.workloads.serve.workers import WorkerContext
 
 log = logging.getLogger("tandem.serve")
 
@@ -40,22 +49,40 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     log_level: str = "info"
     access_log: bool = False
+    workers: int = 1
+    """Server processes sharing the port, each with its own model copy and batcher (`--workers`)."""
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, plane: DataPlane, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        plane: DataPlane,
+        drain_timeout_s: float,
+        *,
+        worker: WorkerContext | None = None,
+    ) -> None:
         super().__init__(config)
         self.plane = plane
         self.drain_timeout_s = drain_timeout_s
+        self.worker = worker
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.worker is not None:
+            self.worker.watch_supervisor(self._loop, self._supervisor_gone)
         await super().serve(sockets)
 
+    def _supervisor_gone(self) -> None:
+        log.warning("the supervisor process is gone: draining")
+        self.handle_exit(signal.SIGTERM, None)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and self.worker is not None:
+            return  # Ctrl+C reaches the whole process group; the supervisor forwards it as SIGTERM
         if self._loop is None or self._drain_task is not None or self.should_exit:
             self.should_exit = True
             self.force_exit = self._drain_task is not None
@@ -77,10 +104,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to host:port (a UserError names the problem). `reuse_port`: several sockets, one
+    per worker process, share the port and the kernel spreads new connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -88,25 +119,72 @@ def bind(host: str, port: int) -> socket.socket:
         raise UserError(
             f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host"
         ) from exc
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
 def serve(config: ServerConfig) -> int:
     """Serve until drained; the exit code (0 after a clean drain, 1 if loading or draining failed)."""
-    model = create_model(config.runtime, config.model)
-    metrics = ServeMetrics(model.name, config.batching.max_batch_size)
-    plane = DataPlane(model, config.batching, metrics)
+    if config.workers > 1:
+        from tandem.workloads.serve.workers import supervise
+
+        return supervise(config)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
+
+    def announce(model_name: str) -> None:
+        # Printed at every log level: ServerProcess (tests, benchmarks) reads the address from this line.
+        print(
+            f"tandem serve: serving {model_name} ({config.runtime.value}) on http://{host}:{port}; "
+            "loading the model",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        return run_server(config, sock, announce=announce)
+    finally:
+        sock.close()
+
+
+def run_server(
+    config: ServerConfig,
+    sock: socket.socket,
+    *,
+    announce: Callable[[str], None] | None = None,
+    worker: WorkerContext | None = None,
+) -> int:
+    """One server process on a listening socket: load the model, serve, drain on SIGTERM; the exit code.
+
+    `worker`: this process is one of several (`--workers`): metrics go to the shared multiprocess directory,
+    readiness waits for every worker, answers name this process, and losing the supervisor drains it."""
+    model = create_model(config.runtime, config.model)
+    if worker is None:
+        metrics = ServeMetrics(model.name, config.batching.max_batch_size)
+        plane = DataPlane(model, config.batching, metrics)
+    else:
+        board = worker.board()
+        metrics = ServeMetrics(
+            model.name,
+            config.batching.max_batch_size,
+            multiprocess_dir=worker.metrics_dir,
+            server_ready=board.all_ready,
+        )
+        plane = DataPlane(model, config.batching, metrics, peers=board)
     server: DrainingServer | None = None
 
     def load_failed() -> None:
         if server is not None:
             server.load_failed()
 
-    app = build_app(plane, config.limits, on_load_failed=load_failed)
+    app = build_app(
+        plane,
+        config.limits,
+        on_load_failed=load_failed,
+        worker=None if worker is None else str(os.getpid()),
+    )
     uv_config = uvicorn.Config(
         app,
         log_level=config.log_level,
@@ -116,16 +194,8 @@ def serve(config: ServerConfig) -> int:
         server_header=False,
         proxy_headers=False,  # the Service in front is no proxy whose headers we trust; saves a middleware
     )
-    server = DrainingServer(uv_config, plane, config.drain_timeout_s)
-    # Printed at every log level: ServerProcess (tests, benchmarks) reads the address from this line.
-    print(
-        f"tandem serve: serving {model.name} ({config.runtime.value}) on http://{host}:{port}; "
-        "loading the model",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    server = DrainingServer(uv_config, plane, config.drain_timeout_s, worker=worker)
+    if announce is not None:
+        announce(model.name)
+    server.run(sockets=[sock])
     return server.exit_code

@@ -159,6 +159,8 @@ async def infer(plane: DataPlane, name: str, body: bytes, version: str | None = 
             raise ModelError(
                 f"output {output_name!r} has dtype {stacked.dtype}, which the protocol cannot carry"
             )
+        if stacked.dtype.kind == "f" and not np.isfinite(stacked).all():
+            raise ModelError(f"output {output_name!r} holds NaN or infinity, which JSON cannot carry")
         outputs.append(
             {
                 "name": output_name,

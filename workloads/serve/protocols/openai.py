@@ -14,7 +14,13 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from tandem.workloads.serve.dataplane import DataPlane
-from tandem.workloads.serve.errors import InvalidInput, ModelNotFound, RequestTimeout, ServeError
+from tandem.workloads.serve.errors import (
+    InvalidInput,
+    ModelError,
+    ModelNotFound,
+    RequestTimeout,
+    ServeError,
+)
 from tandem.workloads.serve.generation import GenerationHandle, SamplingParams, TokenEvent, collect
 from tandem.workloads.serve.protocols.common import parse_json_object, validate
 
@@ -69,11 +75,14 @@ def models(plane: DataPlane) -> dict[str, Any]:
     }
 
 
-def _encode(vector: np.ndarray[Any, Any], encoding: str) -> list[float] | str:
+def _encode(vector: np.ndarray[Any, Any], encoding: str) -> np.ndarray[Any, Any] | str:
+    """The vector as the response carries it: base64 of little-endian float32, or the array itself (the
+    JSON encoder writes numpy arrays directly, much faster than a list of Python floats)."""
     if encoding == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    values: list[float] = vector.tolist()
-    return values
+    if not np.isfinite(vector).all():
+        raise ModelError("the model produced NaN or infinity in an embedding, which JSON cannot carry")
+    return vector
 
 
 async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:

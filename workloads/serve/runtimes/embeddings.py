@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog while the model server warms up its kernels. " * 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Embedding:
     """One input's vector and how many tokens it used (for the `usage` field)."""
 
