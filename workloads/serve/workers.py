@@ -151,7 +151,22 @@ def _worker_main(config: ServerConfig, context: WorkerContext) -> None:
         code = run_server(config, sock, worker=context)
     finally:
         sock.close()
+        _clean_up_if_orphaned(context)
     sys.exit(code)
+
+
+def _clean_up_if_orphaned(context: WorkerContext) -> None:
+    """Without a supervisor (it was killed), the last worker to finish deletes the run directory."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.is_alive():
+        return
+    board = context.board()
+    try:
+        finished = all(state in (State.STOPPED, State.FAILED) for state in board.states())
+    finally:
+        board.close()
+    if finished:
+        shutil.rmtree(context.run_dir, ignore_errors=True)
 
 
 def supervise(config: ServerConfig) -> int:
