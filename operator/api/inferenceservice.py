@@ -109,7 +109,11 @@ class Batching(SpecModel):
     max_queue_delay_ms: int = Field(default=5, ge=0, le=60000)
     """Longest a request waits for a batch to fill, in milliseconds; 0 runs whatever is queued."""
     max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
-    """Most requests queued per replica; beyond it requests get 429 with Retry-After."""
+    """Most requests queued per server process; beyond it requests get 429 with Retry-After."""
+    workers: int = Field(default=1, ge=1, le=16)
+    """Server processes per replica, each with its own model copy and batcher, on one port and one GPU.
+    More than 1 pays when one process's Python work (tokenizing, launching kernels) fills a CPU core
+    before the GPU is busy, as with small models; each costs one more model copy in GPU memory."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -164,6 +164,8 @@ def server_command(service: Service, model: ModelTarget) -> list[str]:
         str(batching.max_queue_delay_ms),
         "--max-queue-size",
         str(batching.max_queue_size),
+        "--workers",
+        str(batching.workers),
         "--host",
         "0.0.0.0",
         "--port",
