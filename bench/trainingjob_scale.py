@@ -30,6 +30,7 @@ from operator_process import start_operator  # noqa: E402
 from tandem.devcluster import cluster as devcluster  # noqa: E402
 from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig  # noqa: E402
 from tandem.operator.api.trainingjob import TrainingJobSpec  # noqa: E402
+from tandem.operator.kube import finish  # noqa: E402
 from tandem.operator.trainingjob import builders  # noqa: E402
 
 CLUSTER = "tandem-bench"
@@ -56,10 +57,9 @@ def clients(kubeconfig: Path) -> tuple[Any, Any]:
 def wait_all_running(core: Any, namespace: str, expected: int, started: float, timeout: float) -> float:
     """Seconds from `started` until `expected` pods in the namespace are Running."""
     while True:
-        pods = core.list_namespaced_pod(namespace, _preload_content=False)
         import json
 
-        items = json.loads(pods.data)["items"]
+        items = json.loads(finish(core.list_namespaced_pod(namespace, _preload_content=False)))["items"]
         running = sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running")
         if running >= expected:
             return time.monotonic() - started
@@ -80,7 +80,11 @@ def run_floor(core: Any, namespace: str, jobs: int, workers: int, concurrency: i
             manifests.append(pod)
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda m: core.create_namespaced_pod(namespace, m, _preload_content=False), manifests))
+        list(
+            pool.map(
+                lambda m: finish(core.create_namespaced_pod(namespace, m, _preload_content=False)), manifests
+            )
+        )
     return wait_all_running(core, namespace, len(manifests), started, timeout=1800)
 
 
@@ -92,14 +96,42 @@ def run_tandem(core: Any, custom: Any, namespace: str, jobs: int, workers: int, 
             "metadata": {"name": f"j{j}"},
             "spec": job_spec(workers),
         }
-        custom.create_namespaced_custom_object(
-            "tandem.dev", "v1alpha1", namespace, "trainingjobs", body, _preload_content=False
+        finish(
+            custom.create_namespaced_custom_object(
+                "tandem.dev", "v1alpha1", namespace, "trainingjobs", body, _preload_content=False
+            )
         )
 
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(create, range(jobs)))
+    print(f"tandem: {jobs} TrainingJobs created in {time.monotonic() - started:.1f} s", flush=True)
     return wait_all_running(core, namespace, jobs * (workers + 1), started, timeout=1800)
+
+
+def timeline(core: Any, namespace: str) -> str:
+    """When the pods were created and started, in seconds after the first one was created (p50/p90/max).
+
+    Kubernetes timestamps have one-second resolution: this says which stage lags, not by how many ms.
+    """
+    import json
+    from datetime import datetime
+
+    def stamp(text: str | None) -> float | None:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
+
+    items = json.loads(finish(core.list_namespaced_pod(namespace, _preload_content=False)))["items"]
+    created = sorted(t for p in items if (t := stamp(p["metadata"].get("creationTimestamp"))) is not None)
+    started = sorted(t for p in items if (t := stamp((p.get("status") or {}).get("startTime"))) is not None)
+    if not created or not started:
+        return "no pods"
+    origin = created[0]
+
+    def spread(times: list[float]) -> str:
+        pick = [times[int(q * (len(times) - 1))] - origin for q in (0.5, 0.9, 1.0)]
+        return " / ".join(f"{t:.0f}" for t in pick)
+
+    return f"pods created at {spread(created)} s, started at {spread(started)} s (p50 / p90 / last)"
 
 
 def quantile(histogram: list[tuple[float, float]], q: float) -> float:
@@ -236,6 +268,7 @@ def main() -> int:
         floor = run_floor(core, "floor", args.jobs, args.workers, args.concurrency)
         print(f"floor: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
         floor_requests = request_delta(before_floor, request_counts(kubectl), args.jobs)
+        print(f"floor: {timeline(core, 'floor')}", flush=True)
         print(f"floor: {floor:.1f}s; deleting its pods before the Tandem run", flush=True)
         kubectl.run("delete", "namespace", "floor", "--timeout=600s")  # waits until it is gone
         operator = start_operator(
@@ -247,6 +280,7 @@ def main() -> int:
             tandem = run_tandem(core, custom, "tandem", args.jobs, args.workers, args.concurrency)
             print(f"tandem: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
             tandem_requests = request_delta(before_tandem, request_counts(kubectl), args.jobs)
+            print(f"tandem: {timeline(core, 'tandem')}", flush=True)
             rss, cpu = proc_stats(operator.process.pid)
             histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
         finally:

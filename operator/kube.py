@@ -28,6 +28,19 @@ def api_client() -> Any:
     return client.ApiClient(configuration)
 
 
+def finish(reply: Any) -> bytes:
+    """Read a raw reply (`_preload_content=False`) and give its connection back to the pool.
+
+    Such a reply holds its connection until it is read and released: left alone, every call opens a new
+    TLS connection (measured: 100 creates, 100 handshakes; read and released, one).
+    """
+    try:
+        data: bytes = reply.data
+        return data
+    finally:
+        reply.release_conn()
+
+
 class Refused(Exception):
     """The API server rejected a child for a reason the user must fix (bad reference, quota, policy)."""
 
@@ -75,11 +88,13 @@ def create(manifest: Mapping[str, Any]) -> bool:
 
     try:
         # _preload_content=False: the reply is not needed, and decoding it into models costs milliseconds.
-        _creator(manifest["kind"])(
-            manifest["metadata"]["namespace"],
-            dict(manifest),
-            field_manager=FIELD_MANAGER,
-            _preload_content=False,
+        finish(
+            _creator(manifest["kind"])(
+                manifest["metadata"]["namespace"],
+                dict(manifest),
+                field_manager=FIELD_MANAGER,
+                _preload_content=False,
+            )
         )
     except ApiException as error:
         if _status_of(error) == 409 or _namespace_terminating(error):
@@ -118,7 +133,7 @@ def delete_pod(namespace: str, name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace, _preload_content=False)
+        finish(client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace, _preload_content=False))
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -135,7 +150,7 @@ def list_bound_pods() -> list[dict[str, Any]]:
     reply: Any = client.CoreV1Api(api_client()).list_pod_for_all_namespaces(
         field_selector="spec.nodeName!=", _preload_content=False
     )
-    return list(json.loads(reply.data)["items"])
+    return list(json.loads(finish(reply))["items"])
 
 
 def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
@@ -144,8 +159,16 @@ def delete_custom_object(group: str, version: str, plural: str, namespace: str, 
     from kubernetes.client.exceptions import ApiException
 
     try:
-        client.CustomObjectsApi(api_client()).delete_namespaced_custom_object(
-            group, version, namespace, plural, name, propagation_policy="Background", _preload_content=False
+        finish(
+            client.CustomObjectsApi(api_client()).delete_namespaced_custom_object(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                propagation_policy="Background",
+                _preload_content=False,
+            )
         )
     except ApiException as error:
         if _status_of(error) == 404:
@@ -169,14 +192,16 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
 
     meta = manifest["metadata"]
     try:
-        client.AppsV1Api(api_client()).patch_namespaced_deployment(
-            meta["name"],
-            meta["namespace"],
-            dict(manifest),
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-            _preload_content=False,
+        finish(
+            client.AppsV1Api(api_client()).patch_namespaced_deployment(
+                meta["name"],
+                meta["namespace"],
+                dict(manifest),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+            )
         )
     except ApiException as error:
         if _namespace_terminating(error):
@@ -190,7 +215,11 @@ def crd_exists(name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        client.ApiextensionsV1Api(api_client()).read_custom_resource_definition(name, _preload_content=False)
+        finish(
+            client.ApiextensionsV1Api(api_client()).read_custom_resource_definition(
+                name, _preload_content=False
+            )
+        )
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -204,15 +233,17 @@ def scale_custom_object(
     """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
     from kubernetes import client
 
-    client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_scale(
-        group,
-        version,
-        namespace,
-        plural,
-        name,
-        {"spec": {"replicas": replicas}},
-        field_manager=FIELD_MANAGER,
-        _preload_content=False,
+    finish(
+        client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_scale(
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            {"spec": {"replicas": replicas}},
+            field_manager=FIELD_MANAGER,
+            _preload_content=False,
+        )
     )
 
 
@@ -228,5 +259,5 @@ def patch_custom_object_status(
     reply: Any = client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
         group, version, namespace, plural, name, {"status": dict(status)}, _preload_content=False
     )
-    stored: dict[str, Any] = json.loads(reply.data)
+    stored: dict[str, Any] = json.loads(finish(reply))
     return stored

@@ -95,7 +95,7 @@ class PodCache(Generic[T]):
         )
 
     def _list(self, namespace: str | None) -> str:
-        reply = json.loads(self._call(namespace).data)
+        reply = json.loads(kube.finish(self._call(namespace)))
         fresh: dict[Key, dict[str, T]] = {}
         key_of: dict[str, Key] = {}
         for pod in reply["items"]:
