@@ -93,9 +93,13 @@ def spawned() -> Iterator[list[subprocess.Popen[str]]]:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray instance per test module (4 logical CPUs on this 2-core machine)."""
+    """One local Ray instance per test module (4 logical CPUs on this 2-core machine), run as Tandem runs
+    Ray for training (`ray_runner.RAY_ENV`)."""
     import ray
 
-    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    from tandem.workloads.train.ray_runner import ray_env
+
+    with ray_env():
+        ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
+        yield
+        ray.shutdown()

@@ -16,8 +16,9 @@ import pytest
 
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.loop import StepMetrics
 from tandem.workloads.train.progress import ListWriter, ProgressReporter, TrainMetrics
-from tandem.workloads.train.ray_runner import RunOutcome, run
+from tandem.workloads.train.ray_runner import RAY_ENV, Mailbox, RayHooks, RunOutcome, apply_ray_env, run
 
 
 def config(tmp_path: Path, **kw: Any) -> TrainConfig:
@@ -57,6 +58,37 @@ def test_two_worker_ddp_lowers_loss_and_checkpoints(ray_cluster: None, tmp_path:
     assert meta["batch"]["accumulationSteps"] == 2
     assert 'tandem_train_checkpoints_total{job="ddp"} 3.0' in metrics.text()
     assert list((tmp_path / ".ray-train").glob("*/pointer-00000030-*/pointer.json"))  # Ray's pointer
+    assert 'tandem_train_step_seconds_count{job="ddp"} 30.0' in metrics.text()  # every step arrived
+
+
+def test_rank0_sends_steps_in_batches_and_learns_of_a_stop_from_the_reply(
+    ray_cluster: None, wait_for: Callable[..., Any]
+) -> None:
+    import ray
+
+    mailbox: Any = ray.remote(num_cpus=0)(Mailbox).remote()
+    rank0, rank1 = RayHooks(mailbox, 0, interval=0.05), RayHooks(mailbox, 1, interval=0.05)
+    try:
+        for step in range(1, 51):
+            rank0.on_step(StepMetrics(step, 50, 0, 2.0, 1e-3, 0.01, 800.0, 1e5))
+        assert not rank0.stop_requested()
+        mailbox.request_stop.remote()
+        wait_for(rank0.stop_requested, 10, "rank 0 to learn of the stop request")
+        assert not rank1.stop_requested()  # only rank 0 asks; the ranks agree at the next sync step
+        rank0.on_step(StepMetrics(51, 51, 0, 2.0, 1e-3, 0.01, 800.0, 1e5))
+    finally:
+        rank0.close()
+        rank1.close()
+    steps, _, _ = ray.get(mailbox.drain.remote())
+    assert [m["step"] for m in steps] == list(range(1, 52))  # every step, the last one flushed by close()
+
+
+def test_ray_settings_never_override_the_environment() -> None:
+    env = apply_ray_env({"RAY_worker_niceness": "5"})
+    assert env["RAY_worker_niceness"] == "5"
+    assert {k: v for k, v in env.items() if k != "RAY_worker_niceness"} == {
+        k: v for k, v in RAY_ENV.items() if k != "RAY_worker_niceness"
+    }
 
 
 def train_worker_pids() -> list[int]:
@@ -80,6 +112,7 @@ def test_killing_one_ray_worker_mid_run_still_completes(
     thread.start()
     wait_for((tmp_path / "step-00000005" / ckpt.MARKER_FILE).exists, 120, "the first checkpoint")
     pids = wait_for(train_worker_pids, 30, "the Ray Train worker processes")
+    assert os.getpriority(os.PRIO_PROCESS, pids[-1]) == 0  # RAY_ENV: ranks at normal priority, not 15
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive()

@@ -131,7 +131,7 @@ def wait_for_workers(expected: int, timeout: float, *, poll: float = 1.0) -> int
 def head(args: Any) -> int:
     """Start the Ray head, wait for the workers, train, report progress; exit 0 / 1 / 143."""
     from tandem.workloads.train.progress import PodAnnotationWriter, ProgressReporter, TrainMetrics
-    from tandem.workloads.train.ray_runner import run
+    from tandem.workloads.train.ray_runner import apply_ray_env, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = PodEnv.from_env()
@@ -146,6 +146,7 @@ def head(args: Any) -> int:
     metrics.serve(env.metrics_port)
     reporter = ProgressReporter(writer=PodAnnotationWriter.from_env(), metrics=metrics)
     port = getattr(args, "port", RAY_PORT)
+    apply_ray_env()  # `ray start` and this driver: Tandem's Ray settings (ray_runner.RAY_ENV)
     subprocess.run(
         [
             _ray_cli(),
@@ -182,8 +183,9 @@ def worker(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = PodEnv.from_env(need_head_address=True)
     cpus, gpus = worker_resources(env.spec)
-    from tandem.workloads.train.ray_runner import WORKER_RESOURCE
+    from tandem.workloads.train.ray_runner import WORKER_RESOURCE, apply_ray_env
 
+    apply_ray_env()  # inherited by `ray start` and so by this node's Ray processes
     resources = json.dumps({WORKER_RESOURCE: 1})
     deadline = time.monotonic() + env.worker_wait_seconds
     cmd = [

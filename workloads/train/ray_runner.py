@@ -1,10 +1,15 @@
 """Runs a training job under Ray Train's `TorchTrainer` (the head pod, and `tandem train --local`).
 
 The driver (this process) starts `TorchTrainer.fit()` in a thread and meanwhile relays what the workers
-report to a `ProgressReporter`: rank 0 sends step metrics and checkpoint events to a small named actor
-(`Mailbox`, no CPU), which the driver drains twice a second. A stop request (SIGTERM to the head) goes the
-other way: the driver flags the mailbox, every worker polls it once a second, and at the next sync step all
-ranks write a checkpoint and return.
+report to a `ProgressReporter`: rank 0 buffers its step metrics and a background thread sends them, once a
+second, to a small actor (`Mailbox`, no CPU), which the driver drains once a second; checkpoint events go
+there as they happen. A stop request (SIGTERM to the head) goes the other way: the driver flags the
+mailbox, rank 0 reads the flag in the reply to its next send, and at the next sync step all ranks agree
+(`loop.agree`), write a checkpoint and return. That is two actor calls a second whatever the step rate,
+none of them on the training thread.
+
+`RAY_ENV` is how Tandem runs Ray for training (worker priority, Ray's own metrics, Ray Train's optional
+actors); `apply_ray_env` puts it in the environment of every Ray process Tandem starts.
 
 Checkpoints are Tandem's own (see `checkpoint`); after each one every rank calls `ray.train.report` and
 rank 0 attaches a small *pointer* checkpoint (`pointer.json` with the URI) so that Ray Train's failure
@@ -19,6 +24,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,61 @@ log = logging.getLogger(__name__)
 POINTER_FILE = "pointer.json"
 WORKER_RESOURCE = "tandem-worker"
 """Custom Ray resource each worker pod offers once, so each training rank lands in its own pod."""
+
+MAX_PENDING_STEPS = 1000
+"""Step records kept while nobody reads them (the driver is busy or gone): the newest win."""
+
+SEND_INTERVAL_S = 1.0
+"""How often rank 0 sends its buffered step metrics (and learns of a stop request), and the driver drains."""
+
+RAY_ENV: dict[str, str] = {
+    # Ray starts its worker processes (the training ranks among them) at nice 15 so that its daemons win
+    # on a busy node; in a training pod the ranks are the job, so they run at normal priority (as a plain
+    # torch.distributed launch would).
+    "RAY_worker_niceness": "0",
+    # Ray's own Prometheus metrics (every Ray process records and exports them through the dashboard
+    # agent): nobody scrapes them in a TrainingJob, Tandem exports its own (`tandem_train_*`).
+    "RAY_enable_metrics_collection": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    # The dashboard agent's node statistics (CPU, memory of every Ray process, for the dashboard's node
+    # view) every 30 s instead of 5 s.
+    "REPORTER_UPDATE_INTERVAL_MS": "30000",
+    # The log monitor (forwards the workers' output to the driver) tails its files every 0.1 s and, with
+    # fewer than 1,000 files, also globs the log directory for new ones each time; look for new files
+    # once a second instead (their output is read from the start, so nothing is lost).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "1",
+    # Ray Train's preemption watcher, an actor that polls for Ray nodes being drained by a Ray autoscaler:
+    # Tandem's pods are never drained that way (a deleted pod gets SIGTERM, which the head relays).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # No usage reports from training pods.
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+"""Environment of the Ray processes Tandem starts for training (a variable already set wins)."""
+
+
+def apply_ray_env(environ: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """Add `RAY_ENV` to `environ` (default: this process's environment) where not set; returns it.
+
+    Ray processes read these at start (they inherit the environment of the process that starts them),
+    and Ray Train reads its own in the driver, so call this before `ray.init` / `ray start`.
+    """
+    env = os.environ if environ is None else environ
+    for key, value in RAY_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
+@contextmanager
+def ray_env() -> Iterator[None]:
+    """`apply_ray_env()` for the duration of the block: what it added is removed again at the end."""
+    added = [key for key in RAY_ENV if key not in os.environ]
+    apply_ray_env()
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @dataclass
@@ -54,9 +116,11 @@ class Mailbox:
         self._final: dict[str, Any] | None = None
         self._stop = False
 
-    def put_step(self, m: dict[str, Any]) -> None:
-        self._steps.append(m)
-        del self._steps[:-100]
+    def put_steps(self, steps: list[dict[str, Any]]) -> bool:
+        """Rank 0's step metrics since its last call; the reply says whether to stop."""
+        self._steps.extend(steps)
+        del self._steps[:-MAX_PENDING_STEPS]
+        return self._stop
 
     def put_checkpoint(self, ev: dict[str, Any]) -> None:
         self._checkpoints.append(ev)
@@ -72,42 +136,55 @@ class Mailbox:
     def request_stop(self) -> None:
         self._stop = True
 
-    def stop_requested(self) -> bool:
-        return self._stop
-
 
 class RayHooks:
-    """`loop.Hooks` inside a Ray Train worker."""
+    """`loop.Hooks` inside a Ray Train worker.
 
-    def __init__(self, mailbox: Any, rank: int, *, min_interval: float = 0.2, poll_s: float = 1.0) -> None:
-        self.mailbox, self.rank, self.min_interval = mailbox, rank, min_interval
+    Rank 0 keeps its step metrics in a list; a background thread sends them to the mailbox every
+    `interval` seconds and learns from the reply whether a stop was requested. The other ranks send
+    nothing and never ask: the ranks OR their stop flags at every sync step, so rank 0 knowing suffices.
+    """
+
+    def __init__(self, mailbox: Any, rank: int, *, interval: float = SEND_INTERVAL_S) -> None:
+        self.mailbox, self.rank = mailbox, rank
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._last_sent = 0.0
-        self._poller = threading.Thread(
-            target=self._poll, args=(poll_s,), daemon=True, name="tandem-stop-poll"
-        )
-        self._poller.start()
+        self._sender: threading.Thread | None = None
+        if rank == 0:
+            self._sender = threading.Thread(
+                target=self._send_every, args=(interval,), daemon=True, name="tandem-progress"
+            )
+            self._sender.start()
 
-    def _poll(self, poll_s: float) -> None:
+    def _send(self) -> None:
         import ray
 
-        while not self._done.wait(poll_s):
-            try:
-                if ray.get(self.mailbox.stop_requested.remote(), timeout=10):
-                    self._stop.set()
-                    return
-            except Exception:  # the driver is gone or busy: keep training, try again
-                continue
+        with self._lock:
+            batch, self._pending = self._pending, []
+        try:
+            if ray.get(self.mailbox.put_steps.remote(batch), timeout=10):
+                self._stop.set()
+        except Exception:  # the driver is gone or busy: keep training (progress is best-effort)
+            log.debug("progress not delivered (%d steps)", len(batch), exc_info=True)
+
+    def _send_every(self, interval: float) -> None:
+        while not self._done.wait(interval):
+            self._send()
 
     def close(self) -> None:
+        """Stop the sender after delivering what is left (so the driver sees every step before the end)."""
+        if self._sender is not None and not self._done.is_set():
+            self._done.set()
+            self._sender.join()
+            self._send()
         self._done.set()
 
     def on_step(self, metrics: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_sent >= self.min_interval or metrics.step == metrics.total_steps:
-            self._last_sent = now
-            self.mailbox.put_step.remote(metrics.to_dict())
+        with self._lock:
+            self._pending.append(metrics.to_dict())
+            del self._pending[:-MAX_PENDING_STEPS]
 
     def on_checkpoint(self, event: Any) -> None:
         import ray.train
@@ -169,10 +246,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 "start_step": result.start_step,
                 "checkpoint_uri": result.checkpoint.uri if result.checkpoint else None,
             }
-        if dist.rank == 0:
-            ray.get(mailbox.put_final.remote(final))
     finally:
         hooks.close()
+    if dist.rank == 0:
+        ray.get(mailbox.put_final.remote(final))
 
 
 def scaling_config(cfg: TrainConfig, *, cluster: bool) -> Any:
@@ -197,7 +274,26 @@ def run(
     data_root: str | None = None,
     num_cpus: int | None = None,
 ) -> RunOutcome:
-    """Run the job on Ray (connecting to `address`, or starting/using a local instance) and wait for it."""
+    """Run the job on Ray (connecting to `address`, or starting/using a local instance) and wait for it.
+
+    `RAY_ENV` is in this process's environment meanwhile (a Ray instance started here inherits it).
+    """
+    with ray_env():
+        return _run(
+            cfg, reporter, address=address, cluster=cluster, stop=stop, data_root=data_root, num_cpus=num_cpus
+        )
+
+
+def _run(
+    cfg: TrainConfig,
+    reporter: ProgressReporter,
+    *,
+    address: str | None,
+    cluster: bool,
+    stop: threading.Event | None,
+    data_root: str | None,
+    num_cpus: int | None,
+) -> RunOutcome:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -242,7 +338,7 @@ def run(
         stop_sent = False
         final: dict[str, Any] | None = None
         while True:
-            thread.join(timeout=0.5)
+            thread.join(timeout=SEND_INTERVAL_S)
             if stop is not None and stop.is_set() and not stop_sent:
                 mailbox.request_stop.remote()
                 stop_sent = True
