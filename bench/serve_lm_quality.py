@@ -55,7 +55,7 @@ def perplexity(lm: CausalLM, text: str, windows: int) -> float:
     total, count = 0.0, 0
     with torch.inference_mode():
         for w in range(min(windows, (len(ids) - 1) // size)):
-            chunk = ids[w * size : (w + 1) * size].unsqueeze(0)
+            chunk = ids[w * size : (w + 1) * size].unsqueeze(0).to(next(model.parameters()).device)
             logits, _ = model(chunk[:, :-1], chunk[:, 1:])
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), chunk[:, 1:].reshape(-1))
             total += float(loss) * (size - 1)
