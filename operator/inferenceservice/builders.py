@@ -278,11 +278,8 @@ def deployment(service: Service, model: ModelTarget, replica_count: int) -> dict
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": name,
-            "namespace": service.namespace,
-            "labels": labels(name),
+            **child_metadata(name, service.uid, service.namespace),
             "annotations": _model_annotations(model, spec),
-            "ownerReferences": [owner_reference(name, service.uid)],
         },
         "spec": {
             "replicas": replica_count,
@@ -315,17 +312,22 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def child_metadata(name: str, uid: str, namespace: str) -> dict[str, Any]:
+    """Name, labels and owner of a child that is named after its InferenceService."""
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels(name),
+        "ownerReferences": [owner_reference(name, uid)],
+    }
+
+
 def service(name: str, uid: str, namespace: str) -> dict[str, Any]:
     """The stable address `http://NAME.NAMESPACE.svc` (port 80) in front of the ready replicas."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": labels(name),
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": child_metadata(name, uid, namespace),
         "spec": {
             "selector": {SERVICE_LABEL: name},
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
@@ -338,12 +340,7 @@ def pod_disruption_budget(name: str, uid: str, namespace: str) -> dict[str, Any]
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": labels(name),
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": child_metadata(name, uid, namespace),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {SERVICE_LABEL: name}}},
     }
 
@@ -353,12 +350,7 @@ def service_monitor(name: str, uid: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": labels(name),
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": child_metadata(name, uid, namespace),
         "spec": {
             "selector": {"matchLabels": {SERVICE_LABEL: name}},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": "5s"}],

@@ -32,15 +32,16 @@ MAX_INPUTS = 2048
 CREATED = int(time.time())
 
 
-def _texts(value: Any) -> list[str]:
+def _string_list(value: Any, *, most: int, what: str) -> list[str]:
+    """A string or a non-empty list of non-empty strings, at most `most` of them (token arrays refused)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise ValueError("must be a string or a list of strings")  # pydantic turns ValueError into a 400
     if not value:
         raise ValueError("must not be an empty list")
-    if len(value) > MAX_INPUTS:
-        raise ValueError(f"at most {MAX_INPUTS} strings per request")
+    if len(value) > most:
+        raise ValueError(f"at most {most} {what} per request")
     for index, item in enumerate(value):
         if isinstance(item, int | list) and not isinstance(item, bool):
             raise ValueError("token arrays are not supported; send text")
@@ -49,6 +50,10 @@ def _texts(value: Any) -> list[str]:
         if not item:
             raise ValueError(f"item {index} is an empty string")
     return value
+
+
+def _texts(value: Any) -> list[str]:
+    return _string_list(value, most=MAX_INPUTS, what="strings")
 
 
 class EmbeddingsRequest(BaseModel):
@@ -113,22 +118,7 @@ MAX_TOKENS = 4096
 
 
 def _prompts(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ValueError("must be a string or a list of strings")
-    if not value:
-        raise ValueError("must not be an empty list")
-    if len(value) > MAX_PROMPTS:
-        raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-    for index, item in enumerate(value):
-        if isinstance(item, int | list) and not isinstance(item, bool):
-            raise ValueError("token arrays are not supported; send text")
-        if not isinstance(item, str):
-            raise ValueError(f"item {index} is {type(item).__name__}, expected a string")
-        if not item:
-            raise ValueError(f"item {index} is an empty string")
-    return value
+    return _string_list(value, most=MAX_PROMPTS, what="prompts")
 
 
 def _stops(value: Any) -> list[str] | None:
