@@ -14,6 +14,7 @@ and reconcile latency p50/p99 from the operator's own histogram.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -57,8 +58,6 @@ def clients(kubeconfig: Path) -> tuple[Any, Any]:
 def wait_all_running(core: Any, namespace: str, expected: int, started: float, timeout: float) -> float:
     """Seconds from `started` until `expected` pods in the namespace are Running."""
     while True:
-        import json
-
         items = json.loads(finish(core.list_namespaced_pod(namespace, _preload_content=False)))["items"]
         running = sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running")
         if running >= expected:
@@ -114,7 +113,6 @@ def timeline(core: Any, namespace: str) -> str:
 
     Kubernetes timestamps have one-second resolution: this says which stage lags, not by how many ms.
     """
-    import json
     from datetime import datetime
 
     def stamp(text: str | None) -> float | None:

@@ -1,7 +1,7 @@
 """What every resource's kopf handlers share: spec validation and the Accepted condition.
 
 Reconcilers stay pure (spec and current status in, new status out); handlers are the thin layer that
-reads from kopf and writes through kopf's patch.
+reads what kopf and the caches hold and writes the status back.
 """
 
 from __future__ import annotations
