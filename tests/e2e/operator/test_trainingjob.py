@@ -106,8 +106,12 @@ def test_gang_lands_on_gpu_nodes_with_resources_and_tolerations(kubectl: Kubectl
         "gpuProduct": "NVIDIA-H100-80GB-HBM3",
     }
     apply(kubectl, namespace, job_manifest("gpu", workers=workers, batch={"perDevice": 4}))
-    status = wait_phase(kubectl, namespace, "gpu", "Running")
-    assert status["workersDisplay"] == "4/4"
+    wait_phase(kubectl, namespace, "gpu", "Running")  # Running once all are bound; ready may trail it
+    wait_for(
+        lambda: status_of(kubectl, namespace, "tj", "gpu").get("workersDisplay") == "4/4",
+        WAIT,
+        "all 4 workers ready in status",
+    )
     found = pods(kubectl, namespace, "gpu")
     assert len(found) == 5
     job_uid = get(kubectl, namespace, "tj", "gpu")["metadata"]["uid"]
