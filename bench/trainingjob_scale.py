@@ -17,9 +17,12 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +59,44 @@ def clients(kubeconfig: Path) -> tuple[Any, Any]:
 
 
 def wait_all_running(core: Any, namespace: str, expected: int, started: float, timeout: float) -> float:
-    """Seconds from `started` until `expected` pods in the namespace are Running."""
-    while True:
-        items = json.loads(finish(core.list_namespaced_pod(namespace, _preload_content=False)))["items"]
-        running = sum(1 for p in items if (p.get("status") or {}).get("phase") == "Running")
-        if running >= expected:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise SystemExit(f"timed out: {running}/{expected} pods Running in {namespace}")
-        time.sleep(0.5)
+    """Seconds from `started` until `expected` pods in the namespace are Running.
+
+    Watches rather than polls: listing 2,500 pods twice a second costs the API server and this
+    process several CPU seconds, on the same two cores, more the longer a run takes.
+    """
+    listed = json.loads(finish(core.list_namespaced_pod(namespace, _preload_content=False)))
+    running = {p["metadata"]["uid"] for p in listed["items"] if _phase(p) == "Running"}
+    version = listed["metadata"]["resourceVersion"]
+    while len(running) < expected:
+        left = timeout - (time.monotonic() - started)
+        if left <= 0:
+            raise SystemExit(f"timed out: {len(running)}/{expected} pods Running in {namespace}")
+        stream = core.list_namespaced_pod(
+            namespace,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=max(int(left), 1),
+            _preload_content=False,
+        )
+        try:
+            for line in stream:
+                event = json.loads(line)
+                pod = event["object"]
+                version = pod["metadata"]["resourceVersion"]
+                if event["type"] == "ERROR":
+                    raise SystemExit(f"pod watch failed: {pod.get('message')}")
+                if event["type"] != "BOOKMARK" and _phase(pod) == "Running" and event["type"] != "DELETED":
+                    running.add(pod["metadata"]["uid"])
+                    if len(running) >= expected:
+                        break
+        finally:
+            stream.release_conn()
+    return time.monotonic() - started
+
+
+def _phase(pod: dict[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("phase")
 
 
 def run_floor(core: Any, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
@@ -104,7 +136,7 @@ def run_tandem(core: Any, custom: Any, namespace: str, jobs: int, workers: int, 
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(create, range(jobs)))
-    print(f"tandem: {jobs} TrainingJobs created in {time.monotonic() - started:.1f} s", flush=True)
+    print(f"  {jobs} TrainingJobs created in {time.monotonic() - started:.1f} s", flush=True)
     return wait_all_running(core, namespace, jobs * (workers + 1), started, timeout=1800)
 
 
@@ -204,38 +236,128 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{name} {after[name] - before[name]:.0f} s" for name in CONTROL_PLANE)
 
 
-def proc_stats(pid: int) -> tuple[float, float]:
-    """(peak RSS in MB, CPU seconds) of a live process."""
+def proc_stats(pid: int) -> tuple[float, float, float]:
+    """(peak RSS in MB, user CPU seconds, system CPU seconds) of a live process."""
     status = Path(f"/proc/{pid}/status").read_text()
     peak_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return peak_kb / 1024, cpu
+    tick = os.sysconf("SC_CLK_TCK")
+    return peak_kb / 1024, int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def report(
-    jobs: int,
-    workers: int,
-    floor: float,
-    tandem: float,
-    rss: float,
-    cpu: float,
-    histogram: list[tuple[float, float]],
-) -> None:
+@dataclass
+class Run:
+    """One measured phase: time to all-Running and what the control plane did meanwhile."""
+
+    seconds: float
+    control_plane_cpu: str
+    writes: list[str]
+    timeline: str
+    operator_rss: float = 0.0
+    operator_cpu: float = 0.0
+    histogram: list[tuple[float, float]] = field(default_factory=list)
+
+
+@dataclass
+class Bench:
+    kubectl: Kubectl
+    core: Any
+    custom: Any
+    workdir: Path
+    jobs: int
+    workers: int
+    concurrency: int
+
+    def measure(self, namespace: str, create_and_wait: Callable[[], float]) -> Run:
+        before, cpu_before = request_counts(self.kubectl), control_plane_cpu()
+        seconds = create_and_wait()
+        return Run(
+            seconds=seconds,
+            control_plane_cpu=cpu_delta(cpu_before, control_plane_cpu()),
+            writes=request_delta(before, request_counts(self.kubectl), self.jobs),
+            timeline=timeline(self.core, namespace),
+        )
+
+    def floor(self, namespace: str) -> Run:
+        self.kubectl.run("create", "namespace", namespace)
+        run = self.measure(
+            namespace, lambda: run_floor(self.core, namespace, self.jobs, self.workers, self.concurrency)
+        )
+        self.clear(namespace)
+        return run
+
+    def clear(self, namespace: str) -> None:
+        """Delete the namespace and wait until it is gone, its pods removed at once (grace 0): the
+        namespace controller alone takes minutes over 2,500 pods, and nothing here is being measured."""
+        self.core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _preload_content=False)
+        self.kubectl.run("delete", "namespace", namespace, "--timeout=600s")
+
+    def tandem(self, namespace: str) -> Run:
+        self.kubectl.run("create", "namespace", namespace)
+        log = self.workdir / f"operator-{namespace}.log"
+        log.unlink(missing_ok=True)
+        operator = start_operator(
+            operator_kubeconfig(self.kubectl, self.workdir / "operator.kubeconfig"), log
+        )
+        try:
+            _, user_before, system_before = proc_stats(operator.process.pid)  # startup: not counted
+            run = self.measure(
+                namespace,
+                lambda: run_tandem(
+                    self.core, self.custom, namespace, self.jobs, self.workers, self.concurrency
+                ),
+            )
+            run.operator_rss, user, system = proc_stats(operator.process.pid)
+            run.operator_cpu = user - user_before + system - system_before
+            print(f"  operator CPU: user {user - user_before:.1f} s, system {system - system_before:.1f} s")
+            run.histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
+        finally:
+            operator.stop()
+        self.custom.delete_collection_namespaced_custom_object(
+            "tandem.dev", "v1alpha1", namespace, "trainingjobs", _preload_content=False
+        )
+        self.clear(namespace)
+        return run
+
+
+def report(jobs: int, workers: int, runs: list[tuple[Run, Run]]) -> None:
     pods = jobs * (workers + 1)
-    count = histogram[-1][1] if histogram else 0
     print()
-    print(f"| {jobs} TrainingJobs x {workers} workers ({pods} pods) | value |")
-    print("| --- | --- |")
-    print(f"| floor: pods created directly, time to all Running | {floor:.1f} s |")
-    print(f"| Tandem: TrainingJobs applied, time to all pods Running | {tandem:.1f} s |")
-    print(f"| ratio Tandem / floor (goal <= 1.5) | {tandem / floor:.2f} |")
-    print(f"| operator peak RSS (goal < 300 MB) | {rss:.0f} MB |")
-    print(f"| operator CPU time during the run | {cpu:.1f} s |")
-    print(f"| reconciles | {count:.0f} |")
-    if histogram:
-        p50, p99 = quantile(histogram, 0.5) * 1000, quantile(histogram, 0.99) * 1000
-        print(f"| reconcile latency p50 / p99 | {p50:.1f} / {p99:.1f} ms |")
+    print(f"{jobs} TrainingJobs x {workers} workers ({pods} pods), floor and Tandem alternating:")
+    print()
+    print(
+        "| repeat | floor | Tandem | ratio (goal <= 1.5) | operator peak RSS (goal < 300 MB) "
+        "| operator CPU | reconciles | reconcile p50 / p99 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for number, (floor, tandem) in enumerate(runs, 1):
+        histogram = tandem.histogram
+        count = histogram[-1][1] if histogram else 0
+        latency = (
+            f"{quantile(histogram, 0.5) * 1000:.1f} / {quantile(histogram, 0.99) * 1000:.0f} ms"
+            if histogram
+            else "-"
+        )
+        print(
+            f"| {number} | {floor.seconds:.1f} s | {tandem.seconds:.1f} s "
+            f"| {tandem.seconds / floor.seconds:.2f} | {tandem.operator_rss:.0f} MB "
+            f"| {tandem.operator_cpu:.1f} s | {count:.0f} | {latency} |"
+        )
+    ratios = [tandem.seconds / floor.seconds for floor, tandem in runs]
+    print(
+        f"| median | {statistics.median(f.seconds for f, _ in runs):.1f} s "
+        f"| {statistics.median(t.seconds for _, t in runs):.1f} s | {statistics.median(ratios):.2f} "
+        f"| {max(t.operator_rss for _, t in runs):.0f} MB (max) | | | |"
+    )
+    floor, tandem = runs[-1]
+    for name, run in (("floor", floor), ("Tandem", tandem)):
+        print()
+        print(f"{name}, last repeat: control-plane CPU {run.control_plane_cpu}")
+        print(f"{name}, last repeat: {run.timeline}")
+        print()
+        print(f"| {name}: writes to the API server | requests | per job |")
+        print("| --- | --- | --- |")
+        print("\n".join(run.writes))
 
 
 def main() -> int:
@@ -245,6 +367,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads creating objects")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="floor/Tandem pairs, alternating (the machine is noisy)"
+    )
     parser.add_argument("--keep-cluster", action="store_true")
     args = parser.parse_args()
     pods = args.jobs * (args.workers + 1)
@@ -257,41 +382,21 @@ def main() -> int:
     install_crds(kubectl)
     core, custom = clients(info.kubeconfig)
     workdir = Path(f"/tmp/{CLUSTER}")
-    (workdir / "operator.log").unlink(missing_ok=True)
+    bench = Bench(kubectl, core, custom, workdir, args.jobs, args.workers, args.concurrency)
+    runs = []
     try:
-        for ns in ("floor", "tandem"):
-            kubectl.run("create", "namespace", ns)
-        print("floor: creating pods directly ...", flush=True)
-        before_floor, cpu_before = request_counts(kubectl), control_plane_cpu()
-        floor = run_floor(core, "floor", args.jobs, args.workers, args.concurrency)
-        print(f"floor: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
-        floor_requests = request_delta(before_floor, request_counts(kubectl), args.jobs)
-        print(f"floor: {timeline(core, 'floor')}", flush=True)
-        print(f"floor: {floor:.1f}s; deleting its pods before the Tandem run", flush=True)
-        kubectl.run("delete", "namespace", "floor", "--timeout=600s")  # waits until it is gone
-        operator = start_operator(
-            operator_kubeconfig(kubectl, workdir / "operator.kubeconfig"), workdir / "operator.log"
-        )
-        try:
-            print("tandem: applying TrainingJobs ...", flush=True)
-            before_tandem, cpu_before = request_counts(kubectl), control_plane_cpu()
-            tandem = run_tandem(core, custom, "tandem", args.jobs, args.workers, args.concurrency)
-            print(f"tandem: control-plane CPU {cpu_delta(cpu_before, control_plane_cpu())}", flush=True)
-            tandem_requests = request_delta(before_tandem, request_counts(kubectl), args.jobs)
-            print(f"tandem: {timeline(core, 'tandem')}", flush=True)
-            rss, cpu = proc_stats(operator.process.pid)
-            histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
-        finally:
-            operator.stop()
+        for number in range(1, args.repeats + 1):
+            print(f"repeat {number}/{args.repeats}: floor (pods created directly) ...", flush=True)
+            floor = bench.floor(f"floor-{number}")
+            print(f"  floor {floor.seconds:.1f} s; {floor.timeline}", flush=True)
+            print(f"repeat {number}/{args.repeats}: Tandem (TrainingJobs applied) ...", flush=True)
+            tandem = bench.tandem(f"tandem-{number}")
+            print(f"  Tandem {tandem.seconds:.1f} s; {tandem.timeline}", flush=True)
+            runs.append((floor, tandem))
     finally:
         if not args.keep_cluster:
             devcluster.down(CLUSTER)
-    report(args.jobs, args.workers, floor, tandem, rss, cpu, histogram)
-    for name, rows in (("floor", floor_requests), ("Tandem", tandem_requests)):
-        print()
-        print(f"| {name}: writes to the API server | requests | per job |")
-        print("| --- | --- | --- |")
-        print("\n".join(rows))
+    report(args.jobs, args.workers, runs)
     return 0
 
 

@@ -6,7 +6,8 @@ reads what kopf and the caches hold and writes the status back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -22,21 +23,35 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 StatusT = TypeVar("StatusT", bound=BaseModel)
 
 
+#: post(object, type, reason, message): an event on one of our resources.
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post through kopf (only from within a kopf handler: its posting queue lives in the context)."""
+    kopf.event(obj, type=type_, reason=reason, message=message)  # type: ignore[arg-type]
+
+
 class WarningsOnce:
     """Warnings a reconcile would repeat every tick (a refused child, a bad progress record): each
     distinct message per (object uid, reason) becomes one event, not one every 2 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, post: EventPoster = kopf_event) -> None:
+        self._post = post
         self._last: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
 
-    def warn(self, body: kopf.Body, uid: str, reason: str, message: str) -> None:
-        if self._last.get((uid, reason)) != message:
+    def warn(self, body: Mapping[str, Any], uid: str, reason: str, message: str) -> None:
+        with self._lock:
+            if self._last.get((uid, reason)) == message:
+                return
             self._last[(uid, reason)] = message
-            kopf.event(body, type="Warning", reason=reason, message=message)
+        self._post(body, "Warning", reason, message)
 
     def forget(self, uid: str) -> None:
-        for key in [key for key in self._last if key[0] == uid]:
-            del self._last[key]
+        with self._lock:
+            for key in [key for key in self._last if key[0] == uid]:
+                del self._last[key]
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,12 +97,13 @@ def utc_now() -> datetime:
 
 def parse_spec_or_reject(
     model: type[ModelT],
-    body: kopf.Body,
+    body: Mapping[str, Any],
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     generation: int,
     patch: kopf.Patch,
     phase_on_error: str,
+    post: EventPoster = kopf_event,
 ) -> ModelT:
     """Validate the spec; an invalid one is a permanent failure with a condition that says why.
 
@@ -110,5 +126,5 @@ def parse_spec_or_reject(
         patch.status["phase"] = phase_on_error
         patch.status["observedGeneration"] = generation
         patch.status["conditions"] = [c.to_dict() for c in set_condition(conditions, rejected)]
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        post(body, "Warning", "InvalidSpec", message)
         raise kopf.PermanentError(f"invalid spec: {message}") from error

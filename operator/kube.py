@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import orjson
+
+if TYPE_CHECKING:
+    from kubernetes.client import CoreV1Api, CustomObjectsApi
 
 FIELD_MANAGER = "tandem-operator"
+#: Events longer than this are cut (as kopf does): `kubectl describe` shows them whole on one line.
+EVENT_MESSAGE_LIMIT = 1024
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -26,6 +36,23 @@ def api_client() -> Any:
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 32  # handler threads x concurrent child calls
     return client.ApiClient(configuration)
+
+
+@functools.cache
+def core_api() -> CoreV1Api:
+    """The shared client's core API, made once: the client resolves its classes lazily, through an
+    import on each module attribute lookup, which showed in profiles of the reconcile hot path."""
+    from kubernetes import client
+
+    return client.CoreV1Api(api_client())
+
+
+@functools.cache
+def custom_api() -> CustomObjectsApi:
+    """The shared client's custom-objects API, made once (see `core_api`)."""
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api_client())
 
 
 def finish(reply: Any) -> bytes:
@@ -57,6 +84,7 @@ def _status_of(error: Exception) -> int | None:
 _CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors")}
 
 
+@functools.cache
 def _creator(kind: str) -> Any:
     """The client call that creates a namespaced child of this kind: f(namespace, body, **options)."""
     from kubernetes import client
@@ -77,6 +105,17 @@ def _creator(kind: str) -> Any:
         "RoleBinding": rbac.create_namespaced_role_binding,
         "PodDisruptionBudget": client.PolicyV1Api(api).create_namespaced_pod_disruption_budget,
     }[kind]
+
+
+def warm_up(kinds: tuple[str, ...] = ("Pod", "Service", "ServiceAccount", "Role", "RoleBinding")) -> None:
+    """Load the client's API modules and models now rather than in the first reconciles.
+
+    The client imports them on first use and builds hundreds of pydantic models as it does (about a
+    second of CPU): at startup that delays readiness, later it would delay the first jobs.
+    """
+    for kind in kinds:
+        _creator(kind)
+    custom_api()
 
 
 def create(manifest: Mapping[str, Any]) -> bool:
@@ -119,8 +158,6 @@ def _namespace_terminating(error: Exception) -> bool:
 
 
 def _api_message(error: Exception) -> str:
-    import json
-
     try:
         return str(json.loads(getattr(error, "body", "") or "{}").get("message") or error)
     except ValueError:
@@ -129,11 +166,10 @@ def _api_message(error: Exception) -> str:
 
 def delete_pod(namespace: str, name: str) -> bool:
     """Delete a pod (graceful: the driver gets SIGTERM and checkpoints); False if it was gone."""
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     try:
-        finish(client.CoreV1Api(api_client()).delete_namespaced_pod(name, namespace, _preload_content=False))
+        finish(core_api().delete_namespaced_pod(name, namespace, _preload_content=False))
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -143,24 +179,20 @@ def delete_pod(namespace: str, name: str) -> bool:
 
 def list_bound_pods() -> list[dict[str, Any]]:
     """Every pod bound to a node, cluster-wide, as plain dicts."""
-    import json
 
-    from kubernetes import client
-
-    reply: Any = client.CoreV1Api(api_client()).list_pod_for_all_namespaces(
+    reply: Any = core_api().list_pod_for_all_namespaces(
         field_selector="spec.nodeName!=", _preload_content=False
     )
-    return list(json.loads(finish(reply))["items"])
+    return list(orjson.loads(finish(reply))["items"])
 
 
 def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
     """Delete one of Tandem's resources (children follow through ownerReferences); False if gone."""
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     try:
         finish(
-            client.CustomObjectsApi(api_client()).delete_namespaced_custom_object(
+            custom_api().delete_namespaced_custom_object(
                 group,
                 version,
                 namespace,
@@ -231,10 +263,9 @@ def scale_custom_object(
     group: str, version: str, plural: str, namespace: str, name: str, replicas: int
 ) -> None:
     """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
-    from kubernetes import client
 
     finish(
-        client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_scale(
+        custom_api().patch_namespaced_custom_object_scale(
             group,
             version,
             namespace,
@@ -254,10 +285,44 @@ def patch_custom_object_status(
 
     Returns the object as stored after the patch.
     """
-    from kubernetes import client
 
-    reply: Any = client.CustomObjectsApi(api_client()).patch_namespaced_custom_object_status(
+    reply: Any = custom_api().patch_namespaced_custom_object_status(
         group, version, namespace, plural, name, {"status": dict(status)}, _preload_content=False
     )
-    stored: dict[str, Any] = json.loads(finish(reply))
+    stored: dict[str, Any] = orjson.loads(finish(reply))
     return stored
+
+
+def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post a core/v1 Event about `obj` (what `kubectl describe` lists). Best effort: a failure is
+    logged, never raised, so that a busy API server cannot fail the reconcile that reported it."""
+    from kubernetes.client.exceptions import ApiException
+
+    meta = obj["metadata"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion"),
+            "kind": obj.get("kind"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:EVENT_MESSAGE_LIMIT],
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": FIELD_MANAGER,
+        "reportingInstance": FIELD_MANAGER,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    core: Any = core_api()  # the stubs want a model; a dict is what the client sends
+    try:
+        finish(core.create_namespaced_event(meta["namespace"], event, _preload_content=False))
+    except (ApiException, OSError) as error:
+        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)

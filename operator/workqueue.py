@@ -10,7 +10,6 @@ asks for its own resync (`requeue after N seconds`) to keep level-based checks s
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -34,10 +33,8 @@ class WorkQueue(Generic[K]):
         executor: Executor,
         *,
         workers: int,
-        context: contextvars.Context | None = None,
     ) -> None:
         self._reconcile, self._executor, self._workers = reconcile, executor, workers
-        self.context = context  # reconciles run in a copy of this (kopf's posting variables live there)
         self._ready: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._running: set[K] = set()
@@ -110,9 +107,8 @@ class WorkQueue(Generic[K]):
                 self.add(key, after)
 
     async def _run(self, key: K) -> float | None:
-        context = (self.context or contextvars.copy_context()).copy()
         try:
-            return await self._loop.run_in_executor(self._executor, context.run, self._reconcile, key)
+            return await self._loop.run_in_executor(self._executor, self._reconcile, key)
         except Exception:
             log.exception("reconcile of %s failed; retrying in %.0f s", key, ERROR_RETRY_SECONDS)
             return ERROR_RETRY_SECONDS

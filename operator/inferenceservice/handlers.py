@@ -50,7 +50,7 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.podcache import PodCache
+from tandem.operator.watchcache import PodCache, WatchCache
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
@@ -100,11 +100,10 @@ def isvc_pdbs(namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any,
     return {(namespace, labels[SERVICE_LABEL]): "PodDisruptionBudget"}
 
 
-@kopf.index(GROUP, VERSION, "trainingjobs")
-def isvc_trainingjobs(
-    namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[Any, ObservedTrainingJob]:
-    return {(namespace, name): observe_trainingjob(body)}
+def training_job(cache: WatchCache[dict[str, Any]], namespace: str, name: str) -> ObservedTrainingJob | None:
+    """The TrainingJob a service serves, from the TrainingJob controller's watch cache."""
+    bodies = cache.get((namespace, name))
+    return observe_trainingjob(bodies[0]) if bodies else None
 
 
 def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
@@ -162,7 +161,6 @@ def reconcile_inferenceservice(
     isvc_deployments: kopf.Index[Any, ObservedDeployment],
     isvc_services: kopf.Index[Any, str],
     isvc_pdbs: kopf.Index[Any, str],
-    isvc_trainingjobs: kopf.Index[Any, ObservedTrainingJob],
     **_: Any,
 ) -> None:
     """Converge the children to the spec, and the status to what the children report."""
@@ -173,8 +171,9 @@ def reconcile_inferenceservice(
         if meta.get("deletionTimestamp"):
             return
         isvc_replicas: PodCache[ObservedReplica] = memo.isvc_replicas
-        if not isvc_replicas.synced:
-            return  # before the first list, missing replicas prove nothing
+        trainingjobs: WatchCache[dict[str, Any]] = memo.trainingjob_cache
+        if not isvc_replicas.synced or not trainingjobs.synced:
+            return  # before the first lists, a missing replica or TrainingJob proves nothing
         service_spec = parse_spec_or_reject(
             InferenceServiceSpec, body, spec, status, generation, patch, InferenceServicePhase.FAILED.value
         )
@@ -190,7 +189,7 @@ def reconcile_inferenceservice(
         observed = Observed(
             deployment=_one(isvc_deployments, key),
             replicas=isvc_replicas.get(key),
-            training_job=_one(isvc_trainingjobs, (namespace, ref.name)) if ref else None,
+            training_job=training_job(trainingjobs, namespace, ref.name) if ref else None,
             children=children,
             service_monitor_crd=with_monitor,
             scaling=_scaling.get(uid),

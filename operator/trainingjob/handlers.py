@@ -1,24 +1,27 @@
-"""kopf glue for TrainingJob: a cache of its pods, an index of nodes, and a keyed work queue.
+"""The TrainingJob controller: lean watch caches of the jobs and their pods, kopf's index of nodes,
+and a keyed work queue.
 
-A job is reconciled when its watch event or one of its pods' changes queues it, and every 2 s while
-it is active. A reconcile runs `reconcile.decide` on what the caches hold (no API reads), then carries
-out the decision: create or delete children, post events, patch status when it changed.
+A job is reconciled when it changes, when one of its pods changes, when one of its nodes goes
+NotReady or away, and when the clock makes a decision due (a timeout, a backoff, the next cost write),
+with a slow resync as a safety net. A reconcile runs `reconcile.decide` on what the caches hold (no
+API reads), then carries out the decision: create or delete children, post events, patch status when
+it changed. kopf runs the operator around it; the jobs' own events skip its per-object machinery.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from tandem.operator import kube
-from tandem.operator.api.common import GROUP, VERSION
+from tandem.operator.api.common import API_VERSION, GROUP, VERSION
 from tandem.operator.api.trainingjob import (
     KIND,
     PLURAL,
@@ -30,7 +33,6 @@ from tandem.operator.api.trainingjob import (
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import WarningsOnce, parse_spec_or_reject, status_patch, with_refusal
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.podcache import Key, PodCache
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
     TERMINAL_PHASES,
@@ -42,10 +44,16 @@ from tandem.operator.trainingjob.observe import (
     pod_gpus,
 )
 from tandem.operator.trainingjob.reconcile import Decision, Job, decide
+from tandem.operator.watchcache import Key, PodCache, WatchCache, by_name, custom_objects
 from tandem.operator.workqueue import WorkQueue
 
-#: Resync period of an active job (timeouts, cost accrual); changes are handled as they come.
-RECONCILE_INTERVAL_SECONDS = 2.0
+#: An unfinished job is looked at this often even when nothing is due: a safety net, not the
+#: mechanism (changes of the job, its pods and its nodes wake it; `Decision.due_in` says when the
+#: clock will). Resyncing every job every few seconds would cost a core at a thousand jobs.
+RESYNC_SECONDS = 60.0
+#: A job waiting on something other than the clock (a busy or refusing API server, an old gang going
+#: away after its backoff ran out, the first pod list) is looked at again this soon.
+RETRY_SECONDS = 2.0
 #: A pod's change wakes its job this much later, so that a gang's pods coming up one by one (each
 #: bound, then Running, then ready) fold into one reconcile and one status write, not fifteen.
 POD_CHANGE_DELAY_SECONDS = 0.5
@@ -58,7 +66,7 @@ _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem
 log = logging.getLogger(__name__)
 #: Reasons whose warnings a reconcile would repeat every tick.
 REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
-_warnings = WarningsOnce()
+_warnings = WarningsOnce(kube.post_event)
 
 
 @kopf.index("nodes")
@@ -82,18 +90,47 @@ def gpus_in_use() -> dict[str, int]:
     return used
 
 
-#: Shared namespace objects (no owner) this process has seen in place, so each is written once.
-_shared_present: set[tuple[str, str, str]] = set()
-_support_lock = threading.Lock()
+ChildKey = tuple[str, str, str, str]
 
 
-def _shared_key(manifest: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    meta = manifest["metadata"]
-    return None if meta.get("ownerReferences") else (manifest["kind"], meta["namespace"], meta["name"])
+class SeenChildren:
+    """Children other than pods that this process has seen in place, so that each is created once
+    and not on every reconcile that asks for it (pods need no such memory: the pod cache shows them).
+
+    Keyed by (kind, namespace, name, owner uid), the uid "" for the namespace's shared account.
+    """
+
+    def __init__(self) -> None:
+        self._keys: set[ChildKey] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(manifest: Mapping[str, Any]) -> ChildKey | None:
+        if manifest["kind"] == "Pod":
+            return None
+        meta = manifest["metadata"]
+        owners = meta.get("ownerReferences") or ({"uid": ""},)
+        return manifest["kind"], meta["namespace"], meta["name"], owners[0]["uid"]
+
+    def __contains__(self, key: ChildKey) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def note(self, children: Sequence[tuple[dict[str, Any], ChildKey | None]], outcomes: list[Any]) -> None:
+        """Remember the children now known to exist: created, or there already (a conflict)."""
+        with self._lock:
+            for (_, key), outcome in zip(children, outcomes, strict=True):
+                if key is not None and not isinstance(outcome, Exception):
+                    self._keys.add(key)
+
+    def forget_owner(self, uid: str) -> None:
+        """A job was deleted: the garbage collector removes its children."""
+        with self._lock:
+            self._keys = {key for key in self._keys if key[3] != uid}
 
 
-def _known_shared(manifest: Mapping[str, Any]) -> bool:
-    return _shared_key(manifest) in _shared_present
+_seen = SeenChildren()
+_shared_lock = threading.Lock()
 
 
 def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
@@ -103,30 +140,38 @@ def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
         return problem
 
 
-def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: str) -> str | None:
-    """Carry out a decision; return why the API server refused a child, if it did.
+@dataclass(frozen=True)
+class Applied:
+    """How carrying out a decision went: why the API server refused a child; whether it was busy."""
+
+    refused: str | None = None
+    busy: bool = False
+
+
+def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str, uid: str) -> Applied:
+    """Carry out a decision; say whether the API server refused a child or was too busy to take it.
 
     Every call is idempotent, so a crash half-way is repaired on the next tick.
     """
-    refused = None
-    # The supporting objects go first and in order (a RoleBinding needs its Role; admission rejects a
-    # pod whose ServiceAccount does not exist yet); then the gang's pods, concurrently.
-    with _support_lock:  # so that the first jobs of a namespace do not all create its shared account
-        support = [m for m in decision.create if m["kind"] != "Pod" and not _known_shared(m)]
-        created = [_create(m) for m in support]
-        for manifest, outcome in zip(support, created, strict=True):
-            if (key := _shared_key(manifest)) is not None and not isinstance(outcome, Exception):
-                _shared_present.add(key)
-    pods = [m for m in decision.create if m["kind"] == "Pod"]
-    created += list(_CHILD_CALLS.map(_create, pods))
-    for manifest, outcome in zip(support + pods, created, strict=True):
+    refused, busy = None, False
+    wanted = [(m, key) for m in decision.create if (key := _seen.key(m)) is None or key not in _seen]
+    # The namespace's shared account goes first and in order (a RoleBinding needs its Role; admission
+    # rejects a pod whose ServiceAccount does not exist yet), under a lock so that the first jobs of a
+    # namespace do not all create it; then the job's own children, concurrently.
+    with _shared_lock:
+        shared = [(m, key) for m, key in wanted if key is not None and not key[3] and key not in _seen]
+        created = [_create(m) for m, _ in shared]
+        _seen.note(shared, created)
+    owned = [(m, key) for m, key in wanted if key is None or key[3]]
+    owned_created = list(_CHILD_CALLS.map(_create, [m for m, _ in owned]))
+    _seen.note(owned, owned_created)
+    for (manifest, _), outcome in zip(shared + owned, created + owned_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or f"the API server refused {child}: {outcome}"
         elif isinstance(outcome, kube.Busy):
-            log.warning(
-                "API server busy creating %s in %s (%s); retrying next tick", child, namespace, outcome
-            )
+            busy = True
+            log.warning("API server busy creating %s in %s (%s); retrying shortly", child, namespace, outcome)
         elif outcome:
             log.info("created %s in %s", child, namespace)
     for pod, gone in zip(
@@ -140,12 +185,23 @@ def apply(decision: Decision, body: kopf.Body, namespace: str, name: str, uid: s
         if event.reason in REPEATING_WARNINGS:
             _warnings.warn(body, uid, event.reason, event.message)
         else:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            kube.post_event(body, event.type, event.reason, event.message)
     if refused:
         _warnings.warn(body, uid, "CreateFailed", refused)
     if decision.delete_job:
         kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
-    return refused
+    return Applied(refused, busy)
+
+
+def recheck_in(decision: Decision, retry: bool) -> float | None:
+    """Seconds until the job should be looked at again without a change (None: only on a change)."""
+    due = decision.due_in
+    if retry or (due is not None and due <= 0):
+        return RETRY_SECONDS
+    phase = decision.status.phase
+    if due is None:
+        return None if phase is not None and phase.finished else RESYNC_SECONDS
+    return min(due + 0.05, RESYNC_SECONDS)  # just past it: the clock has then surely reached it
 
 
 class JobStore:
@@ -164,51 +220,87 @@ class JobStore:
         with self._lock:
             return self._bodies.get(key)
 
-    def put(self, body: dict[str, Any]) -> None:
+    def put(self, body: dict[str, Any]) -> bool:
+        """Keep `body` unless what is held is newer; True if it is news (not the version held)."""
         meta = body["metadata"]
         key = (str(meta["namespace"]), str(meta["name"]))
         with self._lock:
             held = self._bodies.get(key)
-            if held is None or held["metadata"].get("uid") != meta.get("uid") or _not_older(meta, held):
+            if held is None or held["metadata"].get("uid") != meta.get("uid"):
                 self._bodies[key] = body
+                return True
+            if _version(meta) == _version(held["metadata"]):
+                return False  # e.g. the watch's echo of our own status write: its reply is held
+            if _not_older(meta, held):
+                self._bodies[key] = body
+                return True
+            return False
 
     def drop(self, key: Key) -> None:
         with self._lock:
             self._bodies.pop(key, None)
 
 
+def _version(meta: Mapping[str, Any]) -> str:
+    return str(meta.get("resourceVersion", ""))
+
+
 def _not_older(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
     """Whether `meta`'s resourceVersion is at least the held one's (etcd's are integers; else: yes)."""
-    new, old = str(meta.get("resourceVersion", "")), str(held["metadata"].get("resourceVersion", ""))
+    new, old = _version(meta), _version(held["metadata"])
     return not (new.isdigit() and old.isdigit()) or int(new) >= int(old)
+
+
+def _job_body(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A job as listed or watched, with its kind (list items may lack it; events name it)."""
+    return {"apiVersion": API_VERSION, "kind": KIND, **obj}
 
 
 class Controller:
     """What the TrainingJob reconciler needs between calls: the job bodies, the caches, the queue."""
 
-    def __init__(self, settings: OperatorSettings, pods: PodCache[ObservedPod]) -> None:
-        self.settings, self.pods = settings, pods
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        pods: PodCache[ObservedPod],
+        job_cache: WatchCache[dict[str, Any]],
+        nodes: kopf.Index[str, ObservedNode],
+    ) -> None:
+        self.settings, self.pods, self.job_cache, self.nodes = settings, pods, job_cache, nodes
         self.jobs = JobStore()
-        self.nodes: kopf.Index[str, ObservedNode] | None = None
+        #: Each node's last seen readiness, so that only a change wakes the jobs on it.
+        self.node_ready: dict[str, bool] = {}
         self.queue: WorkQueue[Key] | None = None
+
+    def job_changed(self, key: Key) -> None:
+        """From the jobs' watch thread: keep the newest body and queue the job (news only)."""
+        assert self.queue is not None
+        bodies = self.job_cache.get(key)
+        if not bodies:  # deleted: its children go by ownerReference; drop what we kept of it
+            gone = self.jobs.get(key)
+            self.jobs.drop(key)
+            if gone is not None:
+                _warnings.forget(str(gone["metadata"].get("uid")))
+                _seen.forget_owner(str(gone["metadata"].get("uid")))
+            return
+        if self.jobs.put(bodies[0]):
+            self.queue.add_threadsafe(key)
 
     def reconcile(self, key: Key) -> float | None:
         """Converge one job; seconds until it should be looked at again (None: only on a change)."""
         body = self.jobs.get(key)
-        if body is None or self.nodes is None:
-            return None  # deleted; or not seen through kopf yet (its event brings it back)
+        if body is None:
+            return None  # deleted
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return None  # being deleted: its children go with it; recreating "lost" pods would fight the GC
         if not self.pods.synced:
-            return RECONCILE_INTERVAL_SECONDS  # before the first list, a missing pod proves nothing
+            return RETRY_SECONDS  # before the first list, a missing pod proves nothing
         with timed_reconcile(KIND):
             return self._reconcile(body)
 
-    def _reconcile(self, raw: dict[str, Any]) -> float | None:
-        assert self.nodes is not None
-        body = kopf.Body(raw)  # type: ignore[arg-type]
-        meta, status = raw["metadata"], raw.get("status") or {}
+    def _reconcile(self, body: dict[str, Any]) -> float | None:
+        meta, status = body["metadata"], body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
         patch = kopf.Patch()
@@ -221,6 +313,7 @@ class Controller:
                 generation,
                 patch,
                 TrainingJobPhase.FAILED.value,
+                post=kube.post_event,
             )
         except kopf.PermanentError:
             self._write_status(namespace, name, dict(patch.status))
@@ -235,68 +328,67 @@ class Controller:
             datetime.now(UTC),
             self.settings.gpu_price,
         )
-        refused = apply(decision, body, namespace, name, uid)
+        applied = apply(decision, body, namespace, name, uid)
         if decision.delete_job:
             return None
         new_status = decision.status
-        if refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry next tick
-            new_status = with_refusal(new_status, ConditionType.SCHEDULED, refused, generation)
+        if applied.refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry
+            new_status = with_refusal(new_status, ConditionType.SCHEDULED, applied.refused, generation)
         changes = status_patch(status, new_status.to_dict())
         if changes:
             self._write_status(namespace, name, changes)
-        return RECONCILE_INTERVAL_SECONDS
+        return recheck_in(decision, retry=bool(applied.refused or applied.busy))
 
     def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
         if changes:
-            self.jobs.put(kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes))
+            stored = kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes)
+            self.jobs.put(_job_body(stored))
 
 
-@kopf.on.startup()
-async def start_controller(memo: kopf.Memo, **_: Any) -> None:
-    """Watch the operator's own pods (selected by label on the server) into a lean cache; start the queue."""
+# kopf's ActivityFn protocol does not know the index keyword arguments kopf passes by name.
+@kopf.on.startup()  # type: ignore[arg-type]
+async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, ObservedNode], **_: Any) -> None:
+    """Watch the jobs and their pods (selected by label on the server) into lean caches; start the queue."""
     settings: OperatorSettings = memo.settings
+    kube.warm_up()
     pods: PodCache[ObservedPod] = PodCache(LABEL_JOB, observe_pod, settings.namespaces)
-    controller = Controller(settings, pods)
+    jobs: WatchCache[dict[str, Any]] = WatchCache(
+        "trainingjobs", custom_objects(GROUP, VERSION, PLURAL), by_name, _job_body, settings.namespaces
+    )
+    controller = Controller(settings, pods, jobs, nodes_by_name)
     controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
     queue = controller.queue
     pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)
-    pods.start()
+    jobs.on_change = controller.job_changed
     controller.queue.start()
+    pods.start()
+    jobs.start()
     memo.trainingjobs = controller
+    memo.trainingjob_cache = jobs  # the InferenceService's lineage reads the jobs from here
 
 
 @kopf.on.cleanup()
 async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo.trainingjobs
     controller.pods.stop()
+    controller.job_cache.stop()
     if controller.queue is not None:
         await controller.queue.stop()
 
 
-# A raw event handler, neither a timer nor a change handler: a timer makes kopf put a finalizer on
-# every job and change handlers a diff-base annotation, each one more API write per job for nothing.
-# kopf's WatchingFn protocol does not know the index keyword arguments kopf passes by name.
-@kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[arg-type]
-async def trainingjob_event(
-    type: str,
-    event: Mapping[str, Any],
-    memo: kopf.Memo,
-    nodes_by_name: kopf.Index[str, ObservedNode],
-    **_: Any,
-) -> None:
-    """Keep the newest body and queue the job; forget a deleted one (its children go by ownerReference)."""
+@kopf.on.event("nodes")
+async def node_event(type: str, body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Wake the jobs with pods on a node that went NotReady, came back, or went away."""
     controller: Controller = memo.trainingjobs
-    body: dict[str, Any] = event["object"]
-    meta = body["metadata"]
-    key = (str(meta["namespace"]), str(meta["name"]))
-    assert controller.queue is not None
-    if controller.queue.context is None:  # kopf.event() needs the variables of a handler's context
-        controller.queue.context = contextvars.copy_context()
-    controller.nodes = nodes_by_name
-    if type == "DELETED":
-        controller.jobs.drop(key)
-        controller.queue.forget(key)
-        _warnings.forget(str(meta.get("uid")))
+    ready = type != "DELETED" and observe_node(body).ready
+    if controller.node_ready.get(name, True) == ready:
+        if type != "DELETED":
+            controller.node_ready[name] = ready
         return
-    controller.jobs.put(body)
-    controller.queue.add(key)
+    if type == "DELETED":
+        controller.node_ready.pop(name, None)
+    else:
+        controller.node_ready[name] = ready
+    if controller.queue is not None:
+        for key in controller.pods.keys_where(lambda pod: pod.node == name):
+            controller.queue.add(key)

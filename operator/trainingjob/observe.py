@@ -57,6 +57,8 @@ class ObservedPod:
     scheduler_message: str
     progress: str | None
     spec_hash: str = ""
+    #: The pod has an IP (its sandbox is up): a headless Service then resolves to it.
+    addressed: bool = False
 
     @property
     def bound(self) -> bool:
@@ -103,6 +105,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         scheduler_message=str(scheduled.get("message") or "") if scheduled.get("status") == "False" else "",
         progress=(meta.get("annotations") or {}).get(PROGRESS_ANNOTATION),
         spec_hash=str(labels.get(LABEL_SPEC_HASH, "")),
+        addressed=bool(status.get("podIP")),
     )
 
 

@@ -54,10 +54,15 @@ class Decision:
     """What one reconcile wants done: the new status, children to create or delete, events."""
 
     status: TrainingJobStatus
+    #: Children that must exist: pods not observed, and other children (the handler creates those it
+    #: has not yet seen in place).
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
+    #: Seconds until the clock alone changes the decision (a timeout, a backoff, a deadline, the TTL,
+    #: the next cost write); None when only a change of the job, its pods or nodes will.
+    due_in: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class _Machine:
         )
         self.fold_progress()
         self.step()
+        self.head_service()
         self.set(
             workers=WorkerCounts(
                 desired=spec.workers.replicas,
@@ -176,7 +182,44 @@ class _Machine:
             )
         )
         self.accrue_cost()
+        self.decision.due_in = self.due_in()
         return self.decision
+
+    def due_in(self) -> float | None:
+        status, spec = self.status, self.spec
+        due: list[datetime] = []
+        if status.next_attempt_time is not None:
+            due.append(status.next_attempt_time)
+        finished = status.phase is not None and status.phase.finished
+        if finished:
+            ttl, done = spec.ttl_seconds_after_finished, status.completion_time
+            if ttl is not None and done is not None:
+                due.append(done + timedelta(seconds=ttl))
+        else:
+            if spec.active_deadline_seconds is not None and status.start_time is not None:
+                due.append(status.start_time + timedelta(seconds=spec.active_deadline_seconds))
+            if status.phase is Phase.SCHEDULING and self.current:
+                started = min((p.created for p in self.current if p.created), default=self.now)
+                due.append(started + timedelta(seconds=spec.scheduling.gang_timeout_seconds))
+            if any(p.phase == "Running" and p.gpus for p in self.pods) and status.cost is not None:
+                written = status.cost.last_update_time or self.now
+                due.append(written + timedelta(seconds=COST_REFRESH_SECONDS))
+        if not due:
+            return None
+        return max((min(due) - self.now).total_seconds(), 0.0)
+
+    def head_service(self) -> None:
+        """Ask for the head's Service once the current head pod has an IP.
+
+        A headless name resolves to nothing before that anyway, so workers see no difference; made
+        then, the endpoints controllers write the head's address once instead of an empty set first,
+        and no Service exists for a gang that never binds. The operator creates what it has not yet
+        seen in place (see handlers.apply), so asking on every reconcile costs no API call.
+        """
+        head = next((p for p in self.current if p.role == "head"), None)
+        if head is not None and head.addressed and not self.deleted(head) and not head.failed:
+            job = self.job
+            self.decision.create.append(builders.head_service(job.name, job.uid, job.namespace))
 
     def deleted(self, pod: ObservedPod) -> bool:
         return pod.name in self.decision.delete
@@ -235,7 +278,6 @@ class _Machine:
         attempt = self.attempt + 1
         resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
         self.decision.create += builders.trainer_identity(self.job.namespace)
-        self.decision.create.append(builders.head_service(self.job.name, self.job.uid, self.job.namespace))
         self.decision.create += builders.gang(
             self.spec,
             job=self.job.name,

@@ -55,6 +55,7 @@ def pod(
         scheduler_message=extra.pop("scheduler_message", ""),
         progress=extra.pop("progress", None),
         spec_hash=extra.pop("spec_hash", builders.pod_spec_hash(job().spec)),
+        addressed=extra.pop("addressed", phase == "Running" and node is not None),
     )
 
 
@@ -75,7 +76,6 @@ def test_a_new_job_creates_its_whole_gang_at_once() -> None:
         ("ServiceAccount", "tandem-trainer"),
         ("Role", "tandem-trainer"),
         ("RoleBinding", "tandem-trainer"),
-        ("Service", "gpt-head"),
         ("Pod", "gpt-1-head"),
         ("Pod", "gpt-1-worker-0"),
         ("Pod", "gpt-1-worker-1"),
@@ -88,7 +88,10 @@ def test_a_new_job_creates_its_whole_gang_at_once() -> None:
 
 def test_pods_not_yet_seen_are_created_again_idempotently() -> None:
     decision = tick({"phase": "Scheduling", "attempt": 1}, [pod("head")])
-    assert [m["metadata"]["name"] for m in decision.create] == ["gpt-1-worker-0", "gpt-1-worker-1"]
+    assert [m["metadata"]["name"] for m in decision.create if m["kind"] == "Pod"] == [
+        "gpt-1-worker-0",
+        "gpt-1-worker-1",
+    ]
     assert decision.status.attempt == 1
 
 
@@ -97,7 +100,24 @@ def test_all_bound_is_running_and_counts_ready_workers() -> None:
     assert decision.status.phase == "Running"
     assert decision.status.workers is not None
     assert decision.status.workers.ready == 2
+    assert [(m["kind"], m["metadata"]["name"]) for m in decision.create] == [("Service", "gpt-head")]
+
+
+def test_the_head_service_is_asked_for_once_the_head_pod_has_an_ip() -> None:
+    unaddressed = [pod("head", node=None, phase="Pending"), pod("worker-0"), pod("worker-1", node="g1")]
+    assert tick({"phase": "Scheduling", "attempt": 1}, unaddressed).create == []
+    bound_no_ip = [pod("head", addressed=False), pod("worker-0"), pod("worker-1", node="g1")]
+    decision = tick({"phase": "Scheduling", "attempt": 1}, bound_no_ip)
+    assert decision.status.phase == "Running"
     assert decision.create == []
+    (service,) = tick({"phase": "Running", "attempt": 1}, gang()).create
+    assert service["kind"] == "Service"
+    assert service["spec"]["selector"] == {"tandem.dev/trainingjob": "gpt", "tandem.dev/role": "head"}
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    failed_head = [pod("head", phase="Failed"), pod("worker-0"), pod("worker-1", node="g1")]
+    assert not any(
+        m["kind"] == "Service" for m in tick({"phase": "Running", "attempt": 1}, failed_head).create
+    )
 
 
 def test_gang_timeout_deletes_every_pod_and_says_what_is_missing() -> None:
@@ -276,4 +296,30 @@ def test_pods_made_by_an_operator_that_died_before_writing_status_are_adopted() 
     assert decision.status.phase == "Scheduling"
     assert decision.status.attempt == 1
     assert decision.delete == []
-    assert [m["metadata"]["name"] for m in decision.create] == ["gpt-1-worker-1"]
+    assert [m["metadata"]["name"] for m in decision.create if m["kind"] == "Pod"] == ["gpt-1-worker-1"]
+
+
+def test_the_decision_says_when_the_clock_alone_will_change_it() -> None:
+    """The operator wakes a job then (and on changes), not on a fixed tick."""
+    # A gang waiting to be bound: its timeout (60 s from the pods' creation).
+    waiting = [pod("head"), replace(pod("worker-0"), gpus=0), pod("worker-1", node=None, phase="Pending")]
+    scheduling = {"phase": "Scheduling", "attempt": 1}
+    assert tick(scheduling, waiting, now=T0 + timedelta(seconds=20)).due_in == 40
+    # A backoff before the next gang.
+    backoff = {"phase": "Pending", "attempt": 1, "nextAttemptTime": (T0 + timedelta(seconds=10)).isoformat()}
+    assert tick(backoff, [], now=T0 + timedelta(seconds=4)).due_in == 6
+    # A running gang holding GPUs: the next cost write, 30 s after the last one.
+    running = tick(scheduling, gang()).status.to_dict()
+    assert tick(running, gang(), now=T0 + timedelta(seconds=10)).due_in == 20
+    # ... or the deadline, if that comes first.
+    started = {**running, "startTime": T0.isoformat()}
+    deadline = job(activeDeadlineSeconds=15)
+    assert tick(started, gang(), now=T0 + timedelta(seconds=10), the_job=deadline).due_in == 5
+    # A running gang without GPUs: nothing is due; only a change will matter.
+    cpu_gang = [replace(p, gpus=0) for p in gang()]
+    cpu_running = tick(scheduling, cpu_gang).status.to_dict()
+    assert tick(cpu_running, cpu_gang, now=T0 + timedelta(seconds=10)).due_in is None
+    # A finished job: its TTL, if it has one.
+    done = {"phase": "Succeeded", "attempt": 1, "completionTime": T0.isoformat()}
+    assert tick(done, [], now=T0 + timedelta(seconds=5), the_job=job(ttlSecondsAfterFinished=30)).due_in == 25
+    assert tick(done, [], now=T0 + timedelta(seconds=5)).due_in is None

@@ -130,7 +130,14 @@ def test_gang_lands_on_gpu_nodes_with_resources_and_tolerations(kubectl: Kubectl
         else:
             assert pod["spec"]["nodeName"] == "cpu-node-0"  # the head asks for no GPU
             assert env_of(pod)["TANDEM_NUM_WORKERS"] == "4"
+    # The head's Service is made once the head pod has an IP (its name resolves from then on).
+    wait_for(
+        lambda: items(kubectl, namespace, "services", "-l=tandem.dev/trainingjob=gpu") != [],
+        WAIT,
+        "the head's Service",
+    )
     service = get(kubectl, namespace, "service", "gpu-head")
+    assert service["metadata"]["ownerReferences"][0]["uid"] == job_uid
     assert service["spec"]["selector"] == {"tandem.dev/trainingjob": "gpu", "tandem.dev/role": "head"}
 
 
@@ -308,6 +315,11 @@ def test_success_then_ttl_deletes_the_job_and_its_children(kubectl: Kubectl, nam
 def test_delete_removes_every_child(kubectl: Kubectl, namespace: str) -> None:
     apply(kubectl, namespace, job_manifest("bye"))
     wait_phase(kubectl, namespace, "bye", "Running")
+    wait_for(
+        lambda: items(kubectl, namespace, "services", "-l=tandem.dev/trainingjob=bye") != [],
+        WAIT,
+        "the head's Service",
+    )
     kubectl.run("delete", "tj", "bye", "-n", namespace, "--wait=false")
     wait_for(lambda: pods(kubectl, namespace, "bye") == [], WAIT, "pods garbage-collected")
     wait_for(

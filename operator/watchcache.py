@@ -1,0 +1,223 @@
+"""Lean watch-backed caches of the objects the operator reconciles and owns, outside kopf.
+
+kopf streams every object of a kind through its per-object machinery (a logger, a body view, handler
+selection, the index update) and filters labels on the client: at thousands of objects that is most of
+the operator's CPU. A cache here lists and watches one kind, selected by label on the server when it
+can be, parses events straight from JSON into small immutable observations, and keeps them by key.
+Readers get snapshots; `synced` says the first list is in; `on_change` says which key changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+from tandem.operator import kube
+
+T = TypeVar("T")
+#: (namespace, name): of the object itself, or of the owner named by a label's value.
+Key = tuple[str, str]
+#: list(namespace or None for all, **list/watch options) -> a raw reply (`_preload_content=False`).
+Lister = Callable[..., Any]
+log = logging.getLogger(__name__)
+WATCH_SECONDS = 300
+RETRY_SECONDS = 2.0
+
+
+def pods(label: str) -> Lister:
+    """Pods that carry `label` (any value), selected by the API server."""
+
+    def call(namespace: str | None, **options: Any) -> Any:
+        core = kube.core_api()
+        if namespace is None:
+            return core.list_pod_for_all_namespaces(label_selector=label, _preload_content=False, **options)
+        return core.list_namespaced_pod(namespace, label_selector=label, _preload_content=False, **options)
+
+    return call
+
+
+def custom_objects(group: str, version: str, plural: str) -> Lister:
+    """Every object of a custom resource."""
+
+    def call(namespace: str | None, **options: Any) -> Any:
+        custom = kube.custom_api()
+        if namespace is None:
+            return custom.list_cluster_custom_object(
+                group, version, plural, _preload_content=False, **options
+            )
+        return custom.list_namespaced_custom_object(
+            group, version, namespace, plural, _preload_content=False, **options
+        )
+
+    return call
+
+
+def by_name(obj: Mapping[str, Any]) -> Key:
+    meta = obj["metadata"]
+    return str(meta["namespace"]), str(meta["name"])
+
+
+def by_label(label: str) -> Callable[[Mapping[str, Any]], Key]:
+    """Key an object by its namespace and the value of `label` (the owner's name)."""
+
+    def key(obj: Mapping[str, Any]) -> Key:
+        meta = obj["metadata"]
+        return str(meta["namespace"]), str(meta["labels"][label])
+
+    return key
+
+
+class WatchCache(Generic[T]):
+    """Objects listed by `lister`, reduced by `observe` and grouped by `key` (several may share one)."""
+
+    def __init__(
+        self,
+        name: str,
+        lister: Lister,
+        key: Callable[[Mapping[str, Any]], Key],
+        observe: Callable[[Mapping[str, Any]], T],
+        namespaces: Iterable[str] = (),
+    ) -> None:
+        self._name, self._lister, self._key_fn, self._observe = name, lister, key, observe
+        self._namespaces = tuple(namespaces) or (None,)
+        self._lock = threading.Lock()
+        self._by_key: dict[Key, dict[str, T]] = {}
+        self._key_of: dict[str, Key] = {}
+        self._synced: set[str | None] = set()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        #: Called from the watch thread with a key whose objects changed (after the cache has them).
+        self.on_change: Callable[[Key], None] | None = None
+
+    @property
+    def synced(self) -> bool:
+        """True once every watched scope has been listed: before that, absence proves nothing."""
+        with self._lock:
+            return len(self._synced) == len(self._namespaces)
+
+    def get(self, key: Key) -> list[T]:
+        with self._lock:
+            return list(self._by_key.get(key, {}).values())
+
+    def keys_where(self, test: Callable[[T], bool]) -> list[Key]:
+        """Keys with at least one object that passes `test`."""
+        with self._lock:
+            return [key for key, objs in self._by_key.items() if any(test(obj) for obj in objs.values())]
+
+    def start(self) -> None:
+        for namespace in self._namespaces:
+            thread = threading.Thread(
+                target=self._run, args=(namespace,), name=f"{self._name}-{namespace or 'all'}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the list + watch loop ---------------------------------------------------------------------
+
+    def _run(self, namespace: str | None) -> None:
+        while not self._stop.is_set():
+            try:
+                version = self._list(namespace)
+                while not self._stop.is_set():
+                    version = self._watch(namespace, version)
+            except Exception as error:  # a dropped connection or an expired version: list again
+                log.warning("%s watch (%s) restarting: %s", self._name, namespace or "all namespaces", error)
+                self._stop.wait(RETRY_SECONDS)
+
+    def _list(self, namespace: str | None) -> str:
+        reply = orjson.loads(kube.finish(self._lister(namespace)))
+        fresh: dict[Key, dict[str, T]] = {}
+        key_of: dict[str, Key] = {}
+        for obj in reply["items"]:
+            uid, key = obj["metadata"]["uid"], self._key_fn(obj)
+            fresh.setdefault(key, {})[uid] = self._observe(obj)
+            key_of[uid] = key
+        with self._lock:
+            touched = {key for key in self._key_of.values() if namespace in (None, key[0])} | set(fresh)
+            if namespace is None:
+                self._by_key, self._key_of = fresh, key_of
+            else:  # replace this namespace's pods only
+                stale = [uid for uid, key in self._key_of.items() if key[0] == namespace]
+                for uid in stale:
+                    self._forget(uid)
+                for key, objs in fresh.items():
+                    self._by_key.setdefault(key, {}).update(objs)
+                self._key_of.update(key_of)
+            self._synced.add(namespace)
+        for key in touched:
+            self._changed(key)
+        return str(reply["metadata"]["resourceVersion"])
+
+    def _watch(self, namespace: str | None, version: str) -> str:
+        started = time.monotonic()
+        stream = self._lister(
+            namespace,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+        )
+        try:
+            for line in stream:
+                event = orjson.loads(line)  # a third of json's time: thousands of events a minute
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    raise RuntimeError(obj.get("message", "watch error"))
+                version = obj["metadata"]["resourceVersion"]
+                if kind != "BOOKMARK":
+                    self._apply(kind, obj)
+                if self._stop.is_set():
+                    break
+        finally:
+            stream.release_conn()
+        if time.monotonic() - started < 1 and not self._stop.is_set():
+            self._stop.wait(RETRY_SECONDS)  # a stream that ends at once must not spin
+        return version
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        uid = obj["metadata"]["uid"]
+        with self._lock:
+            key = self._key_of.get(uid) or self._key_fn(obj)
+            if kind == "DELETED":
+                self._forget(uid)
+                changed = True
+            else:
+                seen = self._by_key.setdefault(key, {})
+                observed = self._observe(obj)
+                changed = seen.get(uid) != observed
+                seen[uid] = observed
+                self._key_of[uid] = key
+        if changed:  # an update that changes nothing the reconciler reads wakes nobody
+            self._changed(key)
+
+    def _changed(self, key: Key) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(key)
+            except RuntimeError:  # the event loop is closing: nobody left to wake
+                log.debug("%s change for %s after shutdown", self._name, key)
+
+    def _forget(self, uid: str) -> None:
+        key = self._key_of.pop(uid, None)
+        if key is not None:
+            objs = self._by_key.get(key, {})
+            objs.pop(uid, None)
+            if not objs:
+                self._by_key.pop(key, None)
+
+
+class PodCache(WatchCache[T]):
+    """Pods with `label` present, grouped by owner: (namespace, label value)."""
+
+    def __init__(
+        self, label: str, observe: Callable[[Mapping[str, Any]], T], namespaces: Iterable[str] = ()
+    ) -> None:
+        super().__init__("podcache", pods(label), by_label(label), observe, namespaces)

@@ -1,0 +1,38 @@
+"""The operator's memory of the non-pod children it has seen in place: each is created once."""
+
+from __future__ import annotations
+
+from tandem.operator import kube
+from tandem.operator.api.trainingjob import TrainingJobSpec
+from tandem.operator.trainingjob import builders
+from tandem.operator.trainingjob.handlers import SeenChildren
+
+
+def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_deleted() -> None:
+    seen = SeenChildren()
+    service = builders.head_service("gpt", "uid-1", "ml")
+    account = builders.trainer_identity("ml")[0]
+    pod = builders.gang(
+        TrainingJobSpec.model_validate(
+            {"trainer": {"builtin": {"dataset": {"uri": "file:///d"}}}, "batch": {"perDevice": 4}}
+        ),
+        job="gpt",
+        uid="uid-1",
+        namespace="ml",
+        attempt=1,
+        image="img",
+        resume_from=None,
+    )[0]
+    assert SeenChildren.key(pod) is None  # pods are watched, not remembered
+    service_key, account_key = SeenChildren.key(service), SeenChildren.key(account)
+    assert service_key == ("Service", "ml", "gpt-head", "uid-1")
+    assert account_key == ("ServiceAccount", "ml", "tandem-trainer", "")
+
+    seen.note([(service, service_key), (account, account_key)], [False, kube.Busy("429")])
+    assert service_key in seen  # a conflict: it is there
+    assert account_key not in seen  # busy: ask again next time
+
+    # A job of the same name made again has another uid: its Service is created anew.
+    assert ("Service", "ml", "gpt-head", "uid-2") not in seen
+    seen.forget_owner("uid-1")
+    assert service_key not in seen
