@@ -48,6 +48,14 @@ def core_api() -> CoreV1Api:
 
 
 @functools.cache
+def api(name: str) -> Any:
+    """The shared client's API class `name` (`AppsV1Api`, `PolicyV1Api`, ...), made once."""
+    from kubernetes import client
+
+    return getattr(client, name)(api_client())
+
+
+@functools.cache
 def custom_api() -> CustomObjectsApi:
     """The shared client's custom-objects API, made once (see `core_api`)."""
     from kubernetes import client

@@ -29,16 +29,28 @@ WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 
 
-def pods(label: str) -> Lister:
-    """Pods that carry `label` (any value), selected by the API server."""
+def labelled(api: str, plural: str, label: str) -> Lister:
+    """Objects of a built-in kind that carry `label` (any value), selected by the API server.
+
+    `api` names the client's API class (`CoreV1Api`, `AppsV1Api`, ...), `plural` the kind as its list
+    calls spell it (`pod`, `deployment`, `pod_disruption_budget`).
+    """
 
     def call(namespace: str | None, **options: Any) -> Any:
-        core = kube.core_api()
+        client = kube.api(api)
         if namespace is None:
-            return core.list_pod_for_all_namespaces(label_selector=label, _preload_content=False, **options)
-        return core.list_namespaced_pod(namespace, label_selector=label, _preload_content=False, **options)
+            every = getattr(client, f"list_{plural}_for_all_namespaces")
+            return every(label_selector=label, _preload_content=False, **options)
+        return getattr(client, f"list_namespaced_{plural}")(
+            namespace, label_selector=label, _preload_content=False, **options
+        )
 
     return call
+
+
+def pods(label: str) -> Lister:
+    """Pods that carry `label` (any value), selected by the API server."""
+    return labelled("CoreV1Api", "pod", label)
 
 
 def custom_objects(group: str, version: str, plural: str) -> Lister:

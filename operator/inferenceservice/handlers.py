@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,7 +50,7 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.watchcache import PodCache, WatchCache
+from tandem.operator.watchcache import PodCache, WatchCache, by_label, labelled
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
@@ -70,44 +70,68 @@ _service_monitors: set[str] = set()
 # -- indexes ---------------------------------------------------------------------------------------
 
 
-@kopf.index("apps", "v1", "deployments", labels={SERVICE_LABEL: kopf.PRESENT})
-def isvc_deployments(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[Any, ObservedDeployment]:
-    return {(namespace, labels[SERVICE_LABEL]): observe_deployment(body)}
+@dataclass(frozen=True)
+class Caches:
+    """What the operator watches of the services' children, each selected by label on the server
+    (kopf would stream every Deployment, Service and PDB in the cluster through its machinery)."""
+
+    replicas: PodCache[ObservedReplica]
+    deployments: WatchCache[ObservedDeployment]
+    services: WatchCache[str]
+    pdbs: WatchCache[str]
+
+    def all(self) -> tuple[WatchCache[Any], ...]:
+        return self.replicas, self.deployments, self.services, self.pdbs
 
 
 @kopf.on.startup()
-def start_replica_cache(memo: kopf.Memo, **_: Any) -> None:
-    """Watch the replicas (selected by label on the server) into a lean cache, not through kopf."""
-    settings: OperatorSettings = memo.settings
-    memo.isvc_replicas = PodCache(SERVICE_LABEL, observe_replica, settings.namespaces)
-    memo.isvc_replicas.start()
+def start_caches(memo: kopf.Memo, **_: Any) -> None:
+    """Watch the services' replicas, Deployments, Services and PDBs into lean caches."""
+    namespaces = memo.settings.namespaces
+    owner = by_label(SERVICE_LABEL)
+    memo.isvc_caches = Caches(
+        replicas=PodCache(SERVICE_LABEL, observe_replica, namespaces),
+        deployments=WatchCache(
+            "isvc-deployments",
+            labelled("AppsV1Api", "deployment", SERVICE_LABEL),
+            owner,
+            observe_deployment,
+            namespaces,
+        ),
+        services=WatchCache(
+            "isvc-services",
+            labelled("CoreV1Api", "service", SERVICE_LABEL),
+            owner,
+            _kind("Service"),
+            namespaces,
+        ),
+        pdbs=WatchCache(
+            "isvc-pdbs",
+            labelled("PolicyV1Api", "pod_disruption_budget", SERVICE_LABEL),
+            owner,
+            _kind("PodDisruptionBudget"),
+            namespaces,
+        ),
+    )
+    for cache in memo.isvc_caches.all():
+        cache.start()
+
+
+def _kind(kind: str) -> Callable[[Mapping[str, Any]], str]:
+    """An observation that says only that a child of this kind exists."""
+    return lambda _: kind
 
 
 @kopf.on.cleanup()
-def stop_replica_cache(memo: kopf.Memo, **_: Any) -> None:
-    memo.isvc_replicas.stop()
-
-
-@kopf.index("services", labels={SERVICE_LABEL: kopf.PRESENT})
-def isvc_services(namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, str]:
-    return {(namespace, labels[SERVICE_LABEL]): "Service"}
-
-
-@kopf.index("policy", "v1", "poddisruptionbudgets", labels={SERVICE_LABEL: kopf.PRESENT})
-def isvc_pdbs(namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Any, str]:
-    return {(namespace, labels[SERVICE_LABEL]): "PodDisruptionBudget"}
+def stop_caches(memo: kopf.Memo, **_: Any) -> None:
+    for cache in memo.isvc_caches.all():
+        cache.stop()
 
 
 def training_job(cache: WatchCache[dict[str, Any]], namespace: str, name: str) -> ObservedTrainingJob | None:
     """The TrainingJob a service serves, from the TrainingJob controller's watch cache."""
     bodies = cache.get((namespace, name))
     return observe_trainingjob(bodies[0]) if bodies else None
-
-
-def _one(index: kopf.Index[Any, Any], key: Any) -> Any:
-    return next(iter(index.get(key, ())), None)
 
 
 def service_monitor_crd() -> bool:
@@ -149,8 +173,7 @@ def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
     return refused
 
 
-# kopf's TimerFn protocol does not know the index keyword arguments kopf passes by name.
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)  # type: ignore[arg-type]
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)
 def reconcile_inferenceservice(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -158,9 +181,6 @@ def reconcile_inferenceservice(
     meta: kopf.Meta,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    isvc_deployments: kopf.Index[Any, ObservedDeployment],
-    isvc_services: kopf.Index[Any, str],
-    isvc_pdbs: kopf.Index[Any, str],
     **_: Any,
 ) -> None:
     """Converge the children to the spec, and the status to what the children report."""
@@ -170,10 +190,10 @@ def reconcile_inferenceservice(
         generation = int(meta.get("generation") or 0)
         if meta.get("deletionTimestamp"):
             return
-        isvc_replicas: PodCache[ObservedReplica] = memo.isvc_replicas
+        caches: Caches = memo.isvc_caches
         trainingjobs: WatchCache[dict[str, Any]] = memo.trainingjob_cache
-        if not isvc_replicas.synced or not trainingjobs.synced:
-            return  # before the first lists, a missing replica or TrainingJob proves nothing
+        if not all(cache.synced for cache in (*caches.all(), trainingjobs)):
+            return  # before the first lists, a missing child or TrainingJob proves nothing
         service_spec = parse_spec_or_reject(
             InferenceServiceSpec, body, spec, status, generation, patch, InferenceServicePhase.FAILED.value
         )
@@ -182,13 +202,13 @@ def reconcile_inferenceservice(
         ref = service_spec.model.training_job_ref
         with_monitor = service_monitor_crd()
         children = frozenset(
-            list(isvc_services.get(key, ()))
-            + list(isvc_pdbs.get(key, ()))
+            caches.services.get(key)
+            + caches.pdbs.get(key)
             + (["ServiceMonitor"] if uid in _service_monitors else [])
         )
         observed = Observed(
-            deployment=_one(isvc_deployments, key),
-            replicas=isvc_replicas.get(key),
+            deployment=next(iter(caches.deployments.get(key)), None),
+            replicas=caches.replicas.get(key),
             training_job=training_job(trainingjobs, namespace, ref.name) if ref else None,
             children=children,
             service_monitor_crd=with_monitor,
@@ -336,7 +356,7 @@ async def autoscale_inferenceservice(
     memory = _Scaling()
     loop = asyncio.get_running_loop()
     while not stopped:
-        replicas = memo.isvc_replicas.get((namespace, name))
+        replicas = memo.isvc_caches.replicas.get((namespace, name))
         try:
             outcome = await loop.run_in_executor(
                 None, autoscale_tick, settings, namespace, name, dict(body.spec), replicas, memory

@@ -1,6 +1,6 @@
 """What the operator sees of an InferenceService's world, reduced to small immutable facts.
 
-kopf indexes feed these from watch events (no API reads per reconcile); the state machine in
+Lean watch caches feed these from watch events (no API reads per reconcile); the state machine in
 `reconcile` reads only these, so it is tested on hand-made observations.
 """
 
