@@ -8,6 +8,7 @@ training driver's progress record is written here by the test, as the driver wri
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,12 @@ import yaml
 from kubeobjects import events, get, items, status_of
 from operator_process import OperatorProcess, start_operator, wait_for
 
-from tandem.devcluster.nodes import COMPLETE_POD_ANNOTATION, CRASH_POD_ANNOTATION
+from tandem.devcluster.nodes import (
+    COMPLETE_POD_ANNOTATION,
+    CRASH_POD_ANNOTATION,
+    NodeSpec,
+    node_manifest,
+)
 from tandem.devinstall import Kubectl
 from tandem.errors import UserError
 
@@ -194,6 +200,40 @@ def test_crashed_worker_restarts_the_gang_from_the_last_checkpoint(kubectl: Kube
     assert env_of(head)["TANDEM_ATTEMPT"] == "2"
     warnings = [e for e in events(kubectl, namespace, "crash") if e["type"] == "Warning"]
     assert any(e["reason"] == "WorkerFailed" and "resume from step 100" in e["message"] for e in warnings)
+
+
+def node_schedulable(kubectl: Kubectl, name: str) -> bool:
+    node = json.loads(kubectl.run("get", "node", name, "-o", "json"))
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", ()))
+    return ready and not node["spec"].get("taints")
+
+
+def test_a_node_that_goes_away_restarts_the_gang_at_once(kubectl: Kubectl, namespace: str) -> None:
+    """The node's watch event wakes the job (no periodic tick would notice within seconds); a
+    simulated node of its own, so that other tests keep theirs."""
+    node = f"lost-node-{uuid.uuid4().hex[:8]}"
+    manifest = node_manifest(NodeSpec(node))
+    manifest["metadata"]["labels"]["e2e.tandem.dev/node"] = node
+    kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
+    try:
+        wait_for(partial(node_schedulable, kubectl, node), WAIT, f"node {node} Ready and untainted")
+        workers = {"replicas": 2, "nodeSelector": {"e2e.tandem.dev/node": node}}
+        apply(kubectl, namespace, job_manifest("lost", workers=workers))
+        wait_phase(kubectl, namespace, "lost", "Running")
+        kubectl.run("delete", "node", node)
+        wait_for(
+            lambda: (
+                (status_of(kubectl, namespace, "tj", "lost").get("lastFailure") or {}).get("reason")
+                == "NodeLost"
+            ),
+            15,  # well within the 60 s resync: the node's deletion itself woke the job
+            "a NodeLost restart",
+        )
+        status = status_of(kubectl, namespace, "tj", "lost")
+        assert status["restarts"] == 1
+        assert node in status["lastFailure"]["message"]
+    finally:
+        kubectl.run("delete", "node", node, "--ignore-not-found")
 
 
 def test_deleted_head_restarts_the_gang(kubectl: Kubectl, namespace: str) -> None:
