@@ -1,14 +1,17 @@
 """TrainingJob at scale: N jobs of W workers against the floor of creating the same pods directly.
 
-Runs on a real control plane (`tandem-bench` dev cluster, kwok nodes), in one process, side by side:
+Runs on a real control plane (`tandem-bench` dev cluster, kwok nodes), in one process, side by side,
+as `--repeats` alternating pairs (the machine is noisy; compare ratios, not seconds):
   floor  - a plain script creates the N x (W+1) pods (the operator's own manifests, no owner) with
-           the same client concurrency, and waits until all are Running;
+           the same client concurrency, and waits (a watch) until all are Running;
   tandem - the same number of TrainingJobs are applied and the real operator (a separate process,
            under the chart's RBAC) creates the pods; we wait until all pods are Running.
-Prints a table: time to all-Running, the ratio to the floor, operator peak RSS and CPU seconds,
-and reconcile latency p50/p99 from the operator's own histogram.
+Each namespace is emptied before the next phase. Prints a table per pair and the median: time to
+all-Running, the ratio to the floor, operator peak RSS and CPU seconds (from the moment it is healthy),
+reconcile latency p50/p99 from the operator's own histogram; then, for the last pair, the API writes per
+job, the control plane's CPU seconds, and when the pods were created and started.
 
-    .venv/bin/python bench/trainingjob_scale.py --jobs 500 --workers 4
+    .venv/bin/python bench/trainingjob_scale.py --jobs 500 --workers 4 --repeats 3
 """
 
 from __future__ import annotations

@@ -44,6 +44,12 @@ def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: st
     wait_for(
         partial(_phase_is, kubectl, namespace, "gpt-tiny", "Running"), STATUS_SECONDS, "gpt-tiny Running"
     )
+    # Running once every pod is bound; readiness can trail binding by a reconcile.
+    wait_for(
+        lambda: status_of(kubectl, namespace, "tj", "gpt-tiny").get("workersDisplay") == "2/2",
+        STATUS_SECONDS,
+        "both gpt-tiny workers ready",
+    )
     jobs = {row["NAME"]: row for row in _table(kubectl, namespace, "tj")}
     assert list(jobs["gpt-tiny"]) == [
         "NAME", "PHASE", "WORKERS", "STEP", "LOSS", "CHECKPOINT", "RESTARTS", "COST", "AGE",
