@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from s3server import MotoS3Server
 
 from tandem.workloads.serve.process import ServerProcess
 from tandem.workloads.storage import COMPLETE_MARKER
-from tandem.workloads.storage.s3server import MotoS3Server
 
 MODEL_JSON = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],

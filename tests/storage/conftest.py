@@ -10,8 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
-from tandem.workloads.storage.s3server import MotoS3Server
+from s3server import MotoS3Server
 
 
 @pytest.fixture(scope="session")

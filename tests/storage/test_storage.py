@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3server import MotoS3Server
 
 from tandem.errors import UserError
 from tandem.workloads.storage import COMPLETE_MARKER, StorageError, materialize
-from tandem.workloads.storage.s3server import MotoS3Server
 
 MODEL_FILES = {
     "config.json": b'{"dim": 4}',
@@ -161,7 +161,7 @@ def test_no_credentials_says_which_variables_to_set(
 def test_an_unreachable_endpoint_names_it(
     s3: MotoS3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tandem.workloads.storage.s3server import free_port
+    from s3server import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3server import MotoS3Server
 
 from tandem.errors import UserError
 from tandem.workloads.serve import cli
-from tandem.workloads.storage.s3server import MotoS3Server
 from tandem.workloads.train.config import from_spec, resolve_data_uri
 from tandem.workloads.train.data import load_tokens
 
