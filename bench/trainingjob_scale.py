@@ -292,7 +292,8 @@ class Bench:
     def clear(self, namespace: str) -> None:
         """Delete the namespace and wait until it is gone, its pods removed at once (grace 0): the
         namespace controller alone takes minutes over 2,500 pods, and nothing here is being measured."""
-        self.core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0, _preload_content=False)
+        pods = self.core.delete_collection_namespaced_pod
+        finish(pods(namespace, grace_period_seconds=0, _preload_content=False))
         self.kubectl.run("delete", "namespace", namespace, "--timeout=600s")
 
     def tandem(self, namespace: str) -> Run:
@@ -316,8 +317,10 @@ class Bench:
             run.histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
         finally:
             operator.stop()
-        self.custom.delete_collection_namespaced_custom_object(
-            "tandem.dev", "v1alpha1", namespace, "trainingjobs", _preload_content=False
+        finish(
+            self.custom.delete_collection_namespaced_custom_object(
+                "tandem.dev", "v1alpha1", namespace, "trainingjobs", _preload_content=False
+            )
         )
         self.clear(namespace)
         return run
