@@ -39,28 +39,23 @@ def api_client() -> Any:
 
 
 @functools.cache
-def core_api() -> CoreV1Api:
-    """The shared client's core API, made once: the client resolves its classes lazily, through an
-    import on each module attribute lookup, which showed in profiles of the reconcile hot path."""
-    from kubernetes import client
-
-    return client.CoreV1Api(api_client())
-
-
-@functools.cache
 def api(name: str) -> Any:
-    """The shared client's API class `name` (`AppsV1Api`, `PolicyV1Api`, ...), made once."""
+    """The shared client's API class `name` (`CoreV1Api`, `AppsV1Api`, ...), made once: the client
+    resolves its classes lazily, through an import on each module attribute lookup, which showed in
+    profiles of the reconcile hot path."""
     from kubernetes import client
 
     return getattr(client, name)(api_client())
 
 
-@functools.cache
-def custom_api() -> CustomObjectsApi:
-    """The shared client's custom-objects API, made once (see `core_api`)."""
-    from kubernetes import client
+def core_api() -> CoreV1Api:
+    typed: CoreV1Api = api("CoreV1Api")
+    return typed
 
-    return client.CustomObjectsApi(api_client())
+
+def custom_api() -> CustomObjectsApi:
+    typed: CustomObjectsApi = api("CustomObjectsApi")
+    return typed
 
 
 def finish(reply: Any) -> bytes:
@@ -95,23 +90,20 @@ _CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemo
 @functools.cache
 def _creator(kind: str) -> Any:
     """The client call that creates a namespaced child of this kind: f(namespace, body, **options)."""
-    from kubernetes import client
-
-    api = api_client()
     if kind in _CUSTOM_CHILDREN:
         group, version, plural = _CUSTOM_CHILDREN[kind]
-        custom = client.CustomObjectsApi(api)
+        custom = custom_api()
         return lambda namespace, body, **options: custom.create_namespaced_custom_object(
             group, version, namespace, plural, body, **options
         )
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core, rbac = api("CoreV1Api"), api("RbacAuthorizationV1Api")
     return {
         "Pod": core.create_namespaced_pod,
         "Service": core.create_namespaced_service,
         "ServiceAccount": core.create_namespaced_service_account,
         "Role": rbac.create_namespaced_role,
         "RoleBinding": rbac.create_namespaced_role_binding,
-        "PodDisruptionBudget": client.PolicyV1Api(api).create_namespaced_pod_disruption_budget,
+        "PodDisruptionBudget": api("PolicyV1Api").create_namespaced_pod_disruption_budget,
     }[kind]
 
 
@@ -227,13 +219,12 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
 
     Raises Refused on a 4xx the user must fix (e.g. a quota or an admission policy).
     """
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     meta = manifest["metadata"]
     try:
         finish(
-            client.AppsV1Api(api_client()).patch_namespaced_deployment(
+            api("AppsV1Api").patch_namespaced_deployment(
                 meta["name"],
                 meta["namespace"],
                 dict(manifest),
@@ -251,15 +242,10 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
 
 def crd_exists(name: str) -> bool:
     """Whether a CustomResourceDefinition (e.g. `servicemonitors.monitoring.coreos.com`) is installed."""
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     try:
-        finish(
-            client.ApiextensionsV1Api(api_client()).read_custom_resource_definition(
-                name, _preload_content=False
-            )
-        )
+        finish(api("ApiextensionsV1Api").read_custom_resource_definition(name, _preload_content=False))
     except ApiException as error:
         if _status_of(error) == 404:
             return False
