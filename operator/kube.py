@@ -76,7 +76,7 @@ class Refused(Exception):
 
 
 class Busy(Exception):
-    """The API server asked us to come back later (429, or a 5xx): the next reconcile tick retries."""
+    """The API server asked us to come back later (429, or a 5xx): the reconcile retries shortly."""
 
 
 def _status_of(error: Exception) -> int | None:

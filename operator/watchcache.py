@@ -48,11 +48,6 @@ def labelled(api: str, plural: str, label: str) -> Lister:
     return call
 
 
-def pods(label: str) -> Lister:
-    """Pods that carry `label` (any value), selected by the API server."""
-    return labelled("CoreV1Api", "pod", label)
-
-
 def custom_objects(group: str, version: str, plural: str) -> Lister:
     """Every object of a custom resource."""
 
@@ -226,10 +221,14 @@ class WatchCache(Generic[T]):
                 self._by_key.pop(key, None)
 
 
-class PodCache(WatchCache[T]):
-    """Pods with `label` present, grouped by owner: (namespace, label value)."""
-
-    def __init__(
-        self, label: str, observe: Callable[[Mapping[str, Any]], T], namespaces: Iterable[str] = ()
-    ) -> None:
-        super().__init__("podcache", pods(label), by_label(label), observe, namespaces)
+def owned(
+    api: str,
+    plural: str,
+    label: str,
+    observe: Callable[[Mapping[str, Any]], T],
+    namespaces: Iterable[str] = (),
+) -> WatchCache[T]:
+    """Children of a built-in kind that carry the owner label `label` (selected by the API server),
+    grouped by owner: (namespace, label value). See `labelled` for `api` and `plural`."""
+    name = f"{plural}s by {label}"
+    return WatchCache(name, labelled(api, plural, label), by_label(label), observe, namespaces)

@@ -50,7 +50,7 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.watchcache import PodCache, WatchCache, by_label, labelled
+from tandem.operator.watchcache import WatchCache, owned
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
@@ -75,7 +75,7 @@ class Caches:
     """What the operator watches of the services' children, each selected by label on the server
     (kopf would stream every Deployment, Service and PDB in the cluster through its machinery)."""
 
-    replicas: PodCache[ObservedReplica]
+    replicas: WatchCache[ObservedReplica]
     deployments: WatchCache[ObservedDeployment]
     services: WatchCache[str]
     pdbs: WatchCache[str]
@@ -88,29 +88,12 @@ class Caches:
 def start_caches(memo: kopf.Memo, **_: Any) -> None:
     """Watch the services' replicas, Deployments, Services and PDBs into lean caches."""
     namespaces = memo.settings.namespaces
-    owner = by_label(SERVICE_LABEL)
     memo.isvc_caches = Caches(
-        replicas=PodCache(SERVICE_LABEL, observe_replica, namespaces),
-        deployments=WatchCache(
-            "isvc-deployments",
-            labelled("AppsV1Api", "deployment", SERVICE_LABEL),
-            owner,
-            observe_deployment,
-            namespaces,
-        ),
-        services=WatchCache(
-            "isvc-services",
-            labelled("CoreV1Api", "service", SERVICE_LABEL),
-            owner,
-            _kind("Service"),
-            namespaces,
-        ),
-        pdbs=WatchCache(
-            "isvc-pdbs",
-            labelled("PolicyV1Api", "pod_disruption_budget", SERVICE_LABEL),
-            owner,
-            _kind("PodDisruptionBudget"),
-            namespaces,
+        replicas=owned("CoreV1Api", "pod", SERVICE_LABEL, observe_replica, namespaces),
+        deployments=owned("AppsV1Api", "deployment", SERVICE_LABEL, observe_deployment, namespaces),
+        services=owned("CoreV1Api", "service", SERVICE_LABEL, _kind("Service"), namespaces),
+        pdbs=owned(
+            "PolicyV1Api", "pod_disruption_budget", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
         ),
     )
     for cache in memo.isvc_caches.all():

@@ -44,7 +44,7 @@ from tandem.operator.trainingjob.observe import (
     pod_gpus,
 )
 from tandem.operator.trainingjob.reconcile import Decision, Job, decide
-from tandem.operator.watchcache import Key, PodCache, WatchCache, by_name, custom_objects
+from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
 from tandem.operator.workqueue import WorkQueue
 
 #: An unfinished job is looked at this often even when nothing is due: a safety net, not the
@@ -151,7 +151,7 @@ class Applied:
 def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str, uid: str) -> Applied:
     """Carry out a decision; say whether the API server refused a child or was too busy to take it.
 
-    Every call is idempotent, so a crash half-way is repaired on the next tick.
+    Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
     refused, busy = None, False
     wanted = [(m, key) for m in decision.create if (key := _seen.key(m)) is None or key not in _seen]
@@ -162,10 +162,10 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
         shared = [(m, key) for m, key in wanted if key is not None and not key[3] and key not in _seen]
         created = [_create(m) for m, _ in shared]
         _seen.note(shared, created)
-    owned = [(m, key) for m, key in wanted if key is None or key[3]]
-    owned_created = list(_CHILD_CALLS.map(_create, [m for m, _ in owned]))
-    _seen.note(owned, owned_created)
-    for (manifest, _), outcome in zip(shared + owned, created + owned_created, strict=True):
+    own = [(m, key) for m, key in wanted if key is None or key[3]]
+    own_created = list(_CHILD_CALLS.map(_create, [m for m, _ in own]))
+    _seen.note(own, own_created)
+    for (manifest, _), outcome in zip(shared + own, created + own_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or f"the API server refused {child}: {outcome}"
@@ -225,30 +225,21 @@ class JobStore:
         meta = body["metadata"]
         key = (str(meta["namespace"]), str(meta["name"]))
         with self._lock:
-            held = self._bodies.get(key)
-            if held is None or held["metadata"].get("uid") != meta.get("uid"):
-                self._bodies[key] = body
-                return True
-            if _version(meta) == _version(held["metadata"]):
-                return False  # e.g. the watch's echo of our own status write: its reply is held
-            if _not_older(meta, held):
-                self._bodies[key] = body
-                return True
-            return False
+            held = (self._bodies.get(key) or {}).get("metadata") or {}
+            if held.get("uid") == meta.get("uid") and not _newer(meta, held):
+                return False  # older, or the version held (the watch's echo of our own status write)
+            self._bodies[key] = body
+            return True
 
     def drop(self, key: Key) -> None:
         with self._lock:
             self._bodies.pop(key, None)
 
 
-def _version(meta: Mapping[str, Any]) -> str:
-    return str(meta.get("resourceVersion", ""))
-
-
-def _not_older(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
-    """Whether `meta`'s resourceVersion is at least the held one's (etcd's are integers; else: yes)."""
-    new, old = _version(meta), _version(held["metadata"])
-    return not (new.isdigit() and old.isdigit()) or int(new) >= int(old)
+def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
+    """Whether `meta`'s resourceVersion is past the held one's (etcd's are integers; else: differs)."""
+    new, old = str(meta.get("resourceVersion", "")), str(held.get("resourceVersion", ""))
+    return int(new) > int(old) if new.isdigit() and old.isdigit() else new != old
 
 
 def _job_body(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -262,7 +253,7 @@ class Controller:
     def __init__(
         self,
         settings: OperatorSettings,
-        pods: PodCache[ObservedPod],
+        pods: WatchCache[ObservedPod],
         job_cache: WatchCache[dict[str, Any]],
         nodes: kopf.Index[str, ObservedNode],
     ) -> None:
@@ -351,7 +342,7 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
     """Watch the jobs and their pods (selected by label on the server) into lean caches; start the queue."""
     settings: OperatorSettings = memo.settings
     kube.warm_up()
-    pods: PodCache[ObservedPod] = PodCache(LABEL_JOB, observe_pod, settings.namespaces)
+    pods = owned("CoreV1Api", "pod", LABEL_JOB, observe_pod, settings.namespaces)
     jobs: WatchCache[dict[str, Any]] = WatchCache(
         "trainingjobs", custom_objects(GROUP, VERSION, PLURAL), by_name, _job_body, settings.namespaces
     )

@@ -1,11 +1,11 @@
-"""The operator's memory of the non-pod children it has seen in place: each is created once."""
+"""What the TrainingJob controller remembers between reconciles: children seen in place, newest bodies."""
 
 from __future__ import annotations
 
 from tandem.operator import kube
 from tandem.operator.api.trainingjob import TrainingJobSpec
 from tandem.operator.trainingjob import builders
-from tandem.operator.trainingjob.handlers import SeenChildren
+from tandem.operator.trainingjob.handlers import JobStore, SeenChildren
 
 
 def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_deleted() -> None:
@@ -36,3 +36,19 @@ def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_delete
     assert ("Service", "ml", "gpt-head", "uid-2") not in seen
     seen.forget_owner("uid-1")
     assert service_key not in seen
+
+
+def job_body(uid: str, version: str) -> dict[str, object]:
+    return {"metadata": {"namespace": "ml", "name": "gpt", "uid": uid, "resourceVersion": version}}
+
+
+def test_the_job_store_keeps_the_newest_body_and_says_what_is_news() -> None:
+    """A watch event older than our own status write's reply must not undo it, and the watch's echo of
+    that write must not wake the job again."""
+    store = JobStore()
+    assert store.put(job_body("a", "10"))  # first sight
+    assert store.put(job_body("a", "12"))  # our status write's reply
+    assert not store.put(job_body("a", "12"))  # the watch's echo of it
+    assert not store.put(job_body("a", "11"))  # a late, older event
+    assert store.get(("ml", "gpt")) == job_body("a", "12")
+    assert store.put(job_body("b", "5"))  # deleted and made again: another object
