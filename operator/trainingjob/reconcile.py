@@ -199,8 +199,7 @@ class _Machine:
             if spec.active_deadline_seconds is not None and status.start_time is not None:
                 due.append(status.start_time + timedelta(seconds=spec.active_deadline_seconds))
             if status.phase is Phase.SCHEDULING and self.current:
-                started = min((p.created for p in self.current if p.created), default=self.now)
-                due.append(started + timedelta(seconds=spec.scheduling.gang_timeout_seconds))
+                due.append(self.gang_created() + timedelta(seconds=spec.scheduling.gang_timeout_seconds))
             if any(p.phase == "Running" and p.gpus for p in self.pods) and status.cost is not None:
                 written = status.cost.last_update_time or self.now
                 due.append(written + timedelta(seconds=COST_REFRESH_SECONDS))
@@ -324,9 +323,12 @@ class _Machine:
             self.condition(ConditionType.RUNNING, "True", "GangBound", "the Ray cluster is running")
             self.set(next_attempt_time=None)
             return
-        started = min((p.created for p in self.current if p.created), default=self.now)
-        if self.now - started >= timedelta(seconds=self.spec.scheduling.gang_timeout_seconds):
+        if self.now - self.gang_created() >= timedelta(seconds=self.spec.scheduling.gang_timeout_seconds):
             self.unschedulable()
+
+    def gang_created(self) -> datetime:
+        """When the current gang's first pod was created (its gang timeout counts from then)."""
+        return min((p.created for p in self.current if p.created), default=self.now)
 
     def unschedulable(self) -> None:
         message = self.unschedulable_message()
