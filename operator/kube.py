@@ -11,14 +11,13 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
+from urllib.parse import urlencode
 
 import orjson
 
-if TYPE_CHECKING:
-    from kubernetes.client import CoreV1Api, CustomObjectsApi
-
 FIELD_MANAGER = "tandem-operator"
+USER_AGENT = "tandem-operator"
 #: Events longer than this are cut (as kopf does): `kubectl describe` shows them whole on one line.
 EVENT_MESSAGE_LIMIT = 1024
 log = logging.getLogger(__name__)
@@ -38,26 +37,6 @@ def api_client() -> Any:
     return client.ApiClient(configuration)
 
 
-@functools.cache
-def api(name: str) -> Any:
-    """The shared client's API class `name` (`CoreV1Api`, `AppsV1Api`, ...), made once: the client
-    resolves its classes lazily, through an import on each module attribute lookup, which showed in
-    profiles of the reconcile hot path."""
-    from kubernetes import client
-
-    return getattr(client, name)(api_client())
-
-
-def core_api() -> CoreV1Api:
-    typed: CoreV1Api = api("CoreV1Api")
-    return typed
-
-
-def custom_api() -> CustomObjectsApi:
-    typed: CustomObjectsApi = api("CustomObjectsApi")
-    return typed
-
-
 def finish(reply: Any) -> bytes:
     """Read a raw reply (`_preload_content=False`) and give its connection back to the pool.
 
@@ -69,6 +48,66 @@ def finish(reply: Any) -> bytes:
         return data
     finally:
         reply.release_conn()
+
+
+#: The plural of each kind the operator creates or watches (the last part of its collection's path).
+PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "ServiceAccount": "serviceaccounts",
+    "Event": "events",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Deployment": "deployments",
+    "ServiceMonitor": "servicemonitors",
+}
+
+
+def collection(api_version: str, plural: str, namespace: str | None = None) -> str:
+    """The URL path of a collection: `/api/v1/namespaces/NS/pods`; all namespaces without one."""
+    root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    return f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
+
+
+def request(
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    query: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+    stream: bool = False,
+) -> Any:
+    """One API call on the shared client's connections and credentials, JSON in and out.
+
+    The generated client's per-call work (argument validation, recursive body sanitising, model
+    lookups) cost more than the HTTP call itself on the operator's hot path, thousands of times a minute.
+    Returns the reply's bytes, or with `stream` the open reply (a watch; the caller releases it).
+    Raises the client's ApiException on an error status, as the generated calls do.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    client = api_client()
+    configuration = client.configuration
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    for auth in configuration.auth_settings().values():  # refreshes an expiring token
+        if auth["in"] == "header" and auth["value"]:
+            headers[auth["key"]] = auth["value"]
+    data = None
+    if body is not None:
+        headers["Content-Type"] = content_type
+        data = orjson.dumps(body)
+    url = configuration.host + path + (f"?{urlencode(query)}" if query else "")
+    reply = client.rest_client.pool_manager.request(
+        method, url, body=data, headers=headers, preload_content=False
+    )
+    if stream and reply.status < 300:
+        return reply
+    content = finish(reply)
+    if reply.status >= 300:
+        raise ApiException(status=reply.status, reason=reply.reason, body=content.decode(errors="replace"))
+    return content
 
 
 class Refused(Exception):
@@ -83,39 +122,10 @@ def _status_of(error: Exception) -> int | None:
     return getattr(error, "status", None)
 
 
-#: (group, version, plural) of the custom-resource children the operator creates.
-_CUSTOM_CHILDREN = {"ServiceMonitor": ("monitoring.coreos.com", "v1", "servicemonitors")}
-
-
-@functools.cache
-def _creator(kind: str) -> Any:
-    """The client call that creates a namespaced child of this kind: f(namespace, body, **options)."""
-    if kind in _CUSTOM_CHILDREN:
-        group, version, plural = _CUSTOM_CHILDREN[kind]
-        custom = custom_api()
-        return lambda namespace, body, **options: custom.create_namespaced_custom_object(
-            group, version, namespace, plural, body, **options
-        )
-    core, rbac = api("CoreV1Api"), api("RbacAuthorizationV1Api")
-    return {
-        "Pod": core.create_namespaced_pod,
-        "Service": core.create_namespaced_service,
-        "ServiceAccount": core.create_namespaced_service_account,
-        "Role": rbac.create_namespaced_role,
-        "RoleBinding": rbac.create_namespaced_role_binding,
-        "PodDisruptionBudget": api("PolicyV1Api").create_namespaced_pod_disruption_budget,
-    }[kind]
-
-
-def warm_up(kinds: tuple[str, ...] = ("Pod", "Service", "ServiceAccount", "Role", "RoleBinding")) -> None:
-    """Load the client's API modules and models now rather than in the first reconciles.
-
-    The client imports them on first use and builds hundreds of pydantic models as it does (about a
-    second of CPU): at startup that delays readiness, later it would delay the first jobs.
-    """
-    for kind in kinds:
-        _creator(kind)
-    custom_api()
+def warm_up() -> None:
+    """Load the client's configuration and modules now rather than in the first reconciles."""
+    api_client()
+    from kubernetes.client.exceptions import ApiException  # noqa: F401
 
 
 def create(manifest: Mapping[str, Any]) -> bool:
@@ -125,16 +135,10 @@ def create(manifest: Mapping[str, Any]) -> bool:
     """
     from kubernetes.client.exceptions import ApiException
 
+    meta = manifest["metadata"]
+    path = collection(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"])
     try:
-        # _preload_content=False: the reply is not needed, and decoding it into models costs milliseconds.
-        finish(
-            _creator(manifest["kind"])(
-                manifest["metadata"]["namespace"],
-                dict(manifest),
-                field_manager=FIELD_MANAGER,
-                _preload_content=False,
-            )
-        )
+        request("POST", path, manifest, query={"fieldManager": FIELD_MANAGER})
     except ApiException as error:
         if _status_of(error) == 409 or _namespace_terminating(error):
             return False
@@ -169,7 +173,7 @@ def delete_pod(namespace: str, name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        finish(core_api().delete_namespaced_pod(name, namespace, _preload_content=False))
+        request("DELETE", f"{collection('v1', 'pods', namespace)}/{name}")
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -180,28 +184,17 @@ def delete_pod(namespace: str, name: str) -> bool:
 def list_bound_pods() -> list[dict[str, Any]]:
     """Every pod bound to a node, cluster-wide, as plain dicts."""
 
-    reply: Any = core_api().list_pod_for_all_namespaces(
-        field_selector="spec.nodeName!=", _preload_content=False
-    )
-    return list(orjson.loads(finish(reply))["items"])
+    reply = request("GET", collection("v1", "pods"), query={"fieldSelector": "spec.nodeName!="})
+    return list(orjson.loads(reply)["items"])
 
 
 def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
     """Delete one of Tandem's resources (children follow through ownerReferences); False if gone."""
     from kubernetes.client.exceptions import ApiException
 
+    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}"
     try:
-        finish(
-            custom_api().delete_namespaced_custom_object(
-                group,
-                version,
-                namespace,
-                plural,
-                name,
-                propagation_policy="Background",
-                _preload_content=False,
-            )
-        )
+        request("DELETE", path, query={"propagationPolicy": "Background"})
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -223,16 +216,12 @@ def apply_deployment(manifest: Mapping[str, Any]) -> None:
 
     meta = manifest["metadata"]
     try:
-        finish(
-            api("AppsV1Api").patch_namespaced_deployment(
-                meta["name"],
-                meta["namespace"],
-                dict(manifest),
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
-            )
+        request(
+            "PATCH",
+            f"{collection('apps/v1', 'deployments', meta['namespace'])}/{meta['name']}",
+            manifest,
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml",  # JSON is YAML
         )
     except ApiException as error:
         if _namespace_terminating(error):
@@ -245,7 +234,7 @@ def crd_exists(name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        finish(api("ApiextensionsV1Api").read_custom_resource_definition(name, _preload_content=False))
+        request("GET", f"{collection('apiextensions.k8s.io/v1', 'customresourcedefinitions')}/{name}")
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -258,17 +247,13 @@ def scale_custom_object(
 ) -> None:
     """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
 
-    finish(
-        custom_api().patch_namespaced_custom_object_scale(
-            group,
-            version,
-            namespace,
-            plural,
-            name,
-            {"spec": {"replicas": replicas}},
-            field_manager=FIELD_MANAGER,
-            _preload_content=False,
-        )
+    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}/scale"
+    request(
+        "PATCH",
+        path,
+        {"spec": {"replicas": replicas}},
+        query={"fieldManager": FIELD_MANAGER},
+        content_type="application/merge-patch+json",
     )
 
 
@@ -280,10 +265,9 @@ def patch_custom_object_status(
     Returns the object as stored after the patch.
     """
 
-    reply: Any = custom_api().patch_namespaced_custom_object_status(
-        group, version, namespace, plural, name, {"status": dict(status)}, _preload_content=False
-    )
-    stored: dict[str, Any] = orjson.loads(finish(reply))
+    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}/status"
+    reply = request("PATCH", path, {"status": dict(status)}, content_type="application/merge-patch+json")
+    stored: dict[str, Any] = orjson.loads(reply)
     return stored
 
 
@@ -315,8 +299,7 @@ def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
         "lastTimestamp": now,
         "count": 1,
     }
-    core: Any = core_api()  # the stubs want a model; a dict is what the client sends
     try:
-        finish(core.create_namespaced_event(meta["namespace"], event, _preload_content=False))
+        request("POST", collection("v1", "events", meta["namespace"]), event)
     except (ApiException, OSError) as error:
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)

@@ -22,46 +22,22 @@ from tandem.operator import kube
 T = TypeVar("T")
 #: (namespace, name): of the object itself, or of the owner named by a label's value.
 Key = tuple[str, str]
-#: list(namespace or None for all, **list/watch options) -> a raw reply (`_preload_content=False`).
-Lister = Callable[..., Any]
+#: The collection's URL path for a namespace (None: all namespaces), and its fixed query (a selector).
+Lister = Callable[[str | None], tuple[str, dict[str, str]]]
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 
 
-def labelled(api: str, plural: str, label: str) -> Lister:
-    """Objects of a built-in kind that carry `label` (any value), selected by the API server.
-
-    `api` names the client's API class (`CoreV1Api`, `AppsV1Api`, ...), `plural` the kind as its list
-    calls spell it (`pod`, `deployment`, `pod_disruption_budget`).
-    """
-
-    def call(namespace: str | None, **options: Any) -> Any:
-        client = kube.api(api)
-        if namespace is None:
-            every = getattr(client, f"list_{plural}_for_all_namespaces")
-            return every(label_selector=label, _preload_content=False, **options)
-        return getattr(client, f"list_namespaced_{plural}")(
-            namespace, label_selector=label, _preload_content=False, **options
-        )
-
-    return call
+def labelled(api_version: str, plural: str, label: str) -> Lister:
+    """Objects of a kind (`v1`, `pods`; `apps/v1`, `deployments`) that carry `label` (any value),
+    selected by the API server."""
+    return lambda namespace: (kube.collection(api_version, plural, namespace), {"labelSelector": label})
 
 
 def custom_objects(group: str, version: str, plural: str) -> Lister:
     """Every object of a custom resource."""
-
-    def call(namespace: str | None, **options: Any) -> Any:
-        custom = kube.custom_api()
-        if namespace is None:
-            return custom.list_cluster_custom_object(
-                group, version, plural, _preload_content=False, **options
-            )
-        return custom.list_namespaced_custom_object(
-            group, version, namespace, plural, _preload_content=False, **options
-        )
-
-    return call
+    return lambda namespace: (kube.collection(f"{group}/{version}", plural, namespace), {})
 
 
 def by_name(obj: Mapping[str, Any]) -> Key:
@@ -140,7 +116,8 @@ class WatchCache(Generic[T]):
                 self._stop.wait(RETRY_SECONDS)
 
     def _list(self, namespace: str | None) -> str:
-        reply = orjson.loads(kube.finish(self._lister(namespace)))
+        path, query = self._lister(namespace)
+        reply = orjson.loads(kube.request("GET", path, query=query))
         fresh: dict[Key, dict[str, T]] = {}
         key_of: dict[str, Key] = {}
         for obj in reply["items"]:
@@ -165,13 +142,14 @@ class WatchCache(Generic[T]):
 
     def _watch(self, namespace: str | None, version: str) -> str:
         started = time.monotonic()
-        stream = self._lister(
-            namespace,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-        )
+        path, query = self._lister(namespace)
+        options = {
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        stream = kube.request("GET", path, query=query | options, stream=True)
         try:
             for line in stream:
                 event = orjson.loads(line)  # a third of json's time: thousands of events a minute
@@ -222,13 +200,13 @@ class WatchCache(Generic[T]):
 
 
 def owned(
-    api: str,
+    api_version: str,
     plural: str,
     label: str,
     observe: Callable[[Mapping[str, Any]], T],
     namespaces: Iterable[str] = (),
 ) -> WatchCache[T]:
     """Children of a built-in kind that carry the owner label `label` (selected by the API server),
-    grouped by owner: (namespace, label value). See `labelled` for `api` and `plural`."""
-    name = f"{plural}s by {label}"
-    return WatchCache(name, labelled(api, plural, label), by_label(label), observe, namespaces)
+    grouped by owner: (namespace, label value). See `labelled` for `api_version` and `plural`."""
+    name = f"{plural} by {label}"
+    return WatchCache(name, labelled(api_version, plural, label), by_label(label), observe, namespaces)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
@@ -40,6 +41,9 @@ class WorkQueue(Generic[K]):
         self._running: set[K] = set()
         self._again: set[K] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
+        #: Loop time at which each key is due, for keys queued with a delay (read by other threads).
+        self._due: dict[K, float] = {}
+        self._due_lock = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -59,13 +63,26 @@ class WorkQueue(Generic[K]):
                 return
             timer.cancel()
         self._timers[key] = self._loop.call_at(due, self._make_ready, key)
+        with self._due_lock:
+            self._due[key] = due
 
     def add_threadsafe(self, key: K, after: float = 0.0) -> None:
-        """`add` from another thread (a watch thread)."""
+        """`add` from another thread (a watch thread).
+
+        A key already due no later than asked is left alone without waking the loop: a gang's pods
+        change thousands of times a minute, and each wake-up of the loop costs more than the check.
+        The due run has not started yet, so it will read what the caller changed before calling.
+        """
+        with self._due_lock:
+            due = self._due.get(key)
+        if due is not None and due <= self._loop.time() + after:
+            return
         self._loop.call_soon_threadsafe(self.add, key, after)
 
     def forget(self, key: K) -> None:
         """Drop a pending delayed run (the object is gone); a run in progress finishes."""
+        with self._due_lock:
+            self._due.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -82,6 +99,8 @@ class WorkQueue(Generic[K]):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        with self._due_lock:
+            self._due.clear()
 
     def _make_ready(self, key: K) -> None:
         self.forget(key)

@@ -89,11 +89,11 @@ def start_caches(memo: kopf.Memo, **_: Any) -> None:
     """Watch the services' replicas, Deployments, Services and PDBs into lean caches."""
     namespaces = memo.settings.namespaces
     memo.isvc_caches = Caches(
-        replicas=owned("CoreV1Api", "pod", SERVICE_LABEL, observe_replica, namespaces),
-        deployments=owned("AppsV1Api", "deployment", SERVICE_LABEL, observe_deployment, namespaces),
-        services=owned("CoreV1Api", "service", SERVICE_LABEL, _kind("Service"), namespaces),
+        replicas=owned("v1", "pods", SERVICE_LABEL, observe_replica, namespaces),
+        deployments=owned("apps/v1", "deployments", SERVICE_LABEL, observe_deployment, namespaces),
+        services=owned("v1", "services", SERVICE_LABEL, _kind("Service"), namespaces),
         pdbs=owned(
-            "PolicyV1Api", "pod_disruption_budget", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
+            "policy/v1", "poddisruptionbudgets", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
         ),
     )
     for cache in memo.isvc_caches.all():
