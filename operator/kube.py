@@ -60,6 +60,7 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "Deployment": "deployments",
+    "EndpointSlice": "endpointslices",
     "ServiceMonitor": "servicemonitors",
 }
 
@@ -207,18 +208,21 @@ def delete_custom_object(group: str, version: str, plural: str, namespace: str, 
 # ------------------------------------------------------------------------------------------------
 
 
-def apply_deployment(manifest: Mapping[str, Any]) -> None:
-    """Server-side apply a Deployment as the operator's one field manager (forcing its own fields).
+def apply(manifest: Mapping[str, Any]) -> None:
+    """Server-side apply a namespaced object as the operator's one field manager (forcing its fields):
+    created if missing, else made to match; fields others own are kept.
 
-    Raises Refused on a 4xx the user must fix (e.g. a quota or an admission policy).
+    Raises Refused on a 4xx the user must fix (e.g. a quota or an admission policy), Busy when the
+    API server asks us to come back.
     """
     from kubernetes.client.exceptions import ApiException
 
     meta = manifest["metadata"]
+    path = collection(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"])
     try:
         request(
             "PATCH",
-            f"{collection('apps/v1', 'deployments', meta['namespace'])}/{meta['name']}",
+            f"{path}/{meta['name']}",
             manifest,
             query={"fieldManager": FIELD_MANAGER, "force": "true"},
             content_type="application/apply-patch+yaml",  # JSON is YAML

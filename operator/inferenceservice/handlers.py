@@ -144,7 +144,7 @@ def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
             refused = refused or f"the API server refused {child}: {error}"
     if decision.apply is not None:
         try:
-            kube.apply_deployment(decision.apply)
+            kube.apply(decision.apply)
         except kube.Refused as error:
             refused = (
                 refused or f"the API server refused Deployment {decision.apply['metadata']['name']}: {error}"

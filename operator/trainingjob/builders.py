@@ -1,8 +1,9 @@
 """TrainingJob -> child manifests, as pure functions (golden-tested without a cluster).
 
 Children of attempt N: one head pod `<job>-<N>-head`, worker pods `<job>-<N>-worker-<i>`, and one
-Service `<job>-head` (stable across attempts) in front of the current head. Names are deterministic,
-so creating a child twice is a harmless 409, and an operator restarted mid-way finds what it made.
+Service `<job>-head` (stable across attempts) with its EndpointSlice, which names the current head.
+Names are deterministic, so creating a child twice is a harmless 409, and an operator restarted
+mid-way finds what it made.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ PROGRESS_ANNOTATION = "tandem.dev/progress"
 RAY_GCS_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
+#: The head's ports, as its Service and EndpointSlice publish them.
+HEAD_PORTS = {"gcs": RAY_GCS_PORT, "dashboard": RAY_DASHBOARD_PORT, "metrics": METRICS_PORT}
+#: Who maintains the head's EndpointSlice (the cluster's EndpointSlice controller leaves it alone).
+ENDPOINTS_MANAGER = "tandem-operator"
 CHECKPOINT_MOUNT = "/checkpoints"
 #: `pvc://CLAIM/PATH` data sets are mounted at DATASET_MOUNT/CLAIM; the driver resolves them there.
 DATASET_MOUNT = "/data"
@@ -290,8 +295,13 @@ def worker_pod(
 def head_service(job: str, uid: str, namespace: str) -> dict[str, Any]:
     """Stable address of the current attempt's Ray head (GCS, dashboard, metrics).
 
-    Headless: the name resolves straight to the head pod, with no virtual IP to allocate (two fewer
-    API writes per job), and before the head is ready, since workers start with it and dial it at once.
+    Headless (the name resolves straight to the head pod, no virtual IP to allocate) and without a
+    selector: the operator publishes the head's address itself (`head_endpoints`), the moment the
+    head has one. With a selector, the cluster's two endpoints controllers match every pod change in
+    the namespace against every job's Service and write an Endpoints and an EndpointSlice each: at
+    500 jobs in a namespace that was the largest cost Tandem added to the control plane (see
+    docs/benchmarks.md). For the dashboard, port-forward to the head pod (`kubectl port-forward
+    pod/JOB-N-head 8265`); a Service without a selector cannot be port-forwarded.
     """
     return {
         "apiVersion": "v1",
@@ -304,14 +314,43 @@ def head_service(job: str, uid: str, namespace: str) -> dict[str, Any]:
         },
         "spec": {
             "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {LABEL_JOB: job, LABEL_ROLE: "head"},
-            "ports": [
-                {"name": "gcs", "port": RAY_GCS_PORT, "targetPort": RAY_GCS_PORT},
-                {"name": "dashboard", "port": RAY_DASHBOARD_PORT, "targetPort": RAY_DASHBOARD_PORT},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
-            ],
+            "ports": [{"name": name, "port": port, "targetPort": port} for name, port in HEAD_PORTS.items()],
         },
+    }
+
+
+def head_endpoints(job: str, uid: str, namespace: str, head: str | None, ip: str | None) -> dict[str, Any]:
+    """The head Service's one EndpointSlice: the head pod `head` at `ip`, or nobody (both None).
+
+    Published as soon as the head has an IP, ready or not: workers start with the head and dial it
+    at once (what `publishNotReadyAddresses` did for a Service with a selector).
+    """
+    endpoints = []
+    if head is not None and ip is not None:
+        endpoints.append(
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": head, "namespace": namespace},
+            }
+        )
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": head_service_name(job),
+            "namespace": namespace,
+            "labels": {
+                LABEL_JOB: job,
+                "kubernetes.io/service-name": head_service_name(job),
+                "endpointslice.kubernetes.io/managed-by": ENDPOINTS_MANAGER,
+                "app.kubernetes.io/managed-by": "tandem-operator",
+            },
+            "ownerReferences": [owner_reference(job, uid)],
+        },
+        "addressType": "IPv6" if ip and ":" in ip else "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": name, "port": port, "protocol": "TCP"} for name, port in HEAD_PORTS.items()],
     }
 
 

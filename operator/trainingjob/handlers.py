@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import orjson
 
 from tandem.operator import kube
 from tandem.operator.api.common import API_VERSION, GROUP, VERSION
@@ -91,17 +92,21 @@ def gpus_in_use() -> dict[str, int]:
 
 
 ChildKey = tuple[str, str, str, str]
+#: Kinds written whole (server-side apply) whenever their content changes; others are created once.
+APPLIED_KINDS = frozenset({"EndpointSlice"})
 
 
 class SeenChildren:
-    """Children other than pods that this process has seen in place, so that each is created once
-    and not on every reconcile that asks for it (pods need no such memory: the pod cache shows them).
+    """Children other than pods that this process has written or seen in place, so that each is
+    written once per content and not on every reconcile that asks for it (pods need no such memory:
+    the pod cache shows them).
 
-    Keyed by (kind, namespace, name, owner uid), the uid "" for the namespace's shared account.
+    Keyed by (kind, namespace, name, owner uid), the uid "" for the namespace's shared account; the
+    value is the content last applied (APPLIED_KINDS), or empty for a child created once.
     """
 
     def __init__(self) -> None:
-        self._keys: set[ChildKey] = set()
+        self._written: dict[ChildKey, bytes] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -112,21 +117,32 @@ class SeenChildren:
         owners = meta.get("ownerReferences") or ({"uid": ""},)
         return manifest["kind"], meta["namespace"], meta["name"], owners[0]["uid"]
 
-    def __contains__(self, key: ChildKey) -> bool:
-        with self._lock:
-            return key in self._keys
+    @staticmethod
+    def content(manifest: Mapping[str, Any]) -> bytes:
+        if manifest["kind"] not in APPLIED_KINDS:
+            return b""
+        return orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS)
 
-    def note(self, children: Sequence[tuple[dict[str, Any], ChildKey | None]], outcomes: list[Any]) -> None:
-        """Remember the children now known to exist: created, or there already (a conflict)."""
+    def has(self, manifest: Mapping[str, Any]) -> bool:
+        """Whether this child is known to be in place as given."""
+        key = self.key(manifest)
+        if key is None:
+            return False
         with self._lock:
-            for (_, key), outcome in zip(children, outcomes, strict=True):
+            return self._written.get(key) == self.content(manifest)
+
+    def note(self, children: Sequence[Mapping[str, Any]], outcomes: Sequence[Any]) -> None:
+        """Remember the children now known to be in place: written, or there already (a conflict)."""
+        with self._lock:
+            for manifest, outcome in zip(children, outcomes, strict=True):
+                key = self.key(manifest)
                 if key is not None and not isinstance(outcome, Exception):
-                    self._keys.add(key)
+                    self._written[key] = self.content(manifest)
 
     def forget_owner(self, uid: str) -> None:
         """A job was deleted: the garbage collector removes its children."""
         with self._lock:
-            self._keys = {key for key in self._keys if key[3] != uid}
+            self._written = {key: value for key, value in self._written.items() if key[3] != uid}
 
 
 _seen = SeenChildren()
@@ -134,8 +150,14 @@ _shared_lock = threading.Lock()
 
 
 def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
+    """Write one child: create it (False: it was there); one of APPLIED_KINDS that was there is then
+    applied (a create costs the API server half an apply, and most are written once)."""
     try:
-        return kube.create(manifest)
+        created = kube.create(manifest)
+        if not created and manifest["kind"] in APPLIED_KINDS:
+            kube.apply(manifest)
+            return True
+        return created
     except (kube.Refused, kube.Busy) as problem:
         return problem
 
@@ -154,19 +176,19 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
     refused, busy = None, False
-    wanted = [(m, key) for m in decision.create if (key := _seen.key(m)) is None or key not in _seen]
+    wanted = [m for m in decision.create if not _seen.has(m)]
     # The namespace's shared account goes first and in order (a RoleBinding needs its Role; admission
     # rejects a pod whose ServiceAccount does not exist yet), under a lock so that the first jobs of a
     # namespace do not all create it; then the job's own children, concurrently.
     with _shared_lock:
-        shared = [(m, key) for m, key in wanted if key is not None and not key[3] and key not in _seen]
-        created = [_create(m) for m, _ in shared]
+        shared = [m for m in wanted if _is_shared(m) and not _seen.has(m)]
+        created = [_create(m) for m in shared]
         _seen.note(shared, created)
-    own = [(m, key) for m, key in wanted if key is None or key[3]]
-    own_created = list(_CHILD_CALLS.map(_create, [m for m, _ in own]))
+    own = [m for m in wanted if not _is_shared(m)]
+    own_created = list(_CHILD_CALLS.map(_create, own))
     _seen.note(own, own_created)
     made = []
-    for (manifest, _), outcome in zip(shared + own, created + own_created, strict=True):
+    for manifest, outcome in zip(shared + own, created + own_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or f"the API server refused {child}: {outcome}"
@@ -191,6 +213,11 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     if decision.delete_job:
         kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
     return Applied(refused, busy)
+
+
+def _is_shared(manifest: Mapping[str, Any]) -> bool:
+    """The namespace's shared trainer account (no owner), as opposed to a job's own children."""
+    return manifest["kind"] != "Pod" and not manifest["metadata"].get("ownerReferences")
 
 
 def recheck_in(decision: Decision, retry: bool) -> float | None:

@@ -57,8 +57,8 @@ class ObservedPod:
     scheduler_message: str
     progress: str | None
     spec_hash: str = ""
-    #: The pod has an IP (its sandbox is up): a headless Service then resolves to it.
-    addressed: bool = False
+    #: The pod's IP, once its sandbox is up (the head's is published as its Service's endpoint).
+    ip: str | None = None
 
     @property
     def bound(self) -> bool:
@@ -105,7 +105,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         scheduler_message=str(scheduled.get("message") or "") if scheduled.get("status") == "False" else "",
         progress=(meta.get("annotations") or {}).get(PROGRESS_ANNOTATION),
         spec_hash=str(labels.get(LABEL_SPEC_HASH, "")),
-        addressed=bool(status.get("podIP")),
+        ip=status.get("podIP") or None,
     )
 
 

@@ -54,8 +54,8 @@ class Decision:
     """What one reconcile wants done: the new status, children to create or delete, events."""
 
     status: TrainingJobStatus
-    #: Children that must exist: pods not observed, and other children (the handler creates those it
-    #: has not yet seen in place).
+    #: Children that must exist as given: pods not observed, and other children (the handler writes
+    #: those it has not yet seen in place in this form).
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -208,17 +208,19 @@ class _Machine:
         return max((min(due) - self.now).total_seconds(), 0.0)
 
     def head_service(self) -> None:
-        """Ask for the head's Service once the current head pod has an IP.
+        """Ask for the head's Service and its endpoint once the current head pod has an IP.
 
-        A headless name resolves to nothing before that anyway, so workers see no difference; made
-        then, the endpoints controllers write the head's address once instead of an empty set first,
-        and no Service exists for a gang that never binds. The operator creates what it has not yet
-        seen in place (see handlers.apply), so asking on every reconcile costs no API call.
+        A headless name resolves to nothing before that anyway, so workers see no difference, and no
+        Service exists for a gang that never binds. The operator writes what it has not yet written
+        in this form (see handlers.apply), so asking on every reconcile costs no API call.
         """
         head = next((p for p in self.current if p.role == "head"), None)
-        if head is not None and head.addressed and not self.deleted(head) and not head.failed:
+        if head is not None and head.ip is not None and not self.deleted(head) and not head.failed:
             job = self.job
             self.decision.create.append(builders.head_service(job.name, job.uid, job.namespace))
+            self.decision.create.append(
+                builders.head_endpoints(job.name, job.uid, job.namespace, head.name, head.ip)
+            )
 
     def deleted(self, pod: ObservedPod) -> bool:
         return pod.name in self.decision.delete
@@ -458,6 +460,15 @@ class _Machine:
                 continue
             if pod.name not in self.decision.delete:
                 self.decision.delete.append(pod.name)
+            if pod.role == "head" and pod.ip is not None:
+                self.unpublish_head()
+
+    def unpublish_head(self) -> None:
+        """Empty the head Service's endpoints: workers of the next gang must not dial a deleted head."""
+        job = self.job
+        empty = builders.head_endpoints(job.name, job.uid, job.namespace, None, None)
+        if empty not in self.decision.create:
+            self.decision.create.append(empty)
 
     # -- progress and cost ------------------------------------------------------------------------
 

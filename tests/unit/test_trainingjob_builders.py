@@ -32,14 +32,17 @@ GPU_JOB: dict[str, Any] = {
 
 def _gang() -> list[dict[str, Any]]:
     spec = TrainingJobSpec.model_validate(GPU_JOB)
-    children = [builders.head_service("gpt", "uid-1", "ml")]
+    children = [
+        builders.head_service("gpt", "uid-1", "ml"),
+        builders.head_endpoints("gpt", "uid-1", "ml", "gpt-3-head", "10.1.2.3"),
+    ]
     children += builders.gang(
         spec, job="gpt", uid="uid-1", namespace="ml", attempt=3, image="img:1", resume_from="file:///c/step-1"
     )
     return children
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_children_match_golden(index: int) -> None:
     child = _gang()[index]
     path = GOLDEN / f"trainingjob-{child['kind'].lower()}-{child['metadata']['name']}.yaml"
@@ -51,8 +54,9 @@ def test_children_match_golden(index: int) -> None:
 
 
 def test_gang_is_one_head_and_every_worker_with_the_gang_annotations() -> None:
-    service, head, *workers = _gang()
+    service, endpoints, head, *workers = _gang()
     assert service["kind"] == "Service"
+    assert endpoints["kind"] == "EndpointSlice"
     assert head["metadata"]["name"] == "gpt-3-head"
     assert [w["metadata"]["name"] for w in workers] == ["gpt-3-worker-0", "gpt-3-worker-1"]
     for pod in (head, *workers):
@@ -64,7 +68,7 @@ def test_gang_is_one_head_and_every_worker_with_the_gang_annotations() -> None:
 
 
 def test_worker_asks_for_its_gpus_and_tolerates_gpu_and_user_taints() -> None:
-    worker = _gang()[2]
+    worker = _gang()[3]
     container = worker["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
     assert container["resources"]["requests"] == container["resources"]["limits"]
@@ -74,7 +78,7 @@ def test_worker_asks_for_its_gpus_and_tolerates_gpu_and_user_taints() -> None:
 
 
 def test_only_the_head_gets_the_checkpoint_to_resume_from() -> None:
-    _, head, worker, _ = _gang()
+    _, _, head, worker, _ = _gang()
     head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
     worker_env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
     assert head_env["TANDEM_RESUME_FROM"] == "file:///c/step-1"
@@ -97,4 +101,4 @@ def test_pods_run_as_a_trainer_account_that_may_only_annotate_pods() -> None:
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-trainer", "namespace": "ml"}]
     assert all("ownerReferences" not in doc["metadata"] for doc in (account, role, binding))  # shared
-    assert {pod["spec"]["serviceAccountName"] for pod in _gang()[1:]} == {"tandem-trainer"}
+    assert {pod["spec"]["serviceAccountName"] for pod in _gang()[2:]} == {"tandem-trainer"}

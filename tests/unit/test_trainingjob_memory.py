@@ -28,14 +28,25 @@ def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_delete
     assert service_key == ("Service", "ml", "gpt-head", "uid-1")
     assert account_key == ("ServiceAccount", "ml", "tandem-trainer", "")
 
-    seen.note([(service, service_key), (account, account_key)], [False, kube.Busy("429")])
-    assert service_key in seen  # a conflict: it is there
-    assert account_key not in seen  # busy: ask again next time
+    seen.note([service, account], [False, kube.Busy("429")])
+    assert seen.has(service)  # a conflict: it is there
+    assert not seen.has(account)  # busy: ask again next time
 
     # A job of the same name made again has another uid: its Service is created anew.
-    assert ("Service", "ml", "gpt-head", "uid-2") not in seen
+    assert not seen.has(builders.head_service("gpt", "uid-2", "ml"))
     seen.forget_owner("uid-1")
-    assert service_key not in seen
+    assert not seen.has(service)
+
+
+def test_an_applied_child_is_written_again_only_when_its_content_changes() -> None:
+    """The head's EndpointSlice follows the head pod: a new head (a restart) is a new write, the same
+    head asked for on every reconcile is not."""
+    seen = SeenChildren()
+    first = builders.head_endpoints("gpt", "uid-1", "ml", "gpt-1-head", "10.0.0.5")
+    seen.note([first], [True])
+    assert seen.has(builders.head_endpoints("gpt", "uid-1", "ml", "gpt-1-head", "10.0.0.5"))
+    assert not seen.has(builders.head_endpoints("gpt", "uid-1", "ml", "gpt-2-head", "10.0.0.9"))
+    assert not seen.has(builders.head_endpoints("gpt", "uid-1", "ml", None, None))
 
 
 def job_body(uid: str, version: str) -> dict[str, object]:

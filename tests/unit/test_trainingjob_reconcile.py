@@ -55,7 +55,7 @@ def pod(
         scheduler_message=extra.pop("scheduler_message", ""),
         progress=extra.pop("progress", None),
         spec_hash=extra.pop("spec_hash", builders.pod_spec_hash(job().spec)),
-        addressed=extra.pop("addressed", phase == "Running" and node is not None),
+        ip=extra.pop("ip", f"10.0.0.{attempt}" if phase == "Running" and node is not None else None),
     )
 
 
@@ -100,24 +100,48 @@ def test_all_bound_is_running_and_counts_ready_workers() -> None:
     assert decision.status.phase == "Running"
     assert decision.status.workers is not None
     assert decision.status.workers.ready == 2
-    assert [(m["kind"], m["metadata"]["name"]) for m in decision.create] == [("Service", "gpt-head")]
+    assert [(m["kind"], m["metadata"]["name"]) for m in decision.create] == [
+        ("Service", "gpt-head"),
+        ("EndpointSlice", "gpt-head"),
+    ]
 
 
-def test_the_head_service_is_asked_for_once_the_head_pod_has_an_ip() -> None:
+def test_the_head_service_and_its_endpoint_are_asked_for_once_the_head_pod_has_an_ip() -> None:
     unaddressed = [pod("head", node=None, phase="Pending"), pod("worker-0"), pod("worker-1", node="g1")]
     assert tick({"phase": "Scheduling", "attempt": 1}, unaddressed).create == []
-    bound_no_ip = [pod("head", addressed=False), pod("worker-0"), pod("worker-1", node="g1")]
+    bound_no_ip = [pod("head", ip=None), pod("worker-0"), pod("worker-1", node="g1")]
     decision = tick({"phase": "Scheduling", "attempt": 1}, bound_no_ip)
     assert decision.status.phase == "Running"
     assert decision.create == []
-    (service,) = tick({"phase": "Running", "attempt": 1}, gang()).create
+    service, endpoints = tick({"phase": "Running", "attempt": 1}, gang()).create
     assert service["kind"] == "Service"
-    assert service["spec"]["selector"] == {"tandem.dev/trainingjob": "gpt", "tandem.dev/role": "head"}
+    assert "selector" not in service["spec"]  # the operator publishes the head itself
     assert service["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    assert endpoints["kind"] == "EndpointSlice"
+    assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "gpt-head"
+    assert endpoints["endpoints"] == [
+        {
+            "addresses": ["10.0.0.1"],
+            "conditions": {"ready": True},
+            "targetRef": {"kind": "Pod", "name": "gpt-1-head", "namespace": "ml"},
+        }
+    ]
     failed_head = [pod("head", phase="Failed"), pod("worker-0"), pod("worker-1", node="g1")]
     assert not any(
         m["kind"] == "Service" for m in tick({"phase": "Running", "attempt": 1}, failed_head).create
     )
+
+
+def test_a_restart_empties_the_head_endpoint_until_the_next_head_has_an_ip() -> None:
+    """Workers of the next gang must not dial the deleted head (its IP may be reused)."""
+    restart = tick({"phase": "Running", "attempt": 1}, gang(failure="exit 137", phase="Failed"))
+    assert restart.status.phase == "Recovering"
+    (endpoints,) = [m for m in restart.create if m["kind"] == "EndpointSlice"]
+    assert endpoints["endpoints"] == []
+    later = tick({"phase": "Running", "attempt": 2}, gang(attempt=2))
+    (endpoints,) = [m for m in later.create if m["kind"] == "EndpointSlice"]
+    assert endpoints["endpoints"][0]["targetRef"]["name"] == "gpt-2-head"
+    assert endpoints["endpoints"][0]["addresses"] == ["10.0.0.2"]
 
 
 def test_gang_timeout_deletes_every_pod_and_says_what_is_missing() -> None:

@@ -136,7 +136,8 @@ def test_gang_lands_on_gpu_nodes_with_resources_and_tolerations(kubectl: Kubectl
         else:
             assert pod["spec"]["nodeName"] == "cpu-node-0"  # the head asks for no GPU
             assert env_of(pod)["TANDEM_NUM_WORKERS"] == "4"
-    # The head's Service is made once the head pod has an IP (its name resolves from then on).
+    # The head's Service is made once the head pod has an IP (its name resolves from then on), with
+    # an EndpointSlice that names the head: what DNS answers for gpu-head.<namespace>.svc.
     wait_for(
         lambda: items(kubectl, namespace, "services", "-l=tandem.dev/trainingjob=gpu") != [],
         WAIT,
@@ -144,7 +145,21 @@ def test_gang_lands_on_gpu_nodes_with_resources_and_tolerations(kubectl: Kubectl
     )
     service = get(kubectl, namespace, "service", "gpu-head")
     assert service["metadata"]["ownerReferences"][0]["uid"] == job_uid
-    assert service["spec"]["selector"] == {"tandem.dev/trainingjob": "gpu", "tandem.dev/role": "head"}
+    assert service["spec"]["clusterIP"] == "None"
+    head_ip = get(kubectl, namespace, "pod", "gpu-1-head")["status"]["podIP"]
+    wait_for(
+        lambda: head_endpoint(kubectl, namespace, "gpu") == ("gpu-1-head", head_ip),
+        WAIT,
+        "the head Service to name the head pod",
+    )
+
+
+def head_endpoint(kubectl: Kubectl, namespace: str, job: str) -> tuple[str, str] | None:
+    """(pod, IP) that the job's head Service resolves to, from the EndpointSlices DNS reads."""
+    slices = items(kubectl, namespace, "endpointslices", f"-l=kubernetes.io/service-name={job}-head")
+    found = [(e["targetRef"]["name"], e["addresses"][0]) for s in slices for e in s.get("endpoints") or ()]
+    assert len(found) <= 1, f"the head Service resolves to several pods: {found}"
+    return found[0] if found else None
 
 
 def test_progress_annotation_shows_in_kubectl_get(
@@ -251,6 +266,16 @@ def test_deleted_head_restarts_the_gang(kubectl: Kubectl, namespace: str) -> Non
     status = status_of(kubectl, namespace, "tj", "headless")
     assert status["restarts"] == 1
     assert status["lastFailure"]["reason"] == "PodDeleted"
+    # The head Service follows the new head (workers of gang 2 dial it), once it has an IP.
+    new_head = partial(get, kubectl, namespace, "pod", "headless-2-head")
+    wait_for(
+        lambda: (
+            head_endpoint(kubectl, namespace, "headless")
+            == ("headless-2-head", new_head()["status"]["podIP"])
+        ),
+        WAIT,
+        "the head Service to name the new head",
+    )
 
 
 def test_exhausted_restarts_fail_the_job(kubectl: Kubectl, namespace: str) -> None:
@@ -366,6 +391,11 @@ def test_delete_removes_every_child(kubectl: Kubectl, namespace: str) -> None:
         lambda: items(kubectl, namespace, "services", "-l=tandem.dev/trainingjob=bye") == [],
         WAIT,
         "service garbage-collected",
+    )
+    wait_for(
+        lambda: items(kubectl, namespace, "endpointslices", "-l=tandem.dev/trainingjob=bye") == [],
+        WAIT,
+        "the head's EndpointSlice garbage-collected",
     )
 
 
