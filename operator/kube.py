@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -89,26 +91,57 @@ def request(
     """
     from kubernetes.client.exceptions import ApiException
 
-    client = api_client()
-    configuration = client.configuration
-    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-    for auth in configuration.auth_settings().values():  # refreshes an expiring token
-        if auth["in"] == "header" and auth["value"]:
-            headers[auth["key"]] = auth["value"]
-    data = None
-    if body is not None:
-        headers["Content-Type"] = content_type
-        data = orjson.dumps(body)
-    url = configuration.host + path + (f"?{urlencode(query)}" if query else "")
-    reply = client.rest_client.pool_manager.request(
-        method, url, body=data, headers=headers, preload_content=False
-    )
-    if stream and reply.status < 300:
-        return reply
-    content = finish(reply)
-    if reply.status >= 300:
-        raise ApiException(status=reply.status, reason=reply.reason, body=content.decode(errors="replace"))
-    return content
+    data = orjson.dumps(body) if body is not None else None
+    for attempt in (1, 2):
+        host, headers = _endpoint.get(fresh=attempt > 1)
+        if data is not None:
+            headers = headers | {"Content-Type": content_type}
+        url = host + path + (f"?{urlencode(query)}" if query else "")
+        reply = api_client().rest_client.pool_manager.request(
+            method, url, body=data, headers=dict(headers), preload_content=False
+        )
+        if reply.status == 401 and attempt == 1:  # a token that expired within the cache's lifetime
+            finish(reply)
+            continue
+        if stream and reply.status < 300:
+            return reply
+        content = finish(reply)
+        if reply.status >= 300:
+            detail = content.decode(errors="replace")
+            raise ApiException(status=reply.status, reason=reply.reason, body=detail)
+        return content
+    raise AssertionError("unreachable")
+
+
+#: How long the server address and credential headers are reused before the client is asked again.
+AUTH_REFRESH_SECONDS = 30.0
+
+
+class _Endpoint:
+    """The API server's URL and the request headers with credentials, asked of the client at most
+    every AUTH_REFRESH_SECONDS: its kubeconfig loader re-reads its whole configuration on each ask
+    (to refresh an expiring token), which showed in profiles at thousands of calls a minute."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked = float("-inf")
+        self._host = ""
+        self._headers: dict[str, str] = {}
+
+    def get(self, fresh: bool = False) -> tuple[str, dict[str, str]]:
+        now = time.monotonic()
+        with self._lock:
+            if fresh or now - self._asked > AUTH_REFRESH_SECONDS:
+                configuration = api_client().configuration
+                headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+                for auth in configuration.auth_settings().values():  # refreshes an expiring token
+                    if auth["in"] == "header" and auth["value"]:
+                        headers[auth["key"]] = auth["value"]
+                self._asked, self._host, self._headers = now, configuration.host, headers
+            return self._host, self._headers
+
+
+_endpoint = _Endpoint()
 
 
 class Refused(Exception):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -38,6 +38,21 @@ def labelled(api_version: str, plural: str, label: str) -> Lister:
 def custom_objects(group: str, version: str, plural: str) -> Lister:
     """Every object of a custom resource."""
     return lambda namespace: (kube.collection(f"{group}/{version}", plural, namespace), {})
+
+
+def lines(stream: Any, size: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of a streaming reply (a watch: one JSON event per line), read in blocks.
+
+    The HTTP client's own line iterator goes through several generator layers per chunk, and the
+    API server sends each event as its own chunk: that showed in profiles at thousands of events a
+    minute. `read1` returns whatever has arrived, so an event is handed on as soon as it is whole.
+    """
+    rest = b""
+    while block := stream.read1(size):
+        *whole, rest = (rest + block).split(b"\n")
+        yield from (line for line in whole if line)
+    if rest:
+        yield rest
 
 
 def by_name(obj: Mapping[str, Any]) -> Key:
@@ -151,7 +166,7 @@ class WatchCache(Generic[T]):
         }
         stream = kube.request("GET", path, query=query | options, stream=True)
         try:
-            for line in stream:
+            for line in lines(stream):
                 event = orjson.loads(line)  # a third of json's time: thousands of events a minute
                 kind, obj = event["type"], event["object"]
                 if kind == "ERROR":
