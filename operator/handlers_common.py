@@ -33,8 +33,8 @@ def kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
 
 
 class WarningsOnce:
-    """Warnings a reconcile would repeat every tick (a refused child, a bad progress record): each
-    distinct message per (object uid, reason) becomes one event, not one every 2 s."""
+    """Warnings a reconcile would repeat each time it runs (a refused child, a bad progress record):
+    each distinct message per (object uid, reason) becomes one event, not one per reconcile."""
 
     def __init__(self, post: EventPoster = kopf_event) -> None:
         self._post = post

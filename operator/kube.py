@@ -69,10 +69,21 @@ PLURALS = {
 }
 
 
-def collection(api_version: str, plural: str, namespace: str | None = None) -> str:
-    """The URL path of a collection: `/api/v1/namespaces/NS/pods`; all namespaces without one."""
+def api_path(
+    api_version: str,
+    plural: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """The URL path of a collection (`/api/v1/namespaces/NS/pods`; all namespaces without one), or
+    of one object in it, or of that object's subresource (`.../NAME/status`)."""
     root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
-    return f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
+    path = f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
+    for part in (name, subresource):
+        if part:
+            path += f"/{part}"
+    return path
 
 
 def request(
@@ -95,12 +106,13 @@ def request(
 
     data = orjson.dumps(body) if body is not None else None
     for attempt in (1, 2):
-        host, headers = _endpoint.get(fresh=attempt > 1)
+        host, credentials = _endpoint.get(fresh=attempt > 1)
+        headers = dict(credentials)  # the client's pool may keep what it is given
         if data is not None:
-            headers = headers | {"Content-Type": content_type}
+            headers["Content-Type"] = content_type
         url = host + path + (f"?{urlencode(query)}" if query else "")
         reply = api_client().rest_client.pool_manager.request(
-            method, url, body=data, headers=dict(headers), preload_content=False
+            method, url, body=data, headers=headers, preload_content=False
         )
         if reply.status == 401 and attempt == 1:  # a token that expired within the cache's lifetime
             finish(reply)
@@ -171,8 +183,7 @@ def create(manifest: Mapping[str, Any]) -> bool:
     """
     from kubernetes.client.exceptions import ApiException
 
-    meta = manifest["metadata"]
-    path = collection(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"])
+    path = api_path(manifest["apiVersion"], PLURALS[manifest["kind"]], manifest["metadata"]["namespace"])
     try:
         request("POST", path, manifest, query={"fieldManager": FIELD_MANAGER})
     except ApiException as error:
@@ -204,43 +215,35 @@ def _api_message(error: Exception) -> str:
         return str(error)
 
 
-def delete_pod(namespace: str, name: str) -> bool:
-    """Delete a pod (graceful: the driver gets SIGTERM and checkpoints); False if it was gone."""
+def _found(method: str, path: str, query: Mapping[str, str] | None = None) -> bool:
+    """Make the call; False if the object is not there (404), which for a delete is success too."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        request("DELETE", f"{collection('v1', 'pods', namespace)}/{name}")
+        request(method, path, query=query)
     except ApiException as error:
         if _status_of(error) == 404:
             return False
         raise
     return True
+
+
+def delete_pod(namespace: str, name: str) -> bool:
+    """Delete a pod (graceful: the driver gets SIGTERM and checkpoints); False if it was gone."""
+    return _found("DELETE", api_path("v1", "pods", namespace, name))
 
 
 def list_bound_pods() -> list[dict[str, Any]]:
     """Every pod bound to a node, cluster-wide, as plain dicts."""
 
-    reply = request("GET", collection("v1", "pods"), query={"fieldSelector": "spec.nodeName!="})
+    reply = request("GET", api_path("v1", "pods"), query={"fieldSelector": "spec.nodeName!="})
     return list(orjson.loads(reply)["items"])
 
 
 def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
     """Delete one of Tandem's resources (children follow through ownerReferences); False if gone."""
-    from kubernetes.client.exceptions import ApiException
-
-    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}"
-    try:
-        request("DELETE", path, query={"propagationPolicy": "Background"})
-    except ApiException as error:
-        if _status_of(error) == 404:
-            return False
-        raise
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
-# InferenceService children
-# ------------------------------------------------------------------------------------------------
+    path = api_path(f"{group}/{version}", plural, namespace, name)
+    return _found("DELETE", path, query={"propagationPolicy": "Background"})
 
 
 def apply(manifest: Mapping[str, Any]) -> None:
@@ -253,11 +256,11 @@ def apply(manifest: Mapping[str, Any]) -> None:
     from kubernetes.client.exceptions import ApiException
 
     meta = manifest["metadata"]
-    path = collection(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"])
+    path = api_path(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"], meta["name"])
     try:
         request(
             "PATCH",
-            f"{path}/{meta['name']}",
+            path,
             manifest,
             query={"fieldManager": FIELD_MANAGER, "force": "true"},
             content_type="application/apply-patch+yaml",  # JSON is YAML
@@ -270,15 +273,7 @@ def apply(manifest: Mapping[str, Any]) -> None:
 
 def crd_exists(name: str) -> bool:
     """Whether a CustomResourceDefinition (e.g. `servicemonitors.monitoring.coreos.com`) is installed."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        request("GET", f"{collection('apiextensions.k8s.io/v1', 'customresourcedefinitions')}/{name}")
-    except ApiException as error:
-        if _status_of(error) == 404:
-            return False
-        raise
-    return True
+    return _found("GET", api_path("apiextensions.k8s.io/v1", "customresourcedefinitions", name=name))
 
 
 def scale_custom_object(
@@ -286,7 +281,7 @@ def scale_custom_object(
 ) -> None:
     """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
 
-    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}/scale"
+    path = api_path(f"{group}/{version}", plural, namespace, name, "scale")
     request(
         "PATCH",
         path,
@@ -304,7 +299,7 @@ def patch_custom_object_status(
     Returns the object as stored after the patch.
     """
 
-    path = f"{collection(f'{group}/{version}', plural, namespace)}/{name}/status"
+    path = api_path(f"{group}/{version}", plural, namespace, name, "status")
     reply = request("PATCH", path, {"status": dict(status)}, content_type="application/merge-patch+json")
     stored: dict[str, Any] = orjson.loads(reply)
     return stored
@@ -339,6 +334,6 @@ def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
         "count": 1,
     }
     try:
-        request("POST", collection("v1", "events", meta["namespace"]), event)
+        request("POST", api_path("v1", "events", meta["namespace"]), event)
     except (ApiException, OSError) as error:
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)

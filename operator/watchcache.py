@@ -32,12 +32,12 @@ RETRY_SECONDS = 2.0
 def labelled(api_version: str, plural: str, label: str) -> Lister:
     """Objects of a kind (`v1`, `pods`; `apps/v1`, `deployments`) that carry `label` (any value),
     selected by the API server."""
-    return lambda namespace: (kube.collection(api_version, plural, namespace), {"labelSelector": label})
+    return lambda namespace: (kube.api_path(api_version, plural, namespace), {"labelSelector": label})
 
 
 def custom_objects(group: str, version: str, plural: str) -> Lister:
     """Every object of a custom resource."""
-    return lambda namespace: (kube.collection(f"{group}/{version}", plural, namespace), {})
+    return lambda namespace: (kube.api_path(f"{group}/{version}", plural, namespace), {})
 
 
 def lines(stream: Any, size: int = 1 << 16) -> Iterator[bytes]:

@@ -65,7 +65,7 @@ _RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-t
 CHILD_CALL_THREADS = 8
 _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
 log = logging.getLogger(__name__)
-#: Reasons whose warnings a reconcile would repeat every tick.
+#: Reasons whose warnings a reconcile would repeat each time it runs (posted once per message).
 REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
 _warnings = WarningsOnce(kube.post_event)
 

@@ -150,3 +150,32 @@ def test_add_threadsafe_wakes_a_key_from_a_watch_thread() -> None:
         await until(lambda: runs == ["job"])
 
     run(with_queue(runs.append, body))
+
+
+def test_a_burst_of_threadsafe_adds_runs_once_and_a_sooner_one_still_wins() -> None:
+    """A gang's pods change many times in a moment: one run, after the delay; an immediate ask from
+    another thread is not held back by the delayed one already queued."""
+    runs: list[str] = []
+
+    def burst(after: float) -> None:
+        for _ in range(50):
+            queue_ref[0].add_threadsafe("job", after)
+
+    queue_ref: list[WorkQueue[str]] = []
+
+    async def body(queue: WorkQueue[str]) -> None:
+        queue_ref.append(queue)
+        queue.add("job", after=0.2)  # due soon: the burst below must not postpone or repeat it
+        thread = threading.Thread(target=burst, args=(0.5,))
+        thread.start()
+        thread.join()
+        queue.add("marker", after=0.7)  # due after every delay the burst asked for
+        await until(lambda: "marker" in runs)
+        assert runs == ["job", "marker"]  # one run of the job, none repeated by the burst
+        queue.add("job", after=60)
+        thread = threading.Thread(target=queue.add_threadsafe, args=("job", 0.0))
+        thread.start()
+        thread.join()
+        await until(lambda: runs == ["job", "marker", "job"])  # not held until the 60 s one
+
+    run(with_queue(runs.append, body))
