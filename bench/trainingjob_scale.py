@@ -37,11 +37,20 @@ from operator_process import start_operator  # noqa: E402
 from tandem.devcluster import cluster as devcluster  # noqa: E402
 from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig  # noqa: E402
 from tandem.operator.api.trainingjob import TrainingJobSpec  # noqa: E402
-from tandem.operator.kube import finish  # noqa: E402
 from tandem.operator.trainingjob import builders  # noqa: E402
 
 CLUSTER = "tandem-bench"
 PODS_PER_NODE = 250
+
+
+def finish(reply: Any) -> bytes:
+    """Read a raw reply of the generated client (`_preload_content=False`) and give its connection
+    back to the pool (left alone, every call would open a new TLS connection)."""
+    try:
+        data: bytes = reply.data
+        return data
+    finally:
+        reply.release_conn()
 
 
 def job_spec(workers: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ KEY_ORDER = (
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
     "x-kubernetes-validations",
 )
 _DROPPED = frozenset({"title", "readOnly", "examples", "$schema"})

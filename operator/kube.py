@@ -12,12 +12,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
 import orjson
+
+from tandem.operator.kubehttp import Transport
 
 FIELD_MANAGER = "tandem-operator"
 USER_AGENT = "tandem-operator"
@@ -27,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def api_client() -> Any:
-    """One shared client: in-cluster credentials in a pod, else the current kubeconfig."""
+def configuration() -> Any:
+    """The kubernetes client's configuration (server, CA, credentials): in-cluster credentials in a
+    pod, else the current kubeconfig. Only its settings are used; calls go through `kubehttp`."""
     from kubernetes import client, config
 
     try:
@@ -36,22 +40,7 @@ def api_client() -> Any:
     except config.ConfigException:
         # KUBECONFIG as it is now (the client reads its default when first imported).
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)  # type: ignore[no-untyped-call]
-    configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = 32  # handler threads x concurrent child calls
-    return client.ApiClient(configuration)
-
-
-def finish(reply: Any) -> bytes:
-    """Read a raw reply (not preloaded) and give its connection back to the pool.
-
-    Such a reply holds its connection until it is read and released: left alone, every call opens a new
-    TLS connection (measured: 100 creates, 100 handshakes; read and released, one).
-    """
-    try:
-        data: bytes = reply.data
-        return data
-    finally:
-        reply.release_conn()
+    return client.Configuration.get_default_copy()
 
 
 #: The plural of each kind the operator creates or watches (the last part of its collection's path).
@@ -93,38 +82,63 @@ def request(
     *,
     query: Mapping[str, str] | None = None,
     content_type: str = "application/json",
-    stream: bool = False,
-) -> Any:
-    """One API call on the shared client's connections and credentials, JSON in and out.
+) -> bytes:
+    """One API call with the shared client's credentials, JSON in and out; the reply's bytes.
 
     The generated client's per-call work (argument validation, recursive body sanitising, model
-    lookups) cost more than the HTTP call itself on the operator's hot path, thousands of times a minute.
-    Returns the reply's bytes, or with `stream` the open reply (a watch; the caller releases it).
-    Raises the client's ApiException on an error status, as the generated calls do.
+    lookups) cost more than the HTTP call itself on the operator's hot path, thousands of times a
+    minute; the call itself goes through libcurl (`kubehttp`). Raises the client's ApiException on an
+    error status, as the generated calls do; ConnectionError when no reply came.
     """
-    from kubernetes.client.exceptions import ApiException
-
     data = orjson.dumps(body) if body is not None else None
-    for attempt in (1, 2):
-        host, credentials = _endpoint.get(fresh=attempt > 1)
-        headers = dict(credentials)  # the client's pool may keep what it is given
+
+    def call(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
         if data is not None:
             headers["Content-Type"] = content_type
+        return _transport_for(configuration()).call(method, url, data, headers)
+
+    return _authenticated(path, query, call)
+
+
+def watch(path: str, query: Mapping[str, str], on_block: Callable[[bytes], bool], timeout: float) -> None:
+    """Stream a watch, handing each block of its reply to `on_block` until the server ends it after
+    `timeout` seconds (a `timeoutSeconds` in `query` ends it sooner) or `on_block` returns False.
+    Raises as `request` does."""
+    transport = _transport_for(configuration())
+    _authenticated(path, query, lambda url, headers: transport.stream(url, headers, on_block, timeout))
+
+
+def _authenticated(
+    path: str, query: Mapping[str, str] | None, send: Callable[[str, dict[str, str]], tuple[int, bytes]]
+) -> bytes:
+    """Send with the cached server address and credentials; on a 401 (a token that expired within the
+    cache's lifetime) once more with fresh ones. The reply's bytes; ApiException on an error status."""
+    from kubernetes.client.exceptions import ApiException
+
+    for attempt in (1, 2):
+        host, credentials = _endpoint.get(fresh=attempt > 1)
         url = host + path + (f"?{urlencode(query)}" if query else "")
-        reply = api_client().rest_client.pool_manager.request(
-            method, url, body=data, headers=headers, preload_content=False
-        )
-        if reply.status == 401 and attempt == 1:  # a token that expired within the cache's lifetime
-            finish(reply)
+        status, content = send(url, dict(credentials))
+        if status == 401 and attempt == 1:
             continue
-        if stream and reply.status < 300:
-            return reply
-        content = finish(reply)
-        if reply.status >= 300:
+        if status >= 300:
             detail = content.decode(errors="replace")
-            raise ApiException(status=reply.status, reason=reply.reason, body=detail)
+            raise ApiException(status=status, reason=_phrase(status), body=detail)
         return content
     raise AssertionError("unreachable")
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a code the standard does not name
+        return ""
+
+
+@functools.cache
+def _transport_for(settings: Any) -> Transport:
+    """The transport for one configuration (a new one, e.g. after a kubeconfig change, gets its own)."""
+    return Transport(settings)
 
 
 #: How long the server address and credential headers are reused before the client is asked again.
@@ -146,12 +160,12 @@ class _Endpoint:
         now = time.monotonic()
         with self._lock:
             if fresh or now - self._asked > AUTH_REFRESH_SECONDS:
-                configuration = api_client().configuration
+                settings = configuration()
                 headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-                for auth in configuration.auth_settings().values():  # refreshes an expiring token
+                for auth in settings.auth_settings().values():  # refreshes an expiring token
                     if auth["in"] == "header" and auth["value"]:
                         headers[auth["key"]] = auth["value"]
-                self._asked, self._host, self._headers = now, configuration.host, headers
+                self._asked, self._host, self._headers = now, settings.host, headers
             return self._host, self._headers
 
 
@@ -172,7 +186,7 @@ def _status_of(error: Exception) -> int | None:
 
 def warm_up() -> None:
     """Load the client's configuration and modules now rather than in the first reconciles."""
-    api_client()
+    configuration()
     from kubernetes.client.exceptions import ApiException  # noqa: F401
 
 

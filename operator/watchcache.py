@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -26,6 +26,8 @@ Key = tuple[str, str]
 Lister = Callable[[str | None], tuple[str, dict[str, str]]]
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 300
+#: The client ends a watch this long after the server should have (a connection gone quiet).
+STREAM_GRACE_SECONDS = 60
 RETRY_SECONDS = 2.0
 
 
@@ -40,19 +42,24 @@ def custom_objects(group: str, version: str, plural: str) -> Lister:
     return lambda namespace: (kube.api_path(f"{group}/{version}", plural, namespace), {})
 
 
-def lines(stream: Any, size: int = 1 << 16) -> Iterator[bytes]:
-    """The lines of a streaming reply (a watch: one JSON event per line), read in blocks.
+class Lines:
+    """Splits a watch's reply (one JSON event per line) into lines as its blocks arrive, handing each
+    whole line to `on_line` at once: a quiet watch must not hold an event back until more data comes."""
 
-    The HTTP client's own line iterator goes through several generator layers per chunk, and the
-    API server sends each event as its own chunk: that showed in profiles at thousands of events a
-    minute. `read1` returns whatever has arrived, so an event is handed on as soon as it is whole.
-    """
-    rest = b""
-    while block := stream.read1(size):
-        *whole, rest = (rest + block).split(b"\n")
-        yield from (line for line in whole if line)
-    if rest:
-        yield rest
+    def __init__(self, on_line: Callable[[bytes], bool]) -> None:
+        self._on_line = on_line
+        self._rest = b""
+
+    def feed(self, block: bytes) -> bool:
+        """Take one block; False once `on_line` has asked to stop."""
+        *whole, self._rest = (self._rest + block).split(b"\n")
+        return all(self._on_line(line) for line in whole if line)
+
+    def close(self) -> None:
+        """The stream ended: hand on a last line cut off without its newline (its parser reports it)."""
+        if self._rest:
+            rest, self._rest = self._rest, b""
+            self._on_line(rest)
 
 
 def by_name(obj: Mapping[str, Any]) -> Key:
@@ -164,23 +171,25 @@ class WatchCache(Generic[T]):
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(WATCH_SECONDS),
         }
-        stream = kube.request("GET", path, query=query | options, stream=True)
-        try:
-            for line in lines(stream):
-                event = orjson.loads(line)  # a third of json's time: thousands of events a minute
-                kind, obj = event["type"], event["object"]
-                if kind == "ERROR":
-                    raise RuntimeError(obj.get("message", "watch error"))
-                version = obj["metadata"]["resourceVersion"]
-                if kind != "BOOKMARK":
-                    self._apply(kind, obj)
-                if self._stop.is_set():
-                    break
-        finally:
-            stream.release_conn()
+        seen = [version]
+
+        def on_line(line: bytes) -> bool:
+            event = orjson.loads(line)  # a third of json's time: thousands of events a minute
+            kind, obj = event["type"], event["object"]
+            if kind == "ERROR":
+                raise RuntimeError(obj.get("message", "watch error"))
+            seen[0] = obj["metadata"]["resourceVersion"]
+            if kind != "BOOKMARK":
+                self._apply(kind, obj)
+            return not self._stop.is_set()
+
+        lines = Lines(on_line)
+        kube.watch(path, query | options, lines.feed, timeout=WATCH_SECONDS + STREAM_GRACE_SECONDS)
+        if not self._stop.is_set():
+            lines.close()
         if time.monotonic() - started < 1 and not self._stop.is_set():
             self._stop.wait(RETRY_SECONDS)  # a stream that ends at once must not spin
-        return version
+        return seen[0]
 
     def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
         uid = obj["metadata"]["uid"]

@@ -1,4 +1,5 @@
-"""The operator's one request path (`kube.request`) keeps working when its credentials rotate.
+"""The operator's one request path (`kube.request`, libcurl underneath): credentials that rotate, calls
+that reuse one connection, a server that is not there.
 
 It reuses the server address and token for a while (asking the client for them on every call cost
 the operator measurable CPU); a token rotated in between must not fail requests. Real HTTP: a local
@@ -14,11 +15,15 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
+from collect import Collect
 
 from tandem.operator import kube
+from tandem.operator.kubehttp import Transport
+from tandem.operator.watchcache import Lines
 
 PLUGIN = """
 import json, sys
@@ -84,11 +89,11 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[To
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube, "_endpoint", kube._Endpoint())
-    kube.api_client.cache_clear()
+    kube.configuration.cache_clear()
     try:
         yield served, token_file
     finally:
-        kube.api_client.cache_clear()
+        kube.configuration.cache_clear()
         served.shutdown()
         served.server_close()
 
@@ -114,3 +119,135 @@ def test_a_token_the_server_keeps_refusing_is_an_error_that_says_so(server: tupl
     assert raised.value.status == 401
     assert "Unauthorized" in str(raised.value.body)
     assert len(served.seen) == 2  # one retry with fresh credentials, no loop
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    """Records each call's method, path, content type and body; answers 201 with the body echoed."""
+
+    calls: ClassVar[list[tuple[str, str, str, bytes]]] = []
+
+    def _record(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.calls.append((self.command, self.path, self.headers.get("Content-Type", ""), body))
+        reply = body or b"{}"
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _record
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_calls_on_one_connection_carry_their_own_method_and_body(server: tuple[TokenServer, Path]) -> None:
+    """A reused libcurl handle must not send an earlier call's body or method with the next call."""
+    recording = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+    threading.Thread(target=recording.serve_forever, daemon=True).start()
+    RecordingHandler.calls = []
+    transport = Transport(kube.configuration())
+    base = f"http://127.0.0.1:{recording.server_port}"
+    try:
+        created = transport.call(
+            "POST", f"{base}/a?x=1", b'{"kind":"Pod"}', {"Content-Type": "application/json"}
+        )
+        transport.call("DELETE", f"{base}/b", None, {})
+        transport.call("GET", f"{base}/c", None, {})
+        patched = transport.call(
+            "PATCH", f"{base}/d", b"{}", {"Content-Type": "application/merge-patch+json"}
+        )
+    finally:
+        recording.shutdown()
+        recording.server_close()
+    assert created == (201, b'{"kind":"Pod"}')
+    assert patched == (201, b"{}")
+    assert RecordingHandler.calls == [
+        ("POST", "/a?x=1", "application/json", b'{"kind":"Pod"}'),
+        ("DELETE", "/b", "", b""),
+        ("GET", "/c", "", b""),
+        ("PATCH", "/d", "application/merge-patch+json", b"{}"),
+    ]
+
+
+def test_an_unreachable_server_is_a_connection_error_that_names_the_call(
+    server: tuple[TokenServer, Path],
+) -> None:
+    served, _ = server
+    port = served.server_port
+    served.shutdown()
+    served.server_close()  # nothing listens there now
+    with pytest.raises(
+        ConnectionError, match=rf"GET http://127.0.0.1:{port}/api/v1/namespaces: .*libcurl error 7"
+    ):
+        kube.request("GET", "/api/v1/namespaces")
+
+
+class WatchHandler(BaseHTTPRequestHandler):
+    """A watch: three events sent as separate chunks (as the API server does), or 410 Gone for an
+    expired resourceVersion."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if "resourceVersion=old" in self.path:
+            body = b'{"kind":"Status","reason":"Expired","code":410}'
+            self.send_response(410)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in (b'{"type":"ADDED"}\n', b'{"type":"MODIFIED"}\n', b'{"type":"DELETED"}\n'):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def watch_server(server: tuple[TokenServer, Path], tmp_path: Path) -> Iterator[str]:
+    """A kubeconfig (no credentials) pointing at a WatchHandler server; yields its URL."""
+    watching = ThreadingHTTPServer(("127.0.0.1", 0), WatchHandler)
+    threading.Thread(target=watching.serve_forever, daemon=True).start()
+    config = yaml.safe_load((tmp_path / "kubeconfig").read_text())
+    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{watching.server_port}"
+    del config["users"][0]["user"]["exec"]
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    kube.configuration.cache_clear()
+    try:
+        yield f"http://127.0.0.1:{watching.server_port}"
+    finally:
+        watching.shutdown()
+        watching.server_close()
+
+
+def test_a_watch_hands_on_each_event_and_stops_when_asked(watch_server: str) -> None:
+    got = Collect()
+    kube.watch("/api/v1/pods", {"watch": "true"}, Lines(got).feed, timeout=10)
+    assert got.lines == [b'{"type":"ADDED"}', b'{"type":"MODIFIED"}', b'{"type":"DELETED"}']
+
+    first = Collect(limit=1)
+    kube.watch("/api/v1/pods", {"watch": "true"}, Lines(first).feed, timeout=10)
+    assert first.lines == [b'{"type":"ADDED"}']  # the reader said stop: nothing after, and no error
+    # A plain call on the same thread (the watch's connection) reads its whole reply again.
+    assert kube.request("GET", "/api/v1/pods").count(b"\n") == 3
+
+
+def test_a_watch_error_status_and_a_failing_reader_are_raised(watch_server: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as expired:
+        kube.watch("/api/v1/pods", {"resourceVersion": "old"}, lambda block: True, timeout=10)
+    assert expired.value.status == 410
+    assert "Expired" in str(expired.value.body)
+
+    def reader(block: bytes) -> bool:
+        raise RuntimeError("watch error: too old resource version")
+
+    with pytest.raises(RuntimeError, match="too old resource version"):
+        kube.watch("/api/v1/pods", {"watch": "true"}, reader, timeout=10)

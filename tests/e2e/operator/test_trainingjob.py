@@ -178,6 +178,12 @@ def test_progress_annotation_shows_in_kubectl_get(
     assert status["lastCheckpoint"] == {"step": 100, "uri": CHECKPOINT_URI, "time": "2026-11-26T04:00:00Z"}
     row = kubectl.run("get", "tj", "prog", "-n", namespace, "--no-headers").split()
     assert row[:6] == ["prog", "Running", "2/2", "120/2000", "2.5322", "100"]
+    # Status is one atomic field owned by the operator (each status write is cheaper for the API server).
+    fields = json.loads(
+        kubectl.run("get", "tj", "prog", "-n", namespace, "-o", "json", "--show-managed-fields")
+    )
+    owned = [m["fieldsV1"] for m in fields["metadata"]["managedFields"] if m.get("subresource") == "status"]
+    assert owned == [{"f:status": {}}]
 
     annotate(kubectl, namespace, head, "tandem.dev/progress", "{not json")
     wait_for(
