@@ -171,7 +171,8 @@ class Applied:
 
 
 def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str, uid: str) -> Applied:
-    """Carry out a decision; say whether the API server refused a child or was too busy to take it.
+    """Create and delete the decision's children; say whether the API server refused a child or was
+    too busy to take it (events and the status are the caller's: a held decision has none yet).
 
     Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
@@ -203,16 +204,17 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     gone = [pod for pod, deleted in zip(decision.delete, deletes, strict=True) if deleted]
     if gone:
         log.info("%s/%s: deleted pod %s", namespace, name, ", ".join(gone))
+    if refused:
+        _warnings.warn(body, uid, "CreateFailed", refused)
+    return Applied(refused, busy)
+
+
+def post_events(decision: Decision, body: Mapping[str, Any], uid: str) -> None:
     for event in decision.events:
         if event.reason in REPEATING_WARNINGS:
             _warnings.warn(body, uid, event.reason, event.message)
         else:
             kube.post_event(body, event.type, event.reason, event.message)
-    if refused:
-        _warnings.warn(body, uid, "CreateFailed", refused)
-    if decision.delete_job:
-        kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
-    return Applied(refused, busy)
 
 
 def _is_shared(manifest: Mapping[str, Any]) -> bool:
@@ -347,7 +349,12 @@ class Controller:
             self.settings.gpu_price,
         )
         applied = apply(decision, body, namespace, name, uid)
+        retry = bool(applied.refused or applied.busy)
+        if decision.hold and not retry:  # a gang just created: its status waits (it may bind at once)
+            return recheck_in(decision, retry=False)
+        post_events(decision, body, uid)
         if decision.delete_job:
+            kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
             return None
         new_status = decision.status
         if applied.refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry
@@ -355,7 +362,7 @@ class Controller:
         changes = status_patch(status, new_status.to_dict())
         if changes:
             self._write_status(namespace, name, changes)
-        return recheck_in(decision, retry=bool(applied.refused or applied.busy))
+        return recheck_in(decision, retry=retry)
 
     def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
         if changes:

@@ -38,6 +38,11 @@ Phase = TrainingJobPhase
 MAX_BACKOFF_SECONDS = 900
 #: While nothing else changes, the running cost is written at most this often.
 COST_REFRESH_SECONDS = 30
+#: A gang's Scheduling status and event wait this long after its pods are created: a gang the
+#: scheduler binds meanwhile (on nodes with room, within a second even at 2,500 pods) goes to Running
+#: in one status write and one event instead of two of each. A gang still unbound then shows
+#: Scheduling, this much later.
+SCHEDULING_HOLD_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class Decision:
     delete: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     delete_job: bool = False
+    #: The status and events of this pass are provisional: a gang created moments ago and not yet
+    #: bound (see SCHEDULING_HOLD_SECONDS). Create the children; write and post nothing yet.
+    hold: bool = False
     #: Seconds until the clock alone changes the decision (a timeout, a backoff, a deadline, the TTL,
     #: the next cost write); None when only a change of the job, its pods or nodes will.
     due_in: float | None = None
@@ -132,6 +140,8 @@ class _Machine:
         self.attempt = max([current.attempt or 0, *(p.attempt for p in pods)])
         self.current = [p for p in self.pods if p.attempt == self.attempt]
         self.decision = Decision(status=current.model_copy(deep=True))
+        #: The event of a phase change made in this pass (folded into the next one, if any).
+        self.phase_event: Event | None = None
         self.decision.delete += [p.name for p in self.pods if p.attempt < self.attempt]  # stragglers
 
     # -- status helpers ---------------------------------------------------------------------------
@@ -155,7 +165,16 @@ class _Machine:
 
     def phase(self, phase: TrainingJobPhase, message: str, warning: bool = False) -> None:
         if self.status.phase != phase:
+            passed = self.phase_event
+            if passed is not None:  # a phase entered and left in this pass: one event tells both
+                self.decision.events.remove(passed)
+                gang = f"gang {self.attempt}: "
+                if passed.message.startswith(gang):
+                    message = message.removeprefix(gang)
+                message = f"{passed.message}; {message}"
+                warning = warning or passed.type == "Warning"
             self.event(phase.value, message, warning)
+            self.phase_event = self.decision.events[-1]
         self.set(phase=phase)
 
     # -- the passes -------------------------------------------------------------------------------
@@ -182,8 +201,18 @@ class _Machine:
             )
         )
         self.accrue_cost()
+        self.decision.hold = self.held()
         self.decision.due_in = self.due_in()
         return self.decision
+
+    def held(self) -> bool:
+        """A gang created less than SCHEDULING_HOLD_SECONDS ago, not yet bound, of an attempt the
+        stored status has not recorded: its Scheduling status waits (the next pass decides anew)."""
+        return (
+            self.status.phase is Phase.SCHEDULING
+            and self.attempt > (self.original.attempt or 0)
+            and self.now - self.gang_created() < timedelta(seconds=SCHEDULING_HOLD_SECONDS)
+        )
 
     def due_in(self) -> float | None:
         status, spec = self.status, self.spec
@@ -203,6 +232,8 @@ class _Machine:
             if any(p.phase == "Running" and p.gpus for p in self.pods) and status.cost is not None:
                 written = status.cost.last_update_time or self.now
                 due.append(written + timedelta(seconds=COST_REFRESH_SECONDS))
+        if self.decision.hold:
+            due.append(self.gang_created() + timedelta(seconds=SCHEDULING_HOLD_SECONDS))
         if not due:
             return None
         return max((min(due) - self.now).total_seconds(), 0.0)
@@ -261,13 +292,26 @@ class _Machine:
         return True
 
     def start_gang(self) -> None:
+        resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
+        resumed = f", resuming from {resume}" if resume else ""
         if self.current:
             if self.attempt > (self.original.attempt or 0):
-                # Pods of an attempt the status never recorded: an operator that died between creating
-                # them and writing status made them. Adopt them rather than start over.
-                self.set(attempt=self.attempt, start_time=self.status.start_time or self.now)
+                # Pods of an attempt the status has not recorded: a gang created in the last pass
+                # (its status held, see SCHEDULING_HOLD_SECONDS), or by an operator that died between
+                # creating them and writing status. Take them on rather than start over.
+                created = self.gang_created()
+                self.set(
+                    attempt=self.attempt, next_attempt_time=None, start_time=self.status.start_time or created
+                )
                 self.phase(
-                    Phase.SCHEDULING, f"gang {self.attempt}: adopted {len(self.current)} existing pods"
+                    Phase.SCHEDULING,
+                    f"gang {self.attempt}: {len(self.current)} pods created together{resumed}",
+                )
+                self.condition(
+                    ConditionType.SCHEDULED,
+                    "False",
+                    "Scheduling",
+                    f"waiting for {len(self.expected_names())} pods to be bound",
                 )
                 self.scheduling()
                 return
@@ -277,7 +321,6 @@ class _Machine:
         if due is not None and self.now < due:
             return
         attempt = self.attempt + 1
-        resume = self.status.last_checkpoint.uri if self.status.last_checkpoint else None
         self.decision.create += builders.trainer_identity(self.job.namespace)
         self.decision.create += builders.gang(
             self.spec,
@@ -291,7 +334,6 @@ class _Machine:
         self.attempt = attempt
         self.set(attempt=attempt, next_attempt_time=None, start_time=self.status.start_time or self.now)
         pods = self.spec.workers.replicas + 1
-        resumed = f", resuming from {resume}" if resume else ""
         self.phase(Phase.SCHEDULING, f"gang {attempt}: {pods} pods created together{resumed}")
         self.condition(ConditionType.SCHEDULED, "False", "Scheduling", f"waiting for {pods} pods to be bound")
 

@@ -10,7 +10,13 @@ from typing import Any
 from tandem.operator.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
-from tandem.operator.trainingjob.reconcile import Decision, Job, backoff_seconds, decide
+from tandem.operator.trainingjob.reconcile import (
+    SCHEDULING_HOLD_SECONDS,
+    Decision,
+    Job,
+    backoff_seconds,
+    decide,
+)
 
 T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
 SPEC: dict[str, Any] = {
@@ -84,6 +90,61 @@ def test_a_new_job_creates_its_whole_gang_at_once() -> None:
     assert decision.status.attempt == 1
     assert decision.status.start_time == T0
     assert [e.reason for e in decision.events] == ["Scheduling"]
+
+
+def test_a_new_gangs_status_and_events_wait_a_moment_for_it_to_bind() -> None:
+    """Creating a gang writes nothing yet: most gangs bind within a second, and then go to Running
+    in one status write and one event instead of two of each."""
+    created = tick({}, [])
+    assert created.hold
+    assert created.due_in == SCHEDULING_HOLD_SECONDS
+    # Seen again within the hold, not yet bound: still nothing to write, same wake-up.
+    unbound = [pod("head", node=None, phase="Pending"), pod("worker-0", node=None, phase="Pending")]
+    soon = T0 + timedelta(seconds=1)
+    waiting = tick({}, [*unbound, pod("worker-1", node=None, phase="Pending")], now=soon)
+    assert waiting.hold
+    assert waiting.due_in == SCHEDULING_HOLD_SECONDS - 1
+    assert waiting.create == []
+
+
+def test_a_gang_bound_within_the_hold_goes_to_running_in_one_write_and_one_event() -> None:
+    decision = tick({}, gang(), now=T0 + timedelta(seconds=1))
+    assert not decision.hold
+    assert decision.status.phase == "Running"
+    assert decision.status.attempt == 1
+    assert decision.status.start_time == T0  # when the gang was created, not when it was seen
+    conditions = {c.type: c.status for c in decision.status.conditions or []}
+    assert conditions == {"Accepted": "True", "Scheduled": "True", "Running": "True"}
+    assert [(e.type, e.reason, e.message) for e in decision.events] == [
+        ("Normal", "Running", "gang 1: 3 pods created together; all 3 pods bound")
+    ]
+
+
+def test_a_gang_still_unbound_after_the_hold_shows_scheduling() -> None:
+    unbound = [pod(name, node=None, phase="Pending") for name in ("head", "worker-0", "worker-1")]
+    decision = tick({}, unbound, now=T0 + timedelta(seconds=SCHEDULING_HOLD_SECONDS))
+    assert not decision.hold
+    assert decision.status.phase == "Scheduling"
+    assert [e.reason for e in decision.events] == ["Scheduling"]
+    assert decision.due_in == 60 - SCHEDULING_HOLD_SECONDS  # now the gang timeout
+
+
+def test_a_restarted_gang_bound_at_once_says_where_it_resumes_from() -> None:
+    recovering = {
+        "phase": "Recovering",
+        "attempt": 1,
+        "restarts": 1,
+        "lastCheckpoint": {"step": 100, "uri": "file:///c/step-100"},
+    }
+    created = tick(recovering, [])
+    assert created.hold
+    assert next(m["metadata"]["name"] for m in created.create if m["kind"] == "Pod") == "gpt-2-head"
+    bound = tick(recovering, gang(attempt=2), now=T0 + timedelta(seconds=1))
+    assert not bound.hold
+    assert bound.status.phase == "Running"
+    assert [e.message for e in bound.events] == [
+        "gang 2: 3 pods created together, resuming from file:///c/step-100; all 3 pods bound"
+    ]
 
 
 def test_pods_not_yet_seen_are_created_again_idempotently() -> None:

@@ -102,8 +102,10 @@ def test_status_follows_spec_changes_with_conditions_and_events(kubectl: Kubectl
 
     kubectl.run("patch", "tj", "gpt-tiny", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_for(partial(_phase_is, kubectl, namespace, "gpt-tiny", "Suspended"), STATUS_SECONDS, "Suspended")
-    reasons = {event["reason"] for event in events(kubectl, namespace, "gpt-tiny")}
-    assert {"Scheduling", "Running", "Pending", "Suspended"} <= reasons, reasons
+    said = [(event["reason"], event["message"]) for event in events(kubectl, namespace, "gpt-tiny")]
+    assert {"Running", "Pending", "Suspended"} <= {reason for reason, _ in said}, said
+    # A gang bound within moments of its creation is told in one event, not a Scheduling and a Running.
+    assert ("Running", "gang 2: 5 pods created together; all 5 pods bound") in said, said
 
 
 @pytest.mark.usefixtures("operator")

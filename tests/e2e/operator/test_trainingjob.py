@@ -328,6 +328,10 @@ def test_too_many_gpus_is_unschedulable_and_leaves_no_pods(kubectl: Kubectl, nam
     assert "16 free on 2 ready nodes" in scheduled["message"]
     wait_for(lambda: pods(kubectl, namespace, "huge") == [], WAIT, "every pod of the gang deleted")
     assert status["restarts"] == 0
+    # The gang did not bind within the Scheduling hold: its creation is told (as Scheduling, or folded
+    # into the Unschedulable warning when both came in one pass).
+    said = [e["message"] for e in events(kubectl, namespace, "huge")]
+    assert any("gang 1: 4 pods created together" in message for message in said), said
 
 
 def test_suspend_deletes_pods_and_resume_continues_from_the_checkpoint(
