@@ -52,8 +52,7 @@ class Transport:
         try:
             handle.perform()
         except pycurl.error as error:
-            code, message = error.args if len(error.args) == 2 else (0, str(error))
-            raise ConnectionError(f"{method} {url}: {message} (libcurl error {code})") from None
+            raise _no_reply(method, url, error) from None
         return int(handle.getinfo(pycurl.RESPONSE_CODE)), reply.getvalue()
 
     def stream(
@@ -96,8 +95,7 @@ class Transport:
             if stopped and stopped[0] is not None:
                 raise stopped[0] from None
             if not stopped:
-                code, message = error.args if len(error.args) == 2 else (0, str(error))
-                raise ConnectionError(f"GET {url}: {message} (libcurl error {code})") from None
+                raise _no_reply("GET", url, error) from None
         finally:
             handle.unsetopt(pycurl.HEADERFUNCTION)
             handle.setopt(pycurl.TIMEOUT, CALL_TIMEOUT_SECONDS)
@@ -147,3 +145,9 @@ class Transport:
             host = f"[{host}]" if ":" in host else host  # an IPv6 address
             handle.setopt(pycurl.CONNECT_TO, [f"{server_name}:{port}:{host}:{port}"])
         return handle
+
+
+def _no_reply(method: str, url: str, error: pycurl.error) -> ConnectionError:
+    """A call that got no reply, said with the call and libcurl's reason (refused, TLS, timeout)."""
+    code, message = error.args if len(error.args) == 2 else (0, str(error))
+    return ConnectionError(f"{method} {url}: {message} (libcurl error {code})")
