@@ -1,4 +1,4 @@
-"""What every resource's kopf handlers share: spec validation and the Accepted condition.
+"""What every resource's handlers share: spec validation, the Accepted condition, the newest bodies.
 
 Reconcilers stay pure (spec and current status in, new status out); handlers are the thin layer that
 reads what kopf and the caches hold and writes the status back.
@@ -14,10 +14,14 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import BaseModel, ValidationError
 
+from tandem.operator import kube
 from tandem.operator.api.common import Condition, describe_validation_error, set_condition
 
 #: Condition every Tandem resource carries: is the spec valid and taken in hand?
 ACCEPTED = "Accepted"
+#: The finalizer kopf put on objects with a timer or daemon. Tandem uses neither any more; objects
+#: made by an older operator still carry it, and would never finish deleting unless it is taken off.
+KOPF_FINALIZER = "tandem.dev/finalizer"
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 StatusT = TypeVar("StatusT", bound=BaseModel)
@@ -128,3 +132,53 @@ def parse_spec_or_reject(
         patch.status["conditions"] = [c.to_dict() for c in set_condition(conditions, rejected)]
         post(body, "Warning", "InvalidSpec", message)
         raise kopf.PermanentError(f"invalid spec: {message}") from error
+
+
+class BodyStore:
+    """The newest body seen of each object (by namespace and name): from the watch, or from our own
+    status patch's reply.
+
+    A reconcile that ran on a body older than its own last status write would redo what that write
+    recorded (count a restart twice), so a reply newer than the watch's copy replaces it, and a watch
+    event older than what is held is ignored.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        with self._lock:
+            return self._bodies.get(key)
+
+    def put(self, body: dict[str, Any]) -> bool:
+        """Keep `body` unless what is held is newer; True if it is news (not the version held)."""
+        meta = body["metadata"]
+        key = (str(meta["namespace"]), str(meta["name"]))
+        with self._lock:
+            held = (self._bodies.get(key) or {}).get("metadata") or {}
+            if held.get("uid") == meta.get("uid") and not _newer(meta, held):
+                return False  # older, or the version held (the watch's echo of our own status write)
+            self._bodies[key] = body
+            return True
+
+    def drop(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._bodies.pop(key, None)
+
+
+def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
+    """Whether `meta`'s resourceVersion is past the held one's (etcd's are integers; else: differs)."""
+    new, old = str(meta.get("resourceVersion", "")), str(held.get("resourceVersion", ""))
+    return int(new) > int(old) if new.isdigit() and old.isdigit() else new != old
+
+
+def release_kopf_finalizer(body: Mapping[str, Any], plural: str) -> None:
+    """Take KOPF_FINALIZER off an object that still carries it (see there); a no-op for the rest."""
+    meta = body["metadata"]
+    finalizers = list(meta.get("finalizers") or ())
+    if KOPF_FINALIZER in finalizers:
+        group, version = str(body["apiVersion"]).split("/")
+        kube.remove_finalizer(
+            group, version, plural, meta["namespace"], meta["name"], finalizers, KOPF_FINALIZER
+        )

@@ -305,6 +305,20 @@ def scale_custom_object(
     )
 
 
+def remove_finalizer(
+    group: str, version: str, plural: str, namespace: str, name: str, finalizers: list[str], finalizer: str
+) -> None:
+    """Take `finalizer` off one of Tandem's resources, given its `finalizers` as last seen (a JSON
+    patch that first tests the entry is still where it was: a concurrent change fails it, 422)."""
+    index = finalizers.index(finalizer)
+    path = api_path(f"{group}/{version}", plural, namespace, name)
+    ops = [
+        {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+        {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+    ]
+    request("PATCH", path, ops, content_type="application/json-patch+json")
+
+
 def patch_custom_object_status(
     group: str, version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
 ) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from tandem.operator.config import OperatorSettings
 
 ANNOTATION_PREFIX = "tandem.dev"
-HANDLER_THREADS = 16
+HANDLER_THREADS = 4
 #: Connections kopf may hold open to the API server (watch streams included). kopf's own session has
 #: no limit, so hundreds of concurrent status patches and events each open a TLS connection with its
 #: own 128 KiB buffer: at 500 TrainingJobs that alone took over 200 MB.
@@ -20,16 +20,18 @@ def configure_kopf(kopf_settings: Any) -> None:
     """Keep kopf's bookkeeping in tandem.dev annotations (status is ours and schema-pruned)."""
     import kopf
 
+    from tandem.operator.handlers_common import KOPF_FINALIZER
+
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    kopf_settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
-    # Only kopf's own warnings become Kubernetes events; Tandem posts its events with kopf.event().
+    kopf_settings.persistence.finalizer = KOPF_FINALIZER
+    # Only kopf's own warnings become Kubernetes events; Tandem posts its own events.
     kopf_settings.posting.level = logging.WARNING
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
-    # Sync handlers run in this many threads; kopf's default (cores + 4) starves hundreds of timers.
+    # kopf's threads for sync handlers (the node index).
     kopf_settings.execution.max_workers = HANDLER_THREADS
 
 

@@ -1,11 +1,15 @@
-"""kopf glue for InferenceService: indexes of its children and of TrainingJobs, a reconcile timer, and
-the autoscaler daemon.
+"""The InferenceService controller: lean watch caches of the services and their children, a keyed work
+queue, and one autoscaler task per service.
 
-The timer runs `reconcile.decide` on what the indexes hold (no API reads per reconcile), then carries
-out the decision: server-side apply the Deployment when its hash changed, create missing children,
-post events, patch status when it changed. The daemon (one per service, asyncio) reads load every
-`autoscaler_tick_seconds`, writes `status.metrics`, and in builtin mode writes its decisions to
-`spec.replicas.count` through the scale subresource.
+A service is reconciled when it or one of its children changes, and every RECONCILE_INTERVAL_SECONDS
+(readiness, metrics and the served TrainingJob's checkpoints move on their own). A reconcile runs
+`reconcile.decide` on what the caches hold (no API reads), then carries out the decision: server-side
+apply the Deployment when its hash changed, create missing children, post events, patch status when it
+changed. The autoscaler task reads load every `autoscaler_tick_seconds`, writes `status.metrics`, and
+in builtin mode writes its decisions to `spec.replicas.count` through the scale subresource.
+
+No kopf timer or daemon: they put a finalizer on every service, so that deleting one hung while the
+operator was down (`operator/workqueue.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -34,8 +39,10 @@ from tandem.operator.api.inferenceservice import (
 from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import (
+    BodyStore,
     WarningsOnce,
     parse_spec_or_reject,
+    release_kopf_finalizer,
     status_patch,
     with_refusal,
 )
@@ -50,7 +57,8 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
-from tandem.operator.watchcache import WatchCache, owned
+from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
+from tandem.operator.workqueue import WorkQueue
 
 RECONCILE_INTERVAL_SECONDS = 2.0
 SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
@@ -62,7 +70,10 @@ log = logging.getLogger(__name__)
 
 #: The autoscaler's last word per service uid, read by the reconcile timer (ScalingActive condition).
 _scaling: dict[str, ScalingInfo] = {}
-_warnings = WarningsOnce()
+_warnings = WarningsOnce(kube.post_event)
+#: Services reconciled at the same time (threads: a reconcile blocks on its API calls).
+RECONCILE_WORKERS = 4
+_RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-inferenceservice")
 _crd_cache: dict[str, tuple[float, bool]] = {}
 _service_monitors: set[str] = set()
 
@@ -84,31 +95,9 @@ class Caches:
         return self.replicas, self.deployments, self.services, self.pdbs
 
 
-@kopf.on.startup()
-def start_caches(memo: kopf.Memo, **_: Any) -> None:
-    """Watch the services' replicas, Deployments, Services and PDBs into lean caches."""
-    namespaces = memo.settings.namespaces
-    memo.isvc_caches = Caches(
-        replicas=owned("v1", "pods", SERVICE_LABEL, observe_replica, namespaces),
-        deployments=owned("apps/v1", "deployments", SERVICE_LABEL, observe_deployment, namespaces),
-        services=owned("v1", "services", SERVICE_LABEL, _kind("Service"), namespaces),
-        pdbs=owned(
-            "policy/v1", "poddisruptionbudgets", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
-        ),
-    )
-    for cache in memo.isvc_caches.all():
-        cache.start()
-
-
 def _kind(kind: str) -> Callable[[Mapping[str, Any]], str]:
     """An observation that says only that a child of this kind exists."""
     return lambda _: kind
-
-
-@kopf.on.cleanup()
-def stop_caches(memo: kopf.Memo, **_: Any) -> None:
-    for cache in memo.isvc_caches.all():
-        cache.stop()
 
 
 def training_job(cache: WatchCache[dict[str, Any]], namespace: str, name: str) -> ObservedTrainingJob | None:
@@ -130,7 +119,7 @@ def service_monitor_crd() -> bool:
 # -- reconcile -------------------------------------------------------------------------------------
 
 
-def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
+def apply(decision: Decision, body: Mapping[str, Any], uid: str) -> str | None:
     """Carry out a decision; return why the API server refused a child, if it did. Idempotent."""
     refused = None
     for manifest in decision.create:
@@ -150,76 +139,10 @@ def apply(decision: Decision, body: kopf.Body, uid: str) -> str | None:
                 refused or f"the API server refused Deployment {decision.apply['metadata']['name']}: {error}"
             )
     for event in decision.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        kube.post_event(body, event.type, event.reason, event.message)
     if refused:
         _warnings.warn(body, uid, "CreateFailed", refused)
     return refused
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL_SECONDS)
-def reconcile_inferenceservice(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    """Converge the children to the spec, and the status to what the children report."""
-    with timed_reconcile(KIND):
-        settings: OperatorSettings = memo.settings
-        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
-        generation = int(meta.get("generation") or 0)
-        if meta.get("deletionTimestamp"):
-            return
-        caches: Caches = memo.isvc_caches
-        trainingjobs: WatchCache[dict[str, Any]] = memo.trainingjob_cache
-        if not all(cache.synced for cache in (*caches.all(), trainingjobs)):
-            return  # before the first lists, a missing child or TrainingJob proves nothing
-        service_spec = parse_spec_or_reject(
-            InferenceServiceSpec, body, spec, status, generation, patch, InferenceServicePhase.FAILED.value
-        )
-        service = Service(name, namespace, uid, service_spec, service_spec.image or settings.serving_image)
-        key = (namespace, name)
-        ref = service_spec.model.training_job_ref
-        with_monitor = service_monitor_crd()
-        children = frozenset(
-            caches.services.get(key)
-            + caches.pdbs.get(key)
-            + (["ServiceMonitor"] if uid in _service_monitors else [])
-        )
-        observed = Observed(
-            deployment=next(iter(caches.deployments.get(key)), None),
-            replicas=caches.replicas.get(key),
-            training_job=training_job(trainingjobs, namespace, ref.name) if ref else None,
-            children=children,
-            service_monitor_crd=with_monitor,
-            scaling=_scaling.get(uid),
-        )
-        current = InferenceServiceStatus.model_validate(dict(status))
-        decision = decide(service, generation, current, observed, datetime.now(UTC), settings)
-        refused = apply(decision, body, uid)
-        new_status = decision.status
-        if refused:
-            new_status = with_refusal(new_status, ConditionType.READY, refused, generation)
-        changes = status_patch(dict(status), new_status.to_dict())
-        # status.metrics belongs to the autoscaler daemon: never overwrite it from a stale view.
-        changes.pop("metrics", None)
-        if changes:
-            patch.status.update(changes)
-
-
-# A raw event handler, not on.delete, which would make kopf write a diff-base annotation per service.
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def forget_inferenceservice(type: str, meta: kopf.Meta, **_: Any) -> None:
-    """Children go with the service (ownerReferences); only in-memory bookkeeping is dropped here."""
-    if type != "DELETED":
-        return
-    uid = str(meta.get("uid"))
-    _scaling.pop(uid, None)
-    _service_monitors.discard(uid)
-    _warnings.forget(uid)
 
 
 # -- autoscaler ------------------------------------------------------------------------------------
@@ -324,31 +247,197 @@ def autoscale_tick(
     return _Outcome(events, ScalingInfo(True, decision.reason, text))
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def autoscale_inferenceservice(
-    stopped: kopf.DaemonStopped,
-    body: kopf.Body,
-    spec: kopf.Spec,
-    meta: kopf.Meta,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    """Read load and (builtin mode) scale, every autoscaler_tick_seconds, until the service goes."""
-    settings: OperatorSettings = memo.settings
-    namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
-    memory = _Scaling()
-    loop = asyncio.get_running_loop()
-    while not stopped:
-        replicas = memo.isvc_caches.replicas.get((namespace, name))
+# -- the controller --------------------------------------------------------------------------------
+
+
+def _service_body(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A service as listed or watched, with its kind (list items may lack it; events name it)."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, **obj}
+
+
+class Controller:
+    """What the InferenceService reconciler and autoscalers need between calls."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        caches: Caches,
+        service_cache: WatchCache[dict[str, Any]],
+        trainingjobs: Callable[[], WatchCache[dict[str, Any]] | None],
+    ) -> None:
+        self.settings, self.caches, self.service_cache = settings, caches, service_cache
+        self.trainingjobs = trainingjobs
+        self.bodies = BodyStore()
+        self.queue: WorkQueue[Key] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: The autoscaler task of each service, with the uid it was started for.
+        self.autoscalers: dict[Key, tuple[str, asyncio.Task[None]]] = {}
+
+    # -- from the watch threads --------------------------------------------------------------------
+
+    def service_changed(self, key: Key) -> None:
+        """Keep the newest body, queue the service (news only); start or stop its autoscaler."""
+        assert self.queue is not None
+        assert self.loop is not None
+        bodies = self.service_cache.get(key)
+        if not bodies:  # deleted: children go by ownerReference; drop what we kept of it
+            gone = self.bodies.get(key)
+            self.bodies.drop(key)
+            if gone is not None:
+                uid = str(gone["metadata"].get("uid"))
+                _scaling.pop(uid, None)
+                _service_monitors.discard(uid)
+                _warnings.forget(uid)
+            self.loop.call_soon_threadsafe(self._autoscaler, key, None)
+            return
+        if self.bodies.put(bodies[0]):
+            self.queue.add_threadsafe(key)
+            self.loop.call_soon_threadsafe(self._autoscaler, key, str(bodies[0]["metadata"]["uid"]))
+
+    def _autoscaler(self, key: Key, uid: str | None) -> None:
+        """On the loop: the service `key` now has `uid` (None: gone); one autoscaler task per uid."""
+        running = self.autoscalers.get(key)
+        if running is not None and running[0] == uid:
+            return
+        if running is not None:
+            running[1].cancel()
+            del self.autoscalers[key]
+        if uid is not None:
+            self.autoscalers[key] = (uid, asyncio.create_task(self._autoscale(key, uid)))
+
+    # -- reconcile ---------------------------------------------------------------------------------
+
+    def reconcile(self, key: Key) -> float | None:
+        """Converge the children to the spec, and the status to what the children report."""
+        body = self.bodies.get(key)
+        if body is None:
+            return None  # deleted
+        release_kopf_finalizer(body, PLURAL)
+        if body["metadata"].get("deletionTimestamp"):
+            return None  # being deleted: its children go with it
+        trainingjobs = self.trainingjobs()
+        if trainingjobs is None or not all(cache.synced for cache in (*self.caches.all(), trainingjobs)):
+            return RECONCILE_INTERVAL_SECONDS  # before the first lists, a missing child proves nothing
+        with timed_reconcile(KIND):
+            self._reconcile(body, trainingjobs)
+        return RECONCILE_INTERVAL_SECONDS
+
+    def _reconcile(self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]) -> None:
+        meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+        namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
+        generation = int(meta.get("generation") or 0)
+        patch = kopf.Patch()
         try:
-            outcome = await loop.run_in_executor(
-                None, autoscale_tick, settings, namespace, name, dict(body.spec), replicas, memory
+            service_spec = parse_spec_or_reject(
+                InferenceServiceSpec,
+                body,
+                spec,
+                status,
+                generation,
+                patch,
+                InferenceServicePhase.FAILED.value,
+                post=kube.post_event,
             )
-        except Exception as error:  # one bad tick (API hiccup, Prometheus down) must not end the loop
-            log.warning("autoscaler %s/%s: %s", namespace, name, error)
-        else:
-            for type_, reason, message in outcome.events:
-                kopf.event(body, type=type_, reason=reason, message=message)
-            if outcome.scaling is not None:
-                _scaling[uid] = outcome.scaling
-        await stopped.wait(settings.autoscaler_tick_seconds)
+        except kopf.PermanentError:
+            self._write_status(namespace, name, dict(patch.status))
+            return
+        service = Service(
+            name, namespace, uid, service_spec, service_spec.image or self.settings.serving_image
+        )
+        key = (namespace, name)
+        ref = service_spec.model.training_job_ref
+        caches = self.caches
+        children = frozenset(
+            caches.services.get(key)
+            + caches.pdbs.get(key)
+            + (["ServiceMonitor"] if uid in _service_monitors else [])
+        )
+        observed = Observed(
+            deployment=next(iter(caches.deployments.get(key)), None),
+            replicas=caches.replicas.get(key),
+            training_job=training_job(trainingjobs, namespace, ref.name) if ref else None,
+            children=children,
+            service_monitor_crd=service_monitor_crd(),
+            scaling=_scaling.get(uid),
+        )
+        current = InferenceServiceStatus.model_validate(status)
+        decision = decide(service, generation, current, observed, datetime.now(UTC), self.settings)
+        refused = apply(decision, body, uid)
+        new_status = decision.status
+        if refused:
+            new_status = with_refusal(new_status, ConditionType.READY, refused, generation)
+        changes = status_patch(status, new_status.to_dict())
+        # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
+        changes.pop("metrics", None)
+        self._write_status(namespace, name, changes)
+
+    def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
+        if changes:
+            stored = kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes)
+            self.bodies.put(_service_body(stored))
+
+    # -- autoscaler --------------------------------------------------------------------------------
+
+    async def _autoscale(self, key: Key, uid: str) -> None:
+        """Read load and (builtin mode) scale, every autoscaler_tick_seconds, until the service goes."""
+        namespace, name = key
+        memory = _Scaling()
+        loop = asyncio.get_running_loop()
+        while True:
+            body = self.bodies.get(key)
+            if body is None or str(body["metadata"].get("uid")) != uid:
+                return
+            replicas = self.caches.replicas.get(key)
+            spec = dict(body.get("spec") or {})
+            try:
+                outcome = await loop.run_in_executor(
+                    _RECONCILES, autoscale_tick, self.settings, namespace, name, spec, replicas, memory
+                )
+            except Exception as error:  # one bad tick (API hiccup, Prometheus down) must not end the loop
+                log.warning("autoscaler %s/%s: %s", namespace, name, error)
+            else:
+                for type_, reason, message in outcome.events:
+                    await loop.run_in_executor(_RECONCILES, kube.post_event, body, type_, reason, message)
+                if outcome.scaling is not None:
+                    _scaling[uid] = outcome.scaling
+            await asyncio.sleep(self.settings.autoscaler_tick_seconds)
+
+
+@kopf.on.startup()
+async def start_controller(memo: kopf.Memo, **_: Any) -> None:
+    """Watch the services and their replicas, Deployments, Services and PDBs; start the queue."""
+    settings: OperatorSettings = memo.settings
+    namespaces = settings.namespaces
+    caches = Caches(
+        replicas=owned("v1", "pods", SERVICE_LABEL, observe_replica, namespaces),
+        deployments=owned("apps/v1", "deployments", SERVICE_LABEL, observe_deployment, namespaces),
+        services=owned("v1", "services", SERVICE_LABEL, _kind("Service"), namespaces),
+        pdbs=owned(
+            "policy/v1", "poddisruptionbudgets", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
+        ),
+    )
+    services: WatchCache[dict[str, Any]] = WatchCache(
+        "inferenceservices", custom_objects(GROUP, VERSION, PLURAL), by_name, _service_body, namespaces
+    )
+    # The TrainingJob controller's cache (lineage), read when needed: its start-up may come later.
+    controller = Controller(settings, caches, services, lambda: getattr(memo, "trainingjob_cache", None))
+    controller.loop = asyncio.get_running_loop()
+    queue = controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
+    for cache in caches.all():
+        cache.on_change = queue.add_threadsafe
+    services.on_change = controller.service_changed
+    queue.start()
+    for cache in (*caches.all(), services):
+        cache.start()
+    memo.inferenceservices = controller
+
+
+@kopf.on.cleanup()
+async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller = memo.inferenceservices
+    for cache in (*controller.caches.all(), controller.service_cache):
+        cache.stop()
+    for _uid, task in controller.autoscalers.values():
+        task.cancel()
+    if controller.queue is not None:
+        await controller.queue.stop()

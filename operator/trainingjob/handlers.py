@@ -32,7 +32,14 @@ from tandem.operator.api.trainingjob import (
     TrainingJobStatus,
 )
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import WarningsOnce, parse_spec_or_reject, status_patch, with_refusal
+from tandem.operator.handlers_common import (
+    BodyStore,
+    WarningsOnce,
+    parse_spec_or_reject,
+    release_kopf_finalizer,
+    status_patch,
+    with_refusal,
+)
 from tandem.operator.metrics import timed_reconcile
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
@@ -233,44 +240,6 @@ def recheck_in(decision: Decision, retry: bool) -> float | None:
     return min(due + 0.05, RESYNC_SECONDS)  # just past it: the clock has then surely reached it
 
 
-class JobStore:
-    """The newest body seen of each TrainingJob: from the watch, or from our own status patch's reply.
-
-    A reconcile that ran on a body older than its own last status write would redo what that write
-    recorded (count a restart twice), so a reply newer than the watch's copy replaces it, and a watch
-    event older than what is held is ignored.
-    """
-
-    def __init__(self) -> None:
-        self._bodies: dict[Key, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Key) -> dict[str, Any] | None:
-        with self._lock:
-            return self._bodies.get(key)
-
-    def put(self, body: dict[str, Any]) -> bool:
-        """Keep `body` unless what is held is newer; True if it is news (not the version held)."""
-        meta = body["metadata"]
-        key = (str(meta["namespace"]), str(meta["name"]))
-        with self._lock:
-            held = (self._bodies.get(key) or {}).get("metadata") or {}
-            if held.get("uid") == meta.get("uid") and not _newer(meta, held):
-                return False  # older, or the version held (the watch's echo of our own status write)
-            self._bodies[key] = body
-            return True
-
-    def drop(self, key: Key) -> None:
-        with self._lock:
-            self._bodies.pop(key, None)
-
-
-def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
-    """Whether `meta`'s resourceVersion is past the held one's (etcd's are integers; else: differs)."""
-    new, old = str(meta.get("resourceVersion", "")), str(held.get("resourceVersion", ""))
-    return int(new) > int(old) if new.isdigit() and old.isdigit() else new != old
-
-
 def _job_body(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A job as listed or watched, with its kind (list items may lack it; events name it)."""
     return {"apiVersion": API_VERSION, "kind": KIND, **obj}
@@ -287,7 +256,7 @@ class Controller:
         nodes: kopf.Index[str, ObservedNode],
     ) -> None:
         self.settings, self.pods, self.job_cache, self.nodes = settings, pods, job_cache, nodes
-        self.jobs = JobStore()
+        self.jobs = BodyStore()
         #: Each node's last seen readiness, so that only a change wakes the jobs on it.
         self.node_ready: dict[str, bool] = {}
         self.queue: WorkQueue[Key] | None = None
@@ -311,6 +280,7 @@ class Controller:
         body = self.jobs.get(key)
         if body is None:
             return None  # deleted
+        release_kopf_finalizer(body, PLURAL)
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return None  # being deleted: its children go with it; recreating "lost" pods would fight the GC

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from tandem.operator import kube
 from tandem.operator.api.trainingjob import TrainingJobSpec
+from tandem.operator.handlers_common import BodyStore
 from tandem.operator.trainingjob import builders
-from tandem.operator.trainingjob.handlers import JobStore, SeenChildren
+from tandem.operator.trainingjob.handlers import SeenChildren
 
 
 def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_deleted() -> None:
@@ -56,7 +57,7 @@ def job_body(uid: str, version: str) -> dict[str, object]:
 def test_the_job_store_keeps_the_newest_body_and_says_what_is_news() -> None:
     """A watch event older than our own status write's reply must not undo it, and the watch's echo of
     that write must not wake the job again."""
-    store = JobStore()
+    store = BodyStore()
     assert store.put(job_body("a", "10"))  # first sight
     assert store.put(job_body("a", "12"))  # our status write's reply
     assert not store.put(job_body("a", "12"))  # the watch's echo of it

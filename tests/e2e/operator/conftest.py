@@ -85,3 +85,13 @@ def operator(
         assert not denied, "operator hit RBAC denials (fix charts/tandem/files/clusterrole-rules.yaml):\n" + (
             "\n".join(denied[:10])
         )
+
+
+@pytest.fixture
+def second_operator(operator: OperatorProcess, tmp_path: Path) -> Iterator[Path]:
+    """Stop the session operator for one test (the test runs its own), then start it again."""
+    operator.stop()
+    try:
+        yield tmp_path
+    finally:
+        operator.restart()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import re
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubeobjects import events, get, items, status_of
-from operator_process import wait_for
+from operator_process import OperatorProcess, start_operator, wait_for
 
 from tandem.devinstall import Kubectl, install_example_volumes
 from tandem.errors import UserError
@@ -353,3 +354,26 @@ def test_delete_removes_every_child(kubectl: Kubectl, namespace: str) -> None:
     for kind in ("deployment", "service", "poddisruptionbudget"):
         wait_for(partial(gone, kind), WAIT, f"{kind} garbage-collected")
     wait_for(lambda: replicas_of(kubectl, namespace, "bye") == [], WAIT, "replica pods gone")
+
+
+def test_a_service_deleted_while_the_operator_is_down_goes_with_its_children(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, second_operator: Path
+) -> None:
+    """No finalizer on a service: deleting it never waits for the operator (a kopf timer or daemon
+    would add one), and the finalizer an older operator left on a service is taken off."""
+    first = start_operator(operator.kubeconfig, second_operator / "first.log")
+    try:
+        apply(kubectl, namespace, service_manifest("orphan"))
+        wait_phase(kubectl, namespace, "orphan", "Ready")
+        assert get(kubectl, namespace, "tisvc", "orphan")["metadata"].get("finalizers") is None
+        old = '{"metadata":{"finalizers":["tandem.dev/finalizer"]}}'
+        kubectl.run("patch", "tisvc", "orphan", "-n", namespace, "--type=merge", "-p", old)
+        wait_for(
+            lambda: get(kubectl, namespace, "tisvc", "orphan")["metadata"].get("finalizers") is None,
+            WAIT,
+            "the older operator's finalizer taken off",
+        )
+    finally:
+        first.stop()
+    kubectl.run("delete", "tisvc", "orphan", "-n", namespace, "--timeout=60s")  # returns once it is gone
+    wait_for(lambda: replicas_of(kubectl, namespace, "orphan") == [], WAIT, "replica pods garbage-collected")

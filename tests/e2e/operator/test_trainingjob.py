@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -407,16 +406,6 @@ def test_delete_removes_every_child(kubectl: Kubectl, namespace: str) -> None:
         WAIT,
         "the head's EndpointSlice garbage-collected",
     )
-
-
-@pytest.fixture
-def second_operator(kubectl: Kubectl, operator: OperatorProcess, tmp_path: Path) -> Iterator[Path]:
-    """Stop the session operator for one test (the test runs its own), then start it again."""
-    operator.stop()
-    try:
-        yield tmp_path
-    finally:
-        operator.restart()
 
 
 def test_operator_killed_mid_reconcile_leaves_one_set_of_children(
