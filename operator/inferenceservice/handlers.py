@@ -319,10 +319,9 @@ class Controller:
         if trainingjobs is None or not all(cache.synced for cache in (*self.caches.all(), trainingjobs)):
             return RECONCILE_INTERVAL_SECONDS  # before the first lists, a missing child proves nothing
         with timed_reconcile(KIND):
-            self._reconcile(body, trainingjobs)
-        return RECONCILE_INTERVAL_SECONDS
+            return self._reconcile(body, trainingjobs)
 
-    def _reconcile(self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]) -> None:
+    def _reconcile(self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]) -> float | None:
         meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
@@ -340,7 +339,7 @@ class Controller:
             )
         except kopf.PermanentError:
             self._write_status(namespace, name, dict(patch.status))
-            return
+            return None  # nothing to do until the spec changes (its watch event queues the service)
         service = Service(
             name, namespace, uid, service_spec, service_spec.image or self.settings.serving_image
         )
@@ -370,6 +369,7 @@ class Controller:
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
         self._write_status(namespace, name, changes)
+        return RECONCILE_INTERVAL_SECONDS
 
     def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
         if changes:
