@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import kopf
 from pydantic import BaseModel, ValidationError
 
 from tandem.operator import kube
@@ -31,17 +30,12 @@ StatusT = TypeVar("StatusT", bound=BaseModel)
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 
 
-def kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post through kopf (only from within a kopf handler: its posting queue lives in the context)."""
-    kopf.event(obj, type=type_, reason=reason, message=message)  # type: ignore[arg-type]
-
-
 class WarningsOnce:
     """Warnings a reconcile would repeat each time it runs (a refused child, a bad progress record):
     each distinct message per (object uid, reason) becomes one event, not one per reconcile."""
 
-    def __init__(self, post: EventPoster = kopf_event) -> None:
-        self._post = post
+    def __init__(self, post: EventPoster | None = None) -> None:
+        self._post = post or kube.post_event
         self._last: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
@@ -99,25 +93,30 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def parse_spec_or_reject(
-    model: type[ModelT],
-    body: Mapping[str, Any],
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    generation: int,
-    patch: kopf.Patch,
-    phase_on_error: str,
-    post: EventPoster = kopf_event,
+class InvalidSpec(Exception):
+    """A spec the API server took but the models reject: `status` says why (write it, then wait for
+    the spec to change)."""
+
+    def __init__(self, message: str, status: dict[str, Any]) -> None:
+        super().__init__(f"invalid spec: {message}")
+        self.status = status
+
+
+def validated_spec(
+    model: type[ModelT], body: Mapping[str, Any], phase_on_error: str, post: EventPoster | None = None
 ) -> ModelT:
-    """Validate the spec; an invalid one is a permanent failure with a condition that says why.
+    """The spec, validated; an invalid one raises InvalidSpec with a status whose Accepted=False
+    condition names the field, after a Warning event that says the same.
 
     The API server's schema and CEL rules reject most bad input before it is stored; this catches what
     they cannot express, and objects stored before a schema change.
     """
+    meta, status = body["metadata"], body.get("status") or {}
     try:
-        return model.model_validate(dict(spec))
+        return model.model_validate(dict(body.get("spec") or {}))
     except ValidationError as error:
         message = "; ".join(describe_validation_error(error, prefix="spec."))
+        generation = int(meta.get("generation") or 0)
         conditions = [Condition.model_validate(c) for c in status.get("conditions") or ()]
         rejected = Condition(
             type=ACCEPTED,
@@ -127,11 +126,15 @@ def parse_spec_or_reject(
             observed_generation=generation,
             last_transition_time=utc_now(),
         )
-        patch.status["phase"] = phase_on_error
-        patch.status["observedGeneration"] = generation
-        patch.status["conditions"] = [c.to_dict() for c in set_condition(conditions, rejected)]
-        post(body, "Warning", "InvalidSpec", message)
-        raise kopf.PermanentError(f"invalid spec: {message}") from error
+        (post or kube.post_event)(body, "Warning", "InvalidSpec", message)
+        raise InvalidSpec(
+            message,
+            {
+                "phase": phase_on_error,
+                "observedGeneration": generation,
+                "conditions": [c.to_dict() for c in set_condition(conditions, rejected)],
+            },
+        ) from error
 
 
 class BodyStore:

@@ -40,10 +40,11 @@ from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prom
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import (
     BodyStore,
+    InvalidSpec,
     WarningsOnce,
-    parse_spec_or_reject,
     release_kopf_finalizer,
     status_patch,
+    validated_spec,
     with_refusal,
 )
 from tandem.operator.inferenceservice.builders import SERVICE_LABEL, Service
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 #: The autoscaler's last word per service uid, read by the reconcile timer (ScalingActive condition).
 _scaling: dict[str, ScalingInfo] = {}
-_warnings = WarningsOnce(kube.post_event)
+_warnings = WarningsOnce()
 #: Services reconciled at the same time (threads: a reconcile blocks on its API calls).
 RECONCILE_WORKERS = 4
 _RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-inferenceservice")
@@ -322,23 +323,13 @@ class Controller:
             return self._reconcile(body, trainingjobs)
 
     def _reconcile(self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]) -> float | None:
-        meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+        meta, status = body["metadata"], body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
-        patch = kopf.Patch()
         try:
-            service_spec = parse_spec_or_reject(
-                InferenceServiceSpec,
-                body,
-                spec,
-                status,
-                generation,
-                patch,
-                InferenceServicePhase.FAILED.value,
-                post=kube.post_event,
-            )
-        except kopf.PermanentError:
-            self._write_status(namespace, name, dict(patch.status))
+            service_spec = validated_spec(InferenceServiceSpec, body, InferenceServicePhase.FAILED.value)
+        except InvalidSpec as invalid:
+            self._write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the service)
         service = Service(
             name, namespace, uid, service_spec, service_spec.image or self.settings.serving_image

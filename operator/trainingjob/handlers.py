@@ -34,10 +34,11 @@ from tandem.operator.api.trainingjob import (
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import (
     BodyStore,
+    InvalidSpec,
     WarningsOnce,
-    parse_spec_or_reject,
     release_kopf_finalizer,
     status_patch,
+    validated_spec,
     with_refusal,
 )
 from tandem.operator.metrics import timed_reconcile
@@ -74,7 +75,7 @@ _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem
 log = logging.getLogger(__name__)
 #: Reasons whose warnings a reconcile would repeat each time it runs (posted once per message).
 REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
-_warnings = WarningsOnce(kube.post_event)
+_warnings = WarningsOnce()
 
 
 @kopf.index("nodes")
@@ -293,20 +294,10 @@ class Controller:
         meta, status = body["metadata"], body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
-        patch = kopf.Patch()
         try:
-            job_spec = parse_spec_or_reject(
-                TrainingJobSpec,
-                body,
-                body.get("spec") or {},
-                status,
-                generation,
-                patch,
-                TrainingJobPhase.FAILED.value,
-                post=kube.post_event,
-            )
-        except kopf.PermanentError:
-            self._write_status(namespace, name, dict(patch.status))
+            job_spec = validated_spec(TrainingJobSpec, body, TrainingJobPhase.FAILED.value)
+        except InvalidSpec as invalid:
+            self._write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the job)
         job = Job(name, namespace, uid, generation, job_spec, job_spec.image or self.settings.training_image)
         current = TrainingJobStatus.model_validate(status)
