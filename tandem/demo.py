@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tandem.devcluster import cluster as devcluster
 from tandem.devcluster import processes
@@ -79,13 +80,33 @@ def _start_operator(info: devcluster.ClusterInfo, kubectl: Kubectl) -> Path:
 SETTLED = {"TrainingJob": "Running", "InferenceService": "Ready"}
 
 
+def _settled(item: dict[str, Any]) -> bool:
+    """A gang Running, a service Ready, or a service waiting for its TrainingJob's first checkpoint:
+    kwok's pods run no training, so in the demo that checkpoint never comes."""
+    status = item.get("status") or {}
+    if status.get("phase") == SETTLED[item["kind"]]:
+        return True
+    waiting = {(c.get("type"), c.get("reason")) for c in status.get("conditions") or ()}
+    return item["kind"] == "InferenceService" and ("ModelResolved", "NoCheckpoint") in waiting
+
+
 def _wait_until_settled(kubectl: Kubectl) -> None:
-    """Wait until every example's gang runs and every service is ready (the kwok nodes make that
-    quick); after a minute, show whatever state they are in."""
+    """Wait until every example's gang runs and every service is ready or waits for a checkpoint (the
+    kwok nodes make that quick); after a minute, show whatever state they are in."""
     deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         items = json.loads(kubectl.run("get", "tj,tisvc", "-o", "json"))["items"]
-        if items and all((item.get("status") or {}).get("phase") == SETTLED[item["kind"]] for item in items):
+        if items and all(_settled(item) for item in items):
+            waiting = [
+                i["metadata"]["name"]
+                for i in items
+                if i["kind"] == "InferenceService" and (i.get("status") or {}).get("phase") != "Ready"
+            ]
+            for name in waiting:
+                _say(
+                    f"InferenceService {name} waits for its TrainingJob's first checkpoint "
+                    "(kwok's pods run no training: see docs/inferenceservice.md, lineage)"
+                )
             return
         time.sleep(0.5)
     _say("not everything settled within a minute; `kubectl describe` says why")
