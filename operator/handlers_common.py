@@ -14,7 +14,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from tandem.operator import kube
-from tandem.operator.api.common import Condition, describe_validation_error, set_condition
+from tandem.operator.api.common import (
+    API_VERSION,
+    GROUP,
+    VERSION,
+    Condition,
+    describe_validation_error,
+    set_condition,
+)
 
 #: Condition every Tandem resource carries: is the spec valid and taken in hand?
 ACCEPTED = "Accepted"
@@ -138,17 +145,29 @@ def validated_spec(
 
 
 class BodyStore:
-    """The newest body seen of each object (by namespace and name): from the watch, or from our own
-    status patch's reply.
+    """The newest body seen of each object of one of Tandem's kinds (by namespace and name): from the
+    watch, or from the reply to our own status write.
 
     A reconcile that ran on a body older than its own last status write would redo what that write
     recorded (count a restart twice), so a reply newer than the watch's copy replaces it, and a watch
     event older than what is held is ignored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str, plural: str) -> None:
+        self.kind, self.plural = kind, plural
         self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
+
+    def observe(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """An object as listed or watched, with its apiVersion and kind (list items may lack them;
+        events name them): the watch cache's observation."""
+        return {"apiVersion": API_VERSION, "kind": self.kind, **obj}
+
+    def write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
+        """Merge-patch the status (nothing to write: no call) and keep the stored reply."""
+        if changes:
+            stored = kube.patch_custom_object_status(GROUP, VERSION, self.plural, namespace, name, changes)
+            self.put(self.observe(stored))
 
     def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
         with self._lock:
@@ -178,10 +197,5 @@ def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
 
 def release_kopf_finalizer(body: Mapping[str, Any], plural: str) -> None:
     """Take KOPF_FINALIZER off an object that still carries it (see there); a no-op for the rest."""
-    meta = body["metadata"]
-    finalizers = list(meta.get("finalizers") or ())
-    if KOPF_FINALIZER in finalizers:
-        group, version = str(body["apiVersion"]).split("/")
-        kube.remove_finalizer(
-            group, version, plural, meta["namespace"], meta["name"], finalizers, KOPF_FINALIZER
-        )
+    if KOPF_FINALIZER in (body["metadata"].get("finalizers") or ()):
+        kube.remove_finalizer(body, plural, KOPF_FINALIZER)

@@ -305,13 +305,12 @@ def scale_custom_object(
     )
 
 
-def remove_finalizer(
-    group: str, version: str, plural: str, namespace: str, name: str, finalizers: list[str], finalizer: str
-) -> None:
-    """Take `finalizer` off one of Tandem's resources, given its `finalizers` as last seen (a JSON
-    patch that first tests the entry is still where it was: a concurrent change fails it, 422)."""
-    index = finalizers.index(finalizer)
-    path = api_path(f"{group}/{version}", plural, namespace, name)
+def remove_finalizer(obj: Mapping[str, Any], plural: str, finalizer: str) -> None:
+    """Take `finalizer` off one of Tandem's resources, as last seen (a JSON patch that first tests the
+    entry is still where it was seen: a concurrent change fails it, 422, and the caller retries)."""
+    meta = obj["metadata"]
+    index = list(meta.get("finalizers") or ()).index(finalizer)
+    path = api_path(str(obj["apiVersion"]), plural, meta["namespace"], meta["name"])
     ops = [
         {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
         {"op": "remove", "path": f"/metadata/finalizers/{index}"},

@@ -38,16 +38,8 @@ class Transport:
 
     def call(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         """(status code, reply body). Raises ConnectionError when no reply came (refused, timed out)."""
-        handle = self._handle()
+        handle = self._prepared(method, url, body, headers)
         reply = io.BytesIO()
-        handle.setopt(pycurl.URL, self._url(url))
-        if body is None:
-            handle.setopt(pycurl.HTTPGET, 1)  # forget an earlier call's body
-        else:
-            handle.setopt(pycurl.POSTFIELDS, body)
-        handle.setopt(pycurl.CUSTOMREQUEST, method)
-        # "Expect:" stops libcurl from waiting for a 100 Continue before sending a large body.
-        handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()] + ["Expect:"])
         handle.setopt(pycurl.WRITEDATA, reply)
         try:
             handle.perform()
@@ -61,7 +53,7 @@ class Transport:
         """GET a streaming reply (a watch), handing each block to `on_block` as it arrives, until the
         server ends it, `timeout` seconds pass, or `on_block` returns False. (status code, body of an
         error reply). An exception raised by `on_block` ends the stream and is raised here."""
-        handle = self._handle()
+        handle = self._prepared("GET", url, None, headers)
         error_reply = io.BytesIO()
         stopped: list[BaseException | None] = []
         status = [0]
@@ -82,10 +74,6 @@ class Transport:
                 stopped.append(raised)
             return 0  # anything but len(block) makes libcurl end the transfer
 
-        handle.setopt(pycurl.URL, self._url(url))
-        handle.setopt(pycurl.HTTPGET, 1)
-        handle.setopt(pycurl.CUSTOMREQUEST, "GET")
-        handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()])
         handle.setopt(pycurl.HEADERFUNCTION, header)
         handle.setopt(pycurl.WRITEFUNCTION, write)
         handle.setopt(pycurl.TIMEOUT_MS, int(timeout * 1000))
@@ -100,6 +88,19 @@ class Transport:
             handle.unsetopt(pycurl.HEADERFUNCTION)
             handle.setopt(pycurl.TIMEOUT, CALL_TIMEOUT_SECONDS)
         return int(handle.getinfo(pycurl.RESPONSE_CODE)), error_reply.getvalue()
+
+    def _prepared(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> pycurl.Curl:
+        """This thread's handle, set up for one request (nothing left over from the one before)."""
+        handle = self._handle()
+        handle.setopt(pycurl.URL, self._url(url))
+        if body is None:
+            handle.setopt(pycurl.HTTPGET, 1)  # forget an earlier call's body
+        else:
+            handle.setopt(pycurl.POSTFIELDS, body)
+        handle.setopt(pycurl.CUSTOMREQUEST, method)
+        # "Expect:" stops libcurl from waiting for a 100 Continue before sending a large body.
+        handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()] + ["Expect:"])
+        return handle
 
     def _url(self, url: str) -> str:
         """With a TLS server name set (kubeconfig `tls-server-name`), the URL names it; CONNECT_TO

@@ -251,11 +251,6 @@ def autoscale_tick(
 # -- the controller --------------------------------------------------------------------------------
 
 
-def _service_body(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A service as listed or watched, with its kind (list items may lack it; events name it)."""
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, **obj}
-
-
 class Controller:
     """What the InferenceService reconciler and autoscalers need between calls."""
 
@@ -264,11 +259,11 @@ class Controller:
         settings: OperatorSettings,
         caches: Caches,
         service_cache: WatchCache[dict[str, Any]],
+        bodies: BodyStore,
         trainingjobs: Callable[[], WatchCache[dict[str, Any]] | None],
     ) -> None:
         self.settings, self.caches, self.service_cache = settings, caches, service_cache
-        self.trainingjobs = trainingjobs
-        self.bodies = BodyStore()
+        self.bodies, self.trainingjobs = bodies, trainingjobs
         self.queue: WorkQueue[Key] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         #: The autoscaler task of each service, with the uid it was started for.
@@ -329,7 +324,7 @@ class Controller:
         try:
             service_spec = validated_spec(InferenceServiceSpec, body, InferenceServicePhase.FAILED.value)
         except InvalidSpec as invalid:
-            self._write_status(namespace, name, invalid.status)
+            self.bodies.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the service)
         service = Service(
             name, namespace, uid, service_spec, service_spec.image or self.settings.serving_image
@@ -359,13 +354,8 @@ class Controller:
         changes = status_patch(status, new_status.to_dict())
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
-        self._write_status(namespace, name, changes)
+        self.bodies.write_status(namespace, name, changes)
         return RECONCILE_INTERVAL_SECONDS
-
-    def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
-        if changes:
-            stored = kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes)
-            self.bodies.put(_service_body(stored))
 
     # -- autoscaler --------------------------------------------------------------------------------
 
@@ -407,11 +397,16 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
             "policy/v1", "poddisruptionbudgets", SERVICE_LABEL, _kind("PodDisruptionBudget"), namespaces
         ),
     )
+    bodies = BodyStore(KIND, PLURAL)
     services: WatchCache[dict[str, Any]] = WatchCache(
-        "inferenceservices", custom_objects(GROUP, VERSION, PLURAL), by_name, _service_body, namespaces
+        "inferenceservices", custom_objects(GROUP, VERSION, PLURAL), by_name, bodies.observe, namespaces
     )
-    # The TrainingJob controller's cache (lineage), read when needed: its start-up may come later.
-    controller = Controller(settings, caches, services, lambda: getattr(memo, "trainingjob_cache", None))
+
+    def trainingjobs() -> WatchCache[dict[str, Any]] | None:
+        """The TrainingJob controller's cache (lineage), read when needed: it may start up later."""
+        return getattr(memo, "trainingjob_cache", None)
+
+    controller = Controller(settings, caches, services, bodies, trainingjobs)
     controller.loop = asyncio.get_running_loop()
     queue = controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
     for cache in caches.all():

@@ -22,7 +22,7 @@ import kopf
 import orjson
 
 from tandem.operator import kube
-from tandem.operator.api.common import API_VERSION, GROUP, VERSION
+from tandem.operator.api.common import GROUP, VERSION
 from tandem.operator.api.trainingjob import (
     KIND,
     PLURAL,
@@ -241,11 +241,6 @@ def recheck_in(decision: Decision, retry: bool) -> float | None:
     return min(due + 0.05, RESYNC_SECONDS)  # just past it: the clock has then surely reached it
 
 
-def _job_body(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A job as listed or watched, with its kind (list items may lack it; events name it)."""
-    return {"apiVersion": API_VERSION, "kind": KIND, **obj}
-
-
 class Controller:
     """What the TrainingJob reconciler needs between calls: the job bodies, the caches, the queue."""
 
@@ -254,10 +249,11 @@ class Controller:
         settings: OperatorSettings,
         pods: WatchCache[ObservedPod],
         job_cache: WatchCache[dict[str, Any]],
+        jobs: BodyStore,
         nodes: kopf.Index[str, ObservedNode],
     ) -> None:
         self.settings, self.pods, self.job_cache, self.nodes = settings, pods, job_cache, nodes
-        self.jobs = BodyStore()
+        self.jobs = jobs
         #: Each node's last seen readiness, so that only a change wakes the jobs on it.
         self.node_ready: dict[str, bool] = {}
         self.queue: WorkQueue[Key] | None = None
@@ -297,7 +293,7 @@ class Controller:
         try:
             job_spec = validated_spec(TrainingJobSpec, body, TrainingJobPhase.FAILED.value)
         except InvalidSpec as invalid:
-            self._write_status(namespace, name, invalid.status)
+            self.jobs.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the job)
         job = Job(name, namespace, uid, generation, job_spec, job_spec.image or self.settings.training_image)
         current = TrainingJobStatus.model_validate(status)
@@ -322,13 +318,8 @@ class Controller:
             new_status = with_refusal(new_status, ConditionType.SCHEDULED, applied.refused, generation)
         changes = status_patch(status, new_status.to_dict())
         if changes:
-            self._write_status(namespace, name, changes)
+            self.jobs.write_status(namespace, name, changes)
         return recheck_in(decision, retry=retry)
-
-    def _write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
-        if changes:
-            stored = kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, changes)
-            self.jobs.put(_job_body(stored))
 
 
 # kopf's ActivityFn protocol does not know the index keyword arguments kopf passes by name.
@@ -338,10 +329,11 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
     settings: OperatorSettings = memo.settings
     kube.warm_up()
     pods = owned("v1", "pods", LABEL_JOB, observe_pod, settings.namespaces)
+    bodies = BodyStore(KIND, PLURAL)
     jobs: WatchCache[dict[str, Any]] = WatchCache(
-        "trainingjobs", custom_objects(GROUP, VERSION, PLURAL), by_name, _job_body, settings.namespaces
+        "trainingjobs", custom_objects(GROUP, VERSION, PLURAL), by_name, bodies.observe, settings.namespaces
     )
-    controller = Controller(settings, pods, jobs, nodes_by_name)
+    controller = Controller(settings, pods, jobs, bodies, nodes_by_name)
     controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
     queue = controller.queue
     pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)

@@ -303,16 +303,7 @@ class _Machine:
                 self.set(
                     attempt=self.attempt, next_attempt_time=None, start_time=self.status.start_time or created
                 )
-                self.phase(
-                    Phase.SCHEDULING,
-                    f"gang {self.attempt}: {len(self.current)} pods created together{resumed}",
-                )
-                self.condition(
-                    ConditionType.SCHEDULED,
-                    "False",
-                    "Scheduling",
-                    f"waiting for {len(self.expected_names())} pods to be bound",
-                )
+                self.gang_scheduling(len(self.current), len(self.expected_names()), resumed)
                 self.scheduling()
                 return
             self.delete_current()  # the last gang is still being torn down
@@ -334,8 +325,14 @@ class _Machine:
         self.attempt = attempt
         self.set(attempt=attempt, next_attempt_time=None, start_time=self.status.start_time or self.now)
         pods = self.spec.workers.replicas + 1
-        self.phase(Phase.SCHEDULING, f"gang {attempt}: {pods} pods created together{resumed}")
-        self.condition(ConditionType.SCHEDULED, "False", "Scheduling", f"waiting for {pods} pods to be bound")
+        self.gang_scheduling(pods, pods, resumed)
+
+    def gang_scheduling(self, created: int, expected: int, resumed: str) -> None:
+        """The current gang's pods exist (`created` of `expected`): Scheduling until all are bound."""
+        self.phase(Phase.SCHEDULING, f"gang {self.attempt}: {created} pods created together{resumed}")
+        self.condition(
+            ConditionType.SCHEDULED, "False", "Scheduling", f"waiting for {expected} pods to be bound"
+        )
 
     def expected_names(self) -> list[str]:
         names = [builders.head_pod_name(self.job.name, self.attempt)]

@@ -57,7 +57,7 @@ def job_body(uid: str, version: str) -> dict[str, object]:
 def test_the_job_store_keeps_the_newest_body_and_says_what_is_news() -> None:
     """A watch event older than our own status write's reply must not undo it, and the watch's echo of
     that write must not wake the job again."""
-    store = BodyStore()
+    store = BodyStore("TrainingJob", "trainingjobs")
     assert store.put(job_body("a", "10"))  # first sight
     assert store.put(job_body("a", "12"))  # our status write's reply
     assert not store.put(job_body("a", "12"))  # the watch's echo of it
