@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tandem.workloads.models.tokenizer import EOS
 from tandem.workloads.serve.process import ServerProcess
 
 
@@ -121,6 +122,17 @@ def test_stop_strings_cut_the_text(client: httpx.Client) -> None:
     assert cut["finish_reason"] == "stop"
 
 
+def test_logit_bias_bans_and_forces_tokens(client: httpx.Client) -> None:
+    greedy = complete(client, prompt="The ", max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert greedy
+    first = ord(greedy[0].encode()[:1])  # byte tokenizer: a token id is a byte
+    banned = complete(client, prompt="The ", max_tokens=8, temperature=0, logit_bias={str(first): -100})
+    assert banned["choices"][0]["text"][:1] != greedy[0]
+    forced = complete(client, prompt="The ", max_tokens=8, temperature=1.0, logit_bias={str(ord("q")): 100})
+    assert forced["choices"][0]["text"] == "q" * 8
+    assert forced["choices"][0]["finish_reason"] == "length"
+
+
 def read_sse(response: httpx.Response) -> list[str]:
     assert response.headers["content-type"].startswith("text/event-stream")
     events = []
@@ -154,12 +166,14 @@ def test_streaming_over_server_sent_events(server: ServerProcess, client: httpx.
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(server: ServerProcess) -> None:
+    # EOS banned: sampling from the barely trained model would otherwise end it by chance (about 1 in 259
+    # per token) before the disconnect is seen, and nothing would be left to drop.
+    endless = {"prompt": "Go on ", "max_tokens": 4000, "stream": True, "logit_bias": {str(EOS): -100}}
+
     async def leave_early() -> None:
         async with (
             httpx.AsyncClient(base_url=server.url, timeout=60) as ac,
-            ac.stream(
-                "POST", "/v1/completions", json={"prompt": "Go on ", "max_tokens": 4000, "stream": True}
-            ) as response,
+            ac.stream("POST", "/v1/completions", json=endless) as response,
         ):
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
@@ -191,6 +205,14 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server: ServerProc
         ({"prompt": "x", "stop": 3}, "stop"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "logit_bias": [257]}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"eos": -100}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": True}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"259": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ],
 )
 def test_validation_errors_are_400_and_name_the_field(

@@ -40,6 +40,7 @@ class CountingModel:
 
     name = "counting"
     eos_id: int | None = EOS
+    vocab_size = 0x110000  # every code point
 
     def __init__(self, *, gated: bool = False, fail: bool = False) -> None:
         self.steps: list[int] = []  # batch size of every step

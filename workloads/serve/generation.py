@@ -45,6 +45,9 @@ class SamplingParams:
     seed: int | None = None
     """Seeds this sequence's own random generator (so a seeded answer does not depend on its batch)."""
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before choosing (OpenAI's `logit_bias`): -100 bans a
+    token, +100 all but forces it."""
 
 
 @dataclass(eq=False)
@@ -70,6 +73,8 @@ class GenerativeModel(Protocol):
 
     name: str
     eos_id: int | None
+    vocab_size: int
+    """Token ids the model can produce: 0 to vocab_size - 1."""
 
     def encode(self, text: str) -> list[int]: ...
 

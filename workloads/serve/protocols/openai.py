@@ -115,6 +115,9 @@ async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
 MAX_PROMPTS = 64
 MAX_STOPS = 4
 MAX_TOKENS = 4096
+#: Most entries in `logit_bias`, and the bias range (OpenAI's: -100 bans a token, +100 all but forces it).
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_RANGE = 100.0
 
 
 def _prompts(value: Any) -> list[str]:
@@ -133,6 +136,24 @@ def _stops(value: Any) -> list[str] | None:
     return value
 
 
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """JSON object keys are strings: `{"257": -100}` -> `{257: -100.0}`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError('must be an object mapping token ids to biases, e.g. {"257": -100}')
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens (it has {len(value)})")
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"key {key!r} is not a token id (a non-negative integer, as a string)")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not abs(bias) <= LOGIT_BIAS_RANGE:
+            raise ValueError(f"token {key}: the bias must be a number from -100 to 100, not {bias!r}")
+        biases[int(key)] = float(bias)
+    return biases
+
+
 class CompletionsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -143,6 +164,7 @@ class CompletionsRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: StrictInt | None = None
     stop: Annotated[list[str] | None, BeforeValidator(_stops)] = None
+    logit_bias: Annotated[dict[int, float] | None, BeforeValidator(_logit_bias)] = None
     stream: StrictBool = False
     n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
     echo: Literal[False] = False
@@ -161,12 +183,19 @@ async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventSt
     scheduler = plane.generator()
     model = scheduler.model
     prompts = [model.encode(p) for p in request.prompt]
+    bias = request.logit_bias or {}
+    if outside := sorted(t for t in bias if t >= model.vocab_size):
+        raise InvalidInput(
+            "logit_bias",
+            f"token {outside[0]} is not in this model's vocabulary (ids 0-{model.vocab_size - 1})",
+        )
     params = SamplingParams(
         max_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
         stop=tuple(request.stop or ()),
+        logit_bias=tuple(bias.items()),
     )
     handle = scheduler.submit(prompts, params, stream=request.stream)
     head = {

@@ -148,6 +148,10 @@ class CausalLM:
     def _sample(self, batch: list[GenSequence], logits: torch.Tensor) -> list[int]:
         import torch
 
+        for i, seq in enumerate(batch):
+            if seq.params.logit_bias:
+                ids, biases = zip(*seq.params.logit_bias, strict=True)
+                logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
         chosen = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(batch):
             params = seq.params
