@@ -48,8 +48,7 @@ def train(directory: Path, steps: int, size: str) -> Path:
 
 
 def perplexity(lm: CausalLM, text: str, windows: int) -> float:
-    model = lm._model
-    assert model is not None
+    model = lm.gpt
     ids = torch.tensor(lm.encode(text), dtype=torch.long)
     size = lm.block_size + 1
     total, count = 0.0, 0

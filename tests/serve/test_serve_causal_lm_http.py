@@ -124,7 +124,8 @@ def test_stop_strings_cut_the_text(client: httpx.Client) -> None:
 
 def test_logit_bias_bans_and_forces_tokens(client: httpx.Client) -> None:
     greedy = complete(client, prompt="The ", max_tokens=8, temperature=0)["choices"][0]["text"]
-    assert greedy[:1].isascii() and greedy, greedy  # one byte, so one token of the byte tokenizer
+    assert greedy, "greedy decoding gave no text"
+    assert greedy[0].isascii(), greedy  # one byte, so one token of the byte tokenizer
     first = ord(greedy[0])
     banned = complete(client, prompt="The ", max_tokens=8, temperature=0, logit_bias={str(first): -100})
     assert banned["choices"][0]["text"][:1] != greedy[0]

@@ -2,11 +2,11 @@
 
 `--model-uri` is a checkpoint directory (`.../step-00000200`) or the checkpoint root (its newest complete
 checkpoint is used), as `tandem.workloads.models.gpt.load_for_inference` reads them. The generation scheduler
-(`tandem.workloads.serve.generation`) calls `step` with every active sequence: the contexts are right-padded
-into one batch, one forward pass computes each row's next-token logits at its own last position (causal
-attention: the padding after a row never changes it), and each row is sampled with its own parameters and
-random generator. There is no KV cache: each step recomputes every context (at most `block_size` tokens,
-older tokens slide out of the window like `GPT.generate`).
+(`tandem.workloads.serve.generation`) calls `step` with every active sequence. `kv_cache.DecodeCache` computes
+the next-token logits: a sequence's first step runs its whole context (right-padded with the other new ones
+into one batch; causal attention: the padding after a row never changes it) and keeps its keys and values,
+later steps run only its newest token. Each row is sampled with its own parameters and random generator.
+Contexts hold at most `block_size` tokens: older tokens slide out of the window like `GPT.generate`.
 """
 
 from __future__ import annotations
@@ -32,22 +32,23 @@ if TYPE_CHECKING:
 
     from tandem.workloads.models.gpt import GPT
     from tandem.workloads.models.tokenizer import ByteTokenizer
+    from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
 WARM_UP_PROMPT = "The model server warms up. "
-#: Context lengths are padded up to a multiple of this (fewer distinct shapes for the attention kernels).
-WIDTH_STEP = 16
 
 
 class CausalLM:
     runtime = Runtime.CAUSAL_LM
 
-    def __init__(self, options: ModelOptions) -> None:
+    def __init__(self, options: ModelOptions, *, kv_cache: bool = True) -> None:
+        """`kv_cache=False` recomputes every context at every step (the benchmarks' comparison)."""
         self.name = options.name
         self.options = options
         self.eos_id: int | None = None
         self.block_size = 0
         self.vocab_size = 0
-        self._model: GPT | None = None
+        self.kv_cache = kv_cache
+        self._cache: DecodeCache | None = None
         self._tokenizer: ByteTokenizer | None = None
         self._device: torch.device | None = None
         self._meta: dict[str, Any] = {}
@@ -57,10 +58,17 @@ class CausalLM:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def gpt(self) -> GPT:
+        """The loaded model (e.g. to measure its perplexity)."""
+        assert self._cache is not None, "load() first"
+        return self._cache.model
+
     def load(self) -> None:
         import torch
 
         from tandem.workloads.models.gpt import load_for_inference
+        from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
         device = torch_device(self.options.device)
         check_precision(self.options.precision, device)
@@ -81,7 +89,8 @@ class CausalLM:
             # repeats one shape, but continuous batching meets new ones all the time.
             torch.backends.cuda.enable_cudnn_sdp(False)
         torch.set_grad_enabled(False)
-        self._model, self._tokenizer, self._device = model, tokenizer, device
+        self._cache = DecodeCache(model, keep=self.kv_cache)
+        self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
         self.vocab_size = tokenizer.vocab_size
@@ -95,12 +104,15 @@ class CausalLM:
         }
 
     def warm_up(self, max_batch_size: int) -> None:
+        """Two steps (a whole context, then one cached token) at batch 1 and at the largest batch."""
         for size in sorted({1, max_batch_size}):
             batch = [
                 GenSequence(self.encode(WARM_UP_PROMPT), SamplingParams(temperature=1.0, seed=i))
                 for i in range(size)
             ]
-            self.step(batch)
+            for _ in range(2):
+                for seq, token in zip(batch, self.step(batch), strict=True):
+                    seq.ids.append(token)
         self._ready = True
 
     def encode(self, text: str) -> list[int]:
@@ -111,39 +123,15 @@ class CausalLM:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer.decode(ids)
 
-    def logits(self, contexts: list[list[int]]) -> torch.Tensor:
-        """Next-token logits `(batch, vocab)` (fp32) of each context at its own last position."""
-        import torch
-
-        model = self._model
-        assert model is not None, "load() first"
-        lengths = [len(c) for c in contexts]
-        # Right padding is invisible to causal attention at each row's own last position; rounding the
-        # width up means a growing context meets a new tensor shape every WIDTH_STEP tokens, not every one.
-        longest = max(lengths)
-        width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(self.block_size, longest))
-        rows = torch.zeros((len(contexts), width), dtype=torch.long)
-        for i, context in enumerate(contexts):
-            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
-        idx = rows.to(self._device)
-        with torch.inference_mode():
-            pos = torch.arange(width, dtype=torch.long, device=idx.device)
-            x = model.wte(idx) + model.wpe(pos)
-            for block in model.h:
-                x = block(x)
-            last = x[
-                torch.arange(len(contexts), device=idx.device), torch.tensor(lengths, device=idx.device) - 1
-            ]
-            logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
-            logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
-        return logits
-
     def step(self, batch: list[GenSequence]) -> list[int]:
         import torch
 
+        assert self._cache is not None, "load() first"
         contexts = [seq.ids[-self.block_size :] for seq in batch]
         with torch.inference_mode():
-            return self._sample(batch, self.logits(contexts))
+            logits = self._cache.logits(list(batch), contexts)
+            logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
+            return self._sample(batch, logits)
 
     def _sample(self, batch: list[GenSequence], logits: torch.Tensor) -> list[int]:
         import torch

@@ -1,0 +1,216 @@
+"""A key/value cache for decoding with Tandem's GPT: each step computes one new token per sequence.
+
+Without it every decoding step runs the whole context through the model again (cost grows with the
+context); with it a sequence's keys and values stay in the cache between steps, and a step runs only the
+newest token of each sequence, attending over its cached keys (the cost of the model per token, plus
+attention over the context).
+
+Layout: one pool, `(layers, 2, slots, heads, block_size, head_dim)` (keys and values together, so a step
+writes them with one operation per layer); a sequence owns one slot from its first step (the
+*prefill*: its whole context in one pass, keys and values stored) until it leaves. The caller names
+sequences by object (`GenSequence`); a sequence missing from a step has left (the generation scheduler
+runs every active sequence at every step), so its slot is free again. Sequences take the lowest free slot,
+so a batch often owns a run of consecutive slots, which a step then reads as one view for every layer
+instead of a copy per layer. (On a GPU a small model's decoding step is bound by the CPU launching
+operations, so every operation per layer counts.) The
+pool grows (doubling) when a step has more sequences than slots, and is never shrunk.
+
+A context longer than `block_size` slides (older tokens drop out of the window, as `GPT.generate` does),
+which shifts every position and so every cached key: such a sequence is recomputed whole at every step, as
+without a cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from tandem.workloads.models.gpt import GPT, Block
+
+#: Prefill widths are rounded up to a multiple of this (fewer distinct shapes for the attention kernels).
+WIDTH_STEP = 16
+
+
+@dataclass
+class _Slot:
+    index: int
+    cached: int = 0
+    """Tokens of the context whose keys and values are in the slot (positions 0 to cached - 1)."""
+
+
+class DecodeCache:
+    """Next-token logits of many sequences, one step at a time, keeping each one's keys and values."""
+
+    def __init__(self, model: GPT, *, keep: bool = True) -> None:
+        """`keep=False` caches nothing: every step runs every whole context (for comparison)."""
+        config = model.config
+        self.model = model
+        self.keep = keep
+        self.blocks = [cast("Block", block) for block in model.h]
+        self.block_size = config.block_size
+        self.heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self._pool: torch.Tensor | None = None
+        self._slots: dict[object, _Slot] = {}
+        self._free: list[int] = []  # a heap: the lowest free slot first
+
+    @property
+    def capacity(self) -> int:
+        """Slots in the pool (sequences it can hold without growing)."""
+        return self._pool.shape[2] if self._pool is not None else 0
+
+    @property
+    def holding(self) -> int:
+        """Sequences whose keys and values are cached now."""
+        return len(self._slots)
+
+    def logits(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
+        """Each context's next-token hidden state through the LM head: `(batch, vocab)`, fp32.
+
+        `owners[i]` names the sequence of `contexts[i]` across steps; `contexts[i]` is its window (at most
+        `block_size` tokens), one token longer than at its previous step."""
+        keep = set(owners)
+        for owner in [o for o in self._slots if o not in keep]:
+            self._release(owner)
+        decode: list[int] = []
+        prefill: list[int] = []
+        for i, (owner, context) in enumerate(zip(owners, contexts, strict=True)):
+            slot = self._slots.get(owner)
+            if slot is not None and slot.cached == len(context) - 1:
+                decode.append(i)
+            else:
+                prefill.append(i)
+        out: torch.Tensor | None = None
+        for rows, run in ((prefill, self._prefill), (decode, self._decode)):
+            if not rows:
+                continue
+            part = run([owners[i] for i in rows], [contexts[i] for i in rows])
+            if out is None:
+                out = part.new_empty((len(contexts), part.shape[1]))
+            out[torch.tensor(rows, device=part.device)] = part
+        assert out is not None, "no contexts"
+        return out
+
+    # -- the two kinds of pass ----------------------------------------------------------------------
+
+    def _prefill(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
+        """Whole contexts, right-padded into one batch; keys and values stored for those that fit a slot."""
+        model = self.model
+        device = model.wte.weight.device
+        lengths = [len(c) for c in contexts]
+        longest = max(lengths)
+        width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(self.block_size, longest))
+        rows = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, context in enumerate(contexts):
+            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
+        idx = rows.to(device)
+        # A context that fills the window may slide at the next step (then it is recomputed whole anyway);
+        # one shorter than the window keeps its keys for the next step.
+        storing = [i for i, n in enumerate(lengths) if n < self.block_size and self.keep]
+        stored = torch.tensor(storing, dtype=torch.long, device=device)
+        slots = torch.tensor([self._claim(owners[i], lengths[i]) for i in storing], device=device)
+        for owner, n in zip(owners, lengths, strict=True):
+            if n >= self.block_size and owner in self._slots:
+                self._release(owner)
+        x = model.wte(idx) + model.wpe(torch.arange(width, device=device))
+        for layer, block in enumerate(self.blocks):
+            q, k, v = self._qkv(block, x)
+            if storing:
+                assert self._pool is not None
+                self._pool[layer, :, slots, :, :width] = torch.stack((k[stored], v[stored]))
+            x = self._rest(block, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        last = x[torch.arange(len(contexts), device=device), torch.tensor(lengths, device=device) - 1]
+        logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
+        return logits
+
+    def _decode(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
+        """The newest token of each context, attending over its cached keys and values."""
+        model = self.model
+        device = model.wte.weight.device
+        slots_of = [self._slots[o] for o in owners]
+        first = slots_of[0].index
+        run = all(slot.index == first + i for i, slot in enumerate(slots_of))
+        lengths_list = [len(c) for c in contexts]
+        longest = max(lengths_list)
+        # One copy to the device per step: slot, length and newest token of each row.
+        rows = torch.tensor(
+            [[s.index for s in slots_of], lengths_list, [c[-1] for c in contexts]], device=device
+        )
+        slots, lengths, newest = rows[0], rows[1], rows[2]
+        positions = lengths - 1
+        # (batch, 1, 1, longest): each row attends to its own cached positions and the new one; none
+        # needed when every row is as long as the longest.
+        mask = None
+        if min(lengths_list) < longest:
+            mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        pool = self._pool
+        assert pool is not None
+        batch = len(owners)
+        # Consecutive slots: one view of every layer's keys and values (it sees the writes below).
+        run_of = pool[:, :, first : first + batch, :, :longest] if run else None
+        x = (model.wte(newest) + model.wpe(positions))[:, None, :]
+        for layer, block in enumerate(self.blocks):
+            qkv = block.attn.c_attn(block.ln_1(x)).view(batch, 3, self.heads, self.head_dim)
+            # Two index tensors apart: their (batch) dimension leads, so the value is (batch, 2, heads, dim).
+            pool[layer, :, slots, :, positions] = qkv[:, 1:]
+            cached = run_of[layer] if run_of is not None else pool[layer, :, slots, :, :longest]
+            attended = F.scaled_dot_product_attention(
+                qkv[:, 0, :, None], cached[0], cached[1], attn_mask=mask
+            )
+            x = self._rest(block, x, attended)
+        for owner, slot in zip(owners, slots_of, strict=True):
+            slot.cached += 1
+            if slot.cached == self.block_size:  # a full window: the next step slides it
+                self._release(owner)
+        logits: torch.Tensor = model.lm_head(model.ln_f(x[:, 0])).float()
+        return logits
+
+    # -- one block, split around attention ---------------------------------------------------------
+
+    def _qkv(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values `(batch, heads, tokens, head_dim)` of the block's attention."""
+        b, t, c = x.shape
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(c, dim=2)
+        shape = (b, t, self.heads, self.head_dim)
+        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    @staticmethod
+    def _rest(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block after attention: output projection, residual, MLP."""
+        b, _, t, _ = attended.shape
+        x = x + block.attn.c_proj(attended.transpose(1, 2).reshape(b, t, -1))
+        out: torch.Tensor = x + block.mlp(block.ln_2(x))
+        return out
+
+    # -- slots ------------------------------------------------------------------------------------
+
+    def _claim(self, owner: object, length: int) -> int:
+        """The owner's slot (the lowest free one, after growing the pool if none), now caching `length`
+        tokens."""
+        slot = self._slots.get(owner)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._slots[owner] = _Slot(heapq.heappop(self._free))
+        slot.cached = length
+        return slot.index
+
+    def _release(self, owner: object) -> None:
+        heapq.heappush(self._free, self._slots.pop(owner).index)
+
+    def _grow(self) -> None:
+        old = self.capacity
+        new = max(4, 2 * old)
+        weight = self.model.wte.weight
+        shape = (len(self.blocks), 2, new, self.heads, self.block_size, self.head_dim)
+        grown = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        if self._pool is not None:
+            grown[:, :, :old] = self._pool
+        self._pool = grown
+        for index in range(old, new):
+            heapq.heappush(self._free, index)
