@@ -9,28 +9,21 @@ is busy join the next batch instead of waiting behind a half-empty one.
 
 Guarantees: every submitted future is resolved (result, the batch's exception, a timeout or a shutdown error);
 cancelled or timed-out items are dropped before compute; `predict` must return one result per item (checked);
-the queue is bounded (`QueueFull` carries a Retry-After estimate).
+the queue is bounded (`QueueFull` carries a Retry-After estimate). Start, drain, shutdown and admission are
+shared with the generation scheduler (`queueloop.QueueLoop`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from tandem.workloads.serve.errors import (
-    Draining,
-    InvalidInput,
-    ModelError,
-    NotReady,
-    QueueFull,
-    RequestTimeout,
-    ServeError,
-)
+from tandem.workloads.serve.errors import Draining, ModelError, RequestTimeout, ServeError
+from tandem.workloads.serve.queueloop import QueueLoop
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -114,7 +107,7 @@ class _Pending(Generic[In, Out]):
     drop_reason: str | None = field(default=None)
 
 
-class Batcher(Generic[In, Out]):
+class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
     """Groups concurrent `submit` calls into `predict` calls. Use inside one running event loop."""
 
     def __init__(
@@ -125,65 +118,24 @@ class Batcher(Generic[In, Out]):
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
     ) -> None:
-        self.config = config
+        super().__init__(config, name="batcher", threads=config.max_concurrent_batches, executor=executor)
         self._predict = predict
         self._observer: BatchObserver = observer or NullObserver()
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(
-            max_workers=config.max_concurrent_batches, thread_name_prefix="batch"
-        )
-        self._queue: deque[_Pending[In, Out]] = deque()
-        self._arrived = asyncio.Event()
-        self._progress = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._hurry = False
         self._batch_seconds = 0.0  # moving average of one batch's compute time, for Retry-After
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the batching loop on the running event loop."""
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
 
     @property
     def running_batches(self) -> int:
         return len(self._running)
 
-    def hurry(self) -> None:
-        """From now on dispatch whatever is queued without waiting for the delay (used while draining:
-        requests are still accepted, but nothing waits for company that will not come)."""
-        self._hurry = True
-        self._arrived.set()
+    def _busy(self) -> bool:
+        return bool(self._queue or self._running)
 
-    async def close(self, *, drain: bool = True) -> None:
-        """Refuse new items; with `drain`, compute everything queued first (no delay wait), then stop.
-
-        Without `drain` (or for whatever is left when the loop is gone) pending items fail with `Draining`.
-        """
-        self._closing = True
-        self.hurry()
-        loop_alive = self._loop_task is not None and not self._loop_task.done()
-        if drain and loop_alive:
-            while self._queue or self._running:
-                self._progress.clear()
-                await self._progress.wait()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+    async def _stop_work(self) -> None:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        self._fail_queued(Draining("the server is shutting down; retry on another replica"))
-        if self._own_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- submitting ---------------------------------------------------------------------------------
 
@@ -198,18 +150,7 @@ class Batcher(Generic[In, Out]):
         `close` was called, or whatever the batch's `predict` raised (wrapped in `ModelError` unless it is a
         `ServeError` already).
         """
-        if self._closing:
-            raise Draining("the server is shutting down; retry on another replica")
-        if self._loop_task is None or self._loop_task.done():
-            raise NotReady("the batcher is not running")
-        if len(items) > self.config.max_queue_size:
-            raise InvalidInput("input", f"at most {self.config.max_queue_size} items per request")
-        if len(self._queue) + len(items) > self.config.max_queue_size:
-            raise QueueFull(
-                f"the queue is full ({len(self._queue)} of {self.config.max_queue_size} waiting); "
-                "retry later or on another replica",
-                retry_after_s=self.retry_after_s(),
-            )
+        self._admit_check(len(items), "input", "items")
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = [_Pending[In, Out](item, loop.create_future(), now) for item in items]
@@ -252,7 +193,7 @@ class Batcher(Generic[In, Out]):
             self._observer.queue_depth(len(self._queue))
             self._progress.set()
 
-    def _fail_queued(self, error: ServeError) -> None:
+    def _fail_everything(self, error: ServeError) -> None:
         while self._queue:
             p = self._queue.popleft()
             p.queued = False
@@ -264,42 +205,22 @@ class Batcher(Generic[In, Out]):
 
     # -- the batching loop --------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        try:
-            while True:
-                await self._slots.acquire()
-                try:
-                    batch = await self._next_batch()
-                except BaseException:
-                    self._slots.release()
-                    raise
-                task = asyncio.get_running_loop().create_task(self._process(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            self._closing = True
-            self._fail_queued(ModelError(f"the batcher stopped: {exc!r}"))
-            raise
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._process(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[_Pending[In, Out]]:
-        loop = asyncio.get_running_loop()
-        delay = self.config.max_queue_delay_ms / 1000.0
         while True:
-            while not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-            while self._queue and len(self._queue) < self.config.dispatch_size and not self._hurry:
-                remaining = self._queue[0].enqueued + delay - loop.time()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._arrived.wait()
-                except TimeoutError:
-                    break
+            await self._wait_for_work()
+            await self._wait_for_company(self.config.dispatch_size)
             if not self._queue:
                 continue  # everything queued was cancelled while we waited
             size = self._choose_size(len(self._queue))

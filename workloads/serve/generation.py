@@ -10,6 +10,7 @@ Guarantees: every request ends (its tokens, the step's error, `Draining`, or a t
 caller); a request whose client went away (`GenerationHandle.cancel`) is dropped before its next step; the
 number of waiting sequences is bounded (`QueueFull` with Retry-After); `predict`-style length checks on every
 step. Text is produced here (stop strings, held-back partial characters), so the protocol layer only formats.
+Start, drain, shutdown and admission are the dynamic batcher's (`queueloop.QueueLoop`).
 """
 
 from __future__ import annotations
@@ -17,22 +18,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tandem.workloads.serve.batcher import BatchingConfig, BatchObserver
-from tandem.workloads.serve.errors import (
-    Draining,
-    InvalidInput,
-    ModelError,
-    NotReady,
-    QueueFull,
-    RequestTimeout,
-    ServeError,
-)
+from tandem.workloads.serve.errors import ModelError, RequestTimeout, ServeError
+from tandem.workloads.serve.queueloop import QueueLoop
 
 
 @dataclass(frozen=True)
@@ -161,54 +153,22 @@ def safe_prefix(text: str, stops: Sequence[str]) -> int:
     return end - hold
 
 
-class GenerationScheduler:
+class GenerationScheduler(QueueLoop[GenSequence]):
     """Continuous batching of generation requests. Use inside one running event loop."""
 
     def __init__(self, model: GenerativeModel, config: BatchingConfig, observer: GenerationObserver) -> None:
+        super().__init__(config, name="generation scheduler", threads=1)
         self.model = model
-        self.config = config
         self._observer = observer
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._waiting: deque[GenSequence] = deque()
         self._active: list[GenSequence] = []
-        self._arrived = asyncio.Event()
-        self._progress = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._hurry = False
         self._step_seconds = 0.0
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="generation")
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
 
     @property
     def active(self) -> int:
         return len(self._active)
 
-    def hurry(self) -> None:
-        self._hurry = True
-        self._arrived.set()
-
-    async def close(self, *, drain: bool = True) -> None:
-        """Refuse new requests; with `drain`, finish every sequence first; then stop (the rest: Draining)."""
-        self._closing = True
-        self.hurry()
-        if drain and self._loop_task is not None and not self._loop_task.done():
-            while self._waiting or self._active:
-                self._progress.clear()
-                await self._progress.wait()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        self._fail_all(Draining("the server is shutting down; retry on another replica"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def _busy(self) -> bool:
+        return bool(self._queue or self._active)
 
     # -- submitting ---------------------------------------------------------------------------------
 
@@ -216,31 +176,20 @@ class GenerationScheduler:
         self, prompts: Sequence[list[int]], params: SamplingParams, *, stream: bool
     ) -> GenerationHandle:
         """Queue one request (one sequence per prompt, all or none) and return its handle."""
-        if self._closing:
-            raise Draining("the server is shutting down; retry on another replica")
-        if self._loop_task is None or self._loop_task.done():
-            raise NotReady("the generation scheduler is not running")
-        if len(prompts) > self.config.max_queue_size:
-            raise InvalidInput("prompt", f"at most {self.config.max_queue_size} prompts per request")
-        if len(self._waiting) + len(prompts) > self.config.max_queue_size:
-            raise QueueFull(
-                f"the queue is full ({len(self._waiting)} of {self.config.max_queue_size} waiting); "
-                "retry later or on another replica",
-                retry_after_s=self.retry_after_s(),
-            )
+        self._admit_check(len(prompts), "prompt", "prompts")
         now = asyncio.get_running_loop().time()
         request = _Request([], stream, time.perf_counter())
         for index, ids in enumerate(prompts):
             seq = GenSequence(list(ids), params, index, len(ids), enqueued=now, request=request)
             request.sequences.append(seq)
         request.unfinished = len(request.sequences)
-        self._waiting.extend(request.sequences)
-        self._observer.queue_depth(len(self._waiting))
+        self._queue.extend(request.sequences)
+        self._observer.queue_depth(len(self._queue))
         self._arrived.set()
         return GenerationHandle(self, request)
 
     def retry_after_s(self) -> int:
-        steps_ahead = len(self._waiting) / self.config.max_batch_size + 1
+        steps_ahead = len(self._queue) / self.config.max_batch_size + 1
         return max(1, math.ceil(steps_ahead * self._step_seconds * 16))
 
     def _cancel(self, request: _Request) -> None:
@@ -249,20 +198,20 @@ class GenerationScheduler:
         request.cancelled = True
         removed = False
         for seq in request.sequences:
-            if seq.finish_reason is None and seq in self._waiting:
-                self._waiting.remove(seq)
+            if seq.finish_reason is None and seq in self._queue:
+                self._queue.remove(seq)
                 seq.finish_reason = "cancelled"
                 self._observer.dropped("cancelled")
                 removed = True
         if removed:
-            self._observer.queue_depth(len(self._waiting))
+            self._observer.queue_depth(len(self._queue))
             self._progress.set()
 
-    def _fail_all(self, error: ServeError) -> None:
-        for seq in [*self._active, *self._waiting]:
+    def _fail_everything(self, error: ServeError) -> None:
+        for seq in [*self._active, *self._queue]:
             self._fail(seq, error)
         self._active.clear()
-        self._waiting.clear()
+        self._queue.clear()
         self._observer.queue_depth(0)
         self._progress.set()
 
@@ -277,45 +226,26 @@ class GenerationScheduler:
 
     # -- the scheduling loop ------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        try:
-            while True:
-                await self._admit()
-                if self._active:
-                    await self._step()
-                self._progress.set()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            self._closing = True
-            self._fail_all(ModelError(f"the generation scheduler stopped: {exc!r}"))
-            raise
+    async def _loop(self) -> None:
+        while True:
+            await self._admit()
+            if self._active:
+                await self._step()
+            self._progress.set()
 
     async def _admit(self) -> None:
         loop = asyncio.get_running_loop()
         if not self._active:
-            while not self._waiting:
-                self._arrived.clear()
-                await self._arrived.wait()
-            delay = self.config.max_queue_delay_ms / 1000.0
-            while self._waiting and len(self._waiting) < self.config.max_batch_size and not self._hurry:
-                remaining = self._waiting[0].enqueued + delay - loop.time()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._arrived.wait()
-                except TimeoutError:
-                    break
+            await self._wait_for_work()
+            await self._wait_for_company(self.config.max_batch_size)
         now = loop.time()
         waits = []
-        while self._waiting and len(self._active) < self.config.max_batch_size:
-            seq = self._waiting.popleft()
+        while self._queue and len(self._active) < self.config.max_batch_size:
+            seq = self._queue.popleft()
             self._active.append(seq)
             waits.append(now - seq.enqueued)
         if waits:
-            self._observer.queue_depth(len(self._waiting))
+            self._observer.queue_depth(len(self._queue))
             self._observer.batch_started(0, waits)  # queue waits only; the step observes its size
 
     async def _step(self) -> None:
