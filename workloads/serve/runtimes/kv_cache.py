@@ -74,8 +74,10 @@ class DecodeCache:
 
         `owners[i]` names the sequence of `contexts[i]` across steps; `contexts[i]` is its window (at most
         `block_size` tokens), one token longer than at its previous step."""
-        keep = set(owners)
-        for owner in [o for o in self._slots if o not in keep]:
+        if not owners:
+            raise ValueError("DecodeCache.logits needs at least one context")
+        present = set(owners)
+        for owner in [o for o in self._slots if o not in present]:
             self._release(owner)
         decode: list[int] = []
         prefill: list[int] = []
@@ -85,15 +87,17 @@ class DecodeCache:
                 decode.append(i)
             else:
                 prefill.append(i)
+        if not prefill:  # the usual step: one pass, rows in order
+            return self._decode(owners, contexts)
+        if not decode:
+            return self._prefill(owners, contexts)
         out: torch.Tensor | None = None
         for rows, run in ((prefill, self._prefill), (decode, self._decode)):
-            if not rows:
-                continue
             part = run([owners[i] for i in rows], [contexts[i] for i in rows])
             if out is None:
                 out = part.new_empty((len(contexts), part.shape[1]))
             out[torch.tensor(rows, device=part.device)] = part
-        assert out is not None, "no contexts"
+        assert out is not None
         return out
 
     # -- the two kinds of pass ----------------------------------------------------------------------
