@@ -5,15 +5,15 @@ context); with it a sequence's keys and values stay in the cache between steps, 
 newest token of each sequence, attending over its cached keys (the cost of the model per token, plus
 attention over the context).
 
-Layout: one pool, `(layers, 2, slots, heads, block_size, head_dim)` (keys and values together, so a step
-writes them with one operation per layer); a sequence owns one slot from its first step (the
-*prefill*: its whole context in one pass, keys and values stored) until it leaves. The caller names
-sequences by object (`GenSequence`); a sequence missing from a step has left (the generation scheduler
-runs every active sequence at every step), so its slot is free again. Sequences take the lowest free slot,
-so a batch often owns a run of consecutive slots, which a step then reads as one view for every layer
-instead of a copy per layer. (On a GPU a small model's decoding step is bound by the CPU launching
-operations, so every operation per layer counts.) The
-pool grows (doubling) when a step has more sequences than slots, and is never shrunk.
+Layout: one pool, `(layers, 2, slots, block_size, heads, head_dim)`: keys and values together, and slot and
+position adjacent, so a step writes every row's new keys and values with one `index_copy_` per layer. A
+sequence owns one slot from its first step (the *prefill*: its whole context in one pass, keys and values
+stored) until it leaves. The caller names sequences by object (`GenSequence`); a sequence missing from a
+step has left (the generation scheduler runs every active sequence at every step), so its slot is free
+again. Sequences take the lowest free slot, so a batch often owns a run of consecutive slots, which a step
+then reads as one view for every layer instead of a copy per layer. (On a GPU a small model's decoding step
+is bound by the CPU launching operations, so every operation per layer counts.) The pool grows (doubling)
+when a step has more sequences than slots, and is never shrunk.
 
 A context longer than `block_size` slides (older tokens drop out of the window, as `GPT.generate` does),
 which shifts every position and so every cached key: such a sequence is recomputed whole at every step, as
@@ -126,7 +126,7 @@ class DecodeCache:
             q, k, v = self._qkv(block, x)
             if storing:
                 assert self._pool is not None
-                self._pool[layer, :, slots, :, :width] = torch.stack((k[stored], v[stored]))
+                self._pool[layer, :, slots, :width] = torch.stack((k[stored], v[stored])).transpose(2, 3)
             x = self._rest(block, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
         last = x[torch.arange(len(contexts), device=device), torch.tensor(lengths, device=device) - 1]
         logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
@@ -156,13 +156,16 @@ class DecodeCache:
         assert pool is not None
         batch = len(owners)
         # Consecutive slots: one view of every layer's keys and values (it sees the writes below).
-        run_of = pool[:, :, first : first + batch, :, :longest] if run else None
+        run_of = pool[:, :, first : first + batch, :longest] if run else None
+        where = slots * self.block_size + positions  # each row's new position in a layer's flattened pool
         x = (model.wte(newest) + model.wpe(positions))[:, None, :]
         for layer, block in enumerate(self.blocks):
             qkv = block.attn.c_attn(block.ln_1(x)).view(batch, 3, self.heads, self.head_dim)
-            # Two index tensors apart: their (batch) dimension leads, so the value is (batch, 2, heads, dim).
-            pool[layer, :, slots, :, positions] = qkv[:, 1:]
-            cached = run_of[layer] if run_of is not None else pool[layer, :, slots, :, :longest]
+            flat = pool[layer].view(2, -1, self.heads, self.head_dim)
+            flat.index_copy_(1, where, qkv[:, 1:].transpose(0, 1))
+            cached = (run_of[layer] if run_of is not None else pool[layer, :, slots, :longest]).transpose(
+                2, 3
+            )
             attended = F.scaled_dot_product_attention(
                 qkv[:, 0, :, None], cached[0], cached[1], attn_mask=mask
             )
@@ -211,7 +214,7 @@ class DecodeCache:
         old = self.capacity
         new = max(4, 2 * old)
         weight = self.model.wte.weight
-        shape = (len(self.blocks), 2, new, self.heads, self.block_size, self.head_dim)
+        shape = (len(self.blocks), 2, new, self.block_size, self.heads, self.head_dim)
         grown = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         if self._pool is not None:
             grown[:, :, :old] = self._pool
