@@ -49,9 +49,12 @@ def step(model: GPT, cache: DecodeCache, seqs: list[Seq]) -> None:
         seq.ids.append(int(got[i].argmax()))
 
 
-def test_steps_match_the_whole_context_while_sequences_join_leave_and_slide(model: GPT) -> None:
+@pytest.mark.parametrize("one_pass", [False, True], ids=["split", "one-pass"])
+def test_steps_match_the_whole_context_while_sequences_join_leave_and_slide(
+    model: GPT, one_pass: bool
+) -> None:
     rng = random.Random(1)
-    cache = DecodeCache(model)
+    cache = DecodeCache(model, one_pass=one_pass)
     seqs = [Seq(3, rng), Seq(11, rng)]
     for n in range(BLOCK + 6):  # the longer one slides past the window midway
         if n == 2:

@@ -46,11 +46,18 @@ class _Slot:
 class DecodeCache:
     """Next-token logits of many sequences, one step at a time, keeping each one's keys and values."""
 
-    def __init__(self, model: GPT, *, keep: bool = True) -> None:
-        """`keep=False` caches nothing: every step runs every whole context (for comparison)."""
+    def __init__(self, model: GPT, *, keep: bool = True, one_pass: bool | None = None) -> None:
+        """`keep=False` caches nothing: every step runs every whole context (for comparison).
+
+        `one_pass`: how a step that has both new sequences and cached ones runs. True: one pass of every
+        whole context (keys and values stored again for all), as without a cache; False: the new ones'
+        contexts, then the others' newest tokens, two passes. On a GPU a small model's pass costs the CPU
+        time of launching its operations whatever its size, so one pass wins; on a CPU the arithmetic is
+        the cost, so computing only what is new wins. Default: True on a GPU, False on a CPU."""
         config = model.config
         self.model = model
         self.keep = keep
+        self.one_pass = model.wte.weight.device.type != "cpu" if one_pass is None else one_pass
         self.blocks = [cast("Block", block) for block in model.h]
         self.block_size = config.block_size
         self.heads = config.n_head
@@ -89,7 +96,7 @@ class DecodeCache:
                 prefill.append(i)
         if not prefill:  # the usual step: one pass, rows in order
             return self._decode(owners, contexts)
-        if not decode:
+        if not decode or self.one_pass:
             return self._prefill(owners, contexts)
         out: torch.Tensor | None = None
         for rows, run in ((prefill, self._prefill), (decode, self._decode)):
