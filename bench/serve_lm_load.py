@@ -14,6 +14,7 @@ Variants, all in one run, on the same checkpoint, same prompts and same load gen
       submitted at once, the scheduler's own throughput at saturation
   b   `tandem serve --runtime causal-lm --max-batch-size 1` (batching off: one sequence at a time)
   c   `tandem serve --runtime causal-lm` with continuous batching (--max-batch-size, --max-queue-delay-ms)
+  n   (c) with `--kv-cache off`: every decoding step recomputes every context (what the KV cache saves)
   d   Ray Serve, one replica holding the same `CausalLM` object, `@serve.batch(max_batch_size,
       batch_wait_timeout_s)` set to the same numbers; the batch method is an async generator that runs one
       decoding step per iteration (in a worker thread, as Tandem does) and streams each token to its
@@ -74,6 +75,7 @@ LABELS = {
     "s": "(s) Tandem scheduler in-process, no HTTP",
     "b": "(b) Tandem, batching off",
     "c": "(c) Tandem, continuous batching",
+    "n": "(n) Tandem, continuous batching, KV cache off",
     "d": "(d) Ray Serve, @serve.batch",
 }  # plus cN (N = 2..16): c with `--workers N`, N server processes on one port
 SENTENCES = [
@@ -255,8 +257,11 @@ def table_variants(table: dict[str, float]) -> list[str]:
 
 
 @contextlib.contextmanager
-def tandem(checkpoint: Path, args: argparse.Namespace, batch: int, workers: int = 1) -> Iterator[str]:
+def tandem(
+    checkpoint: Path, args: argparse.Namespace, batch: int, workers: int = 1, kv_cache: str = "on"
+) -> Iterator[str]:
     server_args = [
+        "--kv-cache", kv_cache,
         "--workers", str(workers),
         "--runtime", "causal-lm", "--model-uri", str(checkpoint), "--model-name", MODEL_NAME,
         "--device", args.device, "--precision", args.precision, "--max-batch-size", str(batch),
@@ -817,6 +822,7 @@ def main() -> None:
         starts: dict[str, Callable[[], AbstractContextManager[str]]] = {
             "b": lambda: tandem(checkpoint, args, 1),
             "c": lambda: tandem(checkpoint, args, args.max_batch_size),
+            "n": lambda: tandem(checkpoint, args, args.max_batch_size, kv_cache="off"),
             "d": lambda: ray_serve(checkpoint, args),
             **{
                 v: functools.partial(tandem, checkpoint, args, args.max_batch_size, int(v[1:]))

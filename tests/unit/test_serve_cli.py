@@ -90,6 +90,14 @@ def test_default_model_name(tmp_path: Path) -> None:
     assert default_model_name(tmp_path / "resnet" / "model.pt") == "resnet"
 
 
+def test_kv_cache_switch_is_for_causal_lm(tmp_path: Path) -> None:
+    base = ("--runtime", "causal-lm", "--model-uri", str(tmp_path))
+    assert cli.build_config(parse(*base)).model.kv_cache is True
+    assert cli.build_config(parse(*base, "--kv-cache", "off")).model.kv_cache is False
+    with pytest.raises(UserError, match="--kv-cache applies to --runtime causal-lm only"):
+        cli.build_config(parse("--runtime", "noop", "--model-uri", ".", "--kv-cache", "off"))
+
+
 def test_workers_from_the_flag_the_environment_or_one(monkeypatch: pytest.MonkeyPatch) -> None:
     base = ("--runtime", "noop", "--model-uri", ".")
     monkeypatch.delenv("TANDEM_SERVE_WORKERS", raising=False)

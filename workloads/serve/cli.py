@@ -90,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--device", default="auto", help="auto (GPU if present), cpu, cuda or cuda:N (default auto)"
     )
+    model.add_argument(
+        "--kv-cache",
+        choices=["on", "off"],
+        default="on",
+        help="causal-lm: keep each sequence's keys and values between decoding steps (default on); off "
+        "recomputes every context at every step",
+    )
 
     batching = parser.add_argument_group("dynamic batching")
     batching.add_argument(
@@ -199,12 +206,20 @@ def build_config(args: argparse.Namespace) -> Any:
         )
     except ValueError as exc:
         raise UserError(f"batching: {exc}; fix the --max-* options") from exc
+    if args.kv_cache == "off" and args.runtime != "causal-lm":
+        raise UserError(f"--kv-cache applies to --runtime causal-lm only; remove it for {args.runtime}")
     name = args.model_name or default_model_name(path)
     if not name or "/" in name:
         raise UserError(f"--model-name {name!r}: use a non-empty name without '/'")
     return ServerConfig(
         runtime=Runtime(args.runtime),
-        model=ModelOptions(name=name, path=path, device=args.device, precision=Precision(args.precision)),
+        model=ModelOptions(
+            name=name,
+            path=path,
+            device=args.device,
+            precision=Precision(args.precision),
+            kv_cache=args.kv_cache == "on",
+        ),
         batching=batching,
         limits=HttpLimits(max_request_bytes=args.max_request_bytes),
         host=args.host,

@@ -74,6 +74,9 @@ class ModelOptions:
     device: str = "auto"
     """`auto` (the GPU if there is one), `cpu`, `cuda` or `cuda:N`."""
     precision: Precision = Precision.FP32
+    kv_cache: bool = True
+    """causal-lm: keep each sequence's keys and values between decoding steps (`runtimes.kv_cache`); False
+    recomputes every context at every step."""
 
 
 def resolve_model_path(uri: str, cache_dir: Path | None = None) -> Path:

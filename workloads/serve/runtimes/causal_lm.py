@@ -40,14 +40,12 @@ WARM_UP_PROMPT = "The model server warms up. "
 class CausalLM:
     runtime = Runtime.CAUSAL_LM
 
-    def __init__(self, options: ModelOptions, *, kv_cache: bool = True) -> None:
-        """`kv_cache=False` recomputes every context at every step (the benchmarks' comparison)."""
+    def __init__(self, options: ModelOptions) -> None:
         self.name = options.name
         self.options = options
         self.eos_id: int | None = None
         self.block_size = 0
         self.vocab_size = 0
-        self.kv_cache = kv_cache
         self._cache: DecodeCache | None = None
         self._tokenizer: ByteTokenizer | None = None
         self._device: torch.device | None = None
@@ -89,7 +87,7 @@ class CausalLM:
             # repeats one shape, but continuous batching meets new ones all the time.
             torch.backends.cuda.enable_cudnn_sdp(False)
         torch.set_grad_enabled(False)
-        self._cache = DecodeCache(model, keep=self.kv_cache)
+        self._cache = DecodeCache(model, keep=self.options.kv_cache)
         self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
