@@ -97,15 +97,33 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        shape = (b, t, self.n_head, c // self.n_head)
-        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        q, k, v = self.qkv(x)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
-        out: torch.Tensor = self.resid_dropout(self.c_proj(y))
+        return self.project(y)
+
+    # The parts around the attention itself, shared with the model server's key/value cache.
+
+    def packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values of `x` `(batch, tokens, 3, heads, head_dim)`: a view, no copy."""
+        b, t, c = x.shape
+        packed: torch.Tensor = self.c_attn(x).view(b, t, 3, self.n_head, c // self.n_head)
+        return packed
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values `(batch, heads, tokens, head_dim)` (views)."""
+        packed = self.packed_qkv(x)
+        return (
+            packed[:, :, 0].transpose(1, 2),
+            packed[:, :, 1].transpose(1, 2),
+            packed[:, :, 2].transpose(1, 2),
+        )
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """The attention's output `(batch, heads, tokens, head_dim)` projected to `(batch, tokens, width)`."""
+        b, _, t, _ = y.shape
+        out: torch.Tensor = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
         return out
 
 
@@ -135,7 +153,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        return self.after_attention(x, self.attn(self.ln_1(x)))
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input and its (projected) attention: both residuals and the MLP."""
+        x = x + attended
         out: torch.Tensor = x + self.mlp(self.ln_2(x))
         return out
 

@@ -184,10 +184,10 @@ async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventSt
     model = scheduler.model
     prompts = [model.encode(p) for p in request.prompt]
     bias = request.logit_bias or {}
-    if outside := sorted(t for t in bias if t >= model.vocab_size):
+    if bias and (highest := max(bias)) >= model.vocab_size:
         raise InvalidInput(
             "logit_bias",
-            f"token {outside[0]} is not in this model's vocabulary (ids 0-{model.vocab_size - 1})",
+            f"token {highest} is not in this model's vocabulary (ids 0-{model.vocab_size - 1})",
         )
     params = SamplingParams(
         max_tokens=request.max_tokens,

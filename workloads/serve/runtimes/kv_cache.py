@@ -130,11 +130,12 @@ class DecodeCache:
                 self._release(owner)
         x = model.wte(idx) + model.wpe(torch.arange(width, device=device))
         for layer, block in enumerate(self.blocks):
-            q, k, v = self._qkv(block, x)
+            q, k, v = block.attn.qkv(block.ln_1(x))
             if storing:
                 assert self._pool is not None
                 self._pool[layer, :, slots, :width] = torch.stack((k[stored], v[stored])).transpose(2, 3)
-            x = self._rest(block, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = block.after_attention(x, block.attn.project(attended))
         last = x[torch.arange(len(contexts), device=device), torch.tensor(lengths, device=device) - 1]
         logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
         return logits
@@ -167,7 +168,7 @@ class DecodeCache:
         where = slots * self.block_size + positions  # each row's new position in a layer's flattened pool
         x = (model.wte(newest) + model.wpe(positions))[:, None, :]
         for layer, block in enumerate(self.blocks):
-            qkv = block.attn.c_attn(block.ln_1(x)).view(batch, 3, self.heads, self.head_dim)
+            qkv = block.attn.packed_qkv(block.ln_1(x))[:, 0]  # (batch, 3, heads, head_dim): one token
             flat = pool[layer].view(2, -1, self.heads, self.head_dim)
             flat.index_copy_(1, where, qkv[:, 1:].transpose(0, 1))
             cached = (run_of[layer] if run_of is not None else pool[layer, :, slots, :longest]).transpose(
@@ -176,30 +177,13 @@ class DecodeCache:
             attended = F.scaled_dot_product_attention(
                 qkv[:, 0, :, None], cached[0], cached[1], attn_mask=mask
             )
-            x = self._rest(block, x, attended)
+            x = block.after_attention(x, block.attn.project(attended))
         for owner, slot in zip(owners, slots_of, strict=True):
             slot.cached += 1
             if slot.cached == self.block_size:  # a full window: the next step slides it
                 self._release(owner)
         logits: torch.Tensor = model.lm_head(model.ln_f(x[:, 0])).float()
         return logits
-
-    # -- one block, split around attention ---------------------------------------------------------
-
-    def _qkv(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values `(batch, heads, tokens, head_dim)` of the block's attention."""
-        b, t, c = x.shape
-        q, k, v = block.attn.c_attn(block.ln_1(x)).split(c, dim=2)
-        shape = (b, t, self.heads, self.head_dim)
-        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-
-    @staticmethod
-    def _rest(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The block after attention: output projection, residual, MLP."""
-        b, _, t, _ = attended.shape
-        x = x + block.attn.c_proj(attended.transpose(1, 2).reshape(b, t, -1))
-        out: torch.Tensor = x + block.mlp(block.ln_2(x))
-        return out
 
     # -- slots ------------------------------------------------------------------------------------
 
