@@ -21,13 +21,13 @@ Variants, all in one run, on the same checkpoint, same prompts and same load gen
       caller, so a batch runs until its longest sequence ends and new requests wait for the next batch
       (Ray Serve's request-level batching)
 
-The model: a checkpoint in the training workload's own format (`workloads/train/checkpoint.py`, the layout
-`load_for_inference` reads), random weights of the built-in GPT `--size` (seeded), written once into
---work-dir (or pass --checkpoint). Its EOS row of the (tied) embedding is zero, so EOS's logit is exactly 0
-and greedy decoding never picks it over the 256 byte tokens: every request generates exactly --max-tokens
-tokens (checked on each server before its sweep). Every request: one prompt of --prompt-tokens bytes (byte
-tokenizer: one token per byte), `max_tokens` = --max-tokens, temperature 0 (greedy, so every variant does
-the same work and gives the same text).
+The model: a checkpoint in the training workload's own format (`tandem/workloads/train/checkpoint.py`,
+the layout `load_for_inference` reads), random weights of the built-in GPT `--size` (seeded), written once
+into --work-dir (or pass --checkpoint). Its EOS row of the (tied) embedding is zero, so EOS's logit is
+exactly 0 and greedy decoding never picks it over the 256 byte tokens: every request generates exactly
+--max-tokens tokens (checked on each server before its sweep). Every request: one prompt of
+--prompt-tokens bytes (byte tokenizer: one token per byte), `max_tokens` = --max-tokens, temperature 0
+(greedy, so every variant does the same work and gives the same text).
 
 Load: `tandem.workloads.serve.loadgen` (open loop, --clients processes, keep-alive HTTP/1.1; latency counted
 from each request's scheduled send time). A fraction (--stream-fraction) of the requests at each rate is
@@ -65,8 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.workloads.serve.loadgen import LoadGenerator, LoadResult, percentile, request_bytes
-from tandem.workloads.serve.process import ServerProcess
+from loadgen import LoadGenerator, LoadResult, percentile, request_bytes
+from serverprocess import ServerProcess
 
 PATH = "/v1/completions"
 MODEL_NAME = "gpt"

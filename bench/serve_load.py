@@ -35,8 +35,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.workloads.serve.loadgen import LoadGenerator, LoadResult, static_server
-from tandem.workloads.serve.process import ServerProcess
+from loadgen import LoadGenerator, LoadResult, static_server
+from serverprocess import ServerProcess
 
 
 def ray_serve(model_dir: Path, **options: object) -> AbstractContextManager[str]:

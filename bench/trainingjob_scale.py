@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 from operator_process import start_operator  # noqa: E402
 
+from tandem.api.trainingjob import TrainingJobSpec  # noqa: E402
 from tandem.devcluster import cluster as devcluster  # noqa: E402
 from tandem.devinstall import Kubectl, install_crds, operator_kubeconfig  # noqa: E402
-from tandem.operator.api.trainingjob import TrainingJobSpec  # noqa: E402
 from tandem.operator.trainingjob import builders  # noqa: E402
 
 CLUSTER = "tandem-bench"

@@ -7,11 +7,9 @@ only when its subcommand runs, so `tandem --help` works in both the operator and
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from tandem import __version__
-from tandem.errors import UserError
+from tandem import __version__, commands
 
 DESCRIPTION = """\
 Tandem runs both halves of a model's life on Kubernetes: distributed PyTorch training
@@ -32,32 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.workloads.serve import cli as serve_cli
     from tandem.workloads.train import cli as train_cli
 
-    parser = argparse.ArgumentParser(
-        prog="tandem",
+    parser = commands.parser_with(
+        cluster_cli.register,
+        operator_cli.register,
+        train_cli.register,
+        serve_cli.register,
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    cluster_cli.register(subparsers)
-    operator_cli.register(subparsers)
-    train_cli.register(subparsers)
-    serve_cli.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 2
-    try:
-        return int(handler(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return commands.run(build_parser(), argv)

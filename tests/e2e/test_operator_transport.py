@@ -1,4 +1,4 @@
-"""The operator's API transport (libcurl, `operator/kubehttp.py`) against the real API server: TLS
+"""The operator's API transport (libcurl, `tandem/operator/kubehttp.py`) against the real API server: TLS
 checked against the cluster's CA, the admin's client certificate, and a kubeconfig `tls-server-name`
 (the name the server's certificate is checked against, while the connection goes to `server`)."""
 

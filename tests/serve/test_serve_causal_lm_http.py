@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from serverprocess import ServerProcess
 
 from tandem.workloads.models.tokenizer import EOS
-from tandem.workloads.serve.process import ServerProcess
 
 
 @pytest.fixture(scope="module")

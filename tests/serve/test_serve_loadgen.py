@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tandem.workloads.serve.loadgen import LoadGenerator, _chunked_end, percentile, static_server
-from tandem.workloads.serve.process import ServerProcess
+from loadgen import LoadGenerator, _chunked_end, percentile, static_server
+from serverprocess import ServerProcess
 
 
 def test_sustains_thousands_of_requests_per_second_against_a_static_server() -> None:

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tandem.workloads.serve.process import ServerProcess
+from serverprocess import ServerProcess
 
 MODEL_JSON = {
     "inputs": [

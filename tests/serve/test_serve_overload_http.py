@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from tandem.workloads.serve.process import ServerProcess
+from serverprocess import ServerProcess
 
 HOLD_MS = "600000"  # items wait for a full batch (or a drain), never for the delay
 

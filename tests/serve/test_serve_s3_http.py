@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from s3server import MotoS3Server
+from serverprocess import ServerProcess
 
-from tandem.workloads.serve.process import ServerProcess
 from tandem.workloads.storage import COMPLETE_MARKER
 
 MODEL_JSON = {

@@ -23,8 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from tandem.workloads.serve.process import ServerProcess
+from serverprocess import ServerProcess
 
 WORKER = "x-tandem-worker"
 HOLD_MS = "600000"  # items wait for a full batch (or a drain), never for the delay

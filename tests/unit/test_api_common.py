@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from tandem.operator.api import common
-from tandem.operator.api.common import (
+from tandem.api import common
+from tandem.api.common import (
     Condition,
     ObjectMeta,
     Quantity,

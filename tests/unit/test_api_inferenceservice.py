@@ -10,9 +10,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tandem.operator.api import inferenceservice as isvc
-from tandem.operator.api.common import describe_validation_error
-from tandem.operator.api.inferenceservice import (
+from tandem.api import inferenceservice as isvc
+from tandem.api.common import describe_validation_error
+from tandem.api.inferenceservice import (
     InferenceService,
     InferenceServicePhase,
     InferenceServiceSpec,

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tandem.operator.api import trainingjob as tj
-from tandem.operator.api.common import API_VERSION, describe_validation_error
-from tandem.operator.api.trainingjob import (
+from tandem.api import trainingjob as tj
+from tandem.api.common import API_VERSION, describe_validation_error
+from tandem.api.trainingjob import (
     TrainingJob,
     TrainingJobPhase,
     TrainingJobSpec,

@@ -15,8 +15,8 @@ from celpy.adapter import json_to_cel
 from pydantic import BaseModel, ValidationError
 
 from tandem import cli
+from tandem.api import common, inferenceservice, trainingjob
 from tandem.operator import crdgen
-from tandem.operator.api import common, inferenceservice, trainingjob
 from tandem.operator.crdgen_docs import check_reference
 from tandem.operator.crdgen_schema import SchemaError, apply_defaults, model_schema, structural_problems
 

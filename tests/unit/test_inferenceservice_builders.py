@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tandem.operator.api.inferenceservice import InferenceServiceSpec
+from tandem.api.inferenceservice import InferenceServiceSpec
 from tandem.operator.gpu import GPU_TOLERATION
 from tandem.operator.inferenceservice import builders
 from tandem.operator.inferenceservice.builders import ModelTarget, Service

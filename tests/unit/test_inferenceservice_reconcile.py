@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from tandem.operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
+from tandem.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from tandem.operator.config import OperatorSettings
 from tandem.operator.inferenceservice import builders
 from tandem.operator.inferenceservice.builders import Service

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tandem.operator.api.trainingjob import CheckpointInfo, Progress
+from tandem.api.trainingjob import CheckpointInfo, Progress
 from tandem.workloads.train.progress import (
     ListWriter,
     PodAnnotationWriter,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tandem.operator.api.trainingjob import TrainingJobSpec
+from tandem.api.trainingjob import TrainingJobSpec
 from tandem.operator.trainingjob import builders
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from tandem.api.trainingjob import TrainingJobSpec
 from tandem.operator import kube
-from tandem.operator.api.trainingjob import TrainingJobSpec
 from tandem.operator.handlers_common import BodyStore
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.handlers import SeenChildren

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.operator.api.trainingjob import TrainingJobPhase, TrainingJobStatus
+from tandem.api.trainingjob import TrainingJobPhase, TrainingJobStatus
 from tandem.operator.trainingjob.handlers import RESYNC_SECONDS, RETRY_SECONDS, recheck_in
 from tandem.operator.trainingjob.reconcile import Decision
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tandem.operator.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from tandem.api.trainingjob import TrainingJobSpec, TrainingJobStatus
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
 from tandem.operator.trainingjob.reconcile import (

@@ -25,9 +25,9 @@ import yaml
 from kubeobjects import events, get, status_of
 from operator_process import OperatorProcess, start_operator, wait_for
 from prometheus_process import PrometheusProcess, start_prometheus
+from serverprocess import ServerProcess
 
 from tandem.devinstall import Kubectl
-from tandem.workloads.serve.process import ServerProcess
 
 NAME = "scaled"
 CLIENTS = 8

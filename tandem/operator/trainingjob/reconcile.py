@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from tandem.operator.api.common import Condition, set_condition
-from tandem.operator.api.trainingjob import (
+from tandem.api.common import Condition, set_condition
+from tandem.api.trainingjob import (
     CheckpointInfo,
     ConditionType,
     FailureInfo,

@@ -258,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tandem.workloads.serve ...`: the same options as `tandem serve`."""
-    from tandem import cli
+    import sys
 
-    return cli.main(["serve", *(argv if argv is not None else __import__("sys").argv[1:])])
+    from tandem import commands
+
+    return commands.run(
+        commands.parser_with(register), ["serve", *(argv if argv is not None else sys.argv[1:])]
+    )

@@ -12,8 +12,8 @@ import hashlib
 import json
 from typing import Any
 
-from tandem.operator.api.common import API_VERSION
-from tandem.operator.api.trainingjob import KIND, TrainingJobSpec
+from tandem.api.common import API_VERSION
+from tandem.api.trainingjob import KIND, TrainingJobSpec
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 LABEL_JOB = "tandem.dev/trainingjob"

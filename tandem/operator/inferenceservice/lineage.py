@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.operator.api.inferenceservice import InferenceServiceSpec, RolloutPolicy
+from tandem.api.inferenceservice import InferenceServiceSpec, RolloutPolicy
 from tandem.operator.inferenceservice.builders import ModelTarget, model_spec_hash
 from tandem.operator.inferenceservice.observe import ObservedDeployment, ObservedTrainingJob
 

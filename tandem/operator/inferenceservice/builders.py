@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.operator.api.common import API_VERSION
-from tandem.operator.api.inferenceservice import KIND, InferenceServiceSpec
+from tandem.api.common import API_VERSION
+from tandem.api.inferenceservice import KIND, InferenceServiceSpec
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 #: Label every replica pod carries; `status.selector` (the scale subresource's selector) is built on it.

@@ -9,7 +9,7 @@ changed. The autoscaler task reads load every `autoscaler_tick_seconds`, writes 
 in builtin mode writes its decisions to `spec.replicas.count` through the scale subresource.
 
 No kopf timer or daemon: they put a finalizer on every service, so that deleting one hung while the
-operator was down (`operator/workqueue.py`).
+operator was down (`tandem/operator/workqueue.py`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from typing import Any
 
 import kopf
 
-from tandem.operator import autoscaler, kube
-from tandem.operator.api.common import GROUP, VERSION
-from tandem.operator.api.inferenceservice import (
+from tandem.api.common import GROUP, VERSION
+from tandem.api.inferenceservice import (
     KIND,
     PLURAL,
     AutoscalingMode,
@@ -36,6 +35,7 @@ from tandem.operator.api.inferenceservice import (
     InferenceServiceSpec,
     InferenceServiceStatus,
 )
+from tandem.operator import autoscaler, kube
 from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import (

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from tandem.operator.api.common import Condition, find_condition, set_condition
-from tandem.operator.api.inferenceservice import (
+from tandem.api.common import Condition, find_condition, set_condition
+from tandem.api.inferenceservice import (
     ConditionType,
     InferenceServicePhase,
     InferenceServiceSpec,

@@ -19,11 +19,11 @@ SIMULATED_LABEL = "tandem.dev/simulated"
 # Set this annotation to "true" on a pod (at creation, or later with a patch) and kwok fails it:
 # phase Failed, each container terminated with exit code CRASH_EXIT_CODE_ANNOTATION (default 1)
 # and reason CRASH_REASON_ANNOTATION (default "Error"). The pod must be Running first; one created
-# with the annotation is Running for an instant, then Failed. See devcluster/kwok/pod-crash.yaml.
+# with the annotation is Running for an instant, then Failed. See tandem/devcluster/kwok/pod-crash.yaml.
 CRASH_POD_ANNOTATION = "devcluster.tandem.dev/crash"
 CRASH_EXIT_CODE_ANNOTATION = "devcluster.tandem.dev/crash-exit-code"
 CRASH_REASON_ANNOTATION = "devcluster.tandem.dev/crash-reason"
-#: A Running pod with this annotation set to "true" succeeds (exit 0); see devcluster/kwok/pod-complete.yaml.
+#: A Running pod with this annotation set to "true" succeeds (exit 0); see kwok/pod-complete.yaml here.
 COMPLETE_POD_ANNOTATION = "devcluster.tandem.dev/complete"
 
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from tandem.operator import kube
-from tandem.operator.api.common import (
+from tandem.api.common import (
     API_VERSION,
     GROUP,
     VERSION,
@@ -22,6 +21,7 @@ from tandem.operator.api.common import (
     describe_validation_error,
     set_condition,
 )
+from tandem.operator import kube
 
 #: Condition every Tandem resource carries: is the spec valid and taken in hand?
 ACCEPTED = "Accepted"

@@ -90,8 +90,8 @@ def parse_spec(spec: dict[str, Any], *, source: str = "spec") -> Any:
     """Validate a TrainingJob spec (camelCase wire form) with the API models; `UserError` naming the field."""
     from pydantic import ValidationError
 
-    from tandem.operator.api.common import describe_validation_error
-    from tandem.operator.api.trainingjob import TrainingJobSpec
+    from tandem.api.common import describe_validation_error
+    from tandem.api.trainingjob import TrainingJobSpec
 
     try:
         return TrainingJobSpec.model_validate(spec)
@@ -157,7 +157,7 @@ def from_spec(
     set exists and is long enough, and that a checkpoint location exists when the spec asks for one.
     `num_workers` overrides `spec.workers.replicas` (a local run on fewer cores).
     """
-    from tandem.operator.api.trainingjob import TrainingJobSpec
+    from tandem.api.trainingjob import TrainingJobSpec
 
     if isinstance(spec, dict):
         spec = parse_spec(spec)
@@ -235,7 +235,7 @@ def from_spec(
 
 
 def _cpus(spec: Any) -> float:
-    from tandem.operator.api.common import Resources
+    from tandem.api.common import Resources
 
     res: Resources = spec.workers.resources
     if res.cpu is None:

@@ -349,7 +349,7 @@ class LoadGenerator:
         for _ in range(self.processes):
             self._workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tandem.workloads.serve.loadgen", "worker"],
+                    [sys.executable, __file__, "worker"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                 )
@@ -504,7 +504,7 @@ def static_server(body: bytes = b'{"ok":true}', *, processes: int = 1) -> Iterat
     try:
         for _ in range(processes):
             child = subprocess.Popen(
-                [sys.executable, "-m", "tandem.workloads.serve.loadgen", "static", str(port), body.hex()],
+                [sys.executable, __file__, "static", str(port), body.hex()],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -527,11 +527,11 @@ def static_server(body: bytes = b'{"ok":true}', *, processes: int = 1) -> Iterat
 if __name__ == "__main__":
     # Run the functions of the imported module (not of `__main__`), so pickled results name classes the
     # parent can load.
-    from tandem.workloads.serve import loadgen
+    import loadgen  # this file, under its module name (bench/ is sys.path[0])
 
     if sys.argv[1:2] == ["worker"]:
         loadgen._worker()
     elif sys.argv[1:2] == ["static"]:
         loadgen._static_server_main(int(sys.argv[2]), bytes.fromhex(sys.argv[3]))
     else:
-        sys.exit("usage: python -m tandem.workloads.serve.loadgen worker | static PORT BODY_HEX")
+        sys.exit("usage: python bench/loadgen.py worker | static PORT BODY_HEX")

@@ -18,7 +18,7 @@ from tandem.errors import UserError
 CLUSTER_HELP = """\
 A real Kubernetes control plane on this machine, for the demo and the end-to-end tests:
 etcd, kube-apiserver, kube-controller-manager and kube-scheduler built from the official Go
-modules (pinned in devcluster/gomod/), plus kwok simulating the nodes -- GPU nodes advertising
+modules (pinned in tandem/devcluster/gomod/), plus kwok simulating the nodes -- GPU nodes advertising
 nvidia.com/gpu, and pods that become Running (or crash on request) without containers.
 
 Everything listens on 127.0.0.1. State (certificates, etcd data, logs) lives in

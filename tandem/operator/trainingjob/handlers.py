@@ -21,9 +21,8 @@ from typing import Any
 import kopf
 import orjson
 
-from tandem.operator import kube
-from tandem.operator.api.common import GROUP, VERSION
-from tandem.operator.api.trainingjob import (
+from tandem.api.common import GROUP, VERSION
+from tandem.api.trainingjob import (
     KIND,
     PLURAL,
     ConditionType,
@@ -31,6 +30,7 @@ from tandem.operator.api.trainingjob import (
     TrainingJobSpec,
     TrainingJobStatus,
 )
+from tandem.operator import kube
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import (
     BodyStore,

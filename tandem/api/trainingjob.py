@@ -8,7 +8,7 @@ from typing import ClassVar, Final, Literal
 
 from pydantic import Field, computed_field
 
-from tandem.operator.api.common import (
+from tandem.api.common import (
     API_VERSION,
     CONDITIONS_LIST_EXTRA,
     DNS_SUBDOMAIN_PATTERN,
