@@ -315,6 +315,14 @@ class ServingCost(StatusModel):
     """Cost per million requests at the current load."""
     usd_per_million_tokens: float | None = Field(default=None, ge=0)
     """Cost per million generated tokens at the current load (causal-lm)."""
+    gpus: int | None = Field(default=None, ge=0)
+    """GPUs that the replicas on nodes hold now."""
+    usd: float | None = Field(default=None, ge=0)
+    """Serving cost so far, US dollars (the spend that `tandem cost` sets against training's)."""
+    gpu_hours: float | None = Field(default=None, ge=0)
+    """GPU-hours held by the replicas so far."""
+    last_update_time: datetime | None = None
+    """When usd and gpuHours were last brought up to date (cost accrues from here at hourlyUSD)."""
 
 
 class InferenceServiceStatus(StatusModel):

@@ -17,15 +17,21 @@ from typing import Any
 import yaml
 
 from tandem.errors import UserError
+from tandem.operator import cost
 
 CONFIG_FILE_ENV = "TANDEM_CONFIG_FILE"
 ENV_PREFIX = "TANDEM_"
 
+#: USD per GPU-hour by `nvidia.com/gpu.product`. The chart's `config.gpuPricesUsdPerHour` repeats this table
+#: value for value (tests/unit/test_operator_config.py holds them equal); change both together.
+#: Sources, read 2026-12-05: the hyperscaler on-demand ranges of mercatus-ai.com/blog/cloud-gpu-pricing
+#: (May 2026: H100 SXM5 $3.50-5.00, H200 $4.50-7.00, A100 80GB $1.50-3.00) and RunPod's L4
+#: on-demand rate quoted by deploybase.ai/articles/nvidia-l4-price ($0.44).
 DEFAULT_GPU_PRICES_USD_PER_HOUR: dict[str, float] = {
     "NVIDIA-H100-80GB-HBM3": 4.00,
     "NVIDIA-H200": 5.00,
     "NVIDIA-A100-SXM4-80GB": 2.50,
-    "NVIDIA-L4": 0.80,
+    "NVIDIA-L4": 0.44,
 }
 
 
@@ -54,8 +60,16 @@ class OperatorSettings:
         metadata=_doc("Price of one GPU-hour by GPU product label (nvidia.com/gpu.product)."),
     )
     default_gpu_price_usd_per_hour: float = field(
-        default=3.00,
-        metadata=_doc("Price of one GPU-hour for products missing from the table."),
+        default=cost.OPENCOST_GPU_USD_PER_GPU_HOUR,
+        metadata=_doc("Price of one GPU-hour for products missing from the table (OpenCost's default)."),
+    )
+    cpu_price_usd_per_vcpu_hour: float = field(
+        default=cost.OPENCOST_CPU_USD_PER_VCPU_HOUR,
+        metadata=_doc("Price of one vCPU-hour of a container's request (OpenCost's default)."),
+    )
+    memory_price_usd_per_gib_hour: float = field(
+        default=cost.OPENCOST_RAM_USD_PER_GIB_HOUR,
+        metadata=_doc("Price of one GiB-hour of a container's memory request (OpenCost's default)."),
     )
     prometheus_url: str = field(
         default="",
@@ -73,11 +87,18 @@ class OperatorSettings:
         default=6, metadata=_doc("Default panic window when a service does not set one.")
     )
 
+    def prices(self) -> cost.Prices:
+        """The price table of the cost model (tandem.operator.cost)."""
+        return cost.Prices(
+            gpu_by_product=self.gpu_prices_usd_per_hour,
+            gpu_default=self.default_gpu_price_usd_per_hour,
+            cpu_per_vcpu_hour=self.cpu_price_usd_per_vcpu_hour,
+            ram_per_gib_hour=self.memory_price_usd_per_gib_hour,
+        )
+
     def gpu_price(self, product: str | None) -> float:
         """USD per GPU-hour for a product label, falling back to the default price."""
-        if product and product in self.gpu_prices_usd_per_hour:
-            return self.gpu_prices_usd_per_hour[product]
-        return self.default_gpu_price_usd_per_hour
+        return self.prices().gpu(product)
 
 
 def camel_name(snake: str) -> str:

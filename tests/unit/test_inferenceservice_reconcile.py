@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tandem.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from tandem.operator.config import OperatorSettings
+from tandem.operator.cost import Amounts, Container
 from tandem.operator.inferenceservice import builders
 from tandem.operator.inferenceservice.builders import Service
 from tandem.operator.inferenceservice.observe import (
@@ -69,6 +70,8 @@ def replica(name: str = "embed-1", ready: bool = True, bound: bool = True, **ext
         deleting=False,
         fatal=extra.get("fatal", ""),
         unschedulable=extra.get("unschedulable", ""),
+        on_node=bound,
+        containers=(Container(Amounts(gpus=1)),),  # SPEC's resources: one GPU
     )
 
 
@@ -109,7 +112,7 @@ def test_a_new_service_creates_its_children_and_is_pending() -> None:
     assert status["url"] == "http://embed.ml.svc"
     assert status["selector"] == "tandem.dev/inferenceservice=embed"
     assert status["replicas"] == {"desired": 2, "ready": 0}
-    assert status["cost"]["hourlyUSD"] == 2 * 4.0
+    assert status["cost"]["hourlyUSD"] == 0  # no replica on a node yet: nothing costs
     assert [e.reason for e in decision.events] == ["Created", "Pending"]
 
 
@@ -180,8 +183,11 @@ def test_suspend_scales_to_zero_keeps_everything_and_resume_restores_the_count()
     assert suspended.create == []  # Service and PDB stay (only the Deployment changes)
     assert suspended.status.phase == "Suspended"
     assert suspended.status.cost is not None
-    assert suspended.status.cost.hourly_usd == 0
+    assert suspended.status.cost.hourly_usd == 2 * 4.0  # the replicas cost until they are gone
     observed = Observed(deployment=applied(suspended), replicas=[])
+    gone = tick(svc(suspend=True), observed, suspended.status, generation=2)
+    assert gone.status.cost is not None
+    assert gone.status.cost.hourly_usd == 0
     resumed = tick(svc(), observed, suspended.status, generation=3)
     assert resumed.apply is not None
     assert resumed.apply["spec"]["replicas"] == 2
@@ -190,7 +196,7 @@ def test_suspend_scales_to_zero_keeps_everything_and_resume_restores_the_count()
 
 def test_cost_per_million_requests_and_tokens_comes_from_the_observed_rates() -> None:
     status = InferenceServiceStatus.model_validate({"metrics": {"rps": 100.0, "tokensPerSecond": 2000.0}})
-    decision = tick(svc(), status=status)
+    decision = tick(svc(), Observed(replicas=[replica("a"), replica("b")]), status=status)
     assert decision.status.cost is not None
     # $8/h at 360,000 requests/h and 7.2 million tokens/h.
     assert decision.status.cost.usd_per_million_requests == round(8 / 360_000 * 1e6, 4)
@@ -339,3 +345,32 @@ def test_observers_read_the_api_objects() -> None:
     assert stuck.progress_failure == "m"
     assert not stuck.rolled_out
     assert builders.selector("x") == "tandem.dev/inferenceservice=x"
+
+
+def test_serving_cost_counts_only_replicas_on_nodes_and_accrues_the_rate_that_ran() -> None:
+    """100 replicas x 8 GPUs asked for, none scheduled: $0/h, not $3,200/h. Spend accrues at the rate
+    in force since the last update: at once when the rate changes, else every 30 seconds."""
+    big = svc(resources={"gpu": 8}, replicas={"min": 1, "max": 100, "count": 100})
+    pending = [replica(f"p{i}", ready=False, bound=False) for i in range(100)]
+    nothing = tick(big, Observed(replicas=pending))
+    assert nothing.status.cost is not None
+    assert (nothing.status.cost.hourly_usd, nothing.status.cost.gpus) == (0, 0)
+    eight_gpus = [replace(replica("a"), containers=(Container(Amounts(gpus=8)),))]
+    first = decide(big, 1, nothing.status, Observed(replicas=eight_gpus), T0, SETTINGS)
+    assert first.status.cost is not None
+    assert (first.status.cost.hourly_usd, first.status.cost.gpus, first.status.cost.usd) == (32.0, 8, 0)
+    soon = decide(big, 1, first.status, Observed(replicas=eight_gpus), T0 + timedelta(seconds=10), SETTINGS)
+    assert soon.status.to_dict() == first.status.to_dict()  # same rate, under 30 s: no status write
+    later = T0 + timedelta(minutes=30)
+    half_hour = decide(big, 1, first.status, Observed(replicas=eight_gpus), later, SETTINGS)
+    assert half_hour.status.cost is not None
+    assert half_hour.status.cost.usd == 16.0
+    assert half_hour.status.cost.gpu_hours == 4.0
+    # The replica goes 15 minutes later: those 15 minutes at $32/h count, then nothing more accrues.
+    gone_at = later + timedelta(minutes=15)
+    gone = decide(big, 1, half_hour.status, Observed(replicas=[]), gone_at, SETTINGS)
+    assert gone.status.cost is not None
+    assert (gone.status.cost.usd, gone.status.cost.hourly_usd) == (24.0, 0)
+    idle = decide(big, 1, gone.status, Observed(replicas=[]), gone_at + timedelta(hours=5), SETTINGS)
+    assert idle.status.cost is not None
+    assert idle.status.cost.usd == 24.0

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tandem.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from tandem.operator.cost import Amounts, Container, Prices
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
 from tandem.operator.trainingjob.reconcile import (
@@ -19,6 +20,8 @@ from tandem.operator.trainingjob.reconcile import (
 )
 
 T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+#: $2 per GPU-hour, CPU and memory free: the GPU arithmetic of the tests stays readable.
+PRICES = Prices({}, gpu_default=2.0, cpu_per_vcpu_hour=0.0, ram_per_gib_hour=0.0)
 SPEC: dict[str, Any] = {
     "trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///d"}, "maxSteps": 1000}},
     "workers": {"replicas": 2, "resources": {"gpu": 4}, "gpuProduct": "H100"},
@@ -62,6 +65,7 @@ def pod(
         progress=extra.pop("progress", None),
         spec_hash=extra.pop("spec_hash", builders.pod_spec_hash(job().spec)),
         ip=extra.pop("ip", f"10.0.0.{attempt}" if phase == "Running" and node is not None else None),
+        containers=(Container(Amounts(gpus=4)),) if role == "worker" else (),
     )
 
 
@@ -72,7 +76,7 @@ def gang(attempt: int = 1, **extra: Any) -> list[ObservedPod]:
 def tick(
     status: dict[str, Any], pods: list[ObservedPod], now: datetime = T0, the_job: Job | None = None
 ) -> Decision:
-    return decide(the_job or job(), TrainingJobStatus.model_validate(status), pods, NODES, now, lambda _: 2.0)
+    return decide(the_job or job(), TrainingJobStatus.model_validate(status), pods, NODES, now, PRICES)
 
 
 def test_a_new_job_creates_its_whole_gang_at_once() -> None:
@@ -286,7 +290,7 @@ def test_a_vanished_pod_or_a_notready_node_restarts() -> None:
         gang(),
         sick,
         T0,
-        lambda _: 1.0,
+        PRICES,
     )
     assert decision.status.last_failure is not None
     assert decision.status.last_failure.reason == "NodeNotReady"
@@ -387,7 +391,11 @@ def test_pods_made_by_an_operator_that_died_before_writing_status_are_adopted() 
 def test_the_decision_says_when_the_clock_alone_will_change_it() -> None:
     """The operator wakes a job then (and on changes), not on a fixed tick."""
     # A gang waiting to be bound: its timeout (60 s from the pods' creation).
-    waiting = [pod("head"), replace(pod("worker-0"), gpus=0), pod("worker-1", node=None, phase="Pending")]
+    waiting = [
+        pod("head"),
+        replace(pod("worker-0"), gpus=0, containers=()),
+        pod("worker-1", node=None, phase="Pending"),
+    ]
     scheduling = {"phase": "Scheduling", "attempt": 1}
     assert tick(scheduling, waiting, now=T0 + timedelta(seconds=20)).due_in == 40
     # A backoff before the next gang.
@@ -401,7 +409,7 @@ def test_the_decision_says_when_the_clock_alone_will_change_it() -> None:
     deadline = job(activeDeadlineSeconds=15)
     assert tick(started, gang(), now=T0 + timedelta(seconds=10), the_job=deadline).due_in == 5
     # A running gang without GPUs: nothing is due; only a change will matter.
-    cpu_gang = [replace(p, gpus=0) for p in gang()]
+    cpu_gang = [replace(p, gpus=0, containers=()) for p in gang()]
     cpu_running = tick(scheduling, cpu_gang).status.to_dict()
     assert tick(cpu_running, cpu_gang, now=T0 + timedelta(seconds=10)).due_in is None
     # A finished job: its TTL, if it has one.

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.operator import cost
 from tandem.operator.inferenceservice.builders import (
     ANNOTATION_CHECKPOINT_CLAIM,
     ANNOTATION_CHECKPOINT_STEP,
@@ -118,6 +119,9 @@ class ObservedReplica:
     fatal: str
     #: The scheduler's reason while the pod is unschedulable.
     unschedulable: str
+    #: Whether it holds a node's resources (bound and not finished), and its containers' priced requests.
+    on_node: bool = False
+    containers: tuple[cost.Container, ...] = ()
 
 
 def observe_replica(pod: Mapping[str, Any]) -> ObservedReplica:
@@ -144,6 +148,8 @@ def observe_replica(pod: Mapping[str, Any]) -> ObservedReplica:
         unschedulable=str(scheduled.get("message") or "Unschedulable")
         if scheduled.get("status") == "False"
         else "",
+        on_node=cost.on_node(status.get("phase"), (pod.get("spec") or {}).get("nodeName")),
+        containers=cost.containers_of(pod),
     )
 
 

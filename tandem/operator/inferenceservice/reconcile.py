@@ -25,6 +25,7 @@ from tandem.api.inferenceservice import (
     ServingCost,
     ServingMetrics,
 )
+from tandem.operator import cost
 from tandem.operator.config import OperatorSettings
 from tandem.operator.handlers_common import accepted
 from tandem.operator.inferenceservice import builders, lineage
@@ -84,23 +85,50 @@ class Decision:
     events: list[Event] = field(default_factory=list)
 
 
-def hourly_cost_usd(spec: InferenceServiceSpec, replicas: int, settings: OperatorSettings) -> float:
-    """GPU cost per hour of `replicas` replicas at the operator's price for the service's GPU product."""
-    return round(replicas * spec.resources.gpu * settings.gpu_price(spec.gpu_product), 4)
+#: While the replicas on nodes stay the same, the spend so far is written at most this often.
+COST_REFRESH_SECONDS = 30
 
 
-def cost(
-    spec: InferenceServiceSpec, replicas: int, metrics: ServingMetrics | None, settings: OperatorSettings
+def replicas_rate(
+    spec: InferenceServiceSpec, replicas: Sequence[ObservedReplica], prices: cost.Prices
+) -> cost.Rate:
+    """What the replicas on nodes cost per hour (one not yet scheduled costs nothing). GPUs are priced
+    by the product the spec asks for, which is where its nodeSelector puts them."""
+    total = cost.Rate()
+    for replica in replicas:
+        if replica.on_node:
+            total += cost.pod_rate(replica.containers, spec.gpu_product, prices)
+    return total
+
+
+def serving_cost(
+    previous: ServingCost | None, rate: cost.Rate, metrics: ServingMetrics | None, now: datetime
 ) -> ServingCost:
-    """Hourly cost of the replicas, and per million requests and tokens at the observed rates."""
-    hourly = hourly_cost_usd(spec, replicas, settings)
+    """The spend so far (the previous rate ran since the last update), the rate from now on, and the
+    cost per million requests and tokens at the observed load. The spend moves when the rate
+    changes, or every COST_REFRESH_SECONDS, so the status is not rewritten on every reconcile."""
+    previous = previous or ServingCost()
+    since = previous.last_update_time or now
+    elapsed = (now - since).total_seconds()
+    hourly = round(rate.usd_per_hour, 4)
+    changed = hourly != previous.hourly_usd or rate.gpus != (previous.gpus or 0)
+    spend = cost.Spend(previous.usd or 0.0, (previous.gpu_hours or 0.0) * cost.SECONDS_PER_HOUR)
+    last_update = since
+    if changed or elapsed >= COST_REFRESH_SECONDS:
+        ran = cost.Rate(previous.hourly_usd or 0.0, previous.gpus or 0)
+        spend, last_update = spend.plus(ran, elapsed), now
 
-    def per_million(rate: float | None) -> float | None:
-        return round(hourly / (rate * 3600) * 1_000_000, 4) if rate and rate > 0 else None
+    def per_million(per_second: float | None) -> float | None:
+        value = cost.per_million(hourly, per_second)
+        return None if value is None else round(value, 4)
 
     return ServingCost().model_copy(
         update={
             "hourly_usd": hourly,
+            "gpus": rate.gpus,
+            "usd": round(spend.usd, 6),
+            "gpu_hours": round(spend.gpu_seconds / cost.SECONDS_PER_HOUR, 6),
+            "last_update_time": last_update,
             "usd_per_million_requests": per_million(metrics.rps if metrics else None),
             "usd_per_million_tokens": per_million(metrics.tokens_per_second if metrics else None),
         }
@@ -175,7 +203,8 @@ class _Machine:
         dep = self.observed.deployment
         ready = min(dep.ready_replicas, desired) if dep else 0
         self.set(replicas=ReplicaCounts(desired=desired, ready=ready))
-        self.set(cost=cost(self.spec, desired, self.status.metrics, self.settings))
+        rate = replicas_rate(self.spec, self.observed.replicas, self.settings.prices())
+        self.set(cost=serving_cost(self.status.cost, rate, self.status.metrics, self.now))
         self.scaling_condition()
         return self.decision
 

@@ -303,7 +303,7 @@ class Controller:
             self.pods.get((namespace, name)),
             cluster_view(self.nodes),
             datetime.now(UTC),
-            self.settings.gpu_price,
+            self.settings.prices(),
         )
         applied = apply(decision, body, namespace, name, uid)
         retry = bool(applied.refused or applied.busy)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tandem.operator import cost
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.trainingjob.builders import (
     LABEL_ATTEMPT,
@@ -59,6 +60,8 @@ class ObservedPod:
     spec_hash: str = ""
     #: The pod's IP, once its sandbox is up (the head's is published as its Service's endpoint).
     ip: str | None = None
+    #: Its containers' priced requests (the cost model's input).
+    containers: tuple[cost.Container, ...] = ()
 
     @property
     def bound(self) -> bool:
@@ -106,6 +109,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         progress=(meta.get("annotations") or {}).get(PROGRESS_ANNOTATION),
         spec_hash=str(labels.get(LABEL_SPEC_HASH, "")),
         ip=status.get("podIP") or None,
+        containers=cost.containers_of(pod),
     )
 
 

@@ -9,7 +9,7 @@ bound within gangTimeoutSeconds is deleted whole and retried with backoff (Pendi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -29,6 +29,7 @@ from tandem.api.trainingjob import (
     TrainingJobStatus,
     WorkerCounts,
 )
+from tandem.operator import cost
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.handlers_common import accepted
 from tandem.operator.trainingjob import builders
@@ -128,12 +129,12 @@ class _Machine:
         pods: Sequence[ObservedPod],
         cluster: ClusterView,
         now: datetime,
-        price: Callable[[str | None], float],
+        prices: cost.Prices,
     ) -> None:
         self.job = job
         self.spec = job.spec
         self.now = now
-        self.price = price
+        self.prices = prices
         self.cluster = cluster
         self.original = current
         self.pods = [p for p in pods if not p.deleting]
@@ -229,7 +230,7 @@ class _Machine:
                 due.append(status.start_time + timedelta(seconds=spec.active_deadline_seconds))
             if status.phase is Phase.SCHEDULING and self.current:
                 due.append(self.gang_created() + timedelta(seconds=spec.scheduling.gang_timeout_seconds))
-            if any(p.phase == "Running" and p.gpus for p in self.pods) and status.cost is not None:
+            if any(rate.usd_per_hour > 0 for _, rate in self.pod_rates()) and status.cost is not None:
                 written = status.cost.last_update_time or self.now
                 due.append(written + timedelta(seconds=COST_REFRESH_SECONDS))
         if self.decision.hold:
@@ -557,28 +558,40 @@ class _Machine:
             )
             self.event("Checkpoint", f"checkpoint at step {checkpoint.step}: {checkpoint.uri}")
 
+    def pod_rates(self) -> list[tuple[ObservedPod, cost.Rate]]:
+        """The pods on nodes and what each costs per hour (tandem.operator.cost; GPUs priced by the
+        node's product label, else by the product the spec asks for)."""
+        rates = []
+        for pod in self.pods:
+            if not cost.on_node(pod.phase, pod.node):
+                continue
+            node = self.cluster.nodes.get(pod.node) if pod.node else None
+            product = node.product if node and node.product else self.spec.workers.gpu_product
+            rates.append((pod, cost.pod_rate(pod.containers, product, self.prices)))
+        return rates
+
     def accrue_cost(self) -> None:
-        """GPU-hours and USD of bound, running pods since the last update; written every 30 s or on change."""
-        cost = self.status.cost or TrainingCost(gpu_hours=0.0, usd=0.0)
-        since = cost.last_update_time or self.now
+        """GPU-hours and USD of the pods on nodes since the last update; written every 30 s or on change."""
+        so_far = self.status.cost or TrainingCost(gpu_hours=0.0, usd=0.0)
+        since = so_far.last_update_time or self.now
         changed = self.status.model_copy(update={"cost": None}) != self.original.model_copy(
             update={"cost": None}
         )
         if not changed and (self.now - since).total_seconds() < COST_REFRESH_SECONDS:
             return
-        gpu_hours, usd = cost.gpu_hours or 0.0, cost.usd or 0.0
-        for pod in self.pods:
-            if pod.phase != "Running" or not pod.gpus or pod.node is None:
-                continue
+        spend = cost.Spend(so_far.usd or 0.0, (so_far.gpu_hours or 0.0) * cost.SECONDS_PER_HOUR)
+        before = spend
+        for pod, rate in self.pod_rates():
             start = max(since, pod.started or since)
-            hours = max((self.now - start).total_seconds(), 0) / 3600 * pod.gpus
-            node = self.cluster.nodes.get(pod.node)
-            gpu_hours += hours
-            usd += hours * self.price(node.product if node else self.spec.workers.gpu_product)
-        if not changed and gpu_hours == (cost.gpu_hours or 0.0):
-            return  # nothing accrued (no GPU pod running): no status write just to move the clock
+            spend = spend.plus(rate, (self.now - start).total_seconds())
+        if not changed and spend == before:
+            return  # nothing accrued (nothing priced on a node): no status write just to move the clock
         self.set(
-            cost=TrainingCost(gpu_hours=round(gpu_hours, 6), usd=round(usd, 6), last_update_time=self.now)
+            cost=TrainingCost(
+                gpu_hours=round(spend.gpu_seconds / cost.SECONDS_PER_HOUR, 6),
+                usd=round(spend.usd, 6),
+                last_update_time=self.now,
+            )
         )
 
 
@@ -588,7 +601,7 @@ def decide(
     pods: Sequence[ObservedPod],
     cluster: ClusterView,
     now: datetime,
-    price: Callable[[str | None], float],
+    prices: cost.Prices,
 ) -> Decision:
     """One level-based reconcile of a TrainingJob. Pure: no I/O, no clock."""
-    return _Machine(job, current, pods, cluster, now, price).run()
+    return _Machine(job, current, pods, cluster, now, prices).run()

@@ -1,0 +1,160 @@
+"""One cost model for training and serving, allocated the way OpenCost allocates.
+
+A container is charged for max(request, usage) of each resource (vCPU, memory, GPUs) times that
+resource's hourly price, for the time it is on a node: a pod counts from the moment it is bound to a node
+(it reserves the node's resources even while its image is pulled) until it finishes or goes. A pod the
+scheduler has not placed costs nothing: an InferenceService asking for 100 x 8 GPUs with none scheduled
+costs $0/h. GPUs are priced by product (the node's `nvidia.com/gpu.product` label, else the product the
+spec asks for), falling back to a default price. Usage is optional: the operator has no usage source today
+(no metrics-server), so requests alone decide, as OpenCost does when usage is missing.
+
+Pure functions only: the reconcilers call them, the status and the Prometheus counters carry the result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.operator.gpu import GPU_RESOURCE
+
+#: OpenCost's published default prices (its `configs/default.json`, the prices it uses when no cloud
+#: pricing source is configured), read 2026-12-05: https://github.com/opencost/opencost.
+OPENCOST_CPU_USD_PER_VCPU_HOUR = 0.031611
+OPENCOST_RAM_USD_PER_GIB_HOUR = 0.004237
+OPENCOST_GPU_USD_PER_GPU_HOUR = 0.95
+#: OpenCost divides memory bytes by 1024^3 before applying its RAM price ("GB" there is a GiB).
+GIB = 1024**3
+SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Hourly prices: GPU by product (with a default for the rest), vCPU and GiB of memory."""
+
+    gpu_by_product: Mapping[str, float]
+    gpu_default: float = OPENCOST_GPU_USD_PER_GPU_HOUR
+    cpu_per_vcpu_hour: float = OPENCOST_CPU_USD_PER_VCPU_HOUR
+    ram_per_gib_hour: float = OPENCOST_RAM_USD_PER_GIB_HOUR
+
+    def gpu(self, product: str | None) -> float:
+        """USD per GPU-hour of `product`; the default price for an unknown or missing product."""
+        if product and product in self.gpu_by_product:
+            return self.gpu_by_product[product]
+        return self.gpu_default
+
+
+@dataclass(frozen=True)
+class Amounts:
+    """Amounts of the priced resources: vCPUs, memory bytes, whole GPUs."""
+
+    cpu: float = 0.0
+    memory_bytes: float = 0.0
+    gpus: int = 0
+
+    def at_least(self, other: Amounts | None) -> Amounts:
+        """Per resource, the larger of the two (OpenCost's max(request, usage))."""
+        if other is None:
+            return self
+        return Amounts(
+            max(self.cpu, other.cpu), max(self.memory_bytes, other.memory_bytes), max(self.gpus, other.gpus)
+        )
+
+
+@dataclass(frozen=True)
+class Container:
+    """One container's requests and, when known, its measured usage."""
+
+    request: Amounts
+    usage: Amounts | None = None
+
+    @property
+    def allocated(self) -> Amounts:
+        return self.request.at_least(self.usage)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """What something costs per hour while it runs, and the GPUs it holds."""
+
+    usd_per_hour: float = 0.0
+    gpus: int = 0
+
+    def __add__(self, other: Rate) -> Rate:
+        return Rate(self.usd_per_hour + other.usd_per_hour, self.gpus + other.gpus)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Money and GPU time accumulated so far."""
+
+    usd: float = 0.0
+    gpu_seconds: float = 0.0
+
+    def plus(self, rate: Rate, seconds: float) -> Spend:
+        """This spend after `rate` ran for `seconds` (negative time, from a clock step back, adds nothing)."""
+        seconds = max(seconds, 0.0)
+        return Spend(
+            self.usd + rate.usd_per_hour * seconds / SECONDS_PER_HOUR, self.gpu_seconds + rate.gpus * seconds
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _quantity(text: str) -> float:
+    """Parsed by the Kubernetes client's own parser (imported here: it loads the whole client)."""
+    from kubernetes.utils import parse_quantity
+
+    return float(parse_quantity(text))  # type: ignore[no-untyped-call]
+
+
+def _amount(value: Any) -> float:
+    """A quantity as a number; cached, because every pod event of the watches passes here."""
+    return _quantity(str(value)) if value not in (None, "") else 0.0
+
+
+def containers_of(pod: Mapping[str, Any]) -> tuple[Container, ...]:
+    """The priced requests of a pod's containers, from its manifest (requests, else limits, which is
+    what Kubernetes requests when only limits are set). Init containers are left out: they run before
+    the others and hold their resources only briefly."""
+    containers = []
+    for container in (pod.get("spec") or {}).get("containers") or ():
+        resources = container.get("resources") or {}
+        asked = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        containers.append(
+            Container(
+                Amounts(
+                    cpu=_amount(asked.get("cpu")),
+                    memory_bytes=_amount(asked.get("memory")),
+                    gpus=int(_amount(asked.get(GPU_RESOURCE))),
+                )
+            )
+        )
+    return tuple(containers)
+
+
+def on_node(phase: str | None, node: str | None) -> bool:
+    """Whether a pod holds a node's resources: bound to one and not finished."""
+    return node is not None and phase not in ("Succeeded", "Failed")
+
+
+def pod_rate(containers: Iterable[Container], gpu_product: str | None, prices: Prices) -> Rate:
+    """Hourly cost of one pod on a node: each container's allocation priced resource by resource."""
+    total = Rate()
+    for container in containers:
+        allocated = container.allocated
+        total += Rate(
+            allocated.gpus * prices.gpu(gpu_product)
+            + allocated.cpu * prices.cpu_per_vcpu_hour
+            + allocated.memory_bytes / GIB * prices.ram_per_gib_hour,
+            allocated.gpus,
+        )
+    return total
+
+
+def per_million(usd_per_hour: float, per_second: float | None) -> float | None:
+    """Dollars per million units (requests, tokens) at `per_second` units per second; None without load."""
+    if not per_second or per_second <= 0:
+        return None
+    return usd_per_hour / (per_second * SECONDS_PER_HOUR) * 1_000_000
