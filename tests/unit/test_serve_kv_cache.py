@@ -1,15 +1,17 @@
 """The causal-lm runtime's key/value cache against the model's own forward pass (real PyTorch, CPU): every
 step's logits must equal those of the whole context run from scratch, while sequences join, leave and slide
-past the window."""
+past the window; a join must cost the new prompt only; greedy answers must equal the uncached model's. The
+bucketed mode runs the decoding pass at the padded shapes that CUDA graphs capture (on CUDA), eagerly."""
 
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import pytest
 import torch
 
-from tandem.workloads.models.gpt import GPT, GPTConfig
+from tandem.workloads.models.gpt import GPT, Block, GPTConfig
 from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
 BLOCK = 24
@@ -49,12 +51,17 @@ def step(model: GPT, cache: DecodeCache, seqs: list[Seq]) -> None:
         seq.ids.append(int(got[i].argmax()))
 
 
-@pytest.mark.parametrize("one_pass", [False, True], ids=["split", "one-pass"])
-def test_steps_match_the_whole_context_while_sequences_join_leave_and_slide(
-    model: GPT, one_pass: bool
-) -> None:
+MODES = {
+    "split": {},
+    "one-pass": {"one_pass": True},
+    "bucketed": {"bucketed": True},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_match_the_whole_context_while_sequences_join_leave_and_slide(model: GPT, mode: str) -> None:
     rng = random.Random(1)
-    cache = DecodeCache(model, one_pass=one_pass)
+    cache = DecodeCache(model, **MODES[mode])
     seqs = [Seq(3, rng), Seq(11, rng)]
     for n in range(BLOCK + 6):  # the longer one slides past the window midway
         if n == 2:
@@ -66,6 +73,91 @@ def test_steps_match_the_whole_context_while_sequences_join_leave_and_slide(
         assert cache.holding == fitting, f"step {n}"
     assert cache.holding == 0, "every sequence has slid past the window; none should be cached"
     assert cache.capacity == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequences_join_and_leave_at_every_step(model: GPT, mode: str) -> None:
+    """Continuous batching at mixed lengths: every step some sequences leave (from anywhere in the batch,
+    so slots are compacted) and new ones join the cached ones; every row's logits stay exact."""
+    rng = random.Random(4)
+    cache = DecodeCache(model, **MODES[mode])
+    seqs = [Seq(rng.randrange(2, 9), rng) for _ in range(5)]
+    for n in range(14):
+        if n:
+            for _ in range(rng.randrange(0, 3)):
+                if len(seqs) > 1:
+                    seqs.pop(rng.randrange(len(seqs)))
+            for _ in range(rng.randrange(1, 4)):
+                seqs.insert(rng.randrange(len(seqs) + 1), Seq(rng.randrange(2, 9), rng))
+        step(model, cache, seqs)
+        assert cache.holding == len(seqs), f"step {n}"
+
+
+def token_rows(model: GPT) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Counts the token positions that pass through the first block at each call."""
+    seen: list[int] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0].shape[0] * args[0].shape[1])
+
+    first = cast("Block", model.h[0])
+    return seen, first.ln_1.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["split", "bucketed"])
+def test_a_join_runs_the_new_prompt_and_one_token_per_cached_row(model: GPT, mode: str) -> None:
+    rng = random.Random(5)
+    cache = DecodeCache(model, **MODES[mode])
+    cached = [Seq(16, rng) for _ in range(6)]
+    for _ in range(2):
+        step(model, cache, cached)
+    joining = Seq(5, rng)
+    seqs = [*cached, joining]
+    seen, handle = token_rows(model)
+    try:
+        with torch.inference_mode():
+            got = cache.logits(list(seqs), [s.window for s in seqs])
+    finally:
+        handle.remove()
+    for i, seq in enumerate(seqs):
+        torch.testing.assert_close(got[i], reference(model, seq.window), atol=1e-4, rtol=1e-4)
+    padded_prompt = 16  # WIDTH_STEP: the prefill pads widths to multiples of 16
+    decode_rows = 8 if mode == "bucketed" else 6  # 6 rows padded to the batch bucket of 8
+    assert sorted(seen) == sorted([decode_rows, padded_prompt]), seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_answers_equal_the_uncached_models(model: GPT, mode: str) -> None:
+    """fp32: the cached runs choose the same tokens as whole contexts run from scratch, through the greedy
+    choice made where the logits are (limited to the usable vocabulary), while sequences join and finish."""
+    vocab = 50
+
+    def generate(cache: DecodeCache) -> list[list[int]]:
+        rng = random.Random(6)
+        waiting = [(Seq(rng.randrange(3, 12), rng), rng.randrange(2, 15)) for _ in range(9)]
+        live: list[tuple[Seq, int]] = []  # (sequence, its length when finished)
+        done: list[list[int]] = []
+        with torch.inference_mode():
+            while waiting or live:
+                joining = rng.randrange(1, 4)
+                live += [(s, len(s.ids) + n) for s, n in waiting[:joining]]
+                del waiting[:joining]
+                seqs = [s for s, _ in live]
+                chosen = cache.step(list(seqs), [s.window for s in seqs]).greedy()
+                for seq, token in zip(seqs, chosen, strict=True):
+                    assert token < vocab
+                    seq.ids.append(token)
+                done += [s.ids for s, end in live if len(s.ids) == end]
+                live = [(s, end) for s, end in live if len(s.ids) < end]
+        return done
+
+    expected = generate(DecodeCache(model, keep=False, vocab=vocab))
+    assert generate(DecodeCache(model, vocab=vocab, **MODES[mode])) == expected
+
+
+def test_cuda_graphs_need_a_cuda_model(model: GPT) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs=False"):
+        DecodeCache(model, cuda_graphs=True)
 
 
 def test_the_pool_grows_for_a_larger_batch_and_reuses_freed_slots(model: GPT) -> None:

@@ -10,10 +10,27 @@ position adjacent, so a step writes every row's new keys and values with one `in
 sequence owns one slot from its first step (the *prefill*: its whole context in one pass, keys and values
 stored) until it leaves. The caller names sequences by object (`GenSequence`); a sequence missing from a
 step has left (the generation scheduler runs every active sequence at every step), so its slot is free
-again. Sequences take the lowest free slot, so a batch often owns a run of consecutive slots, which a step
-then reads as one view for every layer instead of a copy per layer. (On a GPU a small model's decoding step
-is bound by the CPU launching operations, so every operation per layer counts.) The pool grows (doubling)
-when a step has more sequences than slots, and is never shrunk.
+again. Slots stay dense: the cached sequences own slots 0 to n - 1, and when one leaves, the last slot's
+keys and values move into its hole (one copy of that sequence's cached positions). So the cached rows of a
+step always read slots 0 to n - 1 as one view of the pool for every layer, never a gather. The pool grows
+(doubling) when a step has more sequences than slots, and is never shrunk.
+
+A step in which new sequences join cached ones runs two passes: the cached rows' newest tokens (one token
+each, attending over their own lengths through a mask), then the new rows' whole contexts (right-padded
+together, their keys and values stored in fresh slots). So a join costs its own prompt, not a pass over
+every row's context.
+
+On a GPU the decoding pass of a small model is bound by the CPU launching its operations (a 124M model's
+bf16 step launches ~150 kernels in ~3.5 ms, and the card needs ~0.1 ms to read its weights). So on CUDA
+the decoding pass is captured in a CUDA graph (`cuda_graphs`, default on for CUDA) for bucketed shapes:
+the batch rounded up (1, 2, 4, 8, 16, then multiples of 16; padding rows attend to one position of a free
+slot) and the attended width rounded up to a multiple of 64 (128 past 512 positions); a step copies its
+tokens, positions and lengths into the graph's input buffers and replays it, and the greedy choice is made
+inside the graph (`StepResult.greedy`), so only one id per row comes back to the CPU. Graphs are captured
+on first use of a shape (tens of ms each, once) and share one memory pool; `reserve` sizes the pool up
+front so that it never moves (a moved pool drops every graph). This is what vLLM and SGLang do for their
+decode steps; their kernels also read each row's own length (paged attention), where this reads up to the
+bucket's width with a mask.
 
 A context longer than `block_size` slides (older tokens drop out of the window, as `GPT.generate` does),
 which shifts every position and so every cached key: such a sequence is recomputed whole at every step, as
@@ -22,7 +39,7 @@ without a cache.
 
 from __future__ import annotations
 
-import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -36,6 +53,19 @@ if TYPE_CHECKING:
 WIDTH_STEP = 16
 
 
+def batch_bucket(n: int) -> int:
+    """The captured batch size that holds `n` rows: 1, 2, 4, 8, 16, then multiples of 16."""
+    if n <= 16:
+        return 1 << max(0, (n - 1).bit_length())
+    return -(-n // 16) * 16
+
+
+def width_bucket(n: int, block_size: int) -> int:
+    """The captured attention width that holds `n` positions: multiples of 64, of 128 past 512."""
+    step = 64 if n <= 512 else 128
+    return min(-(-n // step) * step, block_size)
+
+
 @dataclass
 class _Slot:
     index: int
@@ -43,28 +73,95 @@ class _Slot:
     """Tokens of the context whose keys and values are in the slot (positions 0 to cached - 1)."""
 
 
+@dataclass
+class _Part:
+    rows: list[int]
+    """The caller's row of each of this part's outputs."""
+    logits: torch.Tensor
+    """`(len(rows), vocab)`, in the model's dtype or fp32."""
+    greedy: torch.Tensor
+    """`(len(rows),)`: the argmax over the usable vocabulary."""
+
+
+class StepResult:
+    """One step's outputs, in the caller's row order: greedy ids (chosen on the device) or whole logits.
+
+    Valid until the next step (the graphs' output buffers are reused)."""
+
+    def __init__(self, size: int, parts: list[_Part]) -> None:
+        self.size = size
+        self._parts = parts
+
+    def greedy(self) -> list[int]:
+        """Each row's most likely usable token (one small copy to the CPU per part)."""
+        if len(self._parts) == 1 and self._parts[0].rows == list(range(self.size)):
+            return cast("list[int]", self._parts[0].greedy.tolist())
+        out = [0] * self.size
+        for part in self._parts:
+            for row, token in zip(part.rows, part.greedy.tolist(), strict=True):
+                out[row] = token
+        return out
+
+    def logits(self) -> torch.Tensor:
+        """`(batch, vocab)` fp32, a fresh tensor the caller may change."""
+        first = self._parts[0].logits
+        out = torch.empty((self.size, first.shape[1]), dtype=torch.float32, device=first.device)
+        for part in self._parts:
+            if part.rows == list(range(self.size)):
+                out.copy_(part.logits)
+            else:
+                out[torch.tensor(part.rows, device=first.device)] = part.logits.float()
+        return out
+
+
 class DecodeCache:
     """Next-token logits of many sequences, one step at a time, keeping each one's keys and values."""
 
-    def __init__(self, model: GPT, *, keep: bool = True, one_pass: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        keep: bool = True,
+        one_pass: bool = False,
+        vocab: int | None = None,
+        cuda_graphs: bool | None = None,
+        bucketed: bool | None = None,
+    ) -> None:
         """`keep=False` caches nothing: every step runs every whole context (for comparison).
 
-        `one_pass`: how a step that has both new sequences and cached ones runs. True: one pass of every
-        whole context (keys and values stored again for all), as without a cache; False: the new ones'
-        contexts, then the others' newest tokens, two passes. On a GPU a small model's pass costs the CPU
-        time of launching its operations whatever its size, so one pass wins; on a CPU the arithmetic is
-        the cost, so computing only what is new wins. Default: True on a GPU, False on a CPU."""
+        `one_pass=True`: a step that has both new sequences and cached ones runs one pass of every whole
+        context (keys and values stored again for all), as without a cache (for comparison; the default
+        runs the cached rows' newest tokens, then the new rows' contexts).
+
+        `vocab`: ids from 0 to vocab - 1 may be chosen by `StepResult.greedy` (default: the model's whole
+        embedding table; a tokenizer's padded table has ids that are no tokens).
+
+        `cuda_graphs`: capture the decoding pass in CUDA graphs (default: on for a CUDA model; refused
+        elsewhere). `bucketed`: run the decoding pass at the graphs' padded shapes even without graphs
+        (default: as `cuda_graphs`; tests use it to check the padding on a CPU)."""
         config = model.config
+        device = model.wte.weight.device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and keep
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs needs a model on a CUDA device, not {device}; pass cuda_graphs=False"
+            )
         self.model = model
         self.keep = keep
-        self.one_pass = model.wte.weight.device.type != "cpu" if one_pass is None else one_pass
+        self.one_pass = one_pass
+        self.cuda_graphs = cuda_graphs
+        self.bucketed = cuda_graphs if bucketed is None else bucketed
+        self.vocab = vocab or config.vocab_size
         self.blocks = [cast("Block", block) for block in model.h]
         self.block_size = config.block_size
         self.heads = config.n_head
         self.head_dim = config.n_embd // config.n_head
+        self._device = device
         self._pool: torch.Tensor | None = None
         self._slots: dict[object, _Slot] = {}
-        self._free: list[int] = []  # a heap: the lowest free slot first
+        self._owners: list[object] = []  # the owner of each slot, 0 to holding - 1
+        self._graphs: _Graphs | None = None
 
     @property
     def capacity(self) -> int:
@@ -76,13 +173,28 @@ class DecodeCache:
         """Sequences whose keys and values are cached now."""
         return len(self._slots)
 
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far (one per batch and width bucket met)."""
+        return len(self._graphs.graphs) if self._graphs is not None else 0
+
+    def reserve(self, sequences: int) -> None:
+        """Grow the pool to hold `sequences` (rounded up to a batch bucket) now, before graphs are captured:
+        growing later moves the pool and drops the graphs."""
+        while self.capacity < batch_bucket(sequences):
+            self._grow()
+
     def logits(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
-        """Each context's next-token hidden state through the LM head: `(batch, vocab)`, fp32.
+        """Each context's next-token logits `(batch, vocab)`, fp32 (see `step`)."""
+        return self.step(owners, contexts).logits()
+
+    def step(self, owners: list[object], contexts: list[list[int]]) -> StepResult:
+        """Each context's next-token outputs.
 
         `owners[i]` names the sequence of `contexts[i]` across steps; `contexts[i]` is its window (at most
         `block_size` tokens), one token longer than at its previous step."""
         if not owners:
-            raise ValueError("DecodeCache.logits needs at least one context")
+            raise ValueError("DecodeCache.step needs at least one context")
         present = set(owners)
         for owner in [o for o in self._slots if o not in present]:
             self._release(owner)
@@ -94,25 +206,33 @@ class DecodeCache:
                 decode.append(i)
             else:
                 prefill.append(i)
-        if not prefill:  # the usual step: one pass, rows in order
-            return self._decode(owners, contexts)
-        if not decode or self.one_pass:
-            return self._prefill(owners, contexts)
-        out: torch.Tensor | None = None
-        for rows, run in ((prefill, self._prefill), (decode, self._decode)):
-            part = run([owners[i] for i in rows], [contexts[i] for i in rows])
-            if out is None:
-                out = part.new_empty((len(contexts), part.shape[1]))
-            out[torch.tensor(rows, device=part.device)] = part
-        assert out is not None
-        return out
+        if prefill and decode and self.one_pass:
+            prefill, decode = list(range(len(owners))), []
+        for i in prefill:  # recomputed whole: its old keys and values (if any) go
+            if owners[i] in self._slots:
+                self._release(owners[i])
+        parts: list[_Part] = []
+        # The cached rows first: the decoding pass writes at padding rows of free slots, which the new
+        # rows' prefill may claim next.
+        if decode:
+            parts.append(self._decode([owners[i] for i in decode], [contexts[i] for i in decode], decode))
+        if prefill:
+            parts.append(self._prefill([owners[i] for i in prefill], [contexts[i] for i in prefill], prefill))
+        for i in decode:
+            owner = owners[i]
+            slot = self._slots[owner]
+            slot.cached += 1
+            if slot.cached == self.block_size:  # a full window: the next step slides it
+                self._release(owner)
+        return StepResult(len(owners), parts)
 
     # -- the two kinds of pass ----------------------------------------------------------------------
 
-    def _prefill(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
-        """Whole contexts, right-padded into one batch; keys and values stored for those that fit a slot."""
+    def _prefill(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
+        """Whole contexts, right-padded into one batch; keys and values stored in fresh slots for those
+        that fit the window."""
         model = self.model
-        device = model.wte.weight.device
+        device = self._device
         lengths = [len(c) for c in contexts]
         longest = max(lengths)
         width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(self.block_size, longest))
@@ -123,83 +243,105 @@ class DecodeCache:
         # A context that fills the window may slide at the next step (then it is recomputed whole anyway);
         # one shorter than the window keeps its keys for the next step.
         storing = [i for i, n in enumerate(lengths) if n < self.block_size and self.keep]
-        stored = torch.tensor(storing, dtype=torch.long, device=device)
-        slots = torch.tensor([self._claim(owners[i], lengths[i]) for i in storing], device=device)
-        for owner, n in zip(owners, lengths, strict=True):
-            if n >= self.block_size and owner in self._slots:
-                self._release(owner)
+        if storing:
+            while self.capacity < len(self._owners) + len(storing):
+                self._grow()
+        first = len(self._owners)
+        for i in storing:
+            self._claim(owners[i], lengths[i])
+        every = len(storing) == len(contexts)
+        stored = None if every else torch.tensor(storing, dtype=torch.long, device=device)
         x = model.wte(idx) + model.wpe(torch.arange(width, device=device))
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln_1(x))
             if storing:
                 assert self._pool is not None
-                self._pool[layer, :, slots, :width] = torch.stack((k[stored], v[stored])).transpose(2, 3)
+                kv = torch.stack((k, v) if stored is None else (k[stored], v[stored])).transpose(2, 3)
+                self._pool[layer, :, first : first + len(storing), :width] = kv
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = block.after_attention(x, block.attn.project(attended))
         last = x[torch.arange(len(contexts), device=device), torch.tensor(lengths, device=device) - 1]
-        logits: torch.Tensor = model.lm_head(model.ln_f(last)).float()
-        return logits
+        logits: torch.Tensor = model.lm_head(model.ln_f(last))
+        return _Part(rows_out, logits, logits[:, : self.vocab].argmax(dim=-1))
 
-    def _decode(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
-        """The newest token of each context, attending over its cached keys and values."""
+    def _decode(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
+        """The newest token of each cached context, attending over its slot; rows run in slot order."""
+        batch = len(owners)
+        assert batch == len(self._owners), "every cached sequence decodes (the others were released)"
+        order = [0] * batch  # order[slot] = the row of `owners` in that slot
+        for i, owner in enumerate(owners):
+            order[self._slots[owner].index] = i
+        lengths = [len(contexts[i]) for i in order]
+        newest = [contexts[i][-1] for i in order]
+        out_rows = [rows_out[i] for i in order]
+        if not self.bucketed:
+            inputs = torch.tensor([newest, lengths], device=self._device)
+            logits = self._decode_pass(
+                batch, max(lengths), inputs[0], inputs[1], masked=len(set(lengths)) > 1
+            )
+            return _Part(out_rows, logits, logits[:, : self.vocab].argmax(dim=-1))
+        size = batch_bucket(batch)
+        width = width_bucket(max(lengths), self.block_size)
+        while self.capacity < size:
+            self._grow()
+        padding = size - batch  # rows of free slots: one position each (the first), never read by others
+        inputs = torch.tensor([newest + [0] * padding, lengths + [1] * padding])
+        if self._graphs is None:
+            self._graphs = _Graphs(self, self.capacity)
+        logits, greedy = self._graphs.run(size, width, inputs)
+        return _Part(out_rows, logits[:batch], greedy[:batch])
+
+    def _decode_pass(
+        self, batch: int, width: int, newest: torch.Tensor, lengths: torch.Tensor, *, masked: bool
+    ) -> torch.Tensor:
+        """Rows 0 to batch - 1 of the pool, one new token each: keys and values written at position
+        `lengths - 1`, attention over the first `width` positions (masked to each row's length)."""
         model = self.model
-        device = model.wte.weight.device
-        slots_of = [self._slots[o] for o in owners]
-        first = slots_of[0].index
-        run = all(slot.index == first + i for i, slot in enumerate(slots_of))
-        lengths_list = [len(c) for c in contexts]
-        longest = max(lengths_list)
-        # One copy to the device per step: slot, length and newest token of each row.
-        rows = torch.tensor(
-            [[s.index for s in slots_of], lengths_list, [c[-1] for c in contexts]], device=device
-        )
-        slots, lengths, newest = rows[0], rows[1], rows[2]
+        device = self._device
         positions = lengths - 1
-        # (batch, 1, 1, longest): each row attends to its own cached positions and the new one; none
-        # needed when every row is as long as the longest.
-        mask = None
-        if min(lengths_list) < longest:
-            mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        # (batch, 1, 1, width): each row attends to its own cached positions and the new one.
+        mask = (
+            (torch.arange(width, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            if masked
+            else None
+        )
         pool = self._pool
         assert pool is not None
-        batch = len(owners)
-        # Consecutive slots: one view of every layer's keys and values (it sees the writes below).
-        run_of = pool[:, :, first : first + batch, :longest] if run else None
-        where = slots * self.block_size + positions  # each row's new position in a layer's flattened pool
+        view = pool[:, :, :batch, :width]  # every layer's keys and values of these rows (sees the writes)
+        where = torch.arange(batch, device=device) * self.block_size + positions  # in a layer's flat pool
         x = (model.wte(newest) + model.wpe(positions))[:, None, :]
         for layer, block in enumerate(self.blocks):
             qkv = block.attn.packed_qkv(block.ln_1(x))[:, 0]  # (batch, 3, heads, head_dim): one token
             flat = pool[layer].view(2, -1, self.heads, self.head_dim)
             flat.index_copy_(1, where, qkv[:, 1:].transpose(0, 1))
-            cached = (run_of[layer] if run_of is not None else pool[layer, :, slots, :longest]).transpose(
-                2, 3
-            )
+            cached = view[layer].transpose(2, 3)
             attended = F.scaled_dot_product_attention(
                 qkv[:, 0, :, None], cached[0], cached[1], attn_mask=mask
             )
             x = block.after_attention(x, block.attn.project(attended))
-        for owner, slot in zip(owners, slots_of, strict=True):
-            slot.cached += 1
-            if slot.cached == self.block_size:  # a full window: the next step slides it
-                self._release(owner)
-        logits: torch.Tensor = model.lm_head(model.ln_f(x[:, 0])).float()
+        logits: torch.Tensor = model.lm_head(model.ln_f(x[:, 0]))
         return logits
 
     # -- slots ------------------------------------------------------------------------------------
 
-    def _claim(self, owner: object, length: int) -> int:
-        """The owner's slot (the lowest free one, after growing the pool if none), now caching `length`
-        tokens."""
-        slot = self._slots.get(owner)
-        if slot is None:
-            if not self._free:
-                self._grow()
-            slot = self._slots[owner] = _Slot(heapq.heappop(self._free))
-        slot.cached = length
-        return slot.index
+    def _claim(self, owner: object, length: int) -> None:
+        """The next free slot (the pool has room), now caching `length` tokens of `owner`."""
+        assert owner not in self._slots
+        self._slots[owner] = _Slot(len(self._owners), length)
+        self._owners.append(owner)
 
     def _release(self, owner: object) -> None:
-        heapq.heappush(self._free, self._slots.pop(owner).index)
+        """Free `owner`'s slot; the last slot's sequence moves into it (slots stay dense)."""
+        hole = self._slots.pop(owner).index
+        last_owner = self._owners.pop()
+        if last_owner is owner:
+            return
+        moved = self._slots[last_owner]
+        if moved.cached:
+            assert self._pool is not None
+            self._pool[:, :, hole, : moved.cached] = self._pool[:, :, moved.index, : moved.cached]
+        moved.index = hole
+        self._owners[hole] = last_owner
 
     def _grow(self) -> None:
         old = self.capacity
@@ -210,5 +352,59 @@ class DecodeCache:
         if self._pool is not None:
             grown[:, :, :old] = self._pool
         self._pool = grown
-        for index in range(old, new):
-            heapq.heappush(self._free, index)
+        self._graphs = None  # captured with the old pool's addresses
+
+
+class _Graphs:
+    """The decoding pass at bucketed shapes: captured in CUDA graphs, or run eagerly at the same shapes.
+
+    Inputs and outputs live in fixed buffers (a graph replays with the addresses it was captured with)."""
+
+    def __init__(self, cache: DecodeCache, capacity: int) -> None:
+        self.cache = cache
+        device = cache._device
+        self.inputs = torch.zeros((2, capacity), dtype=torch.long, device=device)
+        self.inputs[1] = 1
+        vocab = cache.model.lm_head.weight.shape[0]
+        self.logits = torch.zeros((capacity, vocab), dtype=torch.float32, device=device)
+        self.greedy = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cache.cuda_graphs else None
+
+    def run(self, size: int, width: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits `(size, vocab)` fp32 and greedy ids `(size,)` of the first `size` slots (views of the
+        output buffers)."""
+        self.inputs[:, :size].copy_(inputs, non_blocking=True)
+        body = self._body(size, width)
+        if not self.cache.cuda_graphs:
+            body()
+        else:
+            graph = self.graphs.get((size, width))
+            if graph is None:
+                graph = self.graphs[(size, width)] = self._capture(body)
+            graph.replay()
+        return self.logits[:size], self.greedy[:size]
+
+    def _body(self, size: int, width: int) -> Callable[[], None]:
+        cache = self.cache
+        newest, lengths = self.inputs[0, :size], self.inputs[1, :size]
+
+        def body() -> None:
+            logits = cache._decode_pass(size, width, newest, lengths, masked=True)
+            self.logits[:size].copy_(logits)
+            torch.argmax(logits[:, : cache.vocab], dim=-1, out=self.greedy[:size])
+
+        return body
+
+    def _capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        # Warm-up runs on a side stream (as PyTorch's capture recipe asks) run the current step's inputs:
+        # they write the same keys and values that the replay writes again.
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            body()
+        return graph
