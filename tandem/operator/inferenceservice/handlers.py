@@ -58,6 +58,7 @@ from tandem.operator.inferenceservice.observe import (
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
 from tandem.operator.metrics import timed_reconcile
+from tandem.operator.status_metrics import STATUS_METRICS, serving_row
 from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
 from tandem.operator.workqueue import WorkQueue
 
@@ -284,6 +285,7 @@ class Controller:
                 _scaling.pop(uid, None)
                 _service_monitors.discard(uid)
                 _warnings.forget(uid)
+            STATUS_METRICS.forget(KIND, *key)
             self.loop.call_soon_threadsafe(self._autoscaler, key, None)
             return
         if self.bodies.put(bodies[0]):
@@ -355,6 +357,7 @@ class Controller:
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
         self.bodies.write_status(namespace, name, changes)
+        STATUS_METRICS.record(KIND, namespace, name, serving_row(service_spec, new_status))
         return RECONCILE_INTERVAL_SECONDS
 
     # -- autoscaler --------------------------------------------------------------------------------

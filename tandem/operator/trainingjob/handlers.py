@@ -42,6 +42,7 @@ from tandem.operator.handlers_common import (
     with_refusal,
 )
 from tandem.operator.metrics import timed_reconcile
+from tandem.operator.status_metrics import STATUS_METRICS, training_row
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
     TERMINAL_PHASES,
@@ -268,6 +269,7 @@ class Controller:
             if gone is not None:
                 _warnings.forget(str(gone["metadata"].get("uid")))
                 _seen.forget_owner(str(gone["metadata"].get("uid")))
+            STATUS_METRICS.forget(KIND, *key)
             return
         if self.jobs.put(bodies[0]):
             self.queue.add_threadsafe(key)
@@ -319,6 +321,7 @@ class Controller:
         changes = status_patch(status, new_status.to_dict())
         if changes:
             self.jobs.write_status(namespace, name, changes)
+        STATUS_METRICS.record(KIND, namespace, name, training_row(name, new_status, decision.rate))
         return recheck_in(decision, retry=retry)
 
 

@@ -72,6 +72,8 @@ class Decision:
     #: Seconds until the clock alone changes the decision (a timeout, a backoff, a deadline, the TTL,
     #: the next cost write); None when only a change of the job, its pods or nodes will.
     due_in: float | None = None
+    #: What the job's pods on nodes cost per hour now (for the operator's cost metrics).
+    rate: cost.Rate = field(default_factory=cost.Rate)
 
 
 @dataclass(frozen=True)
@@ -572,6 +574,8 @@ class _Machine:
 
     def accrue_cost(self) -> None:
         """GPU-hours and USD of the pods on nodes since the last update; written every 30 s or on change."""
+        rates = self.pod_rates()
+        self.decision.rate = sum((rate for _, rate in rates), cost.Rate())
         so_far = self.status.cost or TrainingCost(gpu_hours=0.0, usd=0.0)
         since = so_far.last_update_time or self.now
         changed = self.status.model_copy(update={"cost": None}) != self.original.model_copy(
@@ -581,7 +585,7 @@ class _Machine:
             return
         spend = cost.Spend(so_far.usd or 0.0, (so_far.gpu_hours or 0.0) * cost.SECONDS_PER_HOUR)
         before = spend
-        for pod, rate in self.pod_rates():
+        for pod, rate in rates:
             start = max(since, pod.started or since)
             spend = spend.plus(rate, (self.now - start).total_seconds())
         if not changed and spend == before:
