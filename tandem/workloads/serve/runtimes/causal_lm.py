@@ -5,7 +5,9 @@ checkpoint is used), as `tandem.workloads.models.gpt.load_for_inference` reads t
 (`tandem.workloads.serve.generation`) calls `step` with every active sequence. `kv_cache.DecodeCache` computes
 the next-token logits: a sequence's first step runs its whole context (right-padded with the other new ones
 into one batch; causal attention: the padding after a row never changes it) and keeps its keys and values,
-later steps run only its newest token. Each row is sampled with its own parameters and random generator.
+later steps run only its newest token (on CUDA through captured CUDA graphs). A step whose rows are all
+greedy without `logit_bias` takes the argmax made on the device (one id per row comes back); otherwise each
+row is sampled from the logits with its own parameters and random generator.
 Contexts hold at most `block_size` tokens: older tokens slide out of the window like `GPT.generate`.
 """
 
@@ -87,7 +89,7 @@ class CausalLM:
             # repeats one shape, but continuous batching meets new ones all the time.
             torch.backends.cuda.enable_cudnn_sdp(False)
         torch.set_grad_enabled(False)
-        self._cache = DecodeCache(model, keep=self.options.kv_cache)
+        self._cache = DecodeCache(model, keep=self.options.kv_cache, vocab=tokenizer.vocab_size)
         self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
@@ -102,7 +104,11 @@ class CausalLM:
         }
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Two steps (a whole context, then one cached token) at batch 1 and at the largest batch."""
+        """Two steps (a whole context, then one cached token) at batch 1 and at the largest batch, after
+        sizing the cache for the largest batch (so that its CUDA graphs never need recapturing)."""
+        assert self._cache is not None, "load() first"
+        if self._cache.keep:
+            self._cache.reserve(max_batch_size)
         for size in sorted({1, max_batch_size}):
             batch = [
                 GenSequence(self.encode(WARM_UP_PROMPT), SamplingParams(temperature=1.0, seed=i))
@@ -127,7 +133,10 @@ class CausalLM:
         assert self._cache is not None, "load() first"
         contexts = [seq.ids[-self.block_size :] for seq in batch]
         with torch.inference_mode():
-            logits = self._cache.logits(list(batch), contexts)
+            result = self._cache.step(list(batch), contexts)
+            if all(seq.params.temperature <= 0 and not seq.params.logit_bias for seq in batch):
+                return result.greedy()  # chosen on the device among the tokenizer's ids
+            logits = result.logits()
             logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
             return self._sample(batch, logits)
 
