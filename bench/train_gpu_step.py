@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from tandem.api.common import Precision
 from tandem.workloads.models.gpt import GPT, config_for
 from tandem.workloads.train.config import TrainConfig
 from tandem.workloads.train.loop import DistInfo, GPTRun, peak_flops
@@ -78,7 +79,7 @@ def main() -> int:
         dataset_uri="tandem://corpus",
         max_steps=args.steps + args.warmup + 1,
         seq_len=args.seq_len,
-        precision="bf16",
+        precision=Precision.BF16,
         per_device_batch=args.batch,
         global_batch=args.batch,
         use_gpu=True,

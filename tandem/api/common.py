@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
@@ -128,6 +129,14 @@ QUANTITY_PATTERN = (
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 
 
+def parse_quantity(value: int | str) -> Decimal:
+    """A quantity's value (`500m` -> 0.5, `2Gi` -> 2147483648), by the Kubernetes client's own parser:
+    the one parser every part of Tandem uses, so they all round alike."""
+    from kubernetes.utils import parse_quantity as parse
+
+    return Decimal(parse(value))  # type: ignore[no-untyped-call]
+
+
 def _check_quantity(value: Any) -> Any:
     if isinstance(value, (bool, float)):
         raise ValueError(
@@ -219,6 +228,10 @@ class Resources(SpecModel):
     """CPU cores, e.g. `8` or `500m`. Unset: the operator's default."""
     memory: Quantity | None = None
     """Memory, e.g. `32Gi`. Unset: the operator's default."""
+
+    def cpu_cores(self) -> float | None:
+        """`cpu` in cores (`500m` -> 0.5), parsed as Kubernetes does; None when unset."""
+        return None if self.cpu is None else float(parse_quantity(self.cpu))
 
 
 class TolerationOperator(StrEnum):

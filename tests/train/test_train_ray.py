@@ -179,5 +179,5 @@ def test_pod_commands_outside_a_pod_explain_themselves(
         tandem_cmd("train", mode), capture_output=True, text=True, timeout=60, check=False, env=env
     )
     assert proc.returncode == 1
-    assert "TANDEM_JOB_SPEC" in proc.stderr
+    assert "TANDEM_RUN" in proc.stderr
     assert "--local" in proc.stderr

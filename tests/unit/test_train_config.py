@@ -76,7 +76,7 @@ def test_object_storage_checkpoints_are_refused_before_anything_starts() -> None
     s["checkpoint"]["storage"] = {"uri": "s3://bucket/ckpt"}
     with pytest.raises(UserError, match=r"spec\.checkpoint\.storage\.uri: .*use a pvc"):
         from_spec(s, job_name="j", checkpoint_dir="s3://bucket/ckpt")
-    # A TANDEM_CHECKPOINT_URI that is not a file system path (whatever the spec says) is refused too.
+    # A checkpoint location that is not a file system path (whatever the spec says) is refused too.
     with pytest.raises(UserError, match=r"spec\.checkpoint\.storage\.uri: .*'s3://b/c'.*use a pvc"):
         from_spec(SPEC, job_name="j", checkpoint_dir="s3://b/c")
 

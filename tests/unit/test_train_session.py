@@ -1,8 +1,7 @@
-"""The user-entrypoint helpers (`TrainContext`) and the pod environment, on one process."""
+"""The user-entrypoint helpers (`TrainContext`), on one process."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,7 +14,6 @@ from tandem.errors import UserError
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
 from tandem.workloads.train.loop import DistInfo, StepMetrics
-from tandem.workloads.train.pod import PodEnv, worker_resources
 from tandem.workloads.train.session import TrainContext, run_entrypoint
 
 
@@ -89,35 +87,3 @@ def test_save_without_storage_names_the_field(user_module: str) -> None:
     cfg = TrainConfig(job_name="u", entrypoint=f"{user_module}:train", user_config={"steps": 2})
     with pytest.raises(UserError, match=r"spec\.checkpoint"):
         run_entrypoint(cfg, DistInfo())
-
-
-SPEC = {
-    "trainer": {"builtin": {"dataset": {"uri": "tandem://corpus"}}},
-    "workers": {"replicas": 3, "resources": {"cpu": "2500m", "gpu": 1}},
-}
-
-
-def test_pod_env_follows_the_operator_contract() -> None:
-    env = PodEnv.from_env(
-        {
-            "TANDEM_JOB_NAME": "j",
-            "TANDEM_JOB_NAMESPACE": "ns",
-            "TANDEM_JOB_SPEC": json.dumps(SPEC),
-            "TANDEM_NUM_WORKERS": "3",
-            "TANDEM_ATTEMPT": "2",
-            "TANDEM_CHECKPOINT_URI": "file:///c",
-            "TANDEM_RESUME_FROM": "file:///c/step-00000010",
-        }
-    )
-    assert (env.num_workers, env.attempt, env.metrics_port) == (3, 2, 8080)
-    cfg = env.train_config()
-    assert cfg.resume_from == "file:///c/step-00000010"
-    assert cfg.use_gpu
-    assert cfg.attempt == 2
-    assert worker_resources(SPEC) == (2, 1)
-    with pytest.raises(UserError, match="TANDEM_JOB_SPEC"):
-        PodEnv.from_env({"TANDEM_JOB_NAME": "j"})
-    with pytest.raises(UserError, match="TANDEM_HEAD_ADDRESS"):
-        PodEnv.from_env({"TANDEM_JOB_NAME": "j", "TANDEM_JOB_SPEC": "{}"}, need_head_address=True)
-    with pytest.raises(UserError, match="TANDEM_ATTEMPT"):
-        PodEnv.from_env({"TANDEM_JOB_NAME": "j", "TANDEM_JOB_SPEC": "{}", "TANDEM_ATTEMPT": "x"})

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tandem.api.trainingjob import TrainingJobSpec
+from tandem.api.trainingrun import TrainingRun
 from tandem.operator.trainingjob import builders
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -28,6 +29,10 @@ GPU_JOB: dict[str, Any] = {
     "checkpoint": {"storage": {"pvc": "ckpt"}, "everySteps": 500},
     "scheduling": {"queueName": "research", "schedulerName": "volcano", "priorityClassName": "training-high"},
 }
+
+
+def pod_environment(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}
 
 
 def _gang() -> list[dict[str, Any]]:
@@ -77,15 +82,15 @@ def test_worker_asks_for_its_gpus_and_tolerates_gpu_and_user_taints() -> None:
     assert worker["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 
 
-def test_only_the_head_gets_the_checkpoint_to_resume_from() -> None:
+def test_every_pod_of_the_gang_gets_one_run_document() -> None:
     _, _, head, worker, _ = _gang()
-    head_env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
-    worker_env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
-    assert head_env["TANDEM_RESUME_FROM"] == "file:///c/step-1"
-    assert "TANDEM_RESUME_FROM" not in worker_env
-    assert head_env["TANDEM_CHECKPOINT_URI"] == "file:///checkpoints/ml/gpt"
-    assert worker_env["TANDEM_HEAD_ADDRESS"] == "gpt-head.ml.svc:6379"
-    assert TrainingJobSpec.model_validate_json(head_env["TANDEM_JOB_SPEC"] or "").workers.replicas == 2
+    runs = [TrainingRun.from_env(pod_environment(pod)) for pod in (head, worker)]
+    assert runs[0] == runs[1]
+    run = runs[0]
+    assert run.resume_from == "file:///c/step-1"
+    assert run.checkpoint_uri == "file:///checkpoints/ml/gpt"
+    assert run.head_address == "gpt-head.ml.svc:6379"
+    assert run.spec.workers.replicas == 2
 
 
 def test_spec_hash_ignores_lifecycle_fields_but_not_shape() -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tandem.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from tandem.api.trainingrun import TrainingRun
 from tandem.operator.cost import Amounts, Container, Prices
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
@@ -261,8 +262,8 @@ def test_a_failed_worker_restarts_from_the_last_checkpoint_with_backoff() -> Non
     recovering = decision.status.to_dict()
     later = tick(recovering, [], now=T0 + timedelta(seconds=10))
     head = next(m for m in later.create if m["metadata"]["name"] == "gpt-2-head")
-    env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
-    assert env["TANDEM_RESUME_FROM"] == "file:///c/step-500"
+    env = {e["name"]: e["value"] for e in head["spec"]["containers"][0]["env"] if "value" in e}
+    assert TrainingRun.from_env(env).resume_from == "file:///c/step-500"
     assert later.status.attempt == 2
 
 

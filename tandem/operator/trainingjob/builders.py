@@ -14,6 +14,7 @@ from typing import Any
 
 from tandem.api.common import API_VERSION
 from tandem.api.trainingjob import KIND, TrainingJobSpec
+from tandem.api.trainingrun import DATA_ROOT, METRICS_PORT, RAY_GCS_PORT, RUN_ENV, TrainingRun
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 LABEL_JOB = "tandem.dev/trainingjob"
@@ -30,16 +31,14 @@ ANNOTATION_GANG_SIZE = "tandem.dev/gang-size"
 #: The training driver writes its progress record (JSON) here, on the head pod.
 PROGRESS_ANNOTATION = "tandem.dev/progress"
 
-RAY_GCS_PORT = 6379
 RAY_DASHBOARD_PORT = 8265
-METRICS_PORT = 8080
 #: The head's ports, as its Service and EndpointSlice publish them.
 HEAD_PORTS = {"gcs": RAY_GCS_PORT, "dashboard": RAY_DASHBOARD_PORT, "metrics": METRICS_PORT}
 #: Who maintains the head's EndpointSlice (the cluster's EndpointSlice controller leaves it alone).
 ENDPOINTS_MANAGER = "tandem-operator"
 CHECKPOINT_MOUNT = "/checkpoints"
 #: `pvc://CLAIM/PATH` data sets are mounted at DATASET_MOUNT/CLAIM; the driver resolves them there.
-DATASET_MOUNT = "/data"
+DATASET_MOUNT = DATA_ROOT
 #: Long enough for the driver to write a checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -124,27 +123,30 @@ def _labels(job: str, role: str, attempt: int, spec: TrainingJobSpec) -> dict[st
     return labels
 
 
-def _env(
+def training_run(
     spec: TrainingJobSpec, namespace: str, job: str, attempt: int, resume_from: str | None
-) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "TANDEM_JOB_NAME", "value": job},
-        {"name": "TANDEM_JOB_NAMESPACE", "value": namespace},
-        {"name": "TANDEM_JOB_SPEC", "value": json.dumps(spec.to_dict(), sort_keys=True)},
-        {"name": "TANDEM_NUM_WORKERS", "value": str(spec.workers.replicas)},
-        {"name": "TANDEM_ATTEMPT", "value": str(attempt)},
-        {"name": "TANDEM_HEAD_ADDRESS", "value": f"{head_service_name(job)}.{namespace}.svc:{RAY_GCS_PORT}"},
-        {"name": "TANDEM_METRICS_PORT", "value": str(METRICS_PORT)},
+) -> TrainingRun:
+    """The run document of one attempt: what every pod of the gang is told (see tandem.api.trainingrun)."""
+    return TrainingRun(
+        job_name=job,
+        namespace=namespace,
+        attempt=attempt,
+        spec=spec,
+        head_address=f"{head_service_name(job)}.{namespace}.svc:{RAY_GCS_PORT}",
+        checkpoint_uri=checkpoint_uri(spec, namespace, job),
+        resume_from=resume_from,
+        data_root=DATASET_MOUNT,
+        metrics_port=METRICS_PORT,
+    )
+
+
+def _env(run: TrainingRun) -> list[dict[str, Any]]:
+    """The run document, and the pod's own name and namespace (it annotates itself with its progress)."""
+    return [
+        {"name": RUN_ENV, "value": run.to_env_value()},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
-    env.append({"name": "TANDEM_DATA_ROOT", "value": DATASET_MOUNT})
-    uri = checkpoint_uri(spec, namespace, job)
-    if uri:
-        env.append({"name": "TANDEM_CHECKPOINT_URI", "value": uri})
-    if resume_from:
-        env.append({"name": "TANDEM_RESUME_FROM", "value": resume_from})
-    return env
 
 
 def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -198,7 +200,7 @@ def _pod(
                 "name": role,
                 "image": image,
                 "command": command,
-                "env": _env(spec, namespace, job, attempt, resume_from),
+                "env": _env(training_run(spec, namespace, job, attempt, resume_from)),
                 "ports": [{"name": "metrics", "containerPort": METRICS_PORT}]
                 + (
                     [
@@ -271,7 +273,15 @@ def head_pod(
 
 
 def worker_pod(
-    spec: TrainingJobSpec, index: int, *, job: str, uid: str, namespace: str, attempt: int, image: str
+    spec: TrainingJobSpec,
+    index: int,
+    *,
+    job: str,
+    uid: str,
+    namespace: str,
+    attempt: int,
+    image: str,
+    resume_from: str | None = None,
 ) -> dict[str, Any]:
     """One Ray worker (`tandem train worker`): joins the head and holds the GPUs the gang asked for."""
     workers = spec.workers.resources
@@ -287,7 +297,7 @@ def worker_pod(
         command=["tandem", "train", "worker"],
         resources=_resources(workers.cpu, workers.memory, workers.gpu),
         gpus=workers.gpu,
-        resume_from=None,
+        resume_from=resume_from,
         extra_labels={LABEL_INDEX: str(index)},
     )
 
@@ -399,7 +409,16 @@ def gang(
         )
     ]
     pods += [
-        worker_pod(spec, index, job=job, uid=uid, namespace=namespace, attempt=attempt, image=image)
+        worker_pod(
+            spec,
+            index,
+            job=job,
+            uid=uid,
+            namespace=namespace,
+            attempt=attempt,
+            image=image,
+            resume_from=resume_from,
+        )
         for index in range(spec.workers.replicas)
     ]
     return pods

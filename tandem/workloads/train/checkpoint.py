@@ -1,6 +1,6 @@
 """Checkpoint directories: written to a staging directory, published atomically, last K kept.
 
-Layout of a checkpoint root (`TANDEM_CHECKPOINT_URI`, a shared volume)::
+Layout of a checkpoint root (the run document's `checkpointUri`, a shared volume)::
 
     ROOT/
       step-00000050/          one complete checkpoint per published step

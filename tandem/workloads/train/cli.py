@@ -27,7 +27,7 @@ modes:
   tandem train worker             Ray worker, in each worker pod
   tandem train corpus FILE        write the built-in demo corpus (dataset uri tandem://corpus)
 
-The pod commands read their settings from the environment (TANDEM_JOB_SPEC, TANDEM_CHECKPOINT_URI, ...);
+The pod commands read their settings from one run document in the environment (TANDEM_RUN);
 see docs/training.md.
 """
 

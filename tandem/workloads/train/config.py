@@ -11,21 +11,45 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from pydantic import BaseModel
+
+from tandem.api.common import Precision, Resources
+from tandem.api.trainingjob import Batch, BuiltinTrainer, Checkpoint, FailurePolicy, TrainingJobSpec, Workers
+from tandem.api.trainingrun import DATA_ROOT, TrainingRun
 from tandem.errors import UserError
 
 BUILTIN_CORPUS_SCHEME = "tandem://"
 """`tandem://corpus` is the small generated corpus (tests, demo); no file needed."""
 
 DEFAULT_SEQ_LEN = {"tiny": 128, "small": 256, "medium": 512, "124m": 1024}
-DEFAULT_DATA_ROOT = "/data"
-"""Where `pvc://CLAIM/PATH` data sets are mounted in pods (`$TANDEM_DATA_ROOT/CLAIM/PATH`)."""
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    """A field's default as the API model declares it: the one place each default is written."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+#: The spec's defaults, read from the API models once (see TrainConfig).
+_SPEC_DEFAULTS: Final[dict[str, Any]] = {
+    "max_steps": _default(BuiltinTrainer, "max_steps"),
+    "learning_rate": _default(BuiltinTrainer, "learning_rate"),
+    "precision": _default(TrainingJobSpec, "precision"),
+    "num_workers": _default(Workers, "replicas"),
+    "per_device_batch": _default(Batch, "per_device"),
+    "checkpoint_keep": _default(Checkpoint, "keep"),
+    "max_failures": _default(FailurePolicy, "max_restarts"),
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; identical on every rank."""
+    """Everything one training run needs; identical on every rank.
+
+    Fields that come from a TrainingJob spec default to the API models' defaults (`_default`), so a
+    run built here and a run built from a spec agree; the rest are the driver's own knobs.
+    """
 
     job_name: str
     # What to train: a built-in model (size + dataset) or a user entrypoint (+ user config).
@@ -34,8 +58,8 @@ class TrainConfig:
     entrypoint: str | None = None
     user_config: dict[str, Any] = field(default_factory=dict)
     # Optimisation.
-    max_steps: int = 2000
-    learning_rate: float = 3e-4
+    max_steps: int = _SPEC_DEFAULTS["max_steps"]
+    learning_rate: float = _SPEC_DEFAULTS["learning_rate"]
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -43,12 +67,12 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seq_len: int = 128
-    precision: str = "fp32"
+    precision: Precision = _SPEC_DEFAULTS["precision"]
     seed: int = 0
     # Parallelism.
-    num_workers: int = 1
-    per_device_batch: int = 8
-    global_batch: int = 8
+    num_workers: int = _SPEC_DEFAULTS["num_workers"]
+    per_device_batch: int = _SPEC_DEFAULTS["per_device_batch"]
+    global_batch: int = _SPEC_DEFAULTS["per_device_batch"] * _SPEC_DEFAULTS["num_workers"]
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: int = 0
@@ -56,11 +80,11 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = None
-    checkpoint_keep: int = 3
+    checkpoint_keep: int = _SPEC_DEFAULTS["checkpoint_keep"]
     resume_from: str | None = None
     # Run control.
     attempt: int = 0
-    max_failures: int = 0
+    max_failures: int = _SPEC_DEFAULTS["max_failures"]
     sync_every: int = 10
     """Steps between the ranks' agreement on stop/checkpoint requests (one tiny all-reduce)."""
     compile: bool = False
@@ -83,15 +107,17 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict`."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if "precision" in values:
+            values["precision"] = Precision(values["precision"])
+        return cls(**values)
 
 
-def parse_spec(spec: dict[str, Any], *, source: str = "spec") -> Any:
+def parse_spec(spec: dict[str, Any], *, source: str = "spec") -> TrainingJobSpec:
     """Validate a TrainingJob spec (camelCase wire form) with the API models; `UserError` naming the field."""
     from pydantic import ValidationError
 
     from tandem.api.common import describe_validation_error
-    from tandem.api.trainingjob import TrainingJobSpec
 
     try:
         return TrainingJobSpec.model_validate(spec)
@@ -105,7 +131,7 @@ def data_cache_dir(data_root: str | None = None) -> Path:
     when it is a writable directory, else a directory under the system's temp dir."""
     if os.environ.get("TANDEM_DATA_CACHE"):
         return Path(os.environ["TANDEM_DATA_CACHE"])
-    root = Path(data_root or os.environ.get("TANDEM_DATA_ROOT", DEFAULT_DATA_ROOT))
+    root = Path(data_root or DATA_ROOT)
     if root.is_dir() and os.access(root, os.W_OK):
         return root / ".s3-cache"
     return Path(tempfile.gettempdir()) / "tandem-data-cache"
@@ -117,7 +143,7 @@ def resolve_data_uri(uri: str, *, data_root: str | None = None, field_name: str 
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     if uri.startswith("pvc://"):
-        root = data_root or os.environ.get("TANDEM_DATA_ROOT", DEFAULT_DATA_ROOT)
+        root = data_root or DATA_ROOT
         return Path(root) / uri.removeprefix("pvc://")
     if uri.startswith("s3://"):
         from tandem.workloads.storage import materialize
@@ -139,7 +165,7 @@ def resolve_data_uri(uri: str, *, data_root: str | None = None, field_name: str 
 
 
 def from_spec(
-    spec: dict[str, Any] | Any,
+    spec: dict[str, Any] | TrainingJobSpec,
     *,
     job_name: str,
     checkpoint_dir: str | None = None,
@@ -157,11 +183,8 @@ def from_spec(
     set exists and is long enough, and that a checkpoint location exists when the spec asks for one.
     `num_workers` overrides `spec.workers.replicas` (a local run on fewer cores).
     """
-    from tandem.api.trainingjob import TrainingJobSpec
-
     if isinstance(spec, dict):
         spec = parse_spec(spec)
-    assert isinstance(spec, TrainingJobSpec)
     workers = num_workers or spec.workers.replicas
     per_device = spec.batch.per_device
     global_batch = spec.batch.global_ or per_device * workers
@@ -171,17 +194,16 @@ def from_spec(
             f"x workers ({workers}): change one of them or leave spec.batch.global unset"
         )
     gpus = spec.workers.resources.gpu
-    precision = str(spec.precision.value)
     common: dict[str, Any] = {
         "job_name": job_name,
-        "precision": precision,
+        "precision": spec.precision,
         "seed": seed,
         "num_workers": workers,
         "per_device_batch": per_device,
         "global_batch": global_batch,
         "use_gpu": gpus > 0,
         "gpus_per_worker": gpus,
-        "cpus_per_worker": cpus_per_worker if cpus_per_worker is not None else _cpus(spec),
+        "cpus_per_worker": cpus_per_worker if cpus_per_worker is not None else _cpus(spec.workers.resources),
         "attempt": attempt,
         "max_failures": spec.failure_policy.max_restarts,
         "resume_from": resume_from,
@@ -197,7 +219,7 @@ def from_spec(
         if checkpoint_dir is None:
             raise UserError(
                 "spec.checkpoint.storage: no checkpoint directory is available to this run "
-                "(pods get TANDEM_CHECKPOINT_URI from the operator; locally pass --checkpoint-dir)"
+                "(pods get it in their run document from the operator; locally pass --checkpoint-dir)"
             )
         common |= {
             "checkpoint_dir": checkpoint_dir,
@@ -234,15 +256,22 @@ def from_spec(
     return cfg
 
 
-def _cpus(spec: Any) -> float:
-    from tandem.api.common import Resources
+def _cpus(resources: Resources) -> float:
+    """CPU cores a worker offers Ray (fractions allowed); 1 when the spec leaves it to the cluster."""
+    cores = resources.cpu_cores()
+    return 1.0 if cores is None else max(cores, 0.001)
 
-    res: Resources = spec.workers.resources
-    if res.cpu is None:
-        return 1.0
-    text = str(res.cpu)
-    value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    return max(value, 0.001)
+
+def from_run(run: TrainingRun) -> TrainConfig:
+    """The effective config of a pod's run document: what `tandem train head` trains."""
+    return from_spec(
+        run.spec,
+        job_name=run.job_name,
+        checkpoint_dir=run.checkpoint_uri,
+        resume_from=run.resume_from,
+        data_root=run.data_root,
+        attempt=run.attempt,
+    )
 
 
 def _check_dataset(uri: str, *, data_root: str | None, seq_len: int, global_batch: int) -> None:
@@ -260,7 +289,7 @@ def _check_dataset(uri: str, *, data_root: str | None, seq_len: int, global_batc
     path = resolve_data_uri(uri, data_root=data_root, field_name=name)
     if not path.exists():
         hint = (
-            " (pvc:// data sets are read from $TANDEM_DATA_ROOT/CLAIM/PATH; locally pass --data-root)"
+            " (pvc:// data sets are read from /data/CLAIM/PATH in pods; locally pass --data-root)"
             if uri.startswith("pvc://")
             else ""
         )

@@ -1,7 +1,8 @@
 """`tandem train head` and `tandem train worker`: the commands of a TrainingJob's pods.
 
-The contract with the operator (environment variables, exit codes, the progress annotation) is written
-down in docs/training.md. Torch and Ray are imported only once a command runs.
+The contract with the operator: one run document (`TANDEM_RUN`, parsed with
+`tandem.api.trainingrun`), exit codes, and the progress annotation; docs/training.md writes it down.
+Torch and Ray are imported only once a command runs.
 """
 
 from __future__ import annotations
@@ -15,80 +16,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from tandem.api.trainingrun import RAY_GCS_PORT, TrainingRun
 from tandem.errors import UserError
-from tandem.workloads.train.config import TrainConfig, from_spec, parse_spec
+from tandem.workloads.train.config import from_run
 
 log = logging.getLogger(__name__)
 
-RAY_PORT = 6379
+RAY_PORT = RAY_GCS_PORT
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_STOPPED = 143  # stopped by SIGTERM after a final checkpoint (128 + SIGTERM)
-
-
-@dataclass(frozen=True)
-class PodEnv:
-    """The environment the operator gives the head and worker pods."""
-
-    job_name: str
-    namespace: str
-    spec: dict[str, Any]
-    num_workers: int
-    attempt: int
-    head_address: str | None
-    checkpoint_uri: str | None
-    resume_from: str | None
-    metrics_port: int
-    worker_wait_seconds: float
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, *, need_head_address: bool = False) -> PodEnv:
-        e = dict(os.environ if env is None else env)
-        missing = [k for k in ("TANDEM_JOB_NAME", "TANDEM_JOB_SPEC") if not e.get(k)]
-        if need_head_address and not e.get("TANDEM_HEAD_ADDRESS"):
-            missing.append("TANDEM_HEAD_ADDRESS")
-        if missing:
-            raise UserError(
-                f"missing environment variable(s) {', '.join(missing)}: `tandem train head|worker` "
-                "run in pods the operator creates; to run a job yourself use "
-                "`tandem train JOB.yaml --local`"
-            )
-        try:
-            spec = json.loads(e["TANDEM_JOB_SPEC"])
-        except ValueError as exc:
-            raise UserError(f"TANDEM_JOB_SPEC is not valid JSON ({exc})") from None
-
-        def integer(name: str, default: int) -> int:
-            try:
-                return int(e.get(name) or default)
-            except ValueError:
-                raise UserError(f"{name}={e[name]!r} is not an integer") from None
-
-        return cls(
-            job_name=e["TANDEM_JOB_NAME"],
-            namespace=e.get("TANDEM_JOB_NAMESPACE", "default"),
-            spec=spec,
-            num_workers=integer("TANDEM_NUM_WORKERS", int(spec.get("workers", {}).get("replicas", 1))),
-            attempt=integer("TANDEM_ATTEMPT", 0),
-            head_address=e.get("TANDEM_HEAD_ADDRESS"),
-            checkpoint_uri=e.get("TANDEM_CHECKPOINT_URI") or None,
-            resume_from=e.get("TANDEM_RESUME_FROM") or None,
-            metrics_port=integer("TANDEM_METRICS_PORT", 8080),
-            worker_wait_seconds=float(e.get("TANDEM_WORKER_WAIT_SECONDS") or 600),
-        )
-
-    def train_config(self) -> TrainConfig:
-        return from_spec(
-            self.spec,
-            job_name=self.job_name,
-            checkpoint_dir=self.checkpoint_uri,
-            resume_from=self.resume_from,
-            attempt=self.attempt,
-            num_workers=self.num_workers,
-        )
 
 
 def _ray_cli() -> str:
@@ -96,15 +35,11 @@ def _ray_cli() -> str:
     return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
 
 
-def worker_resources(spec: dict[str, Any]) -> tuple[int, int]:
+def worker_resources(run: TrainingRun) -> tuple[int, int]:
     """(CPUs, GPUs) a worker pod offers Ray, from `spec.workers.resources` (what the pod was given)."""
-    parsed = parse_spec(spec)
-    cfg_cpus = parsed.workers.resources.cpu
-    cpus = 1
-    if cfg_cpus is not None:
-        text = str(cfg_cpus)
-        cpus = max(1, int(float(text[:-1]) / 1000 if text.endswith("m") else float(text)))
-    return cpus, int(parsed.workers.resources.gpu)
+    resources = run.spec.workers.resources
+    cores = resources.cpu_cores()
+    return max(1, int(cores)) if cores is not None else 1, resources.gpu
 
 
 def wait_for_workers(expected: int, timeout: float, *, poll: float = 1.0) -> int:
@@ -123,7 +58,7 @@ def wait_for_workers(expected: int, timeout: float, *, poll: float = 1.0) -> int
             raise UserError(
                 f"only {len(alive)} of {expected} workers joined the Ray cluster within {timeout:.0f}s; "
                 "check that the worker pods are running and can reach the head service on port "
-                f"{RAY_PORT} (TANDEM_WORKER_WAIT_SECONDS sets the timeout)"
+                f"{RAY_PORT} (the run document's workerWaitSeconds sets the timeout)"
             )
         time.sleep(poll)  # polling the cluster state: there is no event to wait on
 
@@ -134,8 +69,8 @@ def head(args: Any) -> int:
     from tandem.workloads.train.ray_runner import apply_ray_env, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = PodEnv.from_env()
-    cfg = env.train_config()  # a bad spec fails here, before Ray starts
+    env = TrainingRun.from_env()
+    cfg = from_run(env)  # a bad spec fails here, before Ray starts
     if cfg.entrypoint:
         from tandem.workloads.train.session import resolve_entrypoint
 
@@ -181,8 +116,8 @@ def head(args: Any) -> int:
 def worker(args: Any) -> int:
     """Join the head's Ray cluster with this pod's resources and block until the cluster goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = PodEnv.from_env(need_head_address=True)
-    cpus, gpus = worker_resources(env.spec)
+    env = TrainingRun.from_env()
+    cpus, gpus = worker_resources(env)
     from tandem.workloads.train.ray_runner import WORKER_RESOURCE, apply_ray_env
 
     apply_ray_env()  # inherited by `ray start` and so by this node's Ray processes

@@ -18,6 +18,7 @@ import yaml
 from kubeobjects import events, get, items, status_of
 from operator_process import OperatorProcess, start_operator, wait_for
 
+from tandem.api.trainingrun import TrainingRun
 from tandem.devcluster.nodes import (
     COMPLETE_POD_ANNOTATION,
     CRASH_POD_ANNOTATION,
@@ -97,8 +98,11 @@ def report_progress(
     annotate(kubectl, namespace, head, "tandem.dev/progress", json.dumps(record))
 
 
-def env_of(pod: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
+def run_of(pod: dict[str, Any]) -> TrainingRun:
+    """The run document the pod received, parsed as the pod parses it."""
+    return TrainingRun.from_env(
+        {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}
+    )
 
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -134,7 +138,7 @@ def test_gang_lands_on_gpu_nodes_with_resources_and_tolerations(kubectl: Kubectl
             assert pod["spec"]["containers"][0]["command"] == ["tandem", "train", "worker"]
         else:
             assert pod["spec"]["nodeName"] == "cpu-node-0"  # the head asks for no GPU
-            assert env_of(pod)["TANDEM_NUM_WORKERS"] == "4"
+            assert run_of(pod).spec.workers.replicas == 4
     # The head's Service is made once the head pod has an IP (its name resolves from then on), with
     # an EndpointSlice that names the head: what DNS answers for gpu-head.<namespace>.svc.
     wait_for(
@@ -216,8 +220,7 @@ def test_crashed_worker_restarts_the_gang_from_the_last_checkpoint(kubectl: Kube
     names = sorted(p["metadata"]["name"] for p in pods(kubectl, namespace, "crash"))
     assert names == ["crash-2-head", "crash-2-worker-0", "crash-2-worker-1"]
     head = get(kubectl, namespace, "pod", "crash-2-head")
-    assert env_of(head)["TANDEM_RESUME_FROM"] == CHECKPOINT_URI
-    assert env_of(head)["TANDEM_ATTEMPT"] == "2"
+    assert (run_of(head).resume_from, run_of(head).attempt) == (CHECKPOINT_URI, 2)
     warnings = [e for e in events(kubectl, namespace, "crash") if e["type"] == "Warning"]
     assert any(e["reason"] == "WorkerFailed" and "resume from step 100" in e["message"] for e in warnings)
 
@@ -351,7 +354,7 @@ def test_suspend_deletes_pods_and_resume_continues_from_the_checkpoint(
     head = next(
         p for p in pods(kubectl, namespace, "pause") if p["metadata"]["labels"]["tandem.dev/role"] == "head"
     )
-    assert env_of(head)["TANDEM_RESUME_FROM"] == CHECKPOINT_URI
+    assert run_of(head).resume_from == CHECKPOINT_URI
     assert status_of(kubectl, namespace, "tj", "pause")["restarts"] == 0
 
 
