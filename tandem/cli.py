@@ -21,18 +21,21 @@ Start here:
   tandem operator run      run the operator against the current kubeconfig
   tandem train JOB --local run a TrainingJob on this machine
   tandem serve ...         run the model server
+  tandem cost              training vs serving spend per model, and when serving overtakes
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.devcluster import cli as cluster_cli
     from tandem.operator import cli as operator_cli
+    from tandem.operator import cost_cli
     from tandem.workloads.serve import cli as serve_cli
     from tandem.workloads.train import cli as train_cli
 
     parser = commands.parser_with(
         cluster_cli.register,
         operator_cli.register,
+        cost_cli.register,
         train_cli.register,
         serve_cli.register,
         description=DESCRIPTION,

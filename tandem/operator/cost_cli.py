@@ -1,0 +1,113 @@
+"""`tandem cost`: per model, training spend, serving spend, cost per request and token, the crossover."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tandem.errors import UserError
+
+COST_HELP = """\
+Per model (the TrainingJob whose weights are served): what training cost, what serving has cost so far,
+serving's cost per hour, per million requests and per million tokens, and the date when serving spend
+passes training spend at the current rates (the rates of the last --window).
+
+Reads the operator's cost counters and the replicas' request and token counters from Prometheus
+(--prometheus-url); without it, or when Prometheus does not answer, reads the TrainingJobs' and
+InferenceServices' status through the kubeconfig (the spend and rate now, no history).
+
+Examples:
+  tandem cost --prometheus-url http://prometheus.monitoring:9090
+  tandem cost --namespace ml --output json
+  tandem cost --prometheus-url http://localhost:9090 --plot spend.png
+"""
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """`90s`, `30m`, `1h`, `7d` -> seconds (argparse type)."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30m, 1h or 7d")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    cost = subparsers.add_parser(
+        "cost",
+        help="training vs serving spend per model, and when serving overtakes training",
+        description=COST_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cost.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="Prometheus HTTP API, e.g. http://prometheus:9090 (default: the resources' status, kubeconfig)",
+    )
+    cost.add_argument("--namespace", "-n", help="only this namespace (default: all)")
+    cost.add_argument(
+        "--window",
+        type=duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="the rates (per hour, per request, the projection) are those of this last span (default 1h)",
+    )
+    cost.add_argument(
+        "--history",
+        type=duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="span of Prometheus history read and plotted (default 24h; at least --window)",
+    )
+    cost.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    cost.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw cumulative spend per model, crossover marked"
+    )
+    cost.set_defaults(handler=_cost)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from tandem.operator import cost_report, cost_sources
+
+    now = datetime.now(UTC)
+    histories = None
+    source = "status"
+    if args.prometheus_url:
+        try:
+            histories = cost_sources.from_prometheus(
+                args.prometheus_url, args.namespace, now, max(args.history, args.window)
+            )
+            source = "prometheus"
+        except ConnectionError as error:
+            print(f"{error}; reading the resources' status instead", file=sys.stderr)
+    if histories is None:
+        histories = cost_sources.from_status(args.namespace, now)
+    rows = cost_report.report(histories, now, args.window)
+    if args.output == "json":
+        print(
+            json.dumps(
+                {"source": source, "time": now.isoformat(), "models": [r.to_dict() for r in rows]}, indent=2
+            )
+        )
+    elif rows:
+        print(cost_report.table(rows))
+    else:
+        print(
+            "no TrainingJob or InferenceService spend found"
+            + (f" in {args.namespace}" if args.namespace else "")
+        )
+    if args.plot is not None:
+        if args.plot.suffix.lower() != ".png":
+            raise UserError(f"--plot {args.plot}: give a .png file name")
+        from tandem.operator.cost_plot import plot
+
+        plot(histories, rows, now, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,163 @@
+"""Where `tandem cost` reads its histories: Prometheus, else the resources' status.
+
+Prometheus has the real history: the operator's `tandem_cost_usd_total` counters by model and phase, and
+the replicas' request and token counters, joined to their model through the operator's series of the
+same service (`service` is the InferenceService's name on the replicas' series, as a ServiceMonitor
+labels them). The status has the spend now and the rate now: a history of one line.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from tandem.api.common import GROUP, VERSION
+from tandem.errors import UserError
+from tandem.operator.autoscaler_metrics import INFERENCE_ROUTES, REQUEST_DURATION, TOKENS
+from tandem.operator.cost_report import ModelHistory, Series
+from tandem.operator.status_metrics import COST
+
+QUERY_TIMEOUT_SECONDS = 10.0
+#: Points per plotted history (the range query's step is the span divided by this).
+HISTORY_POINTS = 240
+
+
+def _selector(namespace: str | None, **labels: str) -> str:
+    pairs = ([f'namespace="{namespace}"'] if namespace else []) + [f'{k}="{v}"' for k, v in labels.items()]
+    return "{" + ",".join(pairs) + "}"
+
+
+def spend_query(namespace: str | None) -> str:
+    """Cumulative dollars by model and phase."""
+    return f"sum by (model, phase) ({COST}_total{_selector(namespace)})"
+
+
+def per_model_query(counter: str, namespace: str | None, extra: str = "") -> str:
+    """A replica counter summed by the model its InferenceService serves (joined on namespace and name)."""
+    matchers = ([f'namespace="{namespace}"'] if namespace else []) + ([extra] if extra else [])
+    replicas = f"sum by (namespace, service) ({counter}{{{','.join(matchers)}}})"
+    services = f"group by (namespace, name, model) ({COST}_total{_selector(namespace, phase='serving')})"
+    return (
+        f'sum by (model) (label_replace({replicas}, "name", "$1", "service", "(.*)")'
+        f" * on (namespace, name) group_left (model) {services})"
+    )
+
+
+def requests_query(namespace: str | None) -> str:
+    return per_model_query(f"{REQUEST_DURATION}_count", namespace, f'route=~"{INFERENCE_ROUTES}"')
+
+
+def tokens_query(namespace: str | None) -> str:
+    return per_model_query(TOKENS, namespace)
+
+
+def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+    url = f"{base_url.rstrip('/')}{path}?" + urllib.parse.urlencode(params)
+    try:
+        with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_SECONDS) as response:
+            reply = json.loads(response.read())
+    except (OSError, ValueError) as error:
+        raise ConnectionError(f"Prometheus at {base_url} did not answer ({error})") from error
+    if reply.get("status") != "success":
+        raise ConnectionError(f"Prometheus at {base_url} refused a query: {reply.get('error')}")
+    return list(reply["data"]["result"])
+
+
+def _range(base_url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+    params = {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"}
+    return _get(base_url, "/api/v1/query_range", params)
+
+
+def _series(result: Mapping[str, Any]) -> Series:
+    return Series(tuple((float(t), float(v)) for t, v in result["values"]))
+
+
+def from_prometheus(base_url: str, namespace: str | None, now: datetime, span: float) -> list[ModelHistory]:
+    """Every model's history over the last `span` seconds. Raises ConnectionError if Prometheus fails."""
+    end = now.timestamp()
+    start = end - span
+    step = max(span / HISTORY_POINTS, 1.0)
+    spend: dict[tuple[str, str], Series] = {}
+    for result in _range(base_url, spend_query(namespace), start, end, step):
+        labels = result["metric"]
+        spend[labels.get("model", ""), labels.get("phase", "")] = _series(result)
+    counters: dict[str, dict[str, Series]] = defaultdict(dict)
+    for name, query in (("requests", requests_query(namespace)), ("tokens", tokens_query(namespace))):
+        for result in _range(base_url, query, start, end, step):
+            counters[name][result["metric"].get("model", "")] = _series(result)
+    models = {model for model, _ in spend}
+    return [
+        ModelHistory(
+            model=model,
+            training_usd=spend.get((model, "training"), Series()),
+            serving_usd=spend.get((model, "serving"), Series()),
+            requests=counters["requests"].get(model, Series()),
+            tokens=counters["tokens"].get(model, Series()),
+        )
+        for model in sorted(models)
+    ]
+
+
+def _items(plural: str, namespace: str | None) -> list[dict[str, Any]]:
+    from tandem.operator import kube
+
+    try:
+        reply = kube.request("GET", kube.api_path(f"{GROUP}/{VERSION}", plural, namespace))
+    except Exception as error:  # the client's ApiException, a connection error, a missing kubeconfig
+        raise UserError(
+            f"cannot list {plural} through the kubeconfig ({error}); "
+            "pass --prometheus-url, or point KUBECONFIG at the cluster"
+        ) from error
+    return list(json.loads(reply).get("items") or [])
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+
+
+def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
+    """Every model's spend now and rate now, from the TrainingJobs' and InferenceServices' status.
+
+    A TrainingJob's status has no rate: a running job is taken to go on at its average since it started."""
+    at = now.timestamp()
+    training: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    for job in _items("trainingjobs", namespace):
+        status = job.get("status") or {}
+        usd = float((status.get("cost") or {}).get("usd") or 0.0)
+        per_second = 0.0
+        started = _time(status.get("startTime"))
+        if status.get("phase") == "Running" and started is not None and now > started:
+            per_second = usd / (now - started).total_seconds()
+        spent, rate = training[job["metadata"]["name"]]
+        training[job["metadata"]["name"]] = (spent + usd, rate + per_second)
+    serving: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for service in _items("inferenceservices", namespace):
+        spec, status = service.get("spec") or {}, service.get("status") or {}
+        ref = (spec.get("model") or {}).get("trainingJobRef") or {}
+        model = (status.get("model") or {}).get("trainingJob") or ref.get("name") or ""
+        paid, metrics = status.get("cost") or {}, status.get("metrics") or {}
+        row = serving[model]
+        row[0] += float(paid.get("usd") or 0.0)
+        row[1] += float(paid.get("hourlyUSD") or 0.0) / 3600
+        row[2] += float(metrics.get("rps") or 0.0)
+        row[3] += float(metrics.get("tokensPerSecond") or 0.0)
+    histories = []
+    for model in sorted(set(training) | set(serving)):
+        usd, per_second = training.get(model, (0.0, 0.0))
+        served = serving.get(model, [0.0, 0.0, 0.0, 0.0])
+        histories.append(
+            ModelHistory(
+                model=model,
+                training_usd=Series.line(at, usd, per_second),
+                serving_usd=Series.line(at, served[0], served[1]),
+                requests=Series.line(at, served[2] * 3600, served[2], span=3600),
+                tokens=Series.line(at, served[3] * 3600, served[3], span=3600),
+            )
+        )
+    return histories

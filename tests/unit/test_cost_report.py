@@ -1,0 +1,99 @@
+"""`tandem cost` on known histories: spend so far, cost per request and token, and the crossover date."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tandem.operator import cost_cli, cost_report
+from tandem.operator.cost_plot import plot
+from tandem.operator.cost_report import ModelHistory, Series
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+HOUR = 3600.0
+
+
+def hourly(values: list[float], start: datetime = T0) -> Series:
+    """A cumulative series sampled every hour from `start`."""
+    return Series(tuple((start.timestamp() + i * HOUR, v) for i, v in enumerate(values)))
+
+
+def gpt_history() -> ModelHistory:
+    """Training ran 10 hours at $40/h ($400), then stopped; serving began at hour 12 at $2/h, with
+    100 requests/s and 2,000 tokens/s; the history ends at hour 36 (serving has cost $48)."""
+    training = [min(i, 10) * 40.0 for i in range(37)]
+    serving = [max(i - 12, 0) * 2.0 for i in range(37)]
+    requests = [max(i - 12, 0) * 100 * HOUR for i in range(37)]
+    tokens = [max(i - 12, 0) * 2000 * HOUR for i in range(37)]
+    return ModelHistory("gpt", hourly(training), hourly(serving), hourly(requests), hourly(tokens))
+
+
+def test_the_crossover_is_projected_at_the_current_serving_rate() -> None:
+    now = T0 + timedelta(hours=36)
+    row = cost_report.summarize(gpt_history(), now)
+    assert row.training_usd == 400.0
+    assert row.serving_usd == 48.0
+    assert row.training_usd_per_hour == 0.0
+    assert row.serving_usd_per_hour == pytest.approx(2.0)
+    assert row.usd_per_million_requests == pytest.approx(2.0 / (100 * HOUR) * 1e6)  # $5.56
+    assert row.usd_per_million_tokens == pytest.approx(2.0 / (2000 * HOUR) * 1e6)  # $0.28
+    # ($400 - $48) / $2 per hour = 176 hours after hour 36: 2026-12-09 20:00 UTC.
+    assert row.crossover == datetime(2026, 12, 9, 20, 0, tzinfo=UTC)
+    assert not row.crossed
+    assert "2026-12-09 20:00 UTC" in cost_report.table([row])
+
+
+def test_a_crossover_already_in_the_history_is_dated_where_it_happened() -> None:
+    training = hourly([10.0] * 6)
+    serving = hourly([5.0 * i for i in range(6)])  # $5/h: reaches $10 at hour 2
+    history = ModelHistory("small", training, serving, Series(), Series())
+    row = cost_report.summarize(history, T0 + timedelta(hours=5))
+    assert row.crossed
+    assert row.crossover == T0 + timedelta(hours=2)
+    assert row.usd_per_million_requests is None  # no request counter: no per-request price
+    assert "passed 2026-12-01 02:00 UTC" in cost_report.table([row])
+
+
+def test_training_still_running_moves_the_crossover_and_a_slower_serving_never_crosses() -> None:
+    # Training at $10/h ($100 so far), serving at $30/h ($30 so far): they meet 70 / (30 - 10) = 3.5 h on.
+    running = ModelHistory("run", hourly([90.0, 100.0]), hourly([0.0, 30.0]), Series(), Series())
+    row = cost_report.summarize(running, T0 + timedelta(hours=1))
+    assert row.crossover == T0 + timedelta(hours=1 + 3.5)
+    slow = ModelHistory("slow", hourly([90.0, 100.0]), hourly([0.0, 5.0]), Series(), Series())
+    assert cost_report.summarize(slow, T0 + timedelta(hours=1)).crossover is None
+
+
+def test_a_status_line_gives_the_same_projection_as_the_history() -> None:
+    now = T0 + timedelta(hours=36)
+    at = now.timestamp()
+    from_status = ModelHistory(
+        "gpt",
+        Series.line(at, 400.0, 0.0),
+        Series.line(at, 48.0, 2.0 / HOUR),
+        Series.line(at, 100 * HOUR, 100.0),
+        Series.line(at, 2000 * HOUR, 2000.0),
+    )
+    assert cost_report.summarize(from_status, now) == cost_report.summarize(gpt_history(), now)
+
+
+def test_json_and_plot(tmp_path: Path) -> None:
+    now = T0 + timedelta(hours=36)
+    rows = cost_report.report([gpt_history()], now)
+    document = json.loads(json.dumps([r.to_dict() for r in rows]))
+    assert document[0]["crossover"] == "2026-12-09T20:00:00+00:00"
+    assert document[0]["servingUSD"] == 48.0
+    png = tmp_path / "spend.png"
+    plot([gpt_history()], rows, now, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_durations_parse_and_bad_ones_name_the_form() -> None:
+    assert cost_cli.duration("90s") == 90
+    assert cost_cli.duration("1h") == 3600
+    assert cost_cli.duration("7d") == 7 * 86400
+    with pytest.raises(argparse.ArgumentTypeError, match="30m, 1h or 7d"):
+        cost_cli.duration("an hour")
