@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from serverprocess import ServerProcess
 
@@ -150,7 +151,8 @@ def test_streaming_over_server_sent_events(server: ServerProcess, client: httpx.
     expected = complete(client, **body)["choices"][0]
     ttft_before = server.metric("tandem_serve_time_to_first_token_seconds_count")
     tokens_before = server.metric("tandem_serve_generated_tokens_total")
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=streamed) as response:
         assert response.status_code == 200
         events = read_sse(response)
     assert events[-1] == "[DONE]"
@@ -227,3 +229,238 @@ def test_validation_errors_are_400_and_name_the_field(
 def test_wrong_model_is_404(client: httpx.Client) -> None:
     response = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-5"})
     assert response.status_code == 404
+
+
+# -- the unmodified OpenAI SDK ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdk(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_sdk_lists_and_retrieves_the_model(sdk: openai.OpenAI) -> None:
+    assert [m.id for m in sdk.models.list()] == ["tiny-gpt"]
+    assert sdk.models.retrieve("tiny-gpt").id == "tiny-gpt"
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("gpt-5")
+    assert "gpt-5" in caught.value.message
+
+
+def test_sdk_completions_streamed_with_the_standard_loop(sdk: openai.OpenAI) -> None:
+    whole = sdk.completions.create(model="tiny-gpt", prompt="Once upon", max_tokens=12, temperature=0)
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens > 0
+    pieces = []
+    for chunk in sdk.completions.create(
+        model="tiny-gpt", prompt="Once upon", max_tokens=12, temperature=0, stream=True
+    ):
+        pieces.append(chunk.choices[0].text)  # every chunk has a choice: no usage chunk unless asked
+    assert "".join(pieces) == whole.choices[0].text
+    assert chunk.choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_the_usage_chunk_comes_only_when_asked_for(sdk: openai.OpenAI) -> None:
+    chunks = list(
+        sdk.completions.create(
+            model="tiny-gpt",
+            prompt="Once upon",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    *texts, last = chunks
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == 5
+    assert last.usage.prompt_tokens == len(b"Once upon")
+    assert all(c.choices and c.usage is None for c in texts)
+
+
+def test_sdk_chat_completions_streamed_and_not(sdk: openai.OpenAI, client: httpx.Client) -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "You continue stories."},
+        {"role": "user", "content": "Once upon a time"},
+    ]
+    whole = sdk.chat.completions.create(model="tiny-gpt", messages=messages, max_tokens=10, temperature=0)
+    assert whole.object == "chat.completion"
+    message = whole.choices[0].message
+    assert message.role == "assistant"
+    assert message.content is not None
+    # the default template's prompt, token for token (byte-level: one token per byte)
+    prompt = "System: You continue stories.\n\nUser: Once upon a time\n\nAssistant:"
+    window = client.get("/v2/models/tiny-gpt").json()["parameters"]["block_size"]
+    assert whole.usage is not None
+    assert whole.usage.prompt_tokens == min(len(prompt.encode()), window)
+    same = sdk.completions.create(model="tiny-gpt", prompt=prompt, max_tokens=10, temperature=0)
+    assert message.content == same.choices[0].text.split("\nUser:")[0].split("\nSystem:")[0]
+    stream = sdk.chat.completions.create(
+        model="tiny-gpt", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    deltas = []
+    roles = []
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        roles.append(chunk.choices[0].delta.role)
+        deltas.append(chunk.choices[0].delta.content or "")
+    assert roles[0] == "assistant"
+    assert "".join(deltas) == message.content
+    assert chunk.choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"role": "tool", "content": "x", "tool_call_id": "1"}, "messages[0]"),
+        ({"role": "wizard", "content": "x"}, "messages[0]"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0]"),
+        ({"role": "user"}, "messages[0].content"),
+    ],
+)
+def test_chat_roles_and_contents_are_validated(client: httpx.Client, message: Any, field: str) -> None:
+    response = client.post("/v1/chat/completions", json={"messages": [message]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(field)
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_ones(sdk: openai.OpenAI) -> None:
+    answer = sdk.completions.create(model="tiny-gpt", prompt="The ", max_tokens=6, temperature=0, logprobs=3)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens is not None
+    assert logprobs.top_logprobs is not None
+    assert logprobs.token_logprobs is not None
+    assert logprobs.text_offset is not None
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    assert logprobs.text_offset[0] == 0
+    for token, logprob, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert len(top) == 3
+        assert logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+        assert top[token] == pytest.approx(logprob)
+    chat = sdk.chat.completions.create(
+        model="tiny-gpt",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content is not None
+    assert len(content) == 4
+    assert all(
+        len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content
+    )
+    assert b"".join(bytes(c.bytes or []) for c in content).decode() == chat.choices[0].message.content
+
+
+def test_frequency_penalty_changes_what_greedy_repeats(client: httpx.Client) -> None:
+    body = {"prompt": "The ", "max_tokens": 24, "temperature": 0}
+    plain = complete(client, **body)["choices"][0]["text"]
+    assert len(set(plain)) < len(plain), "precondition: the tiny model repeats itself"
+    penalized = complete(client, **body, frequency_penalty=2.0, presence_penalty=2.0)["choices"][0]["text"]
+    assert len(set(penalized)) > len(set(plain))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"echo": True}, "echo"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"seed": 2**70}, "seed"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"stream_options": {"include_usage": True}}, "body"),
+    ],
+)
+def test_parameters_not_implemented_are_refused_by_name(sdk: openai.OpenAI, extra: Any, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model="tiny-gpt", prompt="x", max_tokens=2, extra_body=extra)
+    body = caught.value.body
+    assert isinstance(body, dict), body
+    assert body["param"] == param, body
+
+
+def test_unknown_chat_parameters_are_refused_by_name(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(
+            model="tiny-gpt",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "tools"
+    assert "not supported" in body["message"]
+
+
+def test_a_bad_seed_among_good_requests_fails_alone(server: ServerProcess) -> None:
+    good = {"prompt": "Once ", "max_tokens": 8, "temperature": 1.0, "seed": 3}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+            return await asyncio.gather(
+                *(ac.post("/v1/completions", json=good) for _ in range(3)),
+                ac.post("/v1/completions", json={**good, "seed": 2**70}),
+                ac.post("/v1/completions", json={**good, "stream": True}),
+            )
+
+    *fine, bad, streamed = asyncio.run(burst())
+    assert [r.status_code for r in fine] == [200, 200, 200]
+    assert len({r.json()["choices"][0]["text"] for r in fine}) == 1  # same seed, same text
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "seed"
+    assert streamed.status_code == 200
+    assert "[DONE]" in streamed.text
+    assert '"error"' not in streamed.text
+
+
+def test_unknown_routes_and_wrong_methods_answer_json_errors(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    before = server.metric("tandem_serve_request_duration_seconds_count", code="404")
+    missing = client.post("/v1/edits", json={})
+    assert missing.status_code == 404
+    assert "no such endpoint" in missing.json()["error"]["message"]
+    assert client.get("/nothing/here").json()["error"].startswith("GET /nothing/here")
+    wrong = client.get("/v1/completions")
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == 405
+    assert client.post("/v1/models", json={}).status_code == 405
+    assert server.metric("tandem_serve_request_duration_seconds_count", code="404") == before + 2
+    assert server.metric("tandem_serve_request_duration_seconds_count", code="405") >= 2
+
+
+def test_an_8mb_prompt_costs_what_a_window_does(server: ServerProcess, client: httpx.Client) -> None:
+    huge = "a" * (8 * 1024 * 1024 - 1024)
+    answer = complete(client, prompt=huge + "The ", max_tokens=4, temperature=0)
+    short = complete(client, prompt=("a" * 4096) + "The ", max_tokens=4, temperature=0)
+    assert answer["choices"][0]["text"] == short["choices"][0]["text"]  # the model reads the same window
+    assert answer["usage"]["prompt_tokens"] == short["usage"]["prompt_tokens"]
+
+    async def others_while_huge() -> list[float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+
+            async def timed() -> float:
+                started = time.perf_counter()
+                response = await ac.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+                assert response.status_code == 200
+                return time.perf_counter() - started
+
+            huge_request = asyncio.create_task(
+                ac.post("/v1/completions", json={"prompt": huge, "max_tokens": 2})
+            )
+            times = [await timed() for _ in range(5)]
+            assert (await huge_request).status_code == 200
+            return times
+
+    # Generous for a loaded 2-core machine: before the prompt was cut before tokenizing, each took seconds.
+    assert max(asyncio.run(others_while_huge())) < 2.0

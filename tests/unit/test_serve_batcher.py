@@ -219,7 +219,30 @@ def test_a_wrong_number_of_results_fails_the_batch() -> None:
     async def main() -> None:
         b = batcher(lambda items: items[:-1], max_batch_size=2, max_queue_delay_ms=LONG_DELAY_MS)
         results = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
-        assert all(isinstance(r, ModelError) and "1 results for a batch of 2" in str(r) for r in results)
+        # each item, run again alone, still gets no result: each fails with the count it got
+        assert all(isinstance(r, ModelError) and "0 results for a batch of 1" in str(r) for r in results)
+        await b.close()
+
+    run(main())
+
+
+def test_a_failing_item_fails_alone_and_its_batch_carries_on() -> None:
+    calls: list[list[int]] = []
+
+    def predict(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("unlucky row")
+        return [2 * i for i in items]
+
+    async def main() -> None:
+        b = batcher(predict, max_batch_size=4, max_queue_delay_ms=LONG_DELAY_MS)
+        results = await asyncio.gather(*(b.submit(i) for i in (1, 13, 3, 4)), return_exceptions=True)
+        assert results[0] == 2
+        assert results[2:] == [6, 8]
+        assert isinstance(results[1], ModelError)
+        assert "unlucky row" in str(results[1])
+        assert calls[0] == [1, 13, 3, 4], "the four did not share one batch to begin with"
         await b.close()
 
     run(main())

@@ -7,7 +7,8 @@ accepting requests, and the next batch forms while the model computes. At most `
 batches run at once: the loop takes a slot *before* it forms a batch, so requests that arrive while the model
 is busy join the next batch instead of waiting behind a half-empty one.
 
-Guarantees: every submitted future is resolved (result, the batch's exception, a timeout or a shutdown error);
+Guarantees: every submitted future is resolved (result, its own error, a timeout or a shutdown error); a
+batch that fails is run again in halves until the failing items are found, so one bad item fails alone;
 cancelled or timed-out items are dropped before compute; `predict` must return one result per item (checked);
 the queue is bounded (`QueueFull` carries a Retry-After estimate). Start, drain, shutdown and admission are
 shared with the generation scheduler (`queueloop.QueueLoop`).
@@ -105,6 +106,12 @@ class _Pending(Generic[In, Out]):
     queued: bool = True
     answered: bool = False
     drop_reason: str | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome(Generic[Out]):
+    result: Out | None
+    error: ServeError | None = None
 
 
 class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
@@ -237,6 +244,26 @@ class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
         fitting = [s for s in cfg.preferred_batch_sizes if s <= available]
         return max(fitting) if fitting else available
 
+    async def _outcomes(self, items: list[In]) -> list[_Outcome[Out]]:
+        """Each item's result or the error it alone fails with: a failed batch runs again in halves (a
+        model computes rows independently, so the others' results do not change), paid only on failure."""
+        loop = asyncio.get_running_loop()
+        error: ServeError
+        try:
+            results = await loop.run_in_executor(self._executor, self._predict, items)
+            if len(results) != len(items):
+                raise ModelError(f"the model returned {len(results)} results for a batch of {len(items)}")
+            return [_Outcome(result) for result in results]
+        except ServeError as exc:
+            error = exc
+        except Exception as exc:
+            error = ModelError(f"the model failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        if len(items) == 1:
+            return [_Outcome(None, error)]
+        half = len(items) // 2
+        return [*await self._outcomes(items[:half]), *await self._outcomes(items[half:])]
+
     async def _process(self, batch: list[_Pending[In, Out]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -250,25 +277,15 @@ class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
             if not live:
                 return
             self._observer.batch_started(len(live), [started - p.enqueued for p in live])
-            try:
-                results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in live])
-                if len(results) != len(live):
-                    raise ModelError(f"the model returned {len(results)} results for a batch of {len(live)}")
-            except ServeError as exc:
-                error = exc
-            except Exception as exc:
-                error = ModelError(f"the model failed: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-            if error is None:
-                for p, result in zip(live, results, strict=True):
-                    if not p.future.done():
-                        p.answered = True
-                        p.future.set_result(result)
-            else:
-                for p in live:
-                    if not p.future.done():
-                        p.answered = True
-                        p.future.set_exception(error)
+            outcomes = await self._outcomes([p.item for p in live])
+            error = next((o.error for o in outcomes if o.error is not None), None)
+            for p, outcome in zip(live, outcomes, strict=True):
+                if not p.future.done():
+                    p.answered = True
+                    if outcome.error is None:
+                        p.future.set_result(outcome.result)  # type: ignore[arg-type]
+                    else:
+                        p.future.set_exception(outcome.error)
         except asyncio.CancelledError:
             error = Draining("the server stopped before the batch finished")
             for p in live:

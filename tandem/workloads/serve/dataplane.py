@@ -19,12 +19,16 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
-from tandem.workloads.serve.errors import Draining, NotReady
+from tandem.workloads.serve.errors import Draining, NotReady, QueueFull
 from tandem.workloads.serve.generation import GenerationScheduler
 from tandem.workloads.serve.metrics import ServeMetrics
 from tandem.workloads.serve.model import Model, Runtime
 
 log = logging.getLogger("tandem.serve")
+
+#: Back-off of a large request's later chunk while the queue is full (`DataPlane.infer_many`).
+CHUNK_RETRY_MIN_S = 0.005
+CHUNK_RETRY_MAX_S = 0.2
 
 
 class State(StrEnum):
@@ -141,6 +145,33 @@ class DataPlane:
         if self.batcher is None:
             raise NotReady(f"model {self.model.name} is {self.state.value}")
         return await self.batcher.submit_many(items)
+
+    async def infer_many(self, items: Sequence[Any]) -> list[Any]:
+        """Like `infer`, for requests of any size (OpenAI allows 2,048 embedding inputs): more items than a
+        quarter of the queue bound go in chunks, one after another, so a large request never needs a larger
+        queue and never fills it for everyone else. A chunk after the first that finds the queue full waits
+        for room (backing off up to `CHUNK_RETRY_MAX_S`) within the request timeout; only the first chunk's
+        `QueueFull` reaches the client (429 before any work)."""
+        chunk = max(self.batching.max_batch_size, self.batching.max_queue_size // 4)
+        if len(items) <= chunk:
+            return await self.infer(items)
+        loop = asyncio.get_running_loop()
+        timeout_s = self.batching.timeout_s
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        results: list[Any] = []
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            pause = CHUNK_RETRY_MIN_S
+            while True:
+                try:
+                    results.extend(await self.infer(part))
+                    break
+                except QueueFull:
+                    if start == 0 or (deadline is not None and loop.time() + pause > deadline):
+                        raise
+                    await asyncio.sleep(pause)  # backing off for room in a full queue (no event for it)
+                    pause = min(2 * pause, CHUNK_RETRY_MAX_S)
+        return results
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests, let those in flight finish (up to `timeout_s`), stop the batcher.

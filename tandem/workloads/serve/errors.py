@@ -32,6 +32,18 @@ class ModelNotFound(ServeError):
     """The request names a model this server does not serve."""
 
 
+class RouteNotFound(ServeError):
+    """No endpoint at this path (for this server's runtime)."""
+
+
+class MethodNotAllowed(ServeError):
+    """The path exists but not for this HTTP method; `allowed` lists the methods it takes."""
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
 class QueueFull(ServeError):
     """The batch queue has no room; retry after `retry_after_s` seconds (or on another replica)."""
 

@@ -6,10 +6,12 @@ leave and waiting ones join (iteration-level scheduling, as in Orca / vLLM), so 
 for a long generation to end, only for the current step. When nothing is generating, the first request waits
 up to `max_queue_delay_ms` for company (like the dynamic batcher), then generation starts.
 
-Guarantees: every request ends (its tokens, the step's error, `Draining`, or a timeout handled by the
-caller); a request whose client went away (`GenerationHandle.cancel`) is dropped before its next step; the
-number of waiting sequences is bounded (`QueueFull` with Retry-After); `predict`-style length checks on every
-step. Text is produced here (stop strings, held-back partial characters), so the protocol layer only formats.
+Guarantees: every request ends (its tokens, its own error, `Draining`, or a timeout handled by the
+caller); a step that fails is retried in halves until the failing sequences are found, so one bad sequence
+fails only its own request and the rest of the step carries on; a request whose client went away
+(`GenerationHandle.cancel`) is dropped before its next step; the number of waiting sequences is bounded
+(`QueueFull` with Retry-After); `predict`-style length checks on every step. Text is produced here (stop
+strings, held-back partial characters), so the protocol layer only formats.
 Start, drain, shutdown and admission are the dynamic batcher's (`queueloop.QueueLoop`).
 """
 
@@ -40,6 +42,48 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before choosing (OpenAI's `logit_bias`): -100 bans a
     token, +100 all but forces it."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI's, -2 to 2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI's, -2 to 2)."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives (None: off)."""
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits is the answer: no sampling, bias, penalties or log-probabilities
+        (a runtime may then choose on the device without reading the logits back)."""
+        return (
+            self.temperature <= 0
+            and not self.logit_bias
+            and not self.presence_penalty
+            and not self.frequency_penalty
+            and self.logprobs is None
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (after `logit_bias` and penalties, before temperature and
+    top_p) and the `top` most likely tokens at that step, as (token id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def prompt_ids(model: GenerativeModel, text: str) -> list[int]:
+    """The prompt's tokens the model can read: at most its window (`block_size`), the newest ones.
+
+    The text is cut *before* tokenizing when the model says how many trailing characters can reach its
+    window (`prompt_chars`; a byte-level model: one token per byte, at least one per character), so an
+    8 MB prompt costs what a window-sized one does."""
+    chars = getattr(model, "prompt_chars", 0)
+    if chars and len(text) > chars:
+        text = text[-chars:]
+    ids = model.encode(text)
+    window = getattr(model, "block_size", 0)
+    return ids[-window:] if window else ids
 
 
 @dataclass(eq=False)
@@ -58,6 +102,10 @@ class GenSequence:
     finish_reason: str | None = None
     enqueued: float = 0.0
     request: _Request | None = None
+    logprob: TokenLogprob | None = None
+    """Set by the model's step when `params.logprobs` asks for it: the chosen token's log-probability."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Log-probabilities of generated tokens not yet handed out in an event."""
 
 
 class GenerativeModel(Protocol):
@@ -90,6 +138,8 @@ class TokenEvent:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens' log-probabilities since the previous event (when the request asked for them)."""
 
 
 @dataclass(eq=False)
@@ -215,12 +265,23 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         self._observer.queue_depth(0)
         self._progress.set()
 
-    @staticmethod
-    def _fail(seq: GenSequence, error: ServeError) -> None:
+    def _fail(self, seq: GenSequence, error: ServeError) -> None:
+        """End `seq`'s request with `error`: its other sequences stop too (they leave at the step's end)."""
         request = seq.request
         if seq.finish_reason is None:
             seq.finish_reason = "error"
-        if request is not None and request.unfinished:
+        if request is None:
+            return
+        removed = False
+        for other in request.sequences:
+            if other.finish_reason is None:
+                other.finish_reason = "error"
+                if other in self._queue:
+                    self._queue.remove(other)
+                    removed = True
+        if removed:
+            self._observer.queue_depth(len(self._queue))
+        if request.unfinished:
             request.unfinished = 0
             request.events.put_nowait(error)
 
@@ -250,7 +311,11 @@ class GenerationScheduler(QueueLoop[GenSequence]):
 
     async def _step(self) -> None:
         loop = asyncio.get_running_loop()
-        batch = [s for s in self._active if not (s.request is not None and s.request.cancelled)]
+        batch = [
+            s
+            for s in self._active
+            if s.finish_reason is None and not (s.request is not None and s.request.cancelled)
+        ]
         for seq in self._active:
             if seq.request is not None and seq.request.cancelled and seq.finish_reason is None:
                 seq.finish_reason = "cancelled"
@@ -260,30 +325,41 @@ class GenerationScheduler(QueueLoop[GenSequence]):
             return
         started = loop.time()
         self._observer.batch_started(len(batch), ())
-        error: ServeError | None = None
+        tokens = await self._tokens(batch)
+        error = next((t for t in tokens if isinstance(t, ServeError)), None)
+        seconds = loop.time() - started
+        self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
+        self._observer.batch_finished(len(batch), seconds, error)
+        produced = 0
+        for seq, token in zip(batch, tokens, strict=True):
+            if isinstance(token, ServeError):
+                self._fail(seq, token)
+            elif seq.finish_reason is None:  # not ended by a failing sibling of its request
+                produced += self._advance(seq, token)
+        if produced:
+            self._observer.tokens(produced)
+        self._active = [s for s in self._active if s.finish_reason is None]
+
+    async def _tokens(self, batch: list[GenSequence]) -> list[int | ServeError]:
+        """Each sequence's next token, or the error that sequence alone fails with: a failed step is run
+        again in halves (sequence state is only what `step` reads, and the KV cache recomputes any context
+        it is unsure of), so the cost of a failure is a few more steps, paid only then."""
+        loop = asyncio.get_running_loop()
+        error: ServeError
         try:
             tokens = await loop.run_in_executor(self._executor, self.model.step, batch)
             if len(tokens) != len(batch):
                 raise ModelError(f"the model returned {len(tokens)} tokens for a batch of {len(batch)}")
+            return list(tokens)
         except ServeError as exc:
             error = exc
         except Exception as exc:
             error = ModelError(f"the model failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
-        seconds = loop.time() - started
-        self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
-        self._observer.batch_finished(len(batch), seconds, error)
-        if error is not None:
-            for seq in batch:
-                self._fail(seq, error)
-            self._active = []
-            return
-        produced = 0
-        for seq, token in zip(batch, tokens, strict=True):
-            produced += self._advance(seq, token)
-        if produced:
-            self._observer.tokens(produced)
-        self._active = [s for s in self._active if s.finish_reason is None]
+        if len(batch) == 1:
+            return [error]
+        half = len(batch) // 2
+        return [*await self._tokens(batch[:half]), *await self._tokens(batch[half:])]
 
     def _advance(self, seq: GenSequence, token: int) -> int:
         """Apply one token to `seq` and tell its request what is new; the number of tokens it produced."""
@@ -301,6 +377,8 @@ class GenerationScheduler(QueueLoop[GenSequence]):
             produced = 1
             seq.ids.append(token)
             seq.generated += 1
+            if seq.logprob is not None:
+                seq.logprobs.append(seq.logprob)
             seq.text = self.model.decode(seq.ids[seq.prompt_tokens :])
             cut = stop_position(seq.text, params.stop) if params.stop else -1
             if cut >= 0:
@@ -312,10 +390,13 @@ class GenerationScheduler(QueueLoop[GenSequence]):
             request.first_token_seen = True
             self._observer.first_token(time.perf_counter() - request.submitted)
         end = len(seq.text) if seq.finish_reason else safe_prefix(seq.text, params.stop)
+        seq.logprob = None
         if end > seq.sent or seq.finish_reason:
             new = seq.text[seq.sent : end]
             seq.sent = max(seq.sent, end)
-            request.events.put_nowait(TokenEvent(seq.index, new, seq.finish_reason, seq.generated))
+            logprobs = tuple(seq.logprobs)
+            seq.logprobs.clear()
+            request.events.put_nowait(TokenEvent(seq.index, new, seq.finish_reason, seq.generated, logprobs))
         if seq.finish_reason:
             request.unfinished -= 1
         return produced
@@ -324,11 +405,13 @@ class GenerationScheduler(QueueLoop[GenSequence]):
 async def collect(handle: GenerationHandle, count: int, timeout_s: float | None) -> list[TokenEvent]:
     """Every sequence's whole text (one merged event per sequence), within `timeout_s` (504 after)."""
     texts = [""] * count
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
     last: list[TokenEvent | None] = [None] * count
     try:
         async with asyncio.timeout(timeout_s):
             while (event := await handle.next_event()) is not None:
                 texts[event.index] += event.text
+                logprobs[event.index].extend(event.logprobs)
                 last[event.index] = event
     except TimeoutError:
         raise RequestTimeout(
@@ -336,6 +419,12 @@ async def collect(handle: GenerationHandle, count: int, timeout_s: float | None)
             "use stream: true for long generations)"
         ) from None
     return [
-        TokenEvent(i, texts[i], e.finish_reason if e else "error", e.completion_tokens if e else 0)
+        TokenEvent(
+            i,
+            texts[i],
+            e.finish_reason if e else "error",
+            e.completion_tokens if e else 0,
+            tuple(logprobs[i]),
+        )
         for i, e in enumerate(last)
     ]

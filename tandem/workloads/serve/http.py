@@ -19,6 +19,8 @@ from typing import Any, Final, Literal, TypeVar
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,17 +31,20 @@ from tandem.workloads.serve.errors import (
     ClientDisconnected,
     Draining,
     InvalidInput,
+    MethodNotAllowed,
     ModelError,
     ModelNotFound,
     PayloadTooLarge,
     QueueFull,
     RequestTimeout,
+    RouteNotFound,
     ServeError,
     Unavailable,
 )
 from tandem.workloads.serve.metrics import CONTENT_TYPE
 from tandem.workloads.serve.model import Runtime
-from tandem.workloads.serve.protocols import oip, openai
+from tandem.workloads.serve.protocols import chat, oip, openai
+from tandem.workloads.serve.protocols.common import BinaryAnswer
 
 log = logging.getLogger("tandem.serve")
 
@@ -47,6 +52,8 @@ log = logging.getLogger("tandem.serve")
 HTTP_STATUS: Final[Mapping[type[ServeError], int]] = {
     InvalidInput: 400,
     ModelNotFound: 404,
+    RouteNotFound: 404,
+    MethodNotAllowed: 405,
     PayloadTooLarge: 413,
     QueueFull: 429,
     ClientDisconnected: 499,  # nginx's code for "client closed request"; never reaches the client
@@ -57,7 +64,12 @@ HTTP_STATUS: Final[Mapping[type[ServeError], int]] = {
 
 Family = Literal["openai", "oip", "plain"]
 Handler = Callable[[Request], Awaitable[Response | dict[str, Any]]]
-InferenceHandler = Callable[[dict[str, str], bytes], Awaitable["dict[str, Any] | EventStream"]]
+InferenceHandler = Callable[
+    [dict[str, str], bytes, Headers], Awaitable["dict[str, Any] | EventStream | BinaryAnswer"]
+]
+#: The `route` label of requests that matched no endpoint (404) or not with their method (405): one label,
+#: so probing clients cannot grow the metrics without bound.
+UNMATCHED_ROUTE: Final = "(unmatched)"
 T = TypeVar("T")
 
 
@@ -74,6 +86,8 @@ def error_parts(error: ServeError, family: Family) -> tuple[int, dict[str, str],
     headers: dict[str, str] = {}
     if isinstance(error, QueueFull):
         headers["Retry-After"] = str(error.retry_after_s)
+    elif isinstance(error, MethodNotAllowed):
+        headers["Allow"] = ", ".join(error.allowed)
     elif isinstance(error, Unavailable):
         headers["Retry-After"] = str(error.retry_after_s)
         if isinstance(error, Draining):
@@ -249,8 +263,15 @@ class _Endpoints:
             # The body is read first: afterwards the only message left is the disconnect.
             body = await read_body(scope, receive, self.limits.max_request_bytes)
             with self.plane.admit():
-                result = await until_disconnect(receive, post.handler(params, body))
-                if isinstance(result, EventStream):
+                result = await until_disconnect(receive, post.handler(params, body, Headers(scope=scope)))
+                if isinstance(result, BinaryAnswer):
+                    payload = result.body
+                    status = 200
+                    headers = [
+                        *self.extra_headers,
+                        *((k.lower().encode(), v.encode()) for k, v in result.headers),
+                    ]
+                elif isinstance(result, EventStream):
                     stream = result
                     try:
                         await until_disconnect(receive, self._stream(send, stream))
@@ -326,17 +347,66 @@ class _Endpoints:
     async def server_metadata(self, request: Request) -> dict[str, Any]:
         return oip.server_metadata()
 
-    async def infer(self, params: dict[str, str], body: bytes) -> dict[str, Any]:
-        return await oip.infer(self.plane, params["name"], body, params.get("version"))
+    async def infer(
+        self, params: dict[str, str], body: bytes, headers: Headers
+    ) -> dict[str, Any] | BinaryAnswer:
+        return await oip.infer(
+            self.plane,
+            params["name"],
+            body,
+            params.get("version"),
+            header_length=headers.get(oip.HEADER_LENGTH),
+        )
 
     async def models(self, request: Request) -> dict[str, Any]:
         return openai.models(self.plane)
 
-    async def embeddings(self, params: dict[str, str], body: bytes) -> dict[str, Any]:
+    async def model(self, request: Request) -> dict[str, Any]:
+        return openai.model(self.plane, request.path_params["model"])
+
+    async def embeddings(self, params: dict[str, str], body: bytes, headers: Headers) -> dict[str, Any]:
         return await openai.embeddings(self.plane, body)
 
-    async def completions(self, params: dict[str, str], body: bytes) -> dict[str, Any] | EventStream:
+    async def completions(
+        self, params: dict[str, str], body: bytes, headers: Headers
+    ) -> dict[str, Any] | EventStream:
         return await openai.completions(self.plane, body)
+
+    async def chat_completions(
+        self, params: dict[str, str], body: bytes, headers: Headers
+    ) -> dict[str, Any] | EventStream:
+        return await chat.chat_completions(self.plane, body)
+
+    async def unmatched(self, request: Request, exc: Exception) -> Response:
+        """Starlette's 404 and 405 as the family's JSON error object, counted in the request metrics."""
+        started = time.perf_counter()
+        path = request.url.path
+        family: Family = "openai" if path.startswith("/v1/") else "oip"
+        error: ServeError
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        if status == 405:
+            allowed = (exc.headers or {}).get("Allow", "GET") if isinstance(exc, HTTPException) else "GET"
+            error = MethodNotAllowed(
+                f"{request.method} {path}: this path takes {allowed}",
+                tuple(m.strip() for m in allowed.split(",")),
+            )
+        else:
+            error = RouteNotFound(f"{request.method} {path}: no such endpoint on this server; {self._hint()}")
+        response = error_response(error, family)
+        if self.worker is not None:
+            response.headers[WORKER_HEADER] = self.worker
+        self.metrics.observe_request(UNMATCHED_ROUTE, response.status_code, time.perf_counter() - started)
+        return response
+
+    def _hint(self) -> str:
+        runtime = self.plane.model.runtime
+        inference = {
+            Runtime.TORCHSCRIPT: "POST /v2/models/{name}/infer",
+            Runtime.EMBEDDINGS: "POST /v1/embeddings or /v2/models/{name}/infer",
+            Runtime.NOOP: "POST /v1/embeddings",
+            Runtime.CAUSAL_LM: "POST /v1/completions or /v1/chat/completions",
+        }[runtime]
+        return f"the {runtime} runtime serves {inference} (see docs/serving.md)"
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -353,17 +423,19 @@ class _Endpoints:
             self.get(f"{model}/ready", self.model_ready, "oip"),
             self.get(f"{version}/ready", self.model_ready, "oip"),
             self.get("/v1/models", self.models, "openai"),
+            self.get("/v1/models/{model:path}", self.model, "openai"),
             self.get("/metrics", self.prometheus),
         ]
         posts: list[_Post] = []
         runtime = self.plane.model.runtime
-        if runtime is Runtime.TORCHSCRIPT:
+        if runtime in (Runtime.TORCHSCRIPT, Runtime.EMBEDDINGS):
             posts.append(self.post(f"{model}/infer", self.infer, "oip"))
             posts.append(self.post(f"{version}/infer", self.infer, "oip"))
-        if runtime is Runtime.EMBEDDINGS:
+        if runtime in (Runtime.EMBEDDINGS, Runtime.NOOP):
             posts.append(self.post("/v1/embeddings", self.embeddings, "openai"))
         if runtime is Runtime.CAUSAL_LM:
             posts.append(self.post("/v1/completions", self.completions, "openai"))
+            posts.append(self.post("/v1/chat/completions", self.chat_completions, "openai"))
         return routes, posts
 
 
@@ -389,12 +461,24 @@ class ServeApp:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             matched = self._match(scope["path"])
             if matched is not None:
-                await self.endpoints._infer(matched[0], matched[1], scope, receive, send)
-                return
+                if scope["method"] == "POST":
+                    await self.endpoints._infer(matched[0], matched[1], scope, receive, send)
+                    return
+                if not self.starlette_serves(scope):  # e.g. GET /v1/completions: 405, not 404
+                    raise_405 = HTTPException(405, headers={"Allow": "POST"})
+                    response = await self.endpoints.unmatched(Request(scope, receive), raise_405)
+                    await response(scope, receive, send)
+                    return
         await self.starlette(scope, receive, send)
+
+    def starlette_serves(self, scope: Scope) -> bool:
+        """Some Starlette route takes this path (with any method)."""
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.starlette.routes)
 
 
 def build_app(
@@ -427,4 +511,6 @@ def build_app(
 
     endpoints = _Endpoints(plane, limits, worker)
     routes, posts = endpoints.routes()
-    return ServeApp(endpoints, Starlette(routes=routes, lifespan=lifespan), posts)
+    handlers = {404: endpoints.unmatched, 405: endpoints.unmatched}
+    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return ServeApp(endpoints, starlette, posts)

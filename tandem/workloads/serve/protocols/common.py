@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -10,6 +11,17 @@ from pydantic import BaseModel, ValidationError
 from tandem.workloads.serve.errors import InvalidInput
 
 M = TypeVar("M", bound=BaseModel)
+
+#: The message of a request field this server does not implement (pydantic's `extra_forbidden`).
+NOT_SUPPORTED = "not supported by this server (docs/serving.md lists what is); leave it out"
+
+
+@dataclass(frozen=True)
+class BinaryAnswer:
+    """A non-JSON answer body (the Open Inference Protocol's binary tensor data) and its headers."""
+
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -39,4 +51,6 @@ def validate(model: type[M], data: dict[str, Any]) -> M:
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = NOT_SUPPORTED
         raise InvalidInput(field_path(tuple(error["loc"])), message) from None

@@ -1,4 +1,8 @@
-"""OpenAI-compatible endpoints: `/v1/models`, `/v1/embeddings` and `/v1/completions` (with streaming)."""
+"""OpenAI-compatible endpoints: `/v1/models`, `/v1/embeddings` and `/v1/completions` (with streaming); the
+generation parts that `/v1/chat/completions` (`protocols.chat`) shares.
+
+Every request model forbids fields it does not know, so a parameter this server does not implement is a 400
+that names it instead of being silently ignored."""
 
 from __future__ import annotations
 
@@ -7,11 +11,20 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.errors import (
@@ -21,8 +34,17 @@ from tandem.workloads.serve.errors import (
     RequestTimeout,
     ServeError,
 )
-from tandem.workloads.serve.generation import GenerationHandle, SamplingParams, TokenEvent, collect
+from tandem.workloads.serve.generation import (
+    GenerationHandle,
+    GenerativeModel,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    collect,
+    prompt_ids,
+)
 from tandem.workloads.serve.protocols.common import parse_json_object, validate
+from tandem.workloads.serve.sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
     from tandem.workloads.serve.http import EventStream
@@ -57,7 +79,7 @@ def _texts(value: Any) -> list[str]:
 
 
 class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     input: Annotated[list[str], BeforeValidator(_texts)]
     model: StrictStr | None = None
@@ -73,11 +95,18 @@ def check_model(plane: DataPlane, requested: str | None) -> None:
         )
 
 
+def _model_object(plane: DataPlane) -> dict[str, Any]:
+    return {"id": plane.model.name, "object": "model", "created": CREATED, "owned_by": "tandem"}
+
+
 def models(plane: DataPlane) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": plane.model.name, "object": "model", "created": CREATED, "owned_by": "tandem"}],
-    }
+    return {"object": "list", "data": [_model_object(plane)]}
+
+
+def model(plane: DataPlane, model_id: str) -> dict[str, Any]:
+    """`GET /v1/models/{id}`: the model object, 404 for any other id."""
+    check_model(plane, model_id)
+    return _model_object(plane)
 
 
 def _encode(vector: np.ndarray[Any, Any], encoding: str) -> np.ndarray[Any, Any] | str:
@@ -96,7 +125,7 @@ async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
     dimensions = int(getattr(plane.model, "dimensions", 0))
     if request.dimensions is not None and request.dimensions != dimensions:
         raise InvalidInput("dimensions", f"this model makes {dimensions}-dimensional vectors only")
-    results = await plane.infer(request.input)
+    results = await plane.infer_many(request.input)
     tokens = sum(r.tokens for r in results)
     return {
         "object": "list",
@@ -109,7 +138,7 @@ async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
     }
 
 
-# -- completions ------------------------------------------------------------------------------------
+# -- generation (completions and chat completions) ------------------------------------------------------
 
 #: Most prompts in one completions request, and most stop strings (OpenAI's limit).
 MAX_PROMPTS = 64
@@ -118,6 +147,11 @@ MAX_TOKENS = 4096
 #: Most entries in `logit_bias`, and the bias range (OpenAI's: -100 bans a token, +100 all but forces it).
 MAX_LOGIT_BIAS = 300
 LOGIT_BIAS_RANGE = 100.0
+#: Most alternatives per token in `logprobs` / `top_logprobs` (OpenAI's completions limit).
+MAX_LOGPROBS = MAX_TOP_LOGPROBS
+#: `seed`'s range: what a 64-bit random generator takes (negative seeds wrap around, as in torch).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 
 def _prompts(value: Any) -> list[str]:
@@ -154,56 +188,114 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
     return biases
 
 
-class CompletionsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _only(default: Any, hint: str) -> Any:
+    """A validator for a parameter accepted only at its default (`null` or the default value): anything
+    else is a 400 that says so, instead of being ignored."""
 
-    prompt: Annotated[list[str], BeforeValidator(_prompts)]
+    def check(value: Any) -> Any:
+        if value is not None and value != default:
+            raise ValueError(f"only {default!r} is supported by this server; {hint}")
+        return value
+
+    return BeforeValidator(check)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+    """Send one last chunk, before `[DONE]`, with the request's `usage` and no choices."""
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class GenerationRequest(BaseModel):
+    """Parameters that completions and chat completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model: StrictStr | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS, strict=True)] = 16
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: StrictInt | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: Annotated[list[str] | None, BeforeValidator(_stops)] = None
     logit_bias: Annotated[dict[int, float] | None, BeforeValidator(_logit_bias)] = None
-    stream: StrictBool = False
-    n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
-    echo: Literal[False] = False
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=1, strict=True)] | None = None
     user: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream: true")
+        return self
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+            logit_bias=tuple((self.logit_bias or {}).items()),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=logprobs,
+        )
 
 
-async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventStream:
-    from tandem.workloads.serve.http import EventStream, error_parts
+#: Completions' `max_tokens` default (OpenAI's).
+DEFAULT_MAX_TOKENS = 16
 
-    request = validate(CompletionsRequest, parse_json_object(body))
-    check_model(plane, request.model)
-    scheduler = plane.generator()
-    model = scheduler.model
-    prompts = [model.encode(p) for p in request.prompt]
+
+class CompletionsRequest(GenerationRequest):
+    prompt: Annotated[list[str], BeforeValidator(_prompts)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
+    echo: Annotated[bool | None, _only(False, "the answer never repeats the prompt")] = None
+    best_of: Annotated[int | None, _only(1, "ask n times and choose yourself")] = None
+    suffix: Annotated[str | None, _only(None, "this model only continues text (no insertion)")] = None
+
+
+def check_vocabulary(request: GenerationRequest, model: GenerativeModel) -> None:
     bias = request.logit_bias or {}
     if bias and (highest := max(bias)) >= model.vocab_size:
         raise InvalidInput(
             "logit_bias",
             f"token {highest} is not in this model's vocabulary (ids 0-{model.vocab_size - 1})",
         )
-    params = SamplingParams(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        stop=tuple(request.stop or ()),
-        logit_bias=tuple(bias.items()),
-    )
-    handle = scheduler.submit(prompts, params, stream=request.stream)
-    head = {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": plane.model.name,
-    }
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+ChoiceFormat = Callable[[TokenEvent], dict[str, Any]]
+
+
+async def generate(
+    plane: DataPlane,
+    request: GenerationRequest,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    head: dict[str, Any],
+    choice: ChoiceFormat,
+    chunk_choice: ChoiceFormat,
+    first_chunk: dict[str, Any] | None = None,
+) -> dict[str, Any] | EventStream:
+    """Run one generation request: the whole answer (`choice` per sequence), or a stream of chunks
+    (`chunk_choice` per event; `first_chunk` goes first, e.g. chat's assistant role). The stream ends with a
+    usage chunk only when `stream_options.include_usage` asks for it (as OpenAI's API does: clients read
+    `chunk.choices[0]` on every other chunk)."""
+    from tandem.workloads.serve.http import EventStream, error_parts
+
+    scheduler = plane.generator()
+    handle = scheduler.submit(prompts, params, stream=bool(request.stream))
     timeout_s = plane.batching.timeout_s
     if not request.stream:
         try:
@@ -211,11 +303,7 @@ async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventSt
         finally:
             handle.cancel()
         generated = sum(e.completion_tokens for e in events)
-        return {
-            **head,
-            "choices": [_choice(e) for e in events],
-            "usage": _usage(handle, generated),
-        }
+        return {**head, "choices": [choice(e) for e in events], "usage": _usage(handle, generated)}
 
     # Wait for the first event before answering, so that a timeout or a model error before the first
     # token is still a proper HTTP status rather than an error inside a 200 stream.
@@ -228,28 +316,89 @@ async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventSt
     except BaseException:
         handle.cancel()
         raise
+    include_usage = request.stream_options is not None and request.stream_options.include_usage
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
     async def chunks() -> AsyncIterator[bytes]:
         event = first
         generated: dict[int, int] = {}
+        if first_chunk is not None:
+            yield _sse({**head, **first_chunk, **extra})
         try:
             while event is not None:
                 generated[event.index] = event.completion_tokens
-                yield _sse({**head, "choices": [_choice(event)]})
+                yield _sse({**head, "choices": [chunk_choice(event)], **extra})
                 event = await handle.next_event()
         except ServeError as exc:
             _, _, error = error_parts(exc, "openai")
             yield _sse(error)
-        yield _sse({**head, "choices": [], "usage": _usage(handle, sum(generated.values()))})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(handle, sum(generated.values()))})
         yield b"data: [DONE]\n\n"
 
     return EventStream(chunks(), close=handle.cancel)
 
 
-def _choice(event: TokenEvent) -> dict[str, Any]:
-    return {"text": event.text, "index": event.index, "logprobs": None, "finish_reason": event.finish_reason}
-
-
 def _usage(handle: GenerationHandle, generated: int) -> dict[str, int]:
     prompt = handle.prompt_tokens
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def token_text(model: GenerativeModel, token: int) -> tuple[str, bytes]:
+    """A token as OpenAI's logprobs show it: its text, or `bytes:\\xNN` when it is part of a character."""
+    to_bytes = getattr(model, "token_bytes", None)
+    raw = to_bytes(token) if to_bytes is not None else model.decode([token]).encode()
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+def completion_logprobs(
+    model: GenerativeModel, entries: Sequence[TokenLogprob], offset: int
+) -> dict[str, Any]:
+    """The completions API's `logprobs` object; `offset` is the text offset of the first token."""
+    tokens, offsets, tops = [], [], []
+    for entry in entries:
+        text, _ = token_text(model, entry.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text) if not text.startswith("bytes:") else 0
+        tops.append({token_text(model, t)[0]: lp for t, lp in entry.top})
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventStream:
+    request = validate(CompletionsRequest, parse_json_object(body))
+    check_model(plane, request.model)
+    scheduler = plane.generator()
+    model = scheduler.model
+    check_vocabulary(request, model)
+    prompts = [prompt_ids(model, p) for p in request.prompt]
+    params = request.sampling(request.max_tokens, request.logprobs)
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": plane.model.name,
+    }
+    offsets = [0] * len(prompts)
+
+    def choice(event: TokenEvent) -> dict[str, Any]:
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = completion_logprobs(model, event.logprobs, offsets[event.index])
+            offsets[event.index] += len(event.text)
+        return {
+            "text": event.text,
+            "index": event.index,
+            "logprobs": logprobs,
+            "finish_reason": event.finish_reason,
+        }
+
+    return await generate(plane, request, prompts, params, head=head, choice=choice, chunk_choice=choice)

@@ -28,6 +28,7 @@ from tandem.workloads.serve.model import (
     torch_device,
     torch_dtype,
 )
+from tandem.workloads.serve.sampling import adjust_logits, record_logprobs
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,7 @@ class CausalLM:
         self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
+        self.prompt_chars = config.block_size  # byte-level: every character is at least one token
         self.vocab_size = tokenizer.vocab_size
         self._meta = {
             "platform": "tandem_gpt",
@@ -127,6 +129,10 @@ class CausalLM:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer.decode(ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (byte-level: ids below 256 are bytes; the specials are none)."""
+        return bytes([token]) if 0 <= token < 256 else b""
+
     def step(self, batch: list[GenSequence]) -> list[int]:
         import torch
 
@@ -134,7 +140,7 @@ class CausalLM:
         contexts = [seq.ids[-self.block_size :] for seq in batch]
         with torch.inference_mode():
             result = self._cache.step(list(batch), contexts)
-            if all(seq.params.temperature <= 0 and not seq.params.logit_bias for seq in batch):
+            if all(seq.params.plain_greedy for seq in batch):
                 return result.greedy()  # chosen on the device among the tokenizer's ids
             logits = result.logits()
             logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
@@ -143,10 +149,7 @@ class CausalLM:
     def _sample(self, batch: list[GenSequence], logits: torch.Tensor) -> list[int]:
         import torch
 
-        for i, seq in enumerate(batch):
-            if seq.params.logit_bias:
-                ids, biases = zip(*seq.params.logit_bias, strict=True)
-                logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        adjust_logits(batch, logits)  # logit_bias, presence and frequency penalties
         chosen = logits.argmax(dim=-1).tolist()
         for i, seq in enumerate(batch):
             params = seq.params
@@ -163,6 +166,7 @@ class CausalLM:
                 ordered[outside] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, ordered)
             chosen[i] = int(torch.multinomial(probs, 1, generator=seq.state).item())
+        record_logprobs(batch, logits, chosen)
         return [int(t) for t in chosen]
 
     def predict(self, batch: list[GenSequence]) -> list[int]:
