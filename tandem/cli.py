@@ -27,6 +27,7 @@ Start here:
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.devcluster import cli as cluster_cli
+    from tandem.devcluster import images_cli
     from tandem.operator import cli as operator_cli
     from tandem.operator import cost_cli
     from tandem.workloads.serve import cli as serve_cli
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = commands.parser_with(
         cluster_cli.register,
+        images_cli.register,
         operator_cli.register,
         cost_cli.register,
         train_cli.register,

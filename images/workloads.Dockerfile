@@ -1,0 +1,67 @@
+# The Tandem workloads image: what runs inside TrainingJob and InferenceService pods, with the
+# `workloads` extra (torch, Ray, the model server). No kopf. Pods run `tandem train head|worker` and
+# `tandem serve ...`. Build from the repository root:
+#
+#   docker build -f images/workloads.Dockerfile -t ghcr.io/tandem-dev/tandem-workloads:0.1.0 .
+#
+# GPUs: PyPI's torch wheel brings its own CUDA runtime libraries, so the default base runs on GPU nodes
+# whose container runtime injects the NVIDIA driver (NVIDIA container toolkit). To build on a CUDA base
+# instead, pass it as BASE_IMAGE, e.g. --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04;
+# a base without python3 gets Python from its own apt (Debian or Ubuntu; Python >= 3.11 required).
+# `tandem images build` passes a Debian 12 base made locally with debootstrap (docs/images.md).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# Stage 0: the base with python3 and its venv module.
+FROM ${BASE_IMAGE} AS python
+USER root
+RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+      apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && python3 -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+'BASE_IMAGE has Python %d.%d; Tandem needs 3.11 or newer' % sys.version_info[:2])"
+
+# Stage 1: the wheel of this tree and the exact requirement list of the extra. The final image gets
+# neither the source tree nor the build backend, and its dependency layer (several GB with torch) is
+# rebuilt only when the requirement list changes, not on every source edit.
+FROM python AS wheel
+ARG EXTRA=workloads
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY tandem ./tandem
+RUN python3 -m venv /build \
+ && /build/bin/pip wheel --quiet --no-deps --wheel-dir /dist . \
+ && python3 -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" "$EXTRA" > /dist/requirements.txt
+
+# Stage 2: a virtualenv in /opt/tandem owned by root, run by an unprivileged user.
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu makes a CPU-only image (a few GB smaller).
+FROM python
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
+RUN useradd --uid 65532 --user-group --create-home --home-dir /home/tandem --shell /usr/sbin/nologin tandem \
+ && python3 -m venv /opt/tandem
+COPY --from=wheel /dist/requirements.txt /opt/tandem/requirements.txt
+# The wheels stay in a build cache (BuildKit's and buildah's `--mount=type=cache`), so a rebuild after a
+# requirement change downloads only what is new, even behind a proxy that defeats pip's HTTP cache.
+RUN --mount=type=cache,id=tandem-wheels,target=/var/cache/tandem-wheels \
+    /opt/tandem/bin/pip wheel --progress-bar off --wheel-dir /var/cache/tandem-wheels \
+      --find-links /var/cache/tandem-wheels --requirement /opt/tandem/requirements.txt \
+ && /opt/tandem/bin/pip install --quiet --no-index --find-links /var/cache/tandem-wheels \
+      --requirement /opt/tandem/requirements.txt
+COPY --from=wheel /dist/*.whl /tmp/dist/
+RUN /opt/tandem/bin/pip install --quiet --no-deps --no-cache-dir /tmp/dist/*.whl && rm -rf /tmp/dist
+
+ENV PATH=/opt/tandem/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/tandem \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# Numeric, so kubelet can verify `runAsNonRoot`.
+USER 65532:65532
+WORKDIR /home/tandem
+ENTRYPOINT ["tandem"]
+CMD ["--help"]

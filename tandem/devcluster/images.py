@@ -1,0 +1,546 @@
+"""Tandem's two images built on this machine without a Docker daemon, for the dev cluster's real node.
+
+`images/*.Dockerfile` are the files a user builds with Docker for a real cluster. Here no daemon runs
+and no registry is reachable, so Debian's buildah builds the same Dockerfiles on a Debian 12 base made
+locally with debootstrap (passed as BASE_IMAGE), and each image is written as an OCI archive named
+exactly as the operator's settings and the chart name it (`ghcr.io/tandem-dev/tandem-*:<version>`), so
+pods find it in the node's containerd without a pull.
+
+An archive is cached under a key that hashes every input of the build (the Dockerfile, the build
+context's files, the base image's recipe), so an unchanged tree never rebuilds. buildah's own layer
+cache (`--layers`) and the Dockerfiles' wheel cache keep a rebuild after a source edit to seconds.
+buildah is driven as a command, not through a library: it is a Go program with no Python binding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem import __version__
+from tandem.devcluster import paths
+from tandem.errors import UserError
+
+Progress = Callable[[str], None]
+
+# Bump when the recipe below changes in a way the hashed inputs do not capture.
+RECIPE_VERSION = "1"
+HEARTBEAT_SECONDS = 30.0
+REGISTRY_PREFIX = "ghcr.io/tandem-dev/"
+
+#: What the build context holds (the allowlist of the repository's .dockerignore says the same).
+CONTEXT_PATHS: tuple[str, ...] = ("pyproject.toml", "README.md", "tandem")
+#: Names left out of the context at any depth (caches Python writes next to the sources).
+IGNORED_NAMES = frozenset({"__pycache__"})
+IGNORED_SUFFIXES = (".pyc",)
+
+#: Where the build sees the host's CA bundle (PIP_CERT), for networks behind a TLS-inspecting proxy.
+CA_MOUNT = "/run/tandem-build/ca.crt"
+CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
+OCI_REF_ANNOTATION = "org.opencontainers.image.ref.name"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image: its short name, its Dockerfile (relative to the repository root) and its reference."""
+
+    name: str
+    dockerfile: str
+    repository: str
+
+    @property
+    def reference(self) -> str:
+        """The full name pods and the chart use, e.g. ghcr.io/tandem-dev/tandem-operator:0.1.0."""
+        return f"{self.repository}:{__version__}"
+
+
+OPERATOR = ImageSpec("operator", "images/operator.Dockerfile", f"{REGISTRY_PREFIX}tandem-operator")
+WORKLOADS = ImageSpec("workloads", "images/workloads.Dockerfile", f"{REGISTRY_PREFIX}tandem-workloads")
+IMAGES: dict[str, ImageSpec] = {spec.name: spec for spec in (OPERATOR, WORKLOADS)}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The local stand-in for `python:3.11-slim-bookworm`: Debian 12 minbase with Python 3.11 and venv."""
+
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    packages: tuple[str, ...] = ("python3.11", "python3-venv", "ca-certificates")
+
+    @property
+    def key(self) -> str:
+        """Hash of the recipe (not the mirror, which serves the same packages)."""
+        recipe = {"suite": self.suite, "packages": sorted(self.packages), "recipe": RECIPE_VERSION}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def reference(self) -> str:
+        return f"localhost/tandem-base:{self.suite}-{self.key}"
+
+
+BASE = BaseSpec()
+
+
+@dataclass(frozen=True)
+class Built:
+    """The outcome of `build`: the archive, its cache key, and whether this call built it."""
+
+    spec: ImageSpec
+    archive: Path
+    key: str
+    built: bool
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure parts: the build context, the cache key, the archive's index.
+
+
+def repository_root() -> Path:
+    """The checkout this package runs from; the images are built from a checkout, not a wheel."""
+    root = paths.PACKAGE_DIR.parent.parent
+    if not (root / "images").is_dir() or not (root / "pyproject.toml").is_file():
+        raise UserError(
+            f"`tandem images` builds from a checkout of the Tandem repository (with images/ and "
+            f"pyproject.toml), but this package runs from {paths.PACKAGE_DIR.parent}; "
+            "run it from the checkout's .venv (`make setup`)"
+        )
+    return root
+
+
+def _ignored(path: Path) -> bool:
+    return path.name in IGNORED_NAMES or path.name.endswith(IGNORED_SUFFIXES)
+
+
+def context_files(repo: Path) -> list[Path]:
+    """The build context's files, relative to `repo`, sorted (what `.dockerignore` lets through)."""
+    found: list[Path] = []
+    for entry in CONTEXT_PATHS:
+        top = repo / entry
+        if top.is_file():
+            found.append(Path(entry))
+            continue
+        if not top.is_dir():
+            raise UserError(f"the build context needs {top}, which does not exist")
+        for dirpath, dirnames, filenames in os.walk(top):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not _ignored(here / d))
+            found.extend((here / f).relative_to(repo) for f in filenames if not _ignored(here / f))
+    return sorted(found)
+
+
+def stage_context(repo: Path, dest: Path) -> list[Path]:
+    """Copy the context into `dest`, so the build sees exactly the files that were hashed."""
+    files = context_files(repo)
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / rel, dest / rel)
+    return files
+
+
+def tree_digest(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over each file's relative path, executable bit and content."""
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        path = root / rel
+        mode = "x" if os.access(path, os.X_OK) else "-"
+        digest.update(f"{rel.as_posix()}\0{mode}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cache_key(dockerfile: bytes, context_digest: str, base_key: str, build_args: Mapping[str, str]) -> str:
+    """The archive's key: it changes when any input of the build changes, and only then."""
+    inputs = {
+        "recipe": RECIPE_VERSION,
+        "dockerfile": hashlib.sha256(dockerfile).hexdigest(),
+        "context": context_digest,
+        "base": base_key,
+        "args": dict(sorted(build_args.items())),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """`registry/name:tag` -> (`registry/name`, `tag`); a port in the registry is not a tag."""
+    name, sep, tag = reference.rpartition(":")
+    if not sep or "/" in tag:
+        raise UserError(f"image reference {reference!r} has no tag; name it as REPOSITORY:TAG")
+    return name, tag
+
+
+def name_index(index: dict[str, Any], reference: str) -> dict[str, Any]:
+    """The OCI index with the image named for containerd (full name) and OCI tools (the tag).
+
+    `ctr images import` names an image only from `io.containerd.image.name`; it drops a full
+    reference in `org.opencontainers.image.ref.name`, where the OCI layout spec expects a tag.
+    """
+    manifests = index.get("manifests") or []
+    if len(manifests) != 1:
+        raise UserError(f"expected one image in the OCI index, found {len(manifests)}")
+    _, tag = split_reference(reference)
+    manifest = dict(manifests[0])
+    manifest["annotations"] = {
+        **(manifest.get("annotations") or {}),
+        CONTAINERD_NAME_ANNOTATION: reference,
+        OCI_REF_ANNOTATION: tag,
+    }
+    return {**index, "manifests": [manifest]}
+
+
+def dockerfile_contract(text: str) -> dict[str, Any]:
+    """The final stage's USER, ENTRYPOINT and CMD (exec form) and the declared ARGs of a Dockerfile."""
+    lines = re.sub(r"\\\n", " ", text).splitlines()
+    instructions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    final: dict[str, Any] = {"user": None, "entrypoint": None, "cmd": None}
+    args: list[str] = []
+    for i, line in enumerate(instructions):
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "ARG":
+            args.append(rest.split("=", 1)[0].strip())
+        if i > last_from and keyword in ("USER", "ENTRYPOINT", "CMD"):
+            final[keyword.lower()] = json.loads(rest) if keyword != "USER" else rest.strip()
+    return {**final, "args": args}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and tools.
+
+
+def images_root() -> Path:
+    """`~/.cache/tandem/images`: archives, buildah's storage, the base root file system, logs."""
+    return paths.cache_root() / "images"
+
+
+def archive_path(spec: ImageSpec, key: str) -> Path:
+    return images_root() / "archives" / f"tandem-{spec.name}-{__version__}-{key}.oci.tar"
+
+
+def _storage_flags() -> list[str]:
+    root = images_root()
+    return ["--root", str(root / "storage"), "--runroot", str(root / "run"), "--storage-driver", "overlay"]
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        raise UserError(f"`{name}` is not installed; run `make system-tools` (Debian's {name} package)")
+    return found
+
+
+def _buildah(*args: str) -> list[str]:
+    return [_tool("buildah"), *_storage_flags(), *args]
+
+
+def ca_bundle() -> Path | None:
+    """The CA bundle this machine's pip trusts, handed to the build's pip (a proxy may re-sign TLS)."""
+    for variable in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        value = os.environ.get(variable)
+        if value and Path(value).is_file():
+            return Path(value)
+    system = Path("/etc/ssl/certs/ca-certificates.crt")
+    return system if system.is_file() else None
+
+
+@contextlib.contextmanager
+def _lock() -> Iterator[None]:
+    """One image build at a time on this machine (the demo and a test session may both ask)."""
+    root = images_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+#: Lines worth showing as progress: build steps and pip's downloads (with their sizes).
+_SHOWN = re.compile(r"^(\[\d+/\d+\] )?STEP \d+/\d+: |^\s*(Downloading|Building wheel for) ")
+
+
+def _run_logged(
+    command: list[str], log: Path, progress: Progress, label: str, verbose: bool, cwd: Path | None = None
+) -> None:
+    """Run `command`, its output to `log`; show build steps and downloads, and a heartbeat when quiet."""
+    start = time.monotonic()
+    lines: queue.Queue[str | None] = queue.Queue()
+    with log.open("a") as log_file:
+        log_file.write(f"$ {' '.join(command)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            last_shown = time.monotonic()
+            while True:
+                try:
+                    line = lines.get(timeout=HEARTBEAT_SECONDS)
+                except queue.Empty:
+                    progress(f"[{label}] still working, {_elapsed(time.monotonic() - start)}")
+                    continue
+                if line is None:
+                    break
+                log_file.write(line)
+                text = line.rstrip()
+                if verbose or _SHOWN.search(text):
+                    progress(f"[{label}] {_elapsed(time.monotonic() - start):>6} {text[:150]}")
+                    last_shown = time.monotonic()
+                elif time.monotonic() - last_shown > HEARTBEAT_SECONDS:
+                    progress(f"[{label}] still working, {_elapsed(time.monotonic() - start)}")
+                    last_shown = time.monotonic()
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise UserError(
+            f"{label}: `{' '.join(command[:3])} ...` failed (exit {proc.returncode}); "
+            f"full log in {log}; its end:\n{_log_tail(log)}"
+        )
+
+
+def _image_exists(reference: str) -> bool:
+    result = subprocess.run(
+        _buildah("inspect", "--type", "image", reference), capture_output=True, text=True, check=False
+    )
+    return result.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The base image.
+
+
+def _make_rootfs_tar(base: BaseSpec, tar_path: Path, log: Path, progress: Progress, verbose: bool) -> None:
+    """debootstrap a minbase root file system, drop apt's caches and docs, and tar it."""
+    tmp = Path(tempfile.mkdtemp(prefix="rootfs-", dir=images_root()))
+    try:
+        rootfs = tmp / "rootfs"
+        command = [
+            _tool("debootstrap"),
+            "--variant=minbase",
+            f"--include={','.join(base.packages)}",
+            base.suite,
+            str(rootfs),
+            base.mirror,
+        ]
+        _run_logged(command, log, progress, "base", verbose)
+        for pattern in (
+            "var/cache/apt/archives/*.deb",
+            "var/cache/apt/*.bin",
+            "var/lib/apt/lists/*",
+            "usr/share/doc/*",
+            "usr/share/man/*",
+            "usr/share/locale/*",
+        ):
+            for path in rootfs.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        partial = tar_path.with_suffix(".partial")
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(partial), "."], check=True
+        )
+        partial.rename(tar_path)
+    finally:
+        _unmount_under(tmp)  # debootstrap mounts /proc and /sys in the target; a failed run may leave them
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unmount_under(folder: Path) -> None:
+    """Lazily unmount every mount point below `folder`, deepest first."""
+    prefix = str(folder.resolve()) + "/"
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def ensure_base(progress: Progress, base: BaseSpec = BASE, verbose: bool = False) -> str:
+    """The base image's reference in buildah's storage, made first if missing (debootstrap: ~1 min)."""
+    if _image_exists(base.reference):
+        return base.reference
+    logs = images_root() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "base.log"
+    log.write_text("")
+    tar_path = images_root() / "base" / f"{base.suite}-{base.key}.rootfs.tar"
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    if not tar_path.is_file():
+        progress(f"[base] debootstrap Debian {base.suite} minbase + {' '.join(base.packages)}")
+        _make_rootfs_tar(base, tar_path, log, progress, verbose)
+    progress(f"[base] importing the root file system as {base.reference}")
+    container = subprocess.run(
+        _buildah("from", "--pull=never", "scratch"), capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        _run_logged(_buildah("add", container, str(tar_path), "/"), log, progress, "base", verbose)
+        config = ["--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        config += ["--env", "LANG=C.UTF-8", "--cmd", "/bin/bash", container]
+        _run_logged(_buildah("config", *config), log, progress, "base", verbose)
+        _run_logged(_buildah("commit", "--rm", container, base.reference), log, progress, "base", verbose)
+    except BaseException:
+        subprocess.run(_buildah("rm", container), capture_output=True, check=False)
+        raise
+    return base.reference
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building and loading.
+
+
+def _write_archive(spec: ImageSpec, archive: Path, log: Path, progress: Progress, verbose: bool) -> None:
+    """Push the built image to an OCI layout, name it for containerd, and tar it into `archive`."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="layout-", dir=archive.parent) as tmp:
+        layout = Path(tmp) / "layout"
+        _, tag = split_reference(spec.reference)
+        progress(f"[{spec.name}] writing the OCI archive")
+        _run_logged(
+            _buildah("push", "--quiet", spec.reference, f"oci:{layout}:{tag}"),
+            log,
+            progress,
+            spec.name,
+            verbose,
+        )
+        index_file = layout / "index.json"
+        index_file.write_text(json.dumps(name_index(json.loads(index_file.read_text()), spec.reference)))
+        partial = Path(tmp) / "archive.tar"
+        with tarfile.open(partial, "w") as tar:
+            for path in sorted(layout.rglob("*")):
+                tar.add(path, arcname=path.relative_to(layout).as_posix(), recursive=False)
+        partial.rename(archive)
+
+
+def _prune_archives(spec: ImageSpec, keep: Path) -> None:
+    """Archives of older inputs are never used again (a GB or more each for the workloads)."""
+    for old in keep.parent.glob(f"tandem-{spec.name}-*.oci.tar"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+
+
+def build(
+    spec: ImageSpec, progress: Progress, *, force: bool = False, verbose: bool = False, base: BaseSpec = BASE
+) -> Built:
+    """Build `spec` into a cached OCI archive, or find the archive of the same inputs.
+
+    A cached archive is found by hashing the inputs (a second or so); a cold operator build takes about a
+    minute on two cores, the workloads image many minutes (PyPI's torch with its CUDA libraries).
+    """
+    start = time.monotonic()
+    repo = repository_root()
+    dockerfile = (repo / spec.dockerfile).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="tandem-image-context-") as tmp:
+        context = Path(tmp)
+        files = stage_context(repo, context)
+        build_args = {"BASE_IMAGE": base.reference}
+        key = cache_key(dockerfile, tree_digest(context, files), base.key, build_args)
+        archive = archive_path(spec, key)
+        if archive.is_file() and not force:
+            progress(f"[{spec.name}] {spec.reference}: cached ({archive})")
+            return Built(spec, archive, key, built=False, seconds=time.monotonic() - start)
+        with _lock():
+            if archive.is_file() and not force:  # another process built it while we waited
+                return Built(spec, archive, key, built=False, seconds=time.monotonic() - start)
+            ensure_base(progress, base, verbose)
+            logs = images_root() / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            log = logs / f"{spec.name}.log"
+            log.write_text("")
+            progress(f"[{spec.name}] building {spec.reference} from {spec.dockerfile} (log: {log})")
+            command = _buildah(
+                "bud",
+                "--layers",
+                "--pull=never",
+                "--isolation",
+                "chroot",
+                "--network",
+                "host",
+                "--file",
+                str(repo / spec.dockerfile),
+                "--tag",
+                spec.reference,
+            )
+            for name, value in build_args.items():
+                command += ["--build-arg", f"{name}={value}"]
+            bundle = ca_bundle()
+            if bundle is not None:
+                command += ["--volume", f"{bundle}:{CA_MOUNT}:ro", "--build-arg", f"PIP_CERT={CA_MOUNT}"]
+            _run_logged([*command, str(context)], log, progress, spec.name, verbose)
+            _write_archive(spec, archive, log, progress, verbose)
+            _prune_archives(spec, archive)
+    seconds = time.monotonic() - start
+    size = archive.stat().st_size / 1e6
+    progress(f"[{spec.name}] {spec.reference}: built in {_elapsed(seconds)}, archive {size:.0f} MB")
+    return Built(spec, archive, key, built=True, seconds=seconds)
+
+
+def load(cluster_name: str, specs: Iterable[ImageSpec], progress: Progress) -> list[Built]:
+    """Build (or find cached) each image and import it into cluster `cluster_name`'s real node."""
+    from tandem.devcluster import realnode
+
+    done: list[Built] = []
+    for spec in specs:
+        result = build(spec, progress)
+        start = time.monotonic()
+        progress(f"[{spec.name}] importing {spec.reference} into cluster {cluster_name!r}'s containerd")
+        realnode.import_image(cluster_name, result.archive)
+        progress(f"[{spec.name}] imported in {_elapsed(time.monotonic() - start)}")
+        done.append(result)
+    return done
+
+
+def clean(progress: Progress) -> None:
+    """Remove the archives, buildah's storage and the base (the builds' wheel cache is buildah's own)."""
+    root = images_root()
+    if not root.exists():
+        return
+    with _lock():
+        if (root / "storage").exists():
+            subprocess.run(_buildah("rm", "--all"), capture_output=True, check=False)
+            subprocess.run(_buildah("rmi", "--all", "--force"), capture_output=True, check=False)
+        progress(f"removing {root}")
+        shutil.rmtree(root, ignore_errors=True)
