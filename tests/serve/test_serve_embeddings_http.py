@@ -9,17 +9,21 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
+import tritonclient.http as triton  # type: ignore[import-untyped]
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serverprocess import ServerProcess
 
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 9 * 1024 * 1024  # room for one 8 MB input
+MAX_QUEUE_SIZE = 64  # far below OpenAI's 2,048 inputs per request
 SENTENCES = [
     "A man is eating food.",
     "A man is riding a horse.",
@@ -45,6 +49,7 @@ def server() -> Iterator[ServerProcess]:
         "--max-batch-size", "16",
         "--max-queue-delay-ms", "20",
         "--max-request-bytes", str(MAX_REQUEST_BYTES),
+        "--max-queue-size", str(MAX_QUEUE_SIZE),
     ]  # fmt: skip
     with ServerProcess(args) as process:
         yield process
@@ -224,3 +229,63 @@ def test_still_ready_after_the_fuzzing(client: httpx.Client, server: ServerProce
     assert client.get("/v2/health/ready").status_code == 200
     assert server.metric("tandem_serve_request_duration_seconds_count", code="500") == 0
     assert vectors(embed(client, {"input": "still here"})).shape == (1, 384)
+
+
+# -- unmodified clients: the OpenAI SDK and tritonclient --------------------------------------------------
+
+
+def test_the_openai_sdk_embeds_like_the_json_api(server: ServerProcess, client: httpx.Client) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as sdk:
+        answer = sdk.embeddings.create(model="minilm", input=SENTENCES[:3])  # base64 on the wire
+        assert [m.id for m in sdk.models.list()] == ["minilm"]
+    got = np.array([d.embedding for d in answer.data])
+    np.testing.assert_allclose(got, vectors(embed(client, {"input": SENTENCES[:3]})), atol=1e-6)
+    assert answer.usage.prompt_tokens > 0
+
+
+def test_2048_inputs_are_served_whatever_the_queue_bound(client: httpx.Client) -> None:
+    texts = [f"sentence number {i}" for i in range(2048)]
+    got = vectors(embed(client, {"input": texts}))
+    assert got.shape == (2048, 384)
+    for i in (0, 1000, 2047):  # in order: each matches its text embedded alone
+        np.testing.assert_allclose(got[i], vectors(embed(client, {"input": texts[i]}))[0], atol=1e-5)
+
+
+def test_tritonclient_with_binary_data_embeds_text(server: ServerProcess, client: httpx.Client) -> None:
+    meta = client.get("/v2/models/minilm").json()
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
+    texts = SENTENCES[:4]
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as tc:
+        assert tc.is_model_ready("minilm")
+        assert "binary_tensor_data" in tc.get_server_metadata()["extensions"]
+        tensor = triton.InferInput("text", [len(texts)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))  # binary
+        result = tc.infer("minilm", [tensor])  # no outputs named: all of them, as binary data
+        got = result.as_numpy("embedding")
+    assert got is not None
+    np.testing.assert_allclose(got, vectors(embed(client, {"input": texts})), atol=1e-6)
+
+
+def test_an_8mb_input_delays_others_by_at_most_a_batch(server: ServerProcess) -> None:
+    huge = "word " * (8 * 1024 * 1024 // 5)
+
+    async def others_while_huge() -> tuple[list[float], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as ac:
+
+            async def timed(i: int) -> float:
+                started = time.perf_counter()
+                response = await ac.post("/v1/embeddings", json={"input": f"small request {i}"})
+                assert response.status_code == 200
+                return time.perf_counter() - started
+
+            big = asyncio.create_task(ac.post("/v1/embeddings", json={"input": [huge, "short"]}))
+            times = [await timed(i) for i in range(8)]
+            return times, await big
+
+    times, big = asyncio.run(others_while_huge())
+    assert big.status_code == 200, big.text
+    # truncated to the model's 256 tokens: as long a usage as any input that fills the window
+    assert big.json()["usage"]["prompt_tokens"] <= 256 + 16
+    # Generous for a loaded 2-core machine: tokenizing the whole input took 7-9 s before.
+    assert max(times) < 2.0

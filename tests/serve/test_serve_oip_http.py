@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as triton  # type: ignore[import-untyped]
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serverprocess import ServerProcess
@@ -163,6 +164,92 @@ def test_bad_requests_are_400_and_name_the_field(client: httpx.Client, mutate: A
     body = request([[1.0, 2.0, 3.0, 4.0]])
     mutate(body)
     response = client.post("/v2/models/affine/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"{field}:")
+
+
+def test_tritonclient_with_its_default_binary_data(server: ServerProcess, client: httpx.Client) -> None:
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 2.0, 8.0]], dtype=np.float32)
+    scale = np.array([[1.0], [2.0]], dtype=np.float32)
+    expected = outputs(client.post("/v2/models/affine/infer", json=request(x.tolist(), [1.0, 2.0])))
+    with triton.InferenceServerClient(server.url.removeprefix("http://")) as tc:
+        assert tc.is_server_ready()
+        assert tc.get_model_metadata("affine")["inputs"] == MODEL_JSON["inputs"]
+        inputs = [triton.InferInput("x", [2, 4], "FP32"), triton.InferInput("scale", [2, 1], "FP32")]
+        inputs[0].set_data_from_numpy(x)  # binary_data=True: the default
+        inputs[1].set_data_from_numpy(scale)
+        every = tc.infer("affine", inputs)  # no outputs named: all, as binary data
+        np.testing.assert_allclose(every.as_numpy("y"), expected["y"], rtol=1e-6)
+        np.testing.assert_allclose(every.as_numpy("total"), expected["total"], rtol=1e-6)
+        total = tc.infer("affine", inputs, outputs=[triton.InferRequestedOutput("total")])
+        assert total.as_numpy("y") is None
+        np.testing.assert_allclose(total.as_numpy("total"), expected["total"], rtol=1e-6)
+        as_json = tc.infer("affine", inputs, outputs=[triton.InferRequestedOutput("y", binary_data=False)])
+        np.testing.assert_allclose(as_json.as_numpy("y"), expected["y"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_inputs_are_400(client: httpx.Client, value: float) -> None:
+    body = json.dumps(request([[1.0, value, 3.0, 4.0]])).encode()  # json.dumps writes Infinity / NaN
+    response = client.post("/v2/models/affine/infer", content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("inputs[0].data:")
+    raw = np.array([[1.0, value, 3.0, 4.0]], dtype=np.float32).tobytes()
+    ones = np.ones((1, 1), dtype=np.float32).tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+                {"name": "scale", "shape": [1, 1], "datatype": "FP32", "parameters": {"binary_data_size": 4}},
+            ]
+        }
+    ).encode()
+    binary = client.post(
+        "/v2/models/affine/infer",
+        content=head + raw + ones,
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    assert binary.status_code == 400, binary.text
+    assert binary.json()["error"].startswith("inputs[0].data:")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "extra", "header", "field"),
+    [
+        ((16, 4), b"", "9999", "Inference-Header-Content-Length"),
+        ((16, 4), b"", "x", "Inference-Header-Content-Length"),
+        ((16, 8), b"", None, "inputs[1].parameters.binary_data_size"),
+        ((12, 4), b"", None, "inputs[0].parameters.binary_data_size"),
+        ((16, 4), b"\0" * 3, None, "body"),
+    ],
+)
+def test_malformed_binary_data_is_400(
+    client: httpx.Client, sizes: tuple[int, int], extra: bytes, header: str | None, field: str
+) -> None:
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": sizes[0]},
+                },
+                {
+                    "name": "scale",
+                    "shape": [1, 1],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": sizes[1]},
+                },
+            ]
+        }
+    ).encode()
+    data = np.ones(8, dtype=np.float32).tobytes()[: sizes[0] + sizes[1]] + extra
+    response = client.post(
+        "/v2/models/affine/infer",
+        content=head + data,
+        headers={"Inference-Header-Content-Length": header or str(len(head))},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(f"{field}:")
 
