@@ -1,0 +1,548 @@
+"""Generation at mixed answer lengths: HF transformers `generate`, Tandem's scheduler and the decoding floor,
+on one request set, in one run.
+
+    python bench/serve_lm_mixed.py --device cuda --size 124m --precision bf16            # one GPU
+    .venv/bin/python bench/serve_lm_mixed.py --size tiny --requests 32 --max-answer 48 \\
+        --variants hf1,hf32,hf32s,s32,o32,f                                            # CPU smoke run
+
+The request set: --requests prompts of --prompt-tokens random printable bytes (the byte tokenizer: one token
+each), answers of uniform random length in --min-answer..--max-answer tokens (seeded), all queued at once,
+greedy. The model: the built-in GPT `--size` with random weights (seeded; EOS's embedding row zeroed, so
+greedy never ends early), written as a Tandem checkpoint and served by the causal-lm runtime; HF's
+`GPT2LMHeadModel` gets the same weights (GPT-2's architecture: the same model), and generation is limited to
+the tokenizer's ids in both. Every request must produce exactly its answer length (checked, or the run
+fails). Useful tokens count each request's own answer only (a static batch padded to its longest answer
+computes more).
+
+Variants (--variants, comma-separated; N a batch size):
+- hf1: HF `generate`, one request at a time (the first --hf1-requests requests, for time).
+- hf32 / hf32s: HF `generate`, static batches of 32 in arrival order / sorted by answer length (an oracle).
+- sN: Tandem's generation scheduler in process (`GenerationScheduler`, every request streamed so each token
+  is timed), at most N sequences in flight, the runtime's defaults (on CUDA: CUDA graphs).
+- eN: the same without CUDA graphs (the decoding pass launched op by op).
+- oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
+  context (`one_pass`, the code before issue 17).
+- g: a check, not a timing: an fp32 copy of the model through the runtime's cache (on CUDA, its graphs)
+  while sequences join and leave, every step's logits against the model's own forward pass.
+- f: the floor at the largest sN's batch: a static batch decoded by the runtime's cache with nobody joining
+  or leaving (steps at contexts prompt..prompt+max-answer), and the same captured graph replayed alone at
+  the widest context (f0: no CPU work between steps but the replay).
+
+Each Tandem variant runs once untimed first (it captures the CUDA graphs it meets), then timed. Reported:
+useful tokens/s, time to first token (TTFT) p50/p99 from the moment all requests were queued, inter-token
+latency (ITL) p50/p99 over every pair of consecutive tokens of a request. HF's token times come from a
+logits processor called once per step (the step's start: HF synchronises every step), so they are
+approximate within one step. `--profile` splits the timed sN runs into the model step (CPU launch and
+waiting for the GPU) and the rest (the scheduler and event loop), and prints cProfile's top functions of one
+more run. bf16 agreement: each variant's answers are compared with the first full-set variant's (greedy: a
+near-tie can flip in another summation order; the median position of the first difference is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import cProfile
+import io
+import itertools
+import platform
+import pstats
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_lm_load import _NullObserver, load_lm, write_checkpoint
+
+from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    answer: int
+
+
+@dataclass
+class Outcome:
+    """One variant's run: each request's tokens and their times (seconds after all were queued)."""
+
+    seconds: float
+    tokens: list[list[int]]
+    times: list[list[float]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def request_set(args: argparse.Namespace) -> list[Request]:
+    rng = random.Random(args.seed)
+    printable = list(range(32, 127))
+    return [
+        Request(
+            [rng.choice(printable) for _ in range(args.prompt_tokens)],
+            rng.randint(args.min_answer, args.max_answer),
+        )
+        for _ in range(args.requests)
+    ]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return (
+        ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
+    )
+
+
+# -- HF transformers ------------------------------------------------------------------------------------
+
+
+def hf_model(lm: Any, device: str, dtype: torch.dtype) -> Any:
+    """HF's GPT2LMHeadModel with the Tandem GPT's weights (Conv1D stores Linear's weight transposed; Tandem's
+    GPT has no biases: HF's are zero)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt = lm.gpt
+    c = gpt.config
+    config = GPT2Config(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    model: Any = GPT2LMHeadModel(config)
+    ours = {k: v.float().cpu() for k, v in gpt.state_dict().items()}
+    theirs = model.state_dict()
+    parameters = dict(model.named_parameters())
+    mapped: dict[str, torch.Tensor] = {}
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    for name, tensor in theirs.items():
+        key = name.removeprefix("transformer.")
+        if key in ours:
+            module = name.rsplit(".", 1)[0]
+            mapped[name] = ours[key].t() if module in conv1d and name.endswith(".weight") else ours[key]
+        elif name in parameters:  # a bias
+            mapped[name] = torch.zeros_like(tensor)
+        else:
+            mapped[name] = tensor  # attention's causal-mask buffers, where a version keeps them
+    model.load_state_dict(mapped)
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    moved = model.to(device=device, dtype=dtype)
+    return moved.eval()
+
+
+def hf_generate(
+    model: Any, requests: list[Request], batches: list[list[int]], vocab: int, device: str
+) -> Outcome:
+    """Static batches (lists of request indices), one after another, each generated to its longest answer."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class TimedMask(LogitsProcessor):
+        """Only the tokenizer's ids (as the runtime); records when each step's logits are handled."""
+
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.calls.append(time.perf_counter())
+            scores[:, vocab:] = -float("inf")
+            return scores
+
+    tokens: list[list[int]] = [[] for _ in requests]
+    times: list[list[float]] = [[] for _ in requests]
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            longest = max(requests[i].answer for i in batch)
+            ids = torch.tensor([requests[i].prompt for i in batch], device=device)
+            timer = TimedMask()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([timer]),
+            )
+            ended = time.perf_counter()
+            # Token k exists once step k + 1 starts (the last one when generate returns).
+            stamps = [*timer.calls[1:], ended]
+            for row, i in enumerate(batch):
+                made = out[row, len(requests[i].prompt) :].tolist()
+                if len(made) != longest:
+                    raise SystemExit(f"HF generated {len(made)} tokens for request {i}, expected {longest}")
+                tokens[i] = made[: requests[i].answer]
+                times[i] = [t - started for t in stamps[: requests[i].answer]]
+    return Outcome(time.perf_counter() - started, tokens, times)
+
+
+# -- Tandem ---------------------------------------------------------------------------------------------
+
+
+def set_cache(lm: Any, vocab: int, **options: Any) -> None:
+    """The runtime's cache, rebuilt with other options (the variants' switch)."""
+    lm._cache = DecodeCache(lm.gpt, vocab=vocab, **options)
+
+
+def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
+    """All requests submitted at once to an in-process GenerationScheduler, every one streamed."""
+    from tandem.workloads.serve.batcher import BatchingConfig
+    from tandem.workloads.serve.generation import GenerationScheduler, SamplingParams
+
+    config = BatchingConfig(max_batch_size=max_batch, max_queue_delay_ms=1, max_queue_size=1_000_000)
+
+    async def run() -> Outcome:
+        scheduler = GenerationScheduler(lm, config, _NullObserver())
+        scheduler.start()
+        tokens: list[list[int]] = [[] for _ in requests]
+        times: list[list[float]] = [[] for _ in requests]
+
+        async def consume(i: int, handle: Any) -> None:
+            while (event := await handle.next_event()) is not None:
+                now = time.perf_counter() - started
+                made = event.completion_tokens - len(times[i])
+                times[i] += [now] * made
+                if event.finish_reason is not None:
+                    if event.finish_reason != "length":
+                        raise SystemExit(f"request {i} finished with {event.finish_reason!r}")
+                    tokens[i] = handle._request.sequences[0].ids[len(requests[i].prompt) :]
+
+        started = time.perf_counter()
+        handles = [
+            scheduler.submit([r.prompt], SamplingParams(max_tokens=r.answer, temperature=0.0), stream=True)
+            for r in requests
+        ]
+        await asyncio.gather(*(consume(i, h) for i, h in enumerate(handles)))
+        seconds = time.perf_counter() - started
+        await scheduler.close(drain=False)
+        return Outcome(seconds, tokens, times)
+
+    return asyncio.run(run())
+
+
+def timed_step(lm: Any) -> tuple[dict[str, float], Callable[[], None]]:
+    """Wraps the runtime's step (contexts, the cache's step, the greedy ids back: CPU work and waiting for
+    the GPU) and the cache's step (preparing inputs, launching or replaying, without waiting for the GPU) to
+    add up their seconds; undo with the returned callable."""
+    spent = {"step_s": 0.0, "cache_s": 0.0, "steps": 0.0}
+    cache = lm._cache
+    step_of, cache_step_of = lm.step, cache.step
+
+    def step(batch: Any) -> list[int]:
+        t = time.perf_counter()
+        out: list[int] = step_of(batch)
+        spent["step_s"] += time.perf_counter() - t
+        spent["steps"] += 1
+        return out
+
+    def cache_step(owners: Any, contexts: Any) -> Any:
+        t = time.perf_counter()
+        out = cache_step_of(owners, contexts)
+        spent["cache_s"] += time.perf_counter() - t
+        return out
+
+    lm.step, cache.step = step, cache_step
+
+    def undo() -> None:
+        del lm.step, cache.step
+
+    return spent, undo
+
+
+def floor(
+    lm: Any, requests: list[Request], batch: int, steps: int, vocab: int, device: str
+) -> dict[str, float]:
+    """(f): a static batch through the runtime's cache, nobody joining or leaving; (f0): its widest captured
+    graph replayed alone."""
+    cache = DecodeCache(lm.gpt, vocab=vocab)
+    cache.reserve(batch)
+    ids = [list(requests[i % len(requests)].prompt) for i in range(batch)]
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for timed in (False, True):  # the first pass captures the graphs
+            sequences = [list(s) for s in ids]
+            fresh = [object() for _ in range(batch)]  # the last pass's sequences leave
+            for seq, token in zip(sequences, cache.step(fresh, sequences).greedy(), strict=True):
+                seq.append(token)
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps - 1):
+                for seq, token in zip(sequences, cache.step(fresh, sequences).greedy(), strict=True):
+                    seq.append(token)
+            sync(device)
+            if timed:
+                seconds = time.perf_counter() - started
+                out["f_tokens_per_s"] = batch * (steps - 1) / seconds
+                out["f_step_ms"] = 1000 * seconds / (steps - 1)
+        graphs = cache._graphs
+        if graphs is not None and graphs.graphs:
+            key = max(graphs.graphs)  # the widest graph of the largest batch
+            graph = graphs.graphs[key]
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(100):
+                graph.replay()
+            sync(device)
+            ms = 1000 * (time.perf_counter() - started) / 100
+            out["f0_step_ms"] = ms
+            out["f0_tokens_per_s"] = key[0] / ms * 1000
+            out["f0_width"] = key[1]
+        out["graphs"] = cache.graphs_captured
+    return out
+
+
+def graph_check(lm: Any, device: str) -> dict[str, Any]:
+    """(g): fp32 copy of the model, sequences joining and leaving for 24 steps through the runtime's cache
+    (on CUDA: its graphs); every step's logits against the model's own forward of each whole window."""
+    model = copy.deepcopy(lm.gpt).float()
+    cache = DecodeCache(model, vocab=lm.vocab_size)
+    rng = random.Random(1)
+    seqs = [[rng.randrange(256) for _ in range(rng.randrange(8, 70))] for _ in range(5)]
+    owners = [object() for _ in seqs]
+    worst = 0.0
+    same = total = 0
+    with torch.inference_mode():
+        for step in range(24):
+            if step % 3 == 2:
+                for _ in range(2):
+                    k = rng.randrange(len(seqs))
+                    del seqs[k], owners[k]
+                for _ in range(3):
+                    k = rng.randrange(len(seqs) + 1)
+                    seqs.insert(k, [rng.randrange(256) for _ in range(rng.randrange(8, 70))])
+                    owners.insert(k, object())
+            result = cache.step(owners, seqs)
+            logits, greedy = result.logits(), result.greedy()
+            for i, seq in enumerate(seqs):
+                expected = model(torch.tensor([seq], device=device))[0][0, -1].float()
+                worst = max(worst, float((logits[i] - expected).abs().max()))
+                same += greedy[i] == int(expected[: lm.vocab_size].argmax())
+                total += 1
+                seq.append(greedy[i])
+    return {
+        "fp32_max_abs_logit_diff": worst,
+        "fp32_greedy_same": f"{same}/{total}",
+        "graphs": cache.graphs_captured,
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def summarize(
+    name: str, outcome: Outcome, requests: list[Request], reference: Outcome | None
+) -> dict[str, Any]:
+    for i, (r, made) in enumerate(zip(requests, outcome.tokens, strict=True)):
+        if len(made) != r.answer:
+            raise SystemExit(f"{name}: request {i} got {len(made)} tokens, expected exactly {r.answer}")
+    useful = sum(r.answer for r in requests)
+    ttft = [t[0] for t in outcome.times if t]
+    itl = [b - a for t in outcome.times for a, b in itertools.pairwise(t)]
+    row: dict[str, Any] = {
+        "variant": name,
+        "tokens_per_s": useful / outcome.seconds,
+        "seconds": outcome.seconds,
+        "ttft_p50_ms": 1000 * percentile(ttft, 50),
+        "ttft_p99_ms": 1000 * percentile(ttft, 99),
+        "itl_p50_ms": 1000 * percentile(itl, 50),
+        "itl_p99_ms": 1000 * percentile(itl, 99),
+        **outcome.notes,
+    }
+    if reference is not None:
+        pairs = list(zip(outcome.tokens, reference.tokens, strict=False))
+        diverged = [
+            next(k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y) for a, b in pairs if a != b
+        ]
+        row["same_answers"] = f"{len(pairs) - len(diverged)}/{len(pairs)}"
+        row["first_difference_median"] = statistics.median(diverged) if diverged else None
+    return row
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", default="124m", help="built-in GPT size: tiny, small, medium, 124m")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--min-answer", type=int, default=16)
+    parser.add_argument("--max-answer", type=int, default=256)
+    parser.add_argument("--variants", default="g,s256,hf1,hf32,hf32s,s32,e256,o32,f")
+    parser.add_argument("--hf1-requests", type=int, default=16, help="hf1 runs only the first N requests")
+    parser.add_argument("--profile", action="store_true", help="cProfile one more run of each sN")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=128,
+        help="greedy chooses among ids below this (128: ASCII, so each token is one streamed character)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tandem-bench-lm-mixed"))
+    return parser.parse_args()
+
+
+class Bench:
+    """The model, the request set and HF's copy of the model (made on first use)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.requests = request_set(args)
+        checkpoint = write_checkpoint(args.work_dir / args.size, args.size, args.seed)
+        self.lm = load_lm(checkpoint, args.device, args.precision)
+        if args.device.startswith("cuda"):
+            torch.backends.cuda.enable_cudnn_sdp(False)  # as the runtime (load) does
+        self.hf: Any = None
+        try:
+            import transformers
+
+            self.hf_version: str | None = transformers.__version__
+        except ImportError:
+            self.hf_version = None
+
+    def header(self) -> str:
+        args, requests = self.args, self.requests
+        cuda = args.device.startswith("cuda")
+        card = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+        answers = sum(r.answer for r in requests)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        return (
+            f"{args.size} ({self.lm.gpt.num_parameters() / 1e6:.1f}M parameters), {args.precision}, {card}, "
+            f"torch {torch.__version__}, transformers {self.hf_version or 'not installed'}, {when}\n"
+            f"{len(requests)} requests, {args.prompt_tokens}-token prompts, answers "
+            f"{args.min_answer}..{args.max_answer} ({answers} useful tokens, mean "
+            f"{answers / len(requests):.0f}), greedy, all queued at once\n"
+        )
+
+    def huggingface(self, name: str) -> tuple[Outcome, list[Request]] | None:
+        args, requests = self.args, self.requests
+        if self.hf_version is None:
+            print(f"{name}: skipped (transformers is not installed)", flush=True)
+            return None
+        if self.hf is None:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+            self.hf = hf_model(self.lm, args.device, dtype)
+            hf_generate(self.hf, requests[:2], [[0, 1]], args.vocab, args.device)  # warm-up
+        if name == "hf1":
+            subset = requests[: args.hf1_requests]
+            return hf_generate(
+                self.hf, subset, [[i] for i in range(len(subset))], args.vocab, args.device
+            ), subset
+        order = list(range(len(requests)))
+        if name == "hf32s":
+            order.sort(key=lambda i: requests[i].answer)
+        batches = [order[k : k + 32] for k in range(0, len(order), 32)]
+        return hf_generate(self.hf, requests, batches, args.vocab, args.device), requests
+
+    def tandem(self, name: str) -> Outcome:
+        args, requests, lm = self.args, self.requests, self.lm
+        batch = int(name[1:])
+        graphs = name[0] == "s" and args.device.startswith("cuda")
+        set_cache(lm, args.vocab, cuda_graphs=graphs, one_pass=name[0] == "o")
+        lm._cache.reserve(batch)
+        scheduler_run(lm, requests if graphs else requests[:batch], batch)  # warm-up (captures graphs)
+        spent, undo = timed_step(lm)
+        outcome = scheduler_run(lm, requests, batch)
+        undo()
+        outcome.notes = {
+            "in_model_step": f"{spent['step_s'] / outcome.seconds:.0%}",
+            "in_cache_step_cpu": f"{spent['cache_s'] / outcome.seconds:.0%}",
+            "steps": int(spent["steps"]),
+            "graphs": lm._cache.graphs_captured,
+        }
+        if args.profile and name[0] == "s":
+            profiler = cProfile.Profile()
+            profiler.enable()
+            scheduler_run(lm, requests, batch)
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+            print(f"{name}: cProfile of one more run, top functions by own time\n{text.getvalue()}")
+        return outcome
+
+
+def table(rows: list[dict[str, Any]]) -> None:
+    print("\n| variant | useful tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | notes |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        if "f_tokens_per_s" in row:
+            f0 = ""
+            if "f0_step_ms" in row:
+                f0 = (
+                    f", f0 (replay alone) {row['f0_tokens_per_s']:,.0f} tok/s, {row['f0_step_ms']:.3f} ms a "
+                    f"step at width {row['f0_width']}"
+                )
+            print(
+                f"| {row['variant']} | {row['f_tokens_per_s']:,.0f} | | | {row['f_step_ms']:.3f} ms a step, "
+                f"{row['graphs']} graphs{f0} |"
+            )
+            continue
+        skip = {"variant", "tokens_per_s", "seconds"}
+        extra = ", ".join(
+            f"{k} {v}" for k, v in row.items() if k not in skip and not k.startswith(("ttft", "itl"))
+        )
+        print(
+            f"| {row['variant']} | {row['tokens_per_s']:,.0f} | {row['ttft_p50_ms']:.0f} / "
+            f"{row['ttft_p99_ms']:.0f} | {row['itl_p50_ms']:.1f} / {row['itl_p99_ms']:.1f} | {extra} |"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    variants = args.variants.split(",")
+    bench = Bench(args)
+    print(bench.header(), flush=True)
+    rows: list[dict[str, Any]] = []
+    outcomes: dict[str, Outcome] = {}
+    largest = max([int(v[1:]) for v in variants if v[0] in "seo" and v[1:].isdigit()], default=32)
+    for name in variants:
+        if name == "g":
+            print(f"g: {graph_check(bench.lm, args.device)}", flush=True)
+            continue
+        if name == "f":
+            result = floor(bench.lm, bench.requests, largest, args.max_answer, args.vocab, args.device)
+            print(f"f: {result}", flush=True)
+            rows.append({"variant": f"f (static batch {largest})", **result})
+            continue
+        subset = bench.requests
+        if name.startswith("hf"):
+            done = bench.huggingface(name)
+            if done is None:
+                continue
+            outcome, subset = done
+        elif name[0] in "seo" and name[1:].isdigit():
+            outcome = bench.tandem(name)
+        else:
+            raise SystemExit(f"--variants: unknown variant {name!r}")
+        reference = next((o for o in outcomes.values() if len(o.tokens) == len(bench.requests)), None)
+        outcomes[name] = outcome
+        rows.append(summarize(name, outcome, subset, reference))
+        print(rows[-1], flush=True)
+    table(rows)
+
+
+if __name__ == "__main__":
+    main()
