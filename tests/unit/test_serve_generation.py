@@ -21,7 +21,9 @@ from tandem.workloads.serve.generation import (
     GenSequence,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
     collect,
+    prompt_ids,
     safe_prefix,
     stop_position,
 )
@@ -204,3 +206,128 @@ def test_drain_finishes_active_sequences_and_refuses_new_ones() -> None:
         await closing
 
     run(main())
+
+
+class PoisonModel(CountingModel):
+    """A CountingModel whose step fails whenever a sequence that began with `poison` is in the batch."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__()
+        self.poison = ord(poison)
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        if any(s.ids[0] == self.poison for s in batch):
+            self.steps.append(len(batch))
+            raise RuntimeError("poisoned row")
+        return super().step(batch)
+
+
+def test_a_failing_sequence_fails_alone_and_its_step_carries_on() -> None:
+    async def main() -> None:
+        model = PoisonModel("!")
+        sched = scheduler(model, max_queue_delay_ms=60_000, max_batch_size=3)
+        results = await asyncio.gather(
+            text_of(sched, "a", max_tokens=3),
+            text_of(sched, "!", max_tokens=3),
+            text_of(sched, "k", max_tokens=3),
+            return_exceptions=True,
+        )
+        assert results[0] == TokenEvent(0, "bcd", "length", 3)
+        assert results[2] == TokenEvent(0, "lmn", "length", 3)
+        assert isinstance(results[1], ModelError)
+        assert "poisoned row" in str(results[1])
+        assert model.steps[0] == 3, "the three did not share the first step"
+        await sched.close()
+        # a request with a failing prompt fails whole: its other sequence stops too
+        sched = scheduler(PoisonModel("!"))
+        handle = sched.submit(
+            [sched.model.encode("!"), sched.model.encode("a")], SamplingParams(max_tokens=5), stream=False
+        )
+        with pytest.raises(ModelError):
+            await collect(handle, 2, 10)
+        assert (await text_of(sched, "p", max_tokens=2)).text == "qr"
+        assert sched.active == 0
+        await sched.close()
+
+    run(main())
+
+
+class LogprobModel(CountingModel):
+    """Reports, like a runtime does, a log-probability for each token it chooses when asked."""
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        tokens = super().step(batch)
+        for seq, token in zip(batch, tokens, strict=True):
+            if seq.params.logprobs is not None:
+                seq.logprob = TokenLogprob(token, -float(token), ((token, -float(token)),))
+        return tokens
+
+
+def test_log_probabilities_travel_with_their_tokens() -> None:
+    async def main() -> None:
+        sched = scheduler(LogprobModel())
+        event = await text_of(sched, "a", max_tokens=3, logprobs=1)
+        assert [e.token for e in event.logprobs] == [ord(c) for c in "bcd"]
+        assert [e.logprob for e in event.logprobs] == [-float(ord(c)) for c in "bcd"]
+        handle = sched.submit(
+            [sched.model.encode("a")], SamplingParams(max_tokens=6, stop=("ef",), logprobs=0), stream=True
+        )
+        streamed: list[TokenLogprob] = []
+        while (e := await handle.next_event()) is not None:
+            streamed.extend(e.logprobs)
+            assert len(streamed) == e.completion_tokens  # each event carries its own tokens' entries
+        assert [e.token for e in streamed] == [ord(c) for c in "bcdef"]
+        assert (await text_of(sched, "a", max_tokens=2)).logprobs == ()  # not asked: none
+        await sched.close()
+
+    run(main())
+
+
+class WindowModel(CountingModel):
+    block_size = 4
+    prompt_chars = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded.append(text)
+        return super().encode(text)
+
+
+def test_prompts_are_cut_to_the_window_before_tokenizing() -> None:
+    async def main() -> None:
+        model = WindowModel()
+        assert prompt_ids(model, "x" * 1_000_000 + "abcd") == [ord(c) for c in "abcd"]
+        assert model.encoded == ["abcd"]  # the tokenizer never saw the megabyte
+        assert prompt_ids(model, "ab") == [ord("a"), ord("b")]
+
+    run(main())
+
+
+def test_logit_processors_bias_and_penalize_generated_tokens_only() -> None:
+    import torch
+
+    from tandem.workloads.serve.sampling import adjust_logits, record_logprobs
+
+    penalized = GenSequence(
+        [1, 5, 5, 5, 7],  # prompt [1, 5], generated [5, 5, 7]
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((2, 3.0),)),
+        generated=3,
+    )
+    plain = GenSequence([1, 5], SamplingParams(logprobs=2))
+    logits = torch.zeros(2, 8)
+    adjust_logits([penalized, plain], logits)
+    assert logits[0].tolist() == [0.0, 0.0, 3.0, 0.0, 0.0, -(0.5 + 2 * 0.25), 0.0, -(0.5 + 0.25)]
+    assert logits[1].tolist() == [0.0] * 8
+
+    logits[1] = torch.tensor([0.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    record_logprobs([penalized, plain], logits, [2, 2])
+    assert penalized.logprob is None  # it did not ask
+    expected = torch.log_softmax(logits[1], dim=-1)
+    assert plain.logprob is not None
+    assert plain.logprob.token == 2
+    assert plain.logprob.logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in plain.logprob.top] == [1, 2]
+    assert plain.logprob.top[0][1] == pytest.approx(float(expected[1]))

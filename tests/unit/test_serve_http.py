@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import pytest
 
 from tandem.workloads.serve import errors
 from tandem.workloads.serve.batcher import BatchingConfig
@@ -210,3 +211,82 @@ def test_a_disconnected_client_is_dropped_before_compute() -> None:
         await plane.drain(5)
 
     run(main())
+
+
+def request_count(plane: DataPlane, route: str, code: str) -> float:
+    value = plane.metrics.registry.get_sample_value(
+        "tandem_serve_request_duration_seconds_count", {"model": "lengths", "route": route, "code": code}
+    )
+    return value or 0.0
+
+
+def test_unknown_routes_and_wrong_methods_are_json_errors_in_the_metrics() -> None:
+    async def main() -> None:
+        plane = make_plane(LengthModel())
+        async with client_for(plane) as client:
+            openai_404 = await client.post("/v1/chat/completions", json={})  # not for an embeddings model
+            assert openai_404.status_code == 404
+            error = openai_404.json()["error"]
+            assert error["code"] == 404
+            assert "/v1/embeddings" in error["message"]  # says what this runtime serves
+            oip_404 = await client.get("/v2/nothing")
+            assert oip_404.status_code == 404
+            assert oip_404.json()["error"].startswith("GET /v2/nothing")
+            get_post = await client.get("/v1/embeddings")
+            assert get_post.status_code == 405
+            assert get_post.headers["allow"] == "POST"
+            assert get_post.json()["error"]["code"] == 405
+            post_get = await client.post("/v2/health/ready")
+            assert post_get.status_code == 405
+            assert "GET" in post_get.headers["allow"]
+            assert isinstance(post_get.json()["error"], str)
+            assert (await client.get("/v1/models/lengths")).json()["id"] == "lengths"
+            assert (await client.get("/v1/models/other")).status_code == 404
+        assert request_count(plane, "(unmatched)", "404") == 2
+        assert request_count(plane, "(unmatched)", "405") == 2
+        assert request_count(plane, "/v1/models/{model:path}", "404") == 1
+
+    run(main())
+
+
+def test_a_large_embeddings_request_is_served_in_chunks_whatever_the_queue_bound() -> None:
+    async def main() -> None:
+        model = LengthModel()
+        plane = make_plane(model, max_queue_size=8)  # batches of 4
+        await plane.load()
+        async with client_for(plane) as client:
+            texts = ["x" * (i % 7 + 1) for i in range(2048)]
+            answer = await client.post("/v1/embeddings", json={"input": texts})
+            assert answer.status_code == 200, answer.text
+            assert [d["embedding"][0] for d in answer.json()["data"]] == [len(t) for t in texts]
+            assert max(len(b) for b in model.batches) == 4
+            too_many = await client.post("/v1/embeddings", json={"input": ["x"] * 2049})
+            assert too_many.status_code == 400
+            assert too_many.json()["error"]["param"] == "input"
+        await plane.drain(5)
+
+    run(main())
+
+
+def test_chat_templates_declared_by_the_model_or_the_default(tmp_path: Path) -> None:
+    from tandem.workloads.serve.protocols.chat import DEFAULT_STOPS, Message, find_template, render
+
+    messages = [Message(role="developer", content="Be brief."), Message(role="user", content="Hi")]
+    default = find_template(tmp_path)
+    assert render(default, messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    assert default.stops == DEFAULT_STOPS
+    step = tmp_path / "step-00000003"
+    step.mkdir()
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if messages[-1].role != 'user' %}"
+        "{{ raise_exception('the last message must be the user') }}{% endif %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    declared = find_template(step)  # the checkpoint root's template serves its step directories
+    assert render(declared, messages) == "<system>Be brief.<user>Hi<assistant>"
+    assert declared.stops == ()
+    with pytest.raises(errors.InvalidInput) as refused:
+        render(declared, [Message(role="assistant", content="Hello")])
+    assert refused.value.field == "messages"
+    assert "the last message must be the user" in refused.value.message
