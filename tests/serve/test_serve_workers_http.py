@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serverprocess import ServerProcess
 
 WORKER = "x-tandem-worker"
-HOLD_MS = "600000"  # items wait for a full batch (or a drain), never for the delay
+HOLD_MS = "60000"  # the longest delay allowed: items wait for a full batch or a drain, not for the delay
 ROUTE = "/v1/embeddings"
 
 
