@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.api.serving import ServingPrecision as Precision
 from tandem.workloads.data.corpus import generate
-from tandem.workloads.serve.model import ModelOptions, Precision
+from tandem.workloads.serve.model import ModelOptions
 from tandem.workloads.serve.runtimes.embeddings import EmbeddingModel
 
 

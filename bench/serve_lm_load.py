@@ -145,7 +145,8 @@ def write_checkpoint(root: Path, size: str, seed: int) -> Path:
 
 
 def load_lm(checkpoint: Path, device: str, precision: str) -> Any:
-    from tandem.workloads.serve.model import ModelOptions, Precision
+    from tandem.api.serving import ServingPrecision as Precision
+    from tandem.workloads.serve.model import ModelOptions
     from tandem.workloads.serve.runtimes.causal_lm import CausalLM
 
     lm = CausalLM(ModelOptions(MODEL_NAME, checkpoint, device, Precision(precision)))

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tandem.api.serving import ServingPrecision as Precision
 from tandem.workloads.data.corpus import generate
 from tandem.workloads.serve.generation import GenSequence, SamplingParams
-from tandem.workloads.serve.model import ModelOptions, Precision
+from tandem.workloads.serve.model import ModelOptions
 from tandem.workloads.serve.runtimes.causal_lm import CausalLM
 
 

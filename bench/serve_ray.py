@@ -46,7 +46,8 @@ def build_app(
     )
     class Embedder:
         def __init__(self) -> None:
-            from tandem.workloads.serve.model import ModelOptions, Runtime, create_model
+            from tandem.api.serving import Runtime
+            from tandem.workloads.serve.model import ModelOptions, create_model
 
             self.model = create_model(Runtime(runtime), ModelOptions("minilm", model_dir, device))
             self.model.load()

@@ -27,6 +27,7 @@ from tandem.api.common import (
     display_usd,
     gpu_product_rule,
 )
+from tandem.api.serving import Batching, ModelSettings, Runtime, ServingPrecision, default_of
 
 KIND: Final = "InferenceService"
 PLURAL: Final = "inferenceservices"
@@ -80,48 +81,6 @@ class ModelSource(SpecModel):
             check=lambda m: m.credentials_secret is None or (m.uri or "").startswith("s3://"),
             field_path=".credentialsSecret",
             reason="FieldValueForbidden",
-        ),
-    )
-
-
-class Runtime(StrEnum):
-    """How the model server loads and runs the model."""
-
-    CAUSAL_LM = "causal-lm"
-    EMBEDDINGS = "embeddings"
-    TORCHSCRIPT = "torchscript"
-
-
-class ServingPrecision(StrEnum):
-    """Numeric precision of the served weights; int8 is dynamic quantization."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    INT8 = "int8"
-
-
-class Batching(SpecModel):
-    """Dynamic batching: requests wait up to maxQueueDelayMs to share one forward pass."""
-
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
-    """Most requests in one forward pass."""
-    max_queue_delay_ms: int = Field(default=5, ge=0, le=60000)
-    """Longest a request waits for a batch to fill, in milliseconds; 0 runs whatever is queued."""
-    max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
-    """Most requests queued per server process; beyond it requests get 429 with Retry-After."""
-    workers: int = Field(default=1, ge=1, le=16)
-    """Server processes per replica, each with its own model copy and batcher, on one port and one GPU.
-    More than 1 pays when one process's Python work (tokenizing, launching kernels) fills a CPU core
-    before the GPU is busy, as with small models; each costs one more model copy in GPU memory."""
-
-    cel_rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            rule="self.maxQueueSize >= self.maxBatchSize",
-            message="spec.batching.maxQueueSize must be >= spec.batching.maxBatchSize "
-            "(a full batch has to fit in the queue)",
-            check=lambda b: b.max_queue_size >= b.max_batch_size,
-            field_path=".maxQueueSize",
         ),
     )
 
@@ -221,8 +180,9 @@ class InferenceServiceSpec(SpecModel):
     model: ModelSource
     """The model to serve."""
     runtime: Runtime = Runtime.CAUSAL_LM
-    """`causal-lm` (text generation), `embeddings` or `torchscript` (a traced module)."""
-    precision: ServingPrecision = ServingPrecision.FP32
+    """`causal-lm` (text generation), `embeddings`, `torchscript` (a traced module) or `noop` (no model:
+    measures the server's own cost)."""
+    precision: ServingPrecision = default_of(ModelSettings, "precision")
     """`fp32`, `bf16`, `fp16` or `int8`."""
     batching: Batching = Field(default_factory=Batching)
     """Dynamic batching."""

@@ -11,16 +11,17 @@ from typing import Any
 import pytest
 from s3server import MotoS3Server
 
+from tandem.api.serving import ServerOptions
 from tandem.errors import UserError
 from tandem.workloads.serve import cli
 from tandem.workloads.train.config import from_spec, resolve_data_uri
 from tandem.workloads.train.data import load_tokens
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> ServerOptions:
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    return parser.parse_args(["serve", *argv])
+    return cli.options_from(parser.parse_args(["serve", *argv]))
 
 
 def test_serve_downloads_an_s3_model_into_the_cache_dir(

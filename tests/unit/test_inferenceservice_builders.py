@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ import pytest
 import yaml
 
 from tandem.api.inferenceservice import InferenceServiceSpec
+from tandem.api.serving import ServerOptions
 from tandem.operator.gpu import GPU_TOLERATION
 from tandem.operator.inferenceservice import builders
 from tandem.operator.inferenceservice.builders import ModelTarget, Service
+from tandem.workloads.serve import cli
 
 GOLDEN = Path(__file__).parent / "golden"
 GPU_SERVICE: dict[str, Any] = {
@@ -67,25 +70,29 @@ def test_children_match_golden(index: int) -> None:
     assert rendered == path.read_text(), f"{path.name} changed: review, then TANDEM_UPDATE_GOLDEN=1"
 
 
+def parse_server_command(command: list[str]) -> ServerOptions:
+    """The options as `tandem serve` itself parses them."""
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    return cli.options_from(parser.parse_args(command[1:]))
+
+
 def test_deployment_runs_the_model_server_with_the_batching_settings() -> None:
     deployment = _children()[0]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     command = container["command"]
     assert command[:2] == ["tandem", "serve"]
-    flags = dict(zip(command[2::2], command[3::2], strict=True))
-    assert flags == {
-        "--model-uri": "file:///models/models/minilm-l6",
-        "--runtime": "embeddings",
-        "--precision": "fp16",
-        "--max-batch-size": "64",
-        "--max-queue-delay-ms": "2",
-        "--max-queue-size": "2048",
-        "--workers": "2",
-        "--host": "0.0.0.0",
-        "--port": "8080",
-        "--model-name": "embed",
-        "--drain-timeout-s": "30",
-    }
+    options = parse_server_command(command)
+    assert (options.model.model_uri, options.model.runtime, options.model.precision) == (
+        "file:///models/models/minilm-l6",
+        "embeddings",
+        "fp16",
+    )
+    assert (options.model.model_name, options.model.model_cache_dir) == ("embed", None)
+    batching = options.batching
+    assert (batching.max_batch_size, batching.max_queue_delay_ms, batching.max_queue_size) == (64, 2, 2048)
+    assert batching.workers == 2
+    assert (options.http.host, options.http.port, options.http.drain_timeout_s) == ("0.0.0.0", 8080, 30)
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     pod = deployment["spec"]["template"]["spec"]

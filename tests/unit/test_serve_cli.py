@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from tandem.api.serving import Batching, Runtime, ServerOptions
+from tandem.api.serving import ServingPrecision as Precision
 from tandem.errors import UserError
 from tandem.workloads.serve import cli
-from tandem.workloads.serve.model import Precision, Runtime, default_model_name
+from tandem.workloads.serve.model import default_model_name
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def parse(*argv: str) -> ServerOptions:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     cli.register(sub)
-    return parser.parse_args(["serve", *argv])
+    return cli.options_from(parser.parse_args(["serve", *argv]))
 
 
 def test_help_imports_neither_torch_nor_ray() -> None:
@@ -67,8 +69,10 @@ def test_config_from_arguments(tmp_path: Path) -> None:
         (["--model-uri", "pvc://claim/model"], "local files only"),
         (["--model-uri", "http://example.invalid/model"], "unsupported scheme"),
         (["--model-uri", "file://otherhost/x"], "must be local"),
-        (["--model-uri", ".", "--max-batch-size", "64", "--max-queue-size", "8"], "max_queue_size"),
-        (["--model-uri", ".", "--preferred-batch-sizes", "64"], "preferred batch size"),
+        (["--model-uri", ".", "--max-batch-size", "64", "--max-queue-size", "8"], "--max-queue-size must be"),
+        (["--model-uri", ".", "--preferred-batch-sizes", "64"], "--preferred-batch-sizes must each be"),
+        (["--model-uri", ".", "--preferred-batch-sizes", "4,x"], "--preferred-batch-sizes: Input should be"),
+        (["--model-uri", ".", "--device", "gpu"], "--device: String should match"),
         (["--model-uri", ".", "--model-name", "a/b"], "--model-name"),
     ],
 )
@@ -77,10 +81,11 @@ def test_user_errors_say_what_to_do(argv: list[str], message: str) -> None:
         cli.build_config(parse("--runtime", "embeddings", *argv))
 
 
-def test_bad_numbers_are_rejected_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+def test_bad_numbers_name_the_option() -> None:
+    with pytest.raises(UserError, match="--max-batch-size: Input should be greater than or equal to 1"):
         parse("--runtime", "embeddings", "--model-uri", ".", "--max-batch-size", "0")
-    assert "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--port: Input should be a valid integer"):
+        parse("--runtime", "embeddings", "--model-uri", ".", "--port", "http")
 
 
 def test_default_model_name(tmp_path: Path) -> None:
@@ -98,16 +103,7 @@ def test_kv_cache_switch_is_for_causal_lm(tmp_path: Path) -> None:
         cli.build_config(parse("--runtime", "noop", "--model-uri", ".", "--kv-cache", "off"))
 
 
-def test_workers_from_the_flag_the_environment_or_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_come_from_the_flag_or_the_shared_default() -> None:
     base = ("--runtime", "noop", "--model-uri", ".")
-    monkeypatch.delenv("TANDEM_SERVE_WORKERS", raising=False)
-    assert cli.build_config(parse(*base)).workers == 1
-    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "4")
-    assert cli.build_config(parse(*base)).workers == 4
-    assert cli.build_config(parse(*base, "--workers", "2")).workers == 2  # the flag wins
-    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "many")
-    with pytest.raises(UserError, match="TANDEM_SERVE_WORKERS"):
-        cli.build_config(parse(*base))
-    monkeypatch.setenv("TANDEM_SERVE_WORKERS", "0")
-    with pytest.raises(UserError, match="at least 1"):
-        cli.build_config(parse(*base))
+    assert cli.build_config(parse(*base)).workers == Batching().workers
+    assert cli.build_config(parse(*base, "--workers", "2")).workers == 2

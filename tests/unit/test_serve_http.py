@@ -14,12 +14,13 @@ import httpx
 import numpy as np
 import pytest
 
+from tandem.api.serving import Runtime
 from tandem.workloads.serve import errors
 from tandem.workloads.serve.batcher import BatchingConfig
 from tandem.workloads.serve.dataplane import DataPlane, State
 from tandem.workloads.serve.http import HTTP_STATUS, HttpLimits, build_app, status_for
 from tandem.workloads.serve.metrics import ServeMetrics
-from tandem.workloads.serve.model import ModelOptions, Runtime
+from tandem.workloads.serve.model import ModelOptions
 from tandem.workloads.serve.runtimes.embeddings import Embedding
 
 T = TypeVar("T")

@@ -8,12 +8,15 @@ ServiceMonitor where the Prometheus Operator's CRD exists.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from tandem.api.common import API_VERSION
 from tandem.api.inferenceservice import KIND, InferenceServiceSpec
+from tandem.api.options import to_options
+from tandem.api.serving import HTTP_PORT, HttpSettings, ModelSettings, ServerOptions, default_of
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TOLERATION
 
 #: Label every replica pod carries; `status.selector` (the scale subresource's selector) is built on it.
@@ -28,7 +31,6 @@ ANNOTATION_CHECKPOINT_CLAIM = "tandem.dev/checkpoint-claim"
 #: Hash of the spec fields that choose the model (rollout `manual` keeps a checkpoint until it changes).
 ANNOTATION_MODEL_SPEC_HASH = "tandem.dev/model-spec-hash"
 
-HTTP_PORT = 8080
 SERVICE_PORT = 80
 MODEL_MOUNT = "/models"
 #: Where a TrainingJob's checkpoint claim is mounted, as in the training pods (same `file://` URIs).
@@ -40,9 +42,9 @@ MODEL_CACHE_MOUNT = "/model-cache"
 MODEL_DOWNLOAD_SECONDS = 1800
 STARTUP_PROBE_PERIOD = 5
 #: The server finishes accepted requests for this long after SIGTERM (`tandem serve --drain-timeout-s`).
-DRAIN_SECONDS = 30
+DRAIN_SECONDS: Final[float] = default_of(HttpSettings, "drain_timeout_s")
 #: Drain plus time for endpoints to drop the pod and for the process to exit.
-TERMINATION_GRACE_SECONDS = DRAIN_SECONDS + 15
+TERMINATION_GRACE_SECONDS = math.ceil(DRAIN_SECONDS) + 15
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -145,37 +147,26 @@ def _resources(spec: InferenceServiceSpec) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def server_command(service: Service, model: ModelTarget) -> list[str]:
-    """`tandem serve` with the service's runtime, precision and batching settings."""
+def server_options(service: Service, model: ModelTarget) -> ServerOptions:
+    """What a replica's `tandem serve` runs with: the service's runtime, precision and batching, the
+    model where the pod finds it, and the pod's listening address."""
     spec = service.spec
-    batching = spec.batching
-    return [
-        "tandem",
-        "serve",
-        "--model-uri",
-        server_uri(model.uri),
-        "--runtime",
-        spec.runtime.value,
-        "--precision",
-        spec.precision.value,
-        "--max-batch-size",
-        str(batching.max_batch_size),
-        "--max-queue-delay-ms",
-        str(batching.max_queue_delay_ms),
-        "--max-queue-size",
-        str(batching.max_queue_size),
-        "--workers",
-        str(batching.workers),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(HTTP_PORT),
-        "--model-name",
-        service.name,
-        "--drain-timeout-s",
-        str(DRAIN_SECONDS),
-        *(["--model-cache-dir", MODEL_CACHE_MOUNT] if s3_model(model.uri) else []),
-    ]
+    return ServerOptions(
+        model=ModelSettings(
+            model_uri=server_uri(model.uri),
+            runtime=spec.runtime,
+            model_name=service.name,
+            model_cache_dir=MODEL_CACHE_MOUNT if s3_model(model.uri) else None,
+            precision=spec.precision,
+        ),
+        batching=spec.batching,
+        http=HttpSettings(host="0.0.0.0", port=HTTP_PORT, drain_timeout_s=DRAIN_SECONDS),
+    )
+
+
+def server_command(service: Service, model: ModelTarget) -> list[str]:
+    """`tandem serve` and its options (those that differ from the server's defaults, the same model's)."""
+    return ["tandem", "serve", *to_options(server_options(service, model))]
 
 
 def _volumes(model: ModelTarget) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -21,8 +21,9 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
+from tandem.api.serving import Batching
 from tandem.workloads.serve.errors import Draining, ModelError, RequestTimeout, ServeError
 from tandem.workloads.serve.queueloop import QueueLoop
 
@@ -30,23 +31,40 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 
+_DEFAULTS: Final = Batching()
+"""The shared model's defaults, the one place they are written."""
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Knobs of the dynamic batcher (the InferenceService's `spec.batching` maps onto the first three)."""
+    """Knobs of the dynamic batcher: the InferenceService's `spec.batching` (`tandem.api.serving.Batching`),
+    whose defaults these are."""
 
-    max_batch_size: int = 32
+    max_batch_size: int = _DEFAULTS.max_batch_size
     """Most items in one `predict` call."""
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = _DEFAULTS.max_queue_delay_ms
     """Longest the oldest queued item waits for its batch to fill; 0 runs whatever is queued."""
-    max_queue_size: int = 1024
+    max_queue_size: int = _DEFAULTS.max_queue_size
     """Most items waiting; beyond it `submit` raises `QueueFull`."""
-    preferred_batch_sizes: tuple[int, ...] = ()
+    preferred_batch_sizes: tuple[int, ...] = tuple(_DEFAULTS.preferred_batch_sizes or ())
     """Sizes the model runs best at (compiled shapes): dispatch as soon as the largest is reached; when the
     delay expires, send the largest preferred size that is queued (the rest goes next)."""
-    max_concurrent_batches: int = 1
+    max_concurrent_batches: int = _DEFAULTS.max_concurrent_batches
     """Batches computing at once (more overlaps pre/post-processing with compute on a GPU)."""
-    timeout_s: float | None = 30.0
+    timeout_s: float | None = _DEFAULTS.request_timeout_s or None
     """Per-request limit from submit to result (queueing included); None waits forever."""
+
+    @classmethod
+    def from_spec(cls, batching: Batching) -> BatchingConfig:
+        """The batcher's knobs from the shared batching model (0 s of timeout means none)."""
+        return cls(
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_ms=batching.max_queue_delay_ms,
+            max_queue_size=batching.max_queue_size,
+            preferred_batch_sizes=tuple(batching.preferred_batch_sizes or ()),
+            max_concurrent_batches=batching.max_concurrent_batches,
+            timeout_s=batching.request_timeout_s or None,
+        )
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

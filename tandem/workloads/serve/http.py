@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tandem.api.serving import HttpSettings, Runtime
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.errors import (
     ClientDisconnected,
@@ -42,7 +43,6 @@ from tandem.workloads.serve.errors import (
     Unavailable,
 )
 from tandem.workloads.serve.metrics import CONTENT_TYPE
-from tandem.workloads.serve.model import Runtime
 from tandem.workloads.serve.protocols import chat, oip, openai
 from tandem.workloads.serve.protocols.common import BinaryAnswer
 
@@ -122,7 +122,7 @@ def dump_json(content: Any) -> bytes:
 
 @dataclass(frozen=True)
 class HttpLimits:
-    max_request_bytes: int = 8 * 1024 * 1024
+    max_request_bytes: int = HttpSettings().max_request_bytes
     """Largest request body accepted (413 beyond)."""
 
 

@@ -9,37 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
+from tandem.api.serving import Runtime, ServingPrecision
 from tandem.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
+Precision = ServingPrecision
+"""The served weights' precision (`tandem.api.serving.ServingPrecision`, declared there once)."""
+
 In = TypeVar("In")
 Out_co = TypeVar("Out_co", covariant=True)
-
-
-class Runtime(StrEnum):
-    """How a model is loaded and which protocol serves it (mirrors the InferenceService's `spec.runtime`)."""
-
-    EMBEDDINGS = "embeddings"
-    TORCHSCRIPT = "torchscript"
-    CAUSAL_LM = "causal-lm"
-    NOOP = "noop"
-    """Benchmarks only: the embeddings protocol without a model (the server's own cost)."""
-
-
-class Precision(StrEnum):
-    """Numeric precision of the served weights (mirrors `spec.precision`)."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    INT8 = "int8"
 
 
 class Model(Protocol[In, Out_co]):

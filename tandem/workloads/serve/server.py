@@ -17,18 +17,19 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from tandem.api.serving import Runtime
 from tandem.errors import UserError
 from tandem.workloads.serve.batcher import BatchingConfig
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.http import HttpLimits, build_app
 from tandem.workloads.serve.metrics import ServeMetrics
-from tandem.workloads.serve.model import ModelOptions, Runtime, create_model
+from tandem.workloads.serve.model import ModelOptions, create_model
 
 if TYPE_CHECKING:
     from tandem.workloads.serve.workers import WorkerContext
@@ -38,18 +39,19 @@ log = logging.getLogger("tandem.serve")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything `tandem serve` configures (built by the CLI in `main`, never at import time)."""
+    """Everything `tandem serve` configures (built by the CLI in `main` from `ServerOptions`, whose
+    defaults these are not: every field is given)."""
 
     runtime: Runtime
     model: ModelOptions
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    limits: HttpLimits = field(default_factory=HttpLimits)
-    host: str = "127.0.0.1"
-    port: int = 8080
-    drain_timeout_s: float = 30.0
-    log_level: str = "info"
-    access_log: bool = False
-    workers: int = 1
+    batching: BatchingConfig
+    limits: HttpLimits
+    host: str
+    port: int
+    drain_timeout_s: float
+    log_level: str
+    access_log: bool
+    workers: int
     """Server processes sharing the port, each with its own model copy and batcher (`--workers`)."""
 
 

@@ -55,8 +55,6 @@ from tandem.workloads.serve.server import ServerConfig, bind, run_server
 
 log = logging.getLogger("tandem.serve")
 
-#: The environment variable that sets the default of `--workers` (the operator sets it in the pod).
-WORKERS_ENV: Final = "TANDEM_SERVE_WORKERS"
 #: How long after the first signal the supervisor waits beyond `--drain-timeout-s` before killing workers.
 KILL_GRACE_S: Final = 15.0
 

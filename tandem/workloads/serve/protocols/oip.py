@@ -21,9 +21,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from tandem import __version__
+from tandem.api.serving import Runtime
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.errors import InvalidInput, ModelError, ModelNotFound
-from tandem.workloads.serve.model import Runtime
 from tandem.workloads.serve.protocols.common import BinaryAnswer, parse_json_object, validate
 from tandem.workloads.serve.tensors import DATATYPE_OF, DATATYPES, Row, TensorSpec
 
@@ -362,7 +362,7 @@ async def infer(
     if plane.model.runtime is Runtime.EMBEDDINGS:
         _check_outputs(wanted, [EMBEDDING_OUTPUT])
         texts = to_texts(request, binary)
-        embeddings = await plane.infer_many(texts)
+        embeddings = await plane.infer_many(await plane.prepare(texts))
         vectors = np.stack([e.vector for e in embeddings]).astype(np.float32, copy=False)
         return _answer(plane, request, [(EMBEDDING_OUTPUT, vectors)])
     signature = getattr(plane.model, "signature", None)

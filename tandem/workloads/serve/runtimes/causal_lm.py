@@ -17,12 +17,12 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from tandem.api.serving import Runtime
+from tandem.api.serving import ServingPrecision as Precision
 from tandem.errors import UserError
 from tandem.workloads.serve.generation import GenSequence, SamplingParams
 from tandem.workloads.serve.model import (
     ModelOptions,
-    Precision,
-    Runtime,
     check_precision,
     quantize_int8,
     torch_device,

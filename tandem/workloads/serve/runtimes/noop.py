@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from tandem.workloads.serve.model import ModelOptions, Runtime
+from tandem.api.serving import Runtime
+from tandem.workloads.serve.model import ModelOptions
 from tandem.workloads.serve.runtimes.embeddings import Embedding
 
 DIMENSIONS = 384

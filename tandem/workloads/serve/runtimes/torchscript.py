@@ -21,16 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tandem.api.serving import Runtime
+from tandem.api.serving import ServingPrecision as Precision
 from tandem.errors import UserError
 from tandem.workloads.serve.errors import ModelError
-from tandem.workloads.serve.model import (
-    ModelOptions,
-    Precision,
-    Runtime,
-    check_precision,
-    torch_device,
-    torch_dtype,
-)
+from tandem.workloads.serve.model import ModelOptions, check_precision, torch_device, torch_dtype
 from tandem.workloads.serve.tensors import DATATYPES, Row, TensorSignature, TensorSpec
 
 if TYPE_CHECKING:
