@@ -291,3 +291,38 @@ def test_chat_templates_declared_by_the_model_or_the_default(tmp_path: Path) -> 
         render(declared, [Message(role="assistant", content="Hello")])
     assert refused.value.field == "messages"
     assert "the last message must be the user" in refused.value.message
+
+
+class TokenizingModel(LengthModel):
+    """Tokenizes ahead (`prepare`, like the embeddings runtime) and records which thread did what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: dict[str, set[str]] = {"prepare": set(), "predict": set()}
+
+    def prepare(self, texts: list[str]) -> list[str]:
+        self.threads["prepare"].add(threading.current_thread().name)
+        return [t.upper() for t in texts]
+
+    def predict(self, batch: list[str]) -> Sequence[Embedding]:
+        self.threads["predict"].add(threading.current_thread().name)
+        assert all(t.isupper() for t in batch), "an input reached the model untokenized"
+        return super().predict(batch)
+
+
+def test_inputs_are_tokenized_off_the_model_thread() -> None:
+    async def main() -> None:
+        model = TokenizingModel()
+        plane = make_plane(model)
+        await plane.load()
+        async with client_for(plane) as client:
+            answers = await asyncio.gather(
+                *(client.post("/v1/embeddings", json={"input": ["abc", "de"]}) for _ in range(3))
+            )
+            assert all(a.status_code == 200 for a in answers)
+        await plane.drain(5)
+        [tokenizer] = model.threads["prepare"]
+        assert tokenizer.startswith("tokenizer")
+        assert tokenizer not in model.threads["predict"]
+
+    run(main())

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, Protocol
@@ -69,6 +70,8 @@ class DataPlane:
         self.batcher: Batcher[Any, Any] | None = None
         self.generation: GenerationScheduler | None = None
         """causal-lm only: the continuous-batching scheduler (instead of `batcher`)."""
+        self._tokenizer: ThreadPoolExecutor | None = None
+        """One thread for `model.prepare` (tokenizing), so it never runs on the model's thread."""
         self._inflight = 0
         self._inflight_gauge = metrics.inflight.labels(metrics.model)
         self._idle = asyncio.Event()
@@ -146,6 +149,20 @@ class DataPlane:
             raise NotReady(f"model {self.model.name} is {self.state.value}")
         return await self.batcher.submit_many(items)
 
+    async def prepare(self, texts: list[str]) -> Sequence[Any]:
+        """The model's batch items for `texts`: tokenized in the plane's tokenizer thread when the model can
+        tokenize ahead (`prepare`), so tokenizing overlaps the forward pass instead of delaying everyone's
+        batch on the model thread; the texts themselves otherwise."""
+        prepare = getattr(self.model, "prepare", None)
+        if prepare is None:
+            return texts
+        if self._tokenizer is None:
+            self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        items: Sequence[Any] = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer, prepare, texts
+        )
+        return items
+
     async def infer_many(self, items: Sequence[Any]) -> list[Any]:
         """Like `infer`, for requests of any size (OpenAI allows 2,048 embedding inputs): more items than a
         quarter of the queue bound go in chunks, one after another, so a large request never needs a larger
@@ -200,6 +217,8 @@ class DataPlane:
         for scheduler in (self.batcher, self.generation):
             if scheduler is not None:
                 await scheduler.close(drain=False)
+        if self._tokenizer is not None:
+            self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def generator(self) -> GenerationScheduler:
         if self.generation is None:

@@ -125,7 +125,7 @@ async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
     dimensions = int(getattr(plane.model, "dimensions", 0))
     if request.dimensions is not None and request.dimensions != dimensions:
         raise InvalidInput("dimensions", f"this model makes {dimensions}-dimensional vectors only")
-    results = await plane.infer_many(request.input)
+    results = await plane.infer_many(await plane.prepare(request.input))
     tokens = sum(r.tokens for r in results)
     return {
         "object": "list",

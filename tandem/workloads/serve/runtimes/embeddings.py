@@ -39,6 +39,14 @@ WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog while the model serv
 
 
 @dataclass(frozen=True, slots=True)
+class Tokens:
+    """One input tokenized ahead of its batch, off the model's thread (`EmbeddingModel.prepare`): its ids,
+    already cut to `max_seq_length`."""
+
+    ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Embedding:
     """One input's vector and how many tokens it used (for the `usage` field)."""
 
@@ -129,23 +137,43 @@ class EmbeddingModel:
         """The part of `text` the model can read (its first `max_seq_length` tokens fit in it)."""
         return text[: self.max_seq_length * CHARS_PER_TOKEN]
 
+    def prepare(self, texts: list[str]) -> list[Tokens]:
+        """Tokenize `texts` for a later `predict` (the data plane runs this in its own tokenizer thread, one
+        at a time: a fast tokenizer must not be used from two threads at once)."""
+        if not texts:
+            return []
+        encoded = self._tokenizer(
+            [self.clip(text) for text in texts], truncation=True, max_length=self.max_seq_length
+        )
+        return [Tokens(list(ids)) for ids in encoded["input_ids"]]
+
     def count_tokens(self, text: str) -> int:
         ids = self._tokenizer(self.clip(text), truncation=True, max_length=self.max_seq_length)["input_ids"]
         return len(ids)
 
-    def predict(self, batch: list[str]) -> list[Embedding]:
+    def _padded(self, batch: list[Tokens]) -> dict[str, torch.Tensor]:
+        """Right-padded ids and their attention mask, as the tokenizer's own padding makes them."""
+        import torch
+
+        longest = max(len(t.ids) for t in batch)
+        pad = self._tokenizer.pad_token_id or 0
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens.ids)] = torch.tensor(tokens.ids, dtype=torch.long)
+            mask[row, : len(tokens.ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def predict(self, batch: list[str | Tokens]) -> list[Embedding]:
+        """Vectors of a batch of texts, or of inputs `prepare` tokenized already (the server's way)."""
         import torch
 
         assert self._model is not None, "load() first"
         assert self._device is not None
-        encoded = self._tokenizer(
-            [self.clip(text) for text in batch],
-            padding=True,
-            truncation=True,
-            max_length=self.max_seq_length,
-            return_tensors="pt",
-        )
-        encoded = {k: v.to(self._device) for k, v in encoded.items()}
+        # Direct callers (warm-up, benchmarks) pass text: it is tokenized here.
+        prepared = iter(self.prepare([item for item in batch if isinstance(item, str)]))
+        inputs = [next(prepared) if isinstance(item, str) else item for item in batch]
+        encoded = {k: v.to(self._device) for k, v in self._padded(inputs).items()}
         with torch.inference_mode():
             states = self._model(**encoded).last_hidden_state.float()
             mask = encoded["attention_mask"].unsqueeze(-1).to(states.dtype)
