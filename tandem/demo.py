@@ -7,8 +7,10 @@ the cluster's state folder; `make demo-down` (`python -m tandem.demo --down`) st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -138,12 +140,66 @@ def up() -> int:
     return 0
 
 
+def operators_of(state_dir: Path) -> list[processes.ProcessRecord]:
+    """Every operator process bound to the cluster whose state is in `state_dir`: the one the demo
+    started, and any a person started by hand (`tandem operator run`, `python -m tandem.operator`)
+    with a KUBECONFIG from that folder, as docs/devcluster.md shows."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not _is_operator(argv):
+            continue
+        kubeconfig = next((v[len(b"KUBECONFIG=") :] for v in environ if v.startswith(b"KUBECONFIG=")), b"")
+        path = Path(kubeconfig.decode(errors="replace"))
+        if kubeconfig and path.resolve().is_relative_to(state_dir.resolve()):
+            found.append(processes.ProcessRecord("operator", int(entry.name), argv, ""))
+    return found
+
+
+def _is_operator(argv: list[str]) -> bool:
+    """`python -m tandem.operator ...` or `tandem operator run ...` (any interpreter, any path)."""
+    if "-m" in argv and "tandem.operator" in argv:
+        return True
+    words = [Path(a).name for a in argv[:4]]
+    return "tandem" in words and words[words.index("tandem") + 1 : words.index("tandem") + 3] == [
+        "operator",
+        "run",
+    ]
+
+
+def _stop(found: list[processes.ProcessRecord], grace: float = 10.0) -> list[processes.ProcessRecord]:
+    """SIGTERM each process (not its group: one started by hand may share its shell's), SIGKILL after
+    `grace` seconds; returns those still alive."""
+    for record in found:
+        with contextlib.suppress(OSError):
+            os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (alive := [r for r in found if processes.is_running(r)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for record in alive:
+        with contextlib.suppress(OSError):
+            os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while (alive := [r for r in alive if processes.is_running(r)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
 def down() -> int:
     state_dir = devcluster.status(DEMO_CLUSTER).state_dir
-    record = processes.ProcessRecord.load(_operator_record(state_dir))
-    if record is not None:
-        processes.stop([record])
-        _say("operator stopped")
+    operators = operators_of(state_dir)
+    if operators:
+        left = _stop(operators)
+        pids = ", ".join(str(r.pid) for r in operators)
+        _say(f"operator stopped (pid {pids})" if not left else f"could not stop operator pid {left[0].pid}")
+    else:
+        _say("no operator was running for the demo cluster")
     stopped = devcluster.down(DEMO_CLUSTER, progress=_say)
     _say("cluster stopped" if stopped else "no demo cluster was running")
     return 0
