@@ -82,7 +82,7 @@ def _cost(args: argparse.Namespace) -> int:
     if args.prometheus_url:
         try:
             histories = cost_sources.from_prometheus(
-                args.prometheus_url, args.namespace, now, max(args.history, args.window)
+                args.prometheus_url, args.namespace, now, max(args.history, args.window), args.window
             )
             source = "prometheus"
         except ConnectionError as error:

@@ -78,27 +78,49 @@ def _series(result: Mapping[str, Any]) -> Series:
     return Series(tuple((float(t), float(v)) for t, v in result["values"]))
 
 
-def from_prometheus(base_url: str, namespace: str | None, now: datetime, span: float) -> list[ModelHistory]:
-    """Every model's history over the last `span` seconds. Raises ConnectionError if Prometheus fails."""
-    end = now.timestamp()
-    start = end - span
-    step = max(span / HISTORY_POINTS, 1.0)
-    spend: dict[tuple[str, str], Series] = {}
+def _merged(coarse: Series, fine: Series) -> Series:
+    """The coarse history up to where the fine one starts, then the fine one."""
+    start = fine.points[0][0] if fine.points else float("inf")
+    return Series(tuple(p for p in coarse.points if p[0] < start) + fine.points)
+
+
+def _histories(
+    base_url: str, namespace: str | None, start: float, end: float, step: float
+) -> dict[str, dict[str, Series]]:
+    found: dict[str, dict[str, Series]] = defaultdict(dict)
     for result in _range(base_url, spend_query(namespace), start, end, step):
         labels = result["metric"]
-        spend[labels.get("model", ""), labels.get("phase", "")] = _series(result)
-    counters: dict[str, dict[str, Series]] = defaultdict(dict)
+        found[labels.get("phase", "")][labels.get("model", "")] = _series(result)
     for name, query in (("requests", requests_query(namespace)), ("tokens", tokens_query(namespace))):
         for result in _range(base_url, query, start, end, step):
-            counters[name][result["metric"].get("model", "")] = _series(result)
-    models = {model for model, _ in spend}
+            found[name][result["metric"].get("model", "")] = _series(result)
+    return found
+
+
+def from_prometheus(
+    base_url: str, namespace: str | None, now: datetime, span: float, window: float
+) -> list[ModelHistory]:
+    """Every model's history over the last `span` seconds: coarse (HISTORY_POINTS points) before the
+    last `window`, fine (HISTORY_POINTS points) within it, where the rates are measured. Raises
+    ConnectionError if Prometheus fails."""
+    end = now.timestamp()
+    window = min(window, span)
+    fine = _histories(base_url, namespace, end - window, end, max(window / HISTORY_POINTS, 1.0))
+    coarse: dict[str, dict[str, Series]] = defaultdict(dict)
+    if span > window:
+        coarse = _histories(base_url, namespace, end - span, end - window, max(span / HISTORY_POINTS, 1.0))
+
+    def series(kind: str, model: str) -> Series:
+        return _merged(coarse[kind].get(model, Series()), fine[kind].get(model, Series()))
+
+    models = set(fine["training"]) | set(fine["serving"]) | set(coarse["training"]) | set(coarse["serving"])
     return [
         ModelHistory(
             model=model,
-            training_usd=spend.get((model, "training"), Series()),
-            serving_usd=spend.get((model, "serving"), Series()),
-            requests=counters["requests"].get(model, Series()),
-            tokens=counters["tokens"].get(model, Series()),
+            training_usd=series("training", model),
+            serving_usd=series("serving", model),
+            requests=series("requests", model),
+            tokens=series("tokens", model),
         )
         for model in sorted(models)
     ]

@@ -72,7 +72,7 @@ COST = Dashboard(
     panels=queries.COST,
     rows=(
         ("Spend now", ("hourly", "per_million_requests", "per_million_tokens")),
-        ("Training", ("training_spend", "training_gpu_hours", "idle_cost")),
+        ("Training to date, idle reservations", ("training_spend", "training_gpu_hours", "idle_cost")),
         ("Per model", ("cumulative", "crossover")),
     ),
     variables=(

@@ -72,11 +72,6 @@ def quantiles(metric: str, selector: str, by: str = "") -> tuple[Query, ...]:
     )
 
 
-def _service_join(recorded: str) -> str:
-    """A per-service recording rule with `name` = its service, to join with the operator's series."""
-    return f'label_replace({recorded}{{{NS}}}, "name", "$1", "service", "(.*)")'
-
-
 SERVING: dict[str, Panel] = {
     "requests": Panel(
         "Requests per second by status code",
