@@ -20,7 +20,7 @@ def configure_kopf(kopf_settings: Any) -> None:
     """Keep kopf's bookkeeping in tandem.dev annotations (status is ours and schema-pruned)."""
     import kopf
 
-    from tandem.operator.handlers_common import KOPF_FINALIZER
+    from tandem.operator.controller_common import KOPF_FINALIZER
 
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -57,10 +57,10 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    from tandem.operator.inferenceservice import handlers as _inferenceservice_handlers
-    from tandem.operator.trainingjob import handlers as _trainingjob_handlers
+    from tandem.operator.inferenceservice import controller as _inferenceservice_controller
+    from tandem.operator.trainingjob import controller as _trainingjob_controller
 
-    del _inferenceservice_handlers, _trainingjob_handlers
+    del _inferenceservice_controller, _trainingjob_controller
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

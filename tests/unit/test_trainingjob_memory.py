@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tandem.api.trainingjob import TrainingJobSpec
 from tandem.operator import kube
-from tandem.operator.handlers_common import BodyStore
+from tandem.operator.controller_common import BodyStore
 from tandem.operator.trainingjob import builders
-from tandem.operator.trainingjob.handlers import SeenChildren
+from tandem.operator.trainingjob.controller import SeenChildren
 
 
 def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_deleted() -> None:

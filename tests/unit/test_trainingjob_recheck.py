@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tandem.api.trainingjob import TrainingJobPhase, TrainingJobStatus
-from tandem.operator.trainingjob.handlers import RESYNC_SECONDS, RETRY_SECONDS, recheck_in
+from tandem.operator.trainingjob.controller import RESYNC_SECONDS, RETRY_SECONDS, recheck_in
 from tandem.operator.trainingjob.reconcile import Decision
 
 

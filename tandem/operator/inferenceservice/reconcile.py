@@ -27,7 +27,7 @@ from tandem.api.inferenceservice import (
 )
 from tandem.operator import cost
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import accepted
+from tandem.operator.controller_common import accepted
 from tandem.operator.inferenceservice import builders, lineage
 from tandem.operator.inferenceservice.builders import SERVICE_LABEL, ModelTarget, Service
 from tandem.operator.inferenceservice.observe import (

@@ -30,8 +30,8 @@ from tandem.api.trainingjob import (
     WorkerCounts,
 )
 from tandem.operator import cost
+from tandem.operator.controller_common import accepted
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
-from tandem.operator.handlers_common import accepted
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
 
@@ -246,7 +246,7 @@ class _Machine:
 
         A headless name resolves to nothing before that anyway, so workers see no difference, and no
         Service exists for a gang that never binds. The operator writes what it has not yet written
-        in this form (see handlers.apply), so asking on every reconcile costs no API call.
+        in this form (see controller.apply), so asking on every reconcile costs no API call.
         """
         head = next((p for p in self.current if p.role == "head"), None)
         if head is not None and head.ip is not None and not self.deleted(head) and not head.failed:

@@ -32,7 +32,7 @@ from tandem.api.trainingjob import (
 )
 from tandem.operator import kube
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import (
+from tandem.operator.controller_common import (
     BodyStore,
     InvalidSpec,
     WarningsOnce,

@@ -38,7 +38,7 @@ from tandem.api.inferenceservice import (
 from tandem.operator import autoscaler, kube
 from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
 from tandem.operator.config import OperatorSettings
-from tandem.operator.handlers_common import (
+from tandem.operator.controller_common import (
     BodyStore,
     InvalidSpec,
     WarningsOnce,

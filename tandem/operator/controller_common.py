@@ -1,6 +1,6 @@
-"""What every resource's handlers share: spec validation, the Accepted condition, the newest bodies.
+"""What every resource's controller shares: spec validation, the Accepted condition, the newest bodies.
 
-Reconcilers stay pure (spec and current status in, new status out); handlers are the thin layer that
+Reconcilers stay pure (spec and current status in, new status out); controllers are the thin layer that
 reads what kopf and the caches hold and writes the status back.
 """
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tandem.api.trainingjob import TrainingJobSpec
-from tandem.operator.handlers_common import InvalidSpec, validated_spec
+from tandem.operator.controller_common import InvalidSpec, validated_spec
 
 VALID = {"trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///d"}}}, "batch": {"perDevice": 4}}
 
