@@ -415,8 +415,11 @@ def display_fraction(part: int | None, whole: int | None) -> str | None:
 
 
 def display_usd(usd: float | None) -> str | None:
-    """`"$1.23"` (cents), None when unknown."""
-    return None if usd is None else f"${usd:,.2f}"
+    """`"$1.23"` (cents); under a dollar, four decimals (`"$0.0046"`), so a short CPU run's cost is seen
+    to move; None when unknown."""
+    if usd is None:
+        return None
+    return f"${usd:.4f}" if 0 < usd < 1 else f"${usd:,.2f}"
 
 
 # ------------------------------------------------------------------------------------------------

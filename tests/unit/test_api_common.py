@@ -147,6 +147,8 @@ def test_display_helpers() -> None:
     assert display_usd(1.234) == "$1.23"
     assert display_usd(1234.5) == "$1,234.50"
     assert display_usd(None) is None
+    assert display_usd(0) == "$0.00"
+    assert display_usd(0.004612) == "$0.0046"  # a few CPU-minutes: seen to move, not "$0.00"
 
 
 def test_describe_validation_error_names_fields() -> None:

@@ -58,7 +58,7 @@ def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: st
     assert jobs["gpt-tiny"]["WORKERS"] == "2/2"
     assert jobs["gpt-tiny"]["STEP"] == "0/200"
     assert jobs["gpt-tiny"]["RESTARTS"] == "0"
-    assert jobs["gpt-tiny"]["COST"] == "$0.00"
+    assert jobs["gpt-tiny"]["COST"].startswith("$0.0")  # CPU and memory for a few seconds
 
     wait_for(
         lambda: status_of(kubectl, namespace, "tisvc", "embeddings").get("phase") == "Ready",
