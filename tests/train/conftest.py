@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,15 +81,72 @@ def tandem_cmd() -> Callable[..., list[str]]:
     return _tandem_cmd
 
 
+def _processes() -> dict[int, str]:
+    """pid -> command line of every process on the machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return found
+
+
+def _in_session(sid: int) -> list[int]:
+    pids = []
+    for pid in _processes():
+        try:
+            if os.getsid(pid) == sid:
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+RAY_PROCESS_MARKERS = (
+    "ray::",
+    "raylet",
+    "gcs_server",
+    "ray/dashboard",
+    "default_worker.py",
+    "log_monitor.py",
+)
+
+
+def _ray_processes() -> dict[int, str]:
+    return {pid: cmd for pid, cmd in _processes().items() if any(m in cmd for m in RAY_PROCESS_MARKERS)}
+
+
 @pytest.fixture
 def spawned() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts in their own session; whatever is left of them is killed at the end."""
+    """Processes a test starts in their own session; at the end every process left in those sessions
+    (a finished driver's Ray workers too, not only a leader still running) is killed."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
     for p in procs:
+        for pid in _in_session(p.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_process_outlives_its_module() -> Iterator[None]:
+    """Every Ray process a test module started ends with it (Tandem's own clean-up, not this fixture's:
+    a leftover fails the module after being killed, so a leak cannot hide)."""
+    before = set(_ray_processes())
+    yield
+    deadline = time.monotonic() + 60
+    while (
+        left := {p: c for p, c in _ray_processes().items() if p not in before}
+    ) and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray's processes exit a moment after their driver; there is no event to wait on
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"Ray processes left running after the module: {sorted(left.values())[:5]}"
 
 
 @pytest.fixture(scope="module")
