@@ -97,3 +97,30 @@ def test_durations_parse_and_bad_ones_name_the_form() -> None:
     assert cost_cli.duration("7d") == 7 * 86400
     with pytest.raises(argparse.ArgumentTypeError, match="30m, 1h or 7d"):
         cost_cli.duration("an hour")
+
+
+def test_without_prometheus_the_status_gives_spend_and_rate_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubeconfig fallback: a finished $400 job, and the service that serves it at $2/h, $48 so far."""
+    from tandem.operator import cost_sources
+
+    now = T0 + timedelta(hours=36)
+    listed = {
+        "trainingjobs": [
+            {"metadata": {"name": "gpt"}, "status": {"phase": "Succeeded", "cost": {"usd": 400.0}}},
+        ],
+        "inferenceservices": [
+            {
+                "metadata": {"name": "chat"},
+                "spec": {"model": {"trainingJobRef": {"name": "gpt"}}},
+                "status": {
+                    "cost": {"usd": 48.0, "hourlyUSD": 2.0},
+                    "metrics": {"rps": 100.0, "tokensPerSecond": 2000.0},
+                },
+            },
+            {"metadata": {"name": "other"}, "spec": {"model": {"uri": "s3://b/m"}}, "status": {}},
+        ],
+    }
+    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
+    rows = {row.model: row for row in cost_report.report(cost_sources.from_status(None, now), now)}
+    assert rows["gpt"] == cost_report.summarize(gpt_history(), now)  # the same answer as Prometheus' history
+    assert rows[""].crossover is None  # a service with no TrainingJob: nothing to cross
