@@ -21,6 +21,7 @@ from tandem.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO_ROOT / "manifests" / "crds"
 RBAC_RULES_FILE = REPO_ROOT / "charts" / "tandem" / "files" / "clusterrole-rules.yaml"
+CHART_VALUES_FILE = REPO_ROOT / "charts" / "tandem" / "values.yaml"
 OPERATOR_NAMESPACE = "tandem-system"
 OPERATOR_NAME = "tandem-operator"
 
@@ -197,3 +198,78 @@ def operator_kubeconfig(
     output.write_text(yaml.safe_dump(config, sort_keys=False))
     output.chmod(0o600)
     return output
+
+
+def operator_documents(
+    image: str, config: dict[str, Any], namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAME
+) -> list[dict[str, Any]]:
+    """The operator as the chart runs it: its settings ConfigMap (the chart's `config:` values with
+    `config` over them) and a one-replica Deployment under the operator's ServiceAccount, with the
+    chart's security contexts and resources (values.yaml, read as it is)."""
+    values = yaml.safe_load(CHART_VALUES_FILE.read_text())
+    settings = {**values["config"], **config}
+    labels = {"app.kubernetes.io/name": "tandem-operator"}
+    container = {
+        "name": "operator",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["tandem", "operator", "run"],
+        "env": [{"name": "TANDEM_CONFIG_FILE", "value": "/etc/tandem/config.yaml"}],
+        "ports": [
+            {"name": "metrics", "containerPort": settings["metricsPort"]},
+            {"name": "health", "containerPort": settings["healthPort"]},
+        ],
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 20},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 2},
+        "resources": values["resources"],
+        "securityContext": values["securityContext"],
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/tandem", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-config", "namespace": namespace, "labels": labels},
+            "data": {"config.yaml": yaml.safe_dump(settings, sort_keys=False)},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(settings["metricsPort"]),
+                        },
+                    },
+                    "spec": {
+                        "serviceAccountName": name,
+                        "securityContext": values["podSecurityContext"],
+                        "containers": [container],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": f"{name}-config"}},
+                            {"name": "tmp", "emptyDir": {}},
+                        ],
+                    },
+                },
+            },
+        },
+    ]
+
+
+def install_operator_pod(kubectl: Kubectl, image: str, config: dict[str, Any], timeout: str = "180s") -> None:
+    """Apply the operator's RBAC, settings and Deployment, and wait until its pod is ready."""
+    kubectl.apply(rbac_documents())
+    kubectl.apply(operator_documents(image, config))
+    kubectl.run(
+        "rollout", "status", "-n", OPERATOR_NAMESPACE, f"deployment/{OPERATOR_NAME}", f"--timeout={timeout}"
+    )
