@@ -1,0 +1,35 @@
+"""The lifecycle suite: one dev cluster whose only node is real (kubelet, containerd, runc), with the
+images built from images/*.Dockerfile, the operator as a pod and a real Prometheus; taken down after.
+
+It runs apart from tests/e2e (whose kwok-only cluster checks where simulated pods land), as its own
+`make test` step, with a cluster name of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tandem import lifecycle
+from tandem.devcluster import cluster as devcluster
+
+CLUSTER = os.environ.get("TANDEM_LIFECYCLE_CLUSTER", "tandem-life")
+
+
+def _say(message: str) -> None:
+    # Straight to the terminal: image builds and training take minutes and must not look like a hang.
+    print(f"[lifecycle] {message}", file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[lifecycle.Stack]:
+    """The real-node cluster with everything the story needs, before anything is applied."""
+    info = devcluster.up(CLUSTER, progress=_say, real_node=True, gpu_nodes=0, cpu_nodes=0)
+    try:
+        yield lifecycle.prepare(info, _say)
+    finally:
+        lifecycle.stop_everything(info)
+        devcluster.down(CLUSTER, progress=_say)
