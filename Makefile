@@ -20,18 +20,26 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) system-tools ## create .venv (operator, workloads, dev tools) and install promtool
 
-# Debian's prometheus package: promtool checks /metrics output and alert rules; the server backs the
-# metrics tests. Installed with apt-get (as root, or through sudo) when missing.
+# Debian packages the tests and the demo use, installed with apt-get (as root, or through sudo) when a
+# command is missing. prometheus: promtool checks /metrics output and alert rules; the server backs the
+# metrics tests. The real node (`tandem cluster up --real-node`): containerd (+ ctr) and runc run the
+# pods, containernetworking-plugins (bridge, host-local, portmap, loopback in /usr/lib/cni) wire them,
+# iptables and conntrack serve kube-proxy (nft lets `down` drop the tables iptables-nft made), umoci and
+# busybox-static make the node's local images (pause, busybox).
+SYSTEM_PACKAGES := prometheus containerd runc containernetworking-plugins iptables nftables conntrack umoci busybox-static
+SYSTEM_COMMANDS := promtool containerd ctr containerd-shim-runc-v2 runc iptables nft conntrack umoci /usr/lib/cni/bridge /bin/busybox
+
 system-tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus package (promtool and the Prometheus server)"; \
+	@missing=; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	[ -z "$$missing" ] || { \
+	  echo "installing Debian's $(SYSTEM_PACKAGES) (missing:$$missing)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  command -v promtool >/dev/null || { echo "error: promtool is still missing: install Debian's prometheus package"; exit 1; }; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || { echo "error: $$c is still missing: install Debian's $(SYSTEM_PACKAGES)"; exit 1; }; done; }
 
-cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd and kwok binaries
-	$(BIN)/tandem cluster build
+cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd, kwok and real-node binaries
+	$(BIN)/tandem cluster build --real-node
 
 demo: cluster-build ## start the local cluster and the operator, apply the examples, show kubectl get
 	$(BIN)/python -m tandem.demo

@@ -1,9 +1,15 @@
-"""Build the pinned control-plane binaries from the official Go modules, once per pin.
+"""Build the pinned dev-cluster binaries from the official Go modules, once per pin.
 
 The binaries are cached under a key that hashes everything that decides their bytes (the go.mod and
-go.sum files, the linker flags, the Go toolchain), so a warm `tandem cluster up` never compiles and
-changing a pin rebuilds by itself. A build runs in a temporary folder that is renamed into place only
-when every binary linked, so an interrupted build never leaves a half-filled cache.
+go.sum files, our own Go sources beside them, the linker flags, the Go toolchain), so a warm
+`tandem cluster up` never compiles and changing a pin rebuilds by itself. A build runs in a temporary
+folder that is renamed into place only when every binary linked, so an interrupted build never leaves
+a half-filled cache.
+
+Two bundles are cached apart, each under its own key: the control plane (etcd, the Kubernetes control
+plane, kubectl, kwok) that every cluster runs, and the real node's binaries (kubelet, kube-proxy,
+CoreDNS) that only `up --real-node` needs. Their consumer modules are separate too, so pinning a node
+binary never changes the control plane's key (which would rebuild all of Kubernetes cold).
 """
 
 from __future__ import annotations
@@ -52,6 +58,32 @@ BINARIES: tuple[Binary, ...] = (
 )
 MODULES: tuple[str, ...] = ("etcd", "kubernetes", "kwok")
 
+# The real node's binaries: same k8s.io/kubernetes pin as above, in a consumer module of their own.
+# pause and tandem-gpu-plugin are Tandem's own small commands (sources in gomod/node/cmd/).
+NODE_BINARIES: tuple[Binary, ...] = (
+    Binary("kubelet", "node", "k8s.io/kubernetes/cmd/kubelet"),
+    Binary("kube-proxy", "node", "k8s.io/kubernetes/cmd/kube-proxy"),
+    Binary("pause", "node", "tandem.dev/devcluster/node/cmd/pause"),
+    Binary("tandem-gpu-plugin", "node", "tandem.dev/devcluster/node/cmd/tandem-gpu-plugin"),
+    Binary("coredns", "coredns", "github.com/coredns/coredns"),
+)
+NODE_MODULES: tuple[str, ...] = ("node", "coredns")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Binaries built and cached together (one key, one folder), from the consumer modules listed."""
+
+    name: str
+    binaries: tuple[Binary, ...]
+    modules: tuple[str, ...]
+    # Which module's go.mod pins k8s.io/kubernetes, for the version stamped into the binaries.
+    kubernetes_module: str
+
+
+CONTROL_PLANE = Bundle("control plane", BINARIES, MODULES, "kubernetes")
+NODE = Bundle("real node", NODE_BINARIES, NODE_MODULES, "node")
+
 
 def module_version(gomod: str, module_path: str) -> str:
     """The version `gomod` requires of `module_path` (e.g. `v1.33.13`)."""
@@ -80,7 +112,7 @@ def parse_go_version(output: str) -> tuple[int, int] | None:
 def ldflags(module: str, kubernetes_version: str) -> str:
     """Linker flags: strip symbols, and stamp versions so `kubectl version` says what was pinned."""
     flags = ["-s", "-w"]
-    if module == "kubernetes":
+    if module in ("kubernetes", "node"):
         major, minor = kubernetes_version.removeprefix("v").split(".")[:2]
         for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
             flags += [
@@ -126,9 +158,9 @@ class Plan:
     flags: dict[str, str]
 
 
-def _find_go() -> str:
+def _find_go(bundle: Bundle) -> str:
     go = shutil.which("go")
-    need = "{}.{}".format(*required_go([_read(m, "go.mod").decode() for m in MODULES]))
+    need = "{}.{}".format(*required_go([_read(m, "go.mod").decode() for m in bundle.modules]))
     if go is None:
         raise UserError(f"the Go toolchain (`go`) is not on PATH; {GO_INSTALL_HINT.format(need=need)}")
     return go
@@ -136,6 +168,15 @@ def _find_go() -> str:
 
 def _read(module: str, name: str) -> bytes:
     return (paths.GOMOD_DIR / module / name).read_bytes()
+
+
+def _module_files(modules: tuple[str, ...]) -> dict[str, bytes]:
+    """go.mod, go.sum and any Go sources of our own in each consumer module, keyed by relative path."""
+    files = {f"{m}/{n}": _read(m, n) for m in modules for n in ("go.mod", "go.sum")}
+    for module in modules:
+        for source in sorted((paths.GOMOD_DIR / module).rglob("*.go")):
+            files[f"{module}/{source.relative_to(paths.GOMOD_DIR / module)}"] = source.read_bytes()
+    return files
 
 
 def _run(command: list[str]) -> str:
@@ -149,10 +190,10 @@ def _toolchain(go: str) -> tuple[str, str]:
     return version, " ".join([version, *env])
 
 
-def plan() -> Plan:
-    """Find Go, check its version and compute the cache key and folder."""
-    go = _find_go()
-    gomods = {m: _read(m, "go.mod").decode() for m in MODULES}
+def plan(bundle: Bundle = CONTROL_PLANE) -> Plan:
+    """Find Go, check its version and compute the cache key and folder of `bundle`."""
+    go = _find_go(bundle)
+    gomods = {m: _read(m, "go.mod").decode() for m in bundle.modules}
     version, toolchain = _toolchain(go)
     have = parse_go_version(version)
     need = required_go(list(gomods.values()))
@@ -162,16 +203,15 @@ def plan() -> Plan:
             f"{go} reports {version or 'nothing'!r}, but the pinned modules need Go {need_text}; "
             + GO_INSTALL_HINT.format(need=need_text)
         )
-    kube_version = module_version(gomods["kubernetes"], "k8s.io/kubernetes")
-    flags = {m: ldflags(m, kube_version) for m in MODULES}
-    files = {f"{m}/{n}": _read(m, n) for m in MODULES for n in ("go.mod", "go.sum")}
-    key = cache_key(files, flags, toolchain)
+    kube_version = module_version(gomods[bundle.kubernetes_module], "k8s.io/kubernetes")
+    flags = {m: ldflags(m, kube_version) for m in bundle.modules}
+    key = cache_key(_module_files(bundle.modules), flags, toolchain)
     return Plan(go=go, key=key, bin_dir=paths.builds_root() / key / "bin", flags=flags)
 
 
-def cached_bin_dir() -> Path | None:
+def cached_bin_dir(bundle: Bundle = CONTROL_PLANE) -> Path | None:
     """The binaries folder if the current pins are already built, else None (never builds)."""
-    bin_dir = plan().bin_dir
+    bin_dir = plan(bundle).bin_dir
     return bin_dir if bin_dir.is_dir() else None
 
 
@@ -238,14 +278,15 @@ def _build_one(p: Plan, binary: Binary, out_dir: Path, log_dir: Path, progress: 
         )
 
 
-def ensure_binaries(progress: Progress | None = None) -> Path:
-    """Return the folder holding all pinned binaries, building them first if the pins changed.
+def ensure_binaries(progress: Progress | None = None, bundle: Bundle = CONTROL_PLANE) -> Path:
+    """Return the folder holding all pinned binaries of `bundle`, building them first if the pins changed.
 
     A cold build compiles Kubernetes from source (tens of minutes on two cores); progress lines say
     which binary is building and for how long.
     """
     report = progress or (lambda _msg: None)
-    p = plan()
+    binaries = bundle.binaries
+    p = plan(bundle)
     if p.bin_dir.is_dir():
         return p.bin_dir
     root = paths.builds_root()
@@ -258,18 +299,18 @@ def ensure_binaries(progress: Progress | None = None) -> Path:
         (tmp / "bin").mkdir(parents=True)
         log_dir = root / "logs"
         log_dir.mkdir(exist_ok=True)
-        report(f"building the pinned control plane into {p.bin_dir.parent} (cold: many minutes)")
+        report(f"building the pinned {bundle.name} into {p.bin_dir.parent} (cold: many minutes)")
         total = time.monotonic()
         try:
-            for index, binary in enumerate(BINARIES, start=1):
+            for index, binary in enumerate(binaries, start=1):
                 start = time.monotonic()
-                report(f"  [{index}/{len(BINARIES)}] {binary.name} ({binary.package})")
+                report(f"  [{index}/{len(binaries)}] {binary.name} ({binary.package})")
                 _build_one(p, binary, tmp / "bin", log_dir, report)
                 report(
-                    f"  [{index}/{len(BINARIES)}] {binary.name} done in {_elapsed(time.monotonic() - start)}"
+                    f"  [{index}/{len(binaries)}] {binary.name} done in {_elapsed(time.monotonic() - start)}"
                 )
             tmp.rename(p.bin_dir.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        report(f"built {len(BINARIES)} binaries in {_elapsed(time.monotonic() - total)}")
+        report(f"built {len(binaries)} binaries in {_elapsed(time.monotonic() - total)}")
     return p.bin_dir

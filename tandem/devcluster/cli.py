@@ -21,7 +21,13 @@ etcd, kube-apiserver, kube-controller-manager and kube-scheduler built from the 
 modules (pinned in tandem/devcluster/gomod/), plus kwok simulating the nodes -- GPU nodes advertising
 nvidia.com/gpu, and pods that become Running (or crash on request) without containers.
 
-Everything listens on 127.0.0.1. State (certificates, etcd data, logs) lives in
+With --real-node, `up` also starts a real node (containerd, runc, kubelet, kube-proxy, CoreDNS, and
+simulated nvidia.com/gpu devices through kubelet's device-plugin API) where pods really run; it needs
+root and Debian's containerd, runc, CNI plugins, iptables, nftables, umoci and busybox-static
+(`make system-tools`), and changes this machine until `down` (docs/devcluster.md says how).
+
+Everything listens on 127.0.0.1 (with a real node, the API server, kubelet and CoreDNS listen on the
+node bridge's address instead). State (certificates, etcd data, logs) lives in
 ${XDG_CACHE_HOME:-~/.cache}/tandem/clusters/<name>/; binaries in .../tandem/devcluster/.
 """
 
@@ -30,6 +36,9 @@ Start the cluster (building the pinned binaries first if they are not cached), r
 the simulated nodes, and wait until it is usable: API server ready, nodes Ready, the default
 ServiceAccount created, a probe pod scheduled and Running. On a running cluster it only
 re-checks readiness; on one whose processes died it restarts them with the same state.
+
+--real-node (when the cluster is created) adds `real-node-0`, a kubelet node with containerd where pods
+really run, after the control plane; a cluster keeps it until `down`. One real node per machine.
 
 Prints the kubeconfig path; `eval "$(tandem cluster up)"` also sets KUBECONFIG.
 """
@@ -59,6 +68,9 @@ def _build(args: argparse.Namespace) -> int:
     start = time.monotonic()
     bin_dir = build.ensure_binaries(_progress)
     print(f"binaries ready in {bin_dir} ({time.monotonic() - start:.0f}s)")
+    if args.real_node:
+        node_bin_dir = build.ensure_binaries(_progress, build.NODE)
+        print(f"real node binaries ready in {node_bin_dir} ({time.monotonic() - start:.0f}s)")
     return 0
 
 
@@ -73,12 +85,21 @@ def _up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         gpu_nodes=args.gpu_nodes,
         cpu_nodes=args.cpu_nodes,
+        real_node=args.real_node,
+        real_node_gpus=args.real_node_gpus,
     )
+    real = ""
+    if info.real_node:
+        real = (
+            f"# real node: {info.real_node} (containerd, kubelet; label tandem.dev/real-node=true; "
+            f"simulated {nodes.GPU_RESOURCE}); local images tandem.dev/busybox:1.35, tandem.dev/pause:3.10\n"
+        )
     # Comments on stdout keep `eval "$(tandem cluster up)"` working.
     print(
         f"# cluster {info.name!r} is ready ({time.monotonic() - start:.1f}s): {args.gpu_nodes} GPU nodes "
         f"({nodes.GPUS_PER_NODE}x {nodes.GPU_PRODUCT}, tainted {nodes.GPU_RESOURCE}=present:NoSchedule), "
         f"{args.cpu_nodes} CPU node(s)\n"
+        f"{real}"
         f"# API server: {info.server}\n"
         f"# kubeconfig: {info.kubeconfig}\n"
         f"# kubectl:    {info.kubectl} (same version as the API server)\n"
@@ -152,6 +173,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Build the pinned binaries into the cache; a no-op when they are already built for the "
         "current pins. A cold build compiles Kubernetes from source and takes many minutes.",
     )
+    build_cmd.add_argument(
+        "--real-node", action="store_true", help="also build the real node's kubelet, kube-proxy and CoreDNS"
+    )
     build_cmd.set_defaults(handler=_build)
 
     up = commands.add_parser(
@@ -165,6 +189,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--cpu-nodes", type=int, default=1, help="simulated CPU-only nodes (default: %(default)s)"
     )
     up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real kubelet node where pods really run (root; see docs/devcluster.md)",
+    )
+    up.add_argument(
+        "--real-node-gpus",
+        type=int,
+        default=8,
+        help="simulated nvidia.com/gpu devices the real node advertises (default: %(default)s)",
+    )
+    up.add_argument(
         "--timeout",
         type=float,
         default=180.0,
@@ -176,7 +211,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "down",
         help="stop the cluster and delete its state",
         description="Stop every process of the cluster (SIGTERM, then SIGKILL after a grace period) and "
-        "delete its state folder: certificates, etcd data, logs. The binary cache stays. Safe to repeat.",
+        "delete its state folder: certificates, etcd data, logs. A real node is stopped first and what it "
+        "changed on this machine undone (iptables, bridge, mounts, cgroups, sysctls). The binary cache "
+        "stays. Safe to repeat.",
     )
     _add_name(down)
     down.set_defaults(handler=_down)

@@ -1,4 +1,5 @@
-"""`up`, `down` and `status` of a named local cluster: etcd, the Kubernetes control plane and kwok.
+"""`up`, `down` and `status` of a named local cluster: etcd, the Kubernetes control plane and kwok, and
+optionally a real node (realnode.py: containerd, kubelet, kube-proxy, CoreDNS) where pods really run.
 
 `up` is idempotent: on a running cluster it only re-checks readiness; on a cluster whose processes
 died (a reboot, a kill) it restarts them on the same ports, certificates and etcd data. It returns
@@ -19,8 +20,21 @@ from pathlib import Path
 
 import yaml
 
-from tandem.devcluster import build, components, kubeconfig, nodes, paths, pki, processes, readiness, state
+from tandem.devcluster import (
+    build,
+    components,
+    kubeconfig,
+    nodeconfig,
+    nodes,
+    paths,
+    pki,
+    processes,
+    readiness,
+    realnode,
+    state,
+)
 from tandem.devcluster.kubeapi import ApiError, KubeAPI
+from tandem.devcluster.nodeconfig import RealNode
 from tandem.devcluster.processes import ProcessRecord
 from tandem.devcluster.state import ClusterState
 from tandem.errors import UserError
@@ -39,6 +53,8 @@ class ClusterInfo:
     kubeconfig: Path
     state_dir: Path
     bin_dir: Path
+    #: The real node's name (`real-node-0`) when the cluster has one, else None.
+    real_node: str | None = None
 
     @property
     def kubectl(self) -> Path:
@@ -104,9 +120,14 @@ def _api(s: ClusterState, timeout: float = 5.0) -> KubeAPI:
     )
 
 
-def _info(s: ClusterState, bin_dir: Path) -> ClusterInfo:
+def _info(s: ClusterState, bin_dir: Path, node: RealNode | None = None) -> ClusterInfo:
     return ClusterInfo(
-        name=s.name, server=s.server, kubeconfig=s.kubeconfig, state_dir=s.directory, bin_dir=bin_dir
+        name=s.name,
+        server=s.server,
+        kubeconfig=s.kubeconfig,
+        state_dir=s.directory,
+        bin_dir=bin_dir,
+        real_node=node.node_name if node else None,
     )
 
 
@@ -118,12 +139,18 @@ def _new_state(name: str) -> ClusterState:
     return s
 
 
-def _check_ports(s: ClusterState) -> None:
-    for port_name, port in s.ports.items():
-        if not processes.port_is_free(port):
-            owner = state.PORT_OWNERS[port_name]
+def _check_ports(s: ClusterState, node: RealNode | None) -> None:
+    wanted = dict(s.ports)
+    if node is not None:
+        wanted |= {f"node:{k}": v for k, v in node.ports.items()}
+    for port_name, port in wanted.items():
+        host = s.address if port_name == "apiserver" else "127.0.0.1"
+        # The node's kubelet and CoreDNS listen on the bridge address: check it too.
+        hosts = (host, s.address) if port_name.startswith("node:") else (host,)
+        if not all(processes.port_is_free(port, h) for h in hosts):
+            owner = state.PORT_OWNERS.get(port_name, port_name.removeprefix("node:"))
             raise UserError(
-                f"port {port} on 127.0.0.1, recorded for {owner} of cluster {s.name!r}, is in use by another "
+                f"port {port} on {host}, recorded for {owner} of cluster {s.name!r}, is in use by another "
                 f"process (see `ss -ltnp 'sport = :{port}'`); stop that process, or run "
                 f"`tandem cluster down --name {s.name}` to drop this cluster's state and pick new ports"
             )
@@ -134,7 +161,8 @@ def _write_config(s: ClusterState) -> None:
     for folder in (s.log_dir, s.run_dir, s.config_dir, s.etcd_dir):
         folder.mkdir(parents=True, exist_ok=True)
     s.etcd_dir.chmod(0o700)  # etcd refuses a data dir others can read
-    p = pki.ensure_pki(s.pki.directory)
+    extra_ips = [s.address] if s.address != state.LOOPBACK else []
+    p = pki.ensure_pki(s.pki.directory, apiserver_ips=extra_ips)
     context = f"tandem-{s.name}"
     kubeconfig.write(s.kubeconfig, context=context, server=s.server, pki=p, stem="admin", user=pki.ADMIN.user)
     for component, identity in (
@@ -178,7 +206,9 @@ def _register_nodes(api: KubeAPI, specs: list[nodes.NodeSpec]) -> None:
         api.create("/api/v1/nodes", nodes.node_manifest(spec))
 
 
-def _wait_usable(s: ClusterState, waiter: readiness.Waiter, specs: list[nodes.NodeSpec]) -> None:
+def _wait_usable(
+    s: ClusterState, waiter: readiness.Waiter, specs: list[nodes.NodeSpec], kwok_probe: bool = True
+) -> None:
     """After /readyz: register the nodes and wait until workloads can run on them."""
     api = _api(s)
     _register_nodes(api, specs)
@@ -195,10 +225,39 @@ def _wait_usable(s: ClusterState, waiter: readiness.Waiter, specs: list[nodes.No
         readiness.service_account_exists(api, readiness.PROBE_NAMESPACE),
         "kube-controller-manager",
     )
+    if not kwok_probe:
+        return
     waiter.until("probe pod scheduled and Running", readiness.probe_pod_running(api), "kube-scheduler")
     api.delete(
         f"/api/v1/namespaces/{readiness.PROBE_NAMESPACE}/pods/{readiness.PROBE_POD}", grace_period_seconds=0
     )
+
+
+def _node_preflight(
+    name: str, s: ClusterState | None, node: RealNode | None, real_node: bool, report: Progress
+) -> Path | None:
+    """For a cluster that has (or is to get) a real node: check the machine, build the node's binaries
+    and return their folder; None for a cluster without one."""
+    if real_node and s is not None and node is None:
+        raise UserError(
+            f"cluster {name!r} was created without a real node; run `tandem cluster down --name {name}` "
+            "first to recreate it with --real-node"
+        )
+    if node is None and not (real_node and s is None):
+        return None
+    realnode.check_host()
+    other = realnode.running_elsewhere(name)
+    if other is not None:
+        raise UserError(
+            f"cluster {other!r} runs a real node already, and a machine holds one (kube-proxy's "
+            f"iptables chains are global); stop it with `tandem cluster down --name {other}`"
+        )
+    return build.ensure_binaries(report, build.NODE)
+
+
+def _all_running(s: ClusterState | None, node: RealNode | None, records: list[ProcessRecord]) -> bool:
+    expected = len(state.COMPONENTS) + (len(realnode.COMPONENTS) if node is not None else 0)
+    return s is not None and len(records) == expected and all(map(processes.is_running, records))
 
 
 def up(
@@ -208,37 +267,58 @@ def up(
     timeout: float = UP_TIMEOUT_SECONDS,
     gpu_nodes: int = 2,
     cpu_nodes: int = 1,
+    real_node: bool = False,
+    real_node_gpus: int = nodeconfig.DEFAULT_GPUS,
 ) -> ClusterInfo:
     """Start cluster `name` (or confirm it runs) and return how to reach it once it is usable.
 
     Builds the pinned binaries first if they are not cached. Raises UserError, naming the log to
     read, if a component exits or readiness is not reached within `timeout` seconds.
+
+    `real_node` adds a real node (see realnode.py) when the cluster is created; a cluster keeps what it
+    was created with, so a later `up` without it restarts an existing real node too.
     """
     report = progress or _quiet
     paths.validate_name(name)
     bin_dir = build.ensure_binaries(report)
     specs = nodes.default_nodes(gpu_nodes, cpu_nodes)
     with _cluster_lock(name):
+        directory = paths.cluster_dir(name)
         s = state.load(name)
-        records = _records(paths.cluster_dir(name))
-        if (
-            s is not None
-            and len(records) == len(state.COMPONENTS)
-            and all(map(processes.is_running, records))
-        ):
+        node = realnode.load(directory) if s is not None else None
+        node_bin_dir = _node_preflight(name, s, node, real_node, report)
+        # The readiness probe pod lands on a simulated CPU node; with a real node and no simulated CPU
+        # node, the real node's own probe pod is the test.
+        kwok_probe = node_bin_dir is None or cpu_nodes > 0
+        records = _records(directory)
+        node_records = realnode.records(directory) if node is not None else []
+        if s is not None and _all_running(s, node, records + node_records):
             report(f"cluster {name!r} is already running; checking readiness")
             waiter = readiness.Waiter(s, timeout, report)
-            for record in records:
+            for record in records + node_records:
                 waiter.watch(record)
             waiter.until("kube-apiserver /readyz", readiness.api_ready(_api(s)), "kube-apiserver")
-            _wait_usable(s, waiter, specs)
-            return _info(s, bin_dir)
-        # Anything half-running is stopped and started again on the same state.
-        processes.stop(records)
+            _wait_usable(s, waiter, specs, kwok_probe)
+            if node is not None:
+                realnode.wait_ready(node, waiter, _api(s))
+            return _info(s, bin_dir, node)
+        # Anything half-running is stopped and started again on the same state (pods on a real node
+        # keep running: the restarted containerd and kubelet adopt them).
+        realnode.stop_processes(directory)
+        _stop_control_plane(records)
         if s is None:
             s = _new_state(name)
-        _check_ports(s)
+            if node_bin_dir is not None:
+                # The API server listens on the node bridge's gateway: pods reach it there.
+                node = realnode.create(s, real_node_gpus)
+                s.address = node.gateway
+                s.save()
+        if node is not None:
+            realnode.prepare_host(node, report)
+        _check_ports(s, node)
         _write_config(s)
+        if node is not None:
+            realnode.write_config(s, node)
         report(f"starting cluster {name!r} (state in {s.directory})")
         waiter = readiness.Waiter(s, timeout, report)
         waiter.watch(_start("etcd", bin_dir, s))
@@ -248,8 +328,17 @@ def up(
         _release_node_leases(_api(s), specs)
         for component in ("kube-controller-manager", "kube-scheduler", "kwok"):
             waiter.watch(_start(component, bin_dir, s))
-        _wait_usable(s, waiter, specs)
-        return _info(s, bin_dir)
+        _wait_usable(s, waiter, specs, kwok_probe)
+        if node is not None and node_bin_dir is not None:
+            realnode.start(s, node, node_bin_dir, waiter, _api(s), report)
+        return _info(s, bin_dir, node)
+
+
+def _stop_control_plane(records: list[ProcessRecord]) -> list[ProcessRecord]:
+    """Stop the control plane, etcd last: an API server with an endpoint lease removes it on the way out,
+    and would wait out its grace period for an etcd that is already gone."""
+    survivors = processes.stop([r for r in records if r.name != "etcd"])
+    return survivors + processes.stop([r for r in records if r.name == "etcd"])
 
 
 def down(name: str = DEFAULT_NAME, *, progress: Progress | None = None) -> bool:
@@ -263,13 +352,24 @@ def down(name: str = DEFAULT_NAME, *, progress: Progress | None = None) -> bool:
         if not directory.exists():
             return False
         records = _records(directory)
-        live = [r for r in records if processes.is_running(r)]
+        node = realnode.load(directory)
+        live = [r for r in realnode.records(directory) + records if processes.is_running(r)]
         if live:
             report(f"stopping {', '.join(r.name for r in live)}")
-        survivors = processes.stop(records)
+        # The real node's processes first, then the control plane, then the host's changes: the API
+        # server listens on the node's bridge, which must outlive it (else it hangs in shutdown).
+        left = realnode.stop(node) if node is not None else []
+        survivors = _stop_control_plane(records)
         if survivors:
             pids = ", ".join(f"{r.name} (pid {r.pid})" for r in survivors)
             raise UserError(f"could not stop {pids} even with SIGKILL; state kept in {directory}")
+        if node is not None:
+            left += realnode.clean_host(node)
+        if left:
+            raise UserError(
+                f"the real node of cluster {name!r} could not be fully cleaned up ({'; '.join(left)}); "
+                f"state kept in {directory}: fix the cause and run `tandem cluster down --name {name}` again"
+            )
         shutil.rmtree(directory)
         return True
 
@@ -278,9 +378,10 @@ def status(name: str = DEFAULT_NAME) -> ClusterStatus:
     """Which components of cluster `name` run, and whether its API server answers /readyz."""
     directory = paths.cluster_dir(name)
     s = state.load(name)
-    records = {r.name: r for r in _records(directory)}
+    node = realnode.load(directory)
+    records = {r.name: r for r in _records(directory) + realnode.records(directory)}
     found = []
-    for component in state.COMPONENTS:
+    for component in state.COMPONENTS + (realnode.COMPONENTS if node is not None else ()):
         record = records.get(component)
         running = record is not None and processes.is_running(record)
         log = directory / "logs" / f"{component}.log"
@@ -291,7 +392,7 @@ def status(name: str = DEFAULT_NAME) -> ClusterStatus:
         with contextlib.suppress(OSError, ApiError):
             api_ready = readiness.api_ready(_api(s, timeout=2.0))() is None
         bin_dir = Path(records["kube-apiserver"].argv[0]).parent
-        info = _info(s, bin_dir)
+        info = _info(s, bin_dir, node)
     return ClusterStatus(
         name=name,
         state_dir=directory,

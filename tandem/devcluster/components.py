@@ -1,6 +1,8 @@
 """Command lines and config files of the five components, as pure functions of the cluster state.
 
-Everything listens on 127.0.0.1 only. The API server runs the production authn/authz shape
+Everything listens on 127.0.0.1 only, except the API server of a cluster with a real node: it listens on
+the node bridge's gateway address (`ClusterState.address`), which pods reach through the `kubernetes`
+Service and which stays on this machine. The API server runs the production authn/authz shape
 (client certificates, Node+RBAC, default admission plugins plus NodeRestriction, a service-account
 issuer and signing key so TokenRequest works); the controller manager and scheduler use their own
 identities. Leader election is off: one replica each, and it saves the lease wait on startup.
@@ -13,7 +15,7 @@ from typing import Any
 
 from tandem.devcluster import nodes
 from tandem.devcluster.pki import FRONT_PROXY_CLIENT
-from tandem.devcluster.state import ClusterState
+from tandem.devcluster.state import LOOPBACK, ClusterState
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -41,17 +43,23 @@ def etcd(bin_dir: Path, s: ClusterState) -> list[str]:
     ]
 
 
+def _endpoint_reconciler(s: ClusterState) -> str:
+    # The `kubernetes` Service cannot have a loopback endpoint (validation forbids it), and without a
+    # real node nothing runs in a pod that could use it: no reconciler, instead of one that fails every
+    # few seconds. With a real node the address is the bridge gateway: the default (lease) reconciler
+    # keeps the Service's endpoint on it, so pods reach the API server at 10.96.0.1:443.
+    return "none" if s.address == LOOPBACK else "lease"
+
+
 def kube_apiserver(bin_dir: Path, s: ClusterState) -> list[str]:
     pki = s.pki
     return [
         str(bin_dir / "kube-apiserver"),
         f"--etcd-servers=http://127.0.0.1:{s.ports['etcd']}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={s.address}",
         f"--secure-port={s.ports['apiserver']}",
-        "--advertise-address=127.0.0.1",
-        # The `kubernetes` Service cannot have a loopback endpoint (validation forbids it), and nothing
-        # runs in a pod that could use it: no reconciler, instead of one that fails every few seconds.
-        "--endpoint-reconciler-type=none",
+        f"--advertise-address={s.address}",
+        f"--endpoint-reconciler-type={_endpoint_reconciler(s)}",
         f"--tls-cert-file={pki.cert('apiserver')}",
         f"--tls-private-key-file={pki.key('apiserver')}",
         f"--client-ca-file={pki.ca_cert}",

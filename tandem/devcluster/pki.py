@@ -52,6 +52,16 @@ APISERVER_KUBELET_CLIENT = Identity(
 FRONT_PROXY_CLIENT = "front-proxy-client"
 CLIENT_IDENTITIES = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, APISERVER_KUBELET_CLIENT)
 
+# The real node's identities (issued by `ensure_node_pki`). kube-proxy's user is bound to the built-in
+# `system:node-proxier` role; CoreDNS's gets the read-only role the real node's setup creates.
+KUBE_PROXY = Identity("kube-proxy", "system:kube-proxy")
+COREDNS = Identity("coredns", "tandem:coredns")
+
+
+def kubelet_identity(node_name: str) -> Identity:
+    """A kubelet's client identity: the Node authorizer and NodeRestriction key on this exact shape."""
+    return Identity("kubelet", f"system:node:{node_name}", ("system:nodes",))
+
 
 @dataclass(frozen=True)
 class Pki:
@@ -182,10 +192,41 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     tmp.replace(path)
 
 
-def ensure_pki(directory: Path) -> Pki:
-    """Create the cluster's certificates once; later calls reuse them (they sign etcd-stored data)."""
+def _load_ca(pki: Pki) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key, x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+
+
+def cert_ip_addresses(path: Path) -> set[str]:
+    """The IP addresses in a certificate's subject alternative names."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+
+
+def _issue_apiserver(
+    pki: Pki, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, extra_ips: Sequence[str]
+) -> None:
+    ips = ("127.0.0.1", SERVICE_IP, *[ip for ip in extra_ips if ip not in ("127.0.0.1", SERVICE_IP)])
+    key, cert = issue_cert(ca_key, ca_cert, "kube-apiserver", dns_names=API_SERVER_NAMES, ip_addresses=ips)
+    _write(pki.key("apiserver"), key_pem(key), 0o600)
+    _write(pki.cert("apiserver"), cert_pem(cert), 0o644)
+
+
+def ensure_pki(directory: Path, apiserver_ips: Sequence[str] = ()) -> Pki:
+    """Create the cluster's certificates once; later calls reuse them (they sign etcd-stored data).
+
+    `apiserver_ips` are further addresses the API server's certificate must name (a real node's
+    bridge gateway); an existing certificate lacking one is reissued by the same CA.
+    """
     pki = Pki(directory)
     if pki.ca_cert.exists() and pki.service_account_public_key.exists():
+        if not set(apiserver_ips) <= cert_ip_addresses(pki.cert("apiserver")):
+            _issue_apiserver(pki, *_load_ca(pki), apiserver_ips)
         return pki
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -197,9 +238,7 @@ def ensure_pki(directory: Path) -> Pki:
         "front-proxy-ca": (proxy_ca_key, proxy_ca_cert),
         "front-proxy-client": issue_cert(proxy_ca_key, proxy_ca_cert, FRONT_PROXY_CLIENT),
     }
-    pairs["apiserver"] = issue_cert(
-        ca_key, ca_cert, "kube-apiserver", dns_names=API_SERVER_NAMES, ip_addresses=("127.0.0.1", SERVICE_IP)
-    )
+    _issue_apiserver(pki, ca_key, ca_cert, apiserver_ips)
     # kwok serves a kubelet-like endpoint (logs, exec) on each simulated node's address.
     pairs["kwok-serving"] = issue_cert(
         ca_key, ca_cert, "kwok", dns_names=("localhost",), ip_addresses=("127.0.0.1",)
@@ -217,3 +256,24 @@ def ensure_pki(directory: Path) -> Pki:
     # Written last: its presence marks a complete set.
     _write(pki.service_account_public_key, public, 0o644)
     return pki
+
+
+def ensure_node_pki(pki: Pki, node_name: str, node_ip: str) -> None:
+    """The real node's certificates, once: kubelet client and serving, kube-proxy, CoreDNS."""
+    if pki.cert(COREDNS.stem).exists():  # written last
+        return
+    ca_key, ca_cert = _load_ca(pki)
+    pairs = {
+        "kubelet-serving": issue_cert(
+            ca_key,
+            ca_cert,
+            node_name,
+            dns_names=(node_name, "localhost"),
+            ip_addresses=(node_ip, "127.0.0.1"),
+        )
+    }
+    for identity in (kubelet_identity(node_name), KUBE_PROXY, COREDNS):
+        pairs[identity.stem] = issue_cert(ca_key, ca_cert, identity.user, identity.groups)
+    for stem, (key, cert) in pairs.items():
+        _write(pki.key(stem), key_pem(key), 0o600)
+        _write(pki.cert(stem), cert_pem(cert), 0o644)

@@ -91,6 +91,11 @@ def is_running(record: ProcessRecord) -> bool:
     except (OSError, IndexError, ValueError):
         return False
     if state == "Z":
+        # A zombie leader whose other threads still run is exiting, not gone: those threads still hold
+        # its listening sockets (a restart right now would find the ports taken).
+        with contextlib.suppress(OSError):
+            if any(task.name != str(record.pid) for task in (proc / "task").iterdir()):
+                return True
         _reap(record.pid)  # it may have exited after the first reap above
         return False
     if not cmdline:

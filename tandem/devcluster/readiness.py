@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from tandem.devcluster import processes
 from tandem.devcluster.kubeapi import ApiError, KubeAPI
+from tandem.devcluster.nodes import SIMULATED_LABEL
 from tandem.devcluster.processes import ProcessRecord
 from tandem.devcluster.state import ClusterState
 from tandem.errors import UserError
@@ -120,12 +121,14 @@ def service_account_exists(api: KubeAPI, namespace: str) -> Check:
 
 
 def probe_pod_manifest() -> dict[str, object]:
-    """A pod that only proves scheduling and kwok work; it tolerates nothing, so it lands on a CPU node."""
+    """A pod that only proves scheduling and kwok work; it tolerates nothing and selects simulated
+    nodes, so it lands on a simulated CPU node (never on a real node, which would have to run it)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": PROBE_POD, "namespace": PROBE_NAMESPACE, "labels": {"app": PROBE_POD}},
         "spec": {
+            "nodeSelector": {SIMULATED_LABEL: "true"},
             "containers": [{"name": "probe", "image": "registry.k8s.io/pause:3.10"}],
             "automountServiceAccountToken": False,
             "terminationGracePeriodSeconds": 0,

@@ -1,13 +1,14 @@
 """The per-cluster state folder: its layout and the ports chosen at the first `up`.
 
 Layout of `<cache>/tandem/clusters/<name>/`:
-  state.json        ports (fixed at the first `up`, reused by later ones)
+  state.json        ports and the API server's address (fixed at the first `up`, reused by later ones)
   kubeconfig        the admin kubeconfig users point KUBECONFIG at
   pki/              CA, serving and client certificates, service-account key
   kubeconfigs/      one kubeconfig per component identity
   config/           scheduler configuration, kwok stages
   etcd/             etcd data
   logs/<component>.log, run/<component>.json (pid records)
+  realnode.json, containerd/, kubelet/, ...   only with a real node (see realnode.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMPONENTS: tuple[str, ...] = ("etcd", "kube-apiserver", "kube-controller-manage
 # Named loopback ports each cluster needs.
 PORT_NAMES: tuple[str, ...] = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
 # Which component listens on which port, for "port taken" messages.
+LOOPBACK = "127.0.0.1"
 PORT_OWNERS: dict[str, str] = {
     "etcd": "etcd",
     "etcd-peer": "etcd",
@@ -36,11 +38,16 @@ PORT_OWNERS: dict[str, str] = {
 
 @dataclass
 class ClusterState:
-    """One cluster's folder and recorded ports."""
+    """One cluster's folder, recorded ports and the API server's address.
+
+    `address` is 127.0.0.1 unless the cluster has a real node: then it is the node bridge's gateway,
+    an address pods can reach (the `kubernetes` Service's endpoint) that stays on this machine.
+    """
 
     name: str
     directory: Path
     ports: dict[str, int] = field(default_factory=dict)
+    address: str = LOOPBACK
 
     @property
     def state_file(self) -> Path:
@@ -76,7 +83,7 @@ class ClusterState:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.address}:{self.ports['apiserver']}"
 
     def log(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
@@ -90,7 +97,8 @@ class ClusterState:
     def save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"name": self.name, "ports": self.ports}, indent=2) + "\n")
+        data = {"name": self.name, "ports": self.ports, "address": self.address}
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(self.state_file)
 
 
@@ -100,8 +108,9 @@ def load(name: str) -> ClusterState | None:
     try:
         data = json.loads((directory / "state.json").read_text())
         ports = {key: int(value) for key, value in data["ports"].items()}
+        address = str(data.get("address", LOOPBACK))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if set(ports) != set(PORT_NAMES):
         return None
-    return ClusterState(name=name, directory=directory, ports=ports)
+    return ClusterState(name=name, directory=directory, ports=ports, address=address)
