@@ -1,140 +1,108 @@
-"""`make demo`: a local control plane, the operator, the example resources, and `kubectl get`.
+"""`make demo`: a model's whole life on a local cluster with a real node, told step by step.
 
-The operator runs detached under the ServiceAccount the chart's RBAC rules describe, with its log in
-the cluster's state folder; `make demo-down` (`python -m tandem.demo --down`) stops it and the cluster.
+A real node (kubelet, containerd, runc) joins the local control plane; the images are built from
+images/*.Dockerfile and imported; the operator runs as a pod from its image. A TrainingJob trains a
+small GPT on two CPU workers while `kubectl get tj` shows it move; half way the demo kills a worker and
+the job resumes from its checkpoint; an InferenceService then serves that checkpoint, a load
+generator drives it and the autoscaler adds a replica from the replicas' metrics in a real Prometheus;
+the cost of both phases is shown. The steps are `tandem.lifecycle`'s, which tests/lifecycle asserts.
+`make demo-down` (`python -m tandem.demo --down`) stops everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from tandem import devprometheus, lifecycle
 from tandem.devcluster import cluster as devcluster
 from tandem.devcluster import processes
-from tandem.devinstall import (
-    REPO_ROOT,
-    Kubectl,
-    install_crds,
-    install_example_volumes,
-    operator_kubeconfig,
-)
+from tandem.devinstall import REPO_ROOT
 from tandem.errors import UserError
 
 DEMO_CLUSTER = "tandem"
-EXAMPLES = REPO_ROOT / "manifests" / "examples"
-STATUS_TIMEOUT_SECONDS = 60
+TRAINING_SECONDS = 1200
+SERVING_SECONDS = 600
 
 
 def _say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def _operator_record(state_dir: Path) -> Path:
-    return state_dir / "run" / "demo-operator.json"
-
-
-def _start_operator(info: devcluster.ClusterInfo, kubectl: Kubectl) -> Path:
-    record_path = _operator_record(info.state_dir)
-    log = info.state_dir / "logs" / "operator.log"
-    existing = processes.ProcessRecord.load(record_path)
-    if existing is not None and processes.is_running(existing):
-        _say(f"operator already running (pid {existing.pid}), log {log}")
-        return log
-    kubeconfig = operator_kubeconfig(kubectl, info.state_dir / "operator.kubeconfig")
-    metrics_port, health_port = processes.pick_free_ports(2)
-    env = dict(os.environ)
-    env.update(
-        {
-            "KUBECONFIG": str(kubeconfig),
-            "TANDEM_METRICS_PORT": str(metrics_port),
-            "TANDEM_HEALTH_PORT": str(health_port),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    record = processes.spawn("demo-operator", [sys.executable, "-m", "tandem.operator"], log, env=env)
-    record.save(record_path)
-    deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
-    while True:
-        if not processes.is_running(record):
-            raise UserError(f"the operator exited; see {log}:\n{processes.log_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise UserError(f"the operator did not become healthy in {STATUS_TIMEOUT_SECONDS}s; see {log}")
-        time.sleep(0.5)
-    _say(f"operator running (pid {record.pid}), metrics on :{metrics_port}/metrics, log {log}")
-    return log
-
-
-SETTLED = {"TrainingJob": "Running", "InferenceService": "Ready"}
-
-
-def _settled(item: dict[str, Any]) -> bool:
-    """A gang Running, a service Ready, or a service waiting for its TrainingJob's first checkpoint:
-    kwok's pods run no training, so in the demo that checkpoint never comes."""
-    status = item.get("status") or {}
-    if status.get("phase") == SETTLED[item["kind"]]:
-        return True
-    waiting = {(c.get("type"), c.get("reason")) for c in status.get("conditions") or ()}
-    return item["kind"] == "InferenceService" and ("ModelResolved", "NoCheckpoint") in waiting
-
-
-def _wait_until_settled(kubectl: Kubectl) -> None:
-    """Wait until every example's gang runs and every service is ready or waits for a checkpoint (the
-    kwok nodes make that quick); after a minute, show whatever state they are in."""
-    deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        items = json.loads(kubectl.run("get", "tj,tisvc", "-o", "json"))["items"]
-        if items and all(_settled(item) for item in items):
-            waiting = [
-                i["metadata"]["name"]
-                for i in items
-                if i["kind"] == "InferenceService" and (i.get("status") or {}).get("phase") != "Ready"
-            ]
-            for name in waiting:
-                _say(
-                    f"InferenceService {name} waits for its TrainingJob's first checkpoint "
-                    "(kwok's pods run no training: see docs/inferenceservice.md, lineage)"
-                )
-            return
-        time.sleep(0.5)
-    _say("not everything settled within a minute; `kubectl describe` says why")
+def _show(row: str) -> None:
+    print(f"    {row}", flush=True)
 
 
 def up() -> int:
-    info = devcluster.up(DEMO_CLUSTER, progress=_say)
-    kubectl = Kubectl(str(info.bin_dir / "kubectl"), info.kubeconfig)
-    _say("installing the CRDs (manifests/crds)")
-    install_crds(kubectl)
-    _start_operator(info, kubectl)
-    _say("creating the volumes the examples mount (data sets, checkpoints, models)")
-    install_example_volumes(kubectl, "default")
-    _say("applying manifests/examples/")
-    print(kubectl.run("apply", "-f", str(EXAMPLES)), end="")
-    _say("waiting for the gangs to run and the services to be ready")
-    _wait_until_settled(kubectl)
-    _say("kubectl get nodes,tj,tisvc")
-    print(kubectl.run("get", "nodes", "-L", "nvidia.com/gpu.product"))
-    print(kubectl.run("get", "tj,tisvc"))
+    _say(
+        "starting the local cluster: control plane, a real node (kubelet, containerd, runc), "
+        "simulated GPU nodes"
+    )
+    info = devcluster.up(DEMO_CLUSTER, progress=_say, real_node=True, cpu_nodes=0)
+    stack = lifecycle.prepare(info, _say)
+    spec = lifecycle.yaml_spec(lifecycle.TRAINING_MANIFEST)
+    total = spec["trainer"]["builtin"]["maxSteps"]
+
+    _say(f"1/6 training: kubectl apply -f {lifecycle.TRAINING_MANIFEST.relative_to(REPO_ROOT)}")
+    lifecycle.apply(stack, lifecycle.TRAINING_MANIFEST)
+    lifecycle.follow(
+        stack, "tj", lifecycle.JOB, lambda j: lifecycle.progress(j)[0] >= total // 2, TRAINING_SECONDS, _show
+    )
+    killed = lifecycle.kill_worker(stack, lifecycle.JOB)
+    _say(f"2/6 half way: worker pod {killed} killed; the job resumes from its newest checkpoint")
+    lifecycle.follow(
+        stack,
+        "tj",
+        lifecycle.JOB,
+        lambda j: j["status"].get("phase") == "Succeeded",
+        TRAINING_SECONDS,
+        _show,
+    )
+    _say("3/6 training done (RESTARTS 1): serving its last checkpoint")
+    lifecycle.apply(stack, lifecycle.SERVING_MANIFEST)
+    lifecycle.follow(
+        stack,
+        "tisvc",
+        lifecycle.SERVICE,
+        lambda s: (s.get("status") or {}).get("phase") == "Ready",
+        SERVING_SECONDS,
+        _show,
+    )
+    url = lifecycle.service_url(stack, lifecycle.SERVICE)
+    reply = lifecycle.complete(url, "To be", 24)
+    _say(f"4/6 POST {url}/v1/completions 'To be' -> {reply['choices'][0]['text']!r}")
+    _say("5/6 load: hey, 8 clients for 90 s; the autoscaler adds a replica on in-flight requests")
+    load = lifecycle.start_load(url, seconds=90, concurrency=8)
+    try:
+        lifecycle.follow(
+            stack,
+            "tisvc",
+            lifecycle.SERVICE,
+            lambda s: ((s.get("status") or {}).get("replicas") or {}).get("ready", 0) >= 2,
+            SERVING_SECONDS,
+            _show,
+        )
+    finally:
+        codes = lifecycle.finish_load(load)
+    _say(f"   load done: responses by status {codes}")
+    _say("6/6 cost of both phases (COST: training so far; COST/H: serving now)")
+    print(stack.kubectl.run("get", "tj,tisvc", "-n", lifecycle.NAMESPACE))
     print(
-        "Try it yourself:\n"
+        "Look around:\n"
         f"  export KUBECONFIG={info.kubeconfig}\n"
         f"  export PATH={info.bin_dir}:$PATH   # the pinned kubectl\n"
-        "  kubectl get tj,tisvc\n"
+        "  kubectl get tj,tisvc,pods -o wide\n"
         "  kubectl describe tj gpt-tiny\n"
+        f"  kubectl logs -n {lifecycle.NAMESPACE} -l tandem.dev/inferenceservice=gpt-tiny\n"
+        f"  Prometheus: {stack.prometheus_url} (try tandem_serve_requests_total)\n"
+        f"  tandem cost --prometheus-url {stack.prometheus_url}\n"
+        "  dashboards: charts/tandem/dashboards/*.json (docs/dashboards.md)\n"
         "Stop everything with `make demo-down`."
     )
     return 0
@@ -200,6 +168,8 @@ def down() -> int:
         _say(f"operator stopped (pid {pids})" if not left else f"could not stop operator pid {left[0].pid}")
     else:
         _say("no operator was running for the demo cluster")
+    if devprometheus.stop(state_dir):
+        _say("Prometheus stopped")
     stopped = devcluster.down(DEMO_CLUSTER, progress=_say)
     _say("cluster stopped" if stopped else "no demo cluster was running")
     return 0

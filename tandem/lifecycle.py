@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tandem.devcluster import cluster as devcluster
 from tandem.devcluster import images, realnode
 from tandem.devinstall import REPO_ROOT, Kubectl, install_crds, install_example_volumes, install_operator_pod
@@ -67,6 +69,12 @@ def prepare(info: devcluster.ClusterInfo, say: Say) -> Stack:
     say("creating the checkpoint volume the demo's TrainingJob and InferenceService share")
     install_example_volumes(kubectl, NAMESPACE, claims=(CHECKPOINT_CLAIM,))
     return Stack(info, kubectl, url)
+
+
+def yaml_spec(manifest: Path) -> dict[str, Any]:
+    """The spec of the (one) resource in `manifest`."""
+    spec: dict[str, Any] = yaml.safe_load(manifest.read_text())["spec"]
+    return spec
 
 
 def apply(stack: Stack, manifest: Path) -> None:
