@@ -19,7 +19,9 @@ Variants (--variants, comma-separated; N a batch size):
 - hf32 / hf32s: HF `generate`, static batches of 32 in arrival order / sorted by answer length (an oracle).
 - sN: Tandem's generation scheduler in process (`GenerationScheduler`, every request streamed so each token
   is timed), at most N sequences in flight, the runtime's defaults (on CUDA: CUDA graphs).
-- eN: the same without CUDA graphs (the decoding pass launched op by op).
+- dN: sN with the runtime's text decoding (which the scheduler calls for every token, over the whole answer
+  so far) replaced by `bytes(ids).decode()`: what the scheduler's per-token text work costs.
+- eN: the same as sN without CUDA graphs (the decoding pass launched op by op).
 - oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
   context (`one_pass`, the code before issue 17).
 - g: a check, not a timing: an fp32 copy of the model through the runtime's cache (on CUDA, its graphs)
@@ -242,6 +244,11 @@ def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
     return asyncio.run(run())
 
 
+def fast_decode(ids: Sequence[int]) -> str:
+    """The byte tokenizer's decode where every id is a byte (the dN variants: no specials generated)."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
 def timed_step(lm: Any) -> tuple[dict[str, float], Callable[[], None]]:
     """Wraps the runtime's step (contexts, the cache's step, the greedy ids back: CPU work and waiting for
     the GPU) and the cache's step (preparing inputs, launching or replaying, without waiting for the GPU) to
@@ -460,13 +467,17 @@ class Bench:
     def tandem(self, name: str) -> Outcome:
         args, requests, lm = self.args, self.requests, self.lm
         batch = int(name[1:])
-        graphs = name[0] == "s" and args.device.startswith("cuda")
+        graphs = name[0] in "sd" and args.device.startswith("cuda")
+        if name[0] == "d":
+            lm.decode = fast_decode
         set_cache(lm, args.vocab, cuda_graphs=graphs, one_pass=name[0] == "o")
         lm._cache.reserve(batch)
         scheduler_run(lm, requests if graphs else requests[:batch], batch)  # warm-up (captures graphs)
         spent, undo = timed_step(lm)
         outcome = scheduler_run(lm, requests, batch)
         undo()
+        if name[0] == "d":
+            del lm.decode
         outcome.notes = {
             "in_model_step": f"{spent['step_s'] / outcome.seconds:.0%}",
             "in_cache_step_cpu": f"{spent['cache_s'] / outcome.seconds:.0%}",
@@ -517,7 +528,7 @@ def main() -> None:
     print(bench.header(), flush=True)
     rows: list[dict[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    largest = max([int(v[1:]) for v in variants if v[0] in "seo" and v[1:].isdigit()], default=32)
+    largest = max([int(v[1:]) for v in variants if v[0] in "sdeo" and v[1:].isdigit()], default=32)
     for name in variants:
         if name == "g":
             print(f"g: {graph_check(bench.lm, args.device)}", flush=True)
@@ -533,7 +544,7 @@ def main() -> None:
             if done is None:
                 continue
             outcome, subset = done
-        elif name[0] in "seo" and name[1:].isdigit():
+        elif name[0] in "sdeo" and name[1:].isdigit():
             outcome = bench.tandem(name)
         else:
             raise SystemExit(f"--variants: unknown variant {name!r}")
