@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -290,7 +291,38 @@ class Toleration(SpecModel):
 
 MAX_TOLERATIONS = 32
 
-NodeSelector = dict[str, str]
+#: A label value: at most 63 characters, alphanumeric at both ends, `-`, `_` and `.` inside.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: A label key: an optional DNS-subdomain prefix and `/`, then a name like a value's (not empty).
+_LABEL_KEY = re.compile(
+    r"^(?:(?P<prefix>[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/)?"
+    r"(?P<name>[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$"
+)
+MAX_NODE_SELECTOR_LABELS = 32
+
+
+def _check_label_keys(selector: dict[str, str]) -> dict[str, str]:
+    """The API server's rule for label keys (checked here: a CRD schema cannot constrain map keys)."""
+    if len(selector) > MAX_NODE_SELECTOR_LABELS:
+        raise ValueError(f"at most {MAX_NODE_SELECTOR_LABELS} labels, not {len(selector)}")
+    for key in selector:
+        match = _LABEL_KEY.match(key)
+        if match is None or len(match["name"]) > 63 or len(match["prefix"] or "") > 253:
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            raise ValueError(
+                f"{shown!r} is not a label key: use NAME or PREFIX/NAME, NAME at most 63 characters "
+                "(letters, digits, '-', '_', '.', alphanumeric at both ends), PREFIX a DNS subdomain"
+            )
+    return selector
+
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+NodeSelector = Annotated[
+    dict[str, LabelValue],
+    AfterValidator(_check_label_keys),
+    Field(json_schema_extra={"maxProperties": MAX_NODE_SELECTOR_LABELS}),
+]
+"""Node labels (key: value) a pod needs; keys and values as Kubernetes labels allow."""
 Tolerations = Annotated[list[Toleration], Field(max_length=MAX_TOLERATIONS)]
 
 GPU_PRODUCT_DESCRIPTION = (

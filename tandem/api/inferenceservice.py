@@ -13,6 +13,7 @@ from tandem.api.common import (
     CONDITIONS_LIST_EXTRA,
     DNS_SUBDOMAIN_PATTERN,
     GPU_PRODUCT_DESCRIPTION,
+    LABEL_VALUE_PATTERN,
     ApiModel,
     CheckpointSelector,
     Condition,
@@ -175,7 +176,7 @@ class Rollout(SpecModel):
 class InferenceServiceSpec(SpecModel):
     """The desired state of an InferenceService."""
 
-    image: str | None = Field(default=None, max_length=1024)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
     """Container image of the model server. Unset: the operator's default serving image."""
     model: ModelSource
     """The model to serve."""
@@ -188,7 +189,13 @@ class InferenceServiceSpec(SpecModel):
     """Dynamic batching."""
     resources: Resources = Field(default_factory=Resources)
     """Resources of each replica."""
-    gpu_product: str | None = Field(default=None, max_length=128, description=GPU_PRODUCT_DESCRIPTION)
+    gpu_product: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description=GPU_PRODUCT_DESCRIPTION,
+    )
     node_selector: NodeSelector | None = None
     """Node labels a replica needs."""
     tolerations: Tolerations | None = None

@@ -13,6 +13,7 @@ from tandem.api.common import (
     CONDITIONS_LIST_EXTRA,
     DNS_SUBDOMAIN_PATTERN,
     GPU_PRODUCT_DESCRIPTION,
+    LABEL_VALUE_PATTERN,
     URI_PATTERN,
     ApiModel,
     Condition,
@@ -110,7 +111,13 @@ class Workers(SpecModel):
     """Number of workers; all start together (gang scheduling) or none does."""
     resources: Resources = Field(default_factory=Resources)
     """Resources of each worker."""
-    gpu_product: str | None = Field(default=None, max_length=128, description=GPU_PRODUCT_DESCRIPTION)
+    gpu_product: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description=GPU_PRODUCT_DESCRIPTION,
+    )
     node_selector: NodeSelector | None = None
     """Node labels a worker pod needs."""
     tolerations: Tolerations | None = None
@@ -207,7 +214,7 @@ class Scheduling(SpecModel):
 class TrainingJobSpec(SpecModel):
     """The desired state of a TrainingJob."""
 
-    image: str | None = Field(default=None, max_length=1024)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
     """Container image of the head and workers. Unset: the operator's default training image."""
     trainer: Trainer
     """What to train."""

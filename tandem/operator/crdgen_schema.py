@@ -34,6 +34,7 @@ KEY_ORDER = (
     "pattern",
     "minItems",
     "maxItems",
+    "maxProperties",
     "items",
     "properties",
     "additionalProperties",

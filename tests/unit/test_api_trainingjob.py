@@ -166,6 +166,37 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         spec_with(checkpoint={"storage": {"uri": "s3://bucket/ckpt"}}),
         "spec.checkpoint.storage.uri: checkpoints are written to a shared file system",
     ),
+    ("empty image", spec_with(image=""), "spec.image"),
+    (
+        "a 1 MiB nodeSelector value",
+        spec_with(workers={"nodeSelector": {"pool": "x" * 2**20}}),
+        "nodeSelector.pool",
+    ),
+    (
+        "a nodeSelector value no label allows",
+        spec_with(workers={"nodeSelector": {"pool": "a b"}}),
+        "nodeSelector.pool",
+    ),
+    (
+        "a nodeSelector key no label allows",
+        spec_with(workers={"nodeSelector": {"a b/c": "x"}}),
+        "not a label key",
+    ),
+    (
+        "a 64-character label name",
+        spec_with(workers={"nodeSelector": {"k" * 64: "x"}}),
+        "spec.workers.nodeSelector",
+    ),
+    (
+        "33 labels",
+        spec_with(workers={"nodeSelector": {f"k{i}": "x" for i in range(33)}}),
+        "at most 32 labels",
+    ),
+    (
+        "a gpuProduct no label allows",
+        spec_with(workers={"gpuProduct": "H100 80GB"}),
+        "spec.workers.gpuProduct",
+    ),
     (
         "non-local file checkpoints",
         spec_with(checkpoint={"storage": {"uri": "file://nfs-host/ckpt"}}),
