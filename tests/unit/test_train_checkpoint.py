@@ -94,12 +94,19 @@ def test_corrupted_checkpoint_is_skipped_with_a_warning(
     assert "step-00000020" in caplog.text
 
 
-def test_preferred_checkpoint_wins_when_intact(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_preferred_checkpoint_never_wins_over_a_newer_complete_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hint (Ray's last record, the operator's last seen) can lag behind storage: the newest wins."""
     old = publish(tmp_path, 10)
     publish(tmp_path, 20)
     ref = ckpt.latest_complete(tmp_path, prefer=old.uri)
     assert ref is not None
-    assert ref.step == 10
+    assert ref.step == 20
+    elsewhere = publish(tmp_path / "other-root", 30)  # a complete checkpoint newer than all of root's
+    ref = ckpt.latest_complete(tmp_path, prefer=elsewhere.uri)
+    assert ref is not None
+    assert ref.path == elsewhere.path
     with caplog.at_level(logging.WARNING):
         ref = ckpt.latest_complete(tmp_path, prefer=f"file://{tmp_path}/step-00000099")
     assert ref is not None

@@ -144,21 +144,25 @@ def verify(ref: CheckpointRef) -> dict[str, Any]:
 
 
 def latest_complete(root: Path, *, prefer: str | None = None, check: bool = True) -> CheckpointRef | None:
-    """The newest complete, intact checkpoint under `root` (or `prefer`, a checkpoint URI, if intact).
+    """The newest complete, intact checkpoint under `root`, or `prefer` (a checkpoint URI) when it is
+    complete and newer than all of them (e.g. one outside `root`).
 
-    Corrupted checkpoints are skipped with a warning, falling back to older ones.
+    A preferred checkpoint never wins over a newer complete one: Ray's last recorded checkpoint, or the
+    one the operator last saw, can lag behind storage, and resuming from it would lose more than one
+    checkpoint interval. Corrupted checkpoints are skipped with a warning, falling back to older ones.
     """
-    candidates = list(reversed(list_checkpoints(root)))
+    candidates = list(list_checkpoints(root))
     if prefer:
         p = uri_to_path(prefer)
         m = _NAME_RE.match(p.name)
         if m and (p / MARKER_FILE).is_file():
-            pref = CheckpointRef(int(m.group(1)), p)
-            candidates = [pref, *[c for c in candidates if c.path.resolve() != p.resolve()]]
+            if all(c.path.resolve() != p.resolve() for c in candidates):
+                candidates.append(CheckpointRef(int(m.group(1)), p))
         else:
             log.warning(
                 "resume checkpoint %s is not a complete checkpoint; using the newest one in %s", prefer, root
             )
+    candidates.sort(key=lambda c: c.step, reverse=True)
     for ref in candidates:
         if not check:
             return ref
