@@ -33,13 +33,15 @@ RUN python3 -m venv /build \
  && python3 -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" "$EXTRA" > /dist/requirements.txt
 
-# Stage 2: a virtualenv in /opt/tandem owned by root, run by an unprivileged user.
+# Stage 2: a virtualenv in /opt/tandem owned by root, run by an unprivileged user. A current pip: the
+# resolver of old ones (Debian 12's 23.0) backtracks for a long time over the workloads' requirements.
 FROM python
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_CERT
 RUN useradd --uid 65532 --user-group --create-home --home-dir /home/tandem --shell /usr/sbin/nologin tandem \
- && python3 -m venv /opt/tandem
+ && python3 -m venv /opt/tandem \
+ && /opt/tandem/bin/pip install --quiet --upgrade pip
 COPY --from=wheel /dist/requirements.txt /opt/tandem/requirements.txt
 # The wheels stay in a build cache (BuildKit's and buildah's `--mount=type=cache`), so a rebuild after a
 # requirement change downloads only what is new, even behind a proxy that defeats pip's HTTP cache.

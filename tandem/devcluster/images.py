@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -41,6 +42,7 @@ Progress = Callable[[str], None]
 # Bump when the recipe below changes in a way the hashed inputs do not capture.
 RECIPE_VERSION = "1"
 HEARTBEAT_SECONDS = 30.0
+STOP_SECONDS = 20.0
 REGISTRY_PREFIX = "ghcr.io/tandem-dev/"
 
 #: What the build context holds (the allowlist of the repository's .dockerignore says the same).
@@ -262,11 +264,11 @@ def ca_bundle() -> Path | None:
 
 
 @contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    """One image build at a time on this machine (the demo and a test session may both ask)."""
+def _lock(name: str) -> Iterator[None]:
+    """One build of `name` at a time on this machine (the demo and a test session may both ask)."""
     root = images_root()
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".build.lock").open("w") as lock:
+    with (root / f".{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -331,8 +333,7 @@ def _run_logged(
                     last_shown = time.monotonic()
             proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             raise
         finally:
             reader.join(timeout=5)
@@ -341,6 +342,16 @@ def _run_logged(
             f"{label}: `{' '.join(command[:3])} ...` failed (exit {proc.returncode}); "
             f"full log in {log}; its end:\n{_log_tail(log)}"
         )
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Interrupt buildah so it removes its build containers and mounts; kill it if it does not exit."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _image_exists(reference: str) -> bool:
@@ -401,8 +412,14 @@ def _unmount_under(folder: Path) -> None:
 
 def ensure_base(progress: Progress, base: BaseSpec = BASE, verbose: bool = False) -> str:
     """The base image's reference in buildah's storage, made first if missing (debootstrap: ~1 min)."""
-    if _image_exists(base.reference):
-        return base.reference
+    with _lock("base"):
+        if not _image_exists(base.reference):
+            _make_base(progress, base, verbose)
+    return base.reference
+
+
+def _make_base(progress: Progress, base: BaseSpec, verbose: bool) -> None:
+    """Import the cached root file system tar (debootstrapped first if missing) as the base image."""
     logs = images_root() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "base.log"
@@ -425,7 +442,6 @@ def ensure_base(progress: Progress, base: BaseSpec = BASE, verbose: bool = False
     except BaseException:
         subprocess.run(_buildah("rm", container), capture_output=True, check=False)
         raise
-    return base.reference
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,7 +479,13 @@ def _prune_archives(spec: ImageSpec, keep: Path) -> None:
 
 
 def build(
-    spec: ImageSpec, progress: Progress, *, force: bool = False, verbose: bool = False, base: BaseSpec = BASE
+    spec: ImageSpec,
+    progress: Progress,
+    *,
+    force: bool = False,
+    verbose: bool = False,
+    base: BaseSpec = BASE,
+    repo: Path | None = None,
 ) -> Built:
     """Build `spec` into a cached OCI archive, or find the archive of the same inputs.
 
@@ -471,7 +493,7 @@ def build(
     minute on two cores, the workloads image many minutes (PyPI's torch with its CUDA libraries).
     """
     start = time.monotonic()
-    repo = repository_root()
+    repo = repo or repository_root()
     dockerfile = (repo / spec.dockerfile).read_bytes()
     with tempfile.TemporaryDirectory(prefix="tandem-image-context-") as tmp:
         context = Path(tmp)
@@ -482,7 +504,7 @@ def build(
         if archive.is_file() and not force:
             progress(f"[{spec.name}] {spec.reference}: cached ({archive})")
             return Built(spec, archive, key, built=False, seconds=time.monotonic() - start)
-        with _lock():
+        with _lock(spec.name):
             if archive.is_file() and not force:  # another process built it while we waited
                 return Built(spec, archive, key, built=False, seconds=time.monotonic() - start)
             ensure_base(progress, base, verbose)
@@ -538,7 +560,7 @@ def clean(progress: Progress) -> None:
     root = images_root()
     if not root.exists():
         return
-    with _lock():
+    with _lock("operator"), _lock("workloads"), _lock("base"):
         if (root / "storage").exists():
             subprocess.run(_buildah("rm", "--all"), capture_output=True, check=False)
             subprocess.run(_buildah("rmi", "--all", "--force"), capture_output=True, check=False)
