@@ -73,15 +73,15 @@ def _run(argv: list[str], *, check: bool = False) -> subprocess.CompletedProcess
 
 
 # -- sysctls ----------------------------------------------------------------------------------------
-def read_sysctl(key: str, root: Path = SYSCTL_ROOT) -> str | None:
+def read_sysctl(key: str) -> str | None:
     try:
-        return (root / key).read_text().strip()
+        return (SYSCTL_ROOT / key).read_text().strip()
     except OSError:
         return None
 
 
-def write_sysctl(key: str, value: str, root: Path = SYSCTL_ROOT) -> None:
-    (root / key).write_text(value + "\n")
+def write_sysctl(key: str, value: str) -> None:
+    (SYSCTL_ROOT / key).write_text(value + "\n")
 
 
 # -- iptables ---------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def write_sysctl(key: str, value: str, root: Path = SYSCTL_ROOT) -> None:
 class Table:
     """One table of `iptables-save` output: its chains, and each chain's rules (as printed)."""
 
-    chains: set[str] = field(default_factory=set)
+    chains: set[str] = field(default_factory=set)  # user-defined chains (no policy)
     rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, rule spec after `-A CHAIN `)
 
 
@@ -102,7 +102,9 @@ def parse_iptables_save(text: str) -> dict[str, Table]:
         elif current is None or not line or line.startswith("#") or line == "COMMIT":
             continue
         elif line.startswith(":"):
-            current.chains.add(line[1:].split()[0])
+            name, policy = [*line[1:].split(), "-"][:2]
+            if policy == "-":  # built-in chains (INPUT, POSTROUTING, ...) have a policy and stay
+                current.chains.add(name)
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
             current.rules.append((chain, spec))
