@@ -25,9 +25,10 @@ setup: $(STAMP) system-tools ## create .venv (operator, workloads, dev tools) an
 # metrics tests. The real node (`tandem cluster up --real-node`): containerd (+ ctr) and runc run the
 # pods, containernetworking-plugins (bridge, host-local, portmap, loopback in /usr/lib/cni) wire them,
 # iptables and conntrack serve kube-proxy (nft lets `down` drop the tables iptables-nft made), umoci and
-# busybox-static make the node's local images (pause, busybox).
-SYSTEM_PACKAGES := prometheus containerd runc containernetworking-plugins iptables nftables conntrack umoci busybox-static
-SYSTEM_COMMANDS := promtool containerd ctr containerd-shim-runc-v2 runc iptables nft conntrack umoci /usr/lib/cni/bridge /bin/busybox
+# busybox-static make the node's local images (pause, busybox). buildah and debootstrap build Tandem's own
+# images without a Docker daemon (`tandem images build`, docs/images.md).
+SYSTEM_PACKAGES := prometheus containerd runc containernetworking-plugins iptables nftables conntrack umoci busybox-static buildah debootstrap
+SYSTEM_COMMANDS := promtool containerd ctr containerd-shim-runc-v2 runc iptables nft conntrack umoci /usr/lib/cni/bridge /bin/busybox buildah /usr/sbin/debootstrap
 
 system-tools:
 	@missing=; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
