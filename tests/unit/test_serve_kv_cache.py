@@ -42,9 +42,10 @@ def reference(model: GPT, context: list[int]) -> torch.Tensor:
 
 
 def step(model: GPT, cache: DecodeCache, seqs: list[Seq]) -> None:
-    """One decoding step: the cache's logits must match a fresh forward pass of each whole window."""
+    """One decoding step: the cache's logits must match a fresh forward pass of each whole window. The cache
+    gets each sequence's whole token list, as the runtime passes it (it windows them itself)."""
     with torch.inference_mode():
-        got = cache.logits(list(seqs), [s.window for s in seqs])
+        got = cache.logits(list(seqs), [s.ids for s in seqs])
         for i, seq in enumerate(seqs):
             torch.testing.assert_close(got[i], reference(model, seq.window), atol=1e-4, rtol=1e-4)
     for i, seq in enumerate(seqs):

@@ -137,7 +137,7 @@ class CausalLM:
         import torch
 
         assert self._cache is not None, "load() first"
-        contexts = [seq.ids[-self.block_size :] for seq in batch]
+        contexts = [seq.ids for seq in batch]  # the cache takes each window itself (no copy a step)
         with torch.inference_mode():
             result = self._cache.step(list(batch), contexts)
             if all(seq.params.plain_greedy for seq in batch):
