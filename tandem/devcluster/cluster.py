@@ -249,8 +249,8 @@ def _node_preflight(
     other = realnode.running_elsewhere(name)
     if other is not None:
         raise UserError(
-            f"cluster {other!r} runs a real node already, and a machine holds one (kube-proxy's "
-            f"iptables chains are global); stop it with `tandem cluster down --name {other}`"
+            f"cluster {other!r} has a real node on this machine already, and a machine holds one "
+            f"(kube-proxy's iptables chains are global); take it down: `tandem cluster down --name {other}`"
         )
     return build.ensure_binaries(report, build.NODE)
 

@@ -115,14 +115,17 @@ def records(directory: Path) -> list[ProcessRecord]:
 
 
 def running_elsewhere(name: str) -> str | None:
-    """The name of another cluster whose real node has a live process, if any."""
+    """Another cluster whose real node runs, or whose changes to the machine are still in effect (its
+    bridge exists: it was not taken down since the last boot), if any."""
     root = paths.clusters_root()
     if not root.is_dir():
         return None
     for directory in sorted(root.iterdir()):
         if directory.name == name or not (directory / "realnode.json").exists():
             continue
-        if any(processes.is_running(r) for r in records(directory)):
+        if any(processes.is_running(r) for r in records(directory)) or hostchanges.link_exists(
+            nodeconfig.bridge_name(directory.name)
+        ):
             return directory.name
     return None
 
