@@ -46,6 +46,11 @@ COREDNS_ROLE = "tandem:coredns"
 RBAC_GROUP = "rbac.authorization.k8s.io"
 
 
+def containerd_socket(cluster_dir: Path) -> Path:
+    """The node's containerd socket in a cluster's folder (realnode.containerd_address's answer)."""
+    return cluster_dir / "containerd" / "run" / "containerd.sock"
+
+
 def bridge_name(cluster: str) -> str:
     """A Linux interface name (at most 15 bytes) unique to the cluster: `tandem` + 6 hex digits."""
     return "tandem" + hashlib.sha256(cluster.encode()).hexdigest()[:6]
@@ -91,7 +96,7 @@ class RealNode:
 
     @property
     def containerd_socket(self) -> Path:
-        return self.containerd_dir / "run" / "containerd.sock"
+        return containerd_socket(self.directory)
 
     @property
     def containerd_config(self) -> Path:

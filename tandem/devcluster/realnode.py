@@ -67,7 +67,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def containerd_address(cluster_name: str) -> Path:
     """The containerd socket of cluster `cluster_name`'s real node (it may not exist yet)."""
-    return paths.cluster_dir(cluster_name) / "containerd" / "run" / "containerd.sock"
+    return nodeconfig.containerd_socket(paths.cluster_dir(cluster_name))
 
 
 def _ctr(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -190,10 +190,9 @@ def test_gpu_plugin_advertises_the_extended_resource(node: nodeconfig.RealNode) 
 
 def test_containerd_address_is_in_the_cluster_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert (
-        realnode.containerd_address("demo")
-        == paths.cluster_dir("demo") / "containerd" / "run" / "containerd.sock"
-    )
+    node = nodeconfig.RealNode(cluster="demo", directory=paths.cluster_dir("demo"), subnet="10.244.0.0/24")
+    assert realnode.containerd_address("demo") == node.containerd_socket
+    assert node.containerd_socket.is_relative_to(paths.cluster_dir("demo"))
 
 
 def test_import_image_without_a_node_says_how_to_start_one(
