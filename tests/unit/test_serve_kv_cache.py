@@ -122,8 +122,9 @@ def test_a_join_runs_the_new_prompt_and_one_token_per_cached_row(model: GPT, mod
         handle.remove()
     for i, seq in enumerate(seqs):
         torch.testing.assert_close(got[i], reference(model, seq.window), atol=1e-4, rtol=1e-4)
-    padded_prompt = 16  # WIDTH_STEP: the prefill pads widths to multiples of 16
-    decode_rows = 8 if mode == "bucketed" else 6  # 6 rows padded to the batch bucket of 8
+    # Op by op the prefill pads widths to multiples of 16 (WIDTH_STEP); bucketed, to 64, at most the window
+    # (24 here). The 6 cached rows are padded to the batch bucket of 8 when bucketed.
+    padded_prompt, decode_rows = (BLOCK, 8) if mode == "bucketed" else (16, 6)
     assert sorted(seen) == sorted([decode_rows, padded_prompt]), seen
 
 

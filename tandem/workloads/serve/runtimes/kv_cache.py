@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 #: Prefill widths are rounded up to a multiple of this (fewer distinct shapes for the attention kernels).
 WIDTH_STEP = 16
+#: A prefill of at most this many tokens at its bucketed shape (rows x width) runs as a CUDA graph; a larger
+#: one runs op by op (its launch time is small beside its arithmetic, and a graph would hold its memory).
+PREFILL_GRAPH_TOKENS = 16384
 
 
 def batch_bucket(n: int) -> int:
@@ -235,15 +238,10 @@ class DecodeCache:
     def _prefill(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
         """Whole contexts, right-padded into one batch; keys and values stored in fresh slots for those
         that fit the window."""
-        model = self.model
         device = self._device
         lengths = [len(c) for c in contexts]
         longest = max(lengths)
         width = min(-(-longest // WIDTH_STEP) * WIDTH_STEP, max(self.block_size, longest))
-        rows = torch.zeros((len(contexts), width), dtype=torch.long)
-        for i, context in enumerate(contexts):
-            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
-        idx = rows.to(device)
         # A context that fills the window may slide at the next step (then it is recomputed whole anyway);
         # one shorter than the window keeps its keys for the next step.
         storing = [i for i, n in enumerate(lengths) if n < self.block_size and self.keep]
@@ -254,19 +252,74 @@ class DecodeCache:
         for i in storing:
             self._claim(owners[i], lengths[i])
         every = len(storing) == len(contexts)
+        if self.bucketed and every:
+            size = batch_bucket(len(contexts))
+            padded = width_bucket(longest, self.block_size)
+            if size * padded <= PREFILL_GRAPH_TOKENS:
+                return self._prefill_bucketed(contexts, lengths, first, size, padded, rows_out)
+        rows = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, context in enumerate(contexts):
+            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
         stored = None if every else torch.tensor(storing, dtype=torch.long, device=device)
+        logits = self._prefill_pass(
+            rows.to(device), torch.tensor(lengths, device=device), slice(first, first + len(storing)), stored
+        )
+        return _Part(rows_out, logits, logits[:, : self.vocab].argmax(dim=-1))
+
+    def _prefill_bucketed(
+        self,
+        contexts: list[list[int]],
+        lengths: list[int],
+        first: int,
+        size: int,
+        width: int,
+        rows_out: list[int],
+    ) -> _Part:
+        """The prefill at padded shapes (a CUDA graph on CUDA): padding rows repeat the last row, its slot
+        too (the same keys and values written twice)."""
+        count = len(contexts)
+        rows = torch.zeros((size, width), dtype=torch.long)
+        for i, context in enumerate(contexts):
+            rows[i, : len(context)] = torch.tensor(context, dtype=torch.long)
+        rows[count:] = rows[count - 1]
+        last = [lengths[-1], first + count - 1]
+        meta = torch.tensor(
+            [
+                [*lengths, *[last[0]] * (size - count)],
+                [*range(first, first + count), *[last[1]] * (size - count)],
+            ]
+        )
+        if self._graphs is None:
+            self._graphs = _Graphs(self, self.capacity)
+        logits, greedy = self._graphs.prefill(size, width, rows, meta)
+        return _Part(rows_out, logits[:count], greedy[:count])
+
+    def _prefill_pass(
+        self,
+        idx: torch.Tensor,
+        lengths: torch.Tensor,
+        slots: torch.Tensor | slice,
+        stored: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits after each row's last token `(rows, vocab)`; keys and values of rows `stored` (None: all)
+        written into `slots`."""
+        model = self.model
+        device = self._device
+        width = idx.shape[1]
         x = model.wte(idx) + model.wpe(torch.arange(width, device=device))
+        pool = self._pool
+        storing = stored is None or len(stored) > 0
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.qkv(block.ln_1(x))
             if storing:
-                assert self._pool is not None
+                assert pool is not None
                 kv = torch.stack((k, v) if stored is None else (k[stored], v[stored]))
-                self._pool[layer, :, first : first + len(storing), :, :width] = kv
+                pool[layer][:, slots, :, :width] = kv
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = block.after_attention(x, block.attn.project(attended))
-        last = x[torch.arange(len(contexts), device=device), torch.tensor(lengths, device=device) - 1]
+        last = x[torch.arange(idx.shape[0], device=device), lengths - 1]
         logits: torch.Tensor = model.lm_head(model.ln_f(last))
-        return _Part(rows_out, logits, logits[:, : self.vocab].argmax(dim=-1))
+        return logits
 
     def _decode(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
         """The newest token of each cached context, attending over its slot; rows run in slot order."""
@@ -388,22 +441,53 @@ class _Graphs:
         vocab = cache.model.lm_head.weight.shape[0]
         self.logits = torch.zeros((capacity, vocab), dtype=torch.float32, device=device)
         self.greedy = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # The prefill's: token rows, then (lengths, slots); its own outputs (a step may have both passes).
+        self.prefill_rows = torch.zeros((capacity, cache.block_size), dtype=torch.long, device=device)
+        self.prefill_meta = torch.zeros((2, capacity), dtype=torch.long, device=device)
+        self.prefill_logits = torch.zeros((capacity, vocab), dtype=torch.float32, device=device)
+        self.prefill_greedy = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if cache.cuda_graphs else None
 
     def run(self, size: int, width: int, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits `(size, vocab)` fp32 and greedy ids `(size,)` of the first `size` slots (views of the
         output buffers)."""
         self.inputs[:, :size].copy_(inputs, non_blocking=True)
-        body = self._body(size, width)
-        if not self.cache.cuda_graphs:
-            body()
-        else:
-            graph = self.graphs.get((size, width))
-            if graph is None:
-                graph = self.graphs[(size, width)] = self._capture(body)
-            graph.replay()
+        self._replay(("decode", size, width), self._body)
         return self.logits[:size], self.greedy[:size]
+
+    def prefill(
+        self, size: int, width: int, rows: torch.Tensor, meta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill of `rows` `(size, width)` with `meta` = (lengths, slots): logits and greedy ids."""
+        self.prefill_rows[:size, :width].copy_(rows, non_blocking=True)
+        self.prefill_meta[:, :size].copy_(meta, non_blocking=True)
+        self._replay(("prefill", size, width), self._prefill_body)
+        return self.prefill_logits[:size], self.prefill_greedy[:size]
+
+    def _replay(self, key: tuple[str, int, int], make: Callable[[int, int], Callable[[], None]]) -> None:
+        if not self.cache.cuda_graphs:
+            make(key[1], key[2])()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(make(key[1], key[2]))
+        graph.replay()
+
+    def _prefill_body(self, size: int, width: int) -> Callable[[], None]:
+        cache = self.cache
+        rows, lengths, slots = (
+            self.prefill_rows[:size, :width],
+            self.prefill_meta[0, :size],
+            self.prefill_meta[1, :size],
+        )
+
+        def body() -> None:
+            logits = cache._prefill_pass(rows, lengths, slots, None)
+            self.prefill_logits[:size].copy_(logits)
+            torch.argmax(logits[:, : cache.vocab], dim=-1, out=self.prefill_greedy[:size])
+
+        return body
 
     def _body(self, size: int, width: int) -> Callable[[], None]:
         cache = self.cache
