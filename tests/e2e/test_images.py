@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from tandem.devcluster import images
+from tandem.devcluster import images, paths, realnode
 
 RUN_TIMEOUT = 300.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _progress(message: str) -> None:
@@ -29,9 +31,18 @@ def _progress(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def operator_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout's image inputs, copied once: edits made while the tests run do not change the key."""
+    snapshot = tmp_path_factory.mktemp("repo")
+    images.stage_context(REPO, snapshot)
+    shutil.copytree(REPO / "images", snapshot / "images")
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def operator_bundle(tmp_path_factory: pytest.TempPathFactory, repo_snapshot: Path) -> Path:
     """The operator image's archive unpacked into an OCI runtime bundle (config.json + rootfs)."""
-    built = images.build(images.OPERATOR, _progress)
+    built = images.build(images.OPERATOR, _progress, repo=repo_snapshot)
     root = tmp_path_factory.mktemp("operator-image")
     layout = root / "layout"
     with tarfile.open(built.archive) as archive:
@@ -105,3 +116,61 @@ def test_operator_image_has_the_operator_and_not_the_workloads(run_in_image: Any
         "torch": False,
         "ray": False,
     }
+
+
+LOAD_CLUSTER = "tandem-images-test"
+SOCKET_WAIT_SECONDS = 60.0
+
+
+@pytest.fixture
+def node_containerd(tmp_path: Path) -> Iterator[Path]:
+    """A containerd (no CRI) listening where `realnode.containerd_address` says a cluster's node does.
+
+    `load` is tested against the node's entry points without starting a kubelet: one real node runs per
+    machine, and the demo's or the test session's may be running.
+    """
+    sock = realnode.containerd_address(LOAD_CLUSTER)
+    cluster_dir = paths.cluster_dir(LOAD_CLUSTER)
+    assert not cluster_dir.exists(), f"{cluster_dir} is in use; remove it if no test is running"
+    sock.parent.mkdir(parents=True)
+    config = tmp_path / "containerd.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{tmp_path / "root"}"\nstate = "{tmp_path / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
+    )
+    log = (tmp_path / "containerd.log").open("w")
+    proc = subprocess.Popen(
+        [shutil.which("containerd") or "containerd", "--config", str(config)], stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + SOCKET_WAIT_SECONDS
+        while not sock.is_socket():
+            assert proc.poll() is None, (tmp_path / "containerd.log").read_text()
+            assert time.monotonic() < deadline, "containerd did not open its socket"
+            time.sleep(0.1)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(cluster_dir, ignore_errors=True)
+        mounts = Path("/proc/self/mounts").read_text()
+        assert str(tmp_path) not in mounts, "containerd left a mount behind"
+
+
+def test_load_imports_the_image_under_the_settings_name_once(
+    node_containerd: Path, repo_snapshot: Path
+) -> None:
+    messages: list[str] = []
+    [built] = images.load(LOAD_CLUSTER, [images.OPERATOR], messages.append, repo=repo_snapshot)
+    assert images.loaded_digest(LOAD_CLUSTER, images.OPERATOR.reference) == (
+        images.archive_manifest_digest(built.archive)
+    )
+    assert any("imported" in m for m in messages), messages
+    messages.clear()
+    [again] = images.load(LOAD_CLUSTER, [images.OPERATOR], messages.append, repo=repo_snapshot)
+    assert again.archive == built.archive
+    assert not again.built
+    assert any("already has" in m for m in messages), messages
