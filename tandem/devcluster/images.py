@@ -599,14 +599,20 @@ def load(
     return done
 
 
+def wheel_cache() -> Path:
+    """Where buildah keeps the Dockerfiles' `--mount=type=cache,id=tandem-wheels` (root's builds)."""
+    return Path(os.environ.get("TMPDIR") or "/var/tmp") / "buildah-cache" / "tandem-wheels"
+
+
 def clean(progress: Progress) -> None:
-    """Remove the archives, buildah's storage and the base (the builds' wheel cache is buildah's own)."""
+    """Remove the archives, buildah's storage, the base and the wheel cache: the next build is cold."""
     root = images_root()
-    if not root.exists():
-        return
     with _lock("operator"), _lock("workloads"), _lock("base"):
         if (root / "storage").exists():
             subprocess.run(_buildah("rm", "--all"), capture_output=True, check=False)
             subprocess.run(_buildah("rmi", "--all", "--force"), capture_output=True, check=False)
-        progress(f"removing {root}")
-        shutil.rmtree(root, ignore_errors=True)
+        _unmount_under(root)
+        for folder in (root, wheel_cache()):
+            if folder.exists():
+                progress(f"removing {folder}")
+                shutil.rmtree(folder, ignore_errors=True)

@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace) -> int:
 
 def _clean(args: argparse.Namespace) -> int:
     images.clean(_progress)
-    print(f"removed {images.images_root()}")
+    print(f"removed {images.images_root()} and {images.wheel_cache()}")
     return 0
 
 
@@ -104,9 +104,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     clean = commands.add_parser(
         "clean",
-        help="delete the cached archives, the base and buildah's storage",
-        description=f"Delete {images.images_root()} (archives, base root file system, buildah's layers). "
-        "The next build starts cold.",
+        help="delete the cached archives, the base, buildah's storage and the wheel cache",
+        description=f"Delete {images.images_root()} (archives, base root file system, buildah's layers) "
+        f"and the builds' wheel cache ({images.wheel_cache()}). The next build starts cold.",
     )
     clean.set_defaults(handler=_clean)
 
