@@ -54,14 +54,21 @@ def start_prometheus(
     workdir: Path, targets: Sequence[str], labels: Mapping[str, str], scrape_interval: str = "1s"
 ) -> PrometheusProcess:
     """Start Prometheus scraping `targets` (host:port) every `scrape_interval`, with `labels` added."""
+    job = {"job_name": "tandem-serve", "static_configs": [{"targets": list(targets), "labels": dict(labels)}]}
+    return start_prometheus_with(workdir, [job], scrape_interval=scrape_interval)
+
+
+def start_prometheus_with(
+    workdir: Path,
+    scrape_configs: Sequence[Mapping[str, Any]],
+    rule_files: Sequence[Path] = (),
+    scrape_interval: str = "1s",
+) -> PrometheusProcess:
+    """Start Prometheus with these scrape jobs, evaluating `rule_files` every `scrape_interval`."""
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-        "scrape_configs": [
-            {
-                "job_name": "tandem-serve",
-                "static_configs": [{"targets": list(targets), "labels": dict(labels)}],
-            }
-        ],
+        "rule_files": [str(path) for path in rule_files],
+        "scrape_configs": [dict(job) for job in scrape_configs],
     }
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"

@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-import yaml
 from operator_process import free_port, wait_for
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_process import PROMETHEUS, PrometheusProcess
+from prometheus_process import PrometheusProcess, start_prometheus_with
 from serverprocess import ServerProcess
 
 from tandem.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ReplicaCounts
@@ -159,48 +159,12 @@ class OperatorStandIn:
 def start_prometheus(workdir: Path, serve: str, operator: str) -> PrometheusProcess:
     """Prometheus scraping the replica (labelled as a ServiceMonitor labels it) and the operator
     (honor_labels: its series name their own namespace), evaluating the chart's rules every second."""
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_FILE)],
-        "scrape_configs": [
-            {
-                "job_name": "tandem-serve",
-                "static_configs": [
-                    {
-                        "targets": [serve],
-                        "labels": {"namespace": NAMESPACE, "service": SERVICE, "pod": f"{SERVICE}-0"},
-                    }
-                ],
-            },
-            {
-                "job_name": "tandem-operator",
-                "honor_labels": True,
-                "static_configs": [{"targets": [operator]}],
-            },
-        ],
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = workdir / "prometheus.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    prometheus = PrometheusProcess(process, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_for(prometheus.ready, 60, "Prometheus /-/ready")
-    except BaseException:
-        prometheus.stop()
-        raise
-    return prometheus
+    replica = {"namespace": NAMESPACE, "service": SERVICE, "pod": f"{SERVICE}-0"}
+    jobs: list[dict[str, Any]] = [
+        {"job_name": "tandem-serve", "static_configs": [{"targets": [serve], "labels": replica}]},
+        {"job_name": "tandem-operator", "honor_labels": True, "static_configs": [{"targets": [operator]}]},
+    ]
+    return start_prometheus_with(workdir, jobs, [RULES_FILE])
 
 
 class Load:

@@ -331,11 +331,11 @@ OPERATOR: dict[str, Panel] = {
     "cpu": Panel(
         "Operator CPU",
         "percentunit",
-        (Query(f"rate(process_cpu_seconds_total{{{OPERATOR_JOB}}}[{RATE}])", "{{pod}}"),),
+        (Query(f"rate(process_cpu_seconds_total{{{OPERATOR_JOB}}}[{RATE}])", "{{instance}}"),),
     ),
     "memory": Panel(
         "Operator memory",
         "bytes",
-        (Query(f"process_resident_memory_bytes{{{OPERATOR_JOB}}}", "{{pod}}"),),
+        (Query(f"process_resident_memory_bytes{{{OPERATOR_JOB}}}", "{{instance}}"),),
     ),
 }

@@ -43,9 +43,11 @@ class PanelData:
 
 
 def _legend(template: str, labels: Mapping[str, str]) -> str:
-    if not template or template == "__auto":
+    """Grafana's legend: the template with {{label}} filled in; the labels when it comes out empty."""
+    text = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template).strip()
+    if not text or template == "__auto":
         return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "__name__") or "value"
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template)
+    return text
 
 
 def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
