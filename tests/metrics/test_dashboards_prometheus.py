@@ -295,6 +295,7 @@ def test_every_serving_panel_answers_in_a_plausible_range(stack: Stack, tmp_path
     assert set(values(data["latency"], "p99 SLO")) == {1.0}
     within(data["ttft"], 0.0001, 30, "p")
     assert set(values(data["ttft"], "p99 SLO")) == {0.5}
+    within(data["itl"], 0.00001, 30)
     within(data["queue_wait"], 0, 30)
     within(data["queue_depth"], 0, 100)
     within(data["batch_size"], 1, 8)

@@ -50,7 +50,7 @@ SERVING = Dashboard(
     panels=queries.SERVING,
     rows=(
         ("Traffic", ("requests", "tokens", "errors")),
-        ("Latency", ("latency", "ttft")),
+        ("Latency", ("latency", "ttft", "itl")),
         ("Queueing and batching", ("queue_wait", "queue_depth", "batch_size")),
         ("Capacity", ("replicas", "idle")),
     ),

@@ -111,6 +111,12 @@ SERVING: dict[str, Panel] = {
         (*quantiles("tandem_serve_time_to_first_token_seconds", SERVICE), Query(SLO_TTFT_P99, "p99 SLO")),
         "From receiving a streamed generation request to its first token (causal-lm).",
     ),
+    "itl": Panel(
+        "Inter-token latency",
+        "s",
+        quantiles("tandem_serve_inter_token_latency_seconds", SERVICE),
+        "Time between two consecutive tokens of one generated sequence (causal-lm).",
+    ),
     "queue_wait": Panel(
         "Queue wait",
         "s",

@@ -106,6 +106,8 @@ class GenSequence:
     """Set by the model's step when `params.logprobs` asks for it: the chosen token's log-probability."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     """Log-probabilities of generated tokens not yet handed out in an event."""
+    last_token_at: float | None = None
+    """When its previous token came (perf_counter), for the inter-token latency."""
 
 
 class GenerativeModel(Protocol):
@@ -128,6 +130,8 @@ class GenerationObserver(BatchObserver, Protocol):
     def tokens(self, count: int) -> None: ...
 
     def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,11 @@ class GenerationScheduler(QueueLoop[GenSequence]):
                 seq.finish_reason = "stop"
             elif seq.generated >= params.max_tokens:
                 seq.finish_reason = "length"
+        if produced:
+            now = time.perf_counter()
+            if seq.last_token_at is not None:
+                self._observer.inter_token(now - seq.last_token_at)
+            seq.last_token_at = now
         if request.stream and not request.first_token_seen and produced:
             request.first_token_seen = True
             self._observer.first_token(time.perf_counter() - request.submitted)

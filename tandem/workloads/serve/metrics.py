@@ -45,7 +45,12 @@ MODEL_LOAD: Final = f"{PREFIX}_model_load_seconds"
 READY: Final = f"{PREFIX}_ready"
 TOKENS_GENERATED: Final = f"{PREFIX}_generated_tokens_total"
 TIME_TO_FIRST_TOKEN: Final = f"{PREFIX}_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY: Final = f"{PREFIX}_inter_token_latency_seconds"
 
+#: Time between two tokens of one sequence: from half a millisecond (a small model's decoding step).
+INTER_TOKEN_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -182,6 +187,13 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.inter_token_latency = Histogram(
+            INTER_TOKEN_LATENCY,
+            "Time between two consecutive generated tokens of one sequence (causal-lm).",
+            ["model"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=reg,
+        )
         # Create every label set the server will use, so dashboards see zeros rather than no data.
         per_model: list[Histogram | Gauge | Counter] = [
             self.queue_wait,
@@ -191,6 +203,7 @@ class ServeMetrics:
             self.model_load,
             self.tokens_generated,
             self.time_to_first_token,
+            self.inter_token_latency,
         ]
         if self.ready is not None:
             per_model.append(self.ready)
@@ -205,6 +218,7 @@ class ServeMetrics:
         self._batch_error = self.batch_duration.labels(model, "error")
         self._tokens = self.tokens_generated.labels(model)
         self._ttft = self.time_to_first_token.labels(model)
+        self._itl = self.inter_token_latency.labels(model)
         self._requests: dict[tuple[str, int], Any] = {}
         self._dropped = {
             reason: self.dropped_total.labels(model, reason) for reason in ("cancelled", "timeout")
@@ -232,6 +246,9 @@ class ServeMetrics:
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
 
     # BatchObserver ------------------------------------------------------------------------------
 
