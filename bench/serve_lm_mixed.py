@@ -28,7 +28,9 @@ Variants (--variants, comma-separated; N a batch size):
   while sequences join and leave, every step's logits against the model's own forward pass.
 - f: the floor at the largest sN's batch: a static batch decoded by the runtime's cache with nobody joining
   or leaving (steps at contexts prompt..prompt+max-answer), and the same captured graph replayed alone at
-  the widest context (f0: no CPU work between steps but the replay).
+  the widest context (f0: no CPU work between steps but the replay); fm: the request set itself (its first
+  N) through the runtime's cache alone, all at once, each request leaving after its answer (the sN run
+  without the scheduler: its batch drains as answers end).
 
 Each Tandem variant runs once untimed first (it captures the CUDA graphs it meets), then timed. Reported:
 useful tokens/s, time to first token (TTFT) p50/p99 from the moment all requests were queued, inter-token
@@ -282,7 +284,8 @@ def floor(
     lm: Any, requests: list[Request], batch: int, steps: int, vocab: int, device: str
 ) -> dict[str, float]:
     """(f): a static batch through the runtime's cache, nobody joining or leaving; (f0): its widest captured
-    graph replayed alone."""
+    graph replayed alone; (fm): the request set itself (the first `batch` requests) through the runtime's
+    cache alone, all at once, each leaving after its answer: the scheduler's run without the scheduler."""
     cache = DecodeCache(lm.gpt, vocab=vocab)
     cache.reserve(batch)
     ids = [list(requests[i % len(requests)].prompt) for i in range(batch)]
@@ -303,9 +306,23 @@ def floor(
                 seconds = time.perf_counter() - started
                 out["f_tokens_per_s"] = batch * (steps - 1) / seconds
                 out["f_step_ms"] = 1000 * seconds / (steps - 1)
+        chosen = requests[:batch]
+        for timed in (False, True):
+            live = [(object(), list(r.prompt), len(r.prompt) + r.answer) for r in chosen]
+            sync(device)
+            started = time.perf_counter()
+            while live:
+                owners, sequences = [o for o, _, _ in live], [s for _, s, _ in live]
+                for seq, token in zip(sequences, cache.step(owners, sequences).greedy(), strict=True):
+                    seq.append(token)
+                live = [(o, s, end) for o, s, end in live if len(s) < end]
+            sync(device)
+            if timed:
+                out["fm_tokens_per_s"] = sum(r.answer for r in chosen) / (time.perf_counter() - started)
         graphs = cache._graphs
-        if graphs is not None and graphs.graphs:
-            key = max(graphs.graphs)  # the widest graph of the largest batch
+        decoding = [k for k in graphs.graphs if k[0] == "decode"] if graphs is not None else []
+        if graphs is not None and decoding:
+            key = max(decoding)  # the widest graph of the largest batch
             graph = graphs.graphs[key]
             sync(device)
             started = time.perf_counter()
@@ -314,8 +331,8 @@ def floor(
             sync(device)
             ms = 1000 * (time.perf_counter() - started) / 100
             out["f0_step_ms"] = ms
-            out["f0_tokens_per_s"] = key[0] / ms * 1000
-            out["f0_width"] = key[1]
+            out["f0_tokens_per_s"] = key[1] / ms * 1000
+            out["f0_width"] = key[2]
         out["graphs"] = cache.graphs_captured
     return out
 
@@ -508,7 +525,8 @@ def table(rows: list[dict[str, Any]]) -> None:
                 )
             print(
                 f"| {row['variant']} | {row['f_tokens_per_s']:,.0f} | | | {row['f_step_ms']:.3f} ms a step, "
-                f"{row['graphs']} graphs{f0} |"
+                f"{row['graphs']} graphs{f0} |\n| fm (the request set through the cache alone) | "
+                f"{row['fm_tokens_per_s']:,.0f} | | | |"
             )
             continue
         skip = {"variant", "tokens_per_s", "seconds"}
