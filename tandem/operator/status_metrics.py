@@ -39,6 +39,7 @@ RESTARTS = "tandem_trainingjob_restarts"
 CHECKPOINT_TIME = "tandem_trainingjob_last_checkpoint_timestamp_seconds"
 STATUS_PHASE = "tandem_resource_phase"
 REPLICAS = "tandem_inferenceservice_replicas"
+AUTOSCALER = "tandem_inferenceservice_autoscaler_info"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Row:
     last_checkpoint: datetime | None = None
     #: InferenceService replicas by state (desired, ready).
     replicas: Mapping[str, int] = field(default_factory=dict)
+    #: Who scales an InferenceService: builtin, external (an HPA or KEDA) or fixed (no autoscaling).
+    autoscaler: str | None = None
 
 
 class StatusMetrics:
@@ -96,6 +99,11 @@ class StatusMetrics:
         replicas = GaugeMetricFamily(
             REPLICAS, "An InferenceService's replicas, desired and ready.", labels=[*LABELS, "state"]
         )
+        autoscaler = GaugeMetricFamily(
+            AUTOSCALER,
+            "1 for who scales an InferenceService (builtin, external, fixed).",
+            labels=[*LABELS, "mode"],
+        )
         for (kind, namespace, name), row in sorted(rows.items()):
             labels = [namespace, name, kind, row.phase, row.model]
             cost.add_metric(labels, row.usd)
@@ -110,7 +118,9 @@ class StatusMetrics:
                 checkpoint.add_metric(labels, row.last_checkpoint.timestamp())
             for state, count in sorted(row.replicas.items()):
                 replicas.add_metric([*labels, state], count)
-        yield from (cost, gpu, hourly, gpus, phase, restarts, checkpoint, replicas)
+            if row.autoscaler:
+                autoscaler.add_metric([*labels, row.autoscaler], 1)
+        yield from (cost, gpu, hourly, gpus, phase, restarts, checkpoint, replicas, autoscaler)
 
 
 STATUS_METRICS = StatusMetrics()
@@ -149,4 +159,5 @@ def serving_row(spec: InferenceServiceSpec, status: InferenceServiceStatus) -> R
         gpus=(spent.gpus or 0) if spent else 0,
         status_phase=status.phase.value if status.phase else None,
         replicas={"desired": replicas.desired or 0, "ready": replicas.ready or 0} if replicas else {},
+        autoscaler=spec.autoscaling.mode.value if spec.autoscaling else "fixed",
     )

@@ -86,6 +86,7 @@ def test_cost_counters_are_the_status_numbers_labelled_by_phase_and_model() -> N
     assert got["tandem_cost_usd_per_hour", svc] == 8.0
     assert got["tandem_inferenceservice_replicas", (*svc, ("state", "desired"))] == 3
     assert got["tandem_inferenceservice_replicas", (*svc, ("state", "ready"))] == 2
+    assert got["tandem_inferenceservice_autoscaler_info", tuple(sorted((*svc, ("mode", "fixed"))))] == 1
     assert not [key for key in got if ("name", "gone") in key[1]]  # a deleted resource's series go
 
 

@@ -154,6 +154,19 @@ SERVING: dict[str, Panel] = {
         (Query(f'sum by (state) (tandem_inferenceservice_replicas{{{NS},name=~"$service"}})', "{{state}}"),),
         "From the operator: the count it converges to (after the autoscaler) and the ready replicas.",
     ),
+    "autoscaler": Panel(
+        "Autoscaler",
+        "none",
+        (
+            Query(
+                f'max by (name, mode) (tandem_inferenceservice_autoscaler_info{{{NS},name=~"$service"}})',
+                "{{name}}: {{mode}}",
+            ),
+        ),
+        "Who scales the service: builtin (the operator), external (HPA or KEDA), fixed (no autoscaling).",
+        kind="stat",
+        instant=True,
+    ),
     "errors": Panel(
         "Errors by status code",
         "reqps",

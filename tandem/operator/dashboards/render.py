@@ -104,6 +104,7 @@ _UNIT_LABELS = {
     "h": "hours",
     "short": "",
     "dateTimeAsIso": "",
+    "none": "",
 }
 
 
