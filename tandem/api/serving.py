@@ -65,6 +65,10 @@ class Batching(SpecModel):
     """Batches computing at once; more than 1 overlaps pre- and post-processing with GPU compute."""
     request_timeout_s: float = Field(default=30.0, ge=0, le=86400)
     """A request still unanswered after this many seconds (queueing included) gets 504; 0 = no limit."""
+    max_queue_wait_ms: float = Field(default=1000.0, ge=0, le=3_600_000)
+    """Admission by expected wait: a request whose items would wait longer than this in the queue (the
+    batches ahead of them at the recent batch compute time) gets 429 with Retry-After at once instead of a
+    late answer; 0 = no limit. The request timeout bounds it too. Dynamic batching only (not causal-lm)."""
     workers: int = Field(default=1, ge=1, le=16)
     """Server processes per replica, each with its own model copy and batcher, on one port and one GPU.
     More than 1 pays when one process's Python work (tokenizing, launching kernels) fills a CPU core

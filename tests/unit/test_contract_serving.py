@@ -76,6 +76,7 @@ def assert_agrees(
     assert b.preferred_batch_sizes == tuple(spec.batching.preferred_batch_sizes or ())
     assert b.max_concurrent_batches == spec.batching.max_concurrent_batches
     assert b.timeout_s == (spec.batching.request_timeout_s or None)
+    assert b.max_queue_wait_s == ((spec.batching.max_queue_wait_ms / 1000.0) or None)
     assert config.workers == spec.batching.workers
     assert (config.host, config.port) == ("0.0.0.0", HTTP_PORT)
     assert config.drain_timeout_s == builders.DRAIN_SECONDS
@@ -109,6 +110,7 @@ def service_specs(draw: st.DrawFn) -> dict[str, Any]:
         "workers": draw(st.integers(1, 16)),
         "maxConcurrentBatches": draw(st.integers(1, 64)),
         "requestTimeoutS": draw(st.one_of(st.just(0), st.floats(0.001, 86400, allow_nan=False))),
+        "maxQueueWaitMs": draw(st.one_of(st.just(0), st.floats(0, 3_600_000, allow_nan=False))),
         "preferredBatchSizes": draw(st.lists(st.integers(1, max_batch), max_size=4)),
     }
     return {

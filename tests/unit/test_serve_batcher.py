@@ -87,7 +87,8 @@ async def until(condition: Callable[[], bool]) -> None:
 def batcher(
     predict: Callable[[list[int]], Sequence[int]], observer: RecordingObserver | None = None, **knobs: Any
 ) -> Batcher[int, int]:
-    b = Batcher[int, int](predict, BatchingConfig(**knobs), observer=observer)
+    # A gated batch lasts as long as its test holds it: no admission by expected wait unless asked for.
+    b = Batcher[int, int](predict, BatchingConfig(**{"max_queue_wait_s": None, **knobs}), observer=observer)
     b.start()
     return b
 
@@ -418,3 +419,47 @@ def test_a_dead_loop_fails_waiters_instead_of_hanging() -> None:
 def test_config_rejects_nonsense(knobs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BatchingConfig(**knobs)
+
+
+def test_a_submission_expected_to_wait_too_long_is_refused_at_once() -> None:
+    async def main() -> None:
+        model = GatedModel()
+        b = batcher(model, max_batch_size=2, max_queue_delay_ms=0, max_queue_wait_s=5.0)
+        assert b.expected_wait_s() == 0.0  # nothing timed yet: no estimate, nothing refused
+        first = asyncio.ensure_future(b.submit(1))
+        await model.started()  # one batch computing
+        b._batch_seconds = 10.0  # as if measured: each batch takes 10 s
+        assert 9.0 < b.expected_wait_s() <= 10.0  # what is left of the batch computing
+        # the next batch takes whoever comes, even past the limit: refusing there would only shrink it
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
+        while b.queue_depth < 2:
+            await asyncio.sleep(0)
+        assert 19.0 < b.expected_wait_s() <= 20.0  # and one full batch ahead
+        with pytest.raises(QueueFull) as refused:
+            await b.submit(4)
+        assert "expected wait" in refused.value.message
+        assert refused.value.retry_after_s >= 1
+        model.release(2)
+        assert [await first, *(await asyncio.gather(*queued))] == [2, 4, 6]
+        await b.close()
+
+    run(main())
+
+
+def test_the_request_timeout_bounds_the_expected_wait_too() -> None:
+    async def main() -> None:
+        model = GatedModel()
+        b = batcher(model, max_batch_size=1, max_queue_delay_ms=0, timeout_s=5.0)
+        first = asyncio.ensure_future(b.submit(1))
+        await model.started()
+        b._batch_seconds = 6.0  # one batch already outlasts the request timeout
+        second = asyncio.ensure_future(b.submit(2))  # the next batch: admitted
+        while b.queue_depth < 1:
+            await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit(3)
+        model.release(2)
+        assert [await first, await second] == [2, 4]
+        await b.close()
+
+    run(main())

@@ -65,7 +65,10 @@ class LengthModel:
 
 
 def make_plane(model: LengthModel, **batching: Any) -> DataPlane:
-    config = BatchingConfig(**{"max_batch_size": 4, "max_queue_delay_ms": 0, **batching})
+    # A gated batch lasts as long as its test holds it: no admission by expected wait.
+    config = BatchingConfig(
+        **{"max_batch_size": 4, "max_queue_delay_ms": 0, "max_queue_wait_s": None, **batching}
+    )
     return DataPlane(model, config, ServeMetrics(model.name, config.max_batch_size, process_metrics=False))
 
 

@@ -53,6 +53,9 @@ class BatchingConfig:
     """Batches computing at once (more overlaps pre/post-processing with compute on a GPU)."""
     timeout_s: float | None = _DEFAULTS.request_timeout_s or None
     """Per-request limit from submit to result (queueing included); None waits forever."""
+    max_queue_wait_s: float | None = _DEFAULTS.max_queue_wait_ms / 1000.0 or None
+    """Refuse (`QueueFull`) a submission expected to wait longer than this before its batch starts; None:
+    no limit but the timeout."""
 
     @classmethod
     def from_spec(cls, batching: Batching) -> BatchingConfig:
@@ -64,6 +67,7 @@ class BatchingConfig:
             preferred_batch_sizes=tuple(batching.preferred_batch_sizes or ()),
             max_concurrent_batches=batching.max_concurrent_batches,
             timeout_s=batching.request_timeout_s or None,
+            max_queue_wait_s=batching.max_queue_wait_ms / 1000.0 or None,
         )
 
     def __post_init__(self) -> None:
@@ -142,13 +146,18 @@ class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
         *,
         observer: BatchObserver | None = None,
         executor: Executor | None = None,
+        batch_seconds: float = 0.0,
     ) -> None:
+        """`batch_seconds`: a first estimate of one batch's compute time (e.g. the warm-up's), until batches
+        have been timed; 0 = none (no admission by expected wait before the first batch finishes)."""
         super().__init__(config, name="batcher", threads=config.max_concurrent_batches, executor=executor)
         self._predict = predict
         self._observer: BatchObserver = observer or NullObserver()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._running: set[asyncio.Task[None]] = set()
-        self._batch_seconds = 0.0  # moving average of one batch's compute time, for Retry-After
+        # moving average of a batch's compute time (Retry-After, admission by expected wait)
+        self._batch_seconds = batch_seconds
+        self._last_start = 0.0  # event-loop time at which the newest batch started computing
 
     @property
     def running_batches(self) -> int:
@@ -194,6 +203,19 @@ class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
             ) from None
         finally:
             self._drop(pending, "cancelled")
+
+    def expected_wait_s(self) -> float:
+        """How long an item queued now would wait for its batch to start: what is left of the newest batch
+        computing, then the full batches ahead of it in the queue (shared by the concurrent slots), at the
+        recent batch compute time; 0 before any batch has been timed."""
+        seconds = self._batch_seconds
+        if not seconds:
+            return 0.0
+        left = 0.0
+        if self._running:
+            left = max(0.0, seconds - (asyncio.get_running_loop().time() - self._last_start))
+        full_ahead = len(self._queue) // self.config.max_batch_size
+        return left + full_ahead * seconds / self.config.max_concurrent_batches
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue has likely drained by one request's worth (at least 1)."""
@@ -294,6 +316,7 @@ class Batcher(QueueLoop[_Pending[In, Out]], Generic[In, Out]):
         try:
             if not live:
                 return
+            self._last_start = started
             self._observer.batch_started(len(live), [started - p.enqueued for p in live])
             outcomes = await self._outcomes([p.item for p in live])
             error = next((o.error for o in outcomes if o.error is not None), None)

@@ -104,7 +104,9 @@ class DataPlane:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(self.model.load)
+            warming = time.perf_counter()
             await asyncio.to_thread(self.model.warm_up, self.batching.max_batch_size)
+            warm_up_s = time.perf_counter() - warming
         except BaseException as exc:
             self._set_state(State.FAILED)
             self.load_error = str(exc) or type(exc).__name__
@@ -117,20 +119,28 @@ class DataPlane:
             self.generation = GenerationScheduler(self.model, self.batching, self.metrics)  # type: ignore[arg-type]
             self.generation.start()
         else:
-            self.batcher = Batcher(self.model.predict, self.batching, observer=self.metrics)
+            # The warm-up (a batch of 1, then a full one) is the first estimate of a batch's time, so that
+            # admission by expected wait holds from the first burst, before any batch has been timed.
+            self.batcher = Batcher(
+                self.model.predict, self.batching, observer=self.metrics, batch_seconds=warm_up_s
+            )
             self.batcher.start()
         self._set_state(State.READY)
         log.info("model %s ready (loaded and warmed up in %.1f s)", self.model.name, seconds)
 
     @contextmanager
     def admit(self) -> Iterator[None]:
-        """Count one inference request in flight; refuse it unless the model is ready."""
+        """Count one inference request in flight; refuse it unless the model is ready, and with 429 at once
+        (before its body is parsed or tokenized) when not even one more item would be admitted now."""
         if self.state is State.DRAINING or self.state is State.STOPPED:
             raise Draining("the server is shutting down; retry on another replica")
         if self.state is not State.READY:
             raise NotReady(
                 f"model {self.model.name} is {self.state.value}; retry when /v2/health/ready is 200"
             )
+        scheduler = self.batcher or self.generation
+        if scheduler is not None:
+            scheduler.check_room()
         self._inflight += 1
         self._idle.clear()
         gauge = self._inflight_gauge

@@ -5,7 +5,9 @@ that computes in worker threads, with one lifecycle.
   `ModelError` (callers never wait forever).
 - `_admit_check` refuses a submission the same way in both: `Draining` once closing, `NotReady` without a
   loop, `InvalidInput` for more items than the queue holds, `QueueFull` (with Retry-After) when they do not
-  fit now.
+  fit now or, where the subclass can estimate it (`expected_wait_s`) and a full batch is queued ahead of
+  them already, when they would wait longer than `max_queue_wait_s` or the request timeout: shedding at the
+  door in microseconds, not a late answer.
 - `_wait_for_work` / `_wait_for_company`: wait for a first item, then until `size` are queued, the oldest
   has waited `max_queue_delay_ms`, or the server is draining (`hurry`).
 - `close(drain=True)` refuses new work, lets the loop finish what it has, then stops it; whatever is left
@@ -73,6 +75,10 @@ class QueueLoop(Generic[Item]):
         """Whole seconds until one more request's worth fits (at least 1)."""
         raise NotImplementedError
 
+    def expected_wait_s(self) -> float:
+        """How long an item queued now would likely wait before its computing starts (0: no estimate)."""
+        return 0.0
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -139,6 +145,22 @@ class QueueLoop(Generic[Item]):
                 "retry later or on another replica",
                 retry_after_s=self.retry_after_s(),
             )
+        # The next batch always takes whoever comes (a refusal there would only shrink batches, and with
+        # them throughput); beyond it, the expected wait decides.
+        bounds = [b for b in (self.config.max_queue_wait_s, self.config.timeout_s) if b]
+        beyond = len(self._queue) >= self.config.max_batch_size
+        if bounds and beyond and (wait := self.expected_wait_s()) > min(bounds):
+            raise QueueFull(
+                f"the expected wait in the queue ({wait:.2f} s, {len(self._queue)} waiting) is past the "
+                f"{min(bounds):g} s this server admits (--max-queue-wait-ms, --request-timeout-s); "
+                "retry later or on another replica",
+                retry_after_s=self.retry_after_s(),
+            )
+
+    def check_room(self) -> None:
+        """Raise what one more item would get now (`QueueFull`, `Draining`, `NotReady`): the transport asks
+        before parsing a request, so a refusal costs no parsing, validation or tokenizing."""
+        self._admit_check(1, "input", "items")
 
     async def _wait_for_work(self) -> None:
         """Until something is queued."""
