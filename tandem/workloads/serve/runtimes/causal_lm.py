@@ -108,9 +108,20 @@ class CausalLM:
     def warm_up(self, max_batch_size: int) -> None:
         """Two steps (a whole context, then one cached token) at batch 1 and at the largest batch, after
         sizing the cache for the largest batch (so that its CUDA graphs never need recapturing)."""
-        assert self._cache is not None, "load() first"
-        if self._cache.keep:
-            self._cache.reserve(max_batch_size)
+        import torch
+
+        cache = self._cache
+        assert cache is not None, "load() first"
+        if cache.keep:
+            try:
+                cache.reserve(max_batch_size)
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                need = max_batch_size * cache.slot_bytes / 2**30
+                raise UserError(
+                    f"--max-batch-size {max_batch_size}: the KV cache needs {need:.1f} GiB on "
+                    f"{self._device} ({cache.slot_bytes / 2**20:.0f} MiB a sequence), more than is free; "
+                    "lower --max-batch-size or use --kv-cache off"
+                ) from exc
         for size in sorted({1, max_batch_size}):
             batch = [
                 GenSequence(self.encode(WARM_UP_PROMPT), SamplingParams(temperature=1.0, seed=i))

@@ -179,6 +179,12 @@ class DecodeCache:
         return len(self._slots)
 
     @property
+    def slot_bytes(self) -> int:
+        """Memory one sequence's slot takes (every layer's keys and values over the whole window)."""
+        size = self.model.wte.weight.element_size()
+        return len(self.blocks) * 2 * self.heads * self.block_size * self.head_dim * size
+
+    @property
     def graphs_captured(self) -> int:
         """CUDA graphs captured so far (one per batch and width bucket met)."""
         return len(self._graphs.graphs) if self._graphs is not None else 0
