@@ -245,7 +245,7 @@ def _node_preflight(
         )
     if node is None and not (real_node and s is None):
         return None
-    realnode.check_host()
+    realnode.check_host(paths.cluster_dir(name))
     other = realnode.running_elsewhere(name)
     if other is not None:
         raise UserError(

@@ -131,8 +131,14 @@ def running_elsewhere(name: str) -> str | None:
 
 
 # -- checks and creation ----------------------------------------------------------------------------
-def check_host() -> None:
-    """Refuse early, with the fix, when this machine cannot run a real node."""
+def check_host(cluster_dir: Path) -> None:
+    """Refuse early, with the fix, when this machine cannot run a real node (in `cluster_dir`)."""
+    socket = nodeconfig.containerd_socket(cluster_dir)
+    if len(str(socket)) > MAX_SOCKET_PATH:
+        raise UserError(
+            f"the containerd socket path {socket} is too long for a unix socket; "
+            "use a shorter cluster name or XDG_CACHE_HOME"
+        )
     if os.geteuid() != 0:
         raise UserError(
             "a real node (containerd, kubelet, iptables) needs root; run as root, or without --real-node"
@@ -174,11 +180,6 @@ def create(s: ClusterState, gpus: int) -> RealNode:
         gpus=gpus,
         ports=dict(zip(nodeconfig.PORT_NAMES, ports, strict=True)),
     )
-    if len(str(node.containerd_socket)) > MAX_SOCKET_PATH:
-        raise UserError(
-            f"the containerd socket path {node.containerd_socket} is too long for a unix socket; "
-            "use a shorter cluster name or XDG_CACHE_HOME"
-        )
     node.save()
     return node
 
