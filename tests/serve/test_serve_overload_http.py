@@ -146,3 +146,38 @@ def test_256_clients_get_prompt_429s_and_the_accepted_ones_a_bounded_queue_wait(
     # limit and the batch computing, not the 16 batches 256 queued requests would make.
     assert median_429 < batch_s, (median_429, batch_s)
     assert wait_s <= slo_s + 2 * batch_s, (wait_s, batch_s)
+
+
+def test_200_half_sent_requests_time_out_and_others_are_unaffected() -> None:
+    async def half_sent(url: str) -> tuple[list[bytes], list[float]]:
+        host, port = url.removeprefix("http://").split(":")
+        head = (
+            "POST /v1/embeddings HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+            "content-length: 1000\r\n\r\n"
+        )
+        connections = [await asyncio.open_connection(host, int(port)) for _ in range(200)]
+        for _, writer in connections:
+            writer.write(head.encode() + b'{"input": "half')  # and never the rest
+            await writer.drain()
+        others = []
+        async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
+            for i in range(20):
+                started = time.monotonic()
+                response = await ac.post("/v1/embeddings", json={"input": f"whole request {i}"})
+                assert response.status_code == 200, response.text
+                others.append(time.monotonic() - started)
+        status_lines = []
+        for reader, writer in connections:
+            async with asyncio.timeout(120):  # the server's body timeout is 15 s
+                status_lines.append(await reader.readline())
+                assert await reader.read() is not None  # the server closes the connection (EOF)
+            writer.close()
+        return status_lines, others
+
+    args = ["--runtime", "noop", "--model-uri", ".", "--model-name", "noop"]
+    with ServerProcess(args) as server:
+        status_lines, others = asyncio.run(half_sent(server.url))
+        timed_out = server.metric("tandem_serve_request_duration_seconds_count", code="408")
+    assert all(line.startswith(b"HTTP/1.1 408") for line in status_lines), set(status_lines)
+    assert timed_out == 200
+    assert max(others) < 5.0  # generous: whole requests never waited for the half-sent ones

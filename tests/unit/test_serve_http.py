@@ -142,7 +142,10 @@ def test_drain_waits_for_requests_in_flight() -> None:
             assert not drain.done()
             assert model.gate is not None
             model.gate.release()
-            assert (await accepted).status_code == 200
+            answer = await accepted
+            assert answer.status_code == 200
+            # finished during the drain: the client must not send another request on this connection
+            assert answer.headers["connection"] == "close"
             assert await drain is True
 
     run(main())
@@ -327,5 +330,42 @@ def test_inputs_are_tokenized_off_the_model_thread() -> None:
         [tokenizer] = model.threads["prepare"]
         assert tokenizer.startswith("tokenizer")
         assert tokenizer not in model.threads["predict"]
+
+    run(main())
+
+
+def test_a_half_sent_body_gets_408_and_its_connection_closes() -> None:
+    async def main() -> None:
+        plane = make_plane(LengthModel())
+        await plane.load()
+        app = build_app(plane, HttpLimits(body_timeout_s=0.2), on_load_failed=lambda: None)
+        sent: list[MutableMapping[str, Any]] = []
+        parts = [{"type": "http.request", "body": b'{"input": "hal', "more_body": True}]
+
+        async def receive() -> MutableMapping[str, Any]:
+            if parts:
+                return parts.pop(0)
+            await asyncio.Event().wait()  # the client never sends the rest
+            raise AssertionError("unreachable")
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/embeddings",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+        }
+        await app(scope, receive, send)
+        start = sent[0]
+        assert start["status"] == 408
+        assert (b"connection", b"close") in start["headers"]
+        assert b"no part of the request body arrived" in sent[1]["body"]
+        assert plane.metrics.registry.get_sample_value(
+            "tandem_serve_request_duration_seconds_count",
+            {"model": "lengths", "route": "/v1/embeddings", "code": "408"},
+        )
+        await plane.drain(5)
 
     run(main())

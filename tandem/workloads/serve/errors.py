@@ -70,6 +70,10 @@ class RequestTimeout(ServeError):
     """The request did not finish within the server's per-request timeout."""
 
 
+class BodyTimeout(ServeError):
+    """The client stopped sending its request body (a slow or half-sent request); the connection closes."""
+
+
 class ModelError(ServeError):
     """The model failed while computing a batch (every request of that batch gets this error)."""
 

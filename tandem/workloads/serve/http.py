@@ -27,8 +27,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tandem.api.serving import HttpSettings, Runtime
-from tandem.workloads.serve.dataplane import DataPlane
+from tandem.workloads.serve.dataplane import DataPlane, State
 from tandem.workloads.serve.errors import (
+    BodyTimeout,
     ClientDisconnected,
     Draining,
     InvalidInput,
@@ -54,6 +55,7 @@ HTTP_STATUS: Final[Mapping[type[ServeError], int]] = {
     ModelNotFound: 404,
     RouteNotFound: 404,
     MethodNotAllowed: 405,
+    BodyTimeout: 408,
     PayloadTooLarge: 413,
     QueueFull: 429,
     ClientDisconnected: 499,  # nginx's code for "client closed request"; never reaches the client
@@ -88,6 +90,8 @@ def error_parts(error: ServeError, family: Family) -> tuple[int, dict[str, str],
         headers["Retry-After"] = str(error.retry_after_s)
     elif isinstance(error, MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
+    elif isinstance(error, BodyTimeout):
+        headers["Connection"] = "close"  # the rest of a half-sent body must not be read as a request
     elif isinstance(error, Unavailable):
         headers["Retry-After"] = str(error.retry_after_s)
         if isinstance(error, Draining):
@@ -120,14 +124,23 @@ def dump_json(content: Any) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+#: Longest wait for the next part of a request body (like nginx's client_body_timeout): a client that sends
+#: half a request gets 408 and its connection closes instead of holding it, and a request slot, forever.
+#: Not a `tandem serve` option yet (the lead wires HttpSettings into HttpLimits in serve/cli.py).
+BODY_TIMEOUT_S: Final = 15.0
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     max_request_bytes: int = HttpSettings().max_request_bytes
     """Largest request body accepted (413 beyond)."""
+    body_timeout_s: float = BODY_TIMEOUT_S
+    """Longest wait for the next part of a request body (408 after)."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body (413 beyond `limit` bytes, by Content-Length or as it arrives)."""
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body (413 beyond `limit` bytes, by Content-Length or as it arrives; 408 when no part of
+    it arrives for `timeout_s`)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
@@ -138,7 +151,14 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(
+                f"no part of the request body arrived for {timeout_s:g} s ({size} bytes read); send the "
+                "whole body promptly"
+            ) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("the client disconnected while sending the body")
         chunk = message.get("body", b"")
@@ -251,6 +271,8 @@ class _Endpoints:
             response = error_response(ModelError("internal server error; see the server log"), family)
         if self.worker is not None:
             response.headers[WORKER_HEADER] = self.worker
+        if self.plane.state is State.DRAINING:
+            response.headers["Connection"] = "close"
         self.metrics.observe_request(route, response.status_code, time.perf_counter() - started)
         return response
 
@@ -261,7 +283,7 @@ class _Endpoints:
         stream: EventStream | None = None
         try:
             # The body is read first: afterwards the only message left is the disconnect.
-            body = await read_body(scope, receive, self.limits.max_request_bytes)
+            body = await read_body(scope, receive, self.limits.max_request_bytes, self.limits.body_timeout_s)
             with self.plane.admit():
                 result = await until_disconnect(receive, post.handler(params, body, Headers(scope=scope)))
                 if isinstance(result, BinaryAnswer):
@@ -298,12 +320,16 @@ class _Endpoints:
             payload, headers = dump_json(error), self.ok_headers.copy()
         if stream is None:
             headers.append((b"content-length", str(len(payload)).encode()))
+            if self.plane.state is State.DRAINING and (b"connection", b"close") not in headers:
+                headers.append((b"connection", b"close"))  # no next request on a connection that closes
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
         self.metrics.observe_request(post.template, status, time.perf_counter() - started)
 
     async def _stream(self, send: Send, stream: EventStream) -> None:
         headers = [*SSE_HEADERS, *self.extra_headers]
+        if self.plane.state is State.DRAINING:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         async for chunk in stream.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
