@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 RECONCILE_TOTAL = Counter(
     "tandem_operator_reconcile_total",
@@ -25,6 +26,35 @@ for _kind in ("TrainingJob", "InferenceService"):
     RECONCILE_SECONDS.labels(kind=_kind)
     for _result in ("ok", "error"):
         RECONCILE_TOTAL.labels(kind=_kind, result=_result)
+
+
+class _QueueDepth:
+    """`tandem_operator_workqueue_depth`: keys waiting in each controller's work queue, read when scraped."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, Callable[[], int]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "tandem_operator_workqueue_depth",
+            "Keys queued for a reconcile, by resource kind.",
+            labels=["kind"],
+        )
+        for kind, depth in sorted(self.queues.items()):
+            family.add_metric([kind], depth())
+        yield family
+
+
+QUEUE_DEPTH = _QueueDepth()
+REGISTRY.register(QUEUE_DEPTH)
+
+
+def watch_queue(kind: str, depth: Callable[[], int] | None) -> None:
+    """Export the depth of `kind`'s work queue (None: stop, the controller is gone)."""
+    if depth is None:
+        QUEUE_DEPTH.queues.pop(kind, None)
+    else:
+        QUEUE_DEPTH.queues[kind] = depth
 
 
 @contextmanager

@@ -342,6 +342,12 @@ OPERATOR: dict[str, Panel] = {
             ),
         ),
     ),
+    "queue": Panel(
+        "Work-queue depth",
+        "short",
+        (Query(f"sum by (kind) (tandem_operator_workqueue_depth{{{OPERATOR_JOB}}})", "{{kind}}"),),
+        "Resources waiting for a reconcile: a queue that keeps growing means the operator falls behind.",
+    ),
     "phases": Panel(
         "Resources by phase",
         "short",

@@ -57,7 +57,7 @@ from tandem.operator.inferenceservice.observe import (
     observe_trainingjob,
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
-from tandem.operator.metrics import timed_reconcile
+from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, serving_row
 from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
 from tandem.operator.workqueue import WorkQueue
@@ -416,6 +416,7 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
         cache.on_change = queue.add_threadsafe
     services.on_change = controller.service_changed
     queue.start()
+    watch_queue(KIND, queue.__len__)
     for cache in (*caches.all(), services):
         cache.start()
     memo.inferenceservices = controller
@@ -426,6 +427,7 @@ async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo.inferenceservices
     for cache in (*controller.caches.all(), controller.service_cache):
         cache.stop()
+    watch_queue(KIND, None)
     for _uid, task in controller.autoscalers.values():
         task.cancel()
     if controller.queue is not None:

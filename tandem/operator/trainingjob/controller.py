@@ -41,7 +41,7 @@ from tandem.operator.controller_common import (
     validated_spec,
     with_refusal,
 )
-from tandem.operator.metrics import timed_reconcile
+from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, training_row
 from tandem.operator.trainingjob.builders import LABEL_JOB
 from tandem.operator.trainingjob.observe import (
@@ -342,6 +342,7 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
     pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)
     jobs.on_change = controller.job_changed
     controller.queue.start()
+    watch_queue(KIND, queue.__len__)
     pods.start()
     jobs.start()
     memo.trainingjobs = controller
@@ -353,6 +354,7 @@ async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo.trainingjobs
     controller.pods.stop()
     controller.job_cache.stop()
+    watch_queue(KIND, None)
     if controller.queue is not None:
         await controller.queue.stop()
 

@@ -101,6 +101,7 @@ def test_operator_dashboard_and_the_operators_panels(
         within(ops["latency"], 0.0001, 10)
         within(ops["errors"], 0, 100)
         within(ops["phases"], 1, 1, "TrainingJob Running")
+        within(ops["queue"], 0, 1000, "TrainingJob")
         within(ops["cpu"], 0, 16)
         within(ops["memory"], 10e6, 10e9)
         assert set(ops) == set(layout.OPERATOR.panels)
