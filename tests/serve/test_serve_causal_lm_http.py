@@ -377,7 +377,7 @@ def test_frequency_penalty_changes_what_greedy_repeats(client: httpx.Client) -> 
         ({"logprobs": 6}, "logprobs"),
         ({"seed": 2**70}, "seed"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
-        ({"stream_options": {"include_usage": True}}, "body"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_parameters_not_implemented_are_refused_by_name(sdk: openai.OpenAI, extra: Any, param: str) -> None:
@@ -464,3 +464,20 @@ def test_an_8mb_prompt_costs_what_a_window_does(server: ServerProcess, client: h
 
     # Generous for a loaded 2-core machine: before the prompt was cut before tokenizing, each took seconds.
     assert max(asyncio.run(others_while_huge())) < 2.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+        ({"max_tokens": 4, "max_completion_tokens": 4}, "max_tokens"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_chat_parameters_are_checked_by_name(client: httpx.Client, extra: dict[str, Any], param: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], **extra}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -84,13 +84,14 @@ class ChatRequest(GenerationRequest):
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, strict=True)] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatRequest:
+    def check(self) -> None:
+        super().check()
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs: needs logprobs: true")
+            raise InvalidInput("top_logprobs", "needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("max_tokens: give max_completion_tokens or max_tokens (deprecated), not both")
-        return self
+            raise InvalidInput(
+                "max_tokens", "give max_completion_tokens or max_tokens (deprecated), not both"
+            )
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ def chat_logprobs(model: GenerativeModel, entries: tuple[TokenLogprob, ...]) -> 
 
 async def chat_completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventStream:
     request = validate(ChatRequest, parse_json_object(body))
+    request.check()
     check_model(plane, request.model)
     model = plane.generator().model
     check_vocabulary(request, model)

@@ -23,7 +23,6 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
-    model_validator,
 )
 
 from tandem.workloads.serve.dataplane import DataPlane
@@ -229,11 +228,10 @@ class GenerationRequest(BaseModel):
     n: Annotated[int, Field(ge=1, le=1, strict=True)] | None = None
     user: StrictStr | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> GenerationRequest:
+    def check(self) -> None:
+        """Rules between fields (after validation, so that the 400 names the field)."""
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed with stream: true")
-        return self
+            raise InvalidInput("stream_options", "only allowed with stream: true")
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -375,6 +373,7 @@ def completion_logprobs(
 
 async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventStream:
     request = validate(CompletionsRequest, parse_json_object(body))
+    request.check()
     check_model(plane, request.model)
     scheduler = plane.generator()
     model = scheduler.model
