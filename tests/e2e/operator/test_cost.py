@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import urllib.request
 from typing import Any
 
@@ -73,6 +76,23 @@ def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
         return usd > 0 and operator_series(operator, "tandem_cost_usd_total", **labels) == usd
 
     wait_for(agree, WAIT, "the spend in status and in /metrics, the same and above zero")
+
+    # `tandem cost` without Prometheus reads the same status through the kubeconfig.
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem", "cost", "-n", namespace, "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"] == "status"
+    (row,) = report["models"]
+    assert row["model"] == "priced"
+    assert row["trainingUSD"] > 0
+    assert row["servingUSD"] == 0
+    assert row["crossover"] is None  # nothing serves it
 
 
 def test_a_service_with_nothing_scheduled_costs_nothing(
