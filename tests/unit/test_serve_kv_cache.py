@@ -41,15 +41,22 @@ def reference(model: GPT, context: list[int]) -> torch.Tensor:
     return logits[0, -1].float()
 
 
-def step(model: GPT, cache: DecodeCache, seqs: list[Seq]) -> None:
+def step(model: GPT, cache: DecodeCache, seqs: list[Seq]) -> list[int]:
     """One decoding step: the cache's logits must match a fresh forward pass of each whole window. The cache
-    gets each sequence's whole token list, as the runtime passes it (it windows them itself)."""
+    gets each sequence's whole token list, as the runtime passes it (it windows them itself). Returns the
+    token positions that went through the model's first block during the cache's step, per pass."""
+    seen, handle = token_rows(model)
+    try:
+        with torch.inference_mode():
+            got = cache.logits(list(seqs), [s.ids for s in seqs])
+    finally:
+        handle.remove()
     with torch.inference_mode():
-        got = cache.logits(list(seqs), [s.ids for s in seqs])
         for i, seq in enumerate(seqs):
             torch.testing.assert_close(got[i], reference(model, seq.window), atol=1e-4, rtol=1e-4)
     for i, seq in enumerate(seqs):
         seq.ids.append(int(got[i].argmax()))
+    return seen
 
 
 MODES = {
@@ -129,9 +136,11 @@ def test_a_join_runs_the_new_prompt_and_one_token_per_cached_row(model: GPT, mod
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_answers_equal_the_uncached_models(model: GPT, mode: str) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["step", "greedy_step"])
+def test_greedy_answers_equal_the_uncached_models(model: GPT, mode: str, ahead: bool) -> None:
     """fp32: the cached runs choose the same tokens as whole contexts run from scratch, through the greedy
-    choice made where the logits are (limited to the usable vocabulary), while sequences join and finish."""
+    choice made where the logits are (limited to the usable vocabulary), while sequences join and finish;
+    also with `greedy_step`, whose decoding passes launched ahead (bucketed) serve the next steps."""
     vocab = 50
 
     def generate(cache: DecodeCache) -> list[list[int]]:
@@ -145,7 +154,8 @@ def test_greedy_answers_equal_the_uncached_models(model: GPT, mode: str) -> None
                 live += [(s, len(s.ids) + n) for s, n in waiting[:joining]]
                 del waiting[:joining]
                 seqs = [s for s, _ in live]
-                chosen = cache.step(list(seqs), [s.window for s in seqs]).greedy()
+                windows = [s.window for s in seqs]
+                chosen = cache.greedy_step(seqs, windows) if ahead else cache.step(seqs, windows).greedy()
                 for seq, token in zip(seqs, chosen, strict=True):
                     assert token < vocab
                     seq.ids.append(token)
@@ -155,6 +165,29 @@ def test_greedy_answers_equal_the_uncached_models(model: GPT, mode: str) -> None
 
     expected = generate(DecodeCache(model, keep=False, vocab=vocab))
     assert generate(DecodeCache(model, vocab=vocab, **MODES[mode])) == expected
+
+
+def test_a_pass_launched_ahead_serves_rows_that_went_on_and_is_redone_otherwise(model: GPT) -> None:
+    rng = random.Random(7)
+    cache = DecodeCache(model, bucketed=True)
+    seqs = [Seq(5, rng), Seq(9, rng), Seq(7, rng), Seq(3, rng)]
+
+    def greedy_step(seqs: list[Seq], *, other_token_for: int | None = None) -> None:
+        with torch.inference_mode():
+            chosen = cache.greedy_step(list(seqs), [s.ids for s in seqs])
+        for i, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
+            seq.ids.append((token + 1) % 64 if i == other_token_for else token)  # as if sampled
+
+    greedy_step(seqs)
+    greedy_step(seqs)
+    seqs.pop(1)  # leaves: the others' rows of the pass launched ahead still hold
+    assert step(model, cache, seqs) == [], "the step should have used the pass launched ahead, running none"
+    greedy_step(seqs, other_token_for=2)
+    # Row 2 went another way: the step decodes again, exactly (3 rows, padded to the batch bucket of 4).
+    assert step(model, cache, seqs) == [4]
+    greedy_step(seqs)
+    seqs.append(Seq(6, rng))  # joins: prefilled alone, while the others use the pass launched ahead
+    assert step(model, cache, seqs) == [BLOCK]
 
 
 def test_cuda_graphs_need_a_cuda_model(model: GPT) -> None:

@@ -6,8 +6,10 @@ checkpoint is used), as `tandem.workloads.models.gpt.load_for_inference` reads t
 the next-token logits: a sequence's first step runs its whole context (right-padded with the other new ones
 into one batch; causal attention: the padding after a row never changes it) and keeps its keys and values,
 later steps run only its newest token (on CUDA through captured CUDA graphs). A step whose rows are all
-greedy without `logit_bias` takes the argmax made on the device (one id per row comes back); otherwise each
-row is sampled from the logits with its own parameters and random generator.
+greedy without `logit_bias` or penalties takes the argmax made on the device (one id per row comes back)
+and, on CUDA, launches the next decoding pass at once (`DecodeCache.greedy_step`: the GPU works while the
+scheduler handles the tokens); otherwise each row is sampled from the logits with its own parameters and
+random generator.
 Contexts hold at most `block_size` tokens: older tokens slide out of the window like `GPT.generate`.
 """
 
@@ -150,10 +152,11 @@ class CausalLM:
         assert self._cache is not None, "load() first"
         contexts = [seq.ids for seq in batch]  # the cache takes each window itself (no copy a step)
         with torch.inference_mode():
-            result = self._cache.step(list(batch), contexts)
             if all(seq.params.plain_greedy for seq in batch):
-                return result.greedy()  # chosen on the device among the tokenizer's ids
-            logits = result.logits()
+                # Chosen on the device among the tokenizer's ids; on CUDA the next step is launched before
+                # returning, so the GPU computes it while the scheduler handles these tokens.
+                return self._cache.greedy_step(list(batch), contexts)
+            logits = self._cache.step(list(batch), contexts).logits()
             logits[:, self.vocab_size :] = -float("inf")  # padding ids of the embedding table
             return self._sample(batch, logits)
 

@@ -41,7 +41,7 @@ without a cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -86,6 +86,17 @@ class _Part:
     """`(len(rows), vocab)`, in the model's dtype or fp32."""
     greedy: torch.Tensor
     """`(len(rows),)`: the argmax over the usable vocabulary."""
+
+
+@dataclass
+class _Ahead:
+    """A decoding pass launched before the caller asked for it (`greedy_step`): every cached row going on
+    with the token just chosen for it. The next step uses its outputs if its rows did so."""
+
+    rows: dict[object, tuple[int, int, int]]
+    """owner -> (its row in the outputs, its context's length then, its newest token then)."""
+    logits: torch.Tensor
+    greedy: torch.Tensor
 
 
 class StepResult:
@@ -167,6 +178,7 @@ class DecodeCache:
         self._slots: dict[object, _Slot] = {}
         self._owners: list[object] = []  # the owner of each slot, 0 to holding - 1
         self._graphs: _Graphs | None = None
+        self._ahead: _Ahead | None = None
 
     @property
     def capacity(self) -> int:
@@ -195,11 +207,11 @@ class DecodeCache:
         while self.capacity < batch_bucket(sequences):
             self._grow()
 
-    def logits(self, owners: list[object], contexts: list[list[int]]) -> torch.Tensor:
+    def logits(self, owners: Sequence[object], contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Each context's next-token logits `(batch, vocab)`, fp32 (see `step`)."""
         return self.step(owners, contexts).logits()
 
-    def step(self, owners: list[object], contexts: list[list[int]]) -> StepResult:
+    def step(self, owners: Sequence[object], contexts: Sequence[Sequence[int]]) -> StepResult:
         """Each context's next-token outputs.
 
         `owners[i]` names the sequence of `contexts[i]` across steps; `contexts[i]` is its tokens, one longer
@@ -207,6 +219,7 @@ class DecodeCache:
         whole list spares the caller a copy per row and step: 0.2 ms a step at batch 256 and 200 tokens)."""
         if not owners:
             raise ValueError("DecodeCache.step needs at least one context")
+        ahead, self._ahead = self._ahead, None
         present = set(owners)
         for owner in [o for o in self._slots if o not in present]:
             self._release(owner)
@@ -227,7 +240,9 @@ class DecodeCache:
         # The cached rows first: the decoding pass writes at padding rows of free slots, which the new
         # rows' prefill may claim next.
         if decode:
-            parts.append(self._decode([owners[i] for i in decode], [contexts[i] for i in decode], decode))
+            decoding = [owners[i] for i in decode], [contexts[i] for i in decode], decode
+            done = self._decoded_ahead(ahead, *decoding) if ahead is not None else None
+            parts.append(done or self._decode(*decoding))
         if prefill:
             windows = [contexts[i][-self.block_size :] for i in prefill]
             parts.append(self._prefill([owners[i] for i in prefill], windows, prefill))
@@ -239,9 +254,46 @@ class DecodeCache:
                 self._release(owner)
         return StepResult(len(owners), parts)
 
+    def greedy_step(self, owners: Sequence[object], contexts: Sequence[Sequence[int]]) -> list[int]:
+        """`step(...).greedy()`, then (at the bucketed shapes) the next decoding pass launched at once for
+        every cached row with the token just chosen, so that the GPU computes it while the caller handles
+        these tokens. The next step uses it for the rows that went on with those tokens (rows that left
+        are dropped; new rows are prefilled as usual); otherwise it decodes again, overwriting it."""
+        tokens = self.step(owners, contexts).greedy()
+        if self.bucketed and self._owners and self.capacity >= batch_bucket(len(self._owners)):
+            row_of = {owner: i for i, owner in enumerate(owners)}
+            held = [(owner, self._slots[owner].cached + 1, tokens[row_of[owner]]) for owner in self._owners]
+            lengths = [n for _, n, _ in held]
+            size = batch_bucket(len(held))
+            padding = size - len(held)
+            inputs = torch.tensor([[t for _, _, t in held] + [0] * padding, lengths + [1] * padding])
+            if self._graphs is None:
+                self._graphs = _Graphs(self, self.capacity)
+            logits, greedy = self._graphs.run(size, width_bucket(max(lengths), self.block_size), inputs)
+            rows = {owner: (s, n, t) for s, (owner, n, t) in enumerate(held)}
+            self._ahead = _Ahead(rows, logits[: len(held)], greedy[: len(held)])
+        return tokens
+
+    def _decoded_ahead(
+        self, ahead: _Ahead, owners: Sequence[object], contexts: Sequence[Sequence[int]], rows_out: list[int]
+    ) -> _Part | None:
+        """The pass launched ahead, if every row went on with the token it assumed (else None)."""
+        picks = []
+        for owner, context in zip(owners, contexts, strict=True):
+            hit = ahead.rows.get(owner)
+            if hit is None or hit[1] != len(context) or hit[2] != context[-1]:
+                return None
+            picks.append(hit[0])
+        if picks == list(range(len(picks))):
+            return _Part(rows_out, ahead.logits[: len(picks)], ahead.greedy[: len(picks)])
+        index = torch.tensor(picks, device=self._device)
+        return _Part(rows_out, ahead.logits[index], ahead.greedy[index])
+
     # -- the two kinds of pass ----------------------------------------------------------------------
 
-    def _prefill(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
+    def _prefill(
+        self, owners: Sequence[object], contexts: Sequence[Sequence[int]], rows_out: list[int]
+    ) -> _Part:
         """Whole contexts, right-padded into one batch; keys and values stored in fresh slots for those
         that fit the window."""
         device = self._device
@@ -274,7 +326,7 @@ class DecodeCache:
 
     def _prefill_bucketed(
         self,
-        contexts: list[list[int]],
+        contexts: Sequence[Sequence[int]],
         lengths: list[int],
         first: int,
         size: int,
@@ -327,7 +379,9 @@ class DecodeCache:
         logits: torch.Tensor = model.lm_head(model.ln_f(last))
         return logits
 
-    def _decode(self, owners: list[object], contexts: list[list[int]], rows_out: list[int]) -> _Part:
+    def _decode(
+        self, owners: Sequence[object], contexts: Sequence[Sequence[int]], rows_out: list[int]
+    ) -> _Part:
         """The newest token of each cached context, attending over its slot; rows run in slot order."""
         batch = len(owners)
         assert batch == len(self._owners), "every cached sequence decodes (the others were released)"
@@ -416,9 +470,10 @@ class DecodeCache:
         if last_owner is owner:
             return
         moved = self._slots[last_owner]
-        if moved.cached:
-            assert self._pool is not None
-            self._pool[:, :, hole, :, : moved.cached] = self._pool[:, :, moved.index, :, : moved.cached]
+        # Its cached positions and the next one (which a pass launched ahead may have written).
+        count = min(moved.cached + 1, self.block_size)
+        assert self._pool is not None
+        self._pool[:, :, hole, :, :count] = self._pool[:, :, moved.index, :, :count]
         moved.index = hole
         self._owners[hole] = last_owner
 
@@ -432,6 +487,7 @@ class DecodeCache:
             grown[:, :, :old] = self._pool
         self._pool = grown
         self._graphs = None  # captured with the old pool's addresses
+        self._ahead = None
 
 
 class _Graphs:
