@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help setup system-tools cluster-build demo demo-down test test-unit test-e2e lint typecheck crds clean
+.PHONY: help setup system-tools cluster-build demo demo-down test test-unit test-e2e test-lifecycle lint typecheck crds clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,9 +26,10 @@ setup: $(STAMP) system-tools ## create .venv (operator, workloads, dev tools) an
 # pods, containernetworking-plugins (bridge, host-local, portmap, loopback in /usr/lib/cni) wire them,
 # iptables and conntrack serve kube-proxy (nft lets `down` drop the tables iptables-nft made), umoci and
 # busybox-static make the node's local images (pause, busybox). buildah and debootstrap build Tandem's own
-# images without a Docker daemon (`tandem images build`, docs/images.md).
-SYSTEM_PACKAGES := prometheus containerd runc containernetworking-plugins iptables nftables conntrack umoci busybox-static buildah debootstrap
-SYSTEM_COMMANDS := promtool containerd ctr containerd-shim-runc-v2 runc iptables nft conntrack umoci /usr/lib/cni/bridge /bin/busybox buildah /usr/sbin/debootstrap
+# images without a Docker daemon (`tandem images build`, docs/images.md). hey (an HTTP load generator)
+# drives the demo's and the lifecycle test's model server.
+SYSTEM_PACKAGES := prometheus containerd runc containernetworking-plugins iptables nftables conntrack umoci busybox-static buildah debootstrap hey
+SYSTEM_COMMANDS := promtool containerd ctr containerd-shim-runc-v2 runc iptables nft conntrack umoci /usr/lib/cni/bridge /bin/busybox buildah /usr/sbin/debootstrap hey
 
 system-tools:
 	@missing=; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
@@ -42,24 +43,29 @@ system-tools:
 cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd, kwok and real-node binaries
 	$(BIN)/tandem cluster build --real-node
 
-demo: cluster-build ## start the local cluster and the operator, apply the examples, show kubectl get
+demo: cluster-build ## a model's life on a local cluster with a real node: train, crash, recover, serve, scale, cost
 	$(BIN)/python -m tandem.demo
 
-demo-down: setup ## stop the demo operator and the local cluster
+demo-down: setup ## stop everything the demo started (cluster, real node, Prometheus, operators)
 	$(BIN)/python -m tandem.demo --down
 
-test: cluster-build ## run every test: unit, model server (real HTTP), training (real Ray), end-to-end (real control plane)
+test: cluster-build ## every test: unit, serving (real HTTP), training (real Ray), metrics (real Prometheus), end-to-end (real control plane), lifecycle (real node)
 	$(BIN)/python -m pytest tests/unit
 	$(BIN)/python -m pytest tests/storage
 	$(BIN)/python -m pytest tests/serve
 	$(BIN)/python -m pytest tests/train
+	$(BIN)/python -m pytest tests/metrics
 	$(BIN)/python -m pytest tests/e2e
+	$(BIN)/python -m pytest tests/lifecycle
 
 test-unit: setup ## unit tests only (no cluster)
 	$(BIN)/python -m pytest tests/unit
 
 test-e2e: cluster-build ## end-to-end tests only
 	$(BIN)/python -m pytest tests/e2e
+
+test-lifecycle: cluster-build ## the lifecycle on a real node only (builds the images once, then cached)
+	$(BIN)/python -m pytest tests/lifecycle
 
 typecheck: setup ## mypy --strict
 	$(BIN)/mypy
