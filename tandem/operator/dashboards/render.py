@@ -161,7 +161,10 @@ def draw(board: Dashboard, data: Mapping[str, PanelData], path: Path) -> None:
             for line in panel_data.lines[:10]:
                 times: Any = [datetime.fromtimestamp(t, UTC) for t, _ in line.points]
                 style = "--" if "SLO" in line.legend else "-"
-                axis.plot(times, [v for _, v in line.points], style, label=line.legend, linewidth=1.2)
+                marker = "o" if len(line.points) == 1 else None  # one point draws no line
+                axis.plot(
+                    times, [v for _, v in line.points], style, label=line.legend, linewidth=1.2, marker=marker
+                )
             axis.set_ylabel(_unit_label(panel.unit), fontsize=8)
             axis.tick_params(labelsize=7)
             axis.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]

@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     local.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are reproducible)")
     local.add_argument("--seq-len", type=int, help="sequence length (default: the model size's)")
     local.add_argument("--no-progress", action="store_true", help="no progress bar")
+    local.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the run's Prometheus /metrics on this port, as a pod's head does (default: none)",
+    )
     pod = p.add_argument_group("pods (head)")
     pod.add_argument("--port", type=int, default=6379, help="Ray GCS port of the head")
     p.set_defaults(handler=main)
@@ -142,7 +148,13 @@ def run_local(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    reporter = ProgressReporter(bar=None if args.no_progress else ProgressBar())
+    metrics = None
+    if args.metrics_port is not None:
+        from tandem.workloads.train.progress import TrainMetrics
+
+        metrics = TrainMetrics(name)
+        metrics.serve(args.metrics_port)
+    reporter = ProgressReporter(bar=None if args.no_progress else ProgressBar(), metrics=metrics)
     print(
         f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s), "
         f"{cfg.max_steps} steps, checkpoints in {ckpt_dir}",
