@@ -21,6 +21,7 @@ Variants (--variants, comma-separated; N a batch size):
   is timed), at most N sequences in flight, the runtime's defaults (on CUDA: CUDA graphs).
 - dN: sN with the runtime's text decoding (which the scheduler calls for every token, over the whole answer
   so far) replaced by `bytes(ids).decode()`: what the scheduler's per-token text work costs.
+- nN: sN without launching the next decoding pass ahead (`DecodeCache.greedy_step` as `step(...).greedy()`).
 - eN: the same as sN without CUDA graphs (the decoding pass launched op by op).
 - oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
   context (`one_pass`, the code before issue 17).
@@ -491,10 +492,13 @@ class Bench:
     def tandem(self, name: str) -> Outcome:
         args, requests, lm = self.args, self.requests, self.lm
         batch = int(name[1:])
-        graphs = name[0] in "sd" and args.device.startswith("cuda")
+        graphs = name[0] in "sdn" and args.device.startswith("cuda")
         if name[0] == "d":
             lm.decode = fast_decode
         set_cache(lm, args.vocab, cuda_graphs=graphs, one_pass=name[0] == "o")
+        if name[0] == "n":  # no pass launched ahead
+            cache = lm._cache
+            cache.greedy_step = lambda owners, contexts: cache.step(owners, contexts).greedy()
         lm._cache.reserve(batch)
         scheduler_run(lm, requests if graphs else requests[:batch], batch)  # warm-up (captures graphs)
         spent, undo = timed_step(lm)
@@ -553,7 +557,7 @@ def main() -> None:
     print(bench.header(), flush=True)
     rows: list[dict[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    largest = max([int(v[1:]) for v in variants if v[0] in "sdeo" and v[1:].isdigit()], default=32)
+    largest = max([int(v[1:]) for v in variants if v[0] in "sdneo" and v[1:].isdigit()], default=32)
     for name in variants:
         if name == "g":
             print(f"g: {graph_check(bench.lm, args.device)}", flush=True)
@@ -569,7 +573,7 @@ def main() -> None:
             if done is None:
                 continue
             outcome, subset = done
-        elif name[0] in "sdeo" and name[1:].isdigit():
+        elif name[0] in "sdneo" and name[1:].isdigit():
             outcome = bench.tandem(name)
         else:
             raise SystemExit(f"--variants: unknown variant {name!r}")
