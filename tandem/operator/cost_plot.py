@@ -74,8 +74,9 @@ def plot(histories: Sequence[ModelHistory], rows: Sequence[ModelCost], now: date
         axis.set_ylabel("US dollars")
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right", fontsize=8)
-        axis.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))  # type: ignore[no-untyped-call]
-    figure.autofmt_xdate()
+        locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+        axis.xaxis.set_major_locator(locator)
+        axis.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

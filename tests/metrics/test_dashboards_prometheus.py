@@ -326,7 +326,8 @@ def test_every_cost_panel_answers_in_a_plausible_range(stack: Stack, tmp_path: P
     keep_png(layout.COST, data, tmp_path)
 
 
-def test_tandem_cost_reads_the_same_prometheus(stack: Stack) -> None:
+def test_tandem_cost_reads_the_same_prometheus(stack: Stack, tmp_path: Path) -> None:
+    plot = Path(os.environ.get("TANDEM_DASHBOARD_PNG_DIR") or tmp_path) / "tandem-cost.png"
     result = subprocess.run(
         [
             sys.executable,
@@ -339,6 +340,8 @@ def test_tandem_cost_reads_the_same_prometheus(stack: Stack) -> None:
             "json",
             "--window",
             "1m",
+            "--plot",
+            str(plot),
         ],
         capture_output=True,
         text=True,
@@ -356,3 +359,4 @@ def test_tandem_cost_reads_the_same_prometheus(stack: Stack) -> None:
     assert row["usdPerMillionTokens"] > 0
     assert row["crossover"] is not None
     assert not row["crossed"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

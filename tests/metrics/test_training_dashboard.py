@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 from operator_process import free_port, wait_for
+from promcheck import check_metrics
 from prometheus_process import start_prometheus_with
 
 from tandem.operator.dashboards import layout
@@ -98,6 +99,7 @@ def test_training_panels_answer_from_a_real_run(tmp_path: Path) -> None:
         within(data["tokens"], 1, 1e7)
         within(data["step_time"], 0.0001, 30)
         within(data["checkpoint_duration"], 0.0001, 120)
+        check_metrics(f"http://127.0.0.1:{port}/metrics")
         mfu = [v for line in data["mfu"].lines for _, v in line.points]
         assert all(0 <= v <= 1 for v in mfu)  # on a CPU: absent (or 0 where the driver still reports it)
         png = Path(os.environ.get("TANDEM_DASHBOARD_PNG_DIR") or tmp_path) / "training.png"

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kubeobjects import status_of
 from operator_process import OperatorProcess, wait_for
+from promcheck import check_metrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.devinstall import Kubectl
@@ -76,6 +77,7 @@ def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
         return usd > 0 and operator_series(operator, "tandem_cost_usd_total", **labels) == usd
 
     wait_for(agree, WAIT, "the spend in status and in /metrics, the same and above zero")
+    check_metrics(f"http://127.0.0.1:{operator.metrics_port}/metrics")
 
     # `tandem cost` without Prometheus reads the same status through the kubeconfig.
     result = subprocess.run(
