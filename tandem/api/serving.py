@@ -122,6 +122,8 @@ class HttpSettings(ApiModel):
     """Port; 0 picks a free one."""
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     """Largest request body; larger ones get 413."""
+    body_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    """Longest wait for the next part of a request body; a client that stops sending gets 408."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long requests already accepted may take to finish."""
     log_level: LogLevel = LogLevel.INFO

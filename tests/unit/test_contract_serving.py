@@ -81,6 +81,7 @@ def assert_agrees(
     assert (config.host, config.port) == ("0.0.0.0", HTTP_PORT)
     assert config.drain_timeout_s == builders.DRAIN_SECONDS
     assert config.limits.max_request_bytes == HttpSettings().max_request_bytes
+    assert config.limits.body_timeout_s == HttpSettings().body_timeout_s
 
 
 def example_services() -> list[tuple[str, dict[str, Any]]]:

@@ -8,8 +8,8 @@ ServiceMonitor where the Prometheus Operator's CRD exists.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 

@@ -79,7 +79,7 @@ def build_config(options: ServerOptions) -> Any:
             kv_cache=settings.kv_cache,
         ),
         batching=BatchingConfig.from_spec(batching),
-        limits=HttpLimits(max_request_bytes=http.max_request_bytes),
+        limits=HttpLimits(max_request_bytes=http.max_request_bytes, body_timeout_s=http.body_timeout_s),
         host=http.host,
         port=http.port,
         drain_timeout_s=http.drain_timeout_s,

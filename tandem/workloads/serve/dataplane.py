@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, Protocol
 
+from tandem.api.serving import Runtime
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
 from tandem.workloads.serve.errors import Draining, NotReady, QueueFull
 from tandem.workloads.serve.generation import GenerationScheduler
 from tandem.workloads.serve.metrics import ServeMetrics
-from tandem.workloads.serve.model import Model, Runtime
+from tandem.workloads.serve.model import Model
 
 log = logging.getLogger("tandem.serve")
 

@@ -127,7 +127,7 @@ def dump_json(content: Any) -> bytes:
 #: Longest wait for the next part of a request body (like nginx's client_body_timeout): a client that sends
 #: half a request gets 408 and its connection closes instead of holding it, and a request slot, forever.
 #: Not a `tandem serve` option yet (the lead wires HttpSettings into HttpLimits in serve/cli.py).
-BODY_TIMEOUT_S: Final = 15.0
+BODY_TIMEOUT_S: Final = HttpSettings().body_timeout_s
 
 
 @dataclass(frozen=True)
