@@ -34,6 +34,12 @@ front so that it never moves (a moved pool drops every graph). This is what vLLM
 decode steps; their kernels also read each row's own length (paged attention), where this reads up to the
 bucket's width with a mask.
 
+`greedy_step` (the runtime's call when every row is greedy) launches the next decoding pass before it
+returns the tokens, every cached row going on with the token just chosen, so the GPU computes it while the
+caller handles those tokens (1.26-1.52x tokens/s for the in-process scheduler on an H100); the next step
+uses it for the rows that did go on with those tokens (rows that left are dropped, new rows are prefilled)
+and decodes again otherwise, overwriting what it wrote.
+
 A context longer than `block_size` slides (older tokens drop out of the window, as `GPT.generate` does),
 which shifts every position and so every cached key: such a sequence is recomputed whole at every step, as
 without a cache.
