@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import orjson
 
 from tandem.operator.kubehttp import Transport
+from tandem.operator.metrics import API_SECONDS
 
 FIELD_MANAGER = "tandem-operator"
 USER_AGENT = "tandem-operator"
@@ -97,7 +98,11 @@ def request(
             headers["Content-Type"] = content_type
         return _transport_for(configuration()).call(method, url, data, headers)
 
-    return _authenticated(path, query, call)
+    started = time.perf_counter()
+    try:
+        return _authenticated(path, query, call)
+    finally:
+        API_SECONDS.labels(verb=method).observe(time.perf_counter() - started)
 
 
 def watch(path: str, query: Mapping[str, str], on_block: Callable[[bytes], bool], timeout: float) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from tandem.operator import kube
+from tandem.operator.metrics import WATCH_FRESHNESS
 
 T = TypeVar("T")
 #: (namespace, name): of the object itself, or of the owner named by a label's value.
@@ -98,6 +99,10 @@ class WatchCache(Generic[T]):
         self._threads: list[threading.Thread] = []
         #: Called from the watch thread with a key whose objects changed (after the cache has them).
         self.on_change: Callable[[Key], None] | None = None
+        #: For the watch-freshness gauge: the resource, and when the API server was last heard from.
+        self.name = name
+        self.last_event: float | None = None
+        WATCH_FRESHNESS.caches.add(self)
 
     @property
     def synced(self) -> bool:
@@ -158,6 +163,7 @@ class WatchCache(Generic[T]):
                     self._by_key.setdefault(key, {}).update(objs)
                 self._key_of.update(key_of)
             self._synced.add(namespace)
+        self.last_event = time.time()
         for key in touched:
             self._changed(key)
         return str(reply["metadata"]["resourceVersion"])
@@ -179,6 +185,7 @@ class WatchCache(Generic[T]):
             if kind == "ERROR":
                 raise RuntimeError(obj.get("message", "watch error"))
             seen[0] = obj["metadata"]["resourceVersion"]
+            self.last_event = time.time()
             if kind != "BOOKMARK":
                 self._apply(kind, obj)
             return not self._stop.is_set()

@@ -106,7 +106,8 @@ OPERATOR = Dashboard(
     panels=queries.OPERATOR,
     rows=(
         ("Reconciles", ("reconciles", "latency", "errors")),
-        ("Resources and footprint", ("phases", "queue", "cpu", "memory")),
+        ("API and watches", ("api_latency", "watch_age", "queue")),
+        ("Resources and footprint", ("phases", "cpu", "memory")),
     ),
     variables=(
         Variable("operator", "Operator scrape job", "label_values(tandem_operator_reconcile_total, job)"),

@@ -342,6 +342,25 @@ OPERATOR: dict[str, Panel] = {
             ),
         ),
     ),
+    "api_latency": Panel(
+        "Kubernetes API latency",
+        "s",
+        quantiles("tandem_operator_api_request_duration_seconds", OPERATOR_JOB, by="verb")[::2],
+        "The operator's API calls (watches excluded) by verb, p50 and p99.",
+    ),
+    "watch_age": Panel(
+        "Watch freshness",
+        "s",
+        (
+            Query(
+                "time() - max by (resource) "
+                f"(tandem_operator_watch_last_event_timestamp_seconds{{{OPERATOR_JOB}}})",
+                "{{resource}}",
+            ),
+        ),
+        "Seconds since each watch last heard from the API server (an event or a bookmark, about every "
+        "minute): growing past a few minutes means a stuck watch.",
+    ),
     "queue": Panel(
         "Work-queue depth",
         "short",

@@ -102,6 +102,8 @@ def test_operator_dashboard_and_the_operators_panels(
         within(ops["errors"], 0, 100)
         within(ops["phases"], 1, 1, "TrainingJob Running")
         within(ops["queue"], 0, 1000, "TrainingJob")
+        within(ops["api_latency"], 0.00001, 10)
+        within(ops["watch_age"], 0, 300, "trainingjobs")
         within(ops["cpu"], 0, 16)
         within(ops["memory"], 10e6, 10e9)
         assert set(ops) == set(layout.OPERATOR.panels)
