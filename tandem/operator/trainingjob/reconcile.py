@@ -232,7 +232,7 @@ class _Machine:
                 due.append(status.start_time + timedelta(seconds=spec.active_deadline_seconds))
             if status.phase is Phase.SCHEDULING and self.current:
                 due.append(self.gang_created() + timedelta(seconds=spec.scheduling.gang_timeout_seconds))
-            if any(rate.usd_per_hour > 0 for _, rate in self.pod_rates()) and status.cost is not None:
+            if self.decision.rate.usd_per_hour > 0 and status.cost is not None:  # set by accrue_cost
                 written = status.cost.last_update_time or self.now
                 due.append(written + timedelta(seconds=COST_REFRESH_SECONDS))
         if self.decision.hold:
