@@ -6,16 +6,15 @@ newest token of each sequence, attending over its cached keys (the cost of the m
 attention over the context).
 
 Layout: one pool, `(layers, 2, slots, heads, block_size, head_dim)`: keys and values together, each slot and
-head's positions contiguous (the decoding attention's matrix products read them as whole rows; on
-`(slots, positions, heads, head_dim)` they ran 6.5x slower at batch 256 on an H100), and a step writes every
-row's new keys and values with one `index_copy_` per layer. A
-sequence owns one slot from its first step (the *prefill*: its whole context in one pass, keys and values
-stored) until it leaves. The caller names sequences by object (`GenSequence`); a sequence missing from a
-step has left (the generation scheduler runs every active sequence at every step), so its slot is free
-again. Slots stay dense: the cached sequences own slots 0 to n - 1, and when one leaves, the last slot's
-keys and values move into its hole (one copy of that sequence's cached positions). So the cached rows of a
-step always read slots 0 to n - 1 as one view of the pool for every layer, never a gather. The pool grows
-(doubling) when a step has more sequences than slots, and is never shrunk.
+head's positions contiguous (the decoding attention's matrix products read them as whole rows; on `(slots,
+positions, heads, head_dim)` they ran 6.5x slower at batch 256 on an H100), and a step writes every row's new
+keys and values with one `index_copy_` per layer. A sequence owns one slot from its first step (the *prefill*:
+its whole context in one pass, keys and values stored) until it leaves. The caller names sequences by object
+(`GenSequence`); a sequence missing from a step has left (the generation scheduler runs every active sequence
+at every step), so its slot is free again. Slots stay dense: the cached sequences own slots 0 to n - 1, and
+when one leaves, the last slot's keys and values move into its hole (one copy of that sequence's cached
+positions). So the cached rows of a step always read slots 0 to n - 1 as one view of the pool for every layer,
+never a gather. The pool grows (doubling) when a step has more sequences than slots, and is never shrunk.
 
 A step in which new sequences join cached ones runs two passes: the cached rows' newest tokens (one token
 each, attending over their own lengths through a mask), then the new rows' whole contexts (right-padded
@@ -24,7 +23,8 @@ every row's context.
 
 On a GPU the decoding pass of a small model is bound by the CPU launching its operations (a 124M model's
 bf16 step launches ~150 kernels in ~3.5 ms, and the card needs ~0.1 ms to read its weights). So on CUDA
-the decoding pass is captured in a CUDA graph (`cuda_graphs`, default on for CUDA) for bucketed shapes:
+the decoding pass and the prefill of joining rows are captured in CUDA graphs (`cuda_graphs`, default on for
+CUDA; prefills over `PREFILL_GRAPH_TOKENS` stay op by op) for bucketed shapes:
 the batch rounded up (1, 2, 4, 8, 16, then multiples of 16; padding rows attend to one position of a free
 slot) and the attended width rounded up to a multiple of 64 (128 past 512 positions); a step copies its
 tokens, positions and lengths into the graph's input buffers and replays it, and the greedy choice is made
