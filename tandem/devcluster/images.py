@@ -8,7 +8,8 @@ pods find it in the node's containerd without a pull.
 
 An archive is cached under a key that hashes every input of the build (the Dockerfile, the build
 context's files, the base image's recipe), so an unchanged tree never rebuilds. buildah's own layer
-cache (`--layers`) and the Dockerfiles' wheel cache keep a rebuild after a source edit to seconds.
+cache (`--layers`) and the Dockerfiles' wheel cache limit a rebuild after a source edit to the changed
+layers and the archive.
 buildah is driven as a command, not through a library: it is a Go program with no Python binding.
 """
 
@@ -39,8 +40,9 @@ from tandem.errors import UserError
 
 Progress = Callable[[str], None]
 
-# Bump when the recipe below changes in a way the hashed inputs do not capture.
-RECIPE_VERSION = "1"
+# Bump when the recipe below changes in a way the hashed inputs do not capture (the archive's, the base's).
+RECIPE_VERSION = "2"
+BASE_RECIPE_VERSION = "1"
 HEARTBEAT_SECONDS = 30.0
 STOP_SECONDS = 20.0
 REGISTRY_PREFIX = "ghcr.io/tandem-dev/"
@@ -87,7 +89,7 @@ class BaseSpec:
     @property
     def key(self) -> str:
         """Hash of the recipe (not the mirror, which serves the same packages)."""
-        recipe = {"suite": self.suite, "packages": sorted(self.packages), "recipe": RECIPE_VERSION}
+        recipe = {"suite": self.suite, "packages": sorted(self.packages), "recipe": BASE_RECIPE_VERSION}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -449,26 +451,33 @@ def _make_base(progress: Progress, base: BaseSpec, verbose: bool) -> None:
 
 
 def _write_archive(spec: ImageSpec, archive: Path, log: Path, progress: Progress, verbose: bool) -> None:
-    """Push the built image to an OCI layout, name it for containerd, and tar it into `archive`."""
+    """Push the built image to an OCI archive and name it for containerd in the archive's index.
+
+    The index is swapped in place with GNU tar (`--delete`, then `--append`: both seek, so a 4 GB
+    archive is not copied again).
+    """
     archive.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="layout-", dir=archive.parent) as tmp:
-        layout = Path(tmp) / "layout"
-        _, tag = split_reference(spec.reference)
-        progress(f"[{spec.name}] writing the OCI archive")
-        _run_logged(
-            _buildah("push", "--quiet", spec.reference, f"oci:{layout}:{tag}"),
-            log,
-            progress,
-            spec.name,
-            verbose,
-        )
-        index_file = layout / "index.json"
-        index_file.write_text(json.dumps(name_index(json.loads(index_file.read_text()), spec.reference)))
-        partial = Path(tmp) / "archive.tar"
-        with tarfile.open(partial, "w") as tar:
-            for path in sorted(layout.rglob("*")):
-                tar.add(path, arcname=path.relative_to(layout).as_posix(), recursive=False)
-        partial.rename(archive)
+    partial = archive.with_name(archive.name + ".partial")
+    partial.unlink(missing_ok=True)
+    _, tag = split_reference(spec.reference)
+    progress(f"[{spec.name}] writing the OCI archive")
+    push = _buildah("push", "--quiet", spec.reference, f"oci-archive:{partial}:{tag}")
+    _run_logged(push, log, progress, spec.name, verbose)
+    with tarfile.open(partial) as tar:
+        member = tar.extractfile("index.json")
+        if member is None:
+            raise UserError(f"buildah wrote no index.json into {partial}; see {log}")
+        index = name_index(json.load(member), spec.reference)
+    with tempfile.TemporaryDirectory(prefix="index-") as tmp:
+        (Path(tmp) / "index.json").write_text(json.dumps(index))
+        for command in (
+            # One 512-byte block per record: buildah's (Go's) tar is not padded to GNU tar's default
+            # 10 KiB records, and `--delete` with those drops the member after the deleted one.
+            ["tar", "--blocking-factor=1", "--delete", "-f", str(partial), "index.json"],
+            ["tar", "--blocking-factor=1", "--append", "-f", str(partial), "-C", tmp, "index.json"],
+        ):
+            _run_logged(command, log, progress, spec.name, verbose)
+    partial.rename(archive)
 
 
 def _prune_archives(spec: ImageSpec, keep: Path) -> None:
