@@ -208,3 +208,27 @@ def test_references_need_a_tag() -> None:
     assert images.split_reference("localhost:5000/tandem:1.0") == ("localhost:5000/tandem", "1.0")
     with pytest.raises(UserError, match="no tag"):
         images.split_reference("localhost:5000/tandem")
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ("[3/3] STEP 7/14: RUN pip wheel ...", True),
+        ("STEP 2/3: ARG PIP_CERT", True),
+        ("  Downloading torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl (539.1 MB)", True),
+        ("  File was already downloaded /var/cache/tandem-wheels/x.whl", False),
+        ("Copying blob sha256:274ec51f29a4", False),
+        ("--> Using cache 0647949830a5", False),
+    ],
+)
+def test_progress_shows_build_steps_and_downloads(line: str, shown: bool) -> None:
+    assert bool(images._SHOWN.search(line)) is shown
+
+
+def test_output_dir_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["images", "build", "--output-dir", str(not_a_folder)])
+    assert exited.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
