@@ -38,6 +38,17 @@ class ServingPrecision(StrEnum):
     INT8 = "int8"
 
 
+class CudaGraphs(StrEnum):
+    """Whether causal-lm captures its decoding steps in CUDA graphs."""
+
+    AUTO = "auto"
+    """On a CUDA device with the KV cache on; off elsewhere."""
+    ON = "on"
+    """Always: refused on a CPU or without the KV cache."""
+    OFF = "off"
+    """Never: every step launches its kernels one by one (a baseline, or to rule graphs out)."""
+
+
 class LogLevel(StrEnum):
     """How much the server logs."""
 
@@ -111,6 +122,8 @@ class ModelSettings(ApiModel):
     kv_cache: bool = True
     """causal-lm: keep each sequence's keys and values between decoding steps; off recomputes every
     context at every step."""
+    cuda_graphs: CudaGraphs = CudaGraphs.AUTO
+    """causal-lm: capture the decoding steps in CUDA graphs (auto: on a GPU with the KV cache)."""
 
 
 class HttpSettings(ApiModel):
@@ -144,6 +157,16 @@ class ServerOptions(ApiModel):
             rule="",
             message="--kv-cache applies to --runtime causal-lm only: remove it for other runtimes",
             check=lambda o: o.model.kv_cache or o.model.runtime == Runtime.CAUSAL_LM,
+        ),
+        Rule(
+            rule="",
+            message="--cuda-graphs applies to --runtime causal-lm only: remove it for other runtimes",
+            check=lambda o: o.model.cuda_graphs is CudaGraphs.AUTO or o.model.runtime == Runtime.CAUSAL_LM,
+        ),
+        Rule(
+            rule="",
+            message="--cuda-graphs on needs --kv-cache on (graphs capture the cached decoding step)",
+            check=lambda o: o.model.cuda_graphs is not CudaGraphs.ON or o.model.kv_cache,
         ),
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.api.serving import Batching, Runtime, ServerOptions
+from tandem.api.serving import Batching, CudaGraphs, Runtime, ServerOptions
 from tandem.api.serving import ServingPrecision as Precision
 from tandem.errors import UserError
 from tandem.workloads.serve import cli
@@ -101,6 +101,16 @@ def test_kv_cache_switch_is_for_causal_lm(tmp_path: Path) -> None:
     assert cli.build_config(parse(*base, "--kv-cache", "off")).model.kv_cache is False
     with pytest.raises(UserError, match="--kv-cache applies to --runtime causal-lm only"):
         cli.build_config(parse("--runtime", "noop", "--model-uri", ".", "--kv-cache", "off"))
+
+
+def test_cuda_graphs_switch_is_for_cached_causal_lm(tmp_path: Path) -> None:
+    base = ("--runtime", "causal-lm", "--model-uri", str(tmp_path))
+    assert cli.build_config(parse(*base)).model.cuda_graphs is CudaGraphs.AUTO
+    assert cli.build_config(parse(*base, "--cuda-graphs", "off")).model.cuda_graphs is CudaGraphs.OFF
+    with pytest.raises(UserError, match="--cuda-graphs applies to --runtime causal-lm only"):
+        parse("--runtime", "embeddings", "--model-uri", ".", "--cuda-graphs", "off")
+    with pytest.raises(UserError, match="--cuda-graphs on needs --kv-cache on"):
+        parse(*base, "--cuda-graphs", "on", "--kv-cache", "off")
 
 
 def test_workers_come_from_the_flag_or_the_shared_default() -> None:

@@ -77,6 +77,7 @@ def build_config(options: ServerOptions) -> Any:
             device=settings.device,
             precision=settings.precision,
             kv_cache=settings.kv_cache,
+            cuda_graphs=settings.cuda_graphs,
         ),
         batching=BatchingConfig.from_spec(batching),
         limits=HttpLimits(max_request_bytes=http.max_request_bytes, body_timeout_s=http.body_timeout_s),

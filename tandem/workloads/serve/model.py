@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from tandem.api.serving import Runtime, ServingPrecision
+from tandem.api.serving import CudaGraphs, Runtime, ServingPrecision
 from tandem.errors import UserError
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class ModelOptions:
     kv_cache: bool = True
     """causal-lm: keep each sequence's keys and values between decoding steps (`runtimes.kv_cache`); False
     recomputes every context at every step."""
+    cuda_graphs: CudaGraphs = CudaGraphs.AUTO
+    """causal-lm: capture the decoding steps in CUDA graphs (auto: on a CUDA device with the cache)."""
 
 
 def resolve_model_path(uri: str, cache_dir: Path | None = None) -> Path:

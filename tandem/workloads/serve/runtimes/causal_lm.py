@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tandem.api.serving import Runtime
+from tandem.api.serving import CudaGraphs, Runtime
 from tandem.api.serving import ServingPrecision as Precision
 from tandem.errors import UserError
 from tandem.workloads.serve.generation import GenSequence, SamplingParams
@@ -92,7 +92,15 @@ class CausalLM:
             # repeats one shape, but continuous batching meets new ones all the time.
             torch.backends.cuda.enable_cudnn_sdp(False)
         torch.set_grad_enabled(False)
-        self._cache = DecodeCache(model, keep=self.options.kv_cache, vocab=tokenizer.vocab_size)
+        graphs = self.options.cuda_graphs
+        if graphs is CudaGraphs.ON and device.type != "cuda":
+            raise UserError(f"--cuda-graphs on needs a CUDA device, not {device}: use auto or off")
+        self._cache = DecodeCache(
+            model,
+            keep=self.options.kv_cache,
+            vocab=tokenizer.vocab_size,
+            cuda_graphs=None if graphs is CudaGraphs.AUTO else graphs is CudaGraphs.ON,
+        )
         self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
