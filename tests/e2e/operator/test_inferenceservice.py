@@ -22,9 +22,12 @@ from operator_process import OperatorProcess, start_operator, wait_for
 
 from tandem.devinstall import Kubectl, install_example_volumes
 from tandem.errors import UserError
+from tandem.operator import cost
+from tandem.operator.config import OperatorSettings
 
 WAIT = 60
 H100 = "NVIDIA-H100-80GB-HBM3"
+PRICES = OperatorSettings().prices()  # the chart's defaults, which the session's operator runs with
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -145,7 +148,10 @@ def test_children_are_created_with_the_right_spec(kubectl: Kubectl, namespace: s
     row = wait_for(ready_row, WAIT, "READY 2/2 in kubectl get")
     assert row["PHASE"] == "Ready"
     assert row["MODEL"] == "pvc://models/minilm-l6"
-    assert row["COST/H"] == "$8.00"  # 2 replicas x 1 H100 x $4.00
+    # 2 replicas on nodes, each 1 H100 at $4.00 plus its CPU and memory requests (OpenCost's prices).
+    replica = cost.pod_rate(cost.containers_of(replicas_of(kubectl, namespace, "embed")[0]), H100, PRICES)
+    assert replica.gpus == 1
+    assert row["COST/H"] == f"${2 * replica.usd_per_hour:,.2f}"
     reasons = {e["reason"] for e in events(kubectl, namespace, "embed")}
     assert {"Created", "Ready"} <= reasons
 

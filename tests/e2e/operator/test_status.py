@@ -7,10 +7,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from kubeobjects import events, get, observed, status_of
+from kubeobjects import events, get, items, observed, status_of
 from operator_process import OperatorProcess, wait_for
 
 from tandem.devinstall import Kubectl, install_example_volumes
+from tandem.operator import cost
+from tandem.operator.config import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "examples"
 STATUS_SECONDS = 30
@@ -70,7 +72,11 @@ def test_examples_apply_and_show_printer_columns(kubectl: Kubectl, namespace: st
     assert services["embeddings"]["PHASE"] == "Ready"
     assert services["embeddings"]["READY"] == "1/1"
     assert services["embeddings"]["MODEL"] == "pvc://models/minilm-l6/"
-    assert services["embeddings"]["COST/H"] == "$4.00"  # one H100 at the default price table
+    # One replica on an H100 node: $4.00 for the GPU, plus its CPU and memory requests (OpenCost's prices).
+    (replica,) = items(kubectl, namespace, "pods", "-l=tandem.dev/inferenceservice=embeddings")
+    rate = cost.pod_rate(cost.containers_of(replica), "NVIDIA-H100-80GB-HBM3", OperatorSettings().prices())
+    assert rate.gpus == 1
+    assert services["embeddings"]["COST/H"] == f"${rate.usd_per_hour:,.2f}"
     # The service that serves gpt-tiny's checkpoints waits for the first one, and says so.
     assert services["gpt-tiny"]["MODEL"].startswith("gpt-tiny")
     assert services["gpt-tiny"]["PHASE"] == "Pending"
