@@ -20,8 +20,8 @@ from typing import Any
 
 from tandem.operator.gpu import GPU_RESOURCE
 
-#: OpenCost's published default prices (its `configs/default.json`, the prices it uses when no cloud
-#: pricing source is configured), read 2026-12-05: https://github.com/opencost/opencost.
+#: OpenCost's published default prices (github.com/opencost/opencost configs/default.json, "Default
+#: prices based on GCP us-central1", what it uses when no pricing source is configured), read 2026-12-05.
 OPENCOST_CPU_USD_PER_VCPU_HOUR = 0.031611
 OPENCOST_RAM_USD_PER_GIB_HOUR = 0.004237
 OPENCOST_GPU_USD_PER_GPU_HOUR = 0.95
