@@ -100,7 +100,7 @@ def up() -> int:
         "  kubectl get tj,tisvc,pods -o wide\n"
         "  kubectl describe tj gpt-tiny\n"
         f"  kubectl logs -n {lifecycle.NAMESPACE} -l tandem.dev/inferenceservice=gpt-tiny\n"
-        f"  Prometheus: {stack.prometheus_url} (try tandem_serve_requests_total)\n"
+        f"  Prometheus: {stack.prometheus_url} (try tandem_serve_request_duration_seconds_count)\n"
         f"  tandem cost --prometheus-url {stack.prometheus_url}\n"
         "  dashboards: charts/tandem/dashboards/*.json (docs/dashboards.md)\n"
         "Stop everything with `make demo-down`."

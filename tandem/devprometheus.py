@@ -26,13 +26,21 @@ SCRAPE_INTERVAL = "2s"
 READY_SECONDS = 60.0
 
 
+#: The chart's recording and alerting rules: the dashboards and `tandem cost` read their series.
+RULES_FILE = Path(__file__).resolve().parents[1] / "charts" / "tandem" / "files" / "prometheus-rules.yaml"
+
+
 def config(targets_file: Path) -> dict[str, Any]:
-    """The scrape configuration: the pods the discovery loop lists in `targets_file`."""
+    """The scrape configuration: the pods the discovery loop lists in `targets_file`, their own labels
+    kept (`honor_labels`: the operator's series carry the namespace and name of what they describe),
+    and the chart's rules."""
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": [str(RULES_FILE)],
         "scrape_configs": [
             {
                 "job_name": "tandem-pods",
+                "honor_labels": True,
                 "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "2s"}],
             }
         ],
@@ -41,7 +49,8 @@ def config(targets_file: Path) -> dict[str, Any]:
 
 def targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """File-based discovery entries for running pods annotated `prometheus.io/scrape: "true"` (their
-    `prometheus.io/port`) and for training pods (their `metrics` port), labelled namespace and pod."""
+    `prometheus.io/port`) and for training pods (their `metrics` port), labelled namespace and pod, and
+    service for an InferenceService's replicas."""
     found = []
     for pod in pods:
         meta, status = pod.get("metadata") or {}, pod.get("status") or {}
@@ -57,6 +66,9 @@ def targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
             port = next((str(p["containerPort"]) for p in ports if p.get("name") == "metrics"), None)
         if port:
             labels = {"namespace": meta.get("namespace", ""), "pod": meta.get("name", "")}
+            service = (meta.get("labels") or {}).get("tandem.dev/inferenceservice")
+            if service:
+                labels["service"] = service  # the replicas' series join their InferenceService by it
             found.append({"targets": [f"{ip}:{port}"], "labels": labels})
     return sorted(found, key=lambda t: (t["labels"]["namespace"], t["labels"]["pod"]))
 

@@ -45,7 +45,11 @@ def pod(
 
 def test_targets_are_the_annotated_pods_and_the_training_pods_metrics_ports() -> None:
     pods = [
-        pod("server", annotations={"prometheus.io/scrape": "true", "prometheus.io/port": "8080"}),
+        pod(
+            "server",
+            annotations={"prometheus.io/scrape": "true", "prometheus.io/port": "8080"},
+            labels={"tandem.dev/inferenceservice": "gpt"},
+        ),
         pod(
             "head",
             labels={"app.kubernetes.io/name": "tandem-training"},
@@ -60,5 +64,5 @@ def test_targets_are_the_annotated_pods_and_the_training_pods_metrics_ports() ->
     ]
     assert devprometheus.targets(pods) == [
         {"targets": ["10.244.0.9:8080"], "labels": {"namespace": "ns", "pod": "head"}},
-        {"targets": ["10.244.0.9:8080"], "labels": {"namespace": "ns", "pod": "server"}},
+        {"targets": ["10.244.0.9:8080"], "labels": {"namespace": "ns", "pod": "server", "service": "gpt"}},
     ]
