@@ -482,7 +482,7 @@ def _write_archive(spec: ImageSpec, archive: Path, log: Path, progress: Progress
 
 def _prune_archives(spec: ImageSpec, keep: Path) -> None:
     """Archives of older inputs are never used again (a GB or more each for the workloads)."""
-    for old in keep.parent.glob(f"tandem-{spec.name}-*.oci.tar"):
+    for old in keep.parent.glob(f"tandem-{spec.name}-*.oci.tar*"):  # with interrupted `.partial`s
         if old != keep:
             old.unlink(missing_ok=True)
 
