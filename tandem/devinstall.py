@@ -120,8 +120,18 @@ def volume_documents(namespace: str, claim: str) -> list[dict[str, Any]]:
 def install_example_volumes(
     kubectl: Kubectl, namespace: str, claims: tuple[str, ...] = EXAMPLE_CLAIMS
 ) -> None:
-    """Create the claims the examples use in `namespace` and wait until they are Bound."""
-    kubectl.apply([doc for claim in claims for doc in volume_documents(namespace, claim)])
+    """Create the claims the examples use in `namespace` and wait until they are Bound.
+
+    The hostPath folders are made here, writable by everyone with the sticky bit (as /tmp): Tandem's
+    images run as uid 65532, and a folder the kubelet creates for a hostPath volume belongs to root.
+    The dev cluster's nodes are this machine, so the folders are local."""
+    documents = [doc for claim in claims for doc in volume_documents(namespace, claim)]
+    for doc in documents:
+        if doc["kind"] == "PersistentVolume":
+            folder = Path(doc["spec"]["hostPath"]["path"])
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o1777)
+    kubectl.apply(documents)
     for claim in claims:
         kubectl.run(
             "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", f"pvc/{claim}"

@@ -9,6 +9,7 @@ A field dropped, renamed or re-defaulted on either side fails these tests.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,24 @@ def test_a_pod_refuses_a_document_it_cannot_read() -> None:
     broken["spec"]["workers"]["replicas"] = 0
     with pytest.raises(UserError, match=r"spec\.workers\.replicas"):
         TrainingRun.from_env({RUN_ENV: json.dumps(broken)})
+
+
+def test_a_checkpoint_folder_the_pod_cannot_write_is_named_before_ray_starts(tmp_path: Path) -> None:
+    from tandem.workloads.train.pod import check_writable
+
+    check_writable(f"file://{tmp_path}/ns/job")  # made when missing
+    assert (tmp_path / "ns" / "job").is_dir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: a file in the way fails for everyone
+            blocker = tmp_path / "blocker"
+            blocker.write_text("")
+            target = f"file://{blocker}/ns/job"
+        else:
+            target = f"file://{locked}/ns/job"
+        with pytest.raises(UserError, match=r"spec\.checkpoint\.storage: cannot write checkpoints"):
+            check_writable(target)
+    finally:
+        locked.chmod(0o700)

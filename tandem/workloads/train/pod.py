@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from tandem.api.trainingrun import RAY_GCS_PORT, TrainingRun
@@ -40,6 +41,23 @@ def worker_resources(run: TrainingRun) -> tuple[int, int]:
     resources = run.spec.workers.resources
     cores = resources.cpu_cores()
     return max(1, int(cores)) if cores is not None else 1, resources.gpu
+
+
+def check_writable(checkpoint_dir: str) -> None:
+    """The checkpoint folder exists (made if missing) and this process may write there; a UserError
+    naming the field before Ray starts, instead of a traceback from deep inside the first checkpoint."""
+    path = Path(checkpoint_dir.removeprefix("file://"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tandem-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"spec.checkpoint.storage: cannot write checkpoints to {path} ({exc.strerror}, "
+            f"uid {os.getuid()}): the volume must be writable by the pods' user (Tandem's images run as "
+            "uid 65532; give the volume's folder to that user, or an fsGroup the volume honours)"
+        ) from None
 
 
 def wait_for_workers(expected: int, timeout: float, *, poll: float = 1.0) -> int:
@@ -71,6 +89,8 @@ def head(args: Any) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = TrainingRun.from_env()
     cfg = from_run(env)  # a bad spec fails here, before Ray starts
+    if cfg.checkpoint_dir:
+        check_writable(cfg.checkpoint_dir)
     if cfg.entrypoint:
         from tandem.workloads.train.session import resolve_entrypoint
 
