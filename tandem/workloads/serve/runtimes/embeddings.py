@@ -8,6 +8,7 @@ sentence-transformers does (mean over the attention mask by default, or CLS / ma
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,7 @@ class EmbeddingModel:
             mask[row, : len(tokens.ids)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    def predict(self, batch: list[str | Tokens]) -> list[Embedding]:
+    def predict(self, batch: Sequence[str | Tokens]) -> list[Embedding]:
         """Vectors of a batch of texts, or of inputs `prepare` tokenized already (the server's way)."""
         import torch
 
