@@ -82,7 +82,7 @@ def rbac_documents(namespace: str = OPERATOR_NAMESPACE, name: str = OPERATOR_NAM
 EXAMPLE_CLAIMS = ("datasets", "tandem-checkpoints", "gpt-124m-checkpoints", "models")
 
 
-def volume_documents(namespace: str, claim: str) -> list[dict[str, Any]]:
+def volume_documents(namespace: str, claim: str, root: Path) -> list[dict[str, Any]]:
     """A ReadWriteMany claim and a hostPath volume pre-bound to it.
 
     The dev cluster has no storage provisioner; a statically bound volume lets the real PV controller
@@ -99,7 +99,7 @@ def volume_documents(namespace: str, claim: str) -> list[dict[str, Any]]:
                 "accessModes": ["ReadWriteMany"],
                 "persistentVolumeReclaimPolicy": "Delete",
                 "storageClassName": "",
-                "hostPath": {"path": f"/var/tmp/tandem/{namespace}/{claim}", "type": "DirectoryOrCreate"},
+                "hostPath": {"path": str(root / namespace / claim), "type": "DirectoryOrCreate"},
                 "claimRef": {"namespace": namespace, "name": claim},
             },
         },
@@ -122,10 +122,13 @@ def install_example_volumes(
 ) -> None:
     """Create the claims the examples use in `namespace` and wait until they are Bound.
 
-    The hostPath folders are made here, writable by everyone with the sticky bit (as /tmp): Tandem's
-    images run as uid 65532, and a folder the kubelet creates for a hostPath volume belongs to root.
-    The dev cluster's nodes are this machine, so the folders are local."""
-    documents = [doc for claim in claims for doc in volume_documents(namespace, claim)]
+    The hostPath folders live in the cluster's state folder (where its kubeconfig is), so `tandem cluster
+    down` removes them with it and a new cluster never finds an old run's checkpoints. They are made here,
+    writable by everyone with the sticky bit (as /tmp): Tandem's images run as uid 65532, and a folder
+    the kubelet creates for a hostPath volume belongs to root. The dev cluster's nodes are this machine,
+    so the folders are local."""
+    root = kubectl.kubeconfig.resolve().parent / "volumes"
+    documents = [doc for claim in claims for doc in volume_documents(namespace, claim, root)]
     for doc in documents:
         if doc["kind"] == "PersistentVolume":
             folder = Path(doc["spec"]["hostPath"]["path"])
