@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tandem import lifecycle
 from tandem.devcluster import cluster as devcluster
+from tandem.devcluster import hostchanges, nodeconfig
 
 CLUSTER = os.environ.get("TANDEM_LIFECYCLE_CLUSTER", "tandem-life")
 
@@ -28,8 +30,27 @@ def _say(message: str) -> None:
 def stack() -> Iterator[lifecycle.Stack]:
     """The real-node cluster with everything the story needs, before anything is applied."""
     info = devcluster.up(CLUSTER, progress=_say, real_node=True, gpu_nodes=0, cpu_nodes=0)
+    bridge = Path("/sys/class/net") / nodeconfig.bridge_name(CLUSTER)
     try:
         yield lifecycle.prepare(info, _say)
     finally:
         lifecycle.stop_everything(info)
         devcluster.down(CLUSTER, progress=_say)
+    # Nothing of the story is left: no process started from the cluster's folder, no mount, no bridge,
+    # and the folder itself (state, volumes, checkpoints) is gone.
+    left = [f"process {pid}: {cmd[:120]}" for pid, cmd in _processes().items() if str(info.state_dir) in cmd]
+    left += [f"mount {m}" for m in hostchanges.mounts_under([info.state_dir])]
+    left += [f"interface {bridge.name}"] if bridge.exists() else []
+    left += [f"folder {info.state_dir}"] if info.state_dir.exists() else []
+    assert left == [], left
+
+
+def _processes() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+    return found
