@@ -35,8 +35,9 @@ def _say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def _show(row: str) -> None:
-    print(f"    {row}", flush=True)
+def _show(rows: str) -> None:
+    for row in rows.splitlines():
+        print(f"    {row}", flush=True)
 
 
 def up() -> int:

@@ -52,16 +52,16 @@ CKPT = {
 def test_record_is_rate_limited_and_written_on_each_checkpoint() -> None:
     clock, writer = Clock(), ListWriter()
     rep = ProgressReporter(writer=writer, min_interval=5.0, clock=clock)
-    rep.step(step(1))
+    rep.step(step(8))
     clock.now += 1
-    rep.step(step(2))  # within 5 s: not written
-    assert [r["step"] for r in writer.records()] == [1]
-    rep.checkpoint(CKPT)  # a checkpoint is written at once
+    rep.step(step(9))  # within 5 s: not written
+    assert [r["step"] for r in writer.records()] == [8]
+    rep.checkpoint(CKPT)  # a checkpoint is written at once, and overtook step 10's report: 10 are done
     clock.now += 5
-    rep.step(step(3))
+    rep.step(step(11))
     rep.flush()
     records = writer.records()
-    assert [r["step"] for r in records] == [1, 2, 3, 3]
+    assert [r["step"] for r in records] == [8, 10, 11, 11]
     assert records[1]["checkpoint"] == {"step": 10, "uri": CKPT["uri"], "time": CKPT["time"]}
 
 

@@ -244,6 +244,10 @@ class ProgressReporter:
                 self.metrics.last_checkpoint_step.set(ev["step"])
             if self._record is not None:
                 self._record["checkpoint"] = self._checkpoint
+                # Checkpoint events can overtake the ranks' batched step reports: a checkpoint at step N
+                # means N steps are done, so the record never shows fewer (kubectl showed STEP 80 beside
+                # CHECKPOINT 100).
+                self._record["step"] = max(self._record["step"], ev["step"])
                 self._write_locked(self.clock())
 
     def flush(self) -> None:
