@@ -168,7 +168,7 @@ def down() -> int:
         pids = ", ".join(str(r.pid) for r in operators)
         _say(f"operator stopped (pid {pids})" if not left else f"could not stop operator pid {left[0].pid}")
     else:
-        _say("no operator was running for the demo cluster")
+        _say("no operator process of the demo cluster ran on this machine (its pod stops with the cluster)")
     if devprometheus.stop(state_dir):
         _say("Prometheus stopped")
     stopped = devcluster.down(DEMO_CLUSTER, progress=_say)
