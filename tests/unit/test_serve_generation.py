@@ -8,6 +8,7 @@ queued or active between steps. No sleeps stand in for conditions.
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tandem.workloads.serve.batcher import BatchingConfig
+from tandem.workloads.serve.detokenize import text_decoder
 from tandem.workloads.serve.errors import Draining, ModelError, QueueFull
 from tandem.workloads.serve.generation import (
     GenerationScheduler,
@@ -331,3 +333,123 @@ def test_logit_processors_bias_and_penalize_generated_tokens_only() -> None:
     assert plain.logprob.logprob == pytest.approx(float(expected[2]))
     assert [t for t, _ in plain.logprob.top] == [1, 2]
     assert plain.logprob.top[0][1] == pytest.approx(float(expected[1]))
+
+
+# -- incremental text: only the new token is decoded, and the pieces add up to the whole decode ------------
+
+ANSWER = "naïve café: 1€, 𝄞 and 😀 end"  # 2-, 3- and 4-byte characters
+
+
+class ScriptModel:
+    """Continues every prompt with the tokens of `script` (then EOS). `pieces` are the tokens' bytes; with
+    `byte_level` it says so (`token_bytes`), else the scheduler only has `decode`."""
+
+    name = "script"
+
+    def __init__(self, pieces: list[bytes], script: list[int], *, byte_level: bool) -> None:
+        self.pieces, self.script = pieces, script
+        self.eos_id: int | None = len(pieces)
+        self.vocab_size = len(pieces)
+        if byte_level:
+            self.token_bytes = lambda token: self.pieces[token] if token < len(self.pieces) else b""
+
+    def encode(self, text: str) -> list[int]:
+        return [0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        data = b"".join(self.pieces[i] for i in ids if i < len(self.pieces))
+        return data.decode("utf-8", errors="replace")
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        return [
+            self.script[s.generated] if s.generated < len(self.script) else len(self.pieces) for s in batch
+        ]
+
+
+def byte_model(data: bytes) -> ScriptModel:
+    return ScriptModel([bytes([b]) for b in range(256)], list(data), byte_level=True)
+
+
+def merged_model(data: bytes, rng: random.Random) -> ScriptModel:
+    """A subword vocabulary: `data` cut into random chunks of 1-5 bytes (often inside a character), each a
+    token."""
+    pieces: list[bytes] = []
+    at = 0
+    while at < len(data):
+        size = rng.randint(1, 5)
+        pieces.append(data[at : at + size])
+        at += size
+    return ScriptModel(pieces, list(range(len(pieces))), byte_level=False)
+
+
+async def streamed_pieces(model: ScriptModel, **params: Any) -> tuple[list[str], TokenEvent]:
+    sched = GenerationScheduler(
+        model,
+        BatchingConfig(max_batch_size=4, max_queue_delay_ms=0),
+        ServeMetrics(model.name, 4, process_metrics=False),
+    )
+    sched.start()
+    handle = sched.submit([[0]], SamplingParams(max_tokens=1000, **params), stream=True)
+    pieces = []
+    while (event := await handle.next_event()) is not None:
+        pieces.append(event.text)
+        last = event
+    whole = (
+        await collect(sched.submit([[0]], SamplingParams(max_tokens=1000, **params), stream=False), 1, 10)
+    )[0]
+    await sched.close()
+    return pieces, whole if last.finish_reason else last
+
+
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_streamed_text_equals_the_whole_decode_with_characters_split_across_tokens(byte_level: bool) -> None:
+    async def main() -> None:
+        data = ANSWER.encode()
+        model = byte_model(data) if byte_level else merged_model(data, random.Random(3))
+        pieces, whole = await streamed_pieces(model)
+        assert "".join(pieces) == ANSWER == whole.text
+        assert whole.finish_reason == "stop"
+        assert all("\ufffd" not in p for p in pieces)  # never half a character, even for a moment
+        # Streamed as it came, not at the end: byte-wise, each character in the step its last byte came.
+        sent = [p for p in pieces if p]
+        assert len(sent) == len(ANSWER) if byte_level else len(sent) > len(model.script) // 3
+
+    run(main())
+
+
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_invalid_and_truncated_utf8_decodes_as_the_whole_answer_would(byte_level: bool) -> None:
+    async def main() -> None:
+        # A stray continuation byte, an overlong lead, a character cut short mid-text, and one at the end.
+        data = b"ok \x80 then \xc0\xaf, cut \xe2\x82 here, end \xf0\x9f\x98"
+        model = byte_model(data) if byte_level else merged_model(data, random.Random(5))
+        pieces, whole = await streamed_pieces(model)
+        expected = data.decode("utf-8", errors="replace")
+        assert "".join(pieces) == expected == whole.text
+
+    run(main())
+
+
+def test_stop_strings_are_found_across_token_and_character_boundaries() -> None:
+    async def main() -> None:
+        pieces, whole = await streamed_pieces(byte_model(ANSWER.encode()), stop=("😀 e", "zz"))
+        assert "".join(pieces) == ANSWER[: ANSWER.index("😀 e")] == whole.text
+        assert whole.finish_reason == "stop"
+
+    run(main())
+
+
+def test_incremental_decoders_match_whole_decodes_of_random_bytes() -> None:
+    rng = random.Random(0)
+    alphabet = [*"aé€𝄞 ".encode(), 0x80, 0xBF, 0xC0, 0xE2, 0xF0, 0xFF]
+    for case in range(200):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        model = byte_model(data) if case % 2 else merged_model(data, rng)
+        ids: list[int] = []
+        decoder = text_decoder(model, ids, 0)
+        text = ""
+        for token in model.script:
+            ids.append(token)
+            text += decoder.push(token)
+        text += decoder.finish()
+        assert text == data.decode("utf-8", errors="replace"), (case, data)

@@ -10,8 +10,10 @@ Guarantees: every request ends (its tokens, its own error, `Draining`, or a time
 caller); a step that fails is retried in halves until the failing sequences are found, so one bad sequence
 fails only its own request and the rest of the step carries on; a request whose client went away
 (`GenerationHandle.cancel`) is dropped before its next step; the number of waiting sequences is bounded
-(`QueueFull` with Retry-After); `predict`-style length checks on every step. Text is produced here (stop
-strings, held-back partial characters), so the protocol layer only formats.
+(`QueueFull` with Retry-After); `predict`-style length checks on every step. Text is produced here, one
+token at a time (`detokenize`: only the new token is decoded), with stop strings and held-back partial
+characters, so the protocol layer only formats; a request that is not streamed gets one event per
+sequence, at its end.
 Start, drain, shutdown and admission are the dynamic batcher's (`queueloop.QueueLoop`).
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tandem.workloads.serve.batcher import BatchingConfig, BatchObserver
+from tandem.workloads.serve.detokenize import TextDecoder, text_decoder
 from tandem.workloads.serve.errors import ModelError, RequestTimeout, ServeError
 from tandem.workloads.serve.queueloop import QueueLoop
 
@@ -108,6 +111,8 @@ class GenSequence:
     """Log-probabilities of generated tokens not yet handed out in an event."""
     last_token_at: float | None = None
     """When its previous token came (perf_counter), for the inter-token latency."""
+    decoder: TextDecoder | None = None
+    """Turns its generated tokens into text one token at a time (made at its first token)."""
 
 
 class GenerativeModel(Protocol):
@@ -120,7 +125,9 @@ class GenerativeModel(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`. A model may also offer `token_bytes(token) -> bytes` (the bytes one token stands
+        for): the scheduler then decodes each sequence's text byte-wise (`detokenize.ByteDecoder`)."""
 
     def step(self, batch: list[GenSequence]) -> list[int]:
         """One decoding step: the next token of every sequence, in order (runs in a worker thread)."""
@@ -186,9 +193,10 @@ class GenerationHandle:
         self._scheduler._cancel(self._request)
 
 
-def stop_position(text: str, stops: Sequence[str]) -> int:
-    """Where the earliest stop string starts in `text`, or -1."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+def stop_position(text: str, stops: Sequence[str], new: int = 0) -> int:
+    """Where the earliest stop string starts in `text`, or -1; `new`: where the text not yet searched
+    starts (a stop found earlier would have ended the sequence, so only stops reaching past it count)."""
+    found = [i for i in (text.find(s, max(0, new - len(s) + 1)) for s in stops if s) if i >= 0]
     return min(found, default=-1)
 
 
@@ -335,11 +343,12 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
         self._observer.batch_finished(len(batch), seconds, error)
         produced = 0
+        now = time.perf_counter()  # every token of a step arrives at once
         for seq, token in zip(batch, tokens, strict=True):
             if isinstance(token, ServeError):
                 self._fail(seq, token)
             elif seq.finish_reason is None:  # not ended by a failing sibling of its request
-                produced += self._advance(seq, token)
+                produced += self._advance(seq, token, now)
         if produced:
             self._observer.tokens(produced)
         self._active = [s for s in self._active if s.finish_reason is None]
@@ -365,8 +374,11 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         half = len(batch) // 2
         return [*await self._tokens(batch[:half]), *await self._tokens(batch[half:])]
 
-    def _advance(self, seq: GenSequence, token: int) -> int:
-        """Apply one token to `seq` and tell its request what is new; the number of tokens it produced."""
+    def _advance(self, seq: GenSequence, token: int, now: float) -> int:
+        """Apply one token to `seq` and tell its request what is new; the number of tokens it produced.
+
+        Only the new token is decoded (`detokenize`), stop strings are looked for only where the new text
+        can complete one, and a request that is not streamed gets one event per sequence, when it ends."""
         request = seq.request
         assert request is not None
         if request.cancelled:
@@ -375,40 +387,53 @@ class GenerationScheduler(QueueLoop[GenSequence]):
             return 0
         params = seq.params
         produced = 0
+        decoder = seq.decoder
+        if decoder is None:
+            decoder = seq.decoder = text_decoder(self.model, seq.ids, seq.prompt_tokens)
+        searched = len(seq.text)
         if self.model.eos_id is not None and token == self.model.eos_id:
             seq.finish_reason = "stop"
+            seq.text += decoder.finish()
         else:
             produced = 1
             seq.ids.append(token)
             seq.generated += 1
             if seq.logprob is not None:
                 seq.logprobs.append(seq.logprob)
-            seq.text = self.model.decode(seq.ids[seq.prompt_tokens :])
-            cut = stop_position(seq.text, params.stop) if params.stop else -1
+                seq.logprob = None
+            seq.text += decoder.push(token)
+            if seq.generated >= params.max_tokens:
+                seq.finish_reason = "length"
+                seq.text += decoder.finish()
+        if params.stop and len(seq.text) > searched:
+            cut = stop_position(seq.text, params.stop, searched)
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 seq.finish_reason = "stop"
-            elif seq.generated >= params.max_tokens:
-                seq.finish_reason = "length"
         if produced:
-            now = time.perf_counter()
             if seq.last_token_at is not None:
                 self._observer.inter_token(now - seq.last_token_at)
             seq.last_token_at = now
-        if request.stream and not request.first_token_seen and produced:
-            request.first_token_seen = True
-            self._observer.first_token(time.perf_counter() - request.submitted)
-        end = len(seq.text) if seq.finish_reason else safe_prefix(seq.text, params.stop)
-        seq.logprob = None
-        if end > seq.sent or seq.finish_reason:
-            new = seq.text[seq.sent : end]
-            seq.sent = max(seq.sent, end)
-            logprobs = tuple(seq.logprobs)
-            seq.logprobs.clear()
-            request.events.put_nowait(TokenEvent(seq.index, new, seq.finish_reason, seq.generated, logprobs))
+            if request.stream and not request.first_token_seen:
+                request.first_token_seen = True
+                self._observer.first_token(now - request.submitted)
         if seq.finish_reason:
             request.unfinished -= 1
+            self._emit(seq, len(seq.text))
+        elif request.stream:
+            end = safe_prefix(seq.text, params.stop)
+            if end > seq.sent:
+                self._emit(seq, end)
         return produced
+
+    def _emit(self, seq: GenSequence, end: int) -> None:
+        """Hand `seq`'s text up to `end` (and its log-probabilities) to its request as one event."""
+        assert seq.request is not None
+        new = seq.text[seq.sent : end]
+        seq.sent = max(seq.sent, end)
+        logprobs = tuple(seq.logprobs)
+        seq.logprobs.clear()
+        seq.request.events.put_nowait(TokenEvent(seq.index, new, seq.finish_reason, seq.generated, logprobs))
 
 
 async def collect(handle: GenerationHandle, count: int, timeout_s: float | None) -> list[TokenEvent]:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
 WARM_UP_PROMPT = "The model server warms up. "
+_BYTES = [bytes([i]) for i in range(256)]
 
 
 class CausalLM:
@@ -151,8 +152,9 @@ class CausalLM:
         return self._tokenizer.decode(ids)
 
     def token_bytes(self, token: int) -> bytes:
-        """The bytes one token stands for (byte-level: ids below 256 are bytes; the specials are none)."""
-        return bytes([token]) if 0 <= token < 256 else b""
+        """The bytes one token stands for (byte-level: ids below 256 are bytes; the specials are none). The
+        scheduler calls it for every generated token (incremental decoding), hence the table."""
+        return _BYTES[token] if 0 <= token < 256 else b""
 
     def step(self, batch: list[GenSequence]) -> list[int]:
         import torch
