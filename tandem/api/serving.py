@@ -137,8 +137,15 @@ class HttpSettings(ApiModel):
     """Largest request body; larger ones get 413."""
     body_timeout_s: float = Field(default=15.0, gt=0, le=3600)
     """Longest wait for the next part of a request body; a client that stops sending gets 408."""
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """Longest wait for a request's headers, from the connection's opening or the request's first byte; a
+    client that sends nothing or half of its headers is closed (408 if it sent some)."""
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    """Most open connections per server process; beyond it a new connection gets 503 and is closed at once
+    (the open ones are unaffected). Keep it under the process's open-file limit (ulimit -n)."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    """On SIGTERM, how long requests already accepted may take to finish."""
+    """On SIGTERM, how long requests already accepted may take to finish (idle connections then take up
+    to 2 s more to close cleanly)."""
     log_level: LogLevel = LogLevel.INFO
     """How much to log."""
     access_log: bool = False

@@ -80,7 +80,12 @@ def build_config(options: ServerOptions) -> Any:
             cuda_graphs=settings.cuda_graphs,
         ),
         batching=BatchingConfig.from_spec(batching),
-        limits=HttpLimits(max_request_bytes=http.max_request_bytes, body_timeout_s=http.body_timeout_s),
+        limits=HttpLimits(
+            max_request_bytes=http.max_request_bytes,
+            body_timeout_s=http.body_timeout_s,
+            header_timeout_s=http.header_timeout_s,
+            max_connections=http.max_connections,
+        ),
         host=http.host,
         port=http.port,
         drain_timeout_s=http.drain_timeout_s,

@@ -126,7 +126,6 @@ def dump_json(content: Any) -> bytes:
 
 #: Longest wait for the next part of a request body (like nginx's client_body_timeout): a client that sends
 #: half a request gets 408 and its connection closes instead of holding it, and a request slot, forever.
-#: Not a `tandem serve` option yet (the lead wires HttpSettings into HttpLimits in serve/cli.py).
 BODY_TIMEOUT_S: Final = HttpSettings().body_timeout_s
 
 
@@ -136,6 +135,10 @@ class HttpLimits:
     """Largest request body accepted (413 beyond)."""
     body_timeout_s: float = BODY_TIMEOUT_S
     """Longest wait for the next part of a request body (408 after)."""
+    header_timeout_s: float = HttpSettings().header_timeout_s
+    """Longest wait for a request's headers (the connection closes after; see serve/connections.py)."""
+    max_connections: int = HttpSettings().max_connections
+    """Most open connections of the process (503 and closed beyond)."""
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:

@@ -1,8 +1,10 @@
 """Runs the app under uvicorn on a socket bound up front, and drains on SIGTERM.
 
 First SIGTERM (or Ctrl+C): the server leaves rotation (`/v2/health/ready` 503, new inference requests 503
-with `Connection: close`), requests already accepted finish, the batcher stops, then uvicorn exits 0.
-A second signal exits at once.
+with `Connection: close`), requests already accepted finish (their answers close their connections), the
+batcher stops; then the listener closes, idle kept-alive connections are closed cleanly once idle for a
+moment (`serve/connections.py`: no request that a client sent on one is reset) and the process exits 0,
+within --drain-timeout-s plus about 2 s. A second signal exits at once.
 
 With `workers` > 1, `serve` hands over to `tandem.workloads.serve.workers`: a supervisor process starts that
 many worker processes, each running `run_server` here on its own listening socket of the same port.
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -26,6 +30,7 @@ import uvicorn
 from tandem.api.serving import Runtime
 from tandem.errors import UserError
 from tandem.workloads.serve.batcher import BatchingConfig
+from tandem.workloads.serve.connections import CLOSE_BUDGET_S, ConnectionLimits, protocol_for
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.http import HttpLimits, build_app
 from tandem.workloads.serve.metrics import ServeMetrics
@@ -96,9 +101,14 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        started = time.monotonic()
         finished = await self.plane.drain(self.drain_timeout_s)
         if not finished:
             self.exit_code = 1
+        # uvicorn's shutdown (listener closed, connections closed) gets what is left of the drain timeout,
+        # and at least the time idle connections take to close cleanly.
+        left = self.drain_timeout_s - (time.monotonic() - started)
+        self.config.timeout_graceful_shutdown = math.ceil(max(left, CLOSE_BUDGET_S))
         self.should_exit = True
 
     def load_failed(self) -> None:
@@ -193,6 +203,14 @@ def run_server(
         access_log=config.access_log,
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)),
+        # Header timeout, connection bound and a clean close of idle connections in a drain (uvicorn's
+        # httptools protocol with those added).
+        http=protocol_for(
+            ConnectionLimits(
+                header_timeout_s=config.limits.header_timeout_s,
+                max_connections=config.limits.max_connections,
+            )
+        ),
         server_header=False,
         proxy_headers=False,  # the Service in front is no proxy whose headers we trust; saves a middleware
     )

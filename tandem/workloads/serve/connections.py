@@ -1,0 +1,196 @@
+"""Connection guards uvicorn lacks: a header-read timeout, a bound on open connections, and a drain that
+closes idle kept-alive connections without losing a request.
+
+uvicorn (0.54) arms no timer until a connection's first response is sent, so a client that opens a
+connection and sends nothing, or half of its headers, holds it (and a file descriptor) forever; its
+`limit_concurrency` counts connections but answers 503 only once a request's headers arrive, and also to
+existing connections' requests; and its shutdown closes idle kept-alive connections at once, so a client
+that sent its next request in that instant loses it (often to a reset, the kernel's answer to data arriving
+at a closed socket). `GuardedHttpProtocol` is uvicorn's own httptools protocol with those three things
+changed; uvicorn is pinned to a minor version (pyproject.toml), and tests/serve checks each by behaviour.
+Why not another server: hypercorn and granian have header timeouts but not the raw-ASGI speed or the drain
+we rely on; the change here is small and local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("tandem.serve")
+
+#: During a drain, an idle kept-alive connection is closed once it has been idle this long: a client that
+#: uses it in a loop sends its next request first (and gets 503 with `Connection: close`, a clean end), so
+#: only connections idle in a client's pool are closed from the server's side.
+DRAIN_IDLE_S: Final = 0.5
+#: After the server's FIN, how long a closing connection is read (and what arrives discarded) waiting for
+#: the client's own close; then it is closed. Reading until the client closes is what avoids a reset.
+CLOSE_LINGER_S: Final = 1.0
+#: Upper bound of the connection-closing phase of a drain (idle wait + linger + uvicorn's own poll).
+CLOSE_BUDGET_S: Final = DRAIN_IDLE_S + CLOSE_LINGER_S + 0.5
+
+
+def _plain_response(status: bytes, message: str, *extra: bytes) -> bytes:
+    body = ('{"error": "' + message + '"}').encode()
+    head = [
+        b"HTTP/1.1 " + status,
+        b"content-type: application/json",
+        b"content-length: " + str(len(body)).encode(),
+        b"connection: close",
+        *extra,
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+HEADER_TIMEOUT_RESPONSE: Final = _plain_response(
+    b"408 Request Timeout",
+    "the request headers did not arrive in time (--header-timeout-s); send them promptly",
+)
+TOO_MANY_CONNECTIONS_RESPONSE: Final = _plain_response(
+    b"503 Service Unavailable",
+    "too many open connections to this server process (--max-connections); reuse a connection or retry",
+    b"retry-after: 1",
+)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    """Longest time from a connection's opening, or a request's first byte, to the end of its headers."""
+    max_connections: int
+    """Most open connections of this process; more are answered 503 and closed at once."""
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header timeout, a connection bound and a clean idle close.
+
+    Made per server by `protocol_for`, which sets `limits`."""
+
+    limits: ClassVar[ConnectionLimits]
+    refused: ClassVar[int] = 0
+    """Connections refused over the bound (this process, since start)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._idle_close: asyncio.TimerHandle | None = None
+        self._over_limit = False
+        self._reading_headers = False
+        self._draining = False
+        self._closing = False
+        self._idle_since = time.monotonic()
+
+    # -- the bound on open connections --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            # Refused before it counts or parses anything; the connections already open are unaffected.
+            self._over_limit = True
+            type(self).refused += 1
+            if type(self).refused in (1, 10, 100) or type(self).refused % 1000 == 0:
+                log.warning(
+                    "%d connection(s) refused so far: over --max-connections %d",
+                    type(self).refused,
+                    self.limits.max_connections,
+                )
+            transport.write(TOO_MANY_CONNECTIONS_RESPONSE)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._idle_since = time.monotonic()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._over_limit:
+            return
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    # -- the header timeout ---------------------------------------------------------------------------
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._header_timer, self._idle_close):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._idle_close = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self._closing:
+            return
+        if self._reading_headers:  # half a request: say why, then close
+            self.transport.write(HEADER_TIMEOUT_RESPONSE)
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            log.info("discarded %d byte(s) that arrived after this connection was closed", len(data))
+            return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_headers = True
+        self._arm_header_timer()  # from the request's first byte (or still from the connection's opening)
+        if self._idle_close is not None:  # a request came after all: answered, then the connection closes
+            self._idle_close.cancel()
+            self._idle_close = None
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def on_response_complete(self) -> None:
+        self._idle_since = time.monotonic()
+        super().on_response_complete()
+        if self._draining and not self.transport.is_closing():
+            self._schedule_idle_close()
+
+    # -- the drain ------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn's drain: a request in progress closes its connection after its response; an idle
+        connection is closed (cleanly: FIN, then read until the client closes) once idle `DRAIN_IDLE_S`."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif not self._reading_headers:
+            self._schedule_idle_close()
+        # else: half-received headers finish (the header timeout bounds them) and are answered with close
+
+    def _schedule_idle_close(self) -> None:
+        if self._idle_close is None:
+            delay = max(0.0, self._idle_since + DRAIN_IDLE_S - time.monotonic())
+            self._idle_close = self.loop.call_later(delay, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._idle_close = None
+        busy = self._reading_headers or (self.cycle is not None and not self.cycle.response_complete)
+        if busy or self.transport.is_closing():
+            return
+        self._closing = True
+        self._cancel_timers()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._idle_close = self.loop.call_later(CLOSE_LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+
+def protocol_for(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
+    """The protocol class to give uvicorn (`Config(http=...)`) for these limits."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "refused": 0})
