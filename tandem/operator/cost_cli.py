@@ -15,7 +15,8 @@ from tandem.errors import UserError
 COST_HELP = """\
 Per model (the TrainingJob whose weights are served): what training cost, what serving has cost so far,
 serving's cost per hour, per million requests and per million tokens, and the date when serving spend
-passes training spend at the current rates (the rates of the last --window).
+passes training spend at the current rates (the rates of the last --window; a model whose
+TrainingJobs have all ended adds no more training spend).
 
 Reads the operator's cost counters and the replicas' request and token counters from Prometheus
 (--prometheus-url); without it, or when Prometheus does not answer, reads the TrainingJobs' and

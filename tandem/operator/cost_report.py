@@ -3,8 +3,12 @@
 Pure arithmetic on histories, so `tandem cost` gives the same answer whether the histories come from
 Prometheus (the operator's `tandem_cost_usd_total` counters and the replicas' request and token counters)
 or from the resources' status (a history of one point and the rate now). The projection is linear: at
-the rates of the last `window` seconds, serving spend S + s*t meets training spend T + r*t (r is 0 once
-training has finished) at t = (T - S) / (s - r); no crossover is projected when s <= r.
+the rates of the last `window` seconds, serving spend S + s*t meets training spend T + r*t at
+t = (T - S) / (s - r); no crossover is projected when s <= r. Once every TrainingJob of the model has
+ended, r is 0 whatever the window saw (its spend is fixed): right after training ends, the window still
+holds the job's last hour of spend, which would put the crossover off. A counter that was still at 0
+inside the window (serving that began a few minutes ago) is measured from when it left 0, so its rate is
+right from the moment it starts spending rather than diluted over the whole window.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ class Series:
     def line(
         cls, now: float, value: float, per_second: float, span: float = DEFAULT_WINDOW_SECONDS
     ) -> Series:
-        """The history that a status gives: the value now, reached at `per_second` over the last `span`."""
+        """The history that a status gives: the value now, reached at `per_second` over the last `span`
+        (or since it left 0, if `per_second` gets there from 0 in less than `span`)."""
+        if per_second > 0 and value < per_second * span:
+            return cls(((now - value / per_second, 0.0), (now, value)))
         return cls(((now - span, max(value - per_second * span, 0.0)), (now, value)))
 
     @property
@@ -50,12 +57,23 @@ class Series:
             previous = point
         return previous[1]
 
+    def _left_zero(self) -> float:
+        """The last time the counter was still at 0 (-inf if it never was): a counter only grows, so
+        before then it had counted nothing."""
+        zero = float("-inf")
+        for when, value in self.points:
+            if value > 0:
+                break
+            zero = when
+        return zero
+
     def rate(self, window: float) -> float:
-        """Increase per second over the last `window` seconds of the history (0 without two points)."""
+        """Increase per second over the last `window` seconds of the history, or since the counter
+        left 0 if that is later (0 without two points)."""
         if len(self.points) < 2:
             return 0.0
         end = self.points[-1][0]
-        start = max(end - window, self.points[0][0])
+        start = max(end - window, self.points[0][0], self._left_zero())
         if end <= start:
             return 0.0
         return max(self.last - self.at(start), 0.0) / (end - start)
@@ -70,6 +88,9 @@ class ModelHistory:
     serving_usd: Series
     requests: Series
     tokens: Series
+    #: Every TrainingJob of the model has ended (Succeeded, Failed or deleted): training spend is fixed,
+    #: and its rate is 0 whatever the window saw.
+    training_ended: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,7 +139,7 @@ def _first_crossing(history: ModelHistory) -> float | None:
 def summarize(history: ModelHistory, now: datetime, window: float = DEFAULT_WINDOW_SECONDS) -> ModelCost:
     """One model's spend so far, its rates over the last `window` seconds, and the crossover."""
     training, serving = history.training_usd.last, history.serving_usd.last
-    r = history.training_usd.rate(window)
+    r = 0.0 if history.training_ended else history.training_usd.rate(window)
     s = history.serving_usd.rate(window)
     serving_hourly = s * SECONDS_PER_HOUR
     crossover: datetime | None = None

@@ -21,21 +21,29 @@ from tandem.api.common import GROUP, VERSION
 from tandem.errors import UserError
 from tandem.operator.autoscaler_metrics import INFERENCE_ROUTES, REQUEST_DURATION, TOKENS
 from tandem.operator.cost_report import ModelHistory, Series
-from tandem.operator.status_metrics import COST
+from tandem.operator.status_metrics import COST, HOURLY, STATUS_PHASE
 
 QUERY_TIMEOUT_SECONDS = 10.0
 #: Points per plotted history (the range query's step is the span divided by this).
 HISTORY_POINTS = 240
 
 
-def _selector(namespace: str | None, **labels: str) -> str:
+def _selector(namespace: str | None, *matchers: str, **labels: str) -> str:
     pairs = ([f'namespace="{namespace}"'] if namespace else []) + [f'{k}="{v}"' for k, v in labels.items()]
-    return "{" + ",".join(pairs) + "}"
+    return "{" + ",".join([*pairs, *matchers]) + "}"
 
 
 def spend_query(namespace: str | None) -> str:
     """Cumulative dollars by model and phase."""
     return f"sum by (model, phase) ({COST}_total{_selector(namespace)})"
+
+
+def training_active_query(namespace: str | None) -> str:
+    """The models with a TrainingJob that has not ended: a phase other than Succeeded or Failed, or
+    pods on nodes now. A model missing here has its training spend fixed."""
+    not_ended = _selector(namespace, 'status_phase!~"Succeeded|Failed"', phase="training")
+    on_nodes = f"{HOURLY}{_selector(namespace, phase='training')} > 0"
+    return f"group by (model) ({STATUS_PHASE}{not_ended} or {on_nodes})"
 
 
 def per_model_query(counter: str, namespace: str | None, extra: str = "") -> str:
@@ -67,6 +75,10 @@ def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, 
     if reply.get("status") != "success":
         raise ConnectionError(f"Prometheus at {base_url} refused a query: {reply.get('error')}")
     return list(reply["data"]["result"])
+
+
+def _instant(base_url: str, query: str, at: float) -> list[dict[str, Any]]:
+    return _get(base_url, "/api/v1/query", {"query": query, "time": f"{at:.3f}"})
 
 
 def _range(base_url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
@@ -114,6 +126,7 @@ def from_prometheus(
         return _merged(coarse[kind].get(model, Series()), fine[kind].get(model, Series()))
 
     models = set(fine["training"]) | set(fine["serving"]) | set(coarse["training"]) | set(coarse["serving"])
+    active = {r["metric"].get("model", "") for r in _instant(base_url, training_active_query(namespace), end)}
     return [
         ModelHistory(
             model=model,
@@ -121,6 +134,7 @@ def from_prometheus(
             serving_usd=series("serving", model),
             requests=series("requests", model),
             tokens=series("tokens", model),
+            training_ended=model not in active,
         )
         for model in sorted(models)
     ]
@@ -146,9 +160,11 @@ def _time(value: Any) -> datetime | None:
 def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
     """Every model's spend now and rate now, from the TrainingJobs' and InferenceServices' status.
 
-    A TrainingJob's status has no rate: a running job is taken to go on at its average since it started."""
+    A TrainingJob's status has no rate: a running job is taken to go on at its average since it started.
+    A model whose TrainingJobs have all Succeeded or Failed has its training spend fixed."""
     at = now.timestamp()
     training: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
+    active: set[str] = set()
     for job in _items("trainingjobs", namespace):
         status = job.get("status") or {}
         usd = float((status.get("cost") or {}).get("usd") or 0.0)
@@ -156,6 +172,8 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
         started = _time(status.get("startTime"))
         if status.get("phase") == "Running" and started is not None and now > started:
             per_second = usd / (now - started).total_seconds()
+        if status.get("phase") not in ("Succeeded", "Failed"):
+            active.add(job["metadata"]["name"])
         spent, rate = training[job["metadata"]["name"]]
         training[job["metadata"]["name"]] = (spent + usd, rate + per_second)
     serving: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
@@ -180,6 +198,7 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
                 serving_usd=Series.line(at, served[0], served[1]),
                 requests=Series.line(at, served[2] * 3600, served[2], span=3600),
                 tokens=Series.line(at, served[3] * 3600, served[3], span=3600),
+                training_ended=model not in active,
             )
         )
     return histories

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +70,41 @@ def test_training_still_running_moves_the_crossover_and_a_slower_serving_never_c
     assert cost_report.summarize(slow, T0 + timedelta(hours=1)).crossover is None
 
 
+def just_after_training() -> ModelHistory:
+    """Sampled every 5 minutes: training ran 10 hours at $40/h ($400) and ended at hour 10; its service
+    was created at once but waited at $0 for the checkpoint, then serves from hour 10 at $2/h, 100
+    requests/s. The history ends at hour 10.5: the last hour still holds half an hour of training."""
+    step = 300.0
+    points = range(int(10.5 * HOUR / step) + 1)
+
+    def series(value: Callable[[float], float]) -> Series:
+        return Series(tuple((T0.timestamp() + i * step, value(i * step / HOUR)) for i in points))
+
+    return ModelHistory(
+        "gpt",
+        series(lambda h: min(h, 10.0) * 40.0),
+        series(lambda h: max(h - 10.0, 0.0) * 2.0),
+        series(lambda h: max(h - 10.0, 0.0) * 100 * HOUR),
+        Series(),
+        training_ended=True,
+    )
+
+
+def test_a_finished_job_stops_counting_so_the_crossover_is_right_when_serving_starts() -> None:
+    now = T0 + timedelta(hours=10.5)
+    row = cost_report.summarize(just_after_training(), now)
+    assert row.training_usd == 400.0
+    assert row.serving_usd == pytest.approx(1.0)
+    assert row.training_usd_per_hour == 0.0  # not the $20/h that the last hour saw
+    assert row.serving_usd_per_hour == pytest.approx(2.0)  # since it left $0, not over the whole hour
+    assert row.usd_per_million_requests == pytest.approx(2.0 / (100 * HOUR) * 1e6)
+    # ($400 - $1) / $2 per hour = 199.5 hours after hour 10.5: hour 210, 2026-12-09 18:00 UTC.
+    assert row.crossover == datetime(2026, 12, 9, 18, 0, tzinfo=UTC)
+    # While the job still runs, its rate counts: serving at $2/h never catches $40/h.
+    running = dataclasses.replace(just_after_training(), training_ended=False)
+    assert cost_report.summarize(running, now).crossover is None
+
+
 def test_a_status_line_gives_the_same_projection_as_the_history() -> None:
     now = T0 + timedelta(hours=36)
     at = now.timestamp()
@@ -124,3 +162,62 @@ def test_without_prometheus_the_status_gives_spend_and_rate_now(monkeypatch: pyt
     rows = {row.model: row for row in cost_report.report(cost_sources.from_status(None, now), now)}
     assert rows["gpt"] == cost_report.summarize(gpt_history(), now)  # the same answer as Prometheus' history
     assert rows[""].crossover is None  # a service with no TrainingJob: nothing to cross
+
+
+def test_the_status_right_after_training_gives_the_same_crossover(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubeconfig fallback half an hour into serving: the job Succeeded, the service at $2/h."""
+    from tandem.operator import cost_sources
+
+    now = T0 + timedelta(hours=10.5)
+    job: dict[str, Any] = {"phase": "Succeeded", "cost": {"usd": 400.0}}
+    listed = {
+        "trainingjobs": [
+            {"metadata": {"name": "gpt"}, "status": job},
+        ],
+        "inferenceservices": [
+            {
+                "metadata": {"name": "chat"},
+                "spec": {"model": {"trainingJobRef": {"name": "gpt"}}},
+                "status": {"cost": {"usd": 1.0, "hourlyUSD": 2.0}, "metrics": {"rps": 100.0}},
+            },
+        ],
+    }
+    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
+    (row,) = cost_report.report(cost_sources.from_status(None, now), now)
+    assert row == cost_report.summarize(just_after_training(), now)
+    job["phase"] = "Recovering"  # not ended: it will spend again
+    (history,) = cost_sources.from_status(None, now)
+    assert not history.training_ended
+
+
+def test_prometheus_histories_mark_the_models_whose_training_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From Prometheus: a model is still training if a job of it has a phase other than Succeeded or
+    Failed, or pods on nodes; the others' training spend is fixed."""
+    from tandem.operator import cost_sources
+
+    now = T0 + timedelta(hours=10.5)
+    history = just_after_training()
+
+    def matrix(model: str, phase: str, series: Series) -> dict[str, object]:
+        return {"metric": {"model": model, "phase": phase}, "values": [[t, str(v)] for t, v in series.points]}
+
+    def answer(base_url: str, path: str, params: dict[str, str]) -> list[dict[str, object]]:
+        query = params["query"]
+        if path == "/api/v1/query":  # the models still training: "big" only
+            assert query == cost_sources.training_active_query("ml")
+            return [{"metric": {"model": "big"}, "value": [now.timestamp(), "1"]}]
+        if query == cost_sources.spend_query("ml"):
+            return [
+                matrix("gpt", "training", history.training_usd),
+                matrix("gpt", "serving", history.serving_usd),
+                matrix("big", "training", history.training_usd),
+            ]
+        return []
+
+    monkeypatch.setattr(cost_sources, "_get", answer)
+    found = {h.model: h for h in cost_sources.from_prometheus("http://p", "ml", now, 86400.0, HOUR)}
+    assert found["gpt"].training_ended
+    assert not found["big"].training_ended
+    row = cost_report.summarize(found["gpt"], now)
+    assert row.crossover == datetime(2026, 12, 9, 18, 0, tzinfo=UTC)
+    assert cost_report.summarize(found["big"], now).training_usd_per_hour == pytest.approx(20.0)

@@ -237,7 +237,8 @@ COST: dict[str, Panel] = {
         "Projected crossover date",
         "dateTimeAsIso",
         (Query(f"{REC_CROSSOVER}{{{MODEL}}} * 1000", "{{model}}"),),
-        "When serving spend passes training spend at the last hour's rates.",
+        "When serving spend passes training spend at the cost per hour now (an ended TrainingJob adds "
+        "nothing more).",
         kind="table",
         instant=True,
     ),

@@ -68,15 +68,29 @@ def recording_rules() -> list[dict[str, Any]]:
             q.REC_IDLE_USD_PER_HOUR,
             f"{serving_hourly} * on (namespace, name) (1 - {_service(q.REC_BUSY)})",
         ),
-        _record(
-            q.REC_CROSSOVER,
-            'time() + (sum by (namespace, model) (tandem_cost_usd_total{phase="training"}) '
-            '- sum by (namespace, model) (tandem_cost_usd_total{phase="serving"})) '
-            '/ (sum by (namespace, model) (rate(tandem_cost_usd_total{phase="serving"}[1h])) '
-            '- sum by (namespace, model) (rate(tandem_cost_usd_total{phase="training"}[1h])) > 0) '
-            "> time()",
-        ),
+        _record(q.REC_CROSSOVER, crossover_expr()),
     ]
+
+
+def crossover_expr() -> str:
+    """When serving spend S + s*t passes training spend T + r*t: t = (T - S) / (s - r), at the cost per
+    hour now (the operator's gauge, not a windowed rate of the counter): right from the moment serving
+    starts, where a rate over the last hour would spread a young service's spend over the whole hour (and
+    over the time it waited for its checkpoint at $0), and right after training ends, where that hour
+    still holds the job's last spending. A TrainingJob that has ended (Succeeded or Failed) counts 0 per
+    hour even while its pods are torn down: its spend is fixed."""
+
+    def spent(phase: str) -> str:
+        return f'sum by (namespace, model) (tandem_cost_usd_total{{phase="{phase}"}})'
+
+    ended = 'tandem_resource_phase{phase="training",status_phase=~"Succeeded|Failed"}'
+    training, serving = spent("training"), spent("serving")
+    serving_hourly = 'sum by (namespace, model) (tandem_cost_usd_per_hour{phase="serving"})'
+    training_hourly = (
+        '(sum by (namespace, model) (tandem_cost_usd_per_hour{phase="training"} '
+        f"unless on (namespace, name) {ended}) or 0 * {training})"
+    )
+    return f"time() + ({training} - {serving}) * 3600 / ({serving_hourly} - {training_hourly} > 0) > time()"
 
 
 def objective_rules(objectives: Mapping[str, float]) -> list[dict[str, Any]]:
