@@ -453,3 +453,23 @@ def test_incremental_decoders_match_whole_decodes_of_random_bytes() -> None:
             text += decoder.push(token)
         text += decoder.finish()
         assert text == data.decode("utf-8", errors="replace"), (case, data)
+
+
+def test_the_inter_token_histogram_counts_every_gap_between_two_tokens_of_a_sequence() -> None:
+    async def main() -> None:
+        sched = scheduler(CountingModel(), max_batch_size=8)
+        answers = [3, 7, 1, 12]
+        handles = [
+            sched.submit([sched.model.encode("a")], SamplingParams(max_tokens=n), stream=False)
+            for n in answers
+        ]
+        await asyncio.gather(*(collect(h, 1, 10) for h in handles))
+        metrics = sched._observer
+        assert isinstance(metrics, ServeMetrics)
+        histogram = next(iter(metrics.inter_token_latency.collect())).samples
+        count = next(s.value for s in histogram if s.name.endswith("_count"))
+        infinite = next(s.value for s in histogram if s.labels.get("le") == "+Inf")
+        assert count == infinite == sum(n - 1 for n in answers)
+        await sched.close()
+
+    run(main())
