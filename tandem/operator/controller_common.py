@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -66,18 +67,47 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
-def with_refusal(status: StatusT, condition_type: str, message: str, generation: int) -> StatusT:
-    """The status after the API server refused a child: `condition_type`=False, reason CreateFailed."""
-    refused = Condition(
-        type=condition_type,
-        status="False",
-        reason="CreateFailed",
-        message=message,
-        observed_generation=generation,
-        last_transition_time=utc_now(),
+#: Reason of the conditions of a resource the API server refused a child of for good (422, 403, 400).
+CREATE_REFUSED = "CreateRefused"
+
+
+def with_refusal(
+    status: StatusT, condition_type: str, message: str, generation: int, phase: StrEnum
+) -> StatusT:
+    """The status after the API server refused a child for good: `phase`, `condition_type`=False and
+    Failed=True, both with reason CreateRefused and the (bounded) message, at this generation."""
+    conditions = getattr(status, "conditions", [])
+    states: tuple[tuple[str, Literal["True", "False"]], ...] = ((condition_type, "False"), ("Failed", "True"))
+    for type_, state in states:
+        refused = Condition(
+            type=type_,
+            status=state,
+            reason=CREATE_REFUSED,
+            message=kube.bounded(message),
+            observed_generation=generation,
+            last_transition_time=utc_now(),
+        )
+        conditions = set_condition(conditions, refused)
+    return status.model_copy(update={"conditions": conditions, "phase": phase})
+
+
+def refusal_message(child: str, refusal: kube.Refused) -> str:
+    """What the condition and the event say: the child, the field the API server named, its words."""
+    field = f", field {refusal.field}" if refusal.field else ""
+    reason = refusal.reason or str(refusal.status)
+    return kube.bounded(f"the API server refused {child} ({reason}{field}): {refusal}")
+
+
+def refused_at(status: Mapping[str, Any], generation: int) -> bool:
+    """Whether the stored status says the API server refused a child of this generation of the spec
+    for good: nothing to retry until the spec changes."""
+    return any(
+        c.get("type") == "Failed"
+        and c.get("reason") == CREATE_REFUSED
+        and c.get("status") == "True"
+        and c.get("observedGeneration") == generation
+        for c in status.get("conditions") or ()
     )
-    conditions = set_condition(getattr(status, "conditions", []), refused)
-    return status.model_copy(update={"conditions": conditions})
 
 
 def accepted(generation: int, conditions: Sequence[Condition]) -> list[Condition]:
@@ -122,7 +152,7 @@ def validated_spec(
     try:
         return model.model_validate(dict(body.get("spec") or {}))
     except ValidationError as error:
-        message = "; ".join(describe_validation_error(error, prefix="spec."))
+        message = kube.bounded("; ".join(describe_validation_error(error, prefix="spec.")))
         generation = int(meta.get("generation") or 0)
         conditions = [Condition.model_validate(c) for c in status.get("conditions") or ()]
         rejected = Condition(

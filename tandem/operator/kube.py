@@ -20,13 +20,17 @@ from urllib.parse import urlencode
 
 import orjson
 
-from tandem.operator.kubehttp import Transport
+from tandem.operator.kubehttp import Reply, Transport
 from tandem.operator.metrics import API_SECONDS
+from tandem.operator.workqueue import TryAgain
 
 FIELD_MANAGER = "tandem-operator"
 USER_AGENT = "tandem-operator"
-#: Events longer than this are cut (as kopf does): `kubectl describe` shows them whole on one line.
-EVENT_MESSAGE_LIMIT = 1024
+#: Messages written into a condition or an event are cut to this many characters (as kopf cuts
+#: events): `kubectl describe` shows them whole on one line, and an API server's refusal can quote a
+#: field value of a megabyte (a 1 MiB nodeSelector value once made every status write fail).
+MESSAGE_LIMIT = 1024
+EVENT_MESSAGE_LIMIT = MESSAGE_LIMIT
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +97,7 @@ def request(
     """
     data = orjson.dumps(body) if body is not None else None
 
-    def call(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    def call(url: str, headers: dict[str, str]) -> Reply:
         if data is not None:
             headers["Content-Type"] = content_type
         return _transport_for(configuration()).call(method, url, data, headers)
@@ -114,23 +118,46 @@ def watch(path: str, query: Mapping[str, str], on_block: Callable[[bytes], bool]
 
 
 def _authenticated(
-    path: str, query: Mapping[str, str] | None, send: Callable[[str, dict[str, str]], tuple[int, bytes]]
+    path: str, query: Mapping[str, str] | None, send: Callable[[str, dict[str, str]], Reply]
 ) -> bytes:
     """Send with the cached server address and credentials; on a 401 (a token that expired within the
-    cache's lifetime) once more with fresh ones. The reply's bytes; ApiException on an error status."""
+    cache's lifetime) once more with fresh ones. The reply's bytes; ApiException on an error status,
+    with `retry_after` (seconds or None) set from the reply (see `retry_after_of`)."""
     from kubernetes.client.exceptions import ApiException
 
     for attempt in (1, 2):
         host, credentials = _endpoint.get(fresh=attempt > 1)
         url = host + path + (f"?{urlencode(query)}" if query else "")
-        status, content = send(url, dict(credentials))
-        if status == 401 and attempt == 1:
+        reply = send(url, dict(credentials))
+        if reply.status == 401 and attempt == 1:
             continue
-        if status >= 300:
-            detail = content.decode(errors="replace")
-            raise ApiException(status=status, reason=_phrase(status), body=detail)
-        return content
+        if reply.status >= 300:
+            detail = reply.body.decode(errors="replace")
+            error = ApiException(status=reply.status, reason=_phrase(reply.status), body=detail)
+            # An attribute on the client's own exception, so that every caller catching ApiException
+            # keeps working; the work queue reads it (`retry_after_of`).
+            wait = reply.retry_after if reply.retry_after is not None else _retry_after(detail)
+            setattr(error, "retry_after", wait)  # noqa: B010
+            raise error
+        return reply.body
     raise AssertionError("unreachable")
+
+
+def _retry_after(body: str) -> float | None:
+    """A Status reply's `details.retryAfterSeconds` (the API server sets it with a Retry-After header
+    on 429s and timeouts; the header wins when both came)."""
+    try:
+        details = (json.loads(body) or {}).get("details") or {}
+        seconds = details.get("retryAfterSeconds")
+    except (ValueError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, int | float) and seconds > 0 else None
+
+
+def retry_after_of(error: BaseException) -> float | None:
+    """The seconds an error reply asked us to wait before trying again (Retry-After), else None."""
+    value = getattr(error, "retry_after", None)
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _phrase(status: int) -> str:
@@ -177,12 +204,32 @@ class _Endpoint:
 _endpoint = _Endpoint()
 
 
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`message` cut to `limit` characters, saying how much was cut: what goes into a condition or an
+    event (the API server's own messages quote the values it refused, of any size)."""
+    if len(message) <= limit:
+        return message
+    kept = max(limit - len(f"... ({len(message)} more characters)"), 0)
+    return f"{message[:kept]}... ({len(message) - kept} more characters)"
+
+
 class Refused(Exception):
-    """The API server rejected a child for a reason the user must fix (bad reference, quota, policy)."""
+    """The API server refused a child for a reason the user must fix: permanent, retrying cannot help.
+
+    400 BadRequest, 422 Invalid (a value the API server rejects), 403 Forbidden (an admission policy,
+    RBAC), 404 NotFound (a kind or namespace that is not there). `reason` is the Status reason
+    (`Invalid`, `Forbidden`, ...), `field` the first field the API server named (e.g.
+    `spec.nodeSelector`), the message bounded (see `bounded`).
+    """
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "", field: str = "") -> None:
+        super().__init__(bounded(message))
+        self.status, self.reason, self.field = status, reason, field
 
 
-class Busy(Exception):
-    """The API server asked us to come back later (429, or a 5xx): the reconcile retries shortly."""
+class Busy(TryAgain):
+    """The API server asked us to come back later (409 on a write, 429, a 5xx, an exceeded quota) or
+    did not answer: the work queue tries the key again with backoff, no sooner than Retry-After."""
 
 
 def _status_of(error: Exception) -> int | None:
@@ -209,17 +256,41 @@ def create(manifest: Mapping[str, Any]) -> bool:
         if _status_of(error) == 409 or _namespace_terminating(error):
             return False
         _raise_classified(error)
+    except ConnectionError as error:
+        raise Busy(str(error)) from error
     return True
 
 
+#: Refusals that retrying cannot cure: the object or the request is what is wrong.
+PERMANENT_STATUSES = frozenset({400, 403, 404, 422})
+
+
 def _raise_classified(error: Exception) -> NoReturn:
-    """Raise Refused for a 4xx the user must fix, Busy for 429 and 5xx, else the error itself."""
+    """Raise Refused for a refusal retrying cannot cure, Busy for one that may pass (409 Conflict,
+    429, 5xx, an exceeded ResourceQuota, which is a 403 until something else frees the quota)."""
     status = _status_of(error) or 0
-    if status in (400, 403, 404, 422):
-        raise Refused(_api_message(error)) from error
-    if status == 429 or status >= 500:
-        raise Busy(_api_message(error)) from error
+    message = _api_message(error)
+    if status in PERMANENT_STATUSES and not _quota_exceeded(error):
+        reason, field = _status_cause(error)
+        raise Refused(message, status=status, reason=reason, field=field) from error
+    if status in (409, 429) or status >= 500 or _quota_exceeded(error):
+        raise Busy(bounded(message), retry_after=retry_after_of(error)) from error
     raise error
+
+
+def _quota_exceeded(error: Exception) -> bool:
+    return _status_of(error) == 403 and "exceeded quota" in str(getattr(error, "body", ""))
+
+
+def _status_cause(error: Exception) -> tuple[str, str]:
+    """The Status reply's reason (`Invalid`) and the first field its causes name (`spec.nodeSelector`)."""
+    try:
+        status = json.loads(getattr(error, "body", "") or "{}")
+        causes = (status.get("details") or {}).get("causes") or []
+        field = next((str(c["field"]) for c in causes if c.get("field")), "")
+        return str(status.get("reason") or ""), field
+    except (ValueError, AttributeError, TypeError):
+        return "", ""
 
 
 def _namespace_terminating(error: Exception) -> bool:
@@ -288,6 +359,8 @@ def apply(manifest: Mapping[str, Any]) -> None:
         if _namespace_terminating(error):
             return
         _raise_classified(error)
+    except ConnectionError as error:
+        raise Busy(str(error)) from error
 
 
 def crd_exists(name: str) -> bool:
@@ -357,7 +430,7 @@ def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
         },
         "type": type_,
         "reason": reason,
-        "message": message[:EVENT_MESSAGE_LIMIT],
+        "message": bounded(message),
         "source": {"component": FIELD_MANAGER},
         "reportingComponent": FIELD_MANAGER,
         "reportingInstance": FIELD_MANAGER,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import pycurl
@@ -28,6 +28,27 @@ CONNECT_TIMEOUT_SECONDS = 10
 CALL_TIMEOUT_SECONDS = 90
 
 
+class Reply(NamedTuple):
+    """A reply's status code and body, and its Retry-After in seconds (None: not sent or not a number)."""
+
+    status: int
+    body: bytes
+    retry_after: float | None = None
+
+
+def retry_after(header_lines: bytes) -> float | None:
+    """The Retry-After of a reply's header block, in seconds (the API server sends whole seconds;
+    an HTTP date, which it never sends, counts as none)."""
+    for line in header_lines.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"retry-after":
+            try:
+                return max(float(value.strip()), 0.0)
+            except ValueError:
+                return None
+    return None
+
+
 class Transport:
     """Thread-local libcurl handles for one API server, configured from a kubernetes client
     `Configuration` (read once, when a thread makes its first call)."""
@@ -36,31 +57,40 @@ class Transport:
         self._configuration = configuration
         self._local = threading.local()
 
-    def call(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
-        """(status code, reply body). Raises ConnectionError when no reply came (refused, timed out)."""
+    def call(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+        """The reply. Raises ConnectionError when no reply came (refused, timed out).
+
+        The header block is kept (libcurl writes it into a buffer, no Python per line) and read only
+        for an error reply, for its Retry-After."""
         handle = self._prepared(method, url, body, headers)
-        reply = io.BytesIO()
+        reply, head = io.BytesIO(), io.BytesIO()
         handle.setopt(pycurl.WRITEDATA, reply)
+        handle.setopt(pycurl.HEADERFUNCTION, head.write)
         try:
             handle.perform()
         except pycurl.error as error:
             raise _no_reply(method, url, error) from None
-        return int(handle.getinfo(pycurl.RESPONSE_CODE)), reply.getvalue()
+        finally:
+            handle.unsetopt(pycurl.HEADERFUNCTION)
+        status = int(handle.getinfo(pycurl.RESPONSE_CODE))
+        return Reply(status, reply.getvalue(), retry_after(head.getvalue()) if status >= 300 else None)
 
     def stream(
         self, url: str, headers: dict[str, str], on_block: Callable[[bytes], bool], timeout: float
-    ) -> tuple[int, bytes]:
+    ) -> Reply:
         """GET a streaming reply (a watch), handing each block to `on_block` as it arrives, until the
-        server ends it, `timeout` seconds pass, or `on_block` returns False. (status code, body of an
+        server ends it, `timeout` seconds pass, or `on_block` returns False. The reply (the body of an
         error reply). An exception raised by `on_block` ends the stream and is raised here."""
         handle = self._prepared("GET", url, None, headers)
         error_reply = io.BytesIO()
         stopped: list[BaseException | None] = []
         status = [0]
+        head = io.BytesIO()
 
         def header(line: bytes) -> None:  # the status line comes first (getinfo waits for the end)
             if line.startswith(b"HTTP/"):
                 status[0] = int(line.split()[1])
+            head.write(line)
 
         def write(block: bytes) -> int:
             if status[0] >= 300:
@@ -87,7 +117,8 @@ class Transport:
         finally:
             handle.unsetopt(pycurl.HEADERFUNCTION)
             handle.setopt(pycurl.TIMEOUT, CALL_TIMEOUT_SECONDS)
-        return int(handle.getinfo(pycurl.RESPONSE_CODE)), error_reply.getvalue()
+        code = int(handle.getinfo(pycurl.RESPONSE_CODE))
+        return Reply(code, error_reply.getvalue(), retry_after(head.getvalue()) if code >= 300 else None)
 
     def _prepared(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> pycurl.Curl:
         """This thread's handle, set up for one request (nothing left over from the one before)."""

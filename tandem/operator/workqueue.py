@@ -5,12 +5,20 @@ a deletion that hangs while the operator is down) and only notices a change at i
 watch event or a child's change queues the object's key at once, each key is reconciled by at most one
 worker at a time, a key queued while it is being reconciled runs again right after, and a reconcile
 asks for its own resync (`requeue after N seconds`) to keep level-based checks such as timeouts going.
+
+A reconcile that fails (raises) is tried again after a per-key exponential backoff with jitter, never
+sooner than the Retry-After the API server sent (`TryAgain.retry_after`, or a `retry_after`
+attribute on the error); a success forgets the key's failures. Why not tenacity: it retries a call
+in place, holding the worker (a thread here) through every wait and missing the changes queued
+meanwhile; a work queue must give the worker back and requeue the key, as controller-runtime's rate
+limiter does, so the delay is computed here (`Backoff`) and the queue's timers do the waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -18,8 +26,50 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 log = logging.getLogger(__name__)
-#: Requeue delay after a reconcile raised: the error is logged, the key is tried again.
-ERROR_RETRY_SECONDS = 5.0
+#: First retry delay after a reconcile of a key failed; doubled for each failure in a row.
+BACKOFF_BASE_SECONDS = 1.0
+#: The longest delay between two tries of a key that keeps failing (a Retry-After may ask for more).
+BACKOFF_MAX_SECONDS = 300.0
+
+
+class TryAgain(Exception):
+    """A temporary failure (a busy API server, a conflict): the key is tried again with backoff, no
+    sooner than `retry_after` seconds when set. Logged in one line, without a traceback."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Backoff(Generic[K]):
+    """Per-key exponential backoff with jitter: failure n of a key in a row waits a random time
+    between half and all of base x 2^(n-1), capped at `cap` (jitter spreads out the keys that failed
+    together, e.g. on one API server hiccup), and no less than the server's Retry-After."""
+
+    def __init__(
+        self,
+        base: float = BACKOFF_BASE_SECONDS,
+        cap: float = BACKOFF_MAX_SECONDS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base, self.cap = base, cap
+        self._failures: dict[K, int] = {}
+        self._random = rng or random.Random()
+
+    def failed(self, key: K, retry_after: float | None = None) -> float:
+        """Count one more failure of `key`; seconds to wait before trying it again."""
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        ceiling = min(self.base * 2 ** min(failures - 1, 62), self.cap)
+        delay = self._random.uniform(ceiling / 2, ceiling)
+        return max(delay, retry_after or 0.0)
+
+    def succeeded(self, key: K) -> None:
+        """The key's reconcile went through: its next failure starts from `base` again."""
+        self._failures.pop(key, None)
+
+    def failures(self, key: K) -> int:
+        return self._failures.get(key, 0)
 
 
 class WorkQueue(Generic[K]):
@@ -34,8 +84,10 @@ class WorkQueue(Generic[K]):
         executor: Executor,
         *,
         workers: int,
+        backoff: Backoff[K] | None = None,
     ) -> None:
         self._reconcile, self._executor, self._workers = reconcile, executor, workers
+        self.backoff: Backoff[K] = backoff or Backoff()
         self._ready: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._running: set[K] = set()
@@ -87,7 +139,15 @@ class WorkQueue(Generic[K]):
         if timer is not None:
             timer.cancel()
 
+    @property
+    def started(self) -> bool:
+        return bool(self._tasks)
+
     def start(self) -> None:
+        """Start the workers (keys queued before are kept and run now: a standby replica queues
+        what its caches see and starts working the moment it leads)."""
+        if self._tasks:
+            return
         self._tasks = [
             self._loop.create_task(self._work(), name=f"workqueue-{i}") for i in range(self._workers)
         ]
@@ -127,7 +187,15 @@ class WorkQueue(Generic[K]):
 
     async def _run(self, key: K) -> float | None:
         try:
-            return await self._loop.run_in_executor(self._executor, self._reconcile, key)
-        except Exception:
-            log.exception("reconcile of %s failed; retrying in %.0f s", key, ERROR_RETRY_SECONDS)
-            return ERROR_RETRY_SECONDS
+            after = await self._loop.run_in_executor(self._executor, self._reconcile, key)
+        except TryAgain as error:
+            delay = self.backoff.failed(key, error.retry_after)
+            log.warning("reconcile of %s must wait: %s; retrying in %.1f s", key, error, delay)
+            return delay
+        except Exception as error:
+            retry_after = getattr(error, "retry_after", None)
+            delay = self.backoff.failed(key, retry_after if isinstance(retry_after, int | float) else None)
+            log.exception("reconcile of %s failed; retrying in %.1f s", key, delay)
+            return delay
+        self.backoff.succeeded(key)
+        return after

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tandem.api.trainingjob import TrainingJobSpec
-from tandem.operator.controller_common import InvalidSpec, validated_spec
+from tandem.operator.controller_common import InvalidSpec, refusal_message, validated_spec
 
 VALID = {"trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///d"}}}, "batch": {"perDevice": 4}}
 
@@ -37,3 +37,32 @@ def test_an_invalid_spec_is_a_failed_status_naming_the_field_and_one_warning() -
     assert (accepted["type"], accepted["status"], accepted["reason"]) == ("Accepted", "False", "InvalidSpec")
     assert "spec.workers.replicas" in accepted["message"]
     assert posted == [("Warning", "InvalidSpec", accepted["message"])]
+
+
+def test_a_refused_service_is_failed_at_its_generation_and_waits_for_a_new_one() -> None:
+    from tandem.api.common import find_condition
+    from tandem.api.inferenceservice import InferenceServicePhase, InferenceServiceStatus
+    from tandem.operator.controller_common import refused_at, with_refusal
+    from tandem.operator.kube import MESSAGE_LIMIT, Refused
+
+    error = Refused("x" * 50_000, status=422, reason="Invalid", field="spec.template.spec.nodeSelector")
+    message = refusal_message("Deployment llm", error)
+    assert message.startswith(
+        "the API server refused Deployment llm (Invalid, field spec.template.spec.nodeSelector)"
+    )
+    status = with_refusal(
+        InferenceServiceStatus(), "Ready", message, generation=4, phase=InferenceServicePhase.FAILED
+    )
+    stored = status.to_dict()
+    assert stored["phase"] == "Failed"
+    failed = find_condition(status.conditions, "Failed")
+    ready = find_condition(status.conditions, "Ready")
+    assert failed is not None
+    assert failed.status == "True"
+    assert len(failed.message) <= MESSAGE_LIMIT
+    assert ready is not None
+    assert ready.status == "False"
+    assert ready.reason == "CreateRefused"
+    assert refused_at(stored, 4)  # this spec: nothing to retry
+    assert not refused_at(stored, 5)  # a new spec: try again
+    assert not refused_at({}, 4)

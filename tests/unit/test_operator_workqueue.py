@@ -6,12 +6,14 @@ Reconciles run in a real thread pool; tests wait on events the reconcile sets, n
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from tandem.operator.workqueue import WorkQueue
+from tandem.operator.workqueue import Backoff, TryAgain, WorkQueue
 
 T = TypeVar("T")
 
@@ -29,9 +31,10 @@ async def with_queue(
     reconcile: Callable[[str], float | None],
     body: Callable[[WorkQueue[str]], Awaitable[None]],
     workers: int = 4,
+    backoff: Backoff[str] | None = None,
 ) -> None:
     with ThreadPoolExecutor(workers) as executor:
-        queue: WorkQueue[str] = WorkQueue(reconcile, executor, workers=workers)
+        queue: WorkQueue[str] = WorkQueue(reconcile, executor, workers=workers, backoff=backoff)
         queue.start()
         try:
             await body(queue)
@@ -122,8 +125,7 @@ def test_a_sooner_add_overrides_a_later_delay_and_forget_cancels_it() -> None:
     assert "gone" not in runs
 
 
-def test_a_failing_reconcile_is_retried_not_dropped(monkeypatch: Any) -> None:
-    monkeypatch.setattr("tandem.operator.workqueue.ERROR_RETRY_SECONDS", 0.01)
+def test_a_failing_reconcile_is_retried_not_dropped() -> None:
     calls = 0
 
     def reconcile(key: str) -> None:
@@ -136,8 +138,61 @@ def test_a_failing_reconcile_is_retried_not_dropped(monkeypatch: Any) -> None:
         queue.add("job")
         await until(lambda: calls == 2)
 
-    run(with_queue(reconcile, body))
+    run(with_queue(reconcile, body, backoff=Backoff(base=0.01)))
     assert calls == 2
+
+
+def test_failures_of_a_key_back_off_exponentially_with_jitter_up_to_the_cap() -> None:
+    backoff: Backoff[str] = Backoff(base=1.0, cap=8.0, rng=random.Random(7))
+    delays = [backoff.failed("job") for _ in range(6)]
+    ceilings = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    assert len({round(d, 6) for d in delays[3:]}) == 3  # jittered: keys failing together spread out
+    assert backoff.failed("other") <= 1.0  # per key: another key starts from the base
+    backoff.succeeded("job")
+    assert backoff.failed("job") <= 1.0  # a success forgets the failures
+
+
+def test_retry_after_is_a_floor_for_the_backoff() -> None:
+    backoff: Backoff[str] = Backoff(base=0.5, cap=60.0, rng=random.Random(1))
+    assert backoff.failed("job", retry_after=7.0) == 7.0
+    assert 0.5 <= backoff.failed("job", retry_after=None) <= 1.0  # the exponent kept counting (0.5 x 2)
+
+
+def test_a_try_again_waits_at_least_its_retry_after_then_runs_the_key_again() -> None:
+    runs: list[float] = []
+
+    def reconcile(key: str) -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise TryAgain("429 Too Many Requests", retry_after=0.3)
+
+    async def body(queue: WorkQueue[str]) -> None:
+        queue.add("job")
+        await until(lambda: len(runs) == 2)
+        assert queue.backoff.failures("job") == 0  # the second run succeeded
+
+    run(with_queue(reconcile, body, backoff=Backoff(base=0.001)))
+    assert runs[1] - runs[0] >= 0.3
+
+
+def test_an_error_carrying_retry_after_is_honoured_like_try_again() -> None:
+    runs: list[float] = []
+
+    class ServerTimeout(Exception):
+        retry_after = 0.2
+
+    def reconcile(key: str) -> None:
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            raise ServerTimeout("504")
+
+    async def body(queue: WorkQueue[str]) -> None:
+        queue.add("job")
+        await until(lambda: len(runs) == 2)
+
+    run(with_queue(reconcile, body, backoff=Backoff(base=0.001)))
+    assert runs[1] - runs[0] >= 0.2
 
 
 def test_add_threadsafe_wakes_a_key_from_a_watch_thread() -> None:

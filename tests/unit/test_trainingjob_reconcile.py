@@ -7,9 +7,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tandem.api.trainingjob import TrainingJobSpec, TrainingJobStatus
+from tandem.api.common import find_condition
+from tandem.api.trainingjob import ConditionType, TrainingJobPhase, TrainingJobSpec, TrainingJobStatus
 from tandem.api.trainingrun import TrainingRun
+from tandem.operator.controller_common import CREATE_REFUSED
 from tandem.operator.cost import Amounts, Container, Prices
+from tandem.operator.kube import MESSAGE_LIMIT
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod
 from tandem.operator.trainingjob.reconcile import (
@@ -18,6 +21,7 @@ from tandem.operator.trainingjob.reconcile import (
     Job,
     backoff_seconds,
     decide,
+    refused,
 )
 
 T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
@@ -417,3 +421,63 @@ def test_the_decision_says_when_the_clock_alone_will_change_it() -> None:
     done = {"phase": "Succeeded", "attempt": 1, "completionTime": T0.isoformat()}
     assert tick(done, [], now=T0 + timedelta(seconds=5), the_job=job(ttlSecondsAfterFinished=30)).due_in == 25
     assert tick(done, [], now=T0 + timedelta(seconds=5)).due_in is None
+
+
+# -- a child the API server refuses for good: Failed with one bounded condition, no retry loop ------
+
+REFUSAL = (
+    "the API server refused Pod gpt-1-worker-0 (Invalid, field spec.nodeSelector): "
+    'Pod "gpt-1-worker-0" is invalid: spec.nodeSelector: Invalid value: "' + "x" * 100_000 + '"'
+)
+
+
+def refused_status(generation: int = 1) -> TrainingJobStatus:
+    scheduling = tick({}, []).status  # the pass that created the gang (attempt 1, Scheduling)
+    return refused(replace(job(), generation=generation), scheduling, REFUSAL, T0)
+
+
+def test_a_refused_child_fails_the_job_with_a_bounded_condition_naming_the_field() -> None:
+    status = refused_status()
+    assert status.phase is TrainingJobPhase.FAILED
+    failed = find_condition(status.conditions, ConditionType.FAILED)
+    scheduled = find_condition(status.conditions, ConditionType.SCHEDULED)
+    assert failed is not None
+    assert scheduled is not None
+    assert (failed.status, failed.reason, scheduled.status, scheduled.reason) == (
+        "True",
+        CREATE_REFUSED,
+        "False",
+        CREATE_REFUSED,
+    )
+    assert "field spec.nodeSelector" in failed.message
+    assert len(failed.message) <= MESSAGE_LIMIT
+    assert status.last_failure is not None
+    assert len(status.last_failure.message or "") <= MESSAGE_LIMIT
+    # The status round-trips through the API model (a 1 MiB message once failed every status write).
+    TrainingJobStatus.model_validate(status.to_dict())
+
+
+def test_a_refused_job_creates_nothing_again_while_its_spec_is_unchanged() -> None:
+    status = refused_status().to_dict()
+    for later in (timedelta(0), timedelta(minutes=10)):
+        decision = tick(status, [], T0 + later)
+        assert decision.create == []
+        assert decision.status.phase is TrainingJobPhase.FAILED
+        assert decision.due_in is None or decision.due_in > 0  # no clock-driven retry either
+
+
+def test_a_refused_jobs_leftover_pods_are_deleted_not_recreated() -> None:
+    decision = tick(refused_status().to_dict(), gang())
+    assert not [m for m in decision.create if m["kind"] == "Pod"]
+
+
+def test_a_new_generation_of_the_spec_tries_again_with_a_new_gang() -> None:
+    status = refused_status(generation=1).to_dict()
+    decision = tick(status, [], the_job=replace(job(), generation=2))
+    pods = [m["metadata"]["name"] for m in decision.create if m["kind"] == "Pod"]
+    assert pods == ["gpt-2-head", "gpt-2-worker-0", "gpt-2-worker-1"]
+    assert decision.status.phase is TrainingJobPhase.SCHEDULING
+    failed = find_condition(decision.status.conditions, ConditionType.FAILED)
+    assert failed is not None
+    assert failed.status == "False"
+    assert decision.status.completion_time is None

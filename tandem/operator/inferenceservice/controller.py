@@ -39,9 +39,12 @@ from tandem.operator import autoscaler, kube
 from tandem.operator.autoscaler_metrics import Load, Scraper, promql, query_prometheus, rounded
 from tandem.operator.config import OperatorSettings
 from tandem.operator.controller_common import (
+    CREATE_REFUSED,
     BodyStore,
     InvalidSpec,
     WarningsOnce,
+    refusal_message,
+    refused_at,
     release_kopf_finalizer,
     status_patch,
     validated_spec,
@@ -122,7 +125,8 @@ def service_monitor_crd() -> bool:
 
 
 def apply(decision: Decision, body: Mapping[str, Any], uid: str) -> str | None:
-    """Carry out a decision; return why the API server refused a child, if it did. Idempotent."""
+    """Carry out a decision; return why the API server refused a child for good (which child, which
+    field, bounded), if it did. Idempotent. A busy API server raises kube.Busy (the queue backs off)."""
     refused = None
     for manifest in decision.create:
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
@@ -132,18 +136,16 @@ def apply(decision: Decision, body: Mapping[str, Any], uid: str) -> str | None:
             if manifest["kind"] == "ServiceMonitor":
                 _service_monitors.add(uid)
         except kube.Refused as error:
-            refused = refused or f"the API server refused {child}: {error}"
+            refused = refused or refusal_message(child, error)
     if decision.apply is not None:
         try:
             kube.apply(decision.apply)
         except kube.Refused as error:
-            refused = (
-                refused or f"the API server refused Deployment {decision.apply['metadata']['name']}: {error}"
-            )
+            refused = refused or refusal_message(f"Deployment {decision.apply['metadata']['name']}", error)
     for event in decision.events:
         kube.post_event(body, event.type, event.reason, event.message)
     if refused:
-        _warnings.warn(body, uid, "CreateFailed", refused)
+        _warnings.warn(body, uid, CREATE_REFUSED, refused)
     return refused
 
 
@@ -328,6 +330,8 @@ class Controller:
         except InvalidSpec as invalid:
             self.bodies.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the service)
+        if refused_at(status, generation):
+            return None  # the API server refused a child of this spec for good: wait for a new spec
         service = Service(
             name, namespace, uid, service_spec, service_spec.image or self.settings.serving_image
         )
@@ -352,13 +356,14 @@ class Controller:
         refused = apply(decision, body, uid)
         new_status = decision.status
         if refused:
-            new_status = with_refusal(new_status, ConditionType.READY, refused, generation)
+            failed = InferenceServicePhase.FAILED
+            new_status = with_refusal(new_status, ConditionType.READY, refused, generation, failed)
         changes = status_patch(status, new_status.to_dict())
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
         self.bodies.write_status(namespace, name, changes)
         STATUS_METRICS.record(KIND, namespace, name, serving_row(service_spec, new_status))
-        return RECONCILE_INTERVAL_SECONDS
+        return None if refused else RECONCILE_INTERVAL_SECONDS
 
     # -- autoscaler --------------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from tandem.api.common import GROUP, VERSION
 from tandem.api.trainingjob import (
     KIND,
     PLURAL,
-    ConditionType,
     TrainingJobPhase,
     TrainingJobSpec,
     TrainingJobStatus,
@@ -33,13 +32,14 @@ from tandem.api.trainingjob import (
 from tandem.operator import kube
 from tandem.operator.config import OperatorSettings
 from tandem.operator.controller_common import (
+    CREATE_REFUSED,
     BodyStore,
     InvalidSpec,
     WarningsOnce,
+    refusal_message,
     release_kopf_finalizer,
     status_patch,
     validated_spec,
-    with_refusal,
 )
 from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, training_row
@@ -53,7 +53,7 @@ from tandem.operator.trainingjob.observe import (
     observe_pod,
     pod_gpus,
 )
-from tandem.operator.trainingjob.reconcile import Decision, Job, decide
+from tandem.operator.trainingjob.reconcile import Decision, Job, decide, refused
 from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
 from tandem.operator.workqueue import WorkQueue
 
@@ -75,7 +75,7 @@ CHILD_CALL_THREADS = 8
 _CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
 log = logging.getLogger(__name__)
 #: Reasons whose warnings a reconcile would repeat each time it runs (posted once per message).
-REPEATING_WARNINGS = ("BadProgress", "CreateFailed")
+REPEATING_WARNINGS = ("BadProgress", CREATE_REFUSED)
 _warnings = WarningsOnce()
 
 
@@ -173,10 +173,11 @@ def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
 
 @dataclass(frozen=True)
 class Applied:
-    """How carrying out a decision went: why the API server refused a child; whether it was busy."""
+    """How carrying out a decision went: why the API server refused a child for good (which child,
+    which field, bounded); whether it was busy (then its Retry-After, the longest asked)."""
 
     refused: str | None = None
-    busy: bool = False
+    busy: kube.Busy | None = None
 
 
 def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str, uid: str) -> Applied:
@@ -185,7 +186,8 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
 
     Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
-    refused, busy = None, False
+    refused: str | None = None
+    busy: kube.Busy | None = None
     wanted = [m for m in decision.create if not _seen.has(m)]
     # The namespace's shared account goes first and in order (a RoleBinding needs its Role; admission
     # rejects a pod whose ServiceAccount does not exist yet), under a lock so that the first jobs of a
@@ -201,10 +203,11 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     for manifest, outcome in zip(shared + own, created + own_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
-            refused = refused or f"the API server refused {child}: {outcome}"
+            refused = refused or refusal_message(child, outcome)
         elif isinstance(outcome, kube.Busy):
-            busy = True
-            log.warning("API server busy creating %s in %s (%s); retrying shortly", child, namespace, outcome)
+            if busy is None or (outcome.retry_after or 0) > (busy.retry_after or 0):
+                busy = outcome
+            log.warning("API server busy creating %s in %s (%s)", child, namespace, outcome)
         elif outcome:
             made.append(child)
     if made:  # one line per reconcile: at thousands of pods a minute, a line each showed in profiles
@@ -213,8 +216,6 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     gone = [pod for pod, deleted in zip(decision.delete, deletes, strict=True) if deleted]
     if gone:
         log.info("%s/%s: deleted pod %s", namespace, name, ", ".join(gone))
-    if refused:
-        _warnings.warn(body, uid, "CreateFailed", refused)
     return Applied(refused, busy)
 
 
@@ -232,7 +233,10 @@ def _is_shared(manifest: Mapping[str, Any]) -> bool:
 
 
 def recheck_in(decision: Decision, retry: bool) -> float | None:
-    """Seconds until the job should be looked at again without a change (None: only on a change)."""
+    """Seconds until the job should be looked at again without a change (None: only on a change).
+
+    `retry`: waiting on something other than the clock (the first pod list; a busy API server raises
+    instead, for the work queue's per-key backoff)."""
     due = decision.due_in
     if retry or (due is not None and due <= 0):
         return RETRY_SECONDS
@@ -308,21 +312,39 @@ class Controller:
             self.settings.prices(),
         )
         applied = apply(decision, body, namespace, name, uid)
-        retry = bool(applied.refused or applied.busy)
-        if decision.hold and not retry:  # a gang just created: its status waits (it may bind at once)
+        if applied.refused is not None:
+            self._refused(body, job, decision, applied.refused)
+            return None
+        if (
+            decision.hold and applied.busy is None
+        ):  # a gang just created: its status waits (it may bind at once)
             return recheck_in(decision, retry=False)
         post_events(decision, body, uid)
         if decision.delete_job:
             kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
             return None
         new_status = decision.status
-        if applied.refused:  # e.g. a PriorityClass or PVC that does not exist: say so, retry
-            new_status = with_refusal(new_status, ConditionType.SCHEDULED, applied.refused, generation)
         changes = status_patch(status, new_status.to_dict())
         if changes:
             self.jobs.write_status(namespace, name, changes)
         STATUS_METRICS.record(KIND, namespace, name, training_row(name, new_status, decision.rate))
-        return recheck_in(decision, retry=retry)
+        if applied.busy is not None:  # the work queue backs off, no sooner than its Retry-After
+            raise applied.busy
+        return recheck_in(decision, retry=False)
+
+    def _refused(self, body: dict[str, Any], job: Job, decision: Decision, message: str) -> None:
+        """The API server refused a child for good: delete the half-made gang (a head alone must not
+        run until its gang timeout), say why in one Warning event and a Failed status naming the
+        child and field, and look again only when the job changes (its spec, or a pod going)."""
+        namespace, name = job.namespace, job.name
+        made = {m["metadata"]["name"] for m in decision.create if m["kind"] == "Pod"}
+        made |= {pod.name for pod in self.pods.get((namespace, name)) if not pod.deleting}
+        list(_CHILD_CALLS.map(lambda pod: kube.delete_pod(namespace, pod), sorted(made)))
+        _warnings.warn(body, job.uid, CREATE_REFUSED, message)
+        new_status = refused(job, decision.status, message, datetime.now(UTC))
+        self.jobs.write_status(namespace, name, status_patch(body.get("status") or {}, new_status.to_dict()))
+        STATUS_METRICS.record(KIND, namespace, name, training_row(name, new_status, decision.rate))
+        log.warning("%s/%s failed: %s", namespace, name, message)
 
 
 # kopf's ActivityFn protocol does not know the index keyword arguments kopf passes by name.

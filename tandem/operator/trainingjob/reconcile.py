@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from tandem.api.common import Condition, set_condition
+from tandem.api.common import Condition, find_condition, set_condition
 from tandem.api.trainingjob import (
     CheckpointInfo,
     ConditionType,
@@ -30,8 +30,12 @@ from tandem.api.trainingjob import (
     WorkerCounts,
 )
 from tandem.operator import cost
-from tandem.operator.controller_common import accepted
+
+#: A job the API server refused a child of for good (422, 403, 400) stays Failed with this reason
+#: until its spec changes (a new generation); then it starts a new gang.
+from tandem.operator.controller_common import CREATE_REFUSED, accepted
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
+from tandem.operator.kube import bounded
 from tandem.operator.trainingjob import builders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
 
@@ -115,7 +119,7 @@ def _condition(
         type=type_,
         status=status,
         reason=reason,
-        message=message,
+        message=bounded(message),
         observed_generation=job.generation,
         last_transition_time=now,
     )
@@ -260,6 +264,10 @@ class _Machine:
         return pod.name in self.decision.delete
 
     def step(self) -> None:
+        if self.refusal_outdated():
+            self.phase(Phase.PENDING, "the spec changed after the API server refused its pods: trying again")
+            self.condition(ConditionType.FAILED, "False", "SpecChanged", "trying again with the new spec")
+            self.set(completion_time=None)
         phase = self.status.phase
         if phase is not None and phase.finished:
             self.finished()
@@ -280,6 +288,14 @@ class _Machine:
             self.scheduling()
         elif phase is Phase.RUNNING:
             self.running()
+
+    def refusal_outdated(self) -> bool:
+        """Failed because the API server refused a child of an older generation of the spec."""
+        failure = self.status.last_failure
+        if self.status.phase is not Phase.FAILED or failure is None or failure.reason != CREATE_REFUSED:
+            return False
+        failed = find_condition(self.status.conditions, ConditionType.FAILED)
+        return failed is not None and (failed.observed_generation or 0) < self.job.generation
 
     def spec_changed(self) -> bool:
         """A spec edit that reshapes the pods replaces the gang; it does not count as a restart."""
@@ -449,7 +465,7 @@ class _Machine:
 
     def restart(self, reason: str, message: str) -> None:
         self.delete_current()
-        self.set(last_failure=FailureInfo(reason=reason, message=message, time=self.now))
+        self.set(last_failure=FailureInfo(reason=reason, message=bounded(message), time=self.now))
         restarts = self.status.restarts or 0
         limit = self.spec.failure_policy.max_restarts
         if restarts >= limit:
@@ -609,3 +625,24 @@ def decide(
 ) -> Decision:
     """One level-based reconcile of a TrainingJob. Pure: no I/O, no clock."""
     return _Machine(job, current, pods, cluster, now, prices).run()
+
+
+def refused(job: Job, status: TrainingJobStatus, message: str, now: datetime) -> TrainingJobStatus:
+    """The status after the API server refused one of the job's children for good (`message` says
+    which child and field): Failed, with Failed and Scheduled conditions and `lastFailure` saying so,
+    at this generation. Nothing is retried until the spec changes (see `_Machine.refusal_outdated`);
+    the caller deletes the gang's pods that were made."""
+    message = bounded(message)
+    failed = _condition(ConditionType.FAILED, "True", CREATE_REFUSED, message, job, now)
+    unscheduled = _condition(ConditionType.SCHEDULED, "False", CREATE_REFUSED, message, job, now)
+    conditions = set_condition(set_condition(status.conditions, failed), unscheduled)
+    return status.model_copy(
+        update={
+            "phase": Phase.FAILED,
+            "conditions": conditions,
+            "observed_generation": job.generation,
+            "next_attempt_time": None,
+            "completion_time": now,
+            "last_failure": FailureInfo(reason=CREATE_REFUSED, message=message, time=now),
+        }
+    )
