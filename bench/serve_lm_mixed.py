@@ -19,8 +19,6 @@ Variants (--variants, comma-separated; N a batch size):
 - hf32 / hf32s: HF `generate`, static batches of 32 in arrival order / sorted by answer length (an oracle).
 - sN: Tandem's generation scheduler in process (`GenerationScheduler`, every request streamed so each token
   is timed), at most N sequences in flight, the runtime's defaults (on CUDA: CUDA graphs).
-- dN: sN with the runtime's text decoding (which the scheduler calls for every token, over the whole answer
-  so far) replaced by `bytes(ids).decode()`: what the scheduler's per-token text work costs.
 - nN: sN without launching the next decoding pass ahead (`DecodeCache.greedy_step` as `step(...).greedy()`).
 - eN: the same as sN without CUDA graphs (the decoding pass launched op by op).
 - oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
@@ -37,10 +35,11 @@ Each Tandem variant runs once untimed first (it captures the CUDA graphs it meet
 useful tokens/s, time to first token (TTFT) p50/p99 from the moment all requests were queued, inter-token
 latency (ITL) p50/p99 over every pair of consecutive tokens of a request. HF's token times come from a
 logits processor called once per step (the step's start: HF synchronises every step), so they are
-approximate within one step. `--profile` splits the timed sN runs into the model step (CPU launch and
-waiting for the GPU) and the rest (the scheduler and event loop), and prints cProfile's top functions of one
-more run. bf16 agreement: each variant's answers are compared with the first full-set variant's (greedy: a
-near-tie can flip in another summation order; the median position of the first difference is given).
+approximate within one step. The timed sN runs are split into the model step (CPU launch and waiting for
+the GPU) and the rest (the scheduler and event loop); `--profile` prints cProfile's top functions of one more
+run, for the event loop's thread and for the model step's worker thread apart. bf16 agreement: each
+variant's answers are compared with the first full-set variant's (greedy: a near-tie can flip in another
+summation order; the median position of the first difference is given).
 """
 
 from __future__ import annotations
@@ -245,11 +244,6 @@ def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
         return Outcome(seconds, tokens, times)
 
     return asyncio.run(run())
-
-
-def fast_decode(ids: Sequence[int]) -> str:
-    """The byte tokenizer's decode where every id is a byte (the dN variants: no specials generated)."""
-    return bytes(ids).decode("utf-8", errors="replace")
 
 
 def timed_step(lm: Any) -> tuple[dict[str, float], Callable[[], None]]:
@@ -492,9 +486,7 @@ class Bench:
     def tandem(self, name: str) -> Outcome:
         args, requests, lm = self.args, self.requests, self.lm
         batch = int(name[1:])
-        graphs = name[0] in "sdn" and args.device.startswith("cuda")
-        if name[0] == "d":
-            lm.decode = fast_decode
+        graphs = name[0] in "sn" and args.device.startswith("cuda")
         set_cache(lm, args.vocab, cuda_graphs=graphs, one_pass=name[0] == "o")
         if name[0] == "n":  # no pass launched ahead
             cache = lm._cache
@@ -504,8 +496,6 @@ class Bench:
         spent, undo = timed_step(lm)
         outcome = scheduler_run(lm, requests, batch)
         undo()
-        if name[0] == "d":
-            del lm.decode
         outcome.notes = {
             "in_model_step": f"{spent['step_s'] / outcome.seconds:.0%}",
             "in_cache_step_cpu": f"{spent['cache_s'] / outcome.seconds:.0%}",
@@ -513,13 +503,26 @@ class Bench:
             "graphs": lm._cache.graphs_captured,
         }
         if args.profile and name[0] == "s":
-            profiler = cProfile.Profile()
+            profiler, in_step = cProfile.Profile(), cProfile.Profile()
+            step_of = lm.step
+
+            def profiled_step(batch: Any) -> list[int]:  # the model's worker thread (a profile per thread)
+                in_step.enable()
+                try:
+                    out: list[int] = step_of(batch)
+                finally:
+                    in_step.disable()
+                return out
+
+            lm.step = profiled_step
             profiler.enable()
             scheduler_run(lm, requests, batch)
             profiler.disable()
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-            print(f"{name}: cProfile of one more run, top functions by own time\n{text.getvalue()}")
+            del lm.step
+            for title, which in (("the event loop's thread", profiler), ("the model step's thread", in_step)):
+                text = io.StringIO()
+                pstats.Stats(which, stream=text).sort_stats("tottime").print_stats(16)
+                print(f"{name}: cProfile of one more run, {title}, by own time\n{text.getvalue()}")
         return outcome
 
 
@@ -557,7 +560,7 @@ def main() -> None:
     print(bench.header(), flush=True)
     rows: list[dict[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    largest = max([int(v[1:]) for v in variants if v[0] in "sdneo" and v[1:].isdigit()], default=32)
+    largest = max([int(v[1:]) for v in variants if v[0] in "sneo" and v[1:].isdigit()], default=32)
     for name in variants:
         if name == "g":
             print(f"g: {graph_check(bench.lm, args.device)}", flush=True)
@@ -573,7 +576,7 @@ def main() -> None:
             if done is None:
                 continue
             outcome, subset = done
-        elif name[0] in "sdneo" and name[1:].isdigit():
+        elif name[0] in "sneo" and name[1:].isdigit():
             outcome = bench.tandem(name)
         else:
             raise SystemExit(f"--variants: unknown variant {name!r}")
