@@ -59,6 +59,12 @@ def test_two_worker_ddp_lowers_loss_and_checkpoints(ray_cluster: None, tmp_path:
     assert 'tandem_train_checkpoints_total{job="ddp"} 3.0' in metrics.text()
     assert list((tmp_path / ".ray-train").glob("*/pointer-00000030-*/pointer.json"))  # Ray's pointer
     assert 'tandem_train_step_seconds_count{job="ddp"} 30.0' in metrics.text()  # every step arrived
+    text = metrics.text()
+    assert 'tandem_train_data_wait_seconds_count{job="ddp"} 30.0' in text  # rank 0's wait, every step
+    assert 'tandem_train_grad_norm{job="ddp"}' in text
+    assert 'tandem_train_restarts_total{job="ddp"} 0.0' in text
+    assert "tandem_train_mfu_ratio{" not in text  # CPU ranks: no MFU, no GPU series
+    assert "tandem_train_gpu_memory_allocated_bytes{" not in text
 
 
 def test_rank0_sends_steps_in_batches_and_learns_of_a_stop_from_the_reply(
@@ -79,7 +85,7 @@ def test_rank0_sends_steps_in_batches_and_learns_of_a_stop_from_the_reply(
     finally:
         rank0.close()
         rank1.close()
-    steps, _, _ = ray.get(mailbox.drain.remote())
+    steps = ray.get(mailbox.drain.remote()).steps
     assert [m["step"] for m in steps] == list(range(1, 52))  # every step, the last one flushed by close()
 
 
@@ -108,7 +114,8 @@ def test_killing_one_ray_worker_mid_run_still_completes(
 ) -> None:
     cfg = config(tmp_path, max_steps=60, checkpoint_every_steps=5, max_failures=2, checkpoint_keep=3)
     box: dict[str, RunOutcome] = {}
-    thread = threading.Thread(target=lambda: box.update(out=run(cfg, ProgressReporter())))
+    metrics = TrainMetrics("ddp")
+    thread = threading.Thread(target=lambda: box.update(out=run(cfg, ProgressReporter(metrics=metrics))))
     thread.start()
     wait_for((tmp_path / "step-00000005" / ckpt.MARKER_FILE).exists, 120, "the first checkpoint")
     pids = wait_for(train_worker_pids, 30, "the Ray Train worker processes")
@@ -121,6 +128,7 @@ def test_killing_one_ray_worker_mid_run_still_completes(
     assert outcome.step == 60
     assert outcome.start_step is not None
     assert 5 <= outcome.start_step < 60
+    assert 'tandem_train_restarts_total{job="ddp"} 1.0' in metrics.text()  # the one Ray Train restart
 
 
 def test_stop_request_checkpoints_then_a_new_run_resumes_there(

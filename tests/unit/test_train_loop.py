@@ -132,6 +132,25 @@ def test_stop_request_checkpoints_and_returns(tmp_path: Path) -> None:
     assert hooks.steps[0].total_steps == 12
 
 
+class Everything(Recorder):
+    def stop_requested(self) -> bool:
+        return False
+
+
+def test_each_step_reports_its_gradient_norm_and_data_wait_and_no_mfu_on_a_cpu(tmp_path: Path) -> None:
+    clipped, unclipped = Everything(), Everything()
+    run_builtin(config(tmp_path / "a", max_steps=3), DistInfo(), clipped)
+    run_builtin(config(tmp_path / "b", max_steps=3, grad_clip=0.0), DistInfo(), unclipped)
+    for m in clipped.steps + unclipped.steps:
+        assert m.grad_norm is not None
+        assert 0 < m.grad_norm < 1e4
+        assert m.data_wait_seconds is not None
+        assert 0 < m.data_wait_seconds < m.step_seconds
+        assert m.mfu is None  # no GPU peak to divide by: absent, not 0
+    # The first step's gradients are the same either way: the norm is taken before clipping.
+    assert unclipped.steps[0].grad_norm == pytest.approx(clipped.steps[0].grad_norm, rel=1e-5)
+
+
 def test_sampler_is_deterministic_and_covers_each_epoch() -> None:
     tokens = load_tokens("tandem://corpus-small")
     s1, s2 = WindowSampler(tokens, 32, seed=1), WindowSampler(tokens, 32, seed=1)

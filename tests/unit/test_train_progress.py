@@ -117,6 +117,88 @@ def test_metrics_are_exported() -> None:
         assert line in text
 
 
+def exported(metrics: TrainMetrics) -> set[str]:
+    """The series names with a sample (comment lines left out)."""
+    return {line.split("{")[0] for line in metrics.text().splitlines() if not line.startswith("#")}
+
+
+def test_series_that_mean_nothing_are_absent_not_zero() -> None:
+    metrics = TrainMetrics("cpu-run")
+    rep = ProgressReporter(metrics=metrics)
+    rep.step(step(1))  # a CPU run: no MFU, and a user entrypoint's report: no norm, no data wait
+    names = exported(metrics)
+    assert "tandem_train_loss" in names
+    assert 'tandem_train_restarts_total{job="cpu-run"} 0.0' in metrics.text()  # 0 restarts means something
+    for absent in (
+        "tandem_train_mfu_ratio",
+        "tandem_train_grad_norm",
+        "tandem_train_data_wait_seconds_count",
+        "tandem_train_gpu_utilization_ratio",
+        "tandem_train_gpu_memory_allocated_bytes",
+    ):
+        assert absent not in names
+
+
+def test_gradient_norm_data_wait_restarts_and_gpu_samples_are_exported() -> None:
+    metrics = TrainMetrics("gpu-run")
+    rep = ProgressReporter(metrics=metrics)
+    rep.step(step(1, grad_norm=0.75, data_wait_seconds=0.0003))
+    rep.restarted()
+    rep.device(0, {"utilization": 0.9, "allocated_bytes": 2e9, "reserved_bytes": 3e9, "total_bytes": 8e10})
+    rep.device(1, {"allocated_bytes": 1e9})  # a rank without NVML: memory only
+    text = metrics.text()
+    for line in (
+        'tandem_train_grad_norm{job="gpu-run"} 0.75',
+        'tandem_train_data_wait_seconds_bucket{job="gpu-run",le="0.0005"} 1.0',
+        'tandem_train_data_wait_seconds_bucket{job="gpu-run",le="0.00025"} 0.0',
+        'tandem_train_restarts_total{job="gpu-run"} 1.0',
+        'tandem_train_gpu_utilization_ratio{job="gpu-run",rank="0"} 0.9',
+        'tandem_train_gpu_memory_allocated_bytes{job="gpu-run",rank="1"} 1e+09',
+        'tandem_train_gpu_memory_total_bytes{job="gpu-run",rank="0"} 8e+10',
+    ):
+        assert line in text
+    assert 'tandem_train_gpu_utilization_ratio{job="gpu-run",rank="1"}' not in text
+
+
+class FakeCuda:
+    """torch.cuda's calls that the sampler makes, for a machine without a GPU."""
+
+    def __init__(self, nvml: bool) -> None:
+        self.nvml, self.utilization_calls = nvml, 0
+
+    def get_device_properties(self, index: int) -> Any:
+        return type("Props", (), {"total_memory": 80 * 2**30})()
+
+    def memory_allocated(self, index: int) -> int:
+        return 5 * 2**30
+
+    def memory_reserved(self, index: int) -> int:
+        return 6 * 2**30
+
+    def utilization(self, index: int) -> int:
+        self.utilization_calls += 1
+        if not self.nvml:
+            raise ModuleNotFoundError("pynvml does not seem to be installed or it can't be imported.")
+        return 87
+
+
+def test_gpu_sampler_reads_memory_and_leaves_utilisation_out_without_nvml() -> None:
+    from tandem.workloads.train.devices import GpuSampler
+
+    sample = GpuSampler(0, FakeCuda(nvml=True)).sample()
+    assert sample == {
+        "allocated_bytes": 5 * 2**30,
+        "reserved_bytes": 6 * 2**30,
+        "total_bytes": 80 * 2**30,
+        "utilization": 0.87,
+    }
+    cuda = FakeCuda(nvml=False)
+    sampler = GpuSampler(0, cuda)
+    assert "utilization" not in sampler.sample()
+    assert "utilization" not in sampler.sample()
+    assert cuda.utilization_calls == 1  # NVML is not asked again every second
+
+
 def test_progress_bar_line() -> None:
     out = io.StringIO()
     bar = ProgressBar(out, width=10)

@@ -64,8 +64,12 @@ class StepMetrics:
     step_seconds: float
     samples_per_second: float
     tokens_per_second: float
+    #: None where it cannot be estimated (a CPU, a GPU of unknown peak): the metric stays absent.
     mfu: float | None = None
+    #: L2 norm of all gradients before clipping (of the reported step).
     grad_norm: float | None = None
+    #: Time one step waited for its batches on this rank (mean over the steps since the last report).
+    data_wait_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,15 +276,24 @@ class GPTRun:
         self.step = 0
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         self.peak = peak_flops(self.device)
+        #: Seconds the steps so far waited for their batches (host time: read, collate, pin, copy issued).
+        self.data_wait_seconds = 0.0
+        #: The last step's gradient norm (a tensor on the device: read with the loss, no extra sync).
+        self.grad_norm: torch.Tensor | None = None
 
     # -- one optimizer step (the code the benchmark measures) -------------------------------------
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over `accumulation_steps` micro-batches; returns the mean loss (a tensor)."""
+    def train_step(self, measure_grad_norm: bool = False) -> torch.Tensor:
+        """One optimizer step over `accumulation_steps` micro-batches; returns the mean loss (a tensor).
+
+        The gradient norm is kept in `grad_norm` (clipping computes it anyway; without clipping only when
+        `measure_grad_norm`), and the time spent getting batches is added to `data_wait_seconds`: neither
+        waits for the device."""
         cfg, dist = self.cfg, self.dist
         accum = cfg.accumulation_steps
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
+            waited = time.perf_counter()
             first = micro_batch_first_sample(
                 self.step,
                 micro,
@@ -292,6 +305,7 @@ class GPTRun:
             batch = torch.from_numpy(self.sampler.batch(first, cfg.per_device_batch))
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
+            self.data_wait_seconds += time.perf_counter() - waited
             inputs, targets = batch[:, :-1], batch[:, 1:]
             last = micro == accum - 1
             sync: AbstractContextManager[Any] = (
@@ -307,7 +321,10 @@ class GPTRun:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            self.grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        elif measure_grad_norm:
+            grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+            self.grad_norm = nn.utils.get_total_norm(grads) if grads else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -427,15 +444,25 @@ def run_builtin(
     last_ckpt_time = time.monotonic()
     samples_per_step = cfg.global_batch
     loss_value: float | None = None
-    t_prev, last_logged = time.perf_counter(), start
+    t_prev, last_logged, waited_before = time.perf_counter(), start, 0.0
+
+    def reported(step: int) -> bool:
+        return dist.is_main and (step % log_every == 0 or step == cfg.max_steps)
+
     while run.step < cfg.max_steps:
-        loss_t = run.train_step()
+        loss_t = run.train_step(measure_grad_norm=reported(run.step + 1))
         step = run.step
-        if dist.is_main and (step % log_every == 0 or step == cfg.max_steps):
-            loss_value = float(loss_t.item())
+        if reported(step):
+            grad_norm: float | None = None
+            if run.grad_norm is None:
+                loss_value = float(loss_t.item())
+            else:  # one copy from the device for both (the loss read was already the step's only sync)
+                loss_value, grad_norm = torch.stack([loss_t.float(), run.grad_norm.float()]).tolist()
             now = time.perf_counter()
-            dt = (now - t_prev) / max(1, step - last_logged)
-            t_prev, last_logged = now, step
+            steps_since = max(1, step - last_logged)
+            dt = (now - t_prev) / steps_since
+            data_wait = (run.data_wait_seconds - waited_before) / steps_since
+            t_prev, last_logged, waited_before = now, step, run.data_wait_seconds
             tokens_s = samples_per_step * cfg.seq_len / dt
             hooks.on_step(
                 StepMetrics(
@@ -448,6 +475,8 @@ def run_builtin(
                     samples_per_second=samples_per_step / dt,
                     tokens_per_second=tokens_s,
                     mfu=(run.flops_per_token * tokens_s / (run.peak * dist.world_size)) if run.peak else None,
+                    grad_norm=grad_norm,
+                    data_wait_seconds=data_wait,
                 )
             )
             result.history.append(loss_value)
@@ -462,7 +491,8 @@ def run_builtin(
             last_ckpt_time = time.monotonic()
             result.checkpoint = event
             hooks.on_checkpoint(event)
-            t_prev, last_logged = time.perf_counter(), step  # step time excludes checkpoint time
+            # step time excludes checkpoint time
+            t_prev, last_logged, waited_before = time.perf_counter(), step, run.data_wait_seconds
         if stop:
             result.status = "stopped"
             break

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TextIO
 
@@ -73,7 +73,13 @@ class ListWriter:
 
 
 class TrainMetrics:
-    """The head's Prometheus metrics (a private registry; `serve(port)` exposes it)."""
+    """The head's Prometheus metrics (a private registry; `serve(port)` exposes it).
+
+    A series that means nothing for a run is absent, not 0: MFU without a known GPU peak (a CPU run),
+    the gradient norm and the data-loading wait before a step reports them (a user entrypoint does
+    not), the GPU series without a GPU, utilisation without NVML. Their children are created when the
+    first value arrives.
+    """
 
     def __init__(self, job: str) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -85,13 +91,27 @@ class TrainMetrics:
         def g(name: str, doc: str) -> Any:
             return Gauge(name, doc, labels, registry=self.registry).labels(job)
 
+        def gpu(name: str, doc: str) -> Any:
+            return Gauge(name, doc, [*labels, "rank"], registry=self.registry)
+
         self.step = g("tandem_train_step", "Optimizer steps done")
         self.total_steps = g("tandem_train_total_steps", "Optimizer steps of the whole run")
         self.loss = g("tandem_train_loss", "Training loss of the last reported step")
         self.lr = g("tandem_train_learning_rate", "Learning rate of the last reported step")
         self.samples_per_second = g("tandem_train_samples_per_second", "Training samples/s over all workers")
         self.tokens_per_second = g("tandem_train_tokens_per_second", "Training tokens/s over all workers")
-        self.mfu = g("tandem_train_mfu_ratio", "Estimated model FLOPs utilisation (0-1), GPU runs only")
+        self._mfu = Gauge(
+            "tandem_train_mfu_ratio",
+            "Estimated model FLOPs utilisation (0-1); absent without a known GPU peak (CPU runs)",
+            labels,
+            registry=self.registry,
+        )
+        self._grad_norm = Gauge(
+            "tandem_train_grad_norm",
+            "L2 norm of all gradients of the last reported step, before clipping",
+            labels,
+            registry=self.registry,
+        )
         self.step_seconds = Histogram(
             "tandem_train_step_seconds",
             "Wall time of one optimizer step",
@@ -99,6 +119,30 @@ class TrainMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         ).labels(job)
+        self._data_wait = Histogram(
+            "tandem_train_data_wait_seconds",
+            "Time one optimizer step waited for its batches (read, collate, copy to the device), rank 0",
+            labels,
+            registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.restarts = Counter(
+            "tandem_train_restarts",
+            "Worker-group restarts inside this run (Ray Train's max_failures), from its last checkpoint",
+            labels,
+            registry=self.registry,
+        ).labels(job)
+        self._gpu_utilization = gpu(
+            "tandem_train_gpu_utilization_ratio",
+            "Share of the last sample period the rank's GPU was busy (NVML; absent without it)",
+        )
+        self._gpu_allocated = gpu(
+            "tandem_train_gpu_memory_allocated_bytes", "GPU memory held by tensors (torch's allocator)"
+        )
+        self._gpu_reserved = gpu(
+            "tandem_train_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator"
+        )
+        self._gpu_total = gpu("tandem_train_gpu_memory_total_bytes", "The rank's GPU memory")
         self.checkpoint_seconds = Histogram(
             "tandem_train_checkpoint_save_seconds",
             "Time to write and publish a checkpoint",
@@ -111,6 +155,26 @@ class TrainMetrics:
             "tandem_train_checkpoints", "Checkpoints published", labels, registry=self.registry
         ).labels(job)
         self.last_checkpoint_step = g("tandem_train_last_checkpoint_step", "Step of the latest checkpoint")
+
+    def set_mfu(self, value: float) -> None:
+        self._mfu.labels(self._job).set(value)
+
+    def set_grad_norm(self, value: float) -> None:
+        self._grad_norm.labels(self._job).set(value)
+
+    def observe_data_wait(self, seconds: float) -> None:
+        self._data_wait.labels(self._job).observe(seconds)
+
+    def set_device(self, rank: int, sample: Mapping[str, float]) -> None:
+        """One rank's GPU sample (`tandem.workloads.train.devices.gpu_sample`); keys it lacks stay absent."""
+        for key, gauge in (
+            ("utilization", self._gpu_utilization),
+            ("allocated_bytes", self._gpu_allocated),
+            ("reserved_bytes", self._gpu_reserved),
+            ("total_bytes", self._gpu_total),
+        ):
+            if key in sample:
+                gauge.labels(self._job, str(rank)).set(sample[key])
 
     def serve(self, port: int) -> None:
         """Start the HTTP endpoint (`/metrics`) in a daemon thread."""
@@ -224,7 +288,11 @@ class ProgressReporter:
                 mt.tokens_per_second.set(m["tokens_per_second"])
                 mt.step_seconds.observe(m["step_seconds"])
                 if m.get("mfu") is not None:
-                    mt.mfu.set(m["mfu"])
+                    mt.set_mfu(m["mfu"])
+                if m.get("grad_norm") is not None:
+                    mt.set_grad_norm(m["grad_norm"])
+                if m.get("data_wait_seconds") is not None:
+                    mt.observe_data_wait(m["data_wait_seconds"])
             now = self.clock()
             if self.bar is not None and (
                 now - self._last_bar >= self.bar_interval or m["step"] == m["total_steps"]
@@ -249,6 +317,16 @@ class ProgressReporter:
                 # CHECKPOINT 100).
                 self._record["step"] = max(self._record["step"], ev["step"])
                 self._write_locked(self.clock())
+
+    def restarted(self) -> None:
+        """Ray Train restarted the worker group (a rank died; they resume from the last checkpoint)."""
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
+
+    def device(self, rank: int, sample: Mapping[str, float]) -> None:
+        """A rank's GPU sample (utilisation, memory), taken when it reported, never on the step path."""
+        if self.metrics is not None:
+            self.metrics.set_device(rank, sample)
 
     def flush(self) -> None:
         """Write the latest record now (end of run)."""

@@ -5,8 +5,10 @@ report to a `ProgressReporter`: rank 0 buffers its step metrics and a background
 second, to a small actor (`Mailbox`, no CPU), which the driver drains once a second; checkpoint events go
 there as they happen. A stop request (SIGTERM to the head) goes the other way: the driver flags the
 mailbox, rank 0 reads the flag in the reply to its next send, and at the next sync step all ranks agree
-(`loop.agree`), write a checkpoint and return. That is two actor calls a second whatever the step rate,
-none of them on the training thread.
+(`loop.agree`), write a checkpoint and return. That is two actor calls a second whatever the step rate
+(plus one a second from each other rank that trains on a GPU, with a sample of it), none of them on the
+training thread. Rank 0 also tells the mailbox when its worker group starts: every start after the first
+is a Ray Train restart, which the driver counts (`tandem_train_restarts_total`).
 
 `RAY_ENV` is how Tandem runs Ray for training (worker priority, Ray's own metrics, Ray Train's optional
 actors); `apply_ray_env` puts it in the environment of every Ray process Tandem starts.
@@ -24,9 +26,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,19 @@ class RunOutcome:
     start_step: int | None = None
 
 
+@dataclass
+class Drained:
+    """What the mailbox held since the driver last looked."""
+
+    steps: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+    final: dict[str, Any] | None
+    #: Worker groups that started (the first, then one per Ray Train restart).
+    starts: int = 0
+    #: The newest GPU sample of each rank that trains on a GPU.
+    devices: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
 class Mailbox:
     """Rank 0 -> driver progress, driver -> ranks stop requests (a Ray actor; plain class for tests)."""
 
@@ -115,12 +130,24 @@ class Mailbox:
         self._checkpoints: list[dict[str, Any]] = []
         self._final: dict[str, Any] | None = None
         self._stop = False
+        self._starts = 0
+        self._devices: dict[int, dict[str, float]] = {}
 
-    def put_steps(self, steps: list[dict[str, Any]]) -> bool:
-        """Rank 0's step metrics since its last call; the reply says whether to stop."""
+    def put_start(self) -> None:
+        """Rank 0 of a worker group began (Ray Train starts a new group after a rank dies)."""
+        self._starts += 1
+
+    def put_steps(self, steps: list[dict[str, Any]], device: dict[str, float] | None = None) -> bool:
+        """Rank 0's step metrics since its last call, and its GPU sample; the reply says whether to stop."""
         self._steps.extend(steps)
         del self._steps[:-MAX_PENDING_STEPS]
+        if device:
+            self._devices[0] = device
         return self._stop
+
+    def put_device(self, rank: int, device: dict[str, float]) -> None:
+        """Another rank's GPU sample."""
+        self._devices[rank] = device
 
     def put_checkpoint(self, ev: dict[str, Any]) -> None:
         self._checkpoints.append(ev)
@@ -128,10 +155,10 @@ class Mailbox:
     def put_final(self, final: dict[str, Any]) -> None:
         self._final = final
 
-    def drain(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
-        steps, ckpts = self._steps, self._checkpoints
-        self._steps, self._checkpoints = [], []
-        return steps, ckpts, self._final
+    def drain(self) -> Drained:
+        drained = Drained(self._steps, self._checkpoints, self._final, self._starts, self._devices)
+        self._steps, self._checkpoints, self._starts, self._devices = [], [], 0, {}
+        return drained
 
     def request_stop(self) -> None:
         self._stop = True
@@ -143,28 +170,51 @@ class RayHooks:
     Rank 0 keeps its step metrics in a list; a background thread sends them to the mailbox every
     `interval` seconds and learns from the reply whether a stop was requested. The other ranks send
     nothing and never ask: the ranks OR their stop flags at every sync step, so rank 0 knowing suffices.
+    A rank on a GPU (`sampler`) adds a sample of it from the same thread (rank 0 with its steps, the
+    others in a call of their own), so the training thread never reads the device's state.
     """
 
-    def __init__(self, mailbox: Any, rank: int, *, interval: float = SEND_INTERVAL_S) -> None:
-        self.mailbox, self.rank = mailbox, rank
+    def __init__(
+        self,
+        mailbox: Any,
+        rank: int,
+        *,
+        interval: float = SEND_INTERVAL_S,
+        sampler: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        self.mailbox, self.rank, self.sampler = mailbox, rank, sampler
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._sender: threading.Thread | None = None
-        if rank == 0:
+        if rank == 0 or sampler is not None:
             self._sender = threading.Thread(
                 target=self._send_every, args=(interval,), daemon=True, name="tandem-progress"
             )
             self._sender.start()
 
+    def _sample(self) -> dict[str, float] | None:
+        if self.sampler is None:
+            return None
+        try:
+            return self.sampler()
+        except Exception:  # a device that cannot be read: no sample (metrics are best-effort)
+            log.debug("GPU sample failed", exc_info=True)
+            return None
+
     def _send(self) -> None:
         import ray
 
+        device = self._sample()
+        if self.rank != 0:
+            if device:
+                self.mailbox.put_device.remote(self.rank, device)
+            return
         with self._lock:
             batch, self._pending = self._pending, []
         try:
-            if ray.get(self.mailbox.put_steps.remote(batch), timeout=10):
+            if ray.get(self.mailbox.put_steps.remote(batch, device), timeout=10):
                 self._stop.set()
         except Exception:  # the driver is gone or busy: keep training (progress is best-effort)
             log.debug("progress not delivered (%d steps)", len(batch), exc_info=True)
@@ -224,6 +274,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (module level, so Ray can import it by name)."""
     import ray.train
 
+    from tandem.workloads.train.devices import GpuSampler, gpu_index
     from tandem.workloads.train.loop import DistInfo, run_builtin
     from tandem.workloads.train.session import run_entrypoint
 
@@ -232,7 +283,10 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     dist = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     mailbox = config["mailbox"]
-    hooks = RayHooks(mailbox, dist.rank)
+    if dist.rank == 0:
+        mailbox.put_start.remote()
+    index = gpu_index(cfg.use_gpu, dist.local_rank)
+    hooks = RayHooks(mailbox, dist.rank, sampler=None if index is None else GpuSampler(index).sample)
     try:
         if cfg.entrypoint:
             run_entrypoint(cfg, dist, hooks)
@@ -337,15 +391,23 @@ def _run(
         thread.start()
         stop_sent = False
         final: dict[str, Any] | None = None
+        groups = 0
         while True:
             thread.join(timeout=SEND_INTERVAL_S)
             if stop is not None and stop.is_set() and not stop_sent:
                 mailbox.request_stop.remote()
                 stop_sent = True
-            steps, ckpts, final = ray.get(mailbox.drain.remote())
-            for ev in ckpts:
+            drained: Drained = ray.get(mailbox.drain.remote())
+            final = drained.final
+            for _ in range(drained.starts):
+                if groups:  # every worker group after the first is a restart
+                    reporter.restarted()
+                groups += 1
+            for rank, sample in sorted(drained.devices.items()):
+                reporter.device(rank, sample)
+            for ev in drained.checkpoints:
                 reporter.checkpoint(ev)
-            for m in steps:
+            for m in drained.steps:
                 reporter.step(m)
             if not thread.is_alive():
                 break
