@@ -50,7 +50,7 @@ def test_config_from_arguments(tmp_path: Path) -> None:
     args = parse(
         "--runtime", "embeddings", "--model-uri", f"file://{model_dir}", "--max-batch-size", "8",
         "--max-queue-size", "64", "--preferred-batch-sizes", "4,8", "--precision", "int8",
-        "--request-timeout-s", "0",
+        "--request-timeout-s", "0", "--header-timeout-s", "2.5", "--max-connections", "100",
     )  # fmt: skip
     config = cli.build_config(args)
     assert config.runtime is Runtime.EMBEDDINGS
@@ -60,6 +60,7 @@ def test_config_from_arguments(tmp_path: Path) -> None:
     assert config.batching.preferred_batch_sizes == (4, 8)
     assert config.batching.timeout_s is None
     assert config.port == 8080
+    assert (config.limits.header_timeout_s, config.limits.max_connections) == (2.5, 100)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,8 @@ def test_config_from_arguments(tmp_path: Path) -> None:
         (["--model-uri", ".", "--preferred-batch-sizes", "4,x"], "--preferred-batch-sizes: Input should be"),
         (["--model-uri", ".", "--device", "gpu"], "--device: String should match"),
         (["--model-uri", ".", "--model-name", "a/b"], "--model-name"),
+        (["--model-uri", ".", "--max-connections", "0"], "--max-connections: Input should be greater"),
+        (["--model-uri", ".", "--header-timeout-s", "0"], "--header-timeout-s: Input should be greater"),
     ],
 )
 def test_user_errors_say_what_to_do(argv: list[str], message: str) -> None:
