@@ -3,6 +3,10 @@
 One registry per server (not the process-global one), so several servers in one process (tests) never
 collide. The names below are the contract with the operator's autoscaler and the Grafana dashboards.
 
+Token series exist only where tokens do (`token_series`): causal-lm reads prompts and generates (prompt
+and generated tokens, time to first token, inter-token latency), the embeddings runtimes read prompts
+(prompt tokens), TorchScript has no tokens and exports none of them, rather than series stuck at 0.
+
 With `--workers N` every worker process writes its samples to files in a directory that the supervisor
 creates fresh at each start (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`), and
 `/metrics` in any worker merges them: counters and histograms add up, `queue_depth` and `inflight_requests`
@@ -14,6 +18,7 @@ every worker is (read from the supervisor's worker board, not from a file). The 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +49,7 @@ DROPPED: Final = f"{PREFIX}_dropped_requests_total"
 MODEL_LOAD: Final = f"{PREFIX}_model_load_seconds"
 READY: Final = f"{PREFIX}_ready"
 TOKENS_GENERATED: Final = f"{PREFIX}_generated_tokens_total"
+PROMPT_TOKENS: Final = f"{PREFIX}_prompt_tokens_total"
 TIME_TO_FIRST_TOKEN: Final = f"{PREFIX}_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY: Final = f"{PREFIX}_inter_token_latency_seconds"
 
@@ -62,6 +68,25 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     while buckets[-1] < max_batch_size:
         buckets.append(buckets[-1] * 2)
     return tuple(buckets)
+
+
+@dataclass(frozen=True)
+class TokenSeries:
+    """Which token series a runtime's server exports."""
+
+    #: Tokens read from requests (prompts, texts to embed).
+    prompt: bool
+    #: Tokens generated, time to first token, inter-token latency.
+    generated: bool
+
+
+def token_series(runtime: str | None) -> TokenSeries:
+    """A runtime's token series (by `tandem.api.serving.Runtime` value); None (a test's server): all."""
+    if runtime in ("embeddings", "noop"):
+        return TokenSeries(prompt=True, generated=False)
+    if runtime == "torchscript":
+        return TokenSeries(prompt=False, generated=False)
+    return TokenSeries(prompt=True, generated=True)
 
 
 READY_HELP: Final = "1 when the model is loaded, warmed up and not draining (every worker, with --workers)."
@@ -91,7 +116,8 @@ class ServeMetrics:
     """The server's metrics; also the batcher's observer (`tandem.workloads.serve.batcher.BatchObserver`).
 
     `multiprocess_dir` (a worker of a multi-process server): samples go to files there, `render` merges every
-    worker's, and `server_ready` says whether the whole server is ready.
+    worker's, and `server_ready` says whether the whole server is ready. `runtime` decides the token series
+    (`token_series`).
     """
 
     def __init__(
@@ -99,6 +125,7 @@ class ServeMetrics:
         model: str,
         max_batch_size: int,
         *,
+        runtime: str | None = None,
         process_metrics: bool = True,
         multiprocess_dir: Path | None = None,
         server_ready: Callable[[], bool] | None = None,
@@ -174,26 +201,6 @@ class ServeMetrics:
         )
         # With several workers `ready` is computed at scrape time from every worker's state (`_ServerReady`).
         self.ready: Gauge | None = None if multiprocess else Gauge(READY, READY_HELP, ["model"], registry=reg)
-        self.tokens_generated = Counter(
-            TOKENS_GENERATED.removesuffix("_total"),
-            "Tokens generated (causal-lm).",
-            ["model"],
-            registry=reg,
-        )
-        self.time_to_first_token = Histogram(
-            TIME_TO_FIRST_TOKEN,
-            "Time from receiving a streamed generation request to its first generated token (causal-lm).",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.inter_token_latency = Histogram(
-            INTER_TOKEN_LATENCY,
-            "Time between two consecutive generated tokens of one sequence (causal-lm).",
-            ["model"],
-            buckets=INTER_TOKEN_BUCKETS,
-            registry=reg,
-        )
         # Create every label set the server will use, so dashboards see zeros rather than no data.
         per_model: list[Histogram | Gauge | Counter] = [
             self.queue_wait,
@@ -201,12 +208,11 @@ class ServeMetrics:
             self.queue_depth_gauge,
             self.inflight,
             self.model_load,
-            self.tokens_generated,
-            self.time_to_first_token,
-            self.inter_token_latency,
         ]
         if self.ready is not None:
             per_model.append(self.ready)
+        self.token_series = token_series(runtime)
+        self._add_token_series(reg, model)
         for metric in per_model:
             metric.labels(model)
         for reason in ("cancelled", "timeout"):
@@ -216,13 +222,49 @@ class ServeMetrics:
         self._queue_depth = self.queue_depth_gauge.labels(model)
         self._batch_ok = self.batch_duration.labels(model, "ok")
         self._batch_error = self.batch_duration.labels(model, "error")
-        self._tokens = self.tokens_generated.labels(model)
-        self._ttft = self.time_to_first_token.labels(model)
-        self._itl = self.inter_token_latency.labels(model)
         self._requests: dict[tuple[str, int], Any] = {}
         self._dropped = {
             reason: self.dropped_total.labels(model, reason) for reason in ("cancelled", "timeout")
         }
+
+    def _add_token_series(self, reg: CollectorRegistry, model: str) -> None:
+        """The token series of `self.token_series`, created with their label set (zeros, not no data)."""
+        self._prompt_tokens: Any = None
+        self._tokens: Any = None
+        self._ttft: Any = None
+        self._itl: Any = None
+        if self.token_series.prompt:
+            self.prompt_tokens_total = Counter(
+                PROMPT_TOKENS.removesuffix("_total"),
+                "Tokens read from requests: prompts (causal-lm), texts to embed (embeddings).",
+                ["model"],
+                registry=reg,
+            )
+            self._prompt_tokens = self.prompt_tokens_total.labels(model)
+        if self.token_series.generated:
+            self.tokens_generated = Counter(
+                TOKENS_GENERATED.removesuffix("_total"),
+                "Tokens generated (causal-lm).",
+                ["model"],
+                registry=reg,
+            )
+            self.time_to_first_token = Histogram(
+                TIME_TO_FIRST_TOKEN,
+                "Time from receiving a streamed generation request to its first generated token (causal-lm).",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=reg,
+            )
+            self.inter_token_latency = Histogram(
+                INTER_TOKEN_LATENCY,
+                "Time between two consecutive generated tokens of one sequence (causal-lm).",
+                ["model"],
+                buckets=INTER_TOKEN_BUCKETS,
+                registry=reg,
+            )
+            self._tokens = self.tokens_generated.labels(model)
+            self._ttft = self.time_to_first_token.labels(model)
+            self._itl = self.inter_token_latency.labels(model)
 
     def render(self) -> bytes:
         """The text exposition format for `/metrics` (every worker's samples merged, with --workers)."""
@@ -241,20 +283,30 @@ class ServeMetrics:
             child = self._requests[route, code] = self.request_duration.labels(self.model, route, str(code))
         child.observe(seconds)
 
+    def prompt_tokens(self, count: int) -> None:
+        """Tokens a request brought (a prompt, texts to embed); nothing for a runtime without tokens."""
+        if self._prompt_tokens is not None and count > 0:
+            self._prompt_tokens.inc(count)
+
     def tokens(self, count: int) -> None:
-        self._tokens.inc(count)
+        if self._tokens is not None:
+            self._tokens.inc(count)
 
     def first_token(self, seconds: float) -> None:
-        self._ttft.observe(seconds)
+        if self._ttft is not None:
+            self._ttft.observe(seconds)
 
     def inter_token(self, seconds: float) -> None:
-        self._itl.observe(seconds)
+        if self._itl is not None:
+            self._itl.observe(seconds)
 
     def inter_tokens(self, seconds: float, count: int) -> None:
         """`count` inter-token latencies of `seconds` (a decoding step's sequences share one interval): one
         update, not `count` (`observe` takes ~2 us, once per generated token). prometheus_client has no
         weighted observe, so this adds to the sum and the bucket as `observe` does."""
         itl = self._itl
+        if itl is None:
+            return
         itl._sum.inc(seconds * count)
         for i, bound in enumerate(itl._upper_bounds):
             if seconds <= bound:

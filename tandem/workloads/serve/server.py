@@ -174,13 +174,14 @@ def run_server(
     readiness waits for every worker, answers name this process, and losing the supervisor drains it."""
     model = create_model(config.runtime, config.model)
     if worker is None:
-        metrics = ServeMetrics(model.name, config.batching.max_batch_size)
+        metrics = ServeMetrics(model.name, config.batching.max_batch_size, runtime=config.runtime.value)
         plane = DataPlane(model, config.batching, metrics)
     else:
         board = worker.board()
         metrics = ServeMetrics(
             model.name,
             config.batching.max_batch_size,
+            runtime=config.runtime.value,
             multiprocess_dir=worker.metrics_dir,
             server_ready=board.all_ready,
         )

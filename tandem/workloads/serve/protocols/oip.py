@@ -363,6 +363,7 @@ async def infer(
         _check_outputs(wanted, [EMBEDDING_OUTPUT])
         texts = to_texts(request, binary)
         embeddings = await plane.infer_many(await plane.prepare(texts))
+        plane.metrics.prompt_tokens(sum(e.tokens for e in embeddings))
         vectors = np.stack([e.vector for e in embeddings]).astype(np.float32, copy=False)
         return _answer(plane, request, [(EMBEDDING_OUTPUT, vectors)])
     signature = getattr(plane.model, "signature", None)

@@ -126,6 +126,7 @@ async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
         raise InvalidInput("dimensions", f"this model makes {dimensions}-dimensional vectors only")
     results = await plane.infer_many(await plane.prepare(request.input))
     tokens = sum(r.tokens for r in results)
+    plane.metrics.prompt_tokens(tokens)
     return {
         "object": "list",
         "data": [
@@ -294,6 +295,7 @@ async def generate(
 
     scheduler = plane.generator()
     handle = scheduler.submit(prompts, params, stream=bool(request.stream))
+    plane.metrics.prompt_tokens(handle.prompt_tokens)
     timeout_s = plane.batching.timeout_s
     if not request.stream:
         try:
