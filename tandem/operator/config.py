@@ -86,6 +86,34 @@ class OperatorSettings:
     autoscaler_panic_window_seconds: int = field(
         default=6, metadata=_doc("Default panic window when a service does not set one.")
     )
+    leader_election: bool = field(
+        default=True,
+        metadata=_doc(
+            "Reconcile only while holding the leader Lease, so that several replicas can run (one leads,"
+            " the others stand by with warm caches). False: reconcile at once; run one replica only."
+        ),
+    )
+    leader_election_namespace: str = field(
+        default="",
+        metadata=_doc("Namespace of the leader Lease; empty: the operator pod's own namespace."),
+    )
+    leader_election_lease_name: str = field(
+        default="tandem-operator", metadata=_doc("Name of the leader Lease (coordination.k8s.io).")
+    )
+    lease_duration_seconds: float = field(
+        default=15.0,
+        metadata=_doc(
+            "How long a standby waits after the leader's last renewal before taking over (a standby"
+            " takes over within this plus retryPeriodSeconds of the leader stopping)."
+        ),
+    )
+    renew_deadline_seconds: float = field(
+        default=10.0,
+        metadata=_doc("A leader that could not renew for this long exits (less than leaseDurationSeconds)."),
+    )
+    retry_period_seconds: float = field(
+        default=2.0, metadata=_doc("How often the leader renews, and a standby tries to take over.")
+    )
 
     def prices(self) -> cost.Prices:
         """The price table of the cost model (tandem.operator.cost)."""
@@ -109,6 +137,14 @@ def camel_name(snake: str) -> str:
 def _convert(name: str, raw: Any, target: Any, source: str) -> Any:
     """Convert one raw value (YAML value or env string) to the field's type, or say what is wrong."""
     try:
+        if target in ("bool", bool):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).strip().lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).strip().lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
         if target in ("int", int):
             return int(raw)
         if target in ("float", float):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 RECONCILE_TOTAL = Counter(
@@ -27,6 +27,10 @@ API_SECONDS = Histogram(
     "Wall time of one Kubernetes API call of the operator (watches excluded), by verb.",
     ["verb"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+LEADER = Gauge(
+    "tandem_operator_leader",
+    "1 while this replica holds the leader Lease and reconciles (or runs without leader election), else 0.",
 )
 
 # Every kind and result exists from the start, so the Operator dashboard's error rate reads 0, not no data.

@@ -1,8 +1,11 @@
-"""Start the operator: kopf with Tandem's storage settings, /metrics and a liveness endpoint."""
+"""Start the operator: kopf with Tandem's storage settings, /metrics, a liveness endpoint, and the
+leader election that decides when this replica's work queues start (see tandem.operator.leader)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import Any
 
 from tandem.operator.config import OperatorSettings
@@ -52,6 +55,27 @@ def limited_session(login_kwargs: dict[str, Any]) -> Any:
     )
 
 
+def lease_settings(settings: OperatorSettings) -> Any:
+    """The leader Lease's settings from the operator's (namespace: the setting, else the pod's)."""
+    from tandem.operator.leader import LeaseSettings, default_identity, default_namespace
+
+    return LeaseSettings(
+        namespace=settings.leader_election_namespace or default_namespace(),
+        name=settings.leader_election_lease_name,
+        identity=default_identity(),
+        lease_duration=settings.lease_duration_seconds,
+        renew_deadline=settings.renew_deadline_seconds,
+        retry_period=settings.retry_period_seconds,
+    )
+
+
+def _lost_leadership() -> None:
+    """Exit at once, without kopf's cleanup: a replica that may no longer lead must not finish the
+    reconciles it started (another replica may be leading already)."""
+    logging.shutdown()
+    os._exit(1)
+
+
 def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
     """Run until interrupted. Handlers are registered by importing their modules."""
     import kopf
@@ -68,9 +92,33 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
     if not verbose:  # "Timer ... succeeded" for every object every tick drowns everything else
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
+    from tandem.operator.leader import LeaderElector
+    from tandem.operator.metrics import LEADER
+
+    # asyncio.Event binds to the loop on first use: made here, awaited on kopf's loop.
+    elector = (
+        LeaderElector(lease_settings(settings), on_lost=_lost_leadership)
+        if settings.leader_election
+        else None
+    )
+    leading = elector.leading if elector is not None else asyncio.Event()
+
     @kopf.on.startup()
-    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings)
+        if elector is None:
+            LEADER.set(1)
+            leading.set()
+        else:
+            memo.election = asyncio.get_running_loop().create_task(elector.run())
+
+    @kopf.on.cleanup()
+    async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+        for waiter in memo.leader_waiters:
+            waiter.cancel()
+        if elector is not None:
+            memo.election.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, elector.release)
 
     @kopf.on.login()
     async def _login(**kwargs: Any) -> Any:
@@ -88,6 +136,6 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, leading=leading, leader_waiters=[]),
     )
     return 0

@@ -10,12 +10,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+#: A standby operator takes over within the lease duration plus a retry period of the leader's last
+#: renewal (the chart's defaults: 15 + 2 s; tandem.operator.leader).
+TAKEOVER_SECONDS = 17.0
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -96,7 +100,12 @@ class OperatorProcess:
 def start_operator(
     kubeconfig: Path, log_path: Path, extra_env: dict[str, str] | None = None
 ) -> OperatorProcess:
-    """Start `python -m tandem.operator` with its own kubeconfig; return once /healthz answers."""
+    """Start `python -m tandem.operator` with its own kubeconfig; return once /healthz answers.
+
+    Each process gets a name (POD_NAME, its leader Lease identity, as a pod's name is in the chart),
+    kept by `restart`: a restarted operator is the same replica and leads again at once, while a
+    second one started beside it is a standby."""
+    extra_env = {"POD_NAME": f"operator-{uuid.uuid4().hex[:8]}", **(extra_env or {})}
     metrics_port, health_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(

@@ -60,6 +60,7 @@ from tandem.operator.inferenceservice.observe import (
     observe_trainingjob,
 )
 from tandem.operator.inferenceservice.reconcile import Decision, Observed, ScalingInfo, decide
+from tandem.operator.leader import when_leading
 from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, serving_row
 from tandem.operator.watchcache import Key, WatchCache, by_name, custom_objects, owned
@@ -271,6 +272,8 @@ class Controller:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: The autoscaler task of each service, with the uid it was started for.
         self.autoscalers: dict[Key, tuple[str, asyncio.Task[None]]] = {}
+        #: Set while this replica leads: autoscalers scale only then (see tandem.operator.leader).
+        self.leading: asyncio.Event | None = None
 
     # -- from the watch threads --------------------------------------------------------------------
 
@@ -373,6 +376,8 @@ class Controller:
         memory = _Scaling()
         loop = asyncio.get_running_loop()
         while True:
+            if self.leading is not None:
+                await self.leading.wait()  # a standby neither scales nor reports
             body = self.bodies.get(key)
             if body is None or str(body["metadata"].get("uid")) != uid:
                 return
@@ -420,7 +425,8 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
     for cache in caches.all():
         cache.on_change = queue.add_threadsafe
     services.on_change = controller.service_changed
-    queue.start()
+    controller.leading = memo.leading
+    when_leading(memo, queue.start)  # a standby queues what its caches see, and starts when it leads
     watch_queue(KIND, queue.__len__)
     for cache in (*caches.all(), services):
         cache.start()

@@ -41,6 +41,7 @@ from tandem.operator.controller_common import (
     status_patch,
     validated_spec,
 )
+from tandem.operator.leader import when_leading
 from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, training_row
 from tandem.operator.trainingjob.builders import LABEL_JOB
@@ -363,7 +364,7 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
     queue = controller.queue
     pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)
     jobs.on_change = controller.job_changed
-    controller.queue.start()
+    when_leading(memo, queue.start)  # a standby queues what its caches see, and starts when it leads
     watch_queue(KIND, queue.__len__)
     pods.start()
     jobs.start()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from kubeobjects import events, get, items, status_of
-from operator_process import OperatorProcess, start_operator, wait_for
+from operator_process import TAKEOVER_SECONDS, OperatorProcess, start_operator, wait_for
 
 from tandem.api.trainingrun import TrainingRun
 from tandem.devcluster.nodes import (
@@ -421,7 +421,8 @@ def test_operator_killed_mid_reconcile_leaves_one_set_of_children(
     first.kill()  # SIGKILL while it is creating the gang
     second = start_operator(kubeconfig, second_operator / "second.log")
     try:
-        wait_phase(kubectl, namespace, "solo", "Running")
+        # Another replica: it leads once the killed one's Lease has expired.
+        wait_phase(kubectl, namespace, "solo", "Running", timeout=WAIT + TAKEOVER_SECONDS)
         names = sorted(p["metadata"]["name"] for p in pods(kubectl, namespace, "solo"))
         assert names == ["solo-1-head"] + [f"solo-1-worker-{i}" for i in range(6)]
         assert len(items(kubectl, namespace, "services", "-l=tandem.dev/trainingjob=solo")) == 1
