@@ -473,3 +473,27 @@ def test_the_inter_token_histogram_counts_every_gap_between_two_tokens_of_a_sequ
         await sched.close()
 
     run(main())
+
+
+def test_a_stream_that_falls_behind_gets_what_queued_up_in_one_event() -> None:
+    async def main() -> None:
+        model = CountingModel(gated=True)
+        sched = scheduler(model)
+        assert model.gate is not None
+        handle = sched.submit([model.encode("a")], SamplingParams(max_tokens=5), stream=True)
+        for _ in range(3):  # three steps run while nobody reads the stream
+            await model.stepping.wait()
+            model.stepping.clear()
+            model.gate.release()
+        await model.stepping.wait()  # the fourth step started: the first three tokens are queued
+        first = await handle.next_event()
+        assert first == TokenEvent(0, "bcd", None, 3)
+        model.gate.release(2)  # the last two steps
+        rest = []
+        while (event := await handle.next_event()) is not None:
+            rest.append(event)
+        assert "".join(e.text for e in rest) == "ef"
+        assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 5
+        await sched.close()
+
+    run(main())
