@@ -14,6 +14,15 @@ are started once and reused for every `run`, so a rate sweep pays the start-up o
 
 `static_server` runs a trivial HTTP server that answers every request with a fixed body: the generator's own
 ceiling is what it sustains against that (measure it on the machine you benchmark on).
+
+Why not an existing tool: hey (Debian) and wrk are closed loop (each of `-c` workers waits for its reply
+before sending again, so a slow server is sent less and its queue never shows: coordinated omission); wrk2 is
+not packaged; vegeta is open loop, but it needs a Go toolchain here and counts latency from the actual send,
+and the benchmarks want each run's result inside Python (rate sweeps over several variants, one report). So
+the generator stays, built on well-kept parts: replies are parsed by httptools (llhttp, uvicorn's own
+parser: status, Content-Length and chunked framing, keep-alive), and parent and worker processes talk over a
+`multiprocessing` connection (length-framed messages on a dedicated socket pair: nothing a worker prints can
+desynchronise them, and the parent waits with a deadline, so a lost worker is an error, never a hang).
 """
 
 from __future__ import annotations
@@ -21,18 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import pickle
 import socket
-import struct
 import subprocess
 import sys
 import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Pipe
 from types import TracebackType
-from typing import IO, Any, cast
+from typing import cast
 from urllib.parse import urlsplit
+
+import httptools
 
 #: Latency percentiles every result reports.
 PERCENTILES = (0.5, 0.9, 0.99)
@@ -53,27 +63,12 @@ def request_bytes(host: str, port: int, method: str, path: str, body: bytes | No
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
 
 
-def _chunked_end(buffer: bytearray, position: int) -> int:
-    """Where a chunked body starting at `position` ends (after its last chunk and trailers), or -1."""
-    while True:
-        line_end = buffer.find(b"\r\n", position)
-        if line_end < 0:
-            return -1
-        size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
-        if size == 0:
-            trailers_end = buffer.find(b"\r\n\r\n", line_end)
-            return -1 if trailers_end < 0 else trailers_end + 4
-        position = line_end + 2 + size + 2
-        if position > len(buffer):
-            return -1
-
-
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection with at most one request outstanding; parses Content-Length replies."""
+    """One keep-alive connection with at most one request outstanding; replies parsed by httptools."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[int] | None = None
         self.open = True
 
@@ -89,35 +84,24 @@ class _Connection(asyncio.Protocol):
         return self.waiter
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        waiter = self.waiter
-        if waiter is None:
-            return
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buffer[:end]).lower()
-        start = head.find(b"\r\ncontent-length:")
-        if start >= 0:
-            stop = head.find(b"\r\n", start + 2)
-            total = end + 4 + int(head[start + 17 : stop if stop >= 0 else len(head)])
-            if len(self.buffer) < total:
-                return
-        elif b"\r\ntransfer-encoding: chunked" in head:
-            total = _chunked_end(self.buffer, end + 4)
-            if total < 0:
-                return
-        else:  # a reply delimited by closing the connection: not keep-alive, unsupported here
-            self._fail(ConnectionError("reply without Content-Length or chunked encoding"))
-            return
-        del self.buffer[:total]
-        if b"\r\nconnection: close" in head:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"unparsable reply: {exc}"))
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.waiter is None:  # a reply nobody asked for: the connection cannot be trusted any more
+            self._fail(ConnectionError("a reply arrived with no request outstanding"))
+
+    def on_message_complete(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if not self.parser.should_keep_alive():
             self.open = False
             if self.transport is not None:
                 self.transport.close()
-        self.waiter = None
-        if not waiter.done():
-            waiter.set_result(int(head[9:12]))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self.parser.get_status_code())
 
     def _fail(self, error: Exception) -> None:
         self.open = False
@@ -252,35 +236,27 @@ async def _run_share(share: _Share) -> ShareResult:
     return result
 
 
-def _send(stream: IO[bytes], message: object) -> None:
-    data = pickle.dumps(message)
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
-
-
-def _receive(stream: IO[bytes]) -> Any:
-    header = stream.read(8)
-    if len(header) < 8:
-        raise EOFError("the other side closed the pipe")
-    (size,) = struct.unpack("<Q", header)
-    return pickle.loads(stream.read(size))
-
-
-def _worker() -> None:
-    """A worker process: runs the shares its parent sends on stdin, answers on stdout."""
+def _worker(fd: int) -> None:
+    """A worker process: runs the shares its parent sends on the connection `fd`, answers on it."""
     _use_uvloop()
-    commands, answers = sys.stdin.buffer, sys.stdout.buffer
+    channel = Connection(fd)
     while True:
         try:
-            share = _receive(commands)
+            share = channel.recv()
         except EOFError:
             return
         if share is None:
             return
         try:
-            _send(answers, asyncio.run(_run_share(share)))
+            channel.send(asyncio.run(_run_share(share)))
         except Exception as exc:  # report, never hang the parent
-            _send(answers, RuntimeError(f"{type(exc).__name__}: {exc}"))
+            channel.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    channel: Connection
 
 
 @dataclass
@@ -343,33 +319,29 @@ class LoadGenerator:
         self.processes = processes
         self.max_connections = max_connections
         self.timeout_s = timeout_s
-        self._workers: list[subprocess.Popen[bytes]] = []
+        self._workers: list[_Worker] = []
 
     def start(self) -> LoadGenerator:
         for _ in range(self.processes):
-            self._workers.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, "worker"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
+            ours, theirs = Pipe()
+            process = subprocess.Popen(
+                [sys.executable, __file__, "worker", str(theirs.fileno())], pass_fds=[theirs.fileno()]
             )
+            theirs.close()
+            self._workers.append(_Worker(process, ours))
         return self
 
     def close(self) -> None:
-        for process in self._workers:
-            assert process.stdin is not None
+        for worker in self._workers:
             with contextlib.suppress(OSError):
-                _send(process.stdin, None)
-                process.stdin.close()
-        for process in self._workers:
+                worker.channel.send(None)
+            worker.channel.close()
+        for worker in self._workers:
             try:
-                process.wait(10)
+                worker.process.wait(10)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+                worker.process.kill()
+                worker.process.wait()
         self._workers = []
 
     def __enter__(self) -> LoadGenerator:
@@ -401,19 +373,26 @@ class LoadGenerator:
         total = max(1, round(rate * seconds))
         per_process = max(1, self.max_connections // self.processes)
         start = time.monotonic() + 0.3  # every process connects and is waiting by then
-        for index, process in enumerate(self._workers):
+        for index, worker in enumerate(self._workers):
             share = _Share(
                 host, port, requests, rate, total, index, self.processes, start, per_process, self.timeout_s
             )
-            assert process.stdin is not None
-            _send(process.stdin, share)
-        shares: list[ShareResult] = []
-        for process in self._workers:
-            assert process.stdout is not None
             try:
-                answer = _receive(process.stdout)
-            except EOFError:
-                raise RuntimeError(f"load generator process {process.pid} died") from None
+                worker.channel.send(share)
+            except OSError:
+                raise RuntimeError(f"load generator process {worker.process.pid} died") from None
+        shares: list[ShareResult] = []
+        # Every request is answered or failed within timeout_s of its schedule: a worker silent past that
+        # (and a margin for a loaded machine) is lost, and says so instead of hanging the run.
+        deadline = start + seconds + self.timeout_s + 60
+        for worker in self._workers:
+            pid = worker.process.pid
+            try:
+                if not worker.channel.poll(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"load generator process {pid} did not answer in time")
+                answer = worker.channel.recv()
+            except (EOFError, OSError):
+                raise RuntimeError(f"load generator process {pid} died") from None
             if isinstance(answer, BaseException):
                 raise RuntimeError(f"load generator process failed: {answer}") from answer
             shares.append(answer)
@@ -442,49 +421,43 @@ class LoadGenerator:
 
 
 class _StaticReply(asyncio.Protocol):
-    """Answers every complete request (headers + Content-Length body) with the same fixed reply."""
+    """Answers every complete request (parsed by httptools) with the same fixed reply."""
 
     def __init__(self, reply: bytes) -> None:
         self.reply = reply
-        self.buffer = bytearray()
+        self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).lower()
-            start = head.find(b"\r\ncontent-length:")
-            length = 0
-            if start >= 0:
-                stop = head.find(b"\r\n", start + 2)
-                length = int(head[start + 17 : stop if stop >= 0 else len(head)])
-            if len(self.buffer) < end + 4 + length:
-                return
-            del self.buffer[: end + 4 + length]
-            assert self.transport is not None
-            self.transport.write(self.reply)
+        assert self.transport is not None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.reply)
 
 
-def static_reply(body: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(body)}\r\n\r\n".encode("ascii")
-        + body
-    )
+def static_reply(body: bytes, *, chunked: bool = False) -> bytes:
+    """A whole 200 reply with `body`, framed by Content-Length or (`chunked`) as chunks of up to 7 bytes."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    if not chunked:
+        return head + f"content-length: {len(body)}\r\n\r\n".encode("ascii") + body
+    chunks = [body[i : i + 7] for i in range(0, len(body), 7)]
+    framed = b"".join(f"{len(c):x}\r\n".encode("ascii") + c + b"\r\n" for c in chunks)
+    return head + b"transfer-encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
 
 
-def _static_server_main(port: int, body: bytes) -> None:
+def _static_server_main(port: int, reply: bytes) -> None:
     _use_uvloop()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        reply = static_reply(body)
         server = await loop.create_server(
             lambda: _StaticReply(reply), "127.0.0.1", port, reuse_port=True, backlog=4096
         )
@@ -496,15 +469,19 @@ def _static_server_main(port: int, body: bytes) -> None:
 
 
 @contextlib.contextmanager
-def static_server(body: bytes = b'{"ok":true}', *, processes: int = 1) -> Iterator[str]:
+def static_server(
+    body: bytes = b'{"ok":true}', *, processes: int = 1, chunked: bool = False, reply: bytes | None = None
+) -> Iterator[str]:
     """Run a trivial static-reply HTTP server (`processes` children sharing one loopback port with
-    SO_REUSEPORT); yields its URL."""
+    SO_REUSEPORT); yields its URL. Every request gets `static_reply(body, chunked=chunked)`, or the raw
+    bytes `reply` if given (e.g. a broken one)."""
+    raw = reply if reply is not None else static_reply(body, chunked=chunked)
     children: list[subprocess.Popen[str]] = []
     port = 0
     try:
         for _ in range(processes):
             child = subprocess.Popen(
-                [sys.executable, __file__, "static", str(port), body.hex()],
+                [sys.executable, __file__, "static", str(port), raw.hex()],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -530,8 +507,8 @@ if __name__ == "__main__":
     import loadgen  # this file, under its module name (bench/ is sys.path[0])
 
     if sys.argv[1:2] == ["worker"]:
-        loadgen._worker()
+        loadgen._worker(int(sys.argv[2]))
     elif sys.argv[1:2] == ["static"]:
         loadgen._static_server_main(int(sys.argv[2]), bytes.fromhex(sys.argv[3]))
     else:
-        sys.exit("usage: python bench/loadgen.py worker | static PORT BODY_HEX")
+        sys.exit("usage: python bench/loadgen.py worker FD | static PORT REPLY_HEX")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from loadgen import LoadGenerator, _chunked_end, percentile, static_server
+import pytest
+from loadgen import LoadGenerator, percentile, static_server
 from serverprocess import ServerProcess
 
 
@@ -28,9 +29,33 @@ def test_counts_error_statuses_from_a_real_server() -> None:
     assert result.errors == 100
 
 
-def test_chunked_bodies_and_percentiles() -> None:
-    body = bytearray(b"5\r\nhello\r\n6;x=1\r\n world\r\n0\r\n\r\nNEXT")
-    assert _chunked_end(body, 0) == len(body) - len(b"NEXT")
-    assert _chunked_end(bytearray(b"5\r\nhel"), 0) == -1
+def test_chunked_replies_keep_their_connections_in_step() -> None:
+    body = json.dumps({"data": [{"embedding": [0.5] * 64}]}).encode()  # many small chunks per reply
+    with static_server(body, chunked=True) as url, LoadGenerator(processes=1, max_connections=4) as gen:
+        result = gen.run(url, "/v1/embeddings", [b'{"input":"x"}'], rate=400, seconds=1)
+    assert result.ok == 400, result.summary()
+    assert result.connections <= 4  # connections were reused reply after reply
+
+
+def test_a_broken_reply_fails_its_requests_and_never_hangs_the_run() -> None:
+    broken = b"HTTP/1.1 200 OK\r\ncontent-length: nonsense\r\n\r\n{}"
+    with static_server(reply=broken) as url, LoadGenerator(processes=2, timeout_s=10) as gen:
+        result = gen.run(url, "/v1/embeddings", [b'{"input":"x"}'], rate=100, seconds=1)
+        assert result.failed == 100, result.summary()
+        assert result.ok == 0
+        with static_server() as good:  # the same worker processes go on with the next run
+            again = gen.run(good, "/v1/embeddings", [b'{"input":"x"}'], rate=100, seconds=1)
+    assert again.ok == 100, again.summary()
+
+
+def test_percentiles_are_nearest_rank() -> None:
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.99) == 4.0
+    assert percentile([], 0.5) != percentile([], 0.5)  # nan
+
+
+def test_a_dead_worker_is_an_error_not_a_hang() -> None:
+    with static_server() as url, LoadGenerator(processes=2) as gen:
+        gen._workers[1].process.kill()
+        with pytest.raises(RuntimeError, match="died"):
+            gen.run(url, "/v1/embeddings", [b'{"input":"x"}'], rate=100, seconds=0.5)
