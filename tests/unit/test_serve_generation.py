@@ -493,7 +493,8 @@ def test_a_stream_that_falls_behind_gets_what_queued_up_in_one_event() -> None:
         while (event := await handle.next_event()) is not None:
             rest.append(event)
         assert "".join(e.text for e in rest) == "ef"
-        assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 5
+        assert rest[-1].finish_reason == "length"
+        assert rest[-1].completion_tokens == 5
         await sched.close()
 
     run(main())
