@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,14 @@ def test_chart_values_map_one_to_one_onto_settings(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(values))  # what the chart's ConfigMap holds
     assert load_settings({"TANDEM_CONFIG_FILE": str(config)}) == OperatorSettings()
+
+
+def test_docs_describe_every_setting_with_its_default() -> None:
+    """docs/operator.md's table lists every chart value of `config:` with its default."""
+    doc = (REPO / "docs/operator.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.MULTILINE))
+    values = yaml.safe_load((REPO / "charts/tandem/values.yaml").read_text())["config"]
+    assert set(rows) == set(values)
+    for name, shown in rows.items():
+        if shown.strip() != "see values.yaml":
+            assert yaml.safe_load(shown.strip().strip("`")) == values[name], name
