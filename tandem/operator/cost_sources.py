@@ -23,6 +23,9 @@ from tandem.operator.autoscaler_metrics import INFERENCE_ROUTES, REQUEST_DURATIO
 from tandem.operator.cost_report import ModelHistory, Series
 from tandem.operator.status_metrics import COST, HOURLY, STATUS_PHASE
 
+#: The replicas' prompt-token counter (tandem.workloads.serve.metrics.PROMPT_TOKENS; the operator does not
+#: import the workloads).
+PROMPT_TOKENS = "tandem_serve_prompt_tokens_total"
 QUERY_TIMEOUT_SECONDS = 10.0
 #: Points per plotted history (the range query's step is the span divided by this).
 HISTORY_POINTS = 240
@@ -46,10 +49,12 @@ def training_active_query(namespace: str | None) -> str:
     return f"group by (model) ({STATUS_PHASE}{not_ended} or {on_nodes})"
 
 
-def per_model_query(counter: str, namespace: str | None, extra: str = "") -> str:
-    """A replica counter summed by the model its InferenceService serves (joined on namespace and name)."""
+def per_model_query(counters: str | tuple[str, ...], namespace: str | None, extra: str = "") -> str:
+    """A replica counter summed by the model its InferenceService serves (joined on namespace and name);
+    of several counters, each service's first one that exists."""
     matchers = ([f'namespace="{namespace}"'] if namespace else []) + ([extra] if extra else [])
-    replicas = f"sum by (namespace, service) ({counter}{{{','.join(matchers)}}})"
+    names = (counters,) if isinstance(counters, str) else counters
+    replicas = " or ".join(f"sum by (namespace, service) ({c}{{{','.join(matchers)}}})" for c in names)
     services = f"group by (namespace, name, model) ({COST}_total{_selector(namespace, phase='serving')})"
     return (
         f'sum by (model) (label_replace({replicas}, "name", "$1", "service", "(.*)")'
@@ -62,7 +67,8 @@ def requests_query(namespace: str | None) -> str:
 
 
 def tokens_query(namespace: str | None) -> str:
-    return per_model_query(TOKENS, namespace)
+    """Generated tokens where a service generates, else the tokens it reads (an embeddings service)."""
+    return per_model_query((TOKENS, PROMPT_TOKENS), namespace)
 
 
 def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -29,8 +29,19 @@ from tandem.operator.dashboards.render import PanelData, draw, query_dashboard
 
 NAMESPACE = "tandem-test"
 JOB = "tiny-dash"
-#: Driver panels; the operator's (checkpoint_age, restarts, gpu_hours) need the operator.
-DRIVER_PANELS = {"loss", "progress", "tokens", "mfu", "step_time", "checkpoint_duration"}
+#: Driver panels; the operator's (checkpoint_age, gpu_hours, the gang restarts) need the operator.
+DRIVER_PANELS = {
+    "loss",
+    "grad_norm",
+    "progress",
+    "tokens",
+    "step_time",
+    "data_wait",
+    "checkpoint_duration",
+    "restarts",
+}
+#: What means nothing on a CPU, and must be absent rather than 0.
+GPU_PANELS = {"mfu", "gpu_utilization", "gpu_memory"}
 
 
 def within(data: PanelData, low: float, high: float) -> None:
@@ -39,6 +50,23 @@ def within(data: PanelData, low: float, high: float) -> None:
     assert all(low <= v <= high for v in found), (
         f"{data.panel.title}: {min(found)}..{max(found)} not in [{low}, {high}]"
     )
+
+
+def check_driver_panels(data: dict[str, PanelData]) -> None:
+    """The driver's panels answer in range; what a CPU run has no use for is absent."""
+    within(data["loss"], 0.01, 20)
+    within(data["progress"], 0, 0.01)  # of 100,000 steps
+    within(data["tokens"], 1, 1e7)
+    within(data["step_time"], 0.0001, 30)
+    within(data["checkpoint_duration"], 0.0001, 120)
+    within(data["grad_norm"], 0.001, 1e4)
+    within(data["data_wait"], 0, 1)  # reading windows of an in-memory corpus: far below the step
+    assert max(v for line in data["data_wait"].lines for _, v in line.points) > 0
+    within(data["restarts"], 0, 0)  # the driver's worker-group restarts: none
+    assert {line.legend for line in data["restarts"].lines} == {f"{JOB} worker group"}
+    for panel in GPU_PANELS:  # a CPU run: no MFU, no GPU series, not zeros
+        assert not [v for line in data[panel].lines for _, v in line.points], panel
+    assert DRIVER_PANELS | GPU_PANELS | {"checkpoint_age", "gpu_hours"} == set(layout.TRAINING.panels)
 
 
 def test_training_panels_answer_from_a_real_run(tmp_path: Path) -> None:
@@ -94,14 +122,8 @@ def test_training_panels_answer_from_a_real_run(tmp_path: Path) -> None:
             variables={"namespace": NAMESPACE, "job": JOB},
         )
         data = query_dashboard(prometheus.url, layout.TRAINING, context)
-        within(data["loss"], 0.01, 20)
-        within(data["progress"], 0, 0.01)  # of 100,000 steps
-        within(data["tokens"], 1, 1e7)
-        within(data["step_time"], 0.0001, 30)
-        within(data["checkpoint_duration"], 0.0001, 120)
+        check_driver_panels(data)
         check_metrics(f"http://127.0.0.1:{port}/metrics")
-        mfu = [v for line in data["mfu"].lines for _, v in line.points]
-        assert all(0 <= v <= 1 for v in mfu)  # on a CPU: absent (or 0 where the driver still reports it)
         png = Path(os.environ.get("TANDEM_DASHBOARD_PNG_DIR") or tmp_path) / "training.png"
         png.parent.mkdir(parents=True, exist_ok=True)
         draw(layout.TRAINING, data, png)

@@ -85,11 +85,15 @@ TRAINING = Dashboard(
     file="training.json",
     uid="tandem-training",
     title="Tandem / Training",
-    description="Per TrainingJob: loss, throughput, MFU, step time, checkpoints, restarts, GPU-hours.",
+    description=(
+        "Per TrainingJob: loss, gradient norm, throughput, MFU, step time, data-loading wait, GPU "
+        "utilisation and memory, checkpoints, restarts, GPU-hours."
+    ),
     panels=queries.TRAINING,
     rows=(
-        ("Progress", ("loss", "progress", "tokens")),
-        ("Efficiency", ("mfu", "step_time", "gpu_hours")),
+        ("Progress", ("loss", "grad_norm", "progress", "tokens")),
+        ("Efficiency", ("mfu", "step_time", "data_wait")),
+        ("GPUs", ("gpu_utilization", "gpu_memory", "gpu_hours")),
         ("Resilience", ("checkpoint_age", "checkpoint_duration", "restarts")),
     ),
     variables=(

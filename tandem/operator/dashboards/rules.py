@@ -41,6 +41,7 @@ def recording_rules() -> list[dict[str, Any]]:
             f"sum by ({by}) (rate(tandem_serve_request_duration_seconds_count{{{SERVE_SELECTOR}}}[5m]))",
         ),
         _record(q.REC_TOKENS, f"sum by ({by}) (rate(tandem_serve_generated_tokens_total[5m]))"),
+        _record(q.REC_PROMPT_TOKENS, f"sum by ({by}) (rate(tandem_serve_prompt_tokens_total[5m]))"),
         _record(
             q.REC_P99,
             f"histogram_quantile(0.99, sum by ({by}, le) "
@@ -62,7 +63,8 @@ def recording_rules() -> list[dict[str, Any]]:
         ),
         _record(
             q.REC_USD_PER_M_TOKENS,
-            f"{serving_hourly} / on (namespace, name) ({_service(q.REC_TOKENS)} * 3600 > 0) * 1e6",
+            f"{serving_hourly} / on (namespace, name) "
+            f"(({_service(q.REC_TOKENS)} or {_service(q.REC_PROMPT_TOKENS)}) * 3600 > 0) * 1e6",
         ),
         _record(
             q.REC_IDLE_USD_PER_HOUR,

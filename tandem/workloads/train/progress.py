@@ -72,6 +72,13 @@ class ListWriter:
         return [json.loads(v) for v in self.values]
 
 
+#: From 10 us: windows of an in-memory corpus take tens of microseconds, a slow reader seconds.
+DATA_WAIT_BUCKETS: Final = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 1, 5,
+)  # fmt: skip
+
+
 class TrainMetrics:
     """The head's Prometheus metrics (a private registry; `serve(port)` exposes it).
 
@@ -124,7 +131,7 @@ class TrainMetrics:
             "Time one optimizer step waited for its batches (read, collate, copy to the device), rank 0",
             labels,
             registry=self.registry,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            buckets=DATA_WAIT_BUCKETS,
         )
         self.restarts = Counter(
             "tandem_train_restarts",
