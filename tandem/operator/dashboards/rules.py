@@ -95,6 +95,18 @@ def crossover_expr() -> str:
     return f"time() + ({training} - {serving}) * 3600 / ({serving_hourly} - {training_hourly} > 0) > time()"
 
 
+def restarts_expr() -> str:
+    """A TrainingJob's restarts over the last hour: the operator's gang restarts (new pods) plus the
+    training driver's worker-group restarts inside an attempt (Ray Train's, which the operator never sees;
+    the driver's `job` label is the TrainingJob's name). A `source` label keeps both sides of the `or`."""
+    gang = 'label_replace(increase(tandem_trainingjob_restarts_total[1h]), "source", "gang", "", "")'
+    group = (
+        'label_replace(label_replace(increase(tandem_train_restarts_total[1h]), "name", "$1", "job", "(.*)"),'
+        ' "source", "worker-group", "", "")'
+    )
+    return f"sum by (namespace, name) ({gang} or {group})"
+
+
 def objective_rules(objectives: Mapping[str, float]) -> list[dict[str, Any]]:
     return [
         _record(q.SLO_P99, f"vector({objectives['latencyP99Seconds']})"),
@@ -135,12 +147,12 @@ def alert_rules() -> list[dict[str, Any]]:
         ),
         _alert(
             "TandemTrainingJobRestarting",
-            "increase(tandem_trainingjob_restarts_total[1h])"
-            " > on () group_left () tandem:slo_restarts_per_hour",
+            f"{restarts_expr()} > on () group_left () tandem:slo_restarts_per_hour",
             "0m",
             "warning",
             "TrainingJob {{ $labels.namespace }}/{{ $labels.name }} keeps restarting",
-            "{{ $value | humanize }} gang restarts in the last hour.",
+            "{{ $value | humanize }} restarts in the last hour (gang restarts and Ray Train's worker-group "
+            "restarts together).",
         ),
         _alert(
             "TandemTrainingJobNoCheckpoint",
