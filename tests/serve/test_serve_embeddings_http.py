@@ -198,6 +198,10 @@ def test_metrics_are_clean_under_promtool(server: ServerProcess, client: httpx.C
     }
     assert server.metric("tandem_serve_model_load_seconds", model="minilm") > 0
     assert server.metric("tandem_serve_ready", model="minilm") == 1
+    # Token series only where tokens exist: the texts it embeds, nothing generated.
+    assert server.metric("tandem_serve_prompt_tokens_total", model="minilm") > 0
+    assert "tandem_serve_generated_tokens_total" not in text
+    assert "tandem_serve_time_to_first_token_seconds" not in text
 
 
 JSON = st.recursive(
