@@ -285,3 +285,11 @@ def test_malformed_tensors_never_break_the_server(
 def test_still_ready_and_no_500s(client: httpx.Client, server: ServerProcess) -> None:
     assert client.get("/v2/health/ready").status_code == 200
     assert server.metric("tandem_serve_request_duration_seconds_count", code="500") == 0
+
+
+def test_a_tensor_model_exports_no_token_series(client: httpx.Client) -> None:
+    """TorchScript has no tokens: no token counters or generation histograms, rather than series at 0."""
+    text = client.get("/metrics").text
+    assert "tandem_serve_batch_size_count" in text
+    for name in ("prompt_tokens", "generated_tokens", "time_to_first_token", "inter_token_latency"):
+        assert f"tandem_serve_{name}" not in text
