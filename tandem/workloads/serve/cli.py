@@ -19,14 +19,19 @@ Serve one model over HTTP with dynamic batching.
 Runtimes and their endpoints:
   embeddings   a sentence-transformers directory    POST /v1/embeddings (OpenAI)
   torchscript  a TorchScript file or directory      POST /v2/models/NAME/infer (Open Inference Protocol)
-  causal-lm    a Tandem training checkpoint         POST /v1/completions (OpenAI, stream: true over SSE)
+  causal-lm    a Tandem training checkpoint         POST /v1/completions, /v1/chat/completions (OpenAI,
+                                                    stream: true over SSE)
   noop         (benchmarks) no model: zero vectors  POST /v1/embeddings, the server's own cost
 Every runtime: GET /v2/health/live, /v2/health/ready, /v2/models/NAME[/ready], /v1/models, /metrics.
 
 Batching: a batch leaves when it has --max-batch-size items or its oldest item has waited
---max-queue-delay-ms; past --max-queue-size waiting items, requests get 429 with Retry-After.
+--max-queue-delay-ms; past --max-queue-size waiting items, or when the expected queue wait passes
+--max-queue-wait-ms, requests get 429 with Retry-After.
 causal-lm batches continuously: sequences join and leave the running batch between decoding steps.
-SIGTERM drains: requests already accepted finish, new ones get 503, then the server exits 0.
+Connections: a client that sends nothing or half its headers is closed after --header-timeout-s, a
+half-sent body gets 408 after --body-timeout-s, and beyond --max-connections a new connection gets 503.
+SIGTERM drains: requests already accepted finish, new ones get 503 with Connection: close, idle
+connections are closed cleanly, then the server exits 0.
 --workers N runs N server processes on one port (one model copy each); a crashed one stops the server.
 """
 
