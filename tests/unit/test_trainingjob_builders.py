@@ -101,9 +101,24 @@ def test_spec_hash_ignores_lifecycle_fields_but_not_shape() -> None:
     assert builders.pod_spec_hash(spec) != builders.pod_spec_hash(reshaped)
 
 
-def test_pods_run_as_a_trainer_account_that_may_only_annotate_pods() -> None:
-    account, role, binding = builders.trainer_identity("ml")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-trainer", "namespace": "ml"}]
-    assert all("ownerReferences" not in doc["metadata"] for doc in (account, role, binding))  # shared
-    assert {pod["spec"]["serviceAccountName"] for pod in _gang()[2:]} == {"tandem-trainer"}
+def test_each_job_has_an_account_that_may_only_patch_its_current_head_pod() -> None:
+    account, role, binding = builders.trainer_identity("gpt", "uid-1", "ml", attempt=3)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "resourceNames": ["gpt-3-head"], "verbs": ["patch"]}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "gpt-trainer"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gpt-trainer", "namespace": "ml"}]
+    for doc in (account, role, binding):  # the job's own: collected with it
+        assert doc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    next_attempt = builders.trainer_identity("gpt", "uid-1", "ml", attempt=4)[1]
+    assert next_attempt["rules"][0]["resourceNames"] == ["gpt-4-head"]
+
+
+def test_only_the_head_mounts_an_api_token() -> None:
+    pods = _gang()[2:]
+    assert {pod["spec"]["serviceAccountName"] for pod in pods} == {"gpt-trainer"}
+    mounts = {
+        pod["metadata"]["labels"]["tandem.dev/role"]: pod["spec"]["automountServiceAccountToken"]
+        for pod in pods
+    }
+    assert mounts == {"head": True, "worker": False}

@@ -12,7 +12,7 @@ from tandem.operator.trainingjob.controller import SeenChildren
 def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_deleted() -> None:
     seen = SeenChildren()
     service = builders.head_service("gpt", "uid-1", "ml")
-    account = builders.trainer_identity("ml")[0]
+    account = builders.trainer_identity("gpt", "uid-1", "ml", attempt=1)[0]
     pod = builders.gang(
         TrainingJobSpec.model_validate(
             {"trainer": {"builtin": {"dataset": {"uri": "file:///d"}}}, "batch": {"perDevice": 4}}
@@ -27,11 +27,15 @@ def test_a_child_created_or_found_is_not_created_again_until_its_owner_is_delete
     assert SeenChildren.key(pod) is None  # pods are watched, not remembered
     service_key, account_key = SeenChildren.key(service), SeenChildren.key(account)
     assert service_key == ("Service", "ml", "gpt-head", "uid-1")
-    assert account_key == ("ServiceAccount", "ml", "tandem-trainer", "")
+    assert account_key == ("ServiceAccount", "ml", "gpt-trainer", "uid-1")
 
-    seen.note([service, account], [False, kube.Busy("429")])
+    role = builders.trainer_identity("gpt", "uid-1", "ml", attempt=1)[1]
+    seen.note([service, account, role], [False, kube.Busy("429"), True])
     assert seen.has(service)  # a conflict: it is there
     assert not seen.has(account)  # busy: ask again next time
+    assert seen.has(role)
+    # The Role of the next attempt names another head pod: it is written again.
+    assert not seen.has(builders.trainer_identity("gpt", "uid-1", "ml", attempt=2)[1])
 
     # A job of the same name made again has another uid: its Service is created anew.
     assert not seen.has(builders.head_service("gpt", "uid-2", "ml"))

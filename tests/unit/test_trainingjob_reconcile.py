@@ -88,9 +88,9 @@ def test_a_new_job_creates_its_whole_gang_at_once() -> None:
     decision = tick({}, [])
     children = [(m["kind"], m["metadata"]["name"]) for m in decision.create]
     assert children == [
-        ("ServiceAccount", "tandem-trainer"),
-        ("Role", "tandem-trainer"),
-        ("RoleBinding", "tandem-trainer"),
+        ("ServiceAccount", "gpt-trainer"),
+        ("Role", "gpt-trainer"),
+        ("RoleBinding", "gpt-trainer"),
         ("Pod", "gpt-1-head"),
         ("Pod", "gpt-1-worker-0"),
         ("Pod", "gpt-1-worker-1"),

@@ -8,6 +8,7 @@ mid-way finds what it made.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -39,6 +40,12 @@ ENDPOINTS_MANAGER = "tandem-operator"
 CHECKPOINT_MOUNT = "/checkpoints"
 #: `pvc://CLAIM/PATH` data sets are mounted at DATASET_MOUNT/CLAIM; the driver resolves them there.
 DATASET_MOUNT = DATA_ROOT
+#: Pod Security "restricted" for every training pod: the image's user, which must not be root (the
+#: project's images run as 65532, numerically so the kubelet can check), no privilege escalation, no
+#: capabilities, the runtime's default seccomp profile. The root file system stays writable: Ray
+#: writes its session files under /tmp.
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 #: Long enough for the driver to write a checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -55,8 +62,9 @@ def head_service_name(job: str) -> str:
     return f"{job}-head"
 
 
-#: The ServiceAccount (and Role, RoleBinding) that training pods run as, one per namespace.
-TRAINER_ACCOUNT = "tandem-trainer"
+def trainer_account(job: str) -> str:
+    """The ServiceAccount (and Role, RoleBinding) of one job's pods."""
+    return f"{job}-trainer"
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -192,7 +200,9 @@ def _pod(
     if gpus and GPU_TOLERATION not in tolerations:
         tolerations.append(dict(GPU_TOLERATION))
     pod_spec: dict[str, Any] = {
-        "serviceAccountName": TRAINER_ACCOUNT,
+        "serviceAccountName": trainer_account(job),
+        # Only the head talks to the API server (its progress annotation): workers get no token.
+        "automountServiceAccountToken": role == "head",
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [
@@ -211,8 +221,10 @@ def _pod(
                     else []
                 ),
                 "resources": resources,
+                "securityContext": copy.deepcopy(CONTAINER_SECURITY),
             }
         ],
+        "securityContext": copy.deepcopy(POD_SECURITY),
     }
     if tolerations:
         pod_spec["tolerations"] = tolerations
@@ -364,15 +376,21 @@ def head_endpoints(job: str, uid: str, namespace: str, head: str | None, ip: str
     }
 
 
-def trainer_identity(namespace: str) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding of training pods in a namespace: the head may read and
-    annotate pods (its progress record goes on its own pod), and nothing else.
+def trainer_identity(job: str, uid: str, namespace: str, attempt: int) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding of one job's pods: `patch` on the current attempt's head
+    pod, by name, and nothing else (the training driver writes its progress annotation onto its own
+    pod; workers mount no token). Owned by the job; the Role is applied again for each new attempt.
 
-    Shared by every job of the namespace (no owner), so a job costs no extra API writes for it."""
+    One identity per job, not per namespace: a namespace-wide Role to patch pods let any training
+    container relabel or annotate every pod of the namespace (steal a Service's traffic, forge
+    another job's progress).
+    """
+    account = trainer_account(job)
     meta = {
-        "name": TRAINER_ACCOUNT,
+        "name": account,
         "namespace": namespace,
-        "labels": {"app.kubernetes.io/managed-by": "tandem-operator"},
+        "labels": {LABEL_JOB: job, "app.kubernetes.io/managed-by": "tandem-operator"},
+        "ownerReferences": [owner_reference(job, uid)],
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
@@ -380,14 +398,25 @@ def trainer_identity(namespace: str) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": dict(meta),
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods"],
+                    "resourceNames": [head_pod_name(job, attempt)],
+                    "verbs": ["patch"],
+                }
+            ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
             "metadata": dict(meta),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TRAINER_ACCOUNT},
-            "subjects": [{"kind": "ServiceAccount", "name": TRAINER_ACCOUNT, "namespace": namespace}],
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": trainer_account(job),
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": trainer_account(job), "namespace": namespace}],
         },
     ]
 

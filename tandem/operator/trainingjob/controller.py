@@ -103,7 +103,11 @@ def gpus_in_use() -> dict[str, int]:
 
 ChildKey = tuple[str, str, str, str]
 #: Kinds written whole (server-side apply) whenever their content changes; others are created once.
-APPLIED_KINDS = frozenset({"EndpointSlice"})
+#: A job's Role names its current head pod, so each new attempt applies it again.
+APPLIED_KINDS = frozenset({"EndpointSlice", "Role"})
+#: A job's identity goes first and in order: a RoleBinding needs its Role, and admission rejects a pod
+#: whose ServiceAccount does not exist yet.
+IDENTITY_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 
 
 class SeenChildren:
@@ -111,8 +115,8 @@ class SeenChildren:
     written once per content and not on every reconcile that asks for it (pods need no such memory:
     the pod cache shows them).
 
-    Keyed by (kind, namespace, name, owner uid), the uid "" for the namespace's shared account; the
-    value is the content last applied (APPLIED_KINDS), or empty for a child created once.
+    Keyed by (kind, namespace, name, owner uid); the value is the content last applied
+    (APPLIED_KINDS), or empty for a child created once.
     """
 
     def __init__(self) -> None:
@@ -156,7 +160,6 @@ class SeenChildren:
 
 
 _seen = SeenChildren()
-_shared_lock = threading.Lock()
 
 
 def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
@@ -190,18 +193,18 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
     refused: str | None = None
     busy: kube.Busy | None = None
     wanted = [m for m in decision.create if not _seen.has(m)]
-    # The namespace's shared account goes first and in order (a RoleBinding needs its Role; admission
-    # rejects a pod whose ServiceAccount does not exist yet), under a lock so that the first jobs of a
-    # namespace do not all create it; then the job's own children, concurrently.
-    with _shared_lock:
-        shared = [m for m in wanted if _is_shared(m) and not _seen.has(m)]
-        created = [_create(m) for m in shared]
-        _seen.note(shared, created)
-    own = [m for m in wanted if not _is_shared(m)]
+    # The job's identity goes first and in order (see IDENTITY_KINDS); then its pods and Service,
+    # concurrently.
+    first = sorted(
+        (m for m in wanted if m["kind"] in IDENTITY_KINDS), key=lambda m: IDENTITY_KINDS.index(m["kind"])
+    )
+    created = [_create(m) for m in first]
+    _seen.note(first, created)
+    own = [m for m in wanted if m["kind"] not in IDENTITY_KINDS]
     own_created = list(_CHILD_CALLS.map(_create, own))
     _seen.note(own, own_created)
     made = []
-    for manifest, outcome in zip(shared + own, created + own_created, strict=True):
+    for manifest, outcome in zip(first + own, created + own_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         if isinstance(outcome, kube.Refused):
             refused = refused or refusal_message(child, outcome)
@@ -226,11 +229,6 @@ def post_events(decision: Decision, body: Mapping[str, Any], uid: str) -> None:
             _warnings.warn(body, uid, event.reason, event.message)
         else:
             kube.post_event(body, event.type, event.reason, event.message)
-
-
-def _is_shared(manifest: Mapping[str, Any]) -> bool:
-    """The namespace's shared trainer account (no owner), as opposed to a job's own children."""
-    return manifest["kind"] != "Pod" and not manifest["metadata"].get("ownerReferences")
 
 
 def recheck_in(decision: Decision, retry: bool) -> float | None:

@@ -331,7 +331,9 @@ class _Machine:
         if due is not None and self.now < due:
             return
         attempt = self.attempt + 1
-        self.decision.create += builders.trainer_identity(self.job.namespace)
+        self.decision.create += builders.trainer_identity(
+            self.job.name, self.job.uid, self.job.namespace, attempt
+        )
         self.decision.create += builders.gang(
             self.spec,
             job=self.job.name,
@@ -367,6 +369,8 @@ class _Machine:
         present = {p.name: p for p in self.current}
         missing = [name for name in self.expected_names() if name not in present]
         if missing:  # not yet seen, or deleted by someone: creating again is idempotent
+            job = self.job
+            self.decision.create += builders.trainer_identity(job.name, job.uid, job.namespace, self.attempt)
             gang = builders.gang(
                 self.spec,
                 job=self.job.name,
