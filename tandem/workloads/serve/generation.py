@@ -114,6 +114,8 @@ class GenSequence:
     """When its previous token came (perf_counter), for the inter-token latency."""
     decoder: TextDecoder | None = None
     """Turns its generated tokens into text one token at a time (made at its first token)."""
+    pending: int | None = None
+    """Its newest token, appended to `ids` but not yet turned into text (the scheduler's two phases)."""
 
 
 class GenerativeModel(Protocol):
@@ -265,6 +267,15 @@ def safe_prefix(text: str, stops: Sequence[str]) -> int:
     return end - hold
 
 
+@dataclass
+class _Running:
+    """A step handed to the worker thread."""
+
+    batch: list[GenSequence]
+    future: asyncio.Future[list[int]]
+    started: float
+
+
 class GenerationScheduler(QueueLoop[GenSequence]):
     """Continuous batching of generation requests. Use inside one running event loop."""
 
@@ -274,7 +285,7 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         self._observer = observer
         self._active: list[GenSequence] = []
         self._step_seconds = 0.0
-        self._eos_id: int | None = None
+        self._running: _Running | None = None
         many = getattr(observer, "inter_tokens", None)
         self._inter_tokens: Callable[[float, int], None] = many or self._inter_token_each
 
@@ -283,7 +294,7 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         return len(self._active)
 
     def _busy(self) -> bool:
-        return bool(self._queue or self._active)
+        return bool(self._queue or self._active or self._running)
 
     # -- submitting ---------------------------------------------------------------------------------
 
@@ -353,18 +364,43 @@ class GenerationScheduler(QueueLoop[GenSequence]):
     # -- the scheduling loop ------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
-            await self._admit()
-            if self._active:
-                await self._step()
-            self._progress.set()
+        """Steps, pipelined: as soon as a step's tokens are in, each row's token is appended and its end by
+        length or EOS decided (`_apply`), waiting sequences join, and the next step is handed to the worker
+        thread; only then is the step's text made and handed out (`_publish`: decoding, stop strings,
+        events, metrics), while the model computes the next step. A sequence that a stop string or its
+        client ends in `_publish` is in the next step already: its token from that step is dropped."""
+        running: _Running | None = None
+        try:
+            while True:
+                if running is None:
+                    await self._admit()  # waits while nothing is active
+                    running = self._running = self._launch()
+                    if running is None:
+                        self._progress.set()
+                        continue
+                tokens = await self._result(running.batch, running.future)
+                self._observe_step(running, tokens)
+                applied = self._apply(running.batch, tokens)
+                self._active = [s for s in self._active if s.finish_reason is None]
+                self._take_queued()
+                running = self._running = self._launch()
+                self._publish(applied)
+                self._active = [s for s in self._active if s.finish_reason is None]
+                self._progress.set()
+        finally:
+            self._running = None
+            if running is not None:
+                running.future.cancel()
 
     async def _admit(self) -> None:
-        loop = asyncio.get_running_loop()
         if not self._active:
             await self._wait_for_work()
             await self._wait_for_company(self.config.max_batch_size)
-        now = loop.time()
+        self._take_queued()
+
+    def _take_queued(self) -> None:
+        """Waiting sequences join the active ones, up to `max_batch_size`."""
+        now = asyncio.get_running_loop().time()
         waits = []
         while self._queue and len(self._active) < self.config.max_batch_size:
             seq = self._queue.popleft()
@@ -374,7 +410,8 @@ class GenerationScheduler(QueueLoop[GenSequence]):
             self._observer.queue_depth(len(self._queue))
             self._observer.batch_started(0, waits)  # queue waits only; the step observes its size
 
-    async def _step(self) -> None:
+    def _launch(self) -> _Running | None:
+        """Start the next step of the active sequences on the worker thread (None: nothing to step)."""
         loop = asyncio.get_running_loop()
         batch = [
             s
@@ -387,45 +424,34 @@ class GenerationScheduler(QueueLoop[GenSequence]):
                 self._observer.dropped("cancelled")
         self._active = batch
         if not batch:
-            return
-        started = loop.time()
+            return None
         self._observer.batch_started(len(batch), ())
-        tokens = await self._tokens(batch)
+        future = loop.run_in_executor(self._executor, self.model.step, batch)
+        return _Running(batch, future, loop.time())
+
+    def _observe_step(self, running: _Running, tokens: list[int | ServeError]) -> None:
         error = next((t for t in tokens if isinstance(t, ServeError)), None)
-        seconds = loop.time() - started
+        seconds = asyncio.get_running_loop().time() - running.started
         self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
-        self._observer.batch_finished(len(batch), seconds, error)
-        produced = 0
-        now = time.perf_counter()  # every token of a step arrives at once
-        intervals: dict[float, int] = {}  # previous token's time -> tokens (mostly one: the last step's)
-        self._eos_id = self.model.eos_id
-        for seq, token in zip(batch, tokens, strict=True):
-            if isinstance(token, ServeError):
-                self._fail(seq, token)
-            elif seq.finish_reason is None:  # not ended by a failing sibling of its request
-                previous = seq.last_token_at
-                if self._advance(seq, token, now):
-                    produced += 1
-                    if previous is not None:
-                        intervals[previous] = intervals.get(previous, 0) + 1
-        for previous, count in intervals.items():
-            self._inter_tokens(now - previous, count)
-        if produced:
-            self._observer.tokens(produced)
-        self._active = [s for s in self._active if s.finish_reason is None]
+        self._observer.batch_finished(len(running.batch), seconds, error)
 
     def _inter_token_each(self, seconds: float, count: int) -> None:
         for _ in range(count):
             self._observer.inter_token(seconds)
 
     async def _tokens(self, batch: list[GenSequence]) -> list[int | ServeError]:
+        loop = asyncio.get_running_loop()
+        return await self._result(batch, loop.run_in_executor(self._executor, self.model.step, batch))
+
+    async def _result(
+        self, batch: list[GenSequence], future: asyncio.Future[list[int]]
+    ) -> list[int | ServeError]:
         """Each sequence's next token, or the error that sequence alone fails with: a failed step is run
         again in halves (sequence state is only what `step` reads, and the KV cache recomputes any context
         it is unsure of), so the cost of a failure is a few more steps, paid only then."""
-        loop = asyncio.get_running_loop()
         error: ServeError
         try:
-            tokens = await loop.run_in_executor(self._executor, self.model.step, batch)
+            tokens = await future
             if len(tokens) != len(batch):
                 raise ModelError(f"the model returned {len(tokens)} tokens for a batch of {len(batch)}")
             return list(tokens)
@@ -439,44 +465,81 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         half = len(batch) // 2
         return [*await self._tokens(batch[:half]), *await self._tokens(batch[half:])]
 
-    def _advance(self, seq: GenSequence, token: int, now: float) -> int:
-        """Apply one token to `seq` and tell its request what is new; the number of tokens it produced.
+    def _apply(self, batch: list[GenSequence], tokens: list[int | ServeError]) -> list[GenSequence]:
+        """What the next step needs from this one's tokens: each row's token appended, its end by EOS or
+        length, errors; the rows that got a token (or EOS) now, for `_publish`."""
+        eos = self.model.eos_id
+        applied = []
+        for seq, token in zip(batch, tokens, strict=True):
+            if isinstance(token, ServeError):
+                self._fail(seq, token)
+                continue
+            if seq.finish_reason is not None:  # ended by a stop string, a failing sibling or its client
+                continue
+            request = seq.request
+            assert request is not None
+            if request.cancelled:
+                seq.finish_reason = "cancelled"
+                self._observer.dropped("cancelled")
+                continue
+            if seq.logprob is not None:  # the next step writes the next one
+                seq.logprobs.append(seq.logprob)
+                seq.logprob = None
+            if eos is not None and token == eos:
+                seq.finish_reason = "stop"
+                seq.pending = None
+            else:
+                seq.ids.append(token)
+                seq.generated += 1
+                seq.pending = token
+                if seq.generated >= seq.params.max_tokens:
+                    seq.finish_reason = "length"
+            applied.append(seq)
+        return applied
+
+    def _publish(self, applied: list[GenSequence]) -> None:
+        """The text of `_apply`'s rows, stop strings, events and metrics (while the next step computes)."""
+        now = time.perf_counter()  # every token of a step arrives at once
+        intervals: dict[float, int] = {}  # previous token's time -> tokens (mostly one: the last step's)
+        produced = 0
+        for seq in applied:
+            previous = seq.last_token_at
+            if self._advance(seq, now):
+                produced += 1
+                if previous is not None:
+                    intervals[previous] = intervals.get(previous, 0) + 1
+        for previous, count in intervals.items():
+            self._inter_tokens(now - previous, count)
+        if produced:
+            self._observer.tokens(produced)
+
+    def _advance(self, seq: GenSequence, now: float) -> int:
+        """Turn `seq`'s newest token (`pending`; None: it ended with EOS) into text, tell its request what is
+        new; the number of tokens it produced.
 
         Only the new token is decoded (`detokenize`), stop strings are looked for only where the new text
         can complete one, and a request that is not streamed gets one event per sequence, when it ends."""
         request = seq.request
         assert request is not None
-        if request.cancelled:
-            seq.finish_reason = "cancelled"
-            self._observer.dropped("cancelled")
-            return 0
         params = seq.params
-        produced = 0
         decoder = seq.decoder
         if decoder is None:
             decoder = seq.decoder = text_decoder(self.model, seq.ids, seq.prompt_tokens)
         searched = len(seq.text)
-        if token == self._eos_id and token is not None:
-            seq.finish_reason = "stop"
-            seq.text += decoder.finish()
-        else:
+        token, seq.pending = seq.pending, None
+        produced = 0
+        if token is not None:
             produced = 1
-            seq.ids.append(token)
-            seq.generated += 1
-            if seq.logprob is not None:
-                seq.logprobs.append(seq.logprob)
-                seq.logprob = None
             seq.text += decoder.push(token)
-            if seq.generated >= params.max_tokens:
-                seq.finish_reason = "length"
-                seq.text += decoder.finish()
+        if seq.finish_reason is not None:
+            seq.text += decoder.finish()
         if params.stop and len(seq.text) > searched:
             cut = stop_position(seq.text, params.stop, searched)
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 seq.finish_reason = "stop"
         if produced:
-            seq.last_token_at = now  # the scheduler's step observes the inter-token latencies
+            seq.last_token_at = now  # `_publish` observes the inter-token latencies
             if request.stream and not request.first_token_seen:
                 request.first_token_seen = True
                 self._observer.first_token(now - request.submitted)
