@@ -22,6 +22,7 @@ from tandem.devinstall import Kubectl
 
 pytestmark = pytest.mark.usefixtures("operator")
 WAIT = 60
+POLICY = Path(__file__).resolve().parents[3] / "charts/tandem/files/trainer-admission-policy.yaml"
 
 
 def job(name: str) -> dict[str, Any]:
@@ -79,6 +80,21 @@ def test_pods_pass_pod_security_restricted_and_a_heads_token_patches_its_own_pod
     wait_for(running, WAIT, "both jobs Running")
     api = api_as(kubectl, namespace, "a-trainer", tmp_path)
     progress = {"metadata": {"annotations": {"tandem.dev/progress": json.dumps({"step": 7})}}}
+
+    # The chart's admission policy: the head may change only its progress annotation on its own pod.
+    kubectl.run("apply", "-f", str(POLICY))
+    attempt = iter(range(10_000))
+
+    def probe_denied() -> bool:  # the API server loads a new policy within seconds; until then this passes
+        probe = {"metadata": {"annotations": {"tandem.dev/probe": str(next(attempt))}}}
+        return status_code(lambda: api.patch_namespaced_pod("a-1-head", namespace, probe)) == 403
+
+    wait_for(probe_denied, WAIT, "the admission policy to be in force")
+    relabel = {"metadata": {"labels": {"app.kubernetes.io/name": "someone-elses-service"}}}
+    assert status_code(lambda: api.patch_namespaced_pod("a-1-head", namespace, relabel)) == 403
+    assert get(kubectl, namespace, "pod", "a-1-head")["metadata"]["labels"]["app.kubernetes.io/name"] == (
+        "tandem-training"
+    )
 
     # What the training driver does, exactly: patch its own pod's annotation.
     assert status_code(lambda: api.patch_namespaced_pod("a-1-head", namespace, progress)) == 200
