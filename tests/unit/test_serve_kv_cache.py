@@ -217,3 +217,23 @@ def test_without_keeping_every_step_is_a_whole_context(model: GPT) -> None:
     for _ in range(4):
         step(model, cache, seqs)
     assert (cache.holding, cache.capacity) == (0, 0)
+
+
+def test_shapes_prepared_at_start_up_leave_every_later_step_exact(model: GPT) -> None:
+    """The runtime's warm-up runs every decoding shape up to its largest batch (on CUDA: captures them);
+    what those runs write into the pool must never reach a sequence cached afterwards."""
+    cache = DecodeCache(model, bucketed=True)
+    with torch.inference_mode():
+        prepared = cache.prepare_shapes(20)
+    # Batch buckets 1, 2, 4, 8, 16, 32 at widths 24 (the window): decoding passes, and prefills up to 16 rows.
+    assert prepared == 6 + 5
+    assert cache.capacity >= 32
+    rng = random.Random(7)
+    seqs = [Seq(rng.randrange(2, 9), rng) for _ in range(6)]
+    for n in range(10):
+        if n % 3 == 1:
+            seqs.pop(rng.randrange(len(seqs)))
+            seqs.append(Seq(rng.randrange(2, 9), rng))
+        step(model, cache, seqs)
+    with pytest.raises(ValueError, match="before any sequence is cached"):
+        cache.prepare_shapes(4)

@@ -117,8 +117,10 @@ class CausalLM:
         }
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Two steps (a whole context, then one cached token) at batch 1 and at the largest batch, after
-        sizing the cache for the largest batch (so that its CUDA graphs never need recapturing)."""
+        """Size the cache for the largest batch (so that its CUDA graphs never need recapturing), prepare
+        every decoding shape up to it and the small prefills (on CUDA: capture their graphs now, not while
+        requests wait: `DecodeCache.prepare_shapes`), then two steps (a whole context, then one cached
+        token) at batch 1 and at the largest batch."""
         import torch
 
         cache = self._cache
@@ -133,6 +135,7 @@ class CausalLM:
                     f"{self._device} ({cache.slot_bytes / 2**20:.0f} MiB a sequence), more than is free; "
                     "lower --max-batch-size or use --kv-cache off"
                 ) from exc
+            cache.prepare_shapes(max_batch_size)
         for size in sorted({1, max_batch_size}):
             batch = [
                 GenSequence(self.encode(WARM_UP_PROMPT), SamplingParams(temperature=1.0, seed=i))

@@ -62,6 +62,9 @@ WIDTH_STEP = 16
 #: A prefill of at most this many tokens at its bucketed shape (rows x width) runs as a CUDA graph; a larger
 #: one runs op by op (its launch time is small beside its arithmetic, and a graph would hold its memory).
 PREFILL_GRAPH_TOKENS = 16384
+#: `prepare_shapes` prepares prefills of up to this many joining rows (under steady load a step has a few
+#: joins; a burst of more meets its prefill shapes once, at first use).
+PREPARED_PREFILL_ROWS = 16
 
 
 def batch_bucket(n: int) -> int:
@@ -212,6 +215,38 @@ class DecodeCache:
         growing later moves the pool and drops the graphs."""
         while self.capacity < batch_bucket(sequences):
             self._grow()
+
+    def prepare_shapes(self, sequences: int) -> int:
+        """Prepare now, at start-up, the shapes that steps of up to `sequences` rows will meet: the decoding
+        pass at every batch bucket up to `sequences` and every width bucket, and the prefill of up to
+        `PREPARED_PREFILL_ROWS` joining rows at every width bucket. On CUDA that captures their graphs,
+        which otherwise happens at first use (tens of ms each, while every sequence in flight waits: seen
+        under open-loop load as time-to-first-token and inter-token spikes whenever the batch reaches a new
+        size or width); elsewhere (bucketed) it runs them once. It writes position 0 of the slots, so it
+        runs before any sequence is cached (the runtime's warm-up). Returns the number of shapes run."""
+        if self.holding:
+            raise ValueError("DecodeCache.prepare_shapes runs before any sequence is cached")
+        if not self.bucketed or not self.keep:
+            return 0
+        self.reserve(sequences)
+        if self._graphs is None:
+            self._graphs = _Graphs(self, self.capacity)
+        graphs = self._graphs
+        widths = sorted({width_bucket(n, self.block_size) for n in range(1, self.block_size + 1)})
+        sizes = sorted({batch_bucket(n) for n in range(1, sequences + 1)})
+        done = 0
+        for size in sizes:
+            for width in widths:
+                inputs = torch.zeros((2, size), dtype=torch.long)
+                inputs[1] = 1  # one position each (the first)
+                graphs.run(size, width, inputs)
+                done += 1
+                if size <= PREPARED_PREFILL_ROWS and size * width <= PREFILL_GRAPH_TOKENS:
+                    meta = torch.tensor([[1] * size, list(range(size))])
+                    graphs.prefill(size, width, torch.zeros((size, width), dtype=torch.long), meta)
+                    done += 1
+        self._ahead = None
+        return done
 
     def logits(self, owners: Sequence[object], contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Each context's next-token logits `(batch, vocab)`, fp32 (see `step`)."""
