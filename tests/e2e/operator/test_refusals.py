@@ -1,7 +1,8 @@
 """Errors that never loop, on a real control plane: a TrainingJob whose worker pods the API server
 refuses (422: a toleration key that is not a valid label name, which the CRD admits) fails with one
 condition naming the field, one event, its half-made gang deleted, and no further create attempts;
-a fixed spec (a new generation) runs.
+a fixed spec (a new generation) runs. An InferenceService whose Deployment is refused the same way
+fails once and is not tried again until its spec changes.
 """
 
 from __future__ import annotations
@@ -111,5 +112,68 @@ def test_a_refused_gang_fails_once_with_the_field_and_is_never_retried_until_the
     names = sorted(p["metadata"]["name"] for p in pods(kubectl, namespace, "refused"))
     assert names == ["refused-2-head", "refused-2-worker-0", "refused-2-worker-1"]
     conditions = {c["type"]: c for c in status_of(kubectl, namespace, "tj", "refused")["conditions"]}
+    assert conditions["Failed"]["status"] == "False"
+    assert operator.healthy()
+
+
+REFUSED_DEPLOYMENTS = re.compile(
+    r'^apiserver_request_total\{(?=[^}]*code="422")(?=[^}]*resource="deployments")[^}]*\} (\S+)$',
+    re.MULTILINE,
+)
+
+
+def refused_deployment_writes(kubectl: Kubectl) -> int:
+    metrics = kubectl.run("get", "--raw", "/metrics")
+    return int(sum(float(value) for value in REFUSED_DEPLOYMENTS.findall(metrics)))
+
+
+def test_a_refused_deployment_fails_the_service_once_until_its_spec_changes(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    service: dict[str, Any] = {
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "refused"},
+        "spec": {
+            "model": {"uri": "file:///models/minilm"},
+            "runtime": "embeddings",
+            "replicas": {"min": 1, "max": 2, "count": 1},
+            "tolerations": [BAD_TOLERATION],
+        },
+    }
+    apply(kubectl, namespace, service)
+
+    def failed() -> dict[str, Any] | None:
+        status = status_of(kubectl, namespace, "tisvc", "refused")
+        return status if status.get("phase") == "Failed" else None
+
+    status = wait_for(failed, WAIT, "the service Failed")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Failed"]["reason"] == "CreateRefused"
+    assert conditions["Ready"]["status"] == "False"
+    assert (
+        "refused Deployment refused (Invalid, field spec.template.spec.tolerations[0].key)"
+        in (conditions["Failed"]["message"])
+    )
+    refusals = refused_deployment_writes(kubectl)
+    kubectl.run("annotate", "tisvc", "refused", "-n", namespace, "nudged=yes")
+    # It used to be reconciled every 2 s, each time trying the Deployment again.
+    stays(
+        lambda: refused_deployment_writes(kubectl) == refusals,
+        QUIET_SECONDS,
+        "the Deployment was tried again",
+    )
+    warnings = [e for e in events(kubectl, namespace, "refused") if e["reason"] == "CreateRefused"]
+    assert len(warnings) == 1, warnings
+
+    del service["spec"]["tolerations"]  # the fix: a new generation
+    kubectl.run("replace", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(service))
+    wait_for(
+        lambda: status_of(kubectl, namespace, "tisvc", "refused").get("phase") not in (None, "Failed"),
+        WAIT,
+        "the service to leave Failed",
+    )
+    wait_for(lambda: items(kubectl, namespace, "deployments") != [], WAIT, "its Deployment")
+    conditions = {c["type"]: c for c in status_of(kubectl, namespace, "tisvc", "refused")["conditions"]}
     assert conditions["Failed"]["status"] == "False"
     assert operator.healthy()
