@@ -52,12 +52,139 @@ class ModelSize(StrEnum):
     GPT2_124M = "124m"
 
 
+class DataFormat(StrEnum):
+    """How the data set's files are read."""
+
+    AUTO = "auto"
+    """By suffix: `.bin` token files, `.jsonl` JSON lines, anything else text."""
+    TEXT = "text"
+    """UTF-8 text through the tokenizer (a directory's files joined with a document separator)."""
+    JSONL = "jsonl"
+    """One JSON object per line; its `textField` string is one document, tokenized."""
+    TOKENS = "tokens"
+    """Token ids already tokenized: nanoGPT's headerless `.bin` files of `tokenDtype` integers."""
+
+
+class TokenDtype(StrEnum):
+    """Integer type of a token file: `uint16` (nanoGPT, vocabularies up to 65,536) or `uint32`."""
+
+    UINT16 = "uint16"
+    UINT32 = "uint32"
+
+
+class Validation(SpecModel):
+    """Held-out data for evaluation: exactly one of `uri` or `fraction`."""
+
+    uri: str | None = Field(default=None, max_length=2048, pattern=URI_PATTERN)
+    """A separate data set read like the training one (same format, dtype and tokenizer), e.g. nanoGPT's
+    `val.bin`."""
+    fraction: float | None = Field(default=None, gt=0, le=0.5)
+    """Hold out this share of the training tokens, taken from their end (never trained on)."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="has(self.uri) != has(self.fraction)",
+            message="spec.trainer.builtin.dataset.validation: set exactly one of uri (a held-out data "
+            "set) or fraction (a share of the training data held out)",
+            check=lambda v: (v.uri is None) != (v.fraction is None),
+        ),
+    )
+
+
+_TOKEN_FILES_CEL = "(self.format == 'tokens' || (self.format == 'auto' && self.uri.endsWith('.bin')))"
+
+
 class Dataset(SpecModel):
-    """Where the training text comes from."""
+    """Where the training data comes from and how it is read."""
 
     uri: str = Field(max_length=2048, pattern=URI_PATTERN)
     """`pvc://CLAIM/PATH` (the claim is mounted), `file:///PATH` (inside the pod) or `s3://BUCKET/KEY`
-    (downloaded by the training driver with the pod's AWS credentials; see docs/training.md)."""
+    (downloaded by the training driver with the pod's AWS credentials; see docs/training.md); a file or
+    a directory of files, or `tandem://corpus` (a small generated corpus)."""
+    format: DataFormat = DataFormat.AUTO
+    """`auto` (by suffix: `.bin` tokens, `.jsonl` JSON lines, else text), `text`, `jsonl` or `tokens`."""
+    token_dtype: TokenDtype = TokenDtype.UINT16
+    """Integer type of token files (`format: tokens`): `uint16` as nanoGPT writes them, or `uint32`. Raw
+    `.bin` files carry no header, so the spec says what they hold."""
+    vocab_size: int | None = Field(default=None, ge=1, le=2**32)
+    """Token ids the data uses (ids are below it), e.g. 50257 for GPT-2's tokens. The model's embedding
+    table is this rounded up to a multiple of 64. Unset: the tokenizer's vocabulary (token files need
+    one of the two)."""
+    tokenizer: str | None = Field(default=None, max_length=2048, pattern=URI_PATTERN)
+    """A Hugging Face `tokenizer.json` (same URI schemes) for text and JSONL data, copied into every
+    checkpoint; `tandem tokenizer train` makes one from a corpus. Unset: the byte tokenizer (259 ids)."""
+    text_field: str = Field(default="text", min_length=1, max_length=256)
+    """The key of each JSONL line's text."""
+    validation: Validation | None = None
+    """Held-out data for `evaluation`."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule=f"!{_TOKEN_FILES_CEL} || has(self.vocabSize) || has(self.tokenizer)",
+            message="spec.trainer.builtin.dataset.vocabSize: token files carry no vocabulary: set "
+            "vocabSize (e.g. 50257 for GPT-2's tokens) or the tokenizer that made them",
+            check=lambda d: not d.token_files or d.vocab_size is not None or d.tokenizer is not None,
+            field_path=".vocabSize",
+            reason="FieldValueRequired",
+        ),
+    )
+
+    @property
+    def token_files(self) -> bool:
+        """True when the data set is read as token ids (`format: tokens`, or `auto` and `.bin`)."""
+        return self.format == DataFormat.TOKENS or (
+            self.format == DataFormat.AUTO and self.uri.endswith(".bin")
+        )
+
+
+class LRDecay(StrEnum):
+    """How the learning rate falls after warmup, from `learningRate` to `minLearningRate`."""
+
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class Optimizer(SpecModel):
+    """AdamW and its learning-rate schedule: linear warmup, then decay to the minimum at maxSteps."""
+
+    warmup_steps: int | None = Field(default=None, ge=0)
+    """Steps of linear warmup from 0 to `learningRate`. Unset: min(100, maxSteps / 10), at least 1."""
+    decay: LRDecay = LRDecay.COSINE
+    """`cosine`, `linear` or `constant` (stays at `learningRate`) after warmup."""
+    min_learning_rate: float | None = Field(default=None, ge=0, le=1)
+    """The learning rate at maxSteps (not above `learningRate`). Unset: `learningRate` / 10."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW's first-moment decay."""
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    """AdamW's second-moment decay."""
+    weight_decay: float = Field(default=0.1, ge=0, le=10)
+    """Decoupled weight decay, applied to matrices only (not to norms, biases or position-free vectors)."""
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Clip the gradients' global L2 norm to this; 0 turns clipping off."""
+
+
+class EarlyStopping(SpecModel):
+    """End the job (successfully) when the evaluation loss stops improving."""
+
+    patience: int = Field(ge=1, le=10000)
+    """Evaluations in a row without an improvement of more than `minDelta` before the job ends."""
+    min_delta: float = Field(default=0.0, ge=0)
+    """How much lower than the best so far an evaluation loss must be to count as an improvement."""
+
+
+class Evaluation(SpecModel):
+    """Evaluation on the held-out data (`dataset.validation`), reported as `status.progress.evalLoss`."""
+
+    interval_steps: int = Field(default=200, ge=1)
+    """Evaluate every this many optimizer steps, and at the end."""
+    batches: int = Field(default=20, ge=1, le=100000)
+    """Batches of `batch.perDevice` samples each worker evaluates (the same samples every time)."""
+    keep_best: bool = False
+    """Checkpoint at every evaluation that improves on the best loss, and keep that checkpoint beside
+    the newest `checkpoint.keep` (needs `spec.checkpoint`)."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when the evaluation loss stops improving."""
 
 
 class BuiltinTrainer(SpecModel):
@@ -72,7 +199,37 @@ class BuiltinTrainer(SpecModel):
     max_steps: int = Field(default=2000, ge=1)
     """Optimizer steps to train for; the job succeeds when it reaches them."""
     learning_rate: float = Field(default=3e-4, gt=0, le=1)
-    """Peak learning rate (AdamW, cosine decay)."""
+    """Peak learning rate (AdamW; the schedule is `optimizer`'s)."""
+    sequence_length: int | None = Field(default=None, ge=8, le=131072)
+    """Tokens per training sample (the model's context length). Unset: the size's (tiny 128, small
+    256, medium 512, 124m 1024)."""
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    """AdamW settings and the learning-rate schedule."""
+    compile: bool = False
+    """Compile the model with `torch.compile` (faster steps on GPUs after a minute of compiling)."""
+    evaluation: Evaluation | None = None
+    """Periodic evaluation on held-out data. Unset: none."""
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            rule="!has(self.evaluation) || has(self.dataset.validation)",
+            message="spec.trainer.builtin.evaluation needs held-out data: set "
+            "spec.trainer.builtin.dataset.validation (a uri or a fraction)",
+            check=lambda b: b.evaluation is None or b.dataset.validation is not None,
+            field_path=".dataset.validation",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            rule="!has(self.optimizer) || !has(self.optimizer.minLearningRate) || "
+            "self.optimizer.minLearningRate <= (has(self.learningRate) ? self.learningRate : 0.0003)",
+            message="spec.trainer.builtin.optimizer.minLearningRate must not be above "
+            "spec.trainer.builtin.learningRate (the schedule decays from the peak to the minimum)",
+            check=lambda b: (
+                b.optimizer.min_learning_rate is None or b.optimizer.min_learning_rate <= b.learning_rate
+            ),
+            field_path=".optimizer.minLearningRate",
+        ),
+    )
 
 
 class Trainer(SpecModel):
@@ -224,6 +381,9 @@ class TrainingJobSpec(SpecModel):
     """The Ray head pod."""
     precision: Precision = Precision.BF16
     """Mixed-precision mode: `fp32`, `bf16` or `fp16` (fp32 master weights in every mode)."""
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    """Random seed of the model's initialisation and the data order (a resumed run continues the same
+    sequence; CPU runs are reproducible bit for bit)."""
     batch: Batch = Field(default_factory=Batch)
     """Batch sizes."""
     checkpoint: Checkpoint | None = None
@@ -251,6 +411,20 @@ class TrainingJobSpec(SpecModel):
                 s.batch.global_ is None or s.batch.global_ % (s.batch.per_device * s.workers.replicas) == 0
             ),
             field_path=".batch.global",
+        ),
+        Rule(
+            rule="!has(self.trainer.builtin) || !has(self.trainer.builtin.evaluation) || "
+            "!has(self.trainer.builtin.evaluation.keepBest) || !self.trainer.builtin.evaluation.keepBest "
+            "|| has(self.checkpoint)",
+            message="spec.trainer.builtin.evaluation.keepBest keeps a checkpoint: set spec.checkpoint "
+            "or turn keepBest off",
+            check=lambda s: (
+                s.trainer.builtin is None
+                or s.trainer.builtin.evaluation is None
+                or not s.trainer.builtin.evaluation.keep_best
+                or s.checkpoint is not None
+            ),
+            field_path=".trainer.builtin.evaluation.keepBest",
         ),
     )
 
@@ -317,6 +491,10 @@ class Progress(StatusModel):
     """Passes over the data set started (0-based)."""
     loss: float | None = None
     """Training loss of the last step (rounded for display)."""
+    eval_loss: float | None = None
+    """Loss on the held-out data at the last evaluation (`spec.trainer.builtin.evaluation`)."""
+    eval_step: int | None = Field(default=None, ge=0)
+    """Step of the last evaluation."""
     samples_per_second: float | None = Field(default=None, ge=0)
     """Throughput over all workers."""
     tokens_per_second: float | None = Field(default=None, ge=0)

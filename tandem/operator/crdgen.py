@@ -66,6 +66,13 @@ RESOURCES: dict[str, ResourceInfo] = {
             _column("Restarts", "integer", ".status.restarts", "Gang restarts so far."),
             _column("Cost", "string", ".status.costDisplay", "Cost so far, US dollars."),
             _AGE,
+            _column(
+                "Eval Loss",
+                "number",
+                ".status.progress.evalLoss",
+                "Held-out loss at the last evaluation.",
+                priority=1,
+            ),
             _column("Image", "string", ".spec.image", "Container image.", priority=1),
         ),
     ),

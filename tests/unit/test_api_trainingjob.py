@@ -55,14 +55,28 @@ def test_defaults() -> None:
             "builtin": {
                 "model": "gpt",
                 "size": "tiny",
-                "dataset": {"uri": "pvc://data/train.txt"},
+                "dataset": {
+                    "uri": "pvc://data/train.txt",
+                    "format": "auto",
+                    "tokenDtype": "uint16",
+                    "textField": "text",
+                },
                 "maxSteps": 2000,
                 "learningRate": 0.0003,
+                "optimizer": {
+                    "decay": "cosine",
+                    "beta1": 0.9,
+                    "beta2": 0.95,
+                    "weightDecay": 0.1,
+                    "maxGradNorm": 1.0,
+                },
+                "compile": False,
             }
         },
         "workers": {"replicas": 1, "resources": {"gpu": 0}},
         "head": {"resources": {"gpu": 0}},
         "precision": "bf16",
+        "seed": 0,
         "batch": {"perDevice": 8},
         "failurePolicy": {"maxRestarts": 5, "backoffSeconds": 10},
         "scheduling": {"gangTimeoutSeconds": 300},
@@ -86,6 +100,7 @@ def test_camel_case_round_trip() -> None:
         },
         "head": {"resources": {"gpu": 0, "cpu": 2, "memory": "4Gi"}},
         "precision": "fp16",
+        "seed": 1337,
         "batch": {"global": 512, "perDevice": 8},
         "checkpoint": {
             "storage": {"uri": "file:///shared/ckpt"},
@@ -112,6 +127,47 @@ def test_camel_case_round_trip() -> None:
     # Python names are accepted too.
     again = TrainingJobSpec(**spec.model_dump(by_alias=False))
     assert again == spec
+
+
+def test_every_training_setting_round_trips() -> None:
+    """Data, schedule, compile and evaluation: what a user writes is what the pod reads."""
+    builtin = {
+        "model": "gpt",
+        "size": "124m",
+        "dataset": {
+            "uri": "pvc://datasets/owt/train.bin",
+            "format": "tokens",
+            "tokenDtype": "uint32",
+            "vocabSize": 100277,
+            "tokenizer": "pvc://datasets/owt/tokenizer.json",
+            "textField": "body",
+            "validation": {"uri": "pvc://datasets/owt/val.bin"},
+        },
+        "maxSteps": 5000,
+        "learningRate": 0.0006,
+        "sequenceLength": 512,
+        "optimizer": {
+            "warmupSteps": 0,
+            "decay": "linear",
+            "minLearningRate": 0.00006,
+            "beta1": 0.8,
+            "beta2": 0.99,
+            "weightDecay": 0.0,
+            "maxGradNorm": 0.0,
+        },
+        "compile": True,
+        "evaluation": {
+            "intervalSteps": 250,
+            "batches": 5,
+            "keepBest": True,
+            "earlyStopping": {"patience": 3, "minDelta": 0.01},
+        },
+    }
+    wire = spec_with(trainer={"builtin": builtin}, checkpoint={"storage": {"pvc": "c"}})
+    spec = TrainingJobSpec.model_validate(wire)
+    assert spec.to_dict()["trainer"]["builtin"] == builtin
+    assert spec.trainer.builtin is not None
+    assert spec.trainer.builtin.dataset.token_files
 
 
 def test_unknown_field_is_rejected() -> None:
@@ -196,6 +252,87 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "a gpuProduct no label allows",
         spec_with(workers={"gpuProduct": "H100 80GB"}),
         "spec.workers.gpuProduct",
+    ),
+    (
+        "token file without a vocabulary",
+        spec_with(trainer={"builtin": {"dataset": {"uri": "pvc://d/train.bin"}}}),
+        "spec.trainer.builtin.dataset.vocabSize",
+    ),
+    (
+        "declared token format without a vocabulary",
+        spec_with(trainer={"builtin": {"dataset": {"uri": "pvc://d/tokens", "format": "tokens"}}}),
+        "spec.trainer.builtin.dataset.vocabSize",
+    ),
+    (
+        "a token dtype that does not exist",
+        spec_with(
+            trainer={"builtin": {"dataset": {"uri": "pvc://d/t.bin", "vocabSize": 9, "tokenDtype": "int8"}}}
+        ),
+        "tokenDtype",
+    ),
+    (
+        "validation with both a uri and a fraction",
+        spec_with(
+            trainer={
+                "builtin": {
+                    "dataset": {"uri": "pvc://d/t", "validation": {"uri": "pvc://d/v", "fraction": 0.1}}
+                }
+            }
+        ),
+        "spec.trainer.builtin.dataset.validation",
+    ),
+    (
+        "evaluation without held-out data",
+        spec_with(trainer={"builtin": {"dataset": {"uri": "pvc://d/t"}, "evaluation": {}}}),
+        "spec.trainer.builtin.dataset.validation",
+    ),
+    (
+        "keepBest without checkpoints",
+        spec_with(
+            trainer={
+                "builtin": {
+                    "dataset": {"uri": "pvc://d/t", "validation": {"fraction": 0.1}},
+                    "evaluation": {"keepBest": True},
+                }
+            }
+        ),
+        "spec.trainer.builtin.evaluation.keepBest",
+    ),
+    (
+        "minimum learning rate above the peak",
+        spec_with(
+            trainer={
+                "builtin": {
+                    "dataset": {"uri": "pvc://d/t"},
+                    "learningRate": 0.001,
+                    "optimizer": {"minLearningRate": 0.01},
+                }
+            }
+        ),
+        "spec.trainer.builtin.optimizer.minLearningRate",
+    ),
+    (
+        "beta of 1",
+        spec_with(trainer={"builtin": {"dataset": {"uri": "pvc://d/t"}, "optimizer": {"beta2": 1.0}}}),
+        "beta2",
+    ),
+    ("negative seed", spec_with(seed=-1), "spec.seed"),
+    (
+        "too short sequences",
+        spec_with(trainer={"builtin": {"dataset": {"uri": "pvc://d/t"}, "sequenceLength": 4}}),
+        "sequenceLength",
+    ),
+    (
+        "early stopping with no patience",
+        spec_with(
+            trainer={
+                "builtin": {
+                    "dataset": {"uri": "pvc://d/t", "validation": {"fraction": 0.1}},
+                    "evaluation": {"earlyStopping": {"patience": 0}},
+                }
+            }
+        ),
+        "patience",
     ),
     (
         "non-local file checkpoints",

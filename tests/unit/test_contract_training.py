@@ -13,16 +13,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.api.common import Precision
-from tandem.api.trainingjob import TrainingJobSpec
+from tandem.api.trainingjob import BuiltinTrainer, TrainingJobSpec
 from tandem.api.trainingrun import RUN_ENV, RUN_VERSION, TrainingRun
 from tandem.errors import UserError
 from tandem.operator.trainingjob import builders
+from tandem.workloads.models.gpt import config_for
+from tandem.workloads.models.tokenizer import VOCAB_SIZE
 from tandem.workloads.train.config import DEFAULT_SEQ_LEN, TrainConfig, from_run
 from tandem.workloads.train.pod import worker_resources
 
@@ -50,12 +53,24 @@ def effective_config(
 
 
 def write_dataset(spec: TrainingJobSpec, data_root: Path) -> None:
-    """Put text where a pvc:// data set's claim would be mounted."""
+    """Put data where a pvc:// data set's claim would be mounted: token files of the declared dtype and
+    vocabulary, text otherwise (enough for the longest sequence)."""
     builtin = spec.trainer.builtin
-    if builtin is not None and builtin.dataset.uri.startswith("pvc://"):
-        path = data_root / builtin.dataset.uri.removeprefix("pvc://")
+    if builtin is None:
+        return
+    d = builtin.dataset
+    uris = [d.uri] + ([d.validation.uri] if d.validation is not None and d.validation.uri else [])
+    for uri in uris:
+        if not uri.startswith("pvc://"):
+            continue
+        path = data_root / uri.removeprefix("pvc://")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"the quick brown fox jumps over the lazy dog\n" * 200)
+        if d.token_files:
+            assert d.vocab_size is not None
+            ids = np.arange(20_000) % d.vocab_size
+            ids.astype(np.uint16 if d.token_dtype == "uint16" else np.uint32).tofile(path)
+        else:
+            path.write_bytes(b"the quick brown fox jumps over the lazy dog\n" * 500)
 
 
 def assert_agrees(
@@ -85,20 +100,73 @@ def assert_agrees(
         assert cfg.checkpoint_every_steps == spec.checkpoint.every_steps
         assert cfg.checkpoint_every_minutes == spec.checkpoint.every_minutes
         assert cfg.checkpoint_keep == spec.checkpoint.keep
+    assert cfg.seed == spec.seed
     builtin = spec.trainer.builtin
     if builtin is not None:
         assert cfg.model_size == builtin.size.value
         assert cfg.max_steps == builtin.max_steps
         assert cfg.learning_rate == builtin.learning_rate
-        assert cfg.seq_len == DEFAULT_SEQ_LEN[builtin.size.value]
-        uri = builtin.dataset.uri
-        if uri.startswith("pvc://"):
-            assert cfg.dataset_uri == str(Path(run.data_root) / uri.removeprefix("pvc://"))
-        else:
-            assert cfg.dataset_uri == uri
+        assert cfg.seq_len == (builtin.sequence_length or DEFAULT_SEQ_LEN[builtin.size.value])
+        assert cfg.compile == builtin.compile
+        assert_data_agrees(builtin, run, cfg)
+        assert_optimizer_agrees(builtin, cfg)
+        assert_evaluation_agrees(builtin, cfg)
     else:
         assert cfg.entrypoint == spec.trainer.entrypoint
         assert cfg.user_config == dict(spec.trainer.config or {})
+
+
+def pod_path(uri: str, run: TrainingRun) -> str:
+    """Where the pod reads a data URI: pvc:// under the data root, others as written."""
+    return str(Path(run.data_root) / uri.removeprefix("pvc://")) if uri.startswith("pvc://") else uri
+
+
+def assert_data_agrees(builtin: BuiltinTrainer, run: TrainingRun, cfg: TrainConfig) -> None:
+    d = builtin.dataset
+    assert cfg.dataset_uri == pod_path(d.uri, run)
+    assert cfg.data_format == d.format.value
+    assert cfg.token_dtype == d.token_dtype.value
+    assert cfg.text_field == d.text_field
+    assert cfg.tokenizer_uri == (None if d.tokenizer is None else pod_path(d.tokenizer, run))
+    # The data's vocabulary sizes the model: the spec's, else the byte tokenizer's (no tokenizer here).
+    assert cfg.vocab_size == (d.vocab_size or VOCAB_SIZE)
+    assert config_for(builtin.size.value, vocab_size=cfg.vocab_size).vocab_size % 64 == 0
+    assert config_for(builtin.size.value, vocab_size=cfg.vocab_size).vocab_size >= cfg.vocab_size
+    v = d.validation
+    assert cfg.validation_fraction == (None if v is None else v.fraction)
+    assert cfg.validation_uri == (None if v is None or v.uri is None else pod_path(v.uri, run))
+
+
+def assert_optimizer_agrees(builtin: BuiltinTrainer, cfg: TrainConfig) -> None:
+    o = builtin.optimizer
+    warmup = o.warmup_steps if o.warmup_steps is not None else max(1, min(100, builtin.max_steps // 10))
+    assert cfg.warmup_steps == warmup
+    assert cfg.lr_decay == o.decay.value
+    floor = 0.1 if o.min_learning_rate is None else o.min_learning_rate / builtin.learning_rate
+    assert cfg.min_lr_ratio == pytest.approx(floor)
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (
+        o.beta1,
+        o.beta2,
+        o.weight_decay,
+        o.max_grad_norm,
+    )
+
+
+def assert_evaluation_agrees(builtin: BuiltinTrainer, cfg: TrainConfig) -> None:
+    ev = builtin.evaluation
+    if ev is None:
+        assert cfg.eval_interval is None
+        assert not cfg.keep_best
+        assert cfg.early_stop_patience is None
+        return
+    assert (cfg.eval_interval, cfg.eval_batches, cfg.keep_best) == (
+        ev.interval_steps,
+        ev.batches,
+        ev.keep_best,
+    )
+    stopping = ev.early_stopping
+    assert cfg.early_stop_patience == (None if stopping is None else stopping.patience)
+    assert cfg.early_stop_min_delta == (0.0 if stopping is None else stopping.min_delta)
 
 
 def example_specs() -> list[tuple[str, dict[str, Any]]]:
@@ -134,6 +202,57 @@ def test_the_document_is_the_only_configuration_a_pod_gets(tmp_path: Path) -> No
 quantities = st.one_of(st.none(), st.sampled_from(["500m", "1", "2", "2500m", "16"]), st.integers(1, 32))
 
 
+def maybe(draw: st.DrawFn, key: str, strategy: st.SearchStrategy[Any]) -> dict[str, Any]:
+    """`{key: value}` or nothing: a field set or left to its default."""
+    return {key: draw(strategy)} if draw(st.booleans()) else {}
+
+
+@st.composite
+def builtin_trainers(draw: st.DrawFn) -> dict[str, Any]:
+    lr = draw(st.floats(1e-6, 1.0, exclude_min=False))
+    tokens = draw(st.booleans())
+    if tokens:
+        dataset: dict[str, Any] = {
+            "uri": "pvc://data/sets/train.bin",
+            "vocabSize": draw(st.integers(2, 65_536)),
+        } | maybe(draw, "tokenDtype", st.sampled_from(["uint16", "uint32"]))
+    else:
+        dataset = {"uri": draw(st.sampled_from(["tandem://corpus", "pvc://data/sets/a.txt"]))}
+    dataset |= maybe(draw, "textField", st.sampled_from(["text", "body"]))
+    evaluation: dict[str, Any] = {}
+    if draw(st.booleans()):
+        held_out = "pvc://data/sets/val.bin" if tokens else "tandem://corpus-small"
+        dataset["validation"] = draw(
+            st.sampled_from([{"uri": held_out}, {"fraction": 0.1}, {"fraction": 0.5}])
+        )
+        evaluation = (
+            maybe(draw, "intervalSteps", st.integers(1, 10_000))
+            | maybe(draw, "batches", st.integers(1, 100))
+            | maybe(draw, "earlyStopping", st.fixed_dictionaries({"patience": st.integers(1, 50)}))
+        )
+    optimizer = (
+        maybe(draw, "warmupSteps", st.integers(0, 1000))
+        | maybe(draw, "decay", st.sampled_from(["cosine", "linear", "constant"]))
+        | maybe(draw, "minLearningRate", st.floats(0, lr))
+        | maybe(draw, "beta1", st.floats(0, 0.99))
+        | maybe(draw, "beta2", st.floats(0, 0.999))
+        | maybe(draw, "weightDecay", st.floats(0, 1))
+        | maybe(draw, "maxGradNorm", st.floats(0, 10))
+    )
+    return (
+        {
+            "size": draw(st.sampled_from(["tiny", "small", "medium", "124m"])),
+            "dataset": dataset,
+            "maxSteps": draw(st.integers(1, 100_000)),
+            "learningRate": lr,
+            "optimizer": optimizer,
+        }
+        | maybe(draw, "sequenceLength", st.sampled_from([8, 64, 256]))
+        | maybe(draw, "compile", st.booleans())
+        | ({"evaluation": evaluation} if "validation" in dataset and draw(st.booleans()) else {})
+    )
+
+
 @st.composite
 def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     replicas = draw(st.integers(1, 16))
@@ -151,14 +270,9 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         spec["batch"]["global"] = per_device * replicas * draw(st.integers(1, 8))
     if draw(st.booleans()):
-        spec["trainer"] = {
-            "builtin": {
-                "size": draw(st.sampled_from(["tiny", "small", "medium", "124m"])),
-                "dataset": {"uri": draw(st.sampled_from(["tandem://corpus", "pvc://data/sets/a.txt"]))},
-                "maxSteps": draw(st.integers(1, 100_000)),
-                "learningRate": draw(st.floats(1e-6, 1.0, exclude_min=False)),
-            }
-        }
+        spec["trainer"] = {"builtin": draw(builtin_trainers())}
+        if draw(st.booleans()):
+            spec["seed"] = draw(st.integers(0, 2**63 - 1))
     else:
         spec["trainer"] = {"entrypoint": "mypkg.train:main", "config": {"k": draw(st.integers())}}
     if draw(st.booleans()):

@@ -350,6 +350,8 @@ def test_progress_record_is_folded_into_status() -> None:
         "step": 120,
         "totalSteps": 1000,
         "loss": 2.123456,
+        "evalLoss": 2.345678,
+        "evalStep": 100,
         "checkpoint": {"step": 100, "uri": "file:///c/100"},
     }
     pods = [pod("head", progress=json.dumps(record)), *gang()[1:]]
@@ -357,6 +359,7 @@ def test_progress_record_is_folded_into_status() -> None:
     wire = decision.status.to_dict()
     assert wire["stepDisplay"] == "120/1000"
     assert wire["progress"]["loss"] == 2.1235
+    assert (wire["progress"]["evalLoss"], wire["progress"]["evalStep"]) == (2.3457, 100)
     assert wire["lastCheckpoint"]["step"] == 100
     assert any(c.type == "CheckpointAvailable" for c in decision.status.conditions)
 

@@ -104,6 +104,8 @@ class ProgressReport(BaseModel):
     samples_per_second: float | None = Field(default=None, ge=0)
     tokens_per_second: float | None = Field(default=None, ge=0)
     eta_seconds: int | None = Field(default=None, ge=0)
+    eval_loss: float | None = None
+    eval_step: int | None = Field(default=None, ge=0)
     checkpoint: CheckpointInfo | None = None
 
 
@@ -562,6 +564,8 @@ class _Machine:
                 if report.tokens_per_second is not None
                 else None,
                 eta_seconds=report.eta_seconds,
+                eval_loss=round(report.eval_loss, 4) if report.eval_loss is not None else None,
+                eval_step=report.eval_step,
             )
         )
         checkpoint = report.checkpoint

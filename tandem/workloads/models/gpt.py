@@ -10,8 +10,9 @@ Stable API (the model server's `causal-lm` runtime loads Tandem checkpoints with
   driver (one `step-NNNNNNNN` directory, or the checkpoint root, whose newest complete checkpoint is used).
 
 Sizes: `tiny` (about 0.4M parameters, for tests and CPU demos), `small` (about 3M), `medium` (about 25M),
-`124m` (GPT-2 small: 12 layers, 768 wide, 12 heads, vocab 50304). The smaller sizes use the byte
-tokenizer's padded vocabulary (320); `124m` keeps GPT-2's padded 50304 so its cost matches published numbers.
+`124m` (GPT-2 small: 12 layers, 768 wide, 12 heads). `SIZES` holds the byte tokenizer's padded vocabulary
+(320) for the smaller sizes and GPT-2's padded 50304 for `124m` (the benchmarks' shape); a training run
+sizes the table from its data's vocabulary (`config_for(..., vocab_size=)`).
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ SIZES: dict[str, GPTConfig] = {
 """Built-in sizes (the TrainingJob's `spec.trainer.builtin.size`)."""
 
 
-def config_for(size: str, *, block_size: int | None = None, dropout: float | None = None) -> GPTConfig:
-    """The config of a built-in size, optionally with another sequence length or dropout.
+def config_for(
+    size: str, *, block_size: int | None = None, dropout: float | None = None, vocab_size: int | None = None
+) -> GPTConfig:
+    """The config of a built-in size, optionally with another sequence length, dropout or vocabulary.
+
+    `vocab_size` is the data's (its tokenizer's ids); the embedding table is it rounded up to a multiple
+    of 64, so the model and its data always agree (GPT-2's 50257 gives 50304).
 
     Raises `KeyError` naming the known sizes for an unknown one.
     """
@@ -81,6 +87,8 @@ def config_for(size: str, *, block_size: int | None = None, dropout: float | Non
         config = replace(config, block_size=block_size)
     if dropout is not None:
         config = replace(config, dropout=dropout)
+    if vocab_size is not None:
+        config = replace(config, vocab_size=pad_vocab(vocab_size))
     return config
 
 

@@ -1,14 +1,19 @@
-"""A byte-level tokenizer: every UTF-8 byte is a token, plus a few special tokens. No downloads.
+"""Tokenizers: a byte-level one (every UTF-8 byte is a token, no file needed) and Hugging Face ones.
 
-Token ids 0-255 are the bytes; `BOS`, `EOS` and `PAD` follow. The model's embedding table is padded to a
-multiple of 64 (`padded_vocab_size`) so matmuls stay aligned; ids above `PAD` are never produced.
+`HFTokenizer` wraps a `tokenizer.json` (the `tokenizers` library) behind the same interface; `train_bpe`
+makes a byte-level BPE one from a corpus (`tandem tokenizer train`), since no model hub is reachable.
+
+The byte tokenizer: token ids 0-255 are the bytes; `BOS`, `EOS` and `PAD` follow. The model's embedding
+table is padded to a multiple of 64 (`padded_vocab_size`) so matmuls stay aligned; ids above `PAD`
+are never produced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 BYTE_VOCAB: Final = 256
 BOS: Final = 256
@@ -84,3 +89,95 @@ class ByteTokenizer:
             "eos": self.eos_id,
             "pad": self.pad_id,
         }
+
+
+EOT_TOKEN: Final = "<|endoftext|>"
+"""The document separator (GPT-2's name), a special token of every tokenizer `train_bpe` makes."""
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (a `tokenizer.json`), with `ByteTokenizer`'s interface.
+
+    Why `tokenizers`: it reads the `tokenizer.json` every Hugging Face model ships, trains byte-level BPE in
+    Rust, and encodes batches in parallel; a hand-written BPE would be slower and incompatible.
+    """
+
+    def __init__(self, tokenizer: Any, name: str = "tokenizer.json") -> None:
+        self._tok = tokenizer
+        self.name = name
+        self.eos_id: int | None = tokenizer.token_to_id(EOT_TOKEN)
+        self.bos_id: int | None = None
+        self.pad_id: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """Load a `tokenizer.json`; `ValueError` naming the file when it is not one."""
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)), name=Path(path).name)
+        except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({exc})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer produces, special tokens included."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return pad_vocab(self.vocab_size)
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        if add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (encoded in parallel by the Rust library)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        out: str = self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        return out
+
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what checkpoints carry)."""
+        out: str = self._tok.to_str()
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "vocabSize": self.vocab_size, "eos": self.eos_id, "file": "tokenizer.json"}
+
+
+def train_bpe(
+    texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2, special_tokens: Sequence[str] = ()
+) -> HFTokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2's scheme: any text encodes, nothing is unknown).
+
+    `EOT_TOKEN` is the first special token (id 0), the document separator of the data it tokenizes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [EOT_TOKEN, *(t for t in special_tokens if t != EOT_TOKEN)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tok)
+
+
+def load_tokenizer(path: str | Path | None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer in `path` (a `tokenizer.json`), or the byte tokenizer for None."""
+    return ByteTokenizer() if path is None else HFTokenizer.from_file(path)

@@ -29,7 +29,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -276,10 +276,11 @@ def staging(root: Path, step: int) -> Iterator[Staging]:
         raise
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; return what was deleted."""
+def prune(root: Path, keep: int, *, protect: Collection[int] = ()) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and those of the steps in `protect` (the
+    best evaluation's); return what was deleted."""
     done = list_checkpoints(root)
-    doomed = [r.path for r in done[: max(0, len(done) - keep)]]
+    doomed = [r.path for r in done[: max(0, len(done) - keep)] if r.step not in protect]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

@@ -47,8 +47,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     local.add_argument("--checkpoint-dir", help="checkpoint root (default: ./tandem-runs/NAME/checkpoints)")
     local.add_argument("--data-root", help="directory holding pvc://CLAIM/PATH data sets as CLAIM/PATH")
     local.add_argument("--workers", type=int, help="override spec.workers.replicas")
-    local.add_argument("--seed", type=int, default=0, help="random seed (CPU runs are reproducible)")
-    local.add_argument("--seq-len", type=int, help="sequence length (default: the model size's)")
+    local.add_argument(
+        "--seed", type=int, help="set spec.seed, the random seed (default: the spec's, 0 unless set)"
+    )
+    local.add_argument(
+        "--seq-len",
+        type=int,
+        help="set spec.trainer.builtin.sequenceLength (default: the spec's, else the model size's)",
+    )
     local.add_argument("--no-progress", action="store_true", help="no progress bar")
     local.add_argument(
         "--metrics-port",
@@ -113,18 +119,34 @@ def load_job(path: str) -> tuple[str, dict[str, Any]]:
     return name, doc["spec"]
 
 
+def with_overrides(spec: dict[str, Any], *, seed: int | None, seq_len: int | None) -> dict[str, Any]:
+    """The spec with `--seed` and `--seq-len` written into their fields (`spec.seed`,
+    `spec.trainer.builtin.sequenceLength`), so they are validated and recorded like any spec value."""
+    out = dict(spec)
+    if seed is not None:
+        out["seed"] = seed
+    if seq_len is not None:
+        trainer = dict(out.get("trainer") or {})
+        if not isinstance(trainer.get("builtin"), dict):
+            raise UserError(
+                "--seq-len sets spec.trainer.builtin.sequenceLength: this job has no built-in trainer"
+            )
+        trainer["builtin"] = dict(trainer["builtin"]) | {"sequenceLength": seq_len}
+        out["trainer"] = trainer
+    return out
+
+
 def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
     name, spec = load_job(args.target)
+    spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len)
     ckpt_dir = args.checkpoint_dir or str(Path("tandem-runs") / name / "checkpoints")
     cfg = from_spec(
         spec,
         job_name=name,
         checkpoint_dir=str(Path(ckpt_dir).resolve()),
         data_root=args.data_root,
-        seed=args.seed,
-        seq_len=args.seq_len,
         num_workers=args.workers,
     )
     if cfg.entrypoint:

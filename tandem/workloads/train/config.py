@@ -16,7 +16,17 @@ from typing import Any, Final
 from pydantic import BaseModel
 
 from tandem.api.common import Precision, Resources
-from tandem.api.trainingjob import Batch, BuiltinTrainer, Checkpoint, FailurePolicy, TrainingJobSpec, Workers
+from tandem.api.trainingjob import (
+    Batch,
+    BuiltinTrainer,
+    Checkpoint,
+    Dataset,
+    Evaluation,
+    FailurePolicy,
+    Optimizer,
+    TrainingJobSpec,
+    Workers,
+)
 from tandem.api.trainingrun import DATA_ROOT, TrainingRun
 from tandem.errors import UserError
 
@@ -40,7 +50,21 @@ _SPEC_DEFAULTS: Final[dict[str, Any]] = {
     "per_device_batch": _default(Batch, "per_device"),
     "checkpoint_keep": _default(Checkpoint, "keep"),
     "max_failures": _default(FailurePolicy, "max_restarts"),
+    "seed": _default(TrainingJobSpec, "seed"),
+    "compile": _default(BuiltinTrainer, "compile"),
+    "beta1": _default(Optimizer, "beta1"),
+    "beta2": _default(Optimizer, "beta2"),
+    "weight_decay": _default(Optimizer, "weight_decay"),
+    "grad_clip": _default(Optimizer, "max_grad_norm"),
+    "lr_decay": str(_default(Optimizer, "decay")),
+    "data_format": str(_default(Dataset, "format")),
+    "token_dtype": str(_default(Dataset, "token_dtype")),
+    "text_field": _default(Dataset, "text_field"),
+    "eval_batches": _default(Evaluation, "batches"),
 }
+
+#: The minimum learning rate when the spec leaves it unset: this share of the peak.
+DEFAULT_MIN_LR_RATIO: Final = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,20 +79,37 @@ class TrainConfig:
     # What to train: a built-in model (size + dataset) or a user entrypoint (+ user config).
     model_size: str | None = None
     dataset_uri: str | None = None
+    #: How the data is read (`tandem.api.trainingjob.DataFormat`), the token files' integer type, the
+    #: data's vocabulary (None: the byte tokenizer's), a `tokenizer.json` (None: bytes), the JSONL key.
+    data_format: str = _SPEC_DEFAULTS["data_format"]
+    token_dtype: str = _SPEC_DEFAULTS["token_dtype"]
+    vocab_size: int | None = None
+    tokenizer_uri: str | None = None
+    text_field: str = _SPEC_DEFAULTS["text_field"]
+    #: Held-out data: a data set of its own, or the share of the training tokens taken from their end.
+    validation_uri: str | None = None
+    validation_fraction: float | None = None
     entrypoint: str | None = None
     user_config: dict[str, Any] = field(default_factory=dict)
     # Optimisation.
     max_steps: int = _SPEC_DEFAULTS["max_steps"]
     learning_rate: float = _SPEC_DEFAULTS["learning_rate"]
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO
     warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr_decay: str = _SPEC_DEFAULTS["lr_decay"]
+    weight_decay: float = _SPEC_DEFAULTS["weight_decay"]
+    beta1: float = _SPEC_DEFAULTS["beta1"]
+    beta2: float = _SPEC_DEFAULTS["beta2"]
+    grad_clip: float = _SPEC_DEFAULTS["grad_clip"]
     seq_len: int = 128
     precision: Precision = _SPEC_DEFAULTS["precision"]
-    seed: int = 0
+    seed: int = _SPEC_DEFAULTS["seed"]
+    # Evaluation (None: no evaluation).
+    eval_interval: int | None = None
+    eval_batches: int = _SPEC_DEFAULTS["eval_batches"]
+    keep_best: bool = False
+    early_stop_patience: int | None = None
+    early_stop_min_delta: float = 0.0
     # Parallelism.
     num_workers: int = _SPEC_DEFAULTS["num_workers"]
     per_device_batch: int = _SPEC_DEFAULTS["per_device_batch"]
@@ -87,7 +128,7 @@ class TrainConfig:
     max_failures: int = _SPEC_DEFAULTS["max_failures"]
     sync_every: int = 10
     """Steps between the ranks' agreement on stop/checkpoint requests (one tiny all-reduce)."""
-    compile: bool = False
+    compile: bool = _SPEC_DEFAULTS["compile"]
 
     @property
     def accumulation_steps(self) -> int:
@@ -172,8 +213,6 @@ def from_spec(
     resume_from: str | None = None,
     data_root: str | None = None,
     attempt: int = 0,
-    seed: int = 0,
-    seq_len: int | None = None,
     cpus_per_worker: float | None = None,
     num_workers: int | None = None,
 ) -> TrainConfig:
@@ -197,7 +236,7 @@ def from_spec(
     common: dict[str, Any] = {
         "job_name": job_name,
         "precision": spec.precision,
-        "seed": seed,
+        "seed": spec.seed,
         "num_workers": workers,
         "per_device_batch": per_device,
         "global_batch": global_batch,
@@ -237,17 +276,34 @@ def from_spec(
             raise UserError(
                 f"spec.trainer.builtin.size: unknown size {size!r}; use one of {', '.join(DEFAULT_SEQ_LEN)}"
             )
-        length = seq_len or DEFAULT_SEQ_LEN[size]
-        _check_dataset(b.dataset.uri, data_root=data_root, seq_len=length, global_batch=global_batch)
+        length = b.sequence_length or DEFAULT_SEQ_LEN[size]
+        data = _check_data(b, data_root=data_root, seq_len=length)
+        opt = b.optimizer
+        ev = b.evaluation
+        stopping = None if ev is None else ev.early_stopping
         cfg = TrainConfig(
             model_size=size,
-            dataset_uri=b.dataset.uri
-            if not b.dataset.uri.startswith("pvc://") or data_root is None
-            else str(resolve_data_uri(b.dataset.uri, data_root=data_root)),
             max_steps=b.max_steps,
             learning_rate=b.learning_rate,
-            warmup_steps=max(1, min(100, b.max_steps // 10)),
+            warmup_steps=opt.warmup_steps
+            if opt.warmup_steps is not None
+            else max(1, min(100, b.max_steps // 10)),
+            lr_decay=str(opt.decay),
+            min_lr_ratio=DEFAULT_MIN_LR_RATIO
+            if opt.min_learning_rate is None
+            else opt.min_learning_rate / b.learning_rate,
+            beta1=opt.beta1,
+            beta2=opt.beta2,
+            weight_decay=opt.weight_decay,
+            grad_clip=opt.max_grad_norm,
             seq_len=length,
+            compile=b.compile,
+            eval_interval=None if ev is None else ev.interval_steps,
+            eval_batches=_SPEC_DEFAULTS["eval_batches"] if ev is None else ev.batches,
+            keep_best=ev is not None and ev.keep_best,
+            early_stop_patience=None if stopping is None else stopping.patience,
+            early_stop_min_delta=0.0 if stopping is None else stopping.min_delta,
+            **data,
             **common,
         )
     else:
@@ -274,17 +330,86 @@ def from_run(run: TrainingRun) -> TrainConfig:
     )
 
 
-def _check_dataset(uri: str, *, data_root: str | None, seq_len: int, global_batch: int) -> None:
-    name = "spec.trainer.builtin.dataset.uri"
-    if uri.startswith(BUILTIN_CORPUS_SCHEME):
-        from tandem.workloads.data.corpus import CORPORA
+def _pod_uri(uri: str, data_root: str | None) -> str:
+    """`pvc://` URIs as the pod's path under the data root (other URIs as written)."""
+    if uri.startswith("pvc://") and data_root is not None:
+        return str(resolve_data_uri(uri, data_root=data_root))
+    return uri
 
-        key = uri.removeprefix(BUILTIN_CORPUS_SCHEME)
-        if key not in CORPORA:
-            raise UserError(
-                f"{name}: unknown built-in corpus {uri!r}; known: "
-                f"{', '.join(BUILTIN_CORPUS_SCHEME + k for k in CORPORA)}"
-            )
+
+def _check_data(b: BuiltinTrainer, *, data_root: str | None, seq_len: int) -> dict[str, Any]:
+    """Check the data set, its tokenizer and held-out data; the `TrainConfig` fields they give.
+
+    The vocabulary is the spec's `vocabSize`, else the tokenizer's, else the byte tokenizer's; the
+    model's embedding table is sized from it, so model and data always agree.
+    """
+    from tandem.workloads.models.tokenizer import VOCAB_SIZE
+
+    d = b.dataset
+    prefix = "spec.trainer.builtin.dataset"
+    vocab = _vocabulary(d, data_root)
+    fields: dict[str, Any] = {
+        "dataset_uri": _pod_uri(d.uri, data_root),
+        "data_format": str(d.format),
+        "token_dtype": str(d.token_dtype),
+        "tokenizer_uri": None if d.tokenizer is None else _pod_uri(d.tokenizer, data_root),
+        "text_field": d.text_field,
+        "vocab_size": vocab or VOCAB_SIZE,
+        "validation_uri": None,
+        "validation_fraction": None,
+    }
+    uris = [(d.uri, f"{prefix}.uri")]
+    if d.validation is not None:
+        fields["validation_fraction"] = d.validation.fraction
+        if d.validation.uri is not None:
+            fields["validation_uri"] = _pod_uri(d.validation.uri, data_root)
+            uris.append((d.validation.uri, f"{prefix}.validation.uri"))
+    for uri, name in uris:
+        fraction = d.validation.fraction if d.validation is not None and name == f"{prefix}.uri" else None
+        _check_data_file(d, uri, name, data_root=data_root, vocab=vocab, seq_len=seq_len, fraction=fraction)
+    return fields
+
+
+def _vocabulary(d: Dataset, data_root: str | None) -> int | None:
+    """The data's vocabulary: `vocabSize`, else its tokenizer's (loaded and checked here), else None."""
+    from tandem.workloads.models.tokenizer import HFTokenizer
+
+    name = "spec.trainer.builtin.dataset.tokenizer"
+    if d.tokenizer is None:
+        return d.vocab_size
+    path = resolve_data_uri(d.tokenizer, data_root=data_root, field_name=name)
+    if not path.is_file():
+        raise UserError(
+            f"{name}: {d.tokenizer!r} not found at {path}; point it at a tokenizer.json "
+            "(make one with `tandem tokenizer train CORPUS -o tokenizer.json`)"
+        )
+    try:
+        tokenizer_vocab = HFTokenizer.from_file(path).vocab_size
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    if d.vocab_size is not None and d.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"spec.trainer.builtin.dataset.vocabSize ({d.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer_vocab}): raise it or leave it unset"
+        )
+    return d.vocab_size or tokenizer_vocab
+
+
+def _check_data_file(
+    d: Dataset,
+    uri: str,
+    name: str,
+    *,
+    data_root: str | None,
+    vocab: int | None,
+    seq_len: int,
+    fraction: float | None,
+) -> None:
+    """One data set exists, holds whole tokens below the vocabulary, and at least one sequence."""
+    from tandem.workloads.data import sources
+
+    if uri.startswith(BUILTIN_CORPUS_SCHEME):
+        _check_corpus(uri, name)
         return
     path = resolve_data_uri(uri, data_root=data_root, field_name=name)
     if not path.exists():
@@ -294,14 +419,51 @@ def _check_dataset(uri: str, *, data_root: str | None, seq_len: int, global_batc
             else ""
         )
         raise UserError(
-            f"{name}: data set {uri!r} not found at {path}{hint}; point it at a text file or a "
-            "directory of text files, or use tandem://corpus"
+            f"{name}: data set {uri!r} not found at {path}{hint}; point it at a token file (.bin), a "
+            "text or JSONL file or a directory of them, or use tandem://corpus"
         )
-    from tandem.workloads.train.data import text_size
-
-    size = text_size(path)
-    if size < seq_len + 1:
+    source = sources.DataSource(path, str(d.format), str(d.token_dtype), None, d.text_field)
+    if source.kind == "tokens":
+        assert vocab is not None  # the API model's rule: token files need vocabSize or a tokenizer
+        files = sources.token_files(path)
+        if not files:
+            raise UserError(f"{name}: no .bin token files in {path}")
+        try:
+            size = sum(sources.check_token_file(f, str(d.token_dtype), vocab, field=name) for f in files)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        unit = "tokens"
+    elif d.tokenizer is None and source.kind == "text":
+        size, unit = text_size(path), "bytes"
+    else:
+        return  # tokenized at start-up; its length is known only then
+    held = int(size * fraction) if fraction else 0
+    if size - held < seq_len + 1:
+        left = f" ({size - held} left for training)" if held else ""
         raise UserError(
-            f"{name}: data set {uri!r} has {size} bytes, fewer than one training sequence "
-            f"({seq_len + 1} tokens); use more text"
+            f"{name}: data set {uri!r} has {size} {unit}{left}, fewer than one training sequence "
+            f"({seq_len + 1} tokens): use more data or a shorter spec.trainer.builtin.sequenceLength"
         )
+    if fraction and held < seq_len + 1:
+        raise UserError(
+            f"spec.trainer.builtin.dataset.validation.fraction: {fraction} of {uri!r} is {held} {unit}, "
+            f"fewer than one sequence ({seq_len + 1} tokens): raise the fraction or use more data"
+        )
+
+
+def _check_corpus(uri: str, name: str) -> None:
+    from tandem.workloads.data.corpus import CORPORA
+
+    key = uri.removeprefix(BUILTIN_CORPUS_SCHEME)
+    if key not in CORPORA:
+        raise UserError(
+            f"{name}: unknown built-in corpus {uri!r}; known: "
+            f"{', '.join(BUILTIN_CORPUS_SCHEME + k for k in CORPORA)}"
+        )
+
+
+def text_size(path: Path) -> int:
+    """Bytes of text at `path` (a file or a directory of text files)."""
+    from tandem.workloads.data.sources import files_of
+
+    return sum(p.stat().st_size for p in files_of(path))

@@ -1,4 +1,4 @@
-"""Training text: bytes from a file, a directory or the built-in corpus, cut into fixed-length windows.
+"""Training tokens (token files, text or JSONL: `tandem.workloads.data.sources`) cut into windows.
 
 The sampler is a pure function of (seed, global sample index): sample `g` is window `perm_e[g % N]` of
 epoch `e = g // N`, where `perm_e` is a seeded permutation of the `N` windows. Optimizer step `s` consumes
@@ -10,49 +10,72 @@ uninterrupted run would have seen, whatever happened before.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".csv", ".json", ".jsonl", ".py", "")
+from tandem.workloads.data.sources import (
+    DataSource,
+    TokenArray,
+    encode_documents,
+    read_tokens,
+    split_validation,
+)
+from tandem.workloads.models.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from tandem.workloads.train.config import TrainConfig
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix in TEXT_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+def load_tokens(
+    uri: str,
+    *,
+    data_root: str | None = None,
+    data_format: str = "auto",
+    token_dtype: str = "uint16",
+    tokenizer_uri: str | None = None,
+    text_field: str = "text",
+) -> TokenArray:
+    """The data set's token ids (`tandem.workloads.data.sources`; the built-in corpus is bytes).
 
-
-def text_size(path: Path) -> int:
-    """Bytes of training text at `path` (a file or a directory of text files)."""
-    return sum(p.stat().st_size for p in _files(path))
-
-
-def load_tokens(uri: str, *, data_root: str | None = None) -> npt.NDArray[np.uint8]:
-    """The data set's tokens (bytes: the byte tokenizer's ids 0-255).
-
-    A single file is memory-mapped (no copy); a directory's files are concatenated in path order with a
-    newline between them.
+    A single byte-text or token file is memory-mapped (no copy).
     """
     from tandem.workloads.train.config import BUILTIN_CORPUS_SCHEME, resolve_data_uri
 
+    tokenizer = None if tokenizer_uri is None else resolve_data_uri(tokenizer_uri, data_root=data_root)
     if uri.startswith(BUILTIN_CORPUS_SCHEME):
         from tandem.workloads.data.corpus import builtin_corpus
 
-        return np.frombuffer(builtin_corpus(uri.removeprefix(BUILTIN_CORPUS_SCHEME)), dtype=np.uint8)
+        text = builtin_corpus(uri.removeprefix(BUILTIN_CORPUS_SCHEME))
+        if tokenizer is None:
+            return np.frombuffer(text, dtype=np.uint8)
+        return encode_documents([text.decode()], load_tokenizer(tokenizer))
     path = resolve_data_uri(uri, data_root=data_root)
-    files = _files(path)
-    if len(files) == 1 and path.is_file():
-        return np.memmap(path, dtype=np.uint8, mode="r")
-    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), dtype=np.uint8)
+    return read_tokens(DataSource(path, data_format, token_dtype, tokenizer, text_field))
+
+
+def cfg_tokens(cfg: TrainConfig, uri: str, data_root: str | None) -> TokenArray:
+    """`load_tokens` with the dataset settings of a run's config."""
+    return load_tokens(
+        uri,
+        data_root=data_root,
+        data_format=cfg.data_format,
+        token_dtype=cfg.token_dtype,
+        tokenizer_uri=cfg.tokenizer_uri,
+        text_field=cfg.text_field,
+    )
+
+
+def train_and_validation(cfg: TrainConfig, data_root: str | None) -> tuple[TokenArray, TokenArray | None]:
+    """The run's training tokens and its held-out tokens (None without `dataset.validation`)."""
+    assert cfg.dataset_uri is not None
+    tokens = cfg_tokens(cfg, cfg.dataset_uri, data_root)
+    if cfg.validation_uri is not None:
+        return tokens, cfg_tokens(cfg, cfg.validation_uri, data_root)
+    if cfg.validation_fraction is not None:
+        return split_validation(tokens, cfg.validation_fraction)
+    return tokens, None
 
 
 @dataclass(frozen=True)
@@ -78,8 +101,10 @@ class DataPosition:
 class WindowSampler:
     """Deterministic, resumable sampling of `seq_len + 1`-token windows (inputs and shifted targets)."""
 
-    def __init__(self, tokens: npt.NDArray[np.uint8], seq_len: int, seed: int) -> None:
+    def __init__(self, tokens: TokenArray, seq_len: int, seed: int, *, vocab_size: int | None = None) -> None:
         self.tokens = tokens
+        #: When set, every batch is checked on the host (an out-of-range id would crash a GPU's lookup).
+        self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.seed = seed
         self.windows = (len(tokens) - 1) // seq_len
@@ -106,7 +131,14 @@ class WindowSampler:
     def batch(self, first: int, count: int) -> npt.NDArray[np.int64]:
         """`(count, seq_len + 1)` token ids of samples `first ..`: inputs `[:, :-1]`, targets `[:, 1:]`."""
         starts = self.window_starts(first, count)
-        return np.asarray(self.tokens[starts[:, None] + self._offsets[None, :]], dtype=np.int64)
+        out = np.asarray(self.tokens[starts[:, None] + self._offsets[None, :]], dtype=np.int64)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            raise ValueError(
+                f"token id {int(out.max())} in samples {first}..{first + count - 1} is not below "
+                f"spec.trainer.builtin.dataset.vocabSize ({self.vocab_size}): set vocabSize to the "
+                "vocabulary that made the data, or fix tokenDtype"
+            )
+        return out
 
     def position(self, samples_consumed: int) -> DataPosition:
         return DataPosition(

@@ -28,10 +28,10 @@ import torch.distributed as tdist
 from torch import nn
 
 from tandem.workloads.models.gpt import GPT, config_for
-from tandem.workloads.models.tokenizer import ByteTokenizer
+from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer
 from tandem.workloads.train import checkpoint as ckpt
-from tandem.workloads.train.config import TrainConfig
-from tandem.workloads.train.data import WindowSampler, load_tokens, micro_batch_first_sample
+from tandem.workloads.train.config import TrainConfig, resolve_data_uri
+from tandem.workloads.train.data import WindowSampler, micro_batch_first_sample, train_and_validation
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class StepMetrics:
     grad_norm: float | None = None
     #: Time one step waited for its batches on this rank (mean over the steps since the last report).
     data_wait_seconds: float | None = None
+    #: Loss on the held-out data, on steps that evaluated (`spec.trainer.builtin.evaluation`).
+    eval_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +101,10 @@ class RunResult:
     start_step: int = 0
     checkpoint: CheckpointEvent | None = None
     history: list[float] = field(default_factory=list)
+    #: (step, eval loss) of every evaluation of this run.
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    #: True when early stopping ended the run before maxSteps.
+    early_stopped: bool = False
 
 
 class Hooks(Protocol):
@@ -156,13 +162,18 @@ def autocast_context(precision: str, device: torch.device) -> Callable[[], Abstr
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the peak LR at a step: linear warmup, then cosine decay to `min_lr_ratio`."""
-    warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+    """Multiplier of the peak LR at a step: linear warmup, then `lr_decay` (cosine, linear or constant)
+    down to `min_lr_ratio` at `max_steps`."""
+    warmup, total, floor, decay = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.lr_decay
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if decay == "linear":
+            return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
@@ -259,7 +270,7 @@ class GPTRun:
         self.cfg, self.dist, self.hooks = cfg, dist, hooks or NullHooks()
         self.device = pick_device(cfg, dist)
         seed_everything(cfg.seed)
-        self.model_config = config_for(cfg.model_size, block_size=cfg.seq_len)
+        self.model_config = config_for(cfg.model_size, block_size=cfg.seq_len, vocab_size=cfg.vocab_size)
         self.raw_model = GPT(self.model_config).to(self.device)
         self.model: nn.Module = self.raw_model
         if dist.world_size > 1:
@@ -272,7 +283,13 @@ class GPTRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.autocast = autocast_context(cfg.precision, self.device)
-        self.sampler = WindowSampler(load_tokens(cfg.dataset_uri, data_root=data_root), cfg.seq_len, cfg.seed)
+        train_tokens, held_out = train_and_validation(cfg, data_root)
+        self.data_root = data_root
+        self.sampler = _sampler(train_tokens, cfg, "spec.trainer.builtin.dataset.uri")
+        self.val_sampler = (
+            None if held_out is None else _sampler(held_out, cfg, "spec.trainer.builtin.dataset.validation")
+        )
+        self.evaluation = EvalState()
         self.step = 0
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         self.peak = peak_flops(self.device)
@@ -332,6 +349,42 @@ class GPTRun:
         self.step += 1
         return total / accum
 
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def evaluation_due(self) -> bool:
+        """True at every `eval_interval`-th step and at the last one (when the run evaluates at all)."""
+        cfg = self.cfg
+        return (
+            self.val_sampler is not None
+            and cfg.eval_interval is not None
+            and (self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps)
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `eval_batches` held-out batches on every rank (the same samples each time).
+
+        Each rank takes its own samples (rank-interleaved, like training); one all-reduce and one read of
+        the result, at evaluations only. No RNG is drawn, so evaluating never changes the training run.
+        """
+        assert self.val_sampler is not None
+        cfg, dist = self.cfg, self.dist
+        self.raw_model.eval()
+        total = torch.zeros((), device=self.device)
+        for b in range(cfg.eval_batches):
+            first = (b * dist.world_size + dist.rank) * cfg.per_device_batch
+            batch = torch.from_numpy(self.val_sampler.batch(first, cfg.per_device_batch)).to(self.device)
+            with self.autocast():
+                _, loss = self.raw_model(batch[:, :-1], batch[:, 1:])
+            assert loss is not None
+            total += loss.float()
+        self.raw_model.train()
+        if dist.world_size > 1:
+            tdist.all_reduce(total)
+        value = float(total.item()) / (cfg.eval_batches * dist.world_size)
+        self.evaluation.record(self.step, value, cfg.early_stop_min_delta)
+        return value
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     def load(self, ref: ckpt.CheckpointRef) -> None:
@@ -346,6 +399,7 @@ class GPTRun:
         state = torch.load(p / ckpt.TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.evaluation = EvalState.from_dict(state.get("eval"))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
@@ -376,11 +430,15 @@ class GPTRun:
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict(),
                         "rng": rngs,
+                        "eval": self.evaluation.to_dict(),
                     },
                 )
+                if self.cfg.tokenizer_uri is not None:
+                    st.write_bytes(TOKENIZER_FILE, self.tokenizer_path().read_bytes())
                 ref = st.publish(self.metadata(loss))
                 nbytes = st.nbytes
-            ckpt.prune(root, self.cfg.checkpoint_keep)
+            best = self.evaluation.best_step
+            ckpt.prune(root, self.cfg.checkpoint_keep, protect=(best,) if self.cfg.keep_best and best else ())
             result = (ref.step, ref.uri, ckpt.read_metadata(ref.path)["time"], nbytes)
         step, uri, when, nbytes = broadcast_object(result, self.dist)
         return CheckpointEvent(step=step, uri=uri, time=when, seconds=time.perf_counter() - t0, bytes=nbytes)
@@ -402,7 +460,9 @@ class GPTRun:
                 "config": self.model_config.to_dict(),
                 "parameters": self.raw_model.num_parameters(),
             },
-            "tokenizer": ByteTokenizer().to_dict(),
+            "tokenizer": self.tokenizer_info(),
+            "vocabSize": cfg.vocab_size,
+            "evaluation": self.evaluation.to_dict(),
             "data": {"uri": cfg.dataset_uri, **self.sampler.position(self.step * cfg.global_batch).to_dict()},
             "batch": {
                 "global": cfg.global_batch,
@@ -410,6 +470,63 @@ class GPTRun:
                 "accumulationSteps": cfg.accumulation_steps,
             },
         }
+
+    def tokenizer_path(self) -> Path:
+        assert self.cfg.tokenizer_uri is not None
+        return resolve_data_uri(self.cfg.tokenizer_uri, data_root=self.data_root)
+
+    def tokenizer_info(self) -> dict[str, object]:
+        """What the metadata records about the tokenizer (its `tokenizer.json` is in the checkpoint)."""
+        if self.cfg.tokenizer_uri is None:
+            return ByteTokenizer().to_dict()
+        return HFTokenizer.from_file(self.tokenizer_path()).to_dict() | {"uri": self.cfg.tokenizer_uri}
+
+
+TOKENIZER_FILE = "tokenizer.json"
+"""A checkpoint's copy of the tokenizer its data was read with (absent for the byte tokenizer)."""
+
+
+def _sampler(tokens: Any, cfg: TrainConfig, field_name: str) -> WindowSampler:
+    try:
+        return WindowSampler(tokens, cfg.seq_len, cfg.seed, vocab_size=cfg.vocab_size)
+    except ValueError as exc:
+        raise ValueError(f"{field_name}: {exc}; use more data or a shorter sequenceLength") from None
+
+
+@dataclass
+class EvalState:
+    """The evaluations so far: the best loss and its step, evaluations since it (early stopping)."""
+
+    last: float | None = None
+    last_step: int | None = None
+    best: float | None = None
+    best_step: int | None = None
+    since_best: int = 0
+
+    def record(self, step: int, loss: float, min_delta: float) -> bool:
+        """Fold in an evaluation; True when it improved on the best by more than `min_delta`."""
+        self.last, self.last_step = loss, step
+        if self.best is None or loss < self.best - min_delta:
+            self.best, self.best_step, self.since_best = loss, step, 0
+            return True
+        self.since_best += 1
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last": self.last,
+            "lastStep": self.last_step,
+            "best": self.best,
+            "bestStep": self.best_step,
+            "sinceBest": self.since_best,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> EvalState:
+        """Inverse of `to_dict`; None (a checkpoint from before evaluation existed) is a fresh state."""
+        if not data:
+            return cls()
+        return cls(data["last"], data["lastStep"], data["best"], data["bestStep"], data["sinceBest"])
 
 
 def agree(flags: list[bool], dist: DistInfo, device: torch.device) -> list[bool]:
@@ -419,6 +536,74 @@ def agree(flags: list[bool], dist: DistInfo, device: torch.device) -> list[bool]
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
+
+
+@dataclass
+class _StepClock:
+    """When and at which step rank 0 last reported, and the data wait until then."""
+
+    t_prev: float
+    last_logged: int
+    waited_before: float
+
+    def reset(self, step: int, waited: float) -> None:
+        self.t_prev, self.last_logged, self.waited_before = time.perf_counter(), step, waited
+
+
+def _report(
+    run: GPTRun, hooks: Hooks, loss_t: torch.Tensor, clock: _StepClock, eval_loss: float | None
+) -> float:
+    """Read the step's loss (and gradient norm: one copy from the device for both) and report it."""
+    cfg, step = run.cfg, run.step
+    grad_norm: float | None = None
+    if run.grad_norm is None:
+        loss_value = float(loss_t.item())
+    else:  # one copy from the device for both (the loss read was already the step's only sync)
+        loss_value, grad_norm = torch.stack([loss_t.float(), run.grad_norm.float()]).tolist()
+    now = time.perf_counter()
+    steps_since = max(1, step - clock.last_logged)
+    dt = (now - clock.t_prev) / steps_since
+    data_wait = (run.data_wait_seconds - clock.waited_before) / steps_since
+    clock.t_prev, clock.last_logged, clock.waited_before = now, step, run.data_wait_seconds
+    tokens_s = cfg.global_batch * cfg.seq_len / dt
+    hooks.on_step(
+        StepMetrics(
+            step=step,
+            total_steps=cfg.max_steps,
+            epoch=step * cfg.global_batch // run.sampler.windows,
+            loss=loss_value,
+            lr=float(run.scheduler.get_last_lr()[0]),
+            step_seconds=dt,
+            samples_per_second=cfg.global_batch / dt,
+            tokens_per_second=tokens_s,
+            mfu=(run.flops_per_token * tokens_s / (run.peak * run.dist.world_size)) if run.peak else None,
+            grad_norm=grad_norm,
+            data_wait_seconds=data_wait,
+            eval_loss=eval_loss,
+        )
+    )
+    return loss_value
+
+
+def _evaluate(run: GPTRun, result: RunResult) -> tuple[float | None, float, bool, bool]:
+    """Evaluate when due: (eval loss or None, seconds it took, checkpoint as the new best, stop early)."""
+    if not run.evaluation_due():
+        return None, 0.0, False, False
+    cfg, state = run.cfg, run.evaluation
+    started = time.perf_counter()
+    loss = run.evaluate()
+    result.evals.append((run.step, loss))
+    best = cfg.keep_best and state.best_step == run.step
+    stop = cfg.early_stop_patience is not None and state.since_best >= cfg.early_stop_patience
+    if stop and run.dist.is_main:
+        log.info(
+            "early stopping at step %d: no evaluation improved on %.4f (step %s) for %d evaluations",
+            run.step,
+            state.best,
+            state.best_step,
+            state.since_best,
+        )
+    return loss, time.perf_counter() - started, best, stop
 
 
 def run_builtin(
@@ -442,9 +627,8 @@ def run_builtin(
     every_steps = cfg.checkpoint_every_steps
     every_s = cfg.checkpoint_every_minutes * 60 if cfg.checkpoint_every_minutes else None
     last_ckpt_time = time.monotonic()
-    samples_per_step = cfg.global_batch
     loss_value: float | None = None
-    t_prev, last_logged, waited_before = time.perf_counter(), start, 0.0
+    clock = _StepClock(time.perf_counter(), start, 0.0)
 
     def reported(step: int) -> bool:
         return dist.is_main and (step % log_every == 0 or step == cfg.max_steps)
@@ -452,49 +636,34 @@ def run_builtin(
     while run.step < cfg.max_steps:
         loss_t = run.train_step(measure_grad_norm=reported(run.step + 1))
         step = run.step
-        if reported(step):
-            grad_norm: float | None = None
-            if run.grad_norm is None:
-                loss_value = float(loss_t.item())
-            else:  # one copy from the device for both (the loss read was already the step's only sync)
-                loss_value, grad_norm = torch.stack([loss_t.float(), run.grad_norm.float()]).tolist()
-            now = time.perf_counter()
-            steps_since = max(1, step - last_logged)
-            dt = (now - t_prev) / steps_since
-            data_wait = (run.data_wait_seconds - waited_before) / steps_since
-            t_prev, last_logged, waited_before = now, step, run.data_wait_seconds
-            tokens_s = samples_per_step * cfg.seq_len / dt
-            hooks.on_step(
-                StepMetrics(
-                    step=step,
-                    total_steps=cfg.max_steps,
-                    epoch=step * cfg.global_batch // run.sampler.windows,
-                    loss=loss_value,
-                    lr=float(run.scheduler.get_last_lr()[0]),
-                    step_seconds=dt,
-                    samples_per_second=samples_per_step / dt,
-                    tokens_per_second=tokens_s,
-                    mfu=(run.flops_per_token * tokens_s / (run.peak * dist.world_size)) if run.peak else None,
-                    grad_norm=grad_norm,
-                    data_wait_seconds=data_wait,
-                )
-            )
+        eval_loss, eval_seconds, best_ckpt, early_stop = _evaluate(run, result)
+        clock.t_prev += eval_seconds  # step time excludes evaluation time
+        if reported(step) or (dist.is_main and eval_loss is not None):
+            loss_value = _report(run, hooks, loss_t, clock, eval_loss)
             result.history.append(loss_value)
         stop = want_ckpt = False
         if dist.world_size == 1 or step % cfg.sync_every == 0:
             due = every_s is not None and time.monotonic() - last_ckpt_time >= every_s
             stop, want_ckpt = agree([hooks.stop_requested(), due], dist, run.device)
         if cfg.checkpoint_dir and (
-            want_ckpt or stop or step == cfg.max_steps or (every_steps and step % every_steps == 0)
+            want_ckpt
+            or stop
+            or early_stop
+            or best_ckpt
+            or step == cfg.max_steps
+            or (every_steps and step % every_steps == 0)
         ):
             event = run.save(loss_value)
             last_ckpt_time = time.monotonic()
             result.checkpoint = event
             hooks.on_checkpoint(event)
             # step time excludes checkpoint time
-            t_prev, last_logged, waited_before = time.perf_counter(), step, run.data_wait_seconds
+            clock.reset(step, run.data_wait_seconds)
         if stop:
             result.status = "stopped"
+            break
+        if early_stop:
+            result.early_stopped = True
             break
     result.step = run.step
     result.loss = loss_value

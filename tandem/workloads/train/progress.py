@@ -162,6 +162,7 @@ class TrainMetrics:
             "tandem_train_checkpoints", "Checkpoints published", labels, registry=self.registry
         ).labels(job)
         self.last_checkpoint_step = g("tandem_train_last_checkpoint_step", "Step of the latest checkpoint")
+        self.eval_loss = g("tandem_train_eval_loss", "Loss on the held-out data at the last evaluation")
 
     def set_mfu(self, value: float) -> None:
         self._mfu.labels(self._job).set(value)
@@ -211,6 +212,8 @@ class ProgressBar:
             f"step {step}/{total} [{bar}] loss {record['loss']:.4f}  "
             f"{_si(record['tokensPerSecond'])} tok/s  eta {_duration(record['etaSeconds'])}"
         )
+        if "evalLoss" in record:
+            line += f"  eval {record['evalLoss']:.4f}"
         if "checkpoint" in record:
             line += f"  ckpt@{record['checkpoint']['step']}"
         self.stream.write(("\r" + line + "\033[K") if self._tty else line + "\n")
@@ -258,6 +261,8 @@ class ProgressReporter:
         self._last_bar = -float("inf")
         self._record: dict[str, Any] | None = None
         self._checkpoint: dict[str, Any] | None = None
+        #: The last evaluation: {"evalLoss", "evalStep"}, carried in every record after it.
+        self._eval: dict[str, Any] = {}
         self._rate: float | None = None  # smoothed steps/s for the ETA
         self.write_errors = 0
 
@@ -281,6 +286,11 @@ class ProgressReporter:
                 "tokensPerSecond": round(m["tokens_per_second"], 1),
                 "etaSeconds": int(remaining / self._rate) if self._rate else 0,
             }
+            if m.get("eval_loss") is not None:
+                self._eval = {"evalLoss": round(float(m["eval_loss"]), 6), "evalStep": m["step"]}
+                if self.metrics is not None:
+                    self.metrics.eval_loss.set(m["eval_loss"])
+            record |= self._eval
             if self._checkpoint is not None:
                 record["checkpoint"] = self._checkpoint
             record["time"] = rfc3339()
