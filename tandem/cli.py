@@ -20,6 +20,7 @@ Start here:
   tandem crds              print (or write) the CustomResourceDefinitions
   tandem operator run      run the operator against the current kubeconfig
   tandem train JOB --local run a TrainingJob on this machine
+  tandem tokenizer train   train a BPE tokenizer on your corpus (for TrainingJob data)
   tandem serve ...         run the model server
   tandem cost              training vs serving spend per model, and when serving overtakes
 """
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.devcluster import images_cli
     from tandem.operator import cli as operator_cli
     from tandem.operator import cost_cli
+    from tandem.workloads.data import cli as data_cli
     from tandem.workloads.serve import cli as serve_cli
     from tandem.workloads.train import cli as train_cli
 
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         operator_cli.register,
         cost_cli.register,
         train_cli.register,
+        data_cli.register,
         serve_cli.register,
         description=DESCRIPTION,
     )
