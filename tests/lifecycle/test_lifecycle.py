@@ -9,6 +9,9 @@ this story asks for none.
 from __future__ import annotations
 
 import json
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,9 @@ import yaml
 from tandem import lifecycle
 from tandem.api.trainingrun import TrainingRun
 from tandem.lifecycle import JOB, NAMESPACE, SERVICE, Stack
+from tandem.operator.dashboards import layout
+from tandem.operator.dashboards.expand import ALL, Context
+from tandem.operator.dashboards.render import query_dashboard
 
 SPEC = yaml.safe_load(lifecycle.TRAINING_MANIFEST.read_text())["spec"]
 MAX_STEPS = SPEC["trainer"]["builtin"]["maxSteps"]
@@ -156,7 +162,60 @@ def costs_both_phases(stack: Stack) -> None:
     assert job["status"]["costDisplay"].startswith("$")
 
 
+#: Panels with nothing to show in this story, and why; each must indeed be empty (a panel that starts
+#: answering here moves out of this table). Every other panel of the four dashboards must answer.
+EMPTY_IN_THIS_STORY = {
+    ("tandem-training", "mfu"): "no GPU: MFU is absent on a CPU",
+    ("tandem-training", "gpu_utilization"): "no GPU",
+    ("tandem-training", "gpu_memory"): "no GPU",
+    ("tandem-serving-latency", "ttft"): "hey sends non-streamed completions",
+}
+#: Panels that answer only when something goes wrong: may be empty, checked when not.
+ONLY_ON_TROUBLE = {("tandem-serving-latency", "errors"), ("tandem-operator", "errors")}
+
+
+def label_values(stack: Stack, variable: layout.Variable, chosen: dict[str, str]) -> set[str]:
+    """A dashboard variable's choices as Grafana lists them: `label_values(metric{...}, label)`."""
+    inner, _, label = variable.query.removeprefix("label_values(").removesuffix(")").rpartition(",")
+    for name, value in chosen.items():
+        inner = inner.replace(f"${name}", value)
+    url = f"{stack.prometheus_url}/api/v1/label/{label.strip()}/values?" + urllib.parse.urlencode(
+        {"match[]": inner}
+    )
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return set(json.loads(reply.read())["data"])
+
+
+def dashboards_show_the_story(stack: Stack, started: float) -> None:
+    """Every panel of the four dashboards, its queries expanded as Grafana does, against the Prometheus
+    that scraped the real pods: each variable offers the story's objects, each panel answers."""
+    story = {"namespace": NAMESPACE, "service": SERVICE, "model": SERVICE, "job": JOB}
+    missing = []
+    for board in layout.DASHBOARDS:
+        chosen: dict[str, str] = {}
+        for variable in board.variables:
+            offered = label_values(stack, variable, chosen)
+            assert offered, f"{board.uid}: variable {variable.name} offers nothing ({variable.query})"
+            chosen[variable.name] = story.get(variable.name, sorted(offered)[0])
+            assert chosen[variable.name] in offered, (board.uid, variable.name, offered)
+        context = Context(
+            start=started,
+            end=time.time(),
+            scrape_interval=2.0,
+            max_data_points=300,
+            variables={**chosen, **{k: ALL for k in ("model",) if k not in chosen}},
+        )
+        for key, data in query_dashboard(stack.prometheus_url, board, context).items():
+            empty = not any(line.points for line in data.lines)
+            if (board.uid, key) in EMPTY_IN_THIS_STORY:
+                assert empty, f"{board.uid}/{key} answers now: {data.lines[0].legend}; drop it from the table"
+            elif empty and (board.uid, key) not in ONLY_ON_TROUBLE:
+                missing.append(f"{board.uid}/{key}: {data.exprs}")
+    assert missing == [], "panels with no data:\n" + "\n".join(missing)
+
+
 def test_a_model_trains_crashes_recovers_serves_scales_and_costs(stack: Stack) -> None:
+    started = time.time()
     lifecycle.apply(stack, lifecycle.TRAINING_MANIFEST)
     trains_and_reports_through_its_pod(stack)
     recovers_from_a_lost_worker(stack)
@@ -164,3 +223,4 @@ def test_a_model_trains_crashes_recovers_serves_scales_and_costs(stack: Stack) -
     url = serves_the_checkpoint(stack, job)
     scales_on_its_metrics(stack, url)
     costs_both_phases(stack)
+    dashboards_show_the_story(stack, started)
