@@ -189,3 +189,36 @@ def test_pod_commands_outside_a_pod_explain_themselves(
     assert proc.returncode == 1
     assert "TANDEM_RUN" in proc.stderr
     assert "--local" in proc.stderr
+
+
+def test_two_ranks_evaluate_disjoint_shards_agree_on_early_stopping_and_report_eval_loss(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """Each rank evaluates its own samples and one all-reduce averages them: the 2-rank loss equals one
+    process evaluating both shards on the same checkpoint. minDelta 100 makes only the first evaluation
+    an improvement, so both ranks must decide to stop at the same step (or a collective would hang)."""
+    from tandem.workloads.train.loop import DistInfo, GPTRun
+
+    cfg = config(
+        tmp_path,
+        max_steps=60,
+        validation_fraction=0.1,
+        eval_interval=4,
+        eval_batches=2,
+        keep_best=True,
+        early_stop_patience=2,
+        early_stop_min_delta=100.0,
+        checkpoint_every_steps=100,
+    )
+    writer, metrics = ListWriter(), TrainMetrics("ddp")
+    outcome = run(cfg, ProgressReporter(writer=writer, metrics=metrics, min_interval=0))
+    assert outcome.status == "completed"
+    assert outcome.step == 12  # evaluations at 4 (best), 8, 12: two without improvement
+    evals = {r["evalStep"]: r["evalLoss"] for r in writer.records() if "evalLoss" in r}
+    assert sorted(evals) == [4, 8, 12]
+    assert f'tandem_train_eval_loss{{job="ddp"}} {evals[12]}' in metrics.text()
+    assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [4, 12]  # the best, and the last
+    best = ckpt.list_checkpoints(tmp_path)[0]
+    one = GPTRun(replace(cfg, num_workers=1, global_batch=4, eval_batches=4), DistInfo())
+    one.load(best)
+    assert one.evaluate() == pytest.approx(evals[4], rel=1e-5)
