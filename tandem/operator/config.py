@@ -104,7 +104,7 @@ class OperatorSettings:
         default=15.0,
         metadata=_doc(
             "How long a standby waits after the leader's last renewal before taking over (a standby"
-            " takes over within this plus retryPeriodSeconds of the leader stopping)."
+            " takes over within this plus twice retryPeriodSeconds of the leader stopping)."
         ),
     )
     renew_deadline_seconds: float = field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 from tandem.operator.config import OperatorSettings
@@ -76,6 +77,22 @@ def _lost_leadership() -> None:
     os._exit(1)
 
 
+def controller_health(memo: Any) -> list[Any]:
+    """Each started controller's caches and queue, for /healthz."""
+    from tandem.operator.health import ControllerHealth
+
+    found = []
+    trainingjobs = getattr(memo, "trainingjobs", None)
+    if trainingjobs is not None:
+        caches = (trainingjobs.pods, trainingjobs.job_cache)
+        found.append(ControllerHealth("TrainingJob", caches, trainingjobs.queue))
+    services = getattr(memo, "inferenceservices", None)
+    if services is not None:
+        caches = (*services.caches.all(), services.service_cache)
+        found.append(ControllerHealth("InferenceService", caches, services.queue))
+    return found
+
+
 def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
     """Run until interrupted. Handlers are registered by importing their modules."""
     import kopf
@@ -119,6 +136,16 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         if elector is not None:
             memo.election.cancel()
             await asyncio.get_running_loop().run_in_executor(None, elector.release)
+
+    @kopf.on.probe(id="tandem")
+    def _health(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        """Caches, queues and leadership into /healthz; a dead watch thread makes it answer 500."""
+        from tandem.operator.health import Unhealthy, report
+
+        try:
+            return report(controller_health(memo), leading.is_set(), time.time())
+        except Unhealthy as error:
+            raise kopf.PermanentError(str(error)) from error
 
     @kopf.on.login()
     async def _login(**kwargs: Any) -> Any:

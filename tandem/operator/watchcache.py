@@ -110,6 +110,11 @@ class WatchCache(Generic[T]):
         with self._lock:
             return len(self._synced) == len(self._namespaces)
 
+    @property
+    def alive(self) -> bool:
+        """Every watch thread is running (they catch and retry every error; one that died is a bug)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
     def get(self, key: Key) -> list[T]:
         with self._lock:
             return list(self._by_key.get(key, {}).values())

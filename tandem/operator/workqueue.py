@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
@@ -98,6 +99,8 @@ class WorkQueue(Generic[K]):
         self._due_lock = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Wall-clock time of the last reconcile that went through (None: none yet), for /healthz.
+        self.last_success: float | None = None
 
     def __len__(self) -> int:
         """Keys waiting to run now (not counting delayed ones or those running)."""
@@ -198,4 +201,5 @@ class WorkQueue(Generic[K]):
             log.exception("reconcile of %s failed; retrying in %.1f s", key, delay)
             return delay
         self.backoff.succeeded(key)
+        self.last_success = time.time()
         return after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,12 +15,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
-#: A standby operator takes over within the lease duration plus a retry period of the leader's last
-#: renewal (the chart's defaults: 15 + 2 s; tandem.operator.leader).
-TAKEOVER_SECONDS = 17.0
+#: A standby operator takes over within the lease duration plus two retry periods of the leader's last
+#: renewal (the chart's defaults: 15 + 2 x 2 s; tandem.operator.leader says why).
+TAKEOVER_SECONDS = 19.0
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -72,6 +73,12 @@ class OperatorProcess:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError):
             return False
+
+    def health(self) -> dict[str, Any]:
+        """Tandem's part of /healthz (the `tandem` probe): leadership, caches, queues."""
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return dict(json.loads(response.read())["tandem"])
 
     def kill(self) -> None:
         """SIGKILL: no chance to finish what it was doing (an OOM kill or a node loss)."""

@@ -1,12 +1,13 @@
 """Two operator replicas on a real control plane: only the Lease holder reconciles; SIGKILLed while
-TrainingJobs are being applied, the standby takes over within the lease duration plus a retry period
-(17 s with the chart's values), with no duplicate pods, no lost status, and every job Running.
+TrainingJobs are being applied, the standby takes over within the lease duration plus two retry
+periods (19 s with the chart's values), with no duplicate pods, no lost status, and every job Running.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def leads(operator: OperatorProcess) -> bool:
     return "tandem_operator_leader 1.0" in operator.metrics()
 
 
+def health_where(operator: OperatorProcess, test: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The operator's /healthz document once `test` holds for it."""
+    document = operator.health()
+    return document if test(document) else None
+
+
 def running(kubectl: Kubectl, namespace: str) -> dict[str, dict[str, Any]]:
     jobs = items(kubectl, namespace, "tj")
     return {
@@ -78,6 +85,24 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over_after_a_sigkill(
         assert leads(first)
         assert not leads(standby)
         assert reconciles(standby) == 0  # its caches see the job; it does not touch it
+        # /healthz: the standby's caches are synced and alive (warm), it has reconciled nothing.
+        standby_health = wait_for(
+            lambda: health_where(
+                standby, lambda h: all(c["synced"] for c in h["TrainingJob"]["caches"].values())
+            ),
+            WAIT,
+            "warm caches",
+        )
+        assert standby_health["leader"] is False
+        assert standby_health["TrainingJob"]["lastReconcileAgeSeconds"] is None
+        assert all(c["alive"] for c in standby_health["TrainingJob"]["caches"].values())
+        # (kopf answers /healthz from a result up to 10 s old: wait for one from after the reconciles)
+        leader_health = wait_for(
+            lambda: health_where(first, lambda h: h["TrainingJob"]["lastReconcileAgeSeconds"] is not None),
+            WAIT,
+            "the leader's last reconcile in /healthz",
+        )
+        assert leader_health["leader"] is True
         before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in items(kubectl, namespace, "pods")}
 
         documents = yaml.safe_dump_all([job(f"job-{i}") for i in range(JOBS)])
