@@ -17,8 +17,10 @@ their watch caches warm and their work queues filled, and start working the mome
 
 A standby therefore takes over within leaseDurationSeconds + 2 x retryPeriodSeconds of the leader's
 last renewal (19 s with the defaults: it sees that renewal up to one retry period late, waits the lease
-duration from then, and tries again up to one retry period after it expired). Why not kopf's peering: it pauses only kopf's own handlers and
-holds no lock a second replica respects (issue 19); the Lease is what Kubernetes' own controllers use.
+duration from then, and tries again up to one retry period after it expired).
+
+Why not kopf's peering: it pauses only kopf's own handlers and holds no lock a second replica
+respects (issue 19); the Lease is what Kubernetes' own controllers use.
 """
 
 from __future__ import annotations
