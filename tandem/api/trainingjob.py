@@ -381,7 +381,7 @@ class TrainingJobSpec(SpecModel):
     """The Ray head pod."""
     precision: Precision = Precision.BF16
     """Mixed-precision mode: `fp32`, `bf16` or `fp16` (fp32 master weights in every mode)."""
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Random seed of the model's initialisation and the data order (a resumed run continues the same
     sequence; CPU runs are reproducible bit for bit)."""
     batch: Batch = Field(default_factory=Batch)
