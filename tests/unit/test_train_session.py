@@ -83,6 +83,21 @@ def test_entrypoint_reports_and_checkpoints_then_resumes(tmp_path: Path, user_mo
     )
 
 
+def test_the_spec_seed_seeds_user_code_and_each_rank_gets_its_own_shard() -> None:
+    def draw(seed: int) -> torch.Tensor:
+        TrainContext(TrainConfig(job_name="u", seed=seed), DistInfo(), None)
+        return torch.randn(4)
+
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(draw(5), draw(6))
+    shards = [
+        list(TrainContext(TrainConfig(job_name="u"), DistInfo(rank=r, world_size=3), None).shard(range(10)))
+        for r in range(3)
+    ]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert TrainContext(TrainConfig(job_name="u", seed=9), DistInfo(), None).seed == 9
+
+
 def test_save_without_storage_names_the_field(user_module: str) -> None:
     cfg = TrainConfig(job_name="u", entrypoint=f"{user_module}:train", user_config={"steps": 2})
     with pytest.raises(UserError, match=r"spec\.checkpoint"):

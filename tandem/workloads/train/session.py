@@ -30,13 +30,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from tandem.errors import UserError
 
 ENTRYPOINT_FIELD = "spec.trainer.entrypoint"
+T = TypeVar("T")
 
 
 def resolve_entrypoint(entrypoint: str) -> Callable[..., Any]:
@@ -61,9 +62,10 @@ class TrainContext:
     """What a user training loop gets from Tandem (one per worker)."""
 
     def __init__(self, cfg: Any, dist: Any, hooks: Any) -> None:
-        from tandem.workloads.train.loop import NullHooks, autocast_context, pick_device
+        from tandem.workloads.train.loop import NullHooks, autocast_context, pick_device, seed_everything
 
         self._cfg, self._dist, self._hooks = cfg, dist, hooks or NullHooks()
+        seed_everything(int(cfg.seed))  # spec.seed, before your code builds a model or draws a batch
         self.device = pick_device(cfg, dist)
         self._autocast = autocast_context(cfg.precision, self.device)
         self._last_report: tuple[int, float] | None = None
@@ -84,6 +86,17 @@ class TrainContext:
     @property
     def local_rank(self) -> int:
         return int(self._dist.local_rank)
+
+    @property
+    def seed(self) -> int:
+        """`spec.seed`: Python's, numpy's and torch's generators are seeded with it before your function
+        runs (the same on every rank; derive per-rank seeds from it and `rank` where you need them)."""
+        return int(self._cfg.seed)
+
+    def shard(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's share of `items`: every `world_size`-th item from index `rank`, so the ranks' shares
+        are disjoint and together are all of `items` (a view for ranges, lists slice, numpy arrays too)."""
+        return items[self.rank :: self.world_size]
 
     @property
     def precision(self) -> str:
