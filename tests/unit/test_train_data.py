@@ -16,11 +16,12 @@ import torch
 from tandem.cli import main as tandem_main
 from tandem.errors import UserError
 from tandem.workloads.data.corpus import builtin_corpus
+from tandem.workloads.data.sources import ConcatTokens, Tokens, split_validation
 from tandem.workloads.models.tokenizer import EOT_TOKEN, HFTokenizer, pad_vocab
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.cli import with_overrides
 from tandem.workloads.train.config import from_spec
-from tandem.workloads.train.data import load_tokens, train_and_validation
+from tandem.workloads.train.data import WindowSampler, load_tokens, train_and_validation
 from tandem.workloads.train.loop import TOKENIZER_FILE, DistInfo, GPTRun, run_builtin
 
 
@@ -38,6 +39,12 @@ def gpt2_tokens(path: Path, n: int = 5000, dtype: str = "uint16", top: int = 502
     ids[-1] = top
     ids.tofile(path)
     return ids
+
+
+def as_array(tokens: Tokens) -> npt.NDArray[Any]:
+    """All ids of a data set as one array (shards read through `ConcatTokens` too)."""
+    out: npt.NDArray[Any] = tokens[np.arange(len(tokens))]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +67,32 @@ def test_nanogpt_token_files_are_read_as_ids_of_the_declared_dtype(tmp_path: Pat
     )
     tokens = load_tokens(cfg.dataset_uri or "", data_format=cfg.data_format, token_dtype=cfg.token_dtype)
     assert tokens.dtype == np.dtype(dtype)
-    assert np.array_equal(tokens, written)
+    assert np.array_equal(as_array(tokens), written)
     # The model's vocabulary is the data's, rounded up to a multiple of 64: GPT-2's 50257 -> 50304.
     assert cfg.vocab_size == 50257
     run = GPTRun(replace(cfg, seq_len=32), DistInfo())
     assert run.model_config.vocab_size == 50304
     assert run.raw_model.wte.weight.shape[0] == 50304
+
+
+def test_a_directory_of_token_shards_reads_as_one_sequence_without_copying(tmp_path: Path) -> None:
+    shards = [gpt2_tokens(tmp_path / f"train-{i}.bin", n=n) for i, n in enumerate((700, 50, 1300))]
+    whole = np.concatenate(shards)
+    cfg = from_spec(spec({"uri": f"file://{tmp_path}", "vocabSize": 50257}), job_name="j")
+    assert cfg.data_format == "auto"  # a directory of only .bin files is token data
+    tokens, _ = train_and_validation(cfg, None)
+    assert isinstance(tokens, ConcatTokens)
+    assert all(isinstance(p, np.memmap) for p in tokens.parts)  # mapped, not read into memory
+    assert len(tokens) == len(whole)
+    index = np.array([[0, 699, 700, 749], [750, 2049, 5, 720]])  # across both shard boundaries
+    assert np.array_equal(tokens[index], whole[index])
+    assert np.array_equal(tokens[690:760][np.arange(70)], whole[690:760])
+    # The sampler sees exactly the concatenation: same windows, same batches.
+    a, b = WindowSampler(tokens, 32, seed=3), WindowSampler(whole, 32, seed=3)
+    assert np.array_equal(a.batch(0, 200), b.batch(0, 200))
+    train, held_out = split_validation(tokens, 0.25)
+    assert np.array_equal(held_out[np.arange(len(held_out))], whole[len(whole) - len(held_out) :])
+    assert len(train) + len(held_out) == len(whole)
 
 
 def test_a_token_file_read_with_the_wrong_dtype_or_vocabulary_fails_naming_the_field(tmp_path: Path) -> None:
@@ -154,7 +181,7 @@ def test_jsonl_documents_are_tokenized_and_separated_by_end_of_text(
     tokens, held_out = train_and_validation(cfg, None)
     assert held_out is None
     expected = [i for d in docs for i in [*tok.encode(d), tok.eos_id]]
-    assert tokens.tolist() == expected
+    assert as_array(tokens).tolist() == expected
     # A line without the field is named with its line number and the field to fix.
     (tmp_path / "d.jsonl").write_text('{"body": "ok"}\n{"text": "wrong key"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2: no string under 'body' .*textField"):
@@ -211,7 +238,7 @@ def test_a_validation_fraction_holds_out_the_end_and_training_never_sees_it(tmp_
     train, held_out = train_and_validation(cfg, None)
     assert held_out is not None
     assert (len(train), len(held_out)) == (7680, 2560)
-    assert bytes(train) + bytes(held_out) == data
+    assert bytes(as_array(train)) + bytes(as_array(held_out)) == data
     run = GPTRun(replace(cfg, seq_len=32), DistInfo())
     starts = run.sampler.window_starts(0, run.sampler.windows * 2)  # two whole epochs
     assert starts.max() + 33 <= 7680
@@ -234,7 +261,7 @@ def test_a_separate_validation_file_is_read_like_the_training_data(tmp_path: Pat
     cfg = from_spec(spec(dataset), job_name="j")
     _, held_out = train_and_validation(cfg, None)
     assert held_out is not None
-    assert np.array_equal(held_out, val)
+    assert np.array_equal(as_array(held_out), val)
     missing = dataset | {"validation": {"uri": f"file://{tmp_path}/nope.bin"}}
     with pytest.raises(UserError, match=r"dataset\.validation\.uri: data set .* not found"):
         from_spec(spec(missing), job_name="j")

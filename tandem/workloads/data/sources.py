@@ -4,8 +4,8 @@
   `uint16` (or `uint32`) ids. The integer type comes from the spec (`dataset.tokenDtype`), not from a file
   beside the data: nanoGPT writes none for its `.bin` files (only a pickled `meta.pkl` for character-level
   sets, which is unsafe to load), the spec is validated before anything runs and shows in `kubectl get -o
-  yaml`, and the same `train.bin` then works unchanged. A single file is memory-mapped (no copy); a
-  directory's `.bin` files are concatenated in path order.
+  yaml`, and the same `train.bin` then works unchanged. Files are memory-mapped (no copy); a directory's
+  `.bin` shards are read as one sequence in path order (`ConcatTokens`).
 - Text and JSONL: documents (a text file, or one JSON line's `textField`) encoded by the tokenizer and
   joined with its end-of-text id (`<|endoftext|>`; the byte tokenizer's `eos`), as GPT-2's data was. The
   byte tokenizer on plain text keeps its old layout (the raw bytes, files joined by a newline), so
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,48 @@ from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer, load_t
 
 TokenArray = npt.NDArray[np.unsignedinteger]
 """Token ids: uint8 (bytes), uint16 or uint32."""
+
+
+class ConcatTokens:
+    """Several token arrays (memory-mapped shards) read as one, without copying them into memory.
+
+    Supports what the sampler and the split use: `len`, integer-array indexing (any shape; windows may
+    cross shard boundaries) and contiguous slices (a `ConcatTokens` of views). Why not `np.concatenate`:
+    it copies every shard into each rank's memory (8 ranks x a 20 GB data set).
+    """
+
+    def __init__(self, parts: list[TokenArray]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.dtype = parts[0].dtype
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: npt.NDArray[np.int64] | slice) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("ConcatTokens supports contiguous slices only")
+            pieces = []
+            for part, first in zip(self.parts, self.starts[:-1], strict=False):
+                lo, hi = max(start - first, 0), min(stop - first, len(part))
+                if lo < hi:
+                    pieces.append(part[lo:hi])
+            return ConcatTokens(pieces) if pieces else np.empty(0, dtype=self.dtype)
+        flat = np.asarray(index, dtype=np.int64).ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"token index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty(flat.shape, dtype=self.dtype)
+        for k in np.unique(which):
+            mask = which == k
+            out[mask] = self.parts[k][flat[mask] - self.starts[k]]
+        return out.reshape(np.shape(index))
+
+
+Tokens = TokenArray | ConcatTokens
+"""A data set's token ids: one array, or memory-mapped shards read as one."""
 
 TEXT_SUFFIXES: Final = (".txt", ".md", ".text", ".csv", ".json", ".jsonl", ".py", "")
 DTYPES: Final = {"uint16": np.uint16, "uint32": np.uint32}
@@ -77,14 +119,14 @@ def token_files(path: Path) -> list[Path]:
     return [path] if path.is_file() else [p for p in files_of(path, all_files=True) if p.suffix == ".bin"]
 
 
-def read_tokens(source: DataSource) -> TokenArray:
+def read_tokens(source: DataSource) -> Tokens:
     """All token ids of the data set, in order."""
     kind = source.kind
     if kind == "tokens":
         dtype = DTYPES[source.token_dtype]
         files = token_files(source.path)
-        arrays = [np.memmap(p, dtype=dtype, mode="r") for p in files]
-        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        arrays: list[TokenArray] = [np.memmap(p, dtype=dtype, mode="r") for p in files]
+        return arrays[0] if len(arrays) == 1 else ConcatTokens(arrays)
     tokenizer = load_tokenizer(source.tokenizer)
     files = files_of(source.path)
     if kind == "text" and isinstance(tokenizer, ByteTokenizer):
@@ -133,7 +175,7 @@ def encode_documents(documents: list[str], tokenizer: ByteTokenizer | HFTokenize
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def split_validation(tokens: TokenArray, fraction: float) -> tuple[TokenArray, TokenArray]:
+def split_validation(tokens: Tokens, fraction: float) -> tuple[Tokens, Tokens]:
     """(train, held out): the last `fraction` of the tokens is held out (views, no copy)."""
     held = int(len(tokens) * fraction)
     cut = len(tokens) - held

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from tandem.workloads.data.sources import (
     DataSource,
-    TokenArray,
+    Tokens,
     encode_documents,
     read_tokens,
     split_validation,
@@ -36,7 +36,7 @@ def load_tokens(
     token_dtype: str = "uint16",
     tokenizer_uri: str | None = None,
     text_field: str = "text",
-) -> TokenArray:
+) -> Tokens:
     """The data set's token ids (`tandem.workloads.data.sources`; the built-in corpus is bytes).
 
     A single byte-text or token file is memory-mapped (no copy).
@@ -55,7 +55,7 @@ def load_tokens(
     return read_tokens(DataSource(path, data_format, token_dtype, tokenizer, text_field))
 
 
-def cfg_tokens(cfg: TrainConfig, uri: str, data_root: str | None) -> TokenArray:
+def cfg_tokens(cfg: TrainConfig, uri: str, data_root: str | None) -> Tokens:
     """`load_tokens` with the dataset settings of a run's config."""
     return load_tokens(
         uri,
@@ -67,7 +67,7 @@ def cfg_tokens(cfg: TrainConfig, uri: str, data_root: str | None) -> TokenArray:
     )
 
 
-def train_and_validation(cfg: TrainConfig, data_root: str | None) -> tuple[TokenArray, TokenArray | None]:
+def train_and_validation(cfg: TrainConfig, data_root: str | None) -> tuple[Tokens, Tokens | None]:
     """The run's training tokens and its held-out tokens (None without `dataset.validation`)."""
     assert cfg.dataset_uri is not None
     tokens = cfg_tokens(cfg, cfg.dataset_uri, data_root)
@@ -101,7 +101,7 @@ class DataPosition:
 class WindowSampler:
     """Deterministic, resumable sampling of `seq_len + 1`-token windows (inputs and shifted targets)."""
 
-    def __init__(self, tokens: TokenArray, seq_len: int, seed: int, *, vocab_size: int | None = None) -> None:
+    def __init__(self, tokens: Tokens, seq_len: int, seed: int, *, vocab_size: int | None = None) -> None:
         self.tokens = tokens
         #: When set, every batch is checked on the host (an out-of-range id would crash a GPU's lookup).
         self.vocab_size = vocab_size
