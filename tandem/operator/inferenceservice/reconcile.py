@@ -35,6 +35,7 @@ from tandem.operator.inferenceservice.observe import (
     ObservedReplica,
     ObservedTrainingJob,
 )
+from tandem.operator.kube import bounded
 
 __all__ = ["SERVICE_LABEL", "Decision", "Event", "Observed", "ScalingInfo", "decide"]
 
@@ -165,7 +166,7 @@ class _Machine:
             type=type_,
             status=status,
             reason=reason,
-            message=message,
+            message=bounded(message),
             observed_generation=self.generation,
             last_transition_time=self.now,
         )
