@@ -138,7 +138,9 @@ def apply(decision: Decision, body: Mapping[str, Any], uid: str) -> str | None:
                 _service_monitors.add(uid)
         except kube.Refused as error:
             refused = refused or refusal_message(child, error)
-    if decision.apply is not None:
+    # A refused Service or PDB: no Deployment either (replicas must not run unreachable behind a
+    # Failed service). A refused Deployment of a new spec leaves the one of the last good spec serving.
+    if decision.apply is not None and refused is None:
         try:
             kube.apply(decision.apply)
         except kube.Refused as error:
