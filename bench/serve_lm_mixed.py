@@ -37,7 +37,8 @@ latency (ITL) p50/p99 over every pair of consecutive tokens of a request. HF's t
 logits processor called once per step (the step's start: HF synchronises every step), so they are
 approximate within one step. The timed sN runs are split into the model step (CPU launch and waiting for
 the GPU) and the rest (the scheduler and event loop); `--profile` prints cProfile's top functions of one more
-run, for the event loop's thread and for the model step's worker thread apart. bf16 agreement: each
+run, for the event loop's thread and the model step's worker thread apart (Python 3.12+: one profile of
+every thread, as its profiler sees them all). bf16 agreement: each
 variant's answers are compared with the first full-set variant's (greedy: a near-tie can flip in another
 summation order; the median position of the first difference is given).
 """
@@ -506,12 +507,18 @@ class Bench:
             profiler, in_step = cProfile.Profile(), cProfile.Profile()
             step_of = lm.step
 
-            def profiled_step(batch: Any) -> list[int]:  # the model's worker thread (a profile per thread)
-                in_step.enable()
+            # A profile per thread up to Python 3.11; from 3.12 (sys.monitoring) one profile sees every
+            # thread and a second one cannot start: then the first covers both.
+            per_thread = sys.version_info < (3, 12)
+
+            def profiled_step(batch: Any) -> list[int]:  # the model's worker thread
+                if per_thread:
+                    in_step.enable()
                 try:
                     out: list[int] = step_of(batch)
                 finally:
-                    in_step.disable()
+                    if per_thread:
+                        in_step.disable()
                 return out
 
             lm.step = profiled_step
@@ -519,7 +526,10 @@ class Bench:
             scheduler_run(lm, requests, batch)
             profiler.disable()
             del lm.step
-            for title, which in (("the event loop's thread", profiler), ("the model step's thread", in_step)):
+            threads = [("the event loop's thread", profiler), ("the model step's thread", in_step)]
+            if not per_thread:
+                threads = [("every thread (Python 3.12+)", profiler)]
+            for title, which in threads:
                 text = io.StringIO()
                 pstats.Stats(which, stream=text).sort_stats("tottime").print_stats(16)
                 print(f"{name}: cProfile of one more run, {title}, by own time\n{text.getvalue()}")
