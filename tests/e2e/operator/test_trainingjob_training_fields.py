@@ -14,7 +14,7 @@ from tandem.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("crds")
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "manifests" / "examples" / "trainingjob-gpt-124m-h100.yaml"
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "manifests" / "examples").glob("trainingjob-*.yaml"))
 
 
 def job(**builtin: object) -> dict[str, object]:
@@ -30,8 +30,13 @@ def dry_run(kubectl: Kubectl, namespace: str, manifest: dict[str, object]) -> st
     return kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
 
 
-def test_the_gpt_124m_example_passes_server_validation(kubectl: Kubectl, namespace: str) -> None:
-    manifest = yaml.safe_load(EXAMPLE.read_text())
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_the_training_examples_pass_server_validation(
+    kubectl: Kubectl, namespace: str, example: Path
+) -> None:
+    """gpt-124m reads GPT-2 tokens (vocabSize, val.bin, evaluation, keepBest); gpt-tiny holds out text."""
+    manifest = yaml.safe_load(example.read_text())
+    assert manifest["spec"]["trainer"]["builtin"]["evaluation"]
     assert "(server dry run)" in dry_run(kubectl, namespace, manifest)
 
 
