@@ -66,6 +66,9 @@ class ImageSpec:
     name: str
     dockerfile: str
     repository: str
+    #: Free disk a cold build needs at its peak (GB): the build container's files, the layer committed
+    #: from them, the wheel cache and the archive, measured on this project's machine.
+    build_space_gb: float
 
     @property
     def reference(self) -> str:
@@ -73,8 +76,8 @@ class ImageSpec:
         return f"{self.repository}:{__version__}"
 
 
-OPERATOR = ImageSpec("operator", "images/operator.Dockerfile", f"{REGISTRY_PREFIX}tandem-operator")
-WORKLOADS = ImageSpec("workloads", "images/workloads.Dockerfile", f"{REGISTRY_PREFIX}tandem-workloads")
+OPERATOR = ImageSpec("operator", "images/operator.Dockerfile", f"{REGISTRY_PREFIX}tandem-operator", 2.0)
+WORKLOADS = ImageSpec("workloads", "images/workloads.Dockerfile", f"{REGISTRY_PREFIX}tandem-workloads", 24.0)
 IMAGES: dict[str, ImageSpec] = {spec.name: spec for spec in (OPERATOR, WORKLOADS)}
 
 
@@ -521,6 +524,7 @@ def build(
             if archive.is_file() and not force:  # another process built it while we waited
                 return Built(spec, archive, key, built=False, seconds=time.monotonic() - start)
             ensure_base(progress, base, verbose)
+            _check_free_space(spec, progress)
             logs = images_root() / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             log = logs / f"{spec.name}.log"
@@ -529,6 +533,7 @@ def build(
             command = _buildah(
                 "bud",
                 "--layers",
+                "--force-rm",  # a failed step's container (GBs of half-installed packages) goes too
                 "--pull=never",
                 "--isolation",
                 "chroot",
@@ -551,6 +556,21 @@ def build(
     size = archive.stat().st_size / 1e6
     progress(f"[{spec.name}] {spec.reference}: built in {_elapsed(seconds)}, archive {size:.0f} MB")
     return Built(spec, archive, key, built=True, seconds=seconds)
+
+
+def _check_free_space(spec: ImageSpec, progress: Progress) -> None:
+    """Say up front when the disk may not hold a cold build, rather than only after many minutes of
+    buildah's "no space left on device". A warning, not a refusal: a rebuild that reuses the cached
+    layers needs far less."""
+    root = images_root()
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free / 1e9
+    if free < spec.build_space_gb:
+        progress(
+            f"[{spec.name}] warning: {free:.1f} GB free under {root}; a cold build of this image peaks near "
+            f"{spec.build_space_gb:.0f} GB. If it fails with 'no space left on device', free space "
+            "(`tandem images clean` drops old builds) or point XDG_CACHE_HOME at a larger disk"
+        )
 
 
 def archive_manifest_digest(archive: Path) -> str:
