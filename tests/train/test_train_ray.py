@@ -214,10 +214,13 @@ def test_two_ranks_evaluate_disjoint_shards_agree_on_early_stopping_and_report_e
     outcome = run(cfg, ProgressReporter(writer=writer, metrics=metrics, min_interval=0))
     assert outcome.status == "completed"
     assert outcome.step == 12  # evaluations at 4 (best), 8, 12: two without improvement
+    assert outcome.early_stopped
     evals = {r["evalStep"]: r["evalLoss"] for r in writer.records() if "evalLoss" in r}
     assert sorted(evals) == [4, 8, 12]
     assert f'tandem_train_eval_loss{{job="ddp"}} {evals[12]}' in metrics.text()
     assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [4, 12]  # the best, and the last
+    assert outcome.best_eval_step == 4
+    assert outcome.best_eval_loss == pytest.approx(evals[4], abs=1e-5)
     best = ckpt.list_checkpoints(tmp_path)[0]
     one = GPTRun(replace(cfg, num_workers=1, global_batch=4, eval_batches=4), DistInfo())
     one.load(best)

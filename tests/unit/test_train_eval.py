@@ -126,6 +126,7 @@ def test_early_stopping_ends_the_run_successfully_and_keeps_the_best_checkpoint(
     assert result.early_stopped
     assert result.step == 8  # evaluations at 2 (best), 4, 6, 8: three without improvement
     assert [s for s, _ in result.evals] == [2, 4, 6, 8]
+    assert result.best_eval == result.evals[0]
     # The newest two and the best are kept; every other checkpoint was pruned.
     assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [2, 7, 8]
     best = ckpt.read_metadata(tmp_path / "step-00000002")

@@ -187,8 +187,14 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"error: training failed: {outcome.error}", file=sys.stderr)
         return 1
     resumed = f" (resumed at step {outcome.start_step})" if outcome.start_step else ""
+    early = " by early stopping" if outcome.early_stopped else ""
+    best = (
+        f"; best eval loss {outcome.best_eval_loss:.4f} at step {outcome.best_eval_step}"
+        if outcome.best_eval_loss is not None
+        else ""
+    )
     print(
-        f"{outcome.status} at step {outcome.step}{resumed}, loss {outcome.loss}; "
+        f"{outcome.status}{early} at step {outcome.step}{resumed}, loss {outcome.loss}{best}; "
         f"last checkpoint {outcome.checkpoint_uri}",
         file=sys.stderr,
     )

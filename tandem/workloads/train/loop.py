@@ -105,6 +105,8 @@ class RunResult:
     evals: list[tuple[int, float]] = field(default_factory=list)
     #: True when early stopping ended the run before maxSteps.
     early_stopped: bool = False
+    #: (step, loss) of the best evaluation so far, this run's or a resumed one's (None without any).
+    best_eval: tuple[int, float] | None = None
 
 
 class Hooks(Protocol):
@@ -667,4 +669,7 @@ def run_builtin(
             break
     result.step = run.step
     result.loss = loss_value
+    best = run.evaluation
+    if best.best is not None and best.best_step is not None:
+        result.best_eval = (best.best_step, best.best)
     return result

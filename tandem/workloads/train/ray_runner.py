@@ -107,6 +107,11 @@ class RunOutcome:
     error: str | None = None
     checkpoint_uri: str | None = None
     start_step: int | None = None
+    #: Early stopping ended the run before maxSteps (status is still "completed").
+    early_stopped: bool = False
+    #: The lowest evaluation loss of the run and its step (None without evaluation).
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
 
 
 @dataclass
@@ -299,6 +304,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 "loss": result.loss,
                 "start_step": result.start_step,
                 "checkpoint_uri": result.checkpoint.uri if result.checkpoint else None,
+                "early_stopped": result.early_stopped,
+                "best_eval_loss": result.best_eval[1] if result.best_eval else None,
+                "best_eval_step": result.best_eval[0] if result.best_eval else None,
             }
     finally:
         hooks.close()
@@ -422,6 +430,9 @@ def _run(
             loss=final.get("loss"),
             checkpoint_uri=final.get("checkpoint_uri"),
             start_step=final.get("start_step"),
+            early_stopped=bool(final.get("early_stopped")),
+            best_eval_loss=final.get("best_eval_loss"),
+            best_eval_step=final.get("best_eval_step"),
         )
     finally:
         if started:
