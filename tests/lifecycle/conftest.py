@@ -21,21 +21,29 @@ from tandem.devcluster import hostchanges, nodeconfig
 CLUSTER = os.environ.get("TANDEM_LIFECYCLE_CLUSTER", "tandem-life")
 
 
-def _say(message: str) -> None:
-    # Straight to the terminal: image builds and training take minutes and must not look like a hang.
-    print(f"[lifecycle] {message}", file=sys.__stderr__, flush=True)
+@pytest.fixture(scope="session")
+def say(pytestconfig: pytest.Config) -> lifecycle.Say:
+    """Progress straight to the terminal, past pytest's capture of file descriptors 1 and 2: image builds
+    and training take minutes and must not look like a hang."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def _say(message: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(f"[lifecycle] {message}", file=sys.stderr, flush=True)
+
+    return _say
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[lifecycle.Stack]:
+def stack(say: lifecycle.Say) -> Iterator[lifecycle.Stack]:
     """The real-node cluster with everything the story needs, before anything is applied."""
-    info = devcluster.up(CLUSTER, progress=_say, real_node=True, gpu_nodes=0, cpu_nodes=0)
+    info = devcluster.up(CLUSTER, progress=say, real_node=True, gpu_nodes=0, cpu_nodes=0)
     bridge = Path("/sys/class/net") / nodeconfig.bridge_name(CLUSTER)
     try:
-        yield lifecycle.prepare(info, _say)
+        yield lifecycle.prepare(info, say)
     finally:
         lifecycle.stop_everything(info)
-        devcluster.down(CLUSTER, progress=_say)
+        devcluster.down(CLUSTER, progress=say)
     # Nothing of the story is left: no process started from the cluster's folder, no mount, no bridge,
     # and the folder itself (state, volumes, checkpoints) is gone.
     left = [f"process {pid}: {cmd[:120]}" for pid, cmd in _processes().items() if str(info.state_dir) in cmd]

@@ -214,13 +214,19 @@ def dashboards_show_the_story(stack: Stack, started: float) -> None:
     assert missing == [], "panels with no data:\n" + "\n".join(missing)
 
 
-def test_a_model_trains_crashes_recovers_serves_scales_and_costs(stack: Stack) -> None:
+def test_a_model_trains_crashes_recovers_serves_scales_and_costs(stack: Stack, say: lifecycle.Say) -> None:
     started = time.time()
     lifecycle.apply(stack, lifecycle.TRAINING_MANIFEST)
+    say(f"applied TrainingJob {JOB}: waiting for its pods to report progress")
     trains_and_reports_through_its_pod(stack)
+    say("training reports through its head pod; waiting for half way to kill a worker")
     recovers_from_a_lost_worker(stack)
+    say("recovered from the lost worker; waiting for the job to complete")
     job = completes(stack)
+    say(f"completed; serving its checkpoint through InferenceService {SERVICE}")
     url = serves_the_checkpoint(stack, job)
+    say("served the checkpoint's answer; loading it until the autoscaler adds a replica")
     scales_on_its_metrics(stack, url)
     costs_both_phases(stack)
+    say("scaled, cost in both statuses; querying every dashboard panel")
     dashboards_show_the_story(stack, started)
