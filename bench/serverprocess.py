@@ -29,9 +29,18 @@ _WORKER = re.compile(r"tandem serve: worker \d+/\d+ started \(pid (\d+)\)")
 
 class ServerProcess:
     def __init__(
-        self, args: Sequence[str], *, startup_timeout_s: float = 180.0, env: dict[str, str] | None = None
+        self,
+        args: Sequence[str],
+        *,
+        startup_timeout_s: float = 180.0,
+        env: dict[str, str] | None = None,
+        source: str | None = None,
     ) -> None:
+        """`source`: a folder holding another copy of the `tandem` package (e.g. `git archive` of an older
+        commit) to serve from instead of this checkout, for before/after benchmarks in one run; the server
+        runs in that folder, so `python -m` finds that copy first (before the editable install)."""
         self.args = [*args, "--host", "127.0.0.1", "--port", "0"]
+        self.source = source
         self.startup_timeout_s = startup_timeout_s
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.lines: list[str] = []
@@ -71,6 +80,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=self.env,
+            cwd=self.source,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

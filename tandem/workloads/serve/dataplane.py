@@ -14,13 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any, Protocol
 
 from tandem.api.serving import Runtime
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
+from tandem.workloads.serve.coalesce import Coalescer
 from tandem.workloads.serve.errors import Draining, NotReady, QueueFull
 from tandem.workloads.serve.generation import GenerationScheduler
 from tandem.workloads.serve.metrics import ServeMetrics
@@ -71,8 +71,9 @@ class DataPlane:
         self.batcher: Batcher[Any, Any] | None = None
         self.generation: GenerationScheduler | None = None
         """causal-lm only: the continuous-batching scheduler (instead of `batcher`)."""
-        self._tokenizer: ThreadPoolExecutor | None = None
-        """One thread for `model.prepare` (tokenizing), so it never runs on the model's thread."""
+        self._tokenizer: Coalescer[str, Any] | None = None
+        """One thread for `model.prepare` (tokenizing), so it never runs on the model's thread; requests
+        waiting at the same time are tokenized in one call (one hand-off per batch of arrivals)."""
         self._inflight = 0
         self._inflight_gauge = metrics.inflight.labels(metrics.model)
         self._idle = asyncio.Event()
@@ -163,16 +164,14 @@ class DataPlane:
     async def prepare(self, texts: list[str]) -> Sequence[Any]:
         """The model's batch items for `texts`: tokenized in the plane's tokenizer thread when the model can
         tokenize ahead (`prepare`), so tokenizing overlaps the forward pass instead of delaying everyone's
-        batch on the model thread; the texts themselves otherwise."""
+        batch on the model thread; the texts themselves otherwise. Requests that wait at the same time are
+        tokenized together (`Coalescer`)."""
         prepare = getattr(self.model, "prepare", None)
         if prepare is None:
             return texts
         if self._tokenizer is None:
-            self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-        items: Sequence[Any] = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer, prepare, texts
-        )
-        return items
+            self._tokenizer = Coalescer(prepare, thread_name="tokenizer")
+        return await self._tokenizer(texts)
 
     async def infer_many(self, items: Sequence[Any]) -> list[Any]:
         """Like `infer`, for requests of any size (OpenAI allows 2,048 embedding inputs): more items than a
@@ -229,7 +228,7 @@ class DataPlane:
             if scheduler is not None:
                 await scheduler.close(drain=False)
         if self._tokenizer is not None:
-            self._tokenizer.shutdown(wait=False, cancel_futures=True)
+            self._tokenizer.shutdown()
 
     def generator(self) -> GenerationScheduler:
         if self.generation is None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+import orjson
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -270,7 +270,9 @@ def check_vocabulary(request: GenerationRequest, model: GenerativeModel) -> None
 
 
 def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    """One server-sent event: compact UTF-8 JSON written by orjson, as every other answer is (`dump_json`;
+    the stdlib's encoder cost the event loop ~10x more on every streamed chunk)."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 ChoiceFormat = Callable[[TokenEvent], dict[str, Any]]
