@@ -80,6 +80,35 @@ def test_200_connections_with_half_or_no_headers_are_closed_and_others_unaffecte
     assert max(others) < 5.0  # generous: whole requests never waited for the held connections
 
 
+def test_a_later_requests_half_headers_get_their_own_full_header_timeout() -> None:
+    """On a kept-alive connection the header deadline counts from each request's first byte: the timer
+    armed for an earlier request (which the server keeps armed rather than cancelling per request) neither
+    cuts the later one short nor lets it hang."""
+    header_timeout_s = 2.0
+
+    async def scenario(server: ServerProcess) -> tuple[bytes, bytes, float]:
+        host, port = address(server)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request_head() + BODY)
+        await writer.drain()
+        first = await read_response(reader)
+        await asyncio.sleep(header_timeout_s * 0.75)  # the scenario: the first deadline passes meanwhile
+        writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: test\r\ncontent-")  # and never the rest
+        await writer.drain()
+        began = time.monotonic()
+        async with asyncio.timeout(60):  # generous: the server closes it after 2 s
+            end = await read_until_closed(reader)
+        waited = time.monotonic() - began
+        writer.close()
+        return first, end, waited
+
+    with ServerProcess([*NOOP, "--header-timeout-s", str(header_timeout_s)]) as server:
+        first, end, waited = asyncio.run(scenario(server))
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert end.startswith(b"HTTP/1.1 408 "), end[:60]
+    assert waited >= header_timeout_s * 0.9
+
+
 def test_connections_beyond_the_bound_get_503_at_once_and_the_open_ones_carry_on() -> None:
     bound = 20
 

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tandem.api.serving import HttpSettings, Runtime
+from tandem.workloads.serve.connections import BODY_COMPLETE
 from tandem.workloads.serve.dataplane import DataPlane, State
 from tandem.workloads.serve.errors import (
     BodyTimeout,
@@ -155,8 +156,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float
     size = 0
     while True:
         try:
-            async with asyncio.timeout(timeout_s):
+            if scope.get(BODY_COMPLETE):  # nothing left to wait for: no timer (one less per request)
                 message = await receive()
+            else:
+                async with asyncio.timeout(timeout_s):
+                    message = await receive()
         except TimeoutError:
             raise BodyTimeout(
                 f"no part of the request body arrived for {timeout_s:g} s ({size} bytes read); send the "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from tandem.workloads.serve.errors import InvalidInput
@@ -27,13 +29,30 @@ class BinaryAnswer:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise InvalidInput("body", "empty; send a JSON object")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInput("body", f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if _LONG_NUMBER.search(body) is not None:  # orjson reads integers over 64 bits as floats
+        data = _stdlib_loads(body)
+    else:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = _stdlib_loads(body)
     if not isinstance(data, dict):
         raise InvalidInput("body", f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+#: A run of digits as long as the largest 64-bit integers: such a body is read by the stdlib.
+_LONG_NUMBER: Final = re.compile(rb"[0-9]{19}")
+
+
+def _stdlib_loads(body: bytes) -> Any:
+    """What orjson refuses (invalid JSON, but also NaN, lone surrogates, UTF-16 bodies) or reads otherwise
+    (integers over 64 bits) is read by the stdlib as before, so that only the speed changes (orjson: ~3x
+    faster on the event loop of every request); invalid JSON gets the stdlib's message."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput("body", f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:

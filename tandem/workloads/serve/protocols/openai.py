@@ -118,8 +118,34 @@ def _encode(vector: np.ndarray[Any, Any], encoding: str) -> np.ndarray[Any, Any]
     return vector
 
 
+_PLAIN_EMBEDDINGS_FIELDS = frozenset(("input", "model", "encoding_format"))
+
+
+def _plain_embeddings_request(data: dict[str, Any]) -> EmbeddingsRequest | None:
+    """The common request (`input`: a non-empty string or up to `MAX_INPUTS` of them; `model` and
+    `encoding_format` valid or absent) made without pydantic's validation, which it would pass unchanged:
+    validating cost ~4% of the event loop per request. Anything else (None) is validated as before, so
+    every error is the same."""
+    if not data.keys() <= _PLAIN_EMBEDDINGS_FIELDS:
+        return None
+    texts = data.get("input")
+    if type(texts) is str:
+        texts = [texts]
+    elif type(texts) is not list or not 0 < len(texts) <= MAX_INPUTS:
+        return None
+    if not all(type(text) is str and text for text in texts):
+        return None
+    model = data.get("model")
+    encoding = data.get("encoding_format", "float")
+    if (model is not None and type(model) is not str) or encoding not in ("float", "base64"):
+        return None
+    fields = {"input": texts, "model": model, "encoding_format": encoding}
+    return EmbeddingsRequest.model_construct(set(data), **fields)
+
+
 async def embeddings(plane: DataPlane, body: bytes) -> dict[str, Any]:
-    request = validate(EmbeddingsRequest, parse_json_object(body))
+    data = parse_json_object(body)
+    request = _plain_embeddings_request(data) or validate(EmbeddingsRequest, data)
     check_model(plane, request.model)
     dimensions = int(getattr(plane.model, "dimensions", 0))
     if request.dimensions is not None and request.dimensions != dimensions:
