@@ -122,3 +122,13 @@ def test_only_the_head_mounts_an_api_token() -> None:
         for pod in pods
     }
     assert mounts == {"head": True, "worker": False}
+
+
+def test_pod_spec_hash_ignores_defaults_written_out_and_sees_real_changes() -> None:
+    """An upgrade that adds a defaulted field, or a default written out, must not replace running gangs."""
+    spec = TrainingJobSpec.model_validate(GPU_JOB)
+    explicit = TrainingJobSpec.model_validate(spec.to_dict())  # every default written out
+    assert builders.pod_spec_hash(explicit) == builders.pod_spec_hash(spec)
+    changed = spec.to_dict()
+    changed["workers"]["replicas"] = 2 * spec.workers.replicas
+    assert builders.pod_spec_hash(TrainingJobSpec.model_validate(changed)) != builders.pod_spec_hash(spec)

@@ -108,8 +108,11 @@ def _resources(cpu: Any, memory: Any, gpu: int) -> dict[str, Any]:
 
 
 def pod_spec_hash(spec: TrainingJobSpec) -> str:
-    """Hash of what the pods are made of; lifecycle fields (suspend, deadlines, TTL, restarts) excluded."""
-    shaping = spec.to_dict()
+    """Hash of what the pods are made of; lifecycle fields (suspend, deadlines, TTL, restarts) excluded.
+
+    Only fields that differ from their defaults count, so an operator upgrade that adds a defaulted
+    field (or a user writing a default out) does not replace every running gang."""
+    shaping = spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
     for lifecycle in ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "failurePolicy"):
         shaping.pop(lifecycle, None)
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
