@@ -65,6 +65,19 @@ def test_record_is_rate_limited_and_written_on_each_checkpoint() -> None:
     assert records[1]["checkpoint"] == {"step": 10, "uri": CKPT["uri"], "time": CKPT["time"]}
 
 
+def test_a_late_step_report_never_takes_the_record_below_its_checkpoint() -> None:
+    """kubectl showed STEP 122 beside CHECKPOINT 140: the ranks' batched reports of steps 121-122 came
+    after the checkpoint event of step 140."""
+    clock, writer = Clock(), ListWriter()
+    rep = ProgressReporter(writer=writer, min_interval=0.0, clock=clock)
+    rep.step(step(9))
+    rep.checkpoint(CKPT)
+    rep.step(step(9))  # late
+    rep.step(step(12))
+    assert [r["step"] for r in writer.records()] == [9, 10, 10, 12]
+    assert all(r["checkpoint"]["step"] == 10 for r in writer.records()[1:])
+
+
 def test_record_matches_the_operator_status_models() -> None:
     writer = ListWriter()
     rep = ProgressReporter(writer=writer)

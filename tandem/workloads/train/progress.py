@@ -293,6 +293,8 @@ class ProgressReporter:
             record |= self._eval
             if self._checkpoint is not None:
                 record["checkpoint"] = self._checkpoint
+                # A late step report (the ranks batch theirs) never takes the record below its checkpoint.
+                record["step"] = max(record["step"], self._checkpoint["step"])
             record["time"] = rfc3339()
             self._record = record
             if self.metrics is not None:
