@@ -59,16 +59,17 @@ def recording_rules() -> list[dict[str, Any]]:
         ),
         _record(
             q.REC_USD_PER_M_REQUESTS,
-            f"{serving_hourly} / on (namespace, name) ({_service(q.REC_REQUESTS)} * 3600 > 0) * 1e6",
+            f"{serving_hourly} / on (namespace, name) group_left () "
+            f"({_service(q.REC_REQUESTS)} * 3600 > 0) * 1e6",
         ),
         _record(
             q.REC_USD_PER_M_TOKENS,
-            f"{serving_hourly} / on (namespace, name) "
+            f"{serving_hourly} / on (namespace, name) group_left () "
             f"(({_service(q.REC_TOKENS)} or {_service(q.REC_PROMPT_TOKENS)}) * 3600 > 0) * 1e6",
         ),
         _record(
             q.REC_IDLE_USD_PER_HOUR,
-            f"{serving_hourly} * on (namespace, name) (1 - {_service(q.REC_BUSY)})",
+            f"{serving_hourly} * on (namespace, name) group_left () (1 - {_service(q.REC_BUSY)})",
         ),
         _record(q.REC_CROSSOVER, crossover_expr()),
     ]
