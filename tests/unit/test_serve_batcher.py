@@ -321,6 +321,40 @@ def test_a_request_times_out_and_leaves_the_queue() -> None:
     run(main())
 
 
+def test_each_request_times_out_at_its_own_deadline() -> None:
+    """One timer serves every request's timeout: a later request is not failed at an earlier one's
+    deadline, and every stuck request does fail."""
+
+    async def main() -> None:
+        model = GatedModel()
+        obs = RecordingObserver()
+        timeout_s = 0.3
+        b = batcher(model, obs, max_batch_size=1, max_queue_delay_ms=0, timeout_s=timeout_s)
+        blocker = asyncio.ensure_future(b.submit(100))
+        await model.started()
+        loop = asyncio.get_running_loop()
+
+        async def timed(item: int) -> float:
+            submitted = loop.time()
+            with pytest.raises(RequestTimeout):
+                await b.submit(item)
+            return loop.time() - submitted
+
+        first = asyncio.ensure_future(timed(1))
+        await asyncio.sleep(timeout_s / 2)  # the scenario: the second arrives half a timeout later
+        second = asyncio.ensure_future(timed(2))
+        waited = await asyncio.gather(first, second)
+        assert min(waited) >= timeout_s * 0.95
+        assert b.queue_depth == 0
+        assert obs.drops.count("timeout") >= 2
+        model.release()
+        with pytest.raises(RequestTimeout):
+            await blocker
+        await b.close()
+
+    run(main())
+
+
 def test_a_full_queue_raises_queue_full_with_retry_after() -> None:
     async def main() -> None:
         model = GatedModel()

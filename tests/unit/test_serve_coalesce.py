@@ -44,16 +44,14 @@ def test_calls_that_wait_together_share_one_call_and_get_their_own_results() -> 
     asyncio.run(main())
 
 
-def test_calls_arriving_while_the_thread_is_busy_join_the_next_call() -> None:
+def test_calls_in_a_later_turn_go_in_a_later_call_without_waiting_for_the_first() -> None:
     async def main() -> None:
         fn = Upper()
         coalescer = Coalescer(fn, thread_name="tokenizer")
         fn.gate.clear()
         first = asyncio.ensure_future(coalescer(["a"]))
-        deadline = asyncio.get_running_loop().time() + 30
-        while not coalescer._busy or coalescer._pending:  # the first call has gone to the thread
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first call has been handed over (and is held in the thread)
         later = [asyncio.ensure_future(coalescer([text])) for text in ("b", "c", "d")]
         await asyncio.sleep(0)
         fn.gate.set()
@@ -104,5 +102,17 @@ def test_after_shutdown_a_call_fails_instead_of_waiting_forever() -> None:
         coalescer.shutdown()
         with pytest.raises(RuntimeError):
             await asyncio.wait_for(coalescer(["a"]), 30)
+
+    asyncio.run(main())
+
+
+def test_a_joined_call_takes_callers_up_to_max_items() -> None:
+    async def main() -> None:
+        fn = Upper()
+        coalescer = Coalescer(fn, thread_name="tokenizer", max_items=3)
+        answers = await asyncio.gather(*(coalescer([t, t]) for t in "abcde"))
+        assert [a[0] for a in answers] == list("ABCDE")
+        assert fn.calls == [list("aabb"), list("ccdd"), list("ee")]  # a caller is never split
+        coalescer.shutdown()
 
     asyncio.run(main())

@@ -170,7 +170,9 @@ class DataPlane:
         if prepare is None:
             return texts
         if self._tokenizer is None:
-            self._tokenizer = Coalescer(prepare, thread_name="tokenizer")
+            self._tokenizer = Coalescer(
+                prepare, thread_name="tokenizer", max_items=self.batching.max_batch_size
+            )
         return await self._tokenizer(texts)
 
     async def infer_many(self, items: Sequence[Any]) -> list[Any]:
