@@ -42,7 +42,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +74,17 @@ class TandemTarget:
 
     url: str
     _seen: tuple[float, float] = (0.0, 0.0)
+    pids: tuple[int, ...] = ()
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's processes have used so far: per request, the server's own
+        cost, which holds on a shared machine where req/s at saturation moves with everyone else's load."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return total / ticks
 
     def batches(self) -> str:
         from prometheus_client.parser import text_string_to_metric_families
@@ -183,6 +194,7 @@ class Sweep:
     variant: str
     results: list[LoadResult]
     ceiling: float | None = None  # variant (a): sentences/s, no latency
+    cpu_us: list[float] = field(default_factory=list)  # server CPU us/request per rate (Tandem only)
 
 
 def model_ceiling(model_path: Path, batch: int, args: argparse.Namespace) -> float:
@@ -294,7 +306,7 @@ def tandem(
     # A tiny model on a shared CPU: one torch thread (two threads spin against each other and the server).
     env = {"OMP_NUM_THREADS": "1"} if args.tiny else None
     with ServerProcess(server_args, source=source, env=env) as server:
-        yield TandemTarget(server.url)
+        yield TandemTarget(server.url, pids=(server.pid, *server.worker_pids))
 
 
 def sweep(
@@ -306,18 +318,27 @@ def sweep(
 ) -> Sweep:
     print(f"{label(variant)} ...", flush=True)
     results = []
+    cpu_us: list[float] = []  # the server's CPU time per answered request, at each rate
     with start() as target:
         url = target.url
         gen.run(url, PATH, BODIES, rate=min(rates[0], 100), seconds=1)  # warm the path and connections
         target.batches()
+        cpu = getattr(target, "cpu_seconds", None)
         for rate in rates:
+            used = cpu() if cpu is not None else 0.0
             result = gen.run(url, PATH, BODIES, rate=rate, seconds=args.duration_s)
+            per_request = ""
+            if cpu is not None and result.ok:
+                cpu_us.append(1e6 * (cpu() - used) / result.ok)
+                per_request = f"; server CPU {cpu_us[-1]:,.0f} us/request"
+            else:
+                cpu_us.append(0.0)
             results.append(result)
             batches = target.batches()
-            print(f"  {result.summary()}" + (f"; {batches}" if batches else ""), flush=True)
+            print(f"  {result.summary()}" + (f"; {batches}" if batches else "") + per_request, flush=True)
             if result.throughput < 0.9 * rate or result.p99_ms > 10 * args.slo_ms:
                 break  # saturated: higher rates only grow the queue
-    return Sweep(variant, results)
+    return Sweep(variant, results, cpu_us=cpu_us)
 
 
 def best(sweep: Sweep, slo_ms: float) -> LoadResult | None:
@@ -363,12 +384,13 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
         last = s.results[-1]
         cells = f"{b.throughput:,.0f} | {b.p50_ms:.1f} | {b.p99_ms:.1f}" if b else "none | | "
         print(f"| {label(s.variant)} | {cells} | {last.throughput:,.0f}, {last.p99_ms:,.0f} |")
-    print("\n| variant | rate/s | ok/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | rate/s | ok/s | p50 ms | p99 ms | errors | server CPU us/request |")
+    print("|---|---|---|---|---|---|---|")
     for s in sweeps:
-        for r in s.results:
+        for i, r in enumerate(s.results):
             cells = f"{r.throughput:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors}"
-            print(f"| {s.variant} | {r.rate:g} | {cells} |")
+            cpu = f"{s.cpu_us[i]:,.0f}" if i < len(s.cpu_us) and s.cpu_us[i] else ""
+            print(f"| {s.variant} | {r.rate:g} | {cells} | {cpu} |")
     print()
     ratios = [("c", "b", "x"), ("c", "a", "%"), ("c", "d", "x"), ("c0", "d0", "x"), ("c0", "a", "%")]
     ratios += [("c", "s", "%"), ("c0", "s0", "%"), ("s", "a", "%")]
