@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from s3server import MotoS3Server
 
@@ -80,6 +81,7 @@ def test_an_s3_data_set_is_checked_and_read_from_the_cache(
     path = resolve_data_uri(f"s3://{bucket}/text", data_root=str(tmp_path))
     assert path.is_relative_to(tmp_path / ".s3-cache")  # under the data root, downloaded once
     tokens = load_tokens(f"s3://{bucket}/text", data_root=str(tmp_path))
+    assert isinstance(tokens, np.ndarray)  # text through the byte tokenizer: one array
     assert bytes(tokens) == b"a" * 300 + b"\n" + b"b" * 300
 
 
