@@ -168,7 +168,6 @@ EMPTY_IN_THIS_STORY = {
     ("tandem-training", "mfu"): "no GPU: MFU is absent on a CPU",
     ("tandem-training", "gpu_utilization"): "no GPU",
     ("tandem-training", "gpu_memory"): "no GPU",
-    ("tandem-serving-latency", "ttft"): "hey sends non-streamed completions",
 }
 #: Panels that answer only when something goes wrong: may be empty, checked when not.
 ONLY_ON_TROUBLE = {("tandem-serving-latency", "errors"), ("tandem-operator", "errors")}

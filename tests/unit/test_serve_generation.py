@@ -475,6 +475,23 @@ def test_the_inter_token_histogram_counts_every_gap_between_two_tokens_of_a_sequ
     run(main())
 
 
+def test_time_to_first_token_is_observed_once_per_request_streamed_or_not() -> None:
+    async def main() -> None:
+        sched = scheduler(CountingModel(), max_batch_size=8)
+        handles = [
+            sched.submit([sched.model.encode("a")], SamplingParams(max_tokens=4), stream=stream)
+            for stream in (False, True, False)
+        ]
+        await asyncio.gather(*(collect(h, 1, 10) for h in handles))
+        metrics = sched._observer
+        assert isinstance(metrics, ServeMetrics)
+        histogram = next(iter(metrics.time_to_first_token.collect())).samples
+        assert next(s.value for s in histogram if s.name.endswith("_count")) == 3
+        await sched.close()
+
+    run(main())
+
+
 def test_a_stream_that_falls_behind_gets_what_queued_up_in_one_event() -> None:
     async def main() -> None:
         model = CountingModel(gated=True)

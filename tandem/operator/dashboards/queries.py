@@ -115,7 +115,7 @@ SERVING: dict[str, Panel] = {
         "Time to first token",
         "s",
         (*quantiles("tandem_serve_time_to_first_token_seconds", SERVICE), Query(SLO_TTFT_P99, "p99 SLO")),
-        "From receiving a streamed generation request to its first token (causal-lm).",
+        "From receiving a generation request (streamed or not) to its first token (causal-lm).",
     ),
     "itl": Panel(
         "Inter-token latency",

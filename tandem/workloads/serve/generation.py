@@ -540,7 +540,7 @@ class GenerationScheduler(QueueLoop[GenSequence]):
                 seq.finish_reason = "stop"
         if produced:
             seq.last_token_at = now  # `_publish` observes the inter-token latencies
-            if request.stream and not request.first_token_seen:
+            if not request.first_token_seen:  # streamed or not, as vLLM counts it
                 request.first_token_seen = True
                 self._observer.first_token(now - request.submitted)
         if seq.finish_reason:
