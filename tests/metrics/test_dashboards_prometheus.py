@@ -305,6 +305,8 @@ def test_every_serving_panel_answers_in_a_plausible_range(stack: Stack, tmp_path
     within(data["replicas"], 1, 1)
     within(data["autoscaler"], 1, 1, f"{SERVICE}: fixed")  # the stand-in's spec has no autoscaling
     within(data["idle"], 0, 1)
+    within(data["kv_cache"], 0, 1)
+    assert max(values(data["kv_cache"])) > 0  # the load's sequences were cached
     assert set(data) == set(layout.SERVING.panels)  # every panel checked above
     keep_png(layout.SERVING, data, tmp_path)
 

@@ -492,6 +492,43 @@ def test_time_to_first_token_is_observed_once_per_request_streamed_or_not() -> N
     run(main())
 
 
+class CachingModel(CountingModel):
+    """Reports a KV cache that holds every sequence of its last step in 8 slots of 1 KiB."""
+
+    held = 0
+
+    def step(self, batch: list[GenSequence]) -> list[int]:
+        self.held = len(batch)
+        return super().step(batch)
+
+    def cache_usage(self) -> tuple[int, int, int]:
+        return self.held, 8, 8 * 1024
+
+
+def test_the_kv_cache_gauges_follow_the_model_after_each_step() -> None:
+    async def main() -> None:
+        model = CachingModel()
+        sched = scheduler(model, max_batch_size=8)
+        handles = [
+            sched.submit([model.encode("x")], SamplingParams(max_tokens=2), stream=False) for _ in range(3)
+        ]
+        await asyncio.gather(*(collect(h, 1, 10) for h in handles))
+        metrics = sched._observer
+        assert isinstance(metrics, ServeMetrics)
+        text = metrics.render().decode()
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tandem_serve_kv_cache")
+        }
+        assert values["tandem_serve_kv_cache_capacity_sequences"] == 8
+        assert values["tandem_serve_kv_cache_bytes"] == 8 * 1024
+        assert values["tandem_serve_kv_cache_sequences"] == model.held > 0
+        await sched.close()
+
+    run(main())
+
+
 def test_a_stream_that_falls_behind_gets_what_queued_up_in_one_event() -> None:
     async def main() -> None:
         model = CountingModel(gated=True)

@@ -52,7 +52,7 @@ SERVING = Dashboard(
         ("Traffic", ("requests", "tokens", "errors")),
         ("Latency", ("latency", "ttft", "itl")),
         ("Queueing and batching", ("queue_wait", "queue_depth", "batch_size")),
-        ("Capacity", ("replicas", "autoscaler", "idle")),
+        ("Capacity", ("replicas", "autoscaler", "idle", "kv_cache")),
     ),
     variables=(
         Variable("namespace", "Namespace", NAMESPACE_OF.format(metric="tandem_serve_ready")),

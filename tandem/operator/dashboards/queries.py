@@ -197,6 +197,20 @@ SERVING: dict[str, Panel] = {
         "Share of replica time with no batch running: the GPU's idle time as the server sees it (a "
         "GPU-utilisation exporter would measure the device itself).",
     ),
+    "kv_cache": Panel(
+        "KV cache usage",
+        "percentunit",
+        (
+            Query(
+                f"tandem_serve_kv_cache_sequences{{{SERVICE}}} "
+                f"/ clamp_min(tandem_serve_kv_cache_capacity_sequences{{{SERVICE}}}, 1)",
+                "{{pod}}",
+            ),
+        ),
+        "Per replica: sequences whose keys and values are cached over the slots allocated (causal-lm; "
+        "the cache grows to --max-batch-size). Near 1 with requests queued: more replicas or a larger "
+        "batch help.",
+    ),
 }
 
 COST: dict[str, Panel] = {

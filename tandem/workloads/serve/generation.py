@@ -288,6 +288,12 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         self._running: _Running | None = None
         many = getattr(observer, "inter_tokens", None)
         self._inter_tokens: Callable[[float, int], None] = many or self._inter_token_each
+        # A model with a KV cache may offer `cache_usage() -> (held, slots, bytes)`; an observer with
+        # `kv_cache(held, slots, bytes)` records it after each step (the dashboards' KV cache panel).
+        usage, record = getattr(model, "cache_usage", None), getattr(observer, "kv_cache", None)
+        self._cache_usage: Callable[[], None] | None = (
+            (lambda: record(*usage())) if usage is not None and record is not None else None
+        )
 
     @property
     def active(self) -> int:
@@ -434,6 +440,8 @@ class GenerationScheduler(QueueLoop[GenSequence]):
         seconds = asyncio.get_running_loop().time() - running.started
         self._step_seconds = seconds if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * seconds
         self._observer.batch_finished(len(running.batch), seconds, error)
+        if self._cache_usage is not None:
+            self._cache_usage()
 
     def _inter_token_each(self, seconds: float, count: int) -> None:
         for _ in range(count):

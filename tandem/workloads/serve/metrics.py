@@ -52,6 +52,9 @@ TOKENS_GENERATED: Final = f"{PREFIX}_generated_tokens_total"
 PROMPT_TOKENS: Final = f"{PREFIX}_prompt_tokens_total"
 TIME_TO_FIRST_TOKEN: Final = f"{PREFIX}_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY: Final = f"{PREFIX}_inter_token_latency_seconds"
+KV_CACHE_SEQUENCES: Final = f"{PREFIX}_kv_cache_sequences"
+KV_CACHE_CAPACITY: Final = f"{PREFIX}_kv_cache_capacity_sequences"
+KV_CACHE_BYTES: Final = f"{PREFIX}_kv_cache_bytes"
 
 #: Time between two tokens of one sequence: from half a millisecond (a small model's decoding step).
 INTER_TOKEN_BUCKETS: Final = (
@@ -233,6 +236,7 @@ class ServeMetrics:
         self._tokens: Any = None
         self._ttft: Any = None
         self._itl: Any = None
+        self._kv: list[Any] = []
         if self.token_series.prompt:
             self.prompt_tokens_total = Counter(
                 PROMPT_TOKENS.removesuffix("_total"),
@@ -250,7 +254,7 @@ class ServeMetrics:
             )
             self.time_to_first_token = Histogram(
                 TIME_TO_FIRST_TOKEN,
-                "Time from receiving a streamed generation request to its first generated token (causal-lm).",
+                "Time from receiving a generation request (streamed or not) to its first token (causal-lm).",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=reg,
@@ -265,6 +269,15 @@ class ServeMetrics:
             self._tokens = self.tokens_generated.labels(model)
             self._ttft = self.time_to_first_token.labels(model)
             self._itl = self.inter_token_latency.labels(model)
+            kv = (
+                (KV_CACHE_SEQUENCES, "Sequences whose keys and values the KV cache holds (causal-lm)."),
+                (KV_CACHE_CAPACITY, "Sequence slots the KV cache has allocated (grows to --max-batch-size)."),
+                (KV_CACHE_BYTES, "Memory the KV cache has allocated (keys and values of every slot)."),
+            )
+            self.kv_cache_gauges = [
+                Gauge(name, text, ["model"], registry=reg, multiprocess_mode="livesum") for name, text in kv
+            ]
+            self._kv = [gauge.labels(model) for gauge in self.kv_cache_gauges]
 
     def render(self) -> bytes:
         """The text exposition format for `/metrics` (every worker's samples merged, with --workers)."""
@@ -291,6 +304,11 @@ class ServeMetrics:
     def tokens(self, count: int) -> None:
         if self._tokens is not None:
             self._tokens.inc(count)
+
+    def kv_cache(self, sequences: int, slots: int, nbytes: int) -> None:
+        """What the KV cache holds and has allocated, after a decoding step (causal-lm)."""
+        for gauge, value in zip(self._kv, (sequences, slots, nbytes), strict=False):
+            gauge.set(value)
 
     def first_token(self, seconds: float) -> None:
         if self._ttft is not None:

@@ -159,6 +159,13 @@ class CausalLM:
         scheduler calls it for every generated token (incremental decoding), hence the table."""
         return _BYTES[token] if 0 <= token < 256 else b""
 
+    def cache_usage(self) -> tuple[int, int, int]:
+        """(sequences held, slots allocated, bytes allocated) of the KV cache, for the metrics."""
+        cache = self._cache
+        if cache is None:
+            return 0, 0, 0
+        return cache.holding, cache.capacity, cache.capacity * cache.slot_bytes
+
     def step(self, batch: list[GenSequence]) -> list[int]:
         import torch
 
