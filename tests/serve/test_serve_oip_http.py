@@ -158,6 +158,18 @@ def test_concurrent_requests_batch_and_match(server: ServerProcess, client: http
         (lambda b: b["inputs"][1].update(shape=[2, 1], data=[1.0, 1.0]), "inputs"),
         (lambda b: b.update(outputs=[{"name": "nope"}]), "outputs[0].name"),
         (lambda b: b["inputs"][0].pop("shape"), "inputs[0].shape"),
+        # Parameters this server does not implement are refused by name, never ignored.
+        (lambda b: b.update(parameters={"priority": 1}), "parameters.priority"),
+        (lambda b: b.update(parameters={"sequence_id": 7}), "parameters.sequence_id"),
+        (
+            lambda b: b["inputs"][0].update(parameters={"shared_memory_region": "r"}),
+            "inputs[0].parameters.shared_memory_region",
+        ),
+        (
+            lambda b: b.update(outputs=[{"name": "y", "parameters": {"classification": 2}}]),
+            "outputs[0].parameters.classification",
+        ),
+        (lambda b: b.update(sequence=1), "sequence"),
     ],
 )
 def test_bad_requests_are_400_and_name_the_field(client: httpx.Client, mutate: Any, field: str) -> None:

@@ -40,7 +40,7 @@ EMBEDDING_OUTPUT: Final = "embedding"
 
 
 class RequestInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     name: StrictStr
     shape: list[Annotated[StrictInt, Field(ge=0)]]
@@ -51,19 +51,45 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     name: StrictStr
     parameters: dict[str, Any] | None = None
 
 
 class InferenceRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     id: StrictStr | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
+
+
+#: The parameters this server reads, where it reads them; any other is refused by name, never ignored
+#: (sequence_id, priority, timeout, shared memory, classification: not implemented here).
+KNOWN_PARAMETERS: Final = {
+    "request": {"binary_data_output"},
+    "input": {"binary_data_size"},
+    "output": {"binary_data"},
+}
+
+
+def check_parameters(request: InferenceRequest) -> None:
+    """A 400 naming the first parameter this server does not implement."""
+    places = [("parameters", request.parameters, KNOWN_PARAMETERS["request"])]
+    places += [
+        (f"inputs[{i}].parameters", t.parameters, KNOWN_PARAMETERS["input"])
+        for i, t in enumerate(request.inputs)
+    ]
+    places += [
+        (f"outputs[{i}].parameters", o.parameters, KNOWN_PARAMETERS["output"])
+        for i, o in enumerate(request.outputs or [])
+    ]
+    for where, given, known in places:
+        for key in given or {}:
+            if key not in known:
+                raise InvalidInput(f"{where}.{key}", "not supported by this server")
 
 
 def server_metadata() -> dict[str, Any]:
@@ -358,6 +384,7 @@ async def infer(
     check_model(plane, name, version)
     head, binary = split_body(body, header_length)
     request = validate(InferenceRequest, parse_json_object(head))
+    check_parameters(request)
     wanted = [o.name for o in request.outputs] if request.outputs else None
     if plane.model.runtime is Runtime.EMBEDDINGS:
         _check_outputs(wanted, [EMBEDDING_OUTPUT])
