@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tandem.workloads.models.tokenizer import ByteTokenizer, pad_vocab
+from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer, pad_vocab
 
 BYTE_VOCAB_PADDED = pad_vocab(ByteTokenizer().vocab_size)
 
@@ -273,8 +273,9 @@ def load_for_inference(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-) -> tuple[GPT, ByteTokenizer, GPTConfig]:
-    """Load a Tandem training checkpoint for serving: `(model in eval mode, tokenizer, config)`.
+) -> tuple[GPT, ByteTokenizer | HFTokenizer, GPTConfig]:
+    """Load a Tandem training checkpoint for serving: `(model in eval mode, tokenizer, config)`; the
+    tokenizer is the checkpoint's `tokenizer.json` when it carries one (BPE data), else bytes.
 
     `checkpoint_dir` is one checkpoint (`.../step-00000200`, a `file://` URI works too) or a checkpoint
     root, in which case its newest complete checkpoint is used. Raises `FileNotFoundError` when there is
@@ -298,4 +299,6 @@ def load_for_inference(
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.eval()
-    return model, ByteTokenizer(), config
+    # A model trained on a tokenizer's ids is served with that tokenizer: the checkpoint carries it.
+    carried = path / "tokenizer.json"
+    return model, (HFTokenizer.from_file(carried) if carried.exists() else ByteTokenizer()), config

@@ -16,7 +16,7 @@ Contexts hold at most `block_size` tokens: older tokens slide out of the window 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tandem.api.serving import CudaGraphs, Runtime
@@ -36,11 +36,27 @@ if TYPE_CHECKING:
     import torch
 
     from tandem.workloads.models.gpt import GPT
-    from tandem.workloads.models.tokenizer import ByteTokenizer
+    from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer
     from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
 WARM_UP_PROMPT = "The model server warms up. "
 _BYTES = [bytes([i]) for i in range(256)]
+
+
+def _byte_of(token: int) -> bytes:
+    """Byte-level: ids below 256 are bytes, the specials none (a table: called for every token)."""
+    return _BYTES[token] if 0 <= token < 256 else b""
+
+
+def _prompt_chars(tokenizer: ByteTokenizer | HFTokenizer, window: int) -> int:
+    """How many trailing characters of a prompt can reach a `window` of tokens: the byte tokenizer
+    gives every character at least one token; another tokenizer at most its longest token's characters."""
+    from tandem.workloads.models.tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return window
+    longest = max(len(tokenizer.decode([i], skip_special=False)) for i in range(tokenizer.vocab_size))
+    return window * max(1, longest)
 
 
 class CausalLM:
@@ -53,7 +69,7 @@ class CausalLM:
         self.block_size = 0
         self.vocab_size = 0
         self._cache: DecodeCache | None = None
-        self._tokenizer: ByteTokenizer | None = None
+        self._tokenizer: ByteTokenizer | HFTokenizer | None = None
         self._device: torch.device | None = None
         self._meta: dict[str, Any] = {}
         self._ready = False
@@ -105,7 +121,7 @@ class CausalLM:
         self._tokenizer, self._device = tokenizer, device
         self.eos_id = tokenizer.eos_id
         self.block_size = config.block_size
-        self.prompt_chars = config.block_size  # byte-level: every character is at least one token
+        self.prompt_chars = _prompt_chars(tokenizer, config.block_size)
         self.vocab_size = tokenizer.vocab_size
         self._meta = {
             "platform": "tandem_gpt",
@@ -154,10 +170,13 @@ class CausalLM:
         assert self._tokenizer is not None, "load() first"
         return self._tokenizer.decode(ids)
 
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes one token stands for (byte-level: ids below 256 are bytes; the specials are none). The
-        scheduler calls it for every generated token (incremental decoding), hence the table."""
-        return _BYTES[token] if 0 <= token < 256 else b""
+    @property
+    def token_bytes(self) -> Callable[[int], bytes] | None:
+        """What bytes a token stands for, with the byte tokenizer (the scheduler then decodes each
+        sequence byte-wise); None with a checkpoint's own tokenizer (decoded over a window of tokens)."""
+        from tandem.workloads.models.tokenizer import ByteTokenizer
+
+        return _byte_of if isinstance(self._tokenizer, ByteTokenizer) else None
 
     def cache_usage(self) -> tuple[int, int, int]:
         """(sequences held, slots allocated, bytes allocated) of the KV cache, for the metrics."""

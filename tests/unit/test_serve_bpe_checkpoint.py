@@ -1,0 +1,75 @@
+"""A checkpoint trained on a BPE tokenizer's ids is served with that tokenizer (the checkpoint carries
+its tokenizer.json): the served answer is the checkpoint's model run greedily with the same tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from tandem.workloads.models.gpt import load_for_inference
+from tandem.workloads.models.tokenizer import HFTokenizer, train_bpe
+from tandem.workloads.serve.batcher import BatchingConfig
+from tandem.workloads.serve.generation import GenerationScheduler, SamplingParams, prompt_ids
+from tandem.workloads.serve.metrics import ServeMetrics
+from tandem.workloads.serve.model import ModelOptions
+from tandem.workloads.serve.runtimes.causal_lm import CausalLM
+from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.loop import DistInfo, run_builtin
+
+CORPUS = "the quick brown fox jumps over the lazy dog. " * 200 + "a stitch in time saves nine. " * 200
+
+
+def bpe_checkpoint(tmp_path: Path) -> tuple[Path, HFTokenizer]:
+    tokenizer = train_bpe([CORPUS], vocab_size=300)
+    (tmp_path / "tokenizer.json").write_text(tokenizer.to_json())
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    cfg = TrainConfig(
+        job_name="bpe",
+        model_size="tiny",
+        dataset_uri=str(tmp_path / "corpus.txt"),
+        data_format="text",
+        tokenizer_uri=str(tmp_path / "tokenizer.json"),
+        vocab_size=tokenizer.vocab_size,
+        max_steps=3,
+        seq_len=32,
+        per_device_batch=2,
+        global_batch=2,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every_steps=3,
+        warmup_steps=1,
+    )
+    run_builtin(cfg, DistInfo())
+    return tmp_path / "ckpt", tokenizer
+
+
+def test_a_bpe_checkpoint_is_served_with_its_own_tokenizer(tmp_path: Path) -> None:
+    checkpoint, tokenizer = bpe_checkpoint(tmp_path)
+    model, loaded, _ = load_for_inference(checkpoint)
+    assert isinstance(loaded, HFTokenizer)
+    assert loaded.encode("the lazy dog") == tokenizer.encode("the lazy dog")
+
+    served = CausalLM(ModelOptions(name="bpe", path=checkpoint, device="cpu"))
+    served.load()
+    assert served.token_bytes is None  # decoded over a window of tokens, not byte-wise
+    prompt = "the quick brown"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        expected = tokenizer.decode(model.generate(ids, 8, temperature=0)[0, ids.size(1) :].tolist())
+
+    async def serve() -> str:
+        config = BatchingConfig(max_batch_size=2, max_queue_delay_ms=0)
+        scheduler = GenerationScheduler(served, config, ServeMetrics("bpe", 2, process_metrics=False))
+        scheduler.start()
+        handle = scheduler.submit(
+            [prompt_ids(served, prompt)], SamplingParams(max_tokens=8, temperature=0), stream=False
+        )
+        text = ""
+        while (event := await handle.next_event()) is not None:
+            text += event.text
+        await scheduler.close()
+        return text
+
+    assert asyncio.run(serve()) == expected
+    assert served.prompt_chars >= 32  # a window of BPE tokens spans more characters than tokens
