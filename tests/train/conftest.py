@@ -161,3 +161,27 @@ def ray_cluster() -> Iterator[None]:
         ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
         yield
         ray.shutdown()
+    _end_own_ray_processes()
+
+
+def _end_own_ray_processes(timeout: float = 60.0) -> None:
+    """The in-process Ray instance's processes (in this pytest's session; spawned runs have sessions of
+    their own, which `no_ray_process_outlives_its_module` still checks) exit a moment after
+    `ray.shutdown()`, or, seen once on the loaded machine, a minute later: this fixture started them, so
+    it ends them."""
+    own = os.getsid(0)
+
+    def left() -> list[int]:
+        found = []
+        for pid in _ray_processes():
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) == own:
+                    found.append(pid)
+        return found
+
+    deadline = time.monotonic() + timeout
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)  # no event tells when Ray's workers have noticed their raylet is gone
+    for pid in left():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
