@@ -4,8 +4,10 @@ its tokenizer.json): the served answer is the checkpoint's model run greedily wi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from tandem.workloads.models.gpt import load_for_inference
@@ -44,7 +46,15 @@ def bpe_checkpoint(tmp_path: Path) -> tuple[Path, HFTokenizer]:
     return tmp_path / "ckpt", tokenizer
 
 
-def test_a_bpe_checkpoint_is_served_with_its_own_tokenizer(tmp_path: Path) -> None:
+@pytest.fixture
+def grad_mode_restored() -> Iterator[None]:
+    """`CausalLM.load` turns autograd off for its process (a server's): give the next tests theirs back."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
+def test_a_bpe_checkpoint_is_served_with_its_own_tokenizer(tmp_path: Path, grad_mode_restored: None) -> None:
     checkpoint, tokenizer = bpe_checkpoint(tmp_path)
     model, loaded, _ = load_for_inference(checkpoint)
     assert isinstance(loaded, HFTokenizer)
