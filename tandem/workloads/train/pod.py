@@ -134,15 +134,6 @@ def head(args: Any) -> int:
     return EXIT_FAILED
 
 
-def resolved(address: str) -> str:
-    """`host:port` with the host resolved to an IP now (the name itself if it does not resolve yet)."""
-    host, _, port = address.rpartition(":")
-    try:
-        return f"{socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0]}:{port}"
-    except OSError:
-        return address
-
-
 def leave_when_head_gone(
     node: subprocess.Popen[bytes], head_address: str, every: float = 1.0, misses: int = 3
 ) -> bool:
@@ -187,24 +178,23 @@ def worker(args: Any) -> int:
     # SIGTERM: the head checkpoints and ends the run; this node (and its training rank) stays up until
     # then, within the pod's grace period. `ray start --block` returns when the head goes away, but only
     # after Ray's GCS reconnect timeout (about a minute): once the head stops answering, leave at once.
-    # The head is probed at the address it had when this node joined: the operator empties the head
-    # Service's endpoints as it deletes a gang, while the head still needs this rank for its checkpoint.
-    current: list[tuple[subprocess.Popen[bytes], str]] = []
+    current: list[subprocess.Popen[bytes]] = []
     stopping = threading.Event()
 
     def on_sigterm(*_: Any) -> None:
         log.info("SIGTERM: waiting for the head to end the run")
         stopping.set()
         if current:
-            watcher = threading.Thread(target=leave_when_head_gone, args=current[-1], daemon=True)
+            watcher = threading.Thread(
+                target=leave_when_head_gone, args=(current[-1], env.head_address), daemon=True
+            )
             watcher.start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     while True:
         t0 = time.monotonic()
-        head = resolved(env.head_address)
-        current.append((subprocess.Popen(cmd), head))
-        rc = current[-1][0].wait()
+        current.append(subprocess.Popen(cmd))
+        rc = current[-1].wait()
         if time.monotonic() - t0 > 30 or rc == 0 or stopping.is_set():
             log.info("the Ray cluster went away (ray start exited %d): the head ended the run", rc)
             return EXIT_OK
