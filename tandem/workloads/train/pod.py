@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -134,27 +133,6 @@ def head(args: Any) -> int:
     return EXIT_FAILED
 
 
-def leave_when_head_gone(
-    node: subprocess.Popen[bytes], head_address: str, every: float = 1.0, misses: int = 3
-) -> bool:
-    """Stop this pod's Ray node once the head has not answered `misses` times in a row (it ended the
-    run, or it is gone); True if it did. Returns False when the node exits by itself first."""
-    host, _, port = head_address.rpartition(":")
-    missed = 0
-    while node.poll() is None:
-        try:
-            with socket.create_connection((host, int(port)), timeout=every):
-                missed = 0
-        except OSError:
-            missed += 1
-            if missed >= misses:
-                log.info("the head at %s no longer answers: stopping this node", head_address)
-                node.terminate()
-                return True
-        time.sleep(every)
-    return False
-
-
 def worker(args: Any) -> int:
     """Join the head's Ray cluster with this pod's resources and block until the cluster goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -176,26 +154,12 @@ def worker(args: Any) -> int:
         "--block",
     ]
     # SIGTERM: the head checkpoints and ends the run; this node (and its training rank) stays up until
-    # then, within the pod's grace period. `ray start --block` returns when the head goes away, but only
-    # after Ray's GCS reconnect timeout (about a minute): once the head stops answering, leave at once.
-    current: list[subprocess.Popen[bytes]] = []
-    stopping = threading.Event()
-
-    def on_sigterm(*_: Any) -> None:
-        log.info("SIGTERM: waiting for the head to end the run")
-        stopping.set()
-        if current:
-            watcher = threading.Thread(
-                target=leave_when_head_gone, args=(current[-1], env.head_address), daemon=True
-            )
-            watcher.start()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # then, within the pod's grace period. `ray start --block` returns when the head goes away.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for the head to end the run"))
     while True:
         t0 = time.monotonic()
-        current.append(subprocess.Popen(cmd))
-        rc = current[-1].wait()
-        if time.monotonic() - t0 > 30 or rc == 0 or stopping.is_set():
+        rc = subprocess.run(cmd, check=False).returncode
+        if time.monotonic() - t0 > 30 or rc == 0:
             log.info("the Ray cluster went away (ray start exited %d): the head ended the run", rc)
             return EXIT_OK
         if time.monotonic() >= deadline:
