@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processlist import processes
 
 from tandem import lifecycle
 from tandem.devcluster import cluster as devcluster
@@ -46,19 +47,8 @@ def stack(say: lifecycle.Say) -> Iterator[lifecycle.Stack]:
         devcluster.down(CLUSTER, progress=say)
     # Nothing of the story is left: no process started from the cluster's folder, no mount, no bridge,
     # and the folder itself (state, volumes, checkpoints) is gone.
-    left = [f"process {pid}: {cmd[:120]}" for pid, cmd in _processes().items() if str(info.state_dir) in cmd]
+    left = [f"process {pid}: {cmd[:120]}" for pid, cmd in processes().items() if str(info.state_dir) in cmd]
     left += [f"mount {m}" for m in hostchanges.mounts_under([info.state_dir])]
     left += [f"interface {bridge.name}"] if bridge.exists() else []
     left += [f"folder {info.state_dir}"] if info.state_dir.exists() else []
     assert left == [], left
-
-
-def _processes() -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-    return found

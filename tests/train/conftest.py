@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from processlist import processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,21 +82,9 @@ def tandem_cmd() -> Callable[..., list[str]]:
     return _tandem_cmd
 
 
-def _processes() -> dict[int, str]:
-    """pid -> command line of every process on the machine."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-    return found
-
-
 def _in_session(sid: int) -> list[int]:
     pids = []
-    for pid in _processes():
+    for pid in processes():
         try:
             if os.getsid(pid) == sid:
                 pids.append(pid)
@@ -115,7 +104,7 @@ RAY_PROCESS_MARKERS = (
 
 
 def _ray_processes() -> dict[int, str]:
-    return {pid: cmd for pid, cmd in _processes().items() if any(m in cmd for m in RAY_PROCESS_MARKERS)}
+    return {pid: cmd for pid, cmd in processes().items() if any(m in cmd for m in RAY_PROCESS_MARKERS)}
 
 
 @pytest.fixture
