@@ -7,8 +7,11 @@ It runs apart from tests/e2e (whose kwok-only cluster checks where simulated pod
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +38,38 @@ def say(pytestconfig: pytest.Config) -> lifecycle.Say:
     return _say
 
 
+def keep_evidence(stack: lifecycle.Stack, say: lifecycle.Say) -> None:
+    """After a failure, before the cluster goes: the resources, events and every pod's logs (previous
+    containers too) in a folder of their own, so a failure seen once can be understood afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=f"tandem-lifecycle-{time.strftime('%Y%m%d-%H%M%S')}-"))
+    kubectl = stack.kubectl
+
+    def keep(name: str, *args: str) -> None:
+        try:
+            (folder / name).write_text(kubectl.run(*args, check=False))
+        except Exception as error:  # evidence is best-effort: the failure itself is what matters
+            (folder / name).write_text(f"could not run kubectl {' '.join(args)}: {error}\n")
+
+    keep("resources.yaml", "get", "trainingjobs,inferenceservices,pods,services,leases", "-A", "-o", "yaml")
+    keep("events.txt", "get", "events", "-A", "--sort-by=.lastTimestamp")
+    pods = json.loads(kubectl.run("get", "pods", "-A", "-o", "json", check=False) or '{"items": []}')
+    for pod in pods["items"]:
+        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        keep(f"{ns}.{name}.log", "logs", "-n", ns, name, "--all-containers", "--timestamps")
+        keep(f"{ns}.{name}.previous.log", "logs", "-n", ns, name, "--all-containers", "--previous")
+    say(f"a step failed: resources, events and pod logs kept in {folder}")
+
+
 @pytest.fixture(scope="session")
-def stack(say: lifecycle.Say) -> Iterator[lifecycle.Stack]:
+def stack(request: pytest.FixtureRequest, say: lifecycle.Say) -> Iterator[lifecycle.Stack]:
     """The real-node cluster with everything the story needs, before anything is applied."""
     info = devcluster.up(CLUSTER, progress=say, real_node=True, gpu_nodes=0, cpu_nodes=0)
     bridge = Path("/sys/class/net") / nodeconfig.bridge_name(CLUSTER)
     try:
-        yield lifecycle.prepare(info, say)
+        prepared = lifecycle.prepare(info, say)
+        yield prepared
+        if request.session.testsfailed:
+            keep_evidence(prepared, say)
     finally:
         lifecycle.stop_everything(info)
         devcluster.down(CLUSTER, progress=say)

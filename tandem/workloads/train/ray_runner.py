@@ -221,8 +221,11 @@ class RayHooks:
         try:
             if ray.get(self.mailbox.put_steps.remote(batch, device), timeout=10):
                 self._stop.set()
-        except Exception:  # the driver is gone or busy: keep training (progress is best-effort)
+        except Exception:  # the driver is gone or busy: keep training, and the steps for the next send
             log.debug("progress not delivered (%d steps)", len(batch), exc_info=True)
+            with self._lock:
+                self._pending[:0] = batch
+                del self._pending[:-MAX_PENDING_STEPS]
 
     def _send_every(self, interval: float) -> None:
         while not self._done.wait(interval):
@@ -402,6 +405,10 @@ def _run(
         groups = 0
         while True:
             thread.join(timeout=SEND_INTERVAL_S)
+            # Liveness before the drain: once fit() has returned, every rank has delivered its last steps,
+            # checkpoints and final record, so this drain is the last one needed. (Checked after the
+            # drain, a run ending between the two lost what the ranks sent in that window.)
+            finished = not thread.is_alive()
             if stop is not None and stop.is_set() and not stop_sent:
                 mailbox.request_stop.remote()
                 stop_sent = True
@@ -417,7 +424,7 @@ def _run(
                 reporter.checkpoint(ev)
             for m in drained.steps:
                 reporter.step(m)
-            if not thread.is_alive():
+            if finished:
                 break
         reporter.flush()
         if "error" in box:
