@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,6 +134,36 @@ def head(args: Any) -> int:
     return EXIT_FAILED
 
 
+def resolved(address: str) -> str:
+    """`host:port` with the host resolved to an IP now (the name itself if it does not resolve yet)."""
+    host, _, port = address.rpartition(":")
+    try:
+        return f"{socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0]}:{port}"
+    except OSError:
+        return address
+
+
+def leave_when_head_gone(
+    node: subprocess.Popen[bytes], head_address: str, every: float = 1.0, misses: int = 3
+) -> bool:
+    """Stop this pod's Ray node once the head has not answered `misses` times in a row (it ended the
+    run, or it is gone); True if it did. Returns False when the node exits by itself first."""
+    host, _, port = head_address.rpartition(":")
+    missed = 0
+    while node.poll() is None:
+        try:
+            with socket.create_connection((host, int(port)), timeout=every):
+                missed = 0
+        except OSError:
+            missed += 1
+            if missed >= misses:
+                log.info("the head at %s no longer answers: stopping this node", head_address)
+                node.terminate()
+                return True
+        time.sleep(every)
+    return False
+
+
 def worker(args: Any) -> int:
     """Join the head's Ray cluster with this pod's resources and block until the cluster goes away."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -154,12 +185,27 @@ def worker(args: Any) -> int:
         "--block",
     ]
     # SIGTERM: the head checkpoints and ends the run; this node (and its training rank) stays up until
-    # then, within the pod's grace period. `ray start --block` returns when the head goes away.
-    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for the head to end the run"))
+    # then, within the pod's grace period. `ray start --block` returns when the head goes away, but only
+    # after Ray's GCS reconnect timeout (about a minute): once the head stops answering, leave at once.
+    # The head is probed at the address it had when this node joined: the operator empties the head
+    # Service's endpoints as it deletes a gang, while the head still needs this rank for its checkpoint.
+    current: list[tuple[subprocess.Popen[bytes], str]] = []
+    stopping = threading.Event()
+
+    def on_sigterm(*_: Any) -> None:
+        log.info("SIGTERM: waiting for the head to end the run")
+        stopping.set()
+        if current:
+            watcher = threading.Thread(target=leave_when_head_gone, args=current[-1], daemon=True)
+            watcher.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     while True:
         t0 = time.monotonic()
-        rc = subprocess.run(cmd, check=False).returncode
-        if time.monotonic() - t0 > 30 or rc == 0:
+        head = resolved(env.head_address)
+        current.append((subprocess.Popen(cmd), head))
+        rc = current[-1][0].wait()
+        if time.monotonic() - t0 > 30 or rc == 0 or stopping.is_set():
             log.info("the Ray cluster went away (ray start exited %d): the head ended the run", rc)
             return EXIT_OK
         if time.monotonic() >= deadline:
