@@ -5,8 +5,15 @@ resource's hourly price, for the time it is on a node: a pod counts from the mom
 (it reserves the node's resources even while its image is pulled) until it finishes or goes. A pod the
 scheduler has not placed costs nothing: an InferenceService asking for 100 x 8 GPUs with none scheduled
 costs $0/h. GPUs are priced by product (the node's `nvidia.com/gpu.product` label, else the product the
-spec asks for), falling back to a default price. Usage is optional: the operator has no usage source today
-(no metrics-server), so requests alone decide, as OpenCost does when usage is missing.
+spec asks for), falling back to a default price.
+
+Usage is measured where it can be (tandem.operator.cost_usage reads the kubelet's cAdvisor series from
+Prometheus): vCPUs and memory above the request are charged as used, below it the request is charged
+(it is reserved). GPUs are always charged by the request: the device plugin hands out whole GPUs, so a
+container never uses more than it asked for, and one it leaves idle is still reserved; DCGM utilisation,
+where an exporter runs, only says how much of that was busy. A container without usage (a kwok node, no
+kubelet scrape, Prometheus down) is charged its requests, as OpenCost does when usage is missing, and the
+`Rate` counts how many containers were measured so the status and `tandem cost` can say which it was.
 
 Pure functions only: the reconcilers call them, the status and the Prometheus counters carry the result.
 """
@@ -64,26 +71,72 @@ class Amounts:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """One container's measured usage: average vCPUs and memory bytes over the usage window, and, where
+    DCGM reports it, the busy fraction of its GPUs (0..1). None: not measured."""
+
+    cpu: float | None = None
+    memory_bytes: float | None = None
+    gpu_busy: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        """Whether vCPUs or memory were measured (what moves the allocation; one missing counts as 0,
+        so its request is charged)."""
+        return self.cpu is not None or self.memory_bytes is not None
+
+
+#: Measured usage of one pod's containers, by container name.
+PodUsage = Mapping[str, Usage]
+
+
+@dataclass(frozen=True)
 class Container:
     """One container's requests and, when known, its measured usage."""
 
     request: Amounts
     usage: Amounts | None = None
+    #: The container's name in its pod (the `container` label of its usage series).
+    name: str = ""
+    #: The busy fraction of its GPUs (DCGM), where measured: reported, never charged differently.
+    gpu_busy: float | None = None
 
     @property
     def allocated(self) -> Amounts:
-        return self.request.at_least(self.usage)
+        """max(request, usage) for vCPUs and memory; the requested GPUs (reserved whole)."""
+        allocated = self.request.at_least(self.usage)
+        return Amounts(allocated.cpu, allocated.memory_bytes, self.request.gpus)
 
 
 @dataclass(frozen=True)
 class Rate:
-    """What something costs per hour while it runs, and the GPUs it holds."""
+    """What something costs per hour while it runs, the GPUs it holds, and how it was allocated:
+    `containers` priced, `measured` of them with usage (the rest by their requests)."""
 
     usd_per_hour: float = 0.0
     gpus: int = 0
+    containers: int = 0
+    measured: int = 0
+    #: GPUs' hourly price times their idle fraction, over the containers with DCGM utilisation.
+    idle_gpu_usd_per_hour: float = 0.0
 
     def __add__(self, other: Rate) -> Rate:
-        return Rate(self.usd_per_hour + other.usd_per_hour, self.gpus + other.gpus)
+        return Rate(
+            self.usd_per_hour + other.usd_per_hour,
+            self.gpus + other.gpus,
+            self.containers + other.containers,
+            self.measured + other.measured,
+            self.idle_gpu_usd_per_hour + other.idle_gpu_usd_per_hour,
+        )
+
+    @property
+    def basis(self) -> str:
+        """`usage` (every container measured), `requests` (none), `mixed`, or `none` (nothing priced)."""
+        if not self.containers:
+            return "none"
+        if self.measured == self.containers:
+            return "usage"
+        return "requests" if not self.measured else "mixed"
 
 
 @dataclass(frozen=True)
@@ -128,10 +181,27 @@ def containers_of(pod: Mapping[str, Any]) -> tuple[Container, ...]:
                     cpu=_amount(asked.get("cpu")),
                     memory_bytes=_amount(asked.get("memory")),
                     gpus=int(_amount(asked.get(GPU_RESOURCE))),
-                )
+                ),
+                name=str(container.get("name") or ""),
             )
         )
     return tuple(containers)
+
+
+def with_usage(containers: Iterable[Container], usage: PodUsage | None) -> tuple[Container, ...]:
+    """The containers with their measured usage filled in, by name; one not measured (or all, when
+    `usage` is None) keeps its requests alone."""
+    measured = []
+    for container in containers:
+        found = (usage or {}).get(container.name)
+        if found is None:
+            measured.append(container)
+            continue
+        amounts = (
+            Amounts(cpu=found.cpu or 0.0, memory_bytes=found.memory_bytes or 0.0) if found.measured else None
+        )
+        measured.append(Container(container.request, amounts, container.name, found.gpu_busy))
+    return tuple(measured)
 
 
 def on_node(phase: str | None, node: str | None) -> bool:
@@ -139,16 +209,26 @@ def on_node(phase: str | None, node: str | None) -> bool:
     return node is not None and phase not in ("Succeeded", "Failed")
 
 
-def pod_rate(containers: Iterable[Container], gpu_product: str | None, prices: Prices) -> Rate:
-    """Hourly cost of one pod on a node: each container's allocation priced resource by resource."""
+def pod_rate(
+    containers: Iterable[Container], gpu_product: str | None, prices: Prices, usage: PodUsage | None = None
+) -> Rate:
+    """Hourly cost of one pod on a node: each container's allocation (max(request, usage), with
+    `usage` filled in by container name when given) priced resource by resource."""
     total = Rate()
-    for container in containers:
+    for container in with_usage(containers, usage) if usage is not None else containers:
         allocated = container.allocated
+        gpu_price = prices.gpu(gpu_product)
+        busy = container.gpu_busy
         total += Rate(
-            allocated.gpus * prices.gpu(gpu_product)
+            allocated.gpus * gpu_price
             + allocated.cpu * prices.cpu_per_vcpu_hour
             + allocated.memory_bytes / GIB * prices.ram_per_gib_hour,
             allocated.gpus,
+            containers=1,
+            measured=int(container.usage is not None),
+            idle_gpu_usd_per_hour=0.0
+            if busy is None
+            else allocated.gpus * gpu_price * (1.0 - min(max(busy, 0.0), 1.0)),
         )
     return total
 

@@ -72,6 +72,8 @@ def tokens_query(namespace: str | None) -> str:
 
 
 def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The result of one Prometheus HTTP API query (stdlib urllib, as the autoscaler's client: the
+    operator needs no other HTTP stack for it). Raises ConnectionError when Prometheus fails."""
     url = f"{base_url.rstrip('/')}{path}?" + urllib.parse.urlencode(params)
     try:
         with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_SECONDS) as response:
@@ -83,8 +85,10 @@ def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, 
     return list(reply["data"]["result"])
 
 
-def _instant(base_url: str, query: str, at: float) -> list[dict[str, Any]]:
-    return _get(base_url, "/api/v1/query", {"query": query, "time": f"{at:.3f}"})
+def instant_query(base_url: str, query: str, at: float | None = None) -> list[dict[str, Any]]:
+    """An instant query's result vector (at `at`, else Prometheus' now); ConnectionError if it fails."""
+    params = {"query": query} | ({"time": f"{at:.3f}"} if at is not None else {})
+    return _get(base_url, "/api/v1/query", params)
 
 
 def _range(base_url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
@@ -132,7 +136,9 @@ def from_prometheus(
         return _merged(coarse[kind].get(model, Series()), fine[kind].get(model, Series()))
 
     models = set(fine["training"]) | set(fine["serving"]) | set(coarse["training"]) | set(coarse["serving"])
-    active = {r["metric"].get("model", "") for r in _instant(base_url, training_active_query(namespace), end)}
+    active = {
+        r["metric"].get("model", "") for r in instant_query(base_url, training_active_query(namespace), end)
+    }
     return [
         ModelHistory(
             model=model,
