@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +192,36 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server: ServerProc
         assert time.monotonic() < deadline, "the abandoned generation was never dropped"
         time.sleep(0.02)
     assert server.metric("tandem_serve_generated_tokens_total") - before < 4000
+
+
+def test_a_client_that_leaves_before_its_whole_answer_stops_its_generation(server: ServerProcess) -> None:
+    """Not streamed: nothing is written until the end, so only the lost connection tells that the client
+    left (the server learns it from its protocol, with no task per request watching): the generation is
+    dropped at a step boundary and the request counted as 499."""
+    endless = {"prompt": "Go on ", "max_tokens": 4000, "logit_bias": {str(EOS): -100}}
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps(endless).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    request = head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    tokens = "tandem_serve_generated_tokens_total"
+    dropped = "tandem_serve_dropped_requests_total"
+    left = "tandem_serve_request_duration_seconds_count"
+    before, dropped_before = server.metric(tokens), server.metric(dropped, reason="cancelled")
+    left_before = server.metric(left, route="/v1/completions", code="499")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(request)
+        deadline = time.monotonic() + 60
+        while server.metric(tokens) == before:  # generating: the request is in the batch
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while server.metric(dropped, reason="cancelled") == dropped_before:
+        assert time.monotonic() < deadline, "the abandoned generation was never dropped"
+        time.sleep(0.02)
+    assert server.metric(tokens) - before < 4000
+    while server.metric(left, route="/v1/completions", code="499") == left_before:
+        assert time.monotonic() < deadline, "the abandoned request was not counted as 499"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ connection and sends nothing, or half of its headers, holds it (and a file descr
 existing connections' requests; and its shutdown closes idle kept-alive connections at once, so a client
 that sent its next request in that instant loses it (often to a reset, the kernel's answer to data arriving
 at a closed socket). `GuardedHttpProtocol` is uvicorn's own httptools protocol with those three things
-changed; uvicorn is pinned to a minor version (pyproject.toml), and tests/serve checks each by behaviour.
+changed, and a fourth thing: it cancels the task answering a request whose client left
+(`CANCEL_ON_DISCONNECT`), which ASGI otherwise tells only to a `receive` awaited for the purpose. uvicorn is
+pinned to a minor version (pyproject.toml), and tests/serve checks each by behaviour.
 Why not another server: hypercorn and granian have header timeouts but not the raw-ASGI speed or the drain
 we rely on; the change here is small and local.
 """
@@ -35,6 +37,13 @@ CLOSE_LINGER_S: Final = 1.0
 HEADER_TIMER_SLACK_S: Final = 0.002
 #: The scope key (`True`) by which this protocol tells the app that a request's whole body has arrived.
 BODY_COMPLETE: Final = "tandem.body_complete"
+#: Scope key this protocol sets (to None) on every request: the app may put the task answering the request
+#: there while a client that leaves should stop it; when the connection is lost before the response is
+#: complete the protocol sets `DISCONNECTED` in the scope and cancels that task. This replaces a task per
+#: request awaiting ASGI `receive` for the disconnect (the only way ASGI tells it): no task, no wake-up.
+CANCEL_ON_DISCONNECT: Final = "tandem.cancel_on_disconnect"
+#: Scope key (`True`) set by this protocol when it cancelled the request's task because its client left.
+DISCONNECTED: Final = "tandem.disconnected"
 #: Upper bound of the connection-closing phase of a drain (idle wait + linger + uvicorn's own poll).
 CLOSE_BUDGET_S: Final = DRAIN_IDLE_S + CLOSE_LINGER_S + 0.5
 
@@ -116,6 +125,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._cancel_timers()
         super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None and cycle.disconnected:  # gone before its response was complete
+            scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
+            task = scope.get(CANCEL_ON_DISCONNECT)
+            if task is not None:
+                scope[CANCEL_ON_DISCONNECT] = None
+                scope[DISCONNECTED] = True
+                task.cancel()
 
     # -- the header timeout ---------------------------------------------------------------------------
 
@@ -174,6 +191,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_headers = False
         self._disarm_header_timer()
+        self.scope[CANCEL_ON_DISCONNECT] = None  # type: ignore[typeddict-unknown-key]  # offered to the app
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False

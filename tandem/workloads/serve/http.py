@@ -3,7 +3,9 @@
 Inference (POST) routes are served on raw ASGI by `_Endpoints._infer` (the hot path); the other routes through
 Starlette by `_Endpoints._respond`. Both turn domain errors into status codes with one table (`HTTP_STATUS`)
 and record the request-duration histogram; inference also counts the request in flight and cancels it when
-the client disconnects, so its items are dropped before compute (or its generation stops).
+the client disconnects, so its items are dropped before compute (or its generation stops): under
+`GuardedHttpProtocol` (`tandem serve`) the protocol cancels the request's task when its connection is lost
+(no task per request); under any other ASGI server a small task per request awaits the disconnect.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tandem.api.serving import HttpSettings, Runtime
-from tandem.workloads.serve.connections import BODY_COMPLETE
+from tandem.workloads.serve.connections import BODY_COMPLETE, CANCEL_ON_DISCONNECT, DISCONNECTED
 from tandem.workloads.serve.dataplane import DataPlane, State
 from tandem.workloads.serve.errors import (
     BodyTimeout,
@@ -207,8 +209,25 @@ class DisconnectWatch:
         self.stop()
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it and raise `ClientDisconnected`."""
+async def until_disconnect(scope: Scope, receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it and raise `ClientDisconnected`.
+
+    Under `GuardedHttpProtocol` the protocol cancels the task itself when the connection is lost (the scope
+    offers `CANCEL_ON_DISCONNECT`): no watcher task, so a request costs the event loop no extra task and
+    wake-up. Elsewhere a `DisconnectWatch` task awaits the disconnect on `receive`."""
+    if CANCEL_ON_DISCONNECT in scope:
+        task = asyncio.current_task()
+        slots: dict[str, Any] = scope  # type: ignore[assignment]
+        slots[CANCEL_ON_DISCONNECT] = task
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if slots.get(DISCONNECTED) and task is not None:
+                task.uncancel()
+                raise ClientDisconnected("the client disconnected") from None
+            raise
+        finally:
+            slots[CANCEL_ON_DISCONNECT] = None
     watch = DisconnectWatch(receive)
     try:
         return await work
@@ -292,7 +311,9 @@ class _Endpoints:
             # The body is read first: afterwards the only message left is the disconnect.
             body = await read_body(scope, receive, self.limits.max_request_bytes, self.limits.body_timeout_s)
             with self.plane.admit():
-                result = await until_disconnect(receive, post.handler(params, body, Headers(scope=scope)))
+                result = await until_disconnect(
+                    scope, receive, post.handler(params, body, Headers(scope=scope))
+                )
                 if isinstance(result, BinaryAnswer):
                     payload = result.body
                     status = 200
@@ -303,7 +324,7 @@ class _Endpoints:
                 elif isinstance(result, EventStream):
                     stream = result
                     try:
-                        await until_disconnect(receive, self._stream(send, stream))
+                        await until_disconnect(scope, receive, self._stream(send, stream))
                     finally:
                         stream.close()
                     status = 200
