@@ -72,6 +72,8 @@ class StepMetrics:
     data_wait_seconds: float | None = None
     #: Loss on the held-out data, on steps that evaluated (`spec.trainer.builtin.evaluation`).
     eval_loss: float | None = None
+    #: Further scalars a user loop reports (`TrainContext.report(metrics=...)`), for `spec.tracking`.
+    extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -296,21 +296,20 @@ def train_worker(config: dict[str, Any]) -> None:
     index = gpu_index(cfg.use_gpu, dist.local_rank)
     hooks = RayHooks(mailbox, dist.rank, sampler=None if index is None else GpuSampler(index).sample)
     try:
-        if cfg.entrypoint:
-            run_entrypoint(cfg, dist, hooks)
-            final: dict[str, Any] = {"status": "stopped" if hooks.stop_requested() else "completed"}
+        if cfg.entrypoint:  # the session API reports its outcome as the built-in trainer does
+            result = run_entrypoint(cfg, dist, hooks)
         else:
             result = run_builtin(cfg, dist, hooks, data_root=config.get("data_root"))
-            final = {
-                "status": result.status,
-                "step": result.step,
-                "loss": result.loss,
-                "start_step": result.start_step,
-                "checkpoint_uri": result.checkpoint.uri if result.checkpoint else None,
-                "early_stopped": result.early_stopped,
-                "best_eval_loss": result.best_eval[1] if result.best_eval else None,
-                "best_eval_step": result.best_eval[0] if result.best_eval else None,
-            }
+        final: dict[str, Any] = {
+            "status": result.status,
+            "step": result.step,
+            "loss": result.loss,
+            "start_step": result.start_step,
+            "checkpoint_uri": result.checkpoint.uri if result.checkpoint else None,
+            "early_stopped": result.early_stopped,
+            "best_eval_loss": result.best_eval[1] if result.best_eval else None,
+            "best_eval_step": result.best_eval[0] if result.best_eval else None,
+        }
     finally:
         hooks.close()
     if dist.rank == 0:

@@ -8,21 +8,26 @@ a `TrainContext`::
         model = ctx.prepare_model(MyModel())               # to the device, wrapped in DDP
         opt = torch.optim.AdamW(model.parameters())
         start, state = 0, ctx.load_checkpoint()           # the newest complete checkpoint, or None
-        if state is not None:
+        if state is not None:                             # (ctx.is_resume says so up front)
             start = state["step"]
             model.module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
         for step in range(start, config["steps"]):
+            idx = ctx.batch_indices(step, len(dataset))   # this rank's samples of this step
             with ctx.autocast():
                 loss = ...
             ...
-            ctx.report(step + 1, loss=loss.item(), samples=batch_size * ctx.world_size)
-            if (step + 1) % 100 == 0 or ctx.should_stop():  # both are collectives: call on every rank
+            ctx.report(step + 1, loss=loss.item(), samples=ctx.global_batch, lr=..., eval_loss=...)
+            if ctx.checkpoint_due(step + 1) or ctx.should_stop():  # should_stop is a collective
                 ctx.save_checkpoint(step + 1, {"step": step + 1, "model": model.module.state_dict(),
                                                "optimizer": opt.state_dict()})
+                if ctx.stopping:
+                    return
 
-Checkpoints use the same atomic, CRC-checked layout as the built-in trainer (`state.pt` in a
-`step-NNNNNNNN` directory), are reported to the platform, and are what `load_checkpoint` resumes from.
+Reports take the built-in trainer's path (rank 0 -> the head's progress record, the pod annotation,
+`tandem_train_*` metrics, the progress bar and `spec.tracking`), and checkpoints use its atomic,
+CRC-checked layout (`state.pt` in a `step-NNNNNNNN` directory), are reported to the platform, and are
+what `load_checkpoint` resumes from. `examples/` has a complete example (tandem.workloads.examples).
 """
 
 from __future__ import annotations
@@ -58,17 +63,67 @@ def resolve_entrypoint(entrypoint: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def sample_indices(
+    step: int, num_samples: int, global_batch: int, *, seed: int, rank: int = 0, world_size: int = 1
+) -> Any:
+    """Rank `rank`'s sample indices (a numpy int64 array) of optimizer step `step`.
+
+    Step `s` takes global samples `[s * global_batch, (s + 1) * global_batch)` of an endless stream
+    in which epoch `e` is a permutation of `range(num_samples)` seeded by `(seed, e)`; rank `r` gets
+    the `r`-th of `world_size` equal, contiguous parts. A pure function of its arguments, like the
+    built-in trainer's sampler: a run resumed at step `s` sees exactly the samples an uninterrupted
+    run would have, and the ranks' parts of a step are disjoint.
+    """
+    import numpy as np
+
+    if num_samples < 1:
+        raise ValueError(f"batch_indices: num_samples is {num_samples}; the data set is empty")
+    if global_batch < 1 or global_batch % world_size:
+        raise ValueError(
+            f"batch_indices: global_batch ({global_batch}) must be a positive multiple of the world "
+            f"size ({world_size}); set spec.batch.global (or pass global_batch=) accordingly"
+        )
+    per_rank = global_batch // world_size
+    first = step * global_batch + rank * per_rank
+    positions = np.arange(first, first + per_rank, dtype=np.int64)
+    epochs = positions // num_samples
+    out = np.empty(per_rank, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        mask = epochs == epoch
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        out[mask] = perm[positions[mask] % num_samples]
+    return out
+
+
 class TrainContext:
-    """What a user training loop gets from Tandem (one per worker)."""
+    """What a user training loop gets from Tandem (one per worker).
+
+    Creating it is a collective (the ranks agree on the checkpoint to resume from): `run_entrypoint`
+    creates it on every rank before your function runs.
+    """
 
     def __init__(self, cfg: Any, dist: Any, hooks: Any) -> None:
-        from tandem.workloads.train.loop import NullHooks, autocast_context, pick_device, seed_everything
+        from tandem.workloads.train.loop import (
+            NullHooks,
+            autocast_context,
+            find_resume,
+            pick_device,
+            seed_everything,
+        )
 
         self._cfg, self._dist, self._hooks = cfg, dist, hooks or NullHooks()
         seed_everything(int(cfg.seed))  # spec.seed, before your code builds a model or draws a batch
         self.device = pick_device(cfg, dist)
         self._autocast = autocast_context(cfg.precision, self.device)
-        self._last_report: tuple[int, float] | None = None
+        self._resume = find_resume(cfg, dist, self._hooks) if cfg.checkpoint_dir else None
+        self._last_report: tuple[int, float] = (self.resume_step or 0, time.perf_counter())
+        #: What rank 0 last reported / published (the run's outcome: `run_entrypoint`).
+        self.last_step: int | None = None
+        self.last_loss: float | None = None
+        self.last_checkpoint: Any = None
+        self.best_eval: tuple[int, float] | None = None
+        self.stopping = False
+        """True once `should_stop()` returned True (on every rank): checkpoint and return."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -93,10 +148,66 @@ class TrainContext:
         runs (the same on every rank; derive per-rank seeds from it and `rank` where you need them)."""
         return int(self._cfg.seed)
 
+    @property
+    def resume_step(self) -> int | None:
+        """The step of the checkpoint this run resumes from (`load_checkpoint` returns its state), or
+        None for a fresh start. The same on every rank."""
+        return None if self._resume is None else int(self._resume.step)
+
+    @property
+    def is_resume(self) -> bool:
+        """True when a complete checkpoint exists to continue from (an earlier attempt, a restart)."""
+        return self._resume is not None
+
+    @property
+    def global_batch(self) -> int:
+        """`spec.batch.global` (samples per optimizer step over all workers)."""
+        return int(self._cfg.global_batch)
+
+    @property
+    def per_device_batch(self) -> int:
+        """`spec.batch.perDevice` (samples per forward/backward pass on one worker)."""
+        return int(self._cfg.per_device_batch)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker: global / (perDevice x workers)."""
+        return int(self._cfg.accumulation_steps)
+
     def shard(self, items: Sequence[T]) -> Sequence[T]:
         """This rank's share of `items`: every `world_size`-th item from index `rank`, so the ranks' shares
         are disjoint and together are all of `items` (a view for ranges, lists slice, numpy arrays too)."""
         return items[self.rank :: self.world_size]
+
+    def batch_indices(self, step: int, num_samples: int, global_batch: int | None = None) -> Any:
+        """This rank's sample indices (numpy int64) for optimizer step `step` (0-based) of a data set of
+        `num_samples`: `global_batch` (default `spec.batch.global`) samples per step over all ranks, a
+        seeded (`spec.seed`) permutation per epoch. The same step gives the same samples in a resumed
+        run, so resuming at a checkpoint's step continues the data order exactly (same world size)."""
+        return sample_indices(
+            step,
+            num_samples,
+            self.global_batch if global_batch is None else global_batch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def epoch(self, step: int, num_samples: int, global_batch: int | None = None) -> int:
+        """Passes over the data started by the time step `step` begins (0-based), as `batch_indices`
+        counts them."""
+        return step * (self.global_batch if global_batch is None else global_batch) // num_samples
+
+    @property
+    def checkpoints_enabled(self) -> bool:
+        """True when the job has checkpoint storage (`spec.checkpoint`; locally always)."""
+        return bool(self._cfg.checkpoint_dir)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """True when step `step` (done) is a multiple of `spec.checkpoint.everySteps`; False without
+        checkpoint storage. The same on every rank (no collective)."""
+        every = self._cfg.checkpoint_every_steps
+        return bool(self._cfg.checkpoint_dir) and bool(every) and step % every == 0
 
     @property
     def precision(self) -> str:
@@ -130,21 +241,31 @@ class TrainContext:
         tokens: int | None = None,
         total_steps: int | None = None,
         epoch: int = 0,
+        lr: float | None = None,
+        eval_loss: float | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         """Report progress after `step` (rank 0's reports are used; other ranks' are ignored).
 
-        `samples` / `tokens` are what one step consumed over all workers (for throughput).
+        `samples` / `tokens` are what one step consumed over all workers (for throughput); `lr` the
+        learning rate of the step; `eval_loss` a held-out loss measured at this step (shown as
+        `status.progress.evalLoss`); `metrics` further scalars for `spec.tracking` (TensorBoard,
+        MLflow). `total_steps` defaults to the config's `maxSteps` or `steps`. Report as often as you
+        like: the step time is measured between reports.
         """
         from tandem.workloads.train.loop import StepMetrics
 
         if self.rank != 0:
             return
         now = time.perf_counter()
-        prev = self._last_report
-        self._last_report = (step, now)
-        if prev is None or step <= prev[0]:
+        prev_step, prev_time = self._last_report
+        self.last_step, self.last_loss = step, float(loss)
+        if eval_loss is not None and (self.best_eval is None or eval_loss < self.best_eval[1]):
+            self.best_eval = (step, float(eval_loss))
+        if step <= prev_step:  # a repeated step: nothing new to time
             return
-        dt = (now - prev[1]) / (step - prev[0])
+        self._last_report = (step, now)
+        dt = max(now - prev_time, 1e-9) / (step - prev_step)
         total = total_steps or int(
             self._cfg.user_config.get("maxSteps", self._cfg.user_config.get("steps", step))
         )
@@ -154,10 +275,12 @@ class TrainContext:
                 total_steps=max(total, step),
                 epoch=epoch,
                 loss=float(loss),
-                lr=0.0,
+                lr=0.0 if lr is None else float(lr),
                 step_seconds=dt,
                 samples_per_second=(samples or 0) / dt,
                 tokens_per_second=(tokens or 0) / dt,
+                eval_loss=None if eval_loss is None else float(eval_loss),
+                extra={k: float(v) for k, v in (metrics or {}).items()},
             )
         )
 
@@ -165,7 +288,8 @@ class TrainContext:
         """True on every rank once any rank was asked to stop (SIGTERM). A collective: call on all ranks."""
         from tandem.workloads.train.loop import agree
 
-        return agree([self._hooks.stop_requested()], self._dist, self.device)[0]
+        self.stopping = agree([self._hooks.stop_requested()], self._dist, self.device)[0]
+        return self.stopping
 
     def save_checkpoint(
         self, step: int, state: dict[str, Any], *, metadata: dict[str, Any] | None = None
@@ -186,7 +310,12 @@ class TrainContext:
                     {
                         "job": self._cfg.job_name,
                         "attempt": self._cfg.attempt,
+                        "loss": self.last_loss,
+                        "totalSteps": self._cfg.user_config.get(
+                            "maxSteps", self._cfg.user_config.get("steps")
+                        ),
                         "worldSize": self.world_size,
+                        "seed": self.seed,
                         "entrypoint": self._cfg.entrypoint,
                         "user": metadata or {},
                     }
@@ -195,29 +324,36 @@ class TrainContext:
             ckpt.prune(root, self._cfg.checkpoint_keep)
             result = (ref.step, ref.uri, ckpt.read_metadata(ref.path)["time"], nbytes)
         s, uri, when, nbytes = broadcast_object(result, self._dist)
-        self._hooks.on_checkpoint(
-            CheckpointEvent(step=s, uri=uri, time=when, seconds=time.perf_counter() - t0, bytes=nbytes)
-        )
+        event = CheckpointEvent(step=s, uri=uri, time=when, seconds=time.perf_counter() - t0, bytes=nbytes)
+        self._hooks.on_checkpoint(event)
+        self.last_checkpoint = event
+        # Checkpoint time is not step time: the next report measures from here.
+        self._last_report = (max(self._last_report[0], s), time.perf_counter())
         return str(uri)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The state saved by the newest complete checkpoint (or the one the operator asked for), or None."""
+        """The state saved by the checkpoint this run resumes from (the newest complete one, or the one
+        the operator asked for), or None (`is_resume` is False)."""
         import torch
 
         from tandem.workloads.train import checkpoint as ckpt
-        from tandem.workloads.train.loop import find_resume
 
-        if not self._cfg.checkpoint_dir:
+        if self._resume is None:
             return None
-        ref = find_resume(self._cfg, self._dist, self._hooks)
-        if ref is None:
-            return None
-        state = torch.load(ref.path / ckpt.USER_STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(self._resume.path / ckpt.USER_STATE_FILE, map_location="cpu", weights_only=False)
+        # Loading is not step time either.
+        self._last_report = (self._last_report[0], time.perf_counter())
         return state if isinstance(state, dict) else {"state": state}
 
 
 def run_entrypoint(cfg: Any, dist: Any, hooks: Any = None) -> Any:
-    """Call the user's function with its config (and a `TrainContext` if it takes two parameters)."""
+    """Call the user's function with its config (and a `TrainContext` if it takes two parameters).
+
+    Returns how the run ended, as the built-in trainer does (`loop.RunResult`: the last reported step
+    and loss, the last checkpoint, the step it resumed at; "stopped" when `should_stop()` said so).
+    """
+    from tandem.workloads.train.loop import RunResult
+
     assert cfg.entrypoint is not None
     fn = resolve_entrypoint(cfg.entrypoint)
     ctx = TrainContext(cfg, dist, hooks)
@@ -226,4 +362,19 @@ def run_entrypoint(cfg: Any, dist: Any, hooks: Any = None) -> Any:
         for p in inspect.signature(fn).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    return fn(ctx.config, ctx) if len(params) >= 2 else fn(ctx.config)
+    if len(params) >= 2:
+        fn(ctx.config, ctx)
+    else:
+        fn(ctx.config)
+    checkpoint = ctx.last_checkpoint
+    step = ctx.last_step
+    if checkpoint is not None and (step is None or checkpoint.step > step):
+        step = checkpoint.step
+    return RunResult(
+        status="stopped" if ctx.stopping else "completed",
+        step=step if step is not None else (ctx.resume_step or 0),
+        loss=ctx.last_loss,
+        start_step=ctx.resume_step or 0,
+        checkpoint=checkpoint,
+        best_eval=ctx.best_eval,
+    )

@@ -1,0 +1,1 @@
+"""Complete user training loops on the session API (`spec.trainer.entrypoint`), shipped in the image."""
