@@ -1,0 +1,203 @@
+"""Usage-based cost allocation read from a real Prometheus, through the dev cluster's own kubelet jobs.
+
+A real kubelet cannot run in these tests (the machine's one real node belongs to the lifecycle run), so
+a stand-in exporter serves what a kubelet's `/metrics/cadvisor` and `/metrics/resource` serve, in their
+format (cAdvisor's explicit timestamps, its `id`/`image`/`name` labels, the pod-level and `POD` sandbox
+series that are not containers), and what NVIDIA's DCGM exporter serves for a GPU. Prometheus scrapes
+it with `tandem.devprometheus.kubelet_jobs` (the same jobs as the dev cluster, over HTTP instead of the
+kubelet's TLS); `tandem.operator.cost_usage` reads it back the way the operator does. The real node's
+check is the lead's: docs/cost.md says which query answers there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from operator_process import wait_for
+from prometheus_process import start_prometheus_with
+
+from tandem import devprometheus
+from tandem.operator import cost, cost_usage
+
+NAMESPACE, POD = "ml", "gpt-head-0"
+#: What the stand-in's containers use: vCPUs (the CPU seconds counter's slope) and working set.
+SERVER_CPU, SERVER_MEMORY = 1.5, 6 * cost.GIB
+SIDECAR_CPU, SIDECAR_MEMORY = 0.05, 64 * 1024**2
+GPU_UTIL_PERCENT = 40.0
+WINDOW_SECONDS = 20
+
+
+class KubeletStandIn(BaseHTTPRequestHandler):
+    """Serves cAdvisor, resource-metrics and DCGM exposition whose counters grow at a known rate."""
+
+    started = time.time()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        now = time.time()
+        elapsed = now - self.started
+        stamp = int(now * 1000)
+        body: list[str] = []
+        if self.path == "/metrics/cadvisor":
+            body += [
+                "# HELP container_cpu_usage_seconds_total [STABLE] Cumulative cpu time consumed",
+                "# TYPE container_cpu_usage_seconds_total counter",
+                *self.cadvisor("container_cpu_usage_seconds_total", elapsed, stamp, cpu=True),
+                "# HELP container_memory_working_set_bytes [STABLE] Current working set in bytes",
+                "# TYPE container_memory_working_set_bytes gauge",
+                *self.cadvisor("container_memory_working_set_bytes", elapsed, stamp, cpu=False),
+                "# HELP container_fs_usage_bytes Number of bytes consumed by the container",
+                "# TYPE container_fs_usage_bytes gauge",
+                f'container_fs_usage_bytes{{container="server",namespace="{NAMESPACE}",pod="{POD}"}} 1e9',
+            ]
+        elif self.path == "/metrics/resource":
+            labels = f'namespace="{NAMESPACE}",pod="{POD}"'
+            body += [
+                "# TYPE container_cpu_usage_seconds_total counter",
+                f'container_cpu_usage_seconds_total{{container="server",{labels}}} '
+                f"{SERVER_CPU * elapsed} {stamp}",
+                "# TYPE container_memory_working_set_bytes gauge",
+                f'container_memory_working_set_bytes{{container="server",{labels}}} {SERVER_MEMORY} {stamp}',
+            ]
+        elif self.path == "/metrics":  # the DCGM exporter, with its Kubernetes pod mapping on
+            body += [
+                "# TYPE DCGM_FI_DEV_GPU_UTIL gauge",
+                f'DCGM_FI_DEV_GPU_UTIL{{gpu="0",UUID="GPU-1",modelName="NVIDIA H100 80GB HBM3",'
+                f'namespace="{NAMESPACE}",pod="{POD}",container="server"}} {GPU_UTIL_PERCENT}',
+            ]
+        else:
+            self.send_error(404)
+            return
+        data = ("\n".join(body) + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    @staticmethod
+    def cadvisor(name: str, elapsed: float, stamp: int, *, cpu: bool) -> list[str]:
+        """The server and sidecar containers, plus the pod's own cgroup (container="") and its sandbox
+        (container="POD"), which the cost model must not count as containers."""
+        rows = [
+            ("server", SERVER_CPU, SERVER_MEMORY),
+            ("sidecar", SIDECAR_CPU, SIDECAR_MEMORY),
+            ("", SERVER_CPU + SIDECAR_CPU, SERVER_MEMORY + SIDECAR_MEMORY),
+            ("POD", 0.001, 1024**2),
+        ]
+        lines = []
+        for container, vcpus, memory in rows:
+            labels = (
+                f'container="{container}",id="/kubepods/burstable/pod1234/{container or "pod"}",'
+                f'image="tandem/serve:dev",name="{container}",namespace="{NAMESPACE}",pod="{POD}"'
+            )
+            value = vcpus * elapsed if cpu else memory
+            lines.append(f"{name}{{{labels}}} {value} {stamp}")
+        return lines
+
+
+@pytest.fixture
+def exporter() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KubeletStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def manifest() -> dict[str, object]:
+    """The pod as the cost model reads it: server 1 vCPU, 8 GiB, 1 GPU; sidecar 0.1 vCPU, 32 MiB."""
+    return {
+        "spec": {
+            "nodeName": "real-node-0",
+            "containers": [
+                {
+                    "name": "server",
+                    "resources": {
+                        "requests": {"cpu": "1", "memory": "8Gi"},
+                        "limits": {"nvidia.com/gpu": "1"},
+                    },
+                },
+                {"name": "sidecar", "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}}},
+            ],
+        }
+    }
+
+
+def test_the_operator_charges_max_of_request_and_usage_read_from_prometheus(
+    tmp_path: Path, exporter: str
+) -> None:
+    kubelets = tmp_path / "kubelets.json"
+    kubelets.write_text(json.dumps([{"targets": [exporter], "labels": {"node": "real-node-0"}}]))
+    dcgm = {"job_name": "dcgm", "honor_labels": True, "static_configs": [{"targets": [exporter]}]}
+    prometheus = start_prometheus_with(
+        tmp_path / "prometheus", [*devprometheus.kubelet_jobs(kubelets, None), dcgm]
+    )
+    source = cost_usage.UsageSource(prometheus.url, window=f"{WINDOW_SECONDS}s", refresh_seconds=0)
+    prices = cost.Prices({"H100": 4.0})
+    try:
+        # Before the series span the window, rate() (divided by the whole window) reads low: wait until
+        # both kubelet jobs have nearly a window of 1 s scrapes.
+        covered = (
+            f"min(count_over_time(container_cpu_usage_seconds_total"
+            f'{{container=~"server|sidecar",pod="{POD}"}}[{WINDOW_SECONDS}s])) >= {WINDOW_SECONDS - 2}'
+        )
+        wait_for(
+            lambda: prometheus.query(covered), 180, f"{WINDOW_SECONDS}s of kubelet scrapes", interval=1.0
+        )
+        snapshot = source.wait(60)
+        assert snapshot.problem is None
+        usage = snapshot.for_pod(NAMESPACE, POD)
+        assert usage is not None
+        assert set(usage) == {"server", "sidecar"}  # the pod cgroup and the POD sandbox are not containers
+        server, sidecar = usage["server"], usage["sidecar"]
+        assert server.cpu == pytest.approx(SERVER_CPU, rel=0.1)
+        assert sidecar.cpu == pytest.approx(SIDECAR_CPU, rel=0.1)
+        # Both kubelet endpoints were scraped: one value per container, not their sum.
+        assert server.memory_bytes == pytest.approx(SERVER_MEMORY)
+        assert sidecar.memory_bytes == pytest.approx(SIDECAR_MEMORY)
+        assert server.gpu_busy == pytest.approx(GPU_UTIL_PERCENT / 100)
+        assert (
+            len(prometheus.query(f'container_memory_working_set_bytes{{container="server",pod="{POD}"}}'))
+            == 2
+        )
+        assert not prometheus.query("container_fs_usage_bytes")  # dropped at scrape time
+
+        rate = cost.pod_rate(cost.containers_of(manifest()), "H100", prices, usage)
+        measured_cpu = server.cpu
+        assert measured_cpu is not None
+        cpu, ram = prices.cpu_per_vcpu_hour, prices.ram_per_gib_hour
+        # server: CPU above its request (as used), memory below it (as requested); sidecar: memory above.
+        expected = 4.0 + measured_cpu * cpu + 8 * ram + 0.1 * cpu + SIDECAR_MEMORY / cost.GIB * ram
+        assert rate.usd_per_hour == pytest.approx(expected)
+        assert rate.usd_per_hour > cost.pod_rate(cost.containers_of(manifest()), "H100", prices).usd_per_hour
+        assert (rate.basis, rate.gpus) == ("usage", 1)
+        assert rate.idle_gpu_usd_per_hour == pytest.approx(4.0 * (1 - GPU_UTIL_PERCENT / 100))
+
+        # A pod on a kwok node has no series: requests, and the snapshot is still good for the others.
+        assert snapshot.for_pod(NAMESPACE, "on-a-kwok-node") is None
+    finally:
+        source.close()
+        prometheus.stop()
+    # Prometheus gone: the next read says so instead of failing, and allocation falls back to requests.
+    down = cost_usage.UsageSource(prometheus.url, refresh_seconds=0)
+    try:
+        snapshot = down.wait(60)
+    finally:
+        down.close()
+    assert snapshot.problem is not None
+    assert "did not answer" in snapshot.problem
+    fallback = cost.pod_rate(cost.containers_of(manifest()), "H100", prices, snapshot.for_pod(NAMESPACE, POD))
+    assert fallback.basis == "requests"
