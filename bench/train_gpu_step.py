@@ -3,8 +3,9 @@
     python bench/train_gpu_step.py --size 124m --seq-len 1024 --batch 16 --steps 30
 
 tandem    - `GPTRun.train_step()`, the exact per-step code a TrainingJob runs: data sampler, bf16
-            autocast, gradient clipping, GradScaler plumbing (disabled in bf16), LR schedule,
-            fused AdamW, torch.compile;
+            autocast, gradient clipping at 1.0 (the default), GradScaler plumbing (disabled in bf16),
+            LR schedule, fused AdamW, torch.compile; and the same without clipping (`gradClip: 0`),
+            which the reference does not do;
 reference - the smallest loop that trains the same model: random tokens already on the GPU,
             torch.compile, bf16 autocast, fused AdamW, nothing else.
 Prints tokens/s, ms/step and MFU (training FLOPs per token from the model x tokens/s over the
@@ -73,26 +74,27 @@ def main() -> int:
     tokens = args.batch * args.seq_len
     rows = []
 
-    cfg = TrainConfig(
-        job_name="bench",
-        model_size=args.size,
-        dataset_uri="tandem://corpus",
-        max_steps=args.steps + args.warmup + 1,
-        seq_len=args.seq_len,
-        precision=Precision.BF16,
-        per_device_batch=args.batch,
-        global_batch=args.batch,
-        use_gpu=True,
-        gpus_per_worker=1,
-        compile=True,
-    )
-    compile_start = time.perf_counter()
-    run = GPTRun(cfg, DistInfo())
-    tandem = timed(run.train_step, args.steps, args.warmup)
-    rows.append(("tandem", tandem, run.flops_per_token))
-    print(f"tandem done ({time.perf_counter() - compile_start:.0f}s incl. compile)", flush=True)
-    del run
-    torch.cuda.empty_cache()
+    for name, clip in (("tandem", 1.0), ("tandem, no gradient clipping", 0.0)):
+        cfg = TrainConfig(
+            job_name="bench",
+            model_size=args.size,
+            dataset_uri="tandem://corpus",
+            max_steps=args.steps + args.warmup + 1,
+            seq_len=args.seq_len,
+            precision=Precision.BF16,
+            per_device_batch=args.batch,
+            global_batch=args.batch,
+            use_gpu=True,
+            gpus_per_worker=1,
+            compile=True,
+            grad_clip=clip,
+        )
+        compile_start = time.perf_counter()
+        run = GPTRun(cfg, DistInfo())
+        rows.append((name, timed(run.train_step, args.steps, args.warmup), run.flops_per_token))
+        print(f"{name} done ({time.perf_counter() - compile_start:.0f}s incl. compile)", flush=True)
+        del run
+        torch.cuda.empty_cache()
 
     step, flops_per_token = reference_step(args.size, args.seq_len, args.batch)
     reference = timed(step, args.steps, args.warmup)
@@ -105,7 +107,8 @@ def main() -> int:
     for name, seconds, fpt in rows:
         rate = tokens / seconds
         print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
-    print(f"\ntandem / reference throughput: {reference / tandem:.3f}")
+    for name, seconds, _ in rows[:-1]:
+        print(f"{name} / reference throughput: {reference / seconds:.3f}")
     return 0
 
 
