@@ -42,10 +42,23 @@ CHECKPOINT_MOUNT = "/checkpoints"
 DATASET_MOUNT = DATA_ROOT
 #: Pod Security "restricted" for every training pod: the image's user, which must not be root (the
 #: project's images run as 65532, numerically so the kubelet can check), no privilege escalation, no
-#: capabilities, the runtime's default seccomp profile. The root file system stays writable: Ray
-#: writes its session files under /tmp.
+#: capabilities, the runtime's default seccomp profile, and a read-only root file system: what the
+#: workload writes goes to WRITABLE_DIRS (emptyDir volumes) or to the checkpoint and data mounts.
 POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+#: The writable places of a training container under its read-only root, one emptyDir each (they live
+#: as long as the pod, on the node's disk): /tmp holds Ray's session files (/tmp/ray: logs, sockets,
+#: spilled objects), Python's temp files, the run's local Ray Train storage and the s3:// data cache;
+#: the workloads image's home folder (its HOME and working directory, images/workloads.Dockerfile)
+#: takes the caches of Triton, torch and the like under ~/.cache. An image built on another base must
+#: keep that HOME (the run document stays the pod's only configuration: no HOME variable is set).
+#: /dev/shm, Ray's object store, is the runtime's own tmpfs and stays writable.
+HOME_DIR = "/home/tandem"
+WRITABLE_DIRS = {"tmp": "/tmp", "home": HOME_DIR}
 #: Long enough for the driver to write a checkpoint after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
@@ -161,9 +174,10 @@ def _env(run: TrainingRun) -> list[dict[str, Any]]:
 
 
 def _volumes(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The checkpoint claim (read-write, shared by every pod) and a pvc:// data set (read-only)."""
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
+    """The writable dirs of the read-only root, the checkpoint claim (read-write, shared by every pod)
+    and a pvc:// data set (read-only)."""
+    volumes: list[dict[str, Any]] = [{"name": name, "emptyDir": {}} for name in WRITABLE_DIRS]
+    mounts: list[dict[str, Any]] = [{"name": name, "mountPath": path} for name, path in WRITABLE_DIRS.items()]
     if spec.checkpoint is not None and spec.checkpoint.storage.pvc:
         volumes.append(
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.storage.pvc}}
@@ -237,10 +251,7 @@ def _pod(
         pod_spec["schedulerName"] = spec.scheduling.scheduler_name
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
-    volumes, mounts = _volumes(spec)
-    if volumes:
-        pod_spec["volumes"] = volumes
-        pod_spec["containers"][0]["volumeMounts"] = mounts
+    pod_spec["volumes"], pod_spec["containers"][0]["volumeMounts"] = _volumes(spec)
     labels = _labels(job, role, attempt, spec) | (extra_labels or {})
     return {
         "apiVersion": "v1",
