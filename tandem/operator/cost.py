@@ -119,6 +119,8 @@ class Rate:
     measured: int = 0
     #: GPUs' hourly price times their idle fraction, over the containers with DCGM utilisation.
     idle_gpu_usd_per_hour: float = 0.0
+    #: Containers holding GPUs whose utilisation DCGM reported.
+    gpu_measured: int = 0
 
     def __add__(self, other: Rate) -> Rate:
         return Rate(
@@ -127,6 +129,7 @@ class Rate:
             self.containers + other.containers,
             self.measured + other.measured,
             self.idle_gpu_usd_per_hour + other.idle_gpu_usd_per_hour,
+            self.gpu_measured + other.gpu_measured,
         )
 
     @property
@@ -229,6 +232,7 @@ def pod_rate(
             idle_gpu_usd_per_hour=0.0
             if busy is None
             else allocated.gpus * gpu_price * (1.0 - min(max(busy, 0.0), 1.0)),
+            gpu_measured=int(busy is not None and allocated.gpus > 0),
         )
     return total
 

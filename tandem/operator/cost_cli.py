@@ -22,6 +22,11 @@ Reads the operator's cost counters and the replicas' request and token counters 
 (--prometheus-url); without it, or when Prometheus does not answer, reads the TrainingJobs' and
 InferenceServices' status through the kubeconfig (the spend and rate now, no history).
 
+Cost is allocated as OpenCost does: per container, max(request, usage) x hourly price, for vCPUs and
+memory; GPUs by request (reserved whole). ALLOCATION says which: `usage` (the kubelet's usage series
+were in Prometheus for every container), `requests` (none: kwok nodes, no kubelet scrape, Prometheus
+down), `usage N/M`, or `-` (nothing on a node now, or read from the status, which does not record it).
+
 Examples:
   tandem cost --prometheus-url http://prometheus.monitoring:9090
   tandem cost --namespace ml --output json
@@ -91,14 +96,13 @@ def _cost(args: argparse.Namespace) -> int:
     if histories is None:
         histories = cost_sources.from_status(args.namespace, now)
     rows = cost_report.report(histories, now, args.window)
+    usage = _usage_note(args.prometheus_url if source == "prometheus" else None)
     if args.output == "json":
-        print(
-            json.dumps(
-                {"source": source, "time": now.isoformat(), "models": [r.to_dict() for r in rows]}, indent=2
-            )
-        )
+        document = {"source": source, "time": now.isoformat(), "models": [r.to_dict() for r in rows]}
+        print(json.dumps(document | {"usage": usage}, indent=2))
     elif rows:
         print(cost_report.table(rows))
+        print(f"\nallocation: {usage}")
     else:
         print(
             "no TrainingJob or InferenceService spend found"
@@ -112,3 +116,21 @@ def _cost(args: argparse.Namespace) -> int:
         plot(histories, rows, now, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _usage_note(prometheus_url: str | None) -> str:
+    """Whether usage is measured, as the operator reads it (the same queries, the same Prometheus)."""
+    from tandem.operator import cost_usage
+
+    if not prometheus_url:
+        return (
+            "basis not recorded in the status; max(request, usage) where the operator's Prometheus has "
+            "the kubelet's usage series, requests elsewhere (--prometheus-url shows which)"
+        )
+    snapshot = cost_usage.read(cost_usage.prometheus_query(prometheus_url))
+    if snapshot.problem:
+        return snapshot.problem
+    return (
+        f"max(request, usage) per container; usage of {len(snapshot.pods)} pods in Prometheus "
+        "(kubelet cAdvisor); GPUs by request (reserved whole)"
+    )

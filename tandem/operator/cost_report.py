@@ -9,6 +9,11 @@ ended, r is 0 whatever the window saw (its spend is fixed): right after training
 holds the job's last hour of spend, which would put the crossover off. A counter that was still at 0
 inside the window (serving that began a few minutes ago) is measured from when it left 0, so its rate is
 right from the moment it starts spending rather than diluted over the whole window.
+
+Each row also says how its hourly cost is allocated now (the operator's `tandem_cost_containers`):
+`usage` when every container on a node is charged max(request, measured usage), `requests` when none
+has usage (kwok nodes, no kubelet scrape, Prometheus down), `usage N/M` in between, `-` when nothing
+of the model is on a node or the source (the status) does not record it.
 """
 
 from __future__ import annotations
@@ -80,6 +85,21 @@ class Series:
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """The containers of a model on nodes now, and how many are charged by measured usage."""
+
+    containers: int = 0
+    measured: int = 0
+
+    def describe(self) -> str:
+        if self.containers <= 0:
+            return "-"
+        if self.measured >= self.containers:
+            return "usage"
+        return "requests" if self.measured <= 0 else f"usage {self.measured}/{self.containers}"
+
+
+@dataclass(frozen=True)
 class ModelHistory:
     """What one model cost and served: cumulative dollars of training and of serving, requests, tokens."""
 
@@ -91,6 +111,8 @@ class ModelHistory:
     #: Every TrainingJob of the model has ended (Succeeded, Failed or deleted): training spend is fixed,
     #: and its rate is 0 whatever the window saw.
     training_ended: bool = False
+    #: How its cost is allocated now (None: the source does not say).
+    allocation: Allocation | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,8 @@ class ModelCost:
     #: When serving spend passed (crossed=True) or will pass training spend; None: not at these rates.
     crossover: datetime | None
     crossed: bool
+    #: `usage`, `requests`, `usage N/M` or `-` (Allocation.describe).
+    allocation: str = "-"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -119,6 +143,7 @@ class ModelCost:
             "usdPerMillionTokens": _round(self.usd_per_million_tokens),
             "crossover": self.crossover.isoformat() if self.crossover else None,
             "crossed": self.crossed,
+            "allocation": self.allocation,
         }
 
 
@@ -159,6 +184,7 @@ def summarize(history: ModelHistory, now: datetime, window: float = DEFAULT_WIND
         usd_per_million_tokens=per_million(serving_hourly, history.tokens.rate(window)),
         crossover=crossover,
         crossed=crossed,
+        allocation=history.allocation.describe() if history.allocation else "-",
     )
 
 
@@ -183,6 +209,7 @@ def table(rows: Sequence[ModelCost]) -> str:
         "PER 1M REQ",
         "PER 1M TOK",
         "SERVING PASSES TRAINING",
+        "ALLOCATION",
     )
     lines = [header]
     for row in rows:
@@ -199,6 +226,7 @@ def table(rows: Sequence[ModelCost]) -> str:
                 _usd(row.usd_per_million_requests),
                 _usd(row.usd_per_million_tokens),
                 when,
+                row.allocation,
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -20,8 +20,8 @@ from typing import Any
 from tandem.api.common import GROUP, VERSION
 from tandem.errors import UserError
 from tandem.operator.autoscaler_metrics import INFERENCE_ROUTES, REQUEST_DURATION, TOKENS
-from tandem.operator.cost_report import ModelHistory, Series
-from tandem.operator.status_metrics import COST, HOURLY, STATUS_PHASE
+from tandem.operator.cost_report import Allocation, ModelHistory, Series
+from tandem.operator.status_metrics import CONTAINERS, COST, HOURLY, STATUS_PHASE
 
 #: The replicas' prompt-token counter (tandem.workloads.serve.metrics.PROMPT_TOKENS; the operator does not
 #: import the workloads).
@@ -47,6 +47,24 @@ def training_active_query(namespace: str | None) -> str:
     not_ended = _selector(namespace, 'status_phase!~"Succeeded|Failed"', phase="training")
     on_nodes = f"{HOURLY}{_selector(namespace, phase='training')} > 0"
     return f"group by (model) ({STATUS_PHASE}{not_ended} or {on_nodes})"
+
+
+def allocation_query(namespace: str | None) -> str:
+    """Containers on nodes now by model and basis (usage or requests), both phases together."""
+    return f"sum by (model, basis) ({CONTAINERS}{_selector(namespace)})"
+
+
+def _allocation(usage: Series | None, requests: Series | None, end: float, step: float) -> Allocation | None:
+    """A model's allocation at `end`: the last points of its two basis series (None: neither has a
+    point within a step of `end`, its resources are gone)."""
+
+    def now(series: Series | None) -> float | None:
+        return series.last if series and series.points and series.points[-1][0] >= end - step else None
+
+    measured, unmeasured = now(usage), now(requests)
+    if measured is None and unmeasured is None:
+        return None
+    return Allocation(int((measured or 0) + (unmeasured or 0)), int(measured or 0))
 
 
 def per_model_query(counters: str | tuple[str, ...], namespace: str | None, extra: str = "") -> str:
@@ -116,6 +134,9 @@ def _histories(
     for name, query in (("requests", requests_query(namespace)), ("tokens", tokens_query(namespace))):
         for result in _range(base_url, query, start, end, step):
             found[name][result["metric"].get("model", "")] = _series(result)
+    for result in _range(base_url, allocation_query(namespace), start, end, step):
+        labels = result["metric"]
+        found[f"allocation-{labels.get('basis', '')}"][labels.get("model", "")] = _series(result)
     return found
 
 
@@ -127,7 +148,8 @@ def from_prometheus(
     ConnectionError if Prometheus fails."""
     end = now.timestamp()
     window = min(window, span)
-    fine = _histories(base_url, namespace, end - window, end, max(window / HISTORY_POINTS, 1.0))
+    fine_step = max(window / HISTORY_POINTS, 1.0)
+    fine = _histories(base_url, namespace, end - window, end, fine_step)
     coarse: dict[str, dict[str, Series]] = defaultdict(dict)
     if span > window:
         coarse = _histories(base_url, namespace, end - span, end - window, max(span / HISTORY_POINTS, 1.0))
@@ -147,6 +169,9 @@ def from_prometheus(
             requests=series("requests", model),
             tokens=series("tokens", model),
             training_ended=model not in active,
+            allocation=_allocation(
+                fine["allocation-usage"].get(model), fine["allocation-requests"].get(model), end, fine_step
+            ),
         )
         for model in sorted(models)
     ]

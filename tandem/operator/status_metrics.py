@@ -8,6 +8,11 @@ service serves, empty for a service with a model from elsewhere), so spend joins
 
     sum by (model, phase) (tandem_cost_usd_total)
 
+How the hourly cost was allocated is a series too: `tandem_cost_containers{basis="usage"|"requests"}`
+counts the containers on nodes charged max(request, measured usage) and those charged their requests
+alone (no usage series: a kwok node, no kubelet scrape, Prometheus down), and
+`tandem_cost_idle_gpu_usd_per_hour` the price of the requested GPUs that DCGM saw idle.
+
 A collector (not prometheus_client's Counter objects) because the values are set from the status, not
 incremented; each reconcile `record`s its resource and a deleted resource is `forget`-ten. One table for
 the process, registered in prometheus_client's default registry like tandem.operator.metrics.
@@ -19,7 +24,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -40,6 +45,8 @@ CHECKPOINT_TIME = "tandem_trainingjob_last_checkpoint_timestamp_seconds"
 STATUS_PHASE = "tandem_resource_phase"
 REPLICAS = "tandem_inferenceservice_replicas"
 AUTOSCALER = "tandem_inferenceservice_autoscaler_info"
+CONTAINERS = "tandem_cost_containers"
+IDLE_GPU = "tandem_cost_idle_gpu_usd_per_hour"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,11 @@ class Row:
     replicas: Mapping[str, int] = field(default_factory=dict)
     #: Who scales an InferenceService: builtin, external (an HPA or KEDA) or fixed (no autoscaling).
     autoscaler: str | None = None
+    #: Containers on nodes priced now, and how many of them by measured usage (None: not reported).
+    containers: int | None = None
+    measured: int = 0
+    #: What the requested GPUs that DCGM saw idle cost per hour (None: no DCGM utilisation).
+    idle_gpu_usd_per_hour: float | None = None
 
 
 class StatusMetrics:
@@ -104,6 +116,14 @@ class StatusMetrics:
             "1 for who scales an InferenceService (builtin, external, fixed).",
             labels=[*LABELS, "mode"],
         )
+        containers = GaugeMetricFamily(
+            CONTAINERS,
+            "Containers on nodes priced now, by basis: max(request, usage) or requests alone.",
+            labels=[*LABELS, "basis"],
+        )
+        idle = GaugeMetricFamily(
+            IDLE_GPU, "Price per hour of the requested GPUs that DCGM saw idle, US dollars.", labels=LABELS
+        )
         for (kind, namespace, name), row in sorted(rows.items()):
             labels = [namespace, name, kind, row.phase, row.model]
             cost.add_metric(labels, row.usd)
@@ -120,11 +140,28 @@ class StatusMetrics:
                 replicas.add_metric([*labels, state], count)
             if row.autoscaler:
                 autoscaler.add_metric([*labels, row.autoscaler], 1)
+            if row.containers is not None:
+                containers.add_metric([*labels, "usage"], row.measured)
+                containers.add_metric([*labels, "requests"], row.containers - row.measured)
+            if row.idle_gpu_usd_per_hour is not None:
+                idle.add_metric(labels, row.idle_gpu_usd_per_hour)
         yield from (cost, gpu, hourly, gpus, phase, restarts, checkpoint, replicas, autoscaler)
+        yield from (containers, idle)
 
 
 STATUS_METRICS = StatusMetrics()
 REGISTRY.register(STATUS_METRICS)
+
+
+def _allocation(rate: cost.Rate | None) -> dict[str, Any]:
+    """The row's allocation fields from the rate the reconcile priced (none: not reported)."""
+    if rate is None:
+        return {}
+    return {
+        "containers": rate.containers,
+        "measured": rate.measured,
+        "idle_gpu_usd_per_hour": rate.idle_gpu_usd_per_hour if rate.gpu_measured else None,
+    }
 
 
 def training_row(name: str, status: TrainingJobStatus, rate: cost.Rate) -> Row:
@@ -140,12 +177,16 @@ def training_row(name: str, status: TrainingJobStatus, rate: cost.Rate) -> Row:
         status_phase=status.phase.value if status.phase else None,
         restarts=status.restarts or 0,
         last_checkpoint=status.last_checkpoint.time if status.last_checkpoint else None,
+        **_allocation(rate),
     )
 
 
-def serving_row(spec: InferenceServiceSpec, status: InferenceServiceStatus) -> Row:
+def serving_row(
+    spec: InferenceServiceSpec, status: InferenceServiceStatus, rate: cost.Rate | None = None
+) -> Row:
     """An InferenceService's row: the model is the TrainingJob it serves (status.model once rolled
-    out, else the spec's reference), empty when its weights come from elsewhere."""
+    out, else the spec's reference), empty when its weights come from elsewhere. `rate`, the replicas'
+    priced now, gives the allocation series."""
     ref = spec.model.training_job_ref
     model = (status.model.training_job if status.model else None) or (ref.name if ref else "")
     spent = status.cost
@@ -160,4 +201,5 @@ def serving_row(spec: InferenceServiceSpec, status: InferenceServiceStatus) -> R
         status_phase=status.phase.value if status.phase else None,
         replicas={"desired": replicas.desired or 0, "ready": replicas.ready or 0} if replicas else {},
         autoscaler=spec.autoscaling.mode.value if spec.autoscaling else "fixed",
+        **_allocation(rate),
     )
