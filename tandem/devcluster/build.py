@@ -109,8 +109,11 @@ def parse_go_version(output: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def ldflags(module: str, kubernetes_version: str) -> str:
-    """Linker flags: strip symbols, and stamp versions so `kubectl version` says what was pinned."""
+def ldflags(module: str, kubernetes_version: str, gomod: str = "") -> str:
+    """Linker flags: strip symbols, and stamp versions so `kubectl version` says what was pinned.
+
+    `gomod` is the module's own go.mod, for the stamps that depend on its pins (helm's).
+    """
     flags = ["-s", "-w"]
     if module in ("kubernetes", "node"):
         major, minor = kubernetes_version.removeprefix("v").split(".")[:2]
@@ -124,7 +127,24 @@ def ldflags(module: str, kubernetes_version: str) -> str:
     elif module == "kwok":
         # Only kwokctl reads it (to pick images/downloads); keep it in step with our pin.
         flags.append(f"-X sigs.k8s.io/kwok/pkg/consts.KubeVersion={kubernetes_version}")
+    elif module == "helm":
+        flags += helm_ldflags(gomod)
     return " ".join(flags)
+
+
+def helm_ldflags(gomod: str) -> list[str]:
+    """The stamps helm's own Makefile sets: its version, and the Kubernetes version of its client-go.
+
+    Unstamped, `helm template` and `helm lint` assume Kubernetes 1.20 and refuse charts that need newer
+    (charts/tandem says kubeVersion >=1.30).
+    """
+    helm = "helm.sh/helm/v3"
+    client_minor = module_version(gomod, "k8s.io/client-go").split(".")[1]
+    flags = [f"-X {helm}/internal/version.version={module_version(gomod, helm)}"]
+    flags += [f"-X {helm}/internal/version.gitTreeState=clean"]
+    for pkg in (f"{helm}/pkg/lint/rules", f"{helm}/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor=1", f"-X {pkg}.k8sVersionMinor={client_minor}"]
+    return flags
 
 
 def cache_key(module_files: dict[str, bytes], flags: dict[str, str], toolchain: str) -> str:
@@ -203,8 +223,9 @@ def plan(bundle: Bundle = CONTROL_PLANE) -> Plan:
             f"{go} reports {version or 'nothing'!r}, but the pinned modules need Go {need_text}; "
             + GO_INSTALL_HINT.format(need=need_text)
         )
-    kube_version = module_version(gomods[bundle.kubernetes_module], "k8s.io/kubernetes")
-    flags = {m: ldflags(m, kube_version) for m in bundle.modules}
+    kube_gomod = gomods.get(bundle.kubernetes_module) or _read(bundle.kubernetes_module, "go.mod").decode()
+    kube_version = module_version(kube_gomod, "k8s.io/kubernetes")
+    flags = {m: ldflags(m, kube_version, gomods[m]) for m in bundle.modules}
     key = cache_key(_module_files(bundle.modules), flags, toolchain)
     return Plan(go=go, key=key, bin_dir=paths.builds_root() / key / "bin", flags=flags)
 
