@@ -30,6 +30,7 @@ from tandem.api.common import (
     display_usd,
     gpu_product_rule,
 )
+from tandem.api.finetuning import FineTuning
 
 KIND: Final = "TrainingJob"
 PLURAL: Final = "trainingjobs"
@@ -209,6 +210,8 @@ class BuiltinTrainer(SpecModel):
     """Compile the model with `torch.compile` (faster steps on GPUs after a minute of compiling)."""
     evaluation: Evaluation | None = None
     """Periodic evaluation on held-out data. Unset: none."""
+    fine_tuning: FineTuning | None = None
+    """Start from a pretrained checkpoint (all weights, or a LoRA adapter). Unset: random weights."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -95,7 +95,7 @@ def assert_agrees(
         assert cfg.checkpoint_every_steps is None
     else:
         storage = spec.checkpoint.storage
-        expected_dir = "file:///checkpoints/ns/job" if storage.pvc else storage.uri
+        expected_dir = f"file://{builders.CHECKPOINT_MOUNT}/ns/job" if storage.pvc else storage.uri
         assert cfg.checkpoint_dir == run.checkpoint_uri == expected_dir
         assert cfg.checkpoint_every_steps == spec.checkpoint.every_steps
         assert cfg.checkpoint_every_minutes == spec.checkpoint.every_minutes
@@ -111,6 +111,7 @@ def assert_agrees(
         assert_data_agrees(builtin, run, cfg)
         assert_optimizer_agrees(builtin, cfg)
         assert_evaluation_agrees(builtin, cfg)
+        assert_fine_tuning_agrees(builtin, cfg)
     else:
         assert cfg.entrypoint == spec.trainer.entrypoint
         assert cfg.user_config == dict(spec.trainer.config or {})
@@ -169,6 +170,41 @@ def assert_evaluation_agrees(builtin: BuiltinTrainer, cfg: TrainConfig) -> None:
     assert cfg.early_stop_min_delta == (0.0 if stopping is None else stopping.min_delta)
 
 
+def write_base(spec: TrainingJobSpec, mount: Path) -> None:
+    """A fine-tune's base: a real checkpoint of the spec's size where the pod finds it (beside its own
+    checkpoint root on the claim, mounted at `mount` here)."""
+    from tandem.workloads.train.loop import DistInfo, run_builtin
+
+    builtin = spec.trainer.builtin
+    if builtin is None or builtin.fine_tuning is None:
+        return
+    ref = builtin.fine_tuning.base.training_job_ref
+    assert ref is not None, "examples fine-tune a TrainingJob's checkpoint"
+    size = builtin.size.value
+    base = TrainConfig(
+        job_name=ref.name,
+        model_size=size,
+        dataset_uri="tandem://corpus-small",
+        max_steps=1,
+        seq_len=DEFAULT_SEQ_LEN[size],
+        per_device_batch=1,
+        global_batch=1,
+        checkpoint_dir=str(mount / "ns" / ref.name),
+    )
+    run_builtin(base, DistInfo())
+
+
+def assert_fine_tuning_agrees(builtin: BuiltinTrainer, cfg: TrainConfig) -> None:
+    tuning = builtin.fine_tuning
+    if tuning is None:
+        assert cfg.fine_tuning is None
+        return
+    assert cfg.fine_tuning is not None
+    assert cfg.fine_tuning["lora"] == (None if tuning.lora is None else tuning.lora.to_dict())
+    ref = tuning.base.training_job_ref
+    assert cfg.fine_tuning["base_job"] == (None if ref is None else ref.name)
+
+
 def example_specs() -> list[tuple[str, dict[str, Any]]]:
     found = []
     for path in sorted(EXAMPLES.glob("*.yaml")):
@@ -179,9 +215,15 @@ def example_specs() -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize(("name", "raw"), example_specs(), ids=[n for n, _ in example_specs()])
-def test_every_example_reaches_the_pod_as_written(name: str, raw: dict[str, Any], tmp_path: Path) -> None:
+def test_every_example_reaches_the_pod_as_written(
+    name: str, raw: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = TrainingJobSpec.model_validate(raw)
     write_dataset(spec, tmp_path)
+    if spec.trainer.builtin is not None and spec.trainer.builtin.fine_tuning is not None:
+        # The checkpoint claim, mounted in a folder here: a fine-tune reads its base job's checkpoints there.
+        monkeypatch.setattr(builders, "CHECKPOINT_MOUNT", str(tmp_path / "checkpoints"))
+        write_base(spec, tmp_path / "checkpoints")
     run, cfg, resources = effective_config(
         spec, attempt=3, resume_from="file:///c/step-00000010", data_root=tmp_path
     )

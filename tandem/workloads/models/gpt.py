@@ -7,7 +7,8 @@ Stable API (the model server's `causal-lm` runtime loads Tandem checkpoints with
 - `GPT(config)`: `forward(idx, targets=None) -> (logits, loss)`, `generate(...)`, `num_parameters()`,
   `flops_per_token()`.
 - `load_for_inference(checkpoint_dir) -> (model, tokenizer, config)`: a checkpoint written by the training
-  driver (one `step-NNNNNNNN` directory, or the checkpoint root, whose newest complete checkpoint is used).
+  driver (one `step-NNNNNNNN` directory, or the checkpoint root, whose newest complete checkpoint is used);
+  a LoRA fine-tune's adapter-only checkpoint is loaded onto its base and merged (`models.lora`).
 
 Sizes: `tiny` (about 0.4M parameters, for tests and CPU demos), `small` (about 3M), `medium` (about 25M),
 `124m` (GPT-2 small: 12 layers, 768 wide, 12 heads). `SIZES` holds the byte tokenizer's padded vocabulary
@@ -295,8 +296,12 @@ def load_for_inference(
         raise ValueError(f"{path} is not a built-in GPT checkpoint (metadata model: {model_meta!r})")
     config = GPTConfig.from_dict(model_meta["config"])
     model = GPT(config)
-    state = torch.load(path / ckpt.MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    if (meta.get("fineTuning") or {}).get("lora"):  # adapter-only: base weights + adapter, merged
+        from tandem.workloads.models.lora import load_adapter_checkpoint
+
+        load_adapter_checkpoint(model, path, meta)
+    else:
+        model.load_state_dict(torch.load(path / ckpt.MODEL_FILE, map_location="cpu", weights_only=True))
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.eval()
     # A model trained on a tokenizer's ids is served with that tokenizer: the checkpoint carries it.

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel
 
@@ -29,6 +29,9 @@ from tandem.api.trainingjob import (
 )
 from tandem.api.trainingrun import DATA_ROOT, TrainingRun
 from tandem.errors import UserError
+
+if TYPE_CHECKING:
+    from tandem.workloads.train.finetune import FineTune
 
 BUILTIN_CORPUS_SCHEME = "tandem://"
 """`tandem://corpus` is the small generated corpus (tests, demo); no file needed."""
@@ -129,6 +132,8 @@ class TrainConfig:
     sync_every: int = 10
     """Steps between the ranks' agreement on stop/checkpoint requests (one tiny all-reduce)."""
     compile: bool = _SPEC_DEFAULTS["compile"]
+    #: The resolved `spec.trainer.builtin.fineTuning` (`finetune.FineTune.to_dict()`); None: random weights.
+    fine_tuning: dict[str, Any] | None = None
 
     @property
     def accumulation_steps(self) -> int:
@@ -276,7 +281,8 @@ def from_spec(
             raise UserError(
                 f"spec.trainer.builtin.size: unknown size {size!r}; use one of {', '.join(DEFAULT_SEQ_LEN)}"
             )
-        length = b.sequence_length or DEFAULT_SEQ_LEN[size]
+        fine = None if b.fine_tuning is None else _fine_tune(b, size, checkpoint_dir, data_root)
+        length = b.sequence_length or (DEFAULT_SEQ_LEN[size] if fine is None else fine.gpt_config.block_size)
         data = _check_data(b, data_root=data_root, seq_len=length)
         opt = b.optimizer
         ev = b.evaluation
@@ -303,13 +309,37 @@ def from_spec(
             keep_best=ev is not None and ev.keep_best,
             early_stop_patience=None if stopping is None else stopping.patience,
             early_stop_min_delta=0.0 if stopping is None else stopping.min_delta,
+            fine_tuning=None if fine is None else fine.to_dict(),
             **data,
             **common,
         )
+        if fine is not None:
+            from tandem.workloads.train.finetune import check_data
+
+            tokenizer = (
+                None
+                if cfg.tokenizer_uri is None
+                else resolve_data_uri(cfg.tokenizer_uri, data_root=data_root)
+            )
+            check_data(fine, cfg, tokenizer)
     else:
         assert trainer.entrypoint is not None
         cfg = TrainConfig(entrypoint=trainer.entrypoint, user_config=dict(trainer.config or {}), **common)
     return cfg
+
+
+def _fine_tune(b: BuiltinTrainer, size: str, checkpoint_dir: str | None, data_root: str | None) -> FineTune:
+    """The pinned, verified base of `spec.trainer.builtin.fineTuning` (see `finetune.resolve`)."""
+    from tandem.workloads.train.finetune import resolve
+
+    assert b.fine_tuning is not None
+    return resolve(
+        b.fine_tuning,
+        size=size,
+        sequence_length=b.sequence_length,
+        checkpoint_dir=checkpoint_dir,
+        data_root=data_root,
+    )
 
 
 def _cpus(resources: Resources) -> float:

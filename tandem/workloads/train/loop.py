@@ -32,6 +32,7 @@ from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig, resolve_data_uri
 from tandem.workloads.train.data import WindowSampler, micro_batch_first_sample, train_and_validation
+from tandem.workloads.train.finetune import FineTune
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +275,16 @@ class GPTRun:
         self.cfg, self.dist, self.hooks = cfg, dist, hooks or NullHooks()
         self.device = pick_device(cfg, dist)
         seed_everything(cfg.seed)
-        self.model_config = config_for(cfg.model_size, block_size=cfg.seq_len, vocab_size=cfg.vocab_size)
+        #: `spec.trainer.builtin.fineTuning`: base weights (and LoRA layers) instead of random ones.
+        self.fine_tune = FineTune.from_config(cfg)
+        self.model_config = (
+            config_for(cfg.model_size, block_size=cfg.seq_len, vocab_size=cfg.vocab_size)
+            if self.fine_tune is None
+            else self.fine_tune.gpt_config
+        )
         self.raw_model = GPT(self.model_config).to(self.device)
+        if self.fine_tune is not None:
+            self.fine_tune.prepare(self.raw_model)
         self.model: nn.Module = self.raw_model
         if dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -394,9 +403,12 @@ class GPTRun:
     def load(self, ref: ckpt.CheckpointRef) -> None:
         """Restore everything from a checkpoint (every rank)."""
         p = ref.path
-        self.raw_model.load_state_dict(
-            torch.load(p / ckpt.MODEL_FILE, map_location=self.device, weights_only=True)
-        )
+        if self.fine_tune is not None:
+            self.fine_tune.load_weights(p, self.raw_model, self.device)
+        else:
+            self.raw_model.load_state_dict(
+                torch.load(p / ckpt.MODEL_FILE, map_location=self.device, weights_only=True)
+            )
         self.optimizer.load_state_dict(
             torch.load(p / ckpt.OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         )
@@ -425,7 +437,10 @@ class GPTRun:
         if self.dist.is_main:
             root = ckpt.uri_to_path(self.cfg.checkpoint_dir)
             with ckpt.staging(root, self.step) as st:
-                st.save_torch(ckpt.MODEL_FILE, self.raw_model.state_dict())
+                if self.fine_tune is not None:  # the adapter alone with LoRA
+                    self.fine_tune.save_weights(st, self.raw_model)
+                else:
+                    st.save_torch(ckpt.MODEL_FILE, self.raw_model.state_dict())
                 st.save_torch(ckpt.OPTIMIZER_FILE, self.optimizer.state_dict())
                 st.save_torch(
                     ckpt.TRAINER_STATE_FILE,
@@ -473,6 +488,7 @@ class GPTRun:
                 "perDevice": cfg.per_device_batch,
                 "accumulationSteps": cfg.accumulation_steps,
             },
+            **({} if self.fine_tune is None else self.fine_tune.metadata(self.raw_model)),
         }
 
     def tokenizer_path(self) -> Path:
