@@ -1,24 +1,21 @@
 """Usage-based cost allocation read from a real Prometheus, through the dev cluster's own kubelet jobs.
 
 A real kubelet cannot run in these tests (the machine's one real node belongs to the lifecycle run), so
-a stand-in exporter serves what a kubelet's `/metrics/cadvisor` and `/metrics/resource` serve, in their
-format (cAdvisor's explicit timestamps, its `id`/`image`/`name` labels, the pod-level and `POD` sandbox
-series that are not containers), and what NVIDIA's DCGM exporter serves for a GPU. Prometheus scrapes
-it with `tandem.devprometheus.kubelet_jobs` (the same jobs as the dev cluster, over HTTP instead of the
-kubelet's TLS); `tandem.operator.cost_usage` reads it back the way the operator does. The real node's
-check is the lead's: docs/cost.md says which query answers there.
+a stand-in (tests/support/kubelet_standin.py) serves what a kubelet's `/metrics/cadvisor` and
+`/metrics/resource` serve, in their format, and what NVIDIA's DCGM exporter serves for a GPU.
+Prometheus scrapes it with `tandem.devprometheus.kubelet_jobs` (the same jobs as the dev cluster, over
+HTTP instead of the kubelet's TLS); `tandem.operator.cost_usage` reads it back the way the operator
+does. The real node's check is the lead's: docs/dashboards.md says which query answers there.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from kubelet_standin import ContainerUsage, KubeletStandIn
 from operator_process import wait_for
 from prometheus_process import start_prometheus_with
 
@@ -33,88 +30,15 @@ GPU_UTIL_PERCENT = 40.0
 WINDOW_SECONDS = 20
 
 
-class KubeletStandIn(BaseHTTPRequestHandler):
-    """Serves cAdvisor, resource-metrics and DCGM exposition whose counters grow at a known rate."""
-
-    started = time.time()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        now = time.time()
-        elapsed = now - self.started
-        stamp = int(now * 1000)
-        body: list[str] = []
-        if self.path == "/metrics/cadvisor":
-            body += [
-                "# HELP container_cpu_usage_seconds_total [STABLE] Cumulative cpu time consumed",
-                "# TYPE container_cpu_usage_seconds_total counter",
-                *self.cadvisor("container_cpu_usage_seconds_total", elapsed, stamp, cpu=True),
-                "# HELP container_memory_working_set_bytes [STABLE] Current working set in bytes",
-                "# TYPE container_memory_working_set_bytes gauge",
-                *self.cadvisor("container_memory_working_set_bytes", elapsed, stamp, cpu=False),
-                "# HELP container_fs_usage_bytes Number of bytes consumed by the container",
-                "# TYPE container_fs_usage_bytes gauge",
-                f'container_fs_usage_bytes{{container="server",namespace="{NAMESPACE}",pod="{POD}"}} 1e9',
-            ]
-        elif self.path == "/metrics/resource":
-            labels = f'namespace="{NAMESPACE}",pod="{POD}"'
-            body += [
-                "# TYPE container_cpu_usage_seconds_total counter",
-                f'container_cpu_usage_seconds_total{{container="server",{labels}}} '
-                f"{SERVER_CPU * elapsed} {stamp}",
-                "# TYPE container_memory_working_set_bytes gauge",
-                f'container_memory_working_set_bytes{{container="server",{labels}}} {SERVER_MEMORY} {stamp}',
-            ]
-        elif self.path == "/metrics":  # the DCGM exporter, with its Kubernetes pod mapping on
-            body += [
-                "# TYPE DCGM_FI_DEV_GPU_UTIL gauge",
-                f'DCGM_FI_DEV_GPU_UTIL{{gpu="0",UUID="GPU-1",modelName="NVIDIA H100 80GB HBM3",'
-                f'namespace="{NAMESPACE}",pod="{POD}",container="server"}} {GPU_UTIL_PERCENT}',
-            ]
-        else:
-            self.send_error(404)
-            return
-        data = ("\n".join(body) + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    @staticmethod
-    def cadvisor(name: str, elapsed: float, stamp: int, *, cpu: bool) -> list[str]:
-        """The server and sidecar containers, plus the pod's own cgroup (container="") and its sandbox
-        (container="POD"), which the cost model must not count as containers."""
-        rows = [
-            ("server", SERVER_CPU, SERVER_MEMORY),
-            ("sidecar", SIDECAR_CPU, SIDECAR_MEMORY),
-            ("", SERVER_CPU + SIDECAR_CPU, SERVER_MEMORY + SIDECAR_MEMORY),
-            ("POD", 0.001, 1024**2),
-        ]
-        lines = []
-        for container, vcpus, memory in rows:
-            labels = (
-                f'container="{container}",id="/kubepods/burstable/pod1234/{container or "pod"}",'
-                f'image="tandem/serve:dev",name="{container}",namespace="{NAMESPACE}",pod="{POD}"'
-            )
-            value = vcpus * elapsed if cpu else memory
-            lines.append(f"{name}{{{labels}}} {value} {stamp}")
-        return lines
-
-
 @pytest.fixture
 def exporter() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), KubeletStandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    stand_in = KubeletStandIn()
+    stand_in.set(NAMESPACE, POD, "server", ContainerUsage(SERVER_CPU, SERVER_MEMORY, GPU_UTIL_PERCENT))
+    stand_in.set(NAMESPACE, POD, "sidecar", ContainerUsage(SIDECAR_CPU, SIDECAR_MEMORY))
     try:
-        yield f"127.0.0.1:{server.server_address[1]}"
+        yield stand_in.address
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+        stand_in.stop()
 
 
 def manifest() -> dict[str, object]:
