@@ -31,6 +31,7 @@ from tandem.api.common import (
     gpu_product_rule,
 )
 from tandem.api.finetuning import FineTuning
+from tandem.api.tracking import Tracking
 
 KIND: Final = "TrainingJob"
 PLURAL: Final = "trainingjobs"
@@ -401,6 +402,8 @@ class TrainingJobSpec(SpecModel):
     """Fail the job when it has run this long (seconds since it first started running)."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the finished job (Succeeded or Failed) this many seconds after it finished."""
+    tracking: Tracking | None = None
+    """Experiment tracking: TensorBoard event files beside the checkpoints, MLflow. Unset: none."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

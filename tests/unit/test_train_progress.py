@@ -218,6 +218,8 @@ def test_progress_bar_line() -> None:
     rep = ProgressReporter(bar=bar, bar_interval=0)
     rep.step(step(50))
     assert "step 50/100 [#####.....] loss 2.5000  4.1k tok/s  eta 0m25s" in out.getvalue()
+    rep.step(step(51, tokens_per_second=0.0))  # a user loop on other data reports no tokens
+    assert "loss 2.5000  32 samples/s  eta" in out.getvalue().splitlines()[-1]
 
 
 def test_pod_writer_needs_the_downward_api(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -176,13 +176,25 @@ def run_local(args: argparse.Namespace) -> int:
 
         metrics = TrainMetrics(name)
         metrics.serve(args.metrics_port)
-    reporter = ProgressReporter(bar=None if args.no_progress else ProgressBar(), metrics=metrics)
+    from tandem.workloads.train.tracking import open_tracker
+
+    tracker = open_tracker(cfg)  # spec.tracking: TensorBoard event files, MLflow
+    reporter = ProgressReporter(
+        bar=None if args.no_progress else ProgressBar(), metrics=metrics, tracker=tracker
+    )
+    steps = cfg.user_config.get("maxSteps", cfg.user_config.get("steps")) if cfg.entrypoint else cfg.max_steps
     print(
         f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s), "
-        f"{cfg.max_steps} steps, checkpoints in {ckpt_dir}",
+        f"{steps if steps is not None else 'its own number of'} steps, checkpoints in {ckpt_dir}",
         file=sys.stderr,
     )
-    outcome = run(cfg, reporter, stop=stop, data_root=args.data_root)
+    status = "failed"
+    try:
+        outcome = run(cfg, reporter, stop=stop, data_root=args.data_root)
+        status = outcome.status
+    finally:
+        if tracker is not None:
+            tracker.close(status)
     if outcome.status == "failed":
         print(f"error: training failed: {outcome.error}", file=sys.stderr)
         return 1

@@ -126,6 +126,10 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = None
     checkpoint_keep: int = _SPEC_DEFAULTS["checkpoint_keep"]
     resume_from: str | None = None
+    # Tracking (`spec.tracking`, `tracking.tracking_config`): where event files go, an MLflow server.
+    tensorboard_dir: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
     # Run control.
     attempt: int = 0
     max_failures: int = _SPEC_DEFAULTS["max_failures"]
@@ -273,6 +277,10 @@ def from_spec(
         }
     elif checkpoint_dir is not None:
         common["checkpoint_dir"] = checkpoint_dir
+    if spec.tracking is not None:
+        from tandem.workloads.train.tracking import tracking_config
+
+        common |= tracking_config(spec.tracking, common.get("checkpoint_dir"), job_name)
     trainer = spec.trainer
     if trainer.builtin is not None:
         b = trainer.builtin

@@ -100,7 +100,10 @@ def head(args: Any) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     metrics = TrainMetrics(env.job_name)
     metrics.serve(env.metrics_port)
-    reporter = ProgressReporter(writer=PodAnnotationWriter.from_env(), metrics=metrics)
+    from tandem.workloads.train.tracking import open_tracker
+
+    tracker = open_tracker(cfg)  # spec.tracking: TensorBoard event files, MLflow
+    reporter = ProgressReporter(writer=PodAnnotationWriter.from_env(), metrics=metrics, tracker=tracker)
     port = getattr(args, "port", RAY_PORT)
     apply_ray_env()  # `ray start` and this driver: Tandem's Ray settings (ray_runner.RAY_ENV)
     subprocess.run(
@@ -118,11 +121,15 @@ def head(args: Any) -> int:
     import ray
 
     ray.init(address=f"127.0.0.1:{port}", configure_logging=False)
+    status = "failed"
     try:
         n = wait_for_workers(cfg.num_workers, env.worker_wait_seconds)
         log.info("%d workers joined; training %s (attempt %d)", n, env.job_name, env.attempt)
         outcome = run(cfg, reporter, cluster=True, stop=stop)
+        status = outcome.status
     finally:
+        if tracker is not None:
+            tracker.close(status)
         ray.shutdown()
         subprocess.run([_ray_cli(), "stop", "--force"], check=False, capture_output=True)
     log.info("run ended: %s", outcome)

@@ -6,7 +6,8 @@
   (`PodAnnotationWriter` in a pod, a list in tests), rate-limited to one write per `min_interval` seconds
   plus one for every checkpoint and one at the end;
 - Prometheus metrics (`TrainMetrics`, on its own registry);
-- optionally a one-line progress bar on a terminal (`tandem train --local`).
+- optionally a one-line progress bar on a terminal (`tandem train --local`);
+- optionally a `tracking.Tracker` (`spec.tracking`: TensorBoard, MLflow).
 
 Nothing here imports torch or ray.
 """
@@ -21,9 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Final, Protocol, TextIO
 
 from tandem.workloads.train.checkpoint import rfc3339
+
+if TYPE_CHECKING:
+    from tandem.workloads.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +214,7 @@ class ProgressBar:
         bar = "#" * filled + "." * (self.width - filled)
         line = (
             f"step {step}/{total} [{bar}] loss {record['loss']:.4f}  "
-            f"{_si(record['tokensPerSecond'])} tok/s  eta {_duration(record['etaSeconds'])}"
+            f"{_rate(record)}  eta {_duration(record['etaSeconds'])}"
         )
         if "evalLoss" in record:
             line += f"  eval {record['evalLoss']:.4f}"
@@ -223,6 +227,13 @@ class ProgressBar:
         if self._tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _rate(record: dict[str, Any]) -> str:
+    """Tokens/s, or samples/s for a run that reports no tokens (a user loop on other data)."""
+    if record["tokensPerSecond"] or not record["samplesPerSecond"]:
+        return f"{_si(record['tokensPerSecond'])} tok/s"
+    return f"{_si(record['samplesPerSecond'])} samples/s"
 
 
 def _si(v: float) -> str:
@@ -253,8 +264,9 @@ class ProgressReporter:
         min_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         bar_interval: float = 0.5,
+        tracker: Tracker | None = None,
     ) -> None:
-        self.writer, self.metrics, self.bar = writer, metrics, bar
+        self.writer, self.metrics, self.bar, self.tracker = writer, metrics, bar, tracker
         self.min_interval, self.clock, self.bar_interval = min_interval, clock, bar_interval
         self._lock = threading.Lock()
         self._last_write = -float("inf")
@@ -320,9 +332,13 @@ class ProgressReporter:
                 self.bar.update(record)
             if now - self._last_write >= self.min_interval:
                 self._write_locked(now)
+            if self.tracker is not None:
+                self.tracker.step(m)
 
     def checkpoint(self, ev: dict[str, Any]) -> None:
         with self._lock:
+            if self.tracker is not None:
+                self.tracker.checkpoint(ev)
             self._checkpoint = {"step": ev["step"], "uri": ev["uri"], "time": ev["time"]}
             if self.metrics is not None:
                 self.metrics.checkpoint_seconds.observe(ev["seconds"])
