@@ -245,6 +245,20 @@ class ReplicaCounts(StatusModel):
     """Replicas ready to serve (the scale subresource's status.replicas)."""
 
 
+class FineTunedFrom(StatusModel):
+    """The base checkpoint a fine-tuned model started from, as its TrainingJob's spec names it."""
+
+    method: str | None = None
+    """`lora` (the replicas load the base and merge the adapter) or `full` (whole fine-tuned weights)."""
+    training_job: str | None = None
+    """The TrainingJob that wrote the base checkpoint, if the fine-tune named one."""
+    checkpoint: str | None = None
+    """The base checkpoint as selected: a step, or `latest` (the base job's newest when the fine-tune
+    first started; its checkpoints' metadata.json and the server's model metadata name the step)."""
+    uri: str | None = None
+    """The base checkpoint's URI, when the fine-tune named one."""
+
+
 class ServedModel(StatusModel):
     """The model the replicas serve now: the lineage link from serving back to training."""
 
@@ -254,6 +268,8 @@ class ServedModel(StatusModel):
     """The TrainingJob that produced them, if any."""
     checkpoint_step: int | None = Field(default=None, ge=0)
     """The checkpoint step served, if from a TrainingJob."""
+    base: FineTunedFrom | None = None
+    """When that TrainingJob fine-tuned a pretrained checkpoint: the base it started from."""
 
 
 class ServingMetrics(StatusModel):
@@ -332,12 +348,19 @@ class InferenceServiceStatus(StatusModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def model_display(self) -> str | None:
-        """The served model in short, `TRAININGJOB@STEP` or the URI (for `kubectl get`)."""
+        """The served model in short, `TRAININGJOB@STEP` or the URI, and a fine-tune's base after `<-`
+        (`chat-lora@300<-gpt@latest`) (for `kubectl get`)."""
         if self.model is None:
             return None
         if self.model.training_job:
             step = "?" if self.model.checkpoint_step is None else str(self.model.checkpoint_step)
-            return f"{self.model.training_job}@{step}"
+            served = f"{self.model.training_job}@{step}"
+            base = self.model.base
+            if base is not None and base.training_job:
+                return f"{served}<-{base.training_job}@{base.checkpoint or '?'}"
+            if base is not None and base.uri:
+                return f"{served}<-{base.uri}"
+            return served
         return self.model.uri
 
     @computed_field  # type: ignore[prop-decorator]

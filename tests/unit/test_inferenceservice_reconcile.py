@@ -374,3 +374,62 @@ def test_serving_cost_counts_only_replicas_on_nodes_and_accrues_the_rate_that_ra
     idle = decide(big, 1, gone.status, Observed(replicas=[]), gone_at + timedelta(hours=5), SETTINGS)
     assert idle.status.cost is not None
     assert idle.status.cost.usd == 24.0
+
+
+# -- lineage of a served fine-tune: both models, the fine-tune's checkpoint and its base ----------------
+
+
+def fine_tune(base: dict[str, Any], lora: bool = True, step: int = 40) -> ObservedTrainingJob:
+    tuning: dict[str, Any] = {"base": base} | ({"lora": {"rank": 8}} if lora else {})
+    return observe_trainingjob(
+        {
+            "metadata": {"name": "gpt-tiny", "namespace": "ml"},
+            "spec": {
+                "trainer": {"builtin": {"dataset": {"uri": "pvc://d/x.txt"}, "fineTuning": tuning}},
+                "checkpoint": {"storage": {"pvc": "ckpt"}},
+            },
+            "status": {
+                "phase": "Succeeded",
+                "lastCheckpoint": {"step": step, "uri": f"file:///checkpoints/ml/gpt-tiny/step-{step:08d}"},
+            },
+        }
+    )
+
+
+def test_a_served_lora_fine_tune_shows_its_base_in_status_and_kubectl_get() -> None:
+    service = Service("gpt", "ml", "uid", InferenceServiceSpec.model_validate(LINEAGE), "img")
+    job = fine_tune({"trainingJobRef": {"name": "gpt-pretrain", "checkpoint": 200}})
+    first = tick(service, Observed(training_job=job))
+    # before any replica runs, status already says where the model comes from, base included
+    assert first.status.to_dict()["model"]["base"] == {
+        "method": "lora",
+        "trainingJob": "gpt-pretrain",
+        "checkpoint": "200",
+    }
+    served = tick(service, Observed(deployment=applied(first), replicas=[replica()], training_job=job))
+    assert served.status.to_dict()["model"] == {
+        "uri": "file:///checkpoints/ml/gpt-tiny/step-00000040",
+        "trainingJob": "gpt-tiny",
+        "checkpointStep": 40,
+        "base": {"method": "lora", "trainingJob": "gpt-pretrain", "checkpoint": "200"},
+    }
+    assert served.status.model_display == "gpt-tiny@40<-gpt-pretrain@200"
+
+
+def test_a_full_fine_tune_from_a_uri_shows_the_uri_and_a_model_trained_from_scratch_shows_no_base() -> None:
+    service = Service("gpt", "ml", "uid", InferenceServiceSpec.model_validate(LINEAGE), "img")
+    job = fine_tune({"uri": "s3://models/gpt/step-00000500"}, lora=False)
+    first = tick(service, Observed(training_job=job))
+    served = tick(service, Observed(deployment=applied(first), replicas=[replica()], training_job=job))
+    assert served.status.to_dict()["model"]["base"] == {
+        "method": "full",
+        "uri": "s3://models/gpt/step-00000500",
+    }
+    assert served.status.model_display == "gpt-tiny@40<-s3://models/gpt/step-00000500"
+    scratch = observe_trainingjob(
+        {
+            "metadata": {"name": "gpt-tiny", "namespace": "ml"},
+            "spec": {"checkpoint": {"storage": {"pvc": "c"}}},
+        }
+    )
+    assert scratch.base is None

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.api.inferenceservice import FineTunedFrom
 from tandem.operator import cost
 from tandem.operator.inferenceservice.builders import (
     ANNOTATION_CHECKPOINT_CLAIM,
@@ -165,6 +166,8 @@ class ObservedTrainingJob:
     checkpoint_claim: str | None
     #: The checkpoint root URI, when the job has checkpoint storage.
     checkpoint_root: str | None
+    #: The base a fine-tuning job started from (`spec.trainer.builtin.fineTuning`), for the lineage.
+    base: FineTunedFrom | None = None
 
 
 def observe_trainingjob(
@@ -193,4 +196,20 @@ def observe_trainingjob(
         last_checkpoint_uri=uri,
         checkpoint_claim=claim,
         checkpoint_root=root.rstrip("/") if root else None,
+        base=fine_tuned_from(spec),
+    )
+
+
+def fine_tuned_from(spec: Mapping[str, Any]) -> FineTunedFrom | None:
+    """The base checkpoint of a fine-tuning TrainingJob's spec (wire form), or None."""
+    tuning = ((spec.get("trainer") or {}).get("builtin") or {}).get("fineTuning")
+    if not isinstance(tuning, Mapping):
+        return None
+    base = tuning.get("base") or {}
+    ref = base.get("trainingJobRef") or {}
+    return FineTunedFrom(
+        method="lora" if tuning.get("lora") is not None else "full",
+        training_job=ref.get("name") or None,
+        checkpoint=str(ref.get("checkpoint", "latest")) if ref else None,
+        uri=base.get("uri") or None,
     )

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from tandem.api.common import Condition, find_condition, set_condition
 from tandem.api.inferenceservice import (
     ConditionType,
+    FineTunedFrom,
     InferenceServicePhase,
     InferenceServiceSpec,
     InferenceServiceStatus,
@@ -311,12 +312,21 @@ class _Machine:
         if dep is not None and dep.model_uri and dep.rolled_out and self.decision.apply is None:
             self.set(
                 model=ServedModel(
-                    uri=dep.model_uri, training_job=dep.training_job, checkpoint_step=dep.checkpoint_step
+                    uri=dep.model_uri,
+                    training_job=dep.training_job,
+                    checkpoint_step=dep.checkpoint_step,
+                    base=self.base_of(dep.training_job),
                 )
             )
         elif self.status.model is None:  # nothing served yet: show at least where the model comes from
             ref = self.spec.model.training_job_ref
-            self.set(model=ServedModel(uri=self.spec.model.uri, training_job=ref.name if ref else None))
+            name = ref.name if ref else None
+            self.set(model=ServedModel(uri=self.spec.model.uri, training_job=name, base=self.base_of(name)))
+
+    def base_of(self, training_job: str | None) -> FineTunedFrom | None:
+        """The base checkpoint of the served TrainingJob when it fine-tuned one (lineage: both models)."""
+        job = self.observed.training_job
+        return job.base if job is not None and training_job and job.name == training_job else None
 
     def scaling_condition(self) -> None:
         autoscaling = self.spec.autoscaling

@@ -157,3 +157,28 @@ def load_adapter_checkpoint(model: nn.Module, path: Path, meta: Mapping[str, Any
     apply_lora(model, lora["targetModules"], rank=lora["rank"], alpha=lora["alpha"])
     load_adapter_state(model, torch.load(path / ADAPTER_FILE, map_location="cpu", weights_only=True))
     return merge_lora(model)
+
+
+def lineage(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A served checkpoint's fine-tuning, flat for a server's model metadata: `fine_tuning` (lora/full),
+    `base_checkpoint`, `base_step`, `base_training_job`, `lora_rank`; {} for a model trained from scratch."""
+    from tandem.workloads.train import checkpoint as ckpt
+
+    path = ckpt.uri_to_path(str(checkpoint_dir))
+    if not (path / ckpt.METADATA_FILE).exists():
+        found = ckpt.latest_complete(path, check=False)
+        if found is None:
+            return {}
+        path = found.path
+    tuning = ckpt.read_metadata(path).get("fineTuning")
+    if not isinstance(tuning, dict):
+        return {}
+    base = tuning.get("base") or {}
+    out = {
+        "fine_tuning": tuning.get("method"),
+        "base_checkpoint": base.get("uri"),
+        "base_step": base.get("step"),
+        "base_training_job": base.get("trainingJob"),
+        "lora_rank": (tuning.get("lora") or {}).get("rank"),
+    }
+    return {k: v for k, v in out.items() if v is not None}

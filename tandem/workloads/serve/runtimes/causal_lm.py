@@ -88,6 +88,7 @@ class CausalLM:
         import torch
 
         from tandem.workloads.models.gpt import load_for_inference
+        from tandem.workloads.models.lora import lineage
         from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
         device = torch_device(self.options.device)
@@ -130,6 +131,7 @@ class CausalLM:
             "n_embd": config.n_embd,
             "parameters": sum(p.numel() for p in model.parameters()),
             "tokenizer": tokenizer.name,
+            **lineage(self.options.path),  # a fine-tune: its base checkpoint (LoRA merged at load)
         }
 
     def warm_up(self, max_batch_size: int) -> None:
