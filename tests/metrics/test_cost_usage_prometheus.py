@@ -72,11 +72,11 @@ def test_the_operator_charges_max_of_request_and_usage_read_from_prometheus(
     source = cost_usage.UsageSource(prometheus.url, window=f"{WINDOW_SECONDS}s", refresh_seconds=0)
     prices = cost.Prices({"H100": 4.0})
     try:
-        # Before the series span the window, rate() (divided by the whole window) reads low: wait until
-        # both kubelet jobs have nearly a window of 1 s scrapes.
+        # Until the series reach back past the window's start, rate() reads low (a counter that starts
+        # at 0 is not extrapolated before it): wait for a few seconds more than a window of 1 s scrapes.
         covered = (
-            f"min(count_over_time(container_cpu_usage_seconds_total"
-            f'{{container=~"server|sidecar",pod="{POD}"}}[{WINDOW_SECONDS}s])) >= {WINDOW_SECONDS - 2}'
+            "min(count_over_time(container_cpu_usage_seconds_total"
+            f'{{container=~"server|sidecar",pod="{POD}"}}[{2 * WINDOW_SECONDS}s])) >= {WINDOW_SECONDS + 4}'
         )
         wait_for(
             lambda: prometheus.query(covered), 180, f"{WINDOW_SECONDS}s of kubelet scrapes", interval=1.0
