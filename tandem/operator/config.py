@@ -35,6 +35,10 @@ DEFAULT_GPU_PRICES_USD_PER_HOUR: dict[str, float] = {
 }
 
 
+#: The values of `gangScheduler`: no gang engine, or scheduler-plugins' coscheduling (PodGroup).
+GANG_SCHEDULERS = ("none", "coscheduling")
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
@@ -114,6 +118,36 @@ class OperatorSettings:
     retry_period_seconds: float = field(
         default=2.0, metadata=_doc("How often the leader renews, and a standby tries to take over.")
     )
+    network_policy: bool = field(
+        default=False,
+        metadata=_doc(
+            "Give every TrainingJob a NetworkPolicy: its pods accept connections (Ray's GCS, dashboard,"
+            " object and worker ports) only from the job's own pods; the metrics port stays open (needs a"
+            " CNI that enforces NetworkPolicies)."
+        ),
+    )
+    gang_scheduler: str = field(
+        default="none",
+        metadata=_doc(
+            "Who admits a TrainingJob's gang: `none` (the pods' scheduler, with the operator's gang"
+            " timeout) or `coscheduling` (a PodGroup per attempt and the pods sent to gangSchedulerName,"
+            " the coscheduling plugin of sigs.k8s.io/scheduler-plugins, which binds a gang whole or not)."
+        ),
+    )
+    gang_scheduler_name: str = field(
+        default="scheduler-plugins-scheduler",
+        metadata=_doc(
+            "schedulerName of the coscheduling scheduler's profile (the scheduler-plugins chart's"
+            " default); used when gangScheduler is coscheduling and the spec names no scheduler."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.gang_scheduler not in GANG_SCHEDULERS:
+            raise UserError(
+                f"operator config 'gangScheduler': {self.gang_scheduler!r} is not one of "
+                f"{', '.join(GANG_SCHEDULERS)}"
+            )
 
     def prices(self) -> cost.Prices:
         """The price table of the cost model (tandem.operator.cost)."""

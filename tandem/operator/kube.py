@@ -60,6 +60,8 @@ PLURALS = {
     "Deployment": "deployments",
     "EndpointSlice": "endpointslices",
     "ServiceMonitor": "servicemonitors",
+    "NetworkPolicy": "networkpolicies",
+    "PodGroup": "podgroups",
 }
 
 

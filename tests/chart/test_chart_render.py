@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tandem.devcluster import helm as devhelm
+from tandem.errors import UserError
 from tandem.operator.config import OperatorSettings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,6 +25,8 @@ Render = Callable[..., list[dict[str, Any]]]
 OPTIONAL_ON = (
     "metricsService.serviceMonitor.enabled=true",
     "prometheusRules.enabled=true",
+    "config.networkPolicy=true",
+    "networkPolicy.namespaces={ml}",
 )
 
 
@@ -97,7 +100,7 @@ def test_configmap_loads_into_the_operator_settings(render: Render, tmp_path: Pa
 
 
 def test_optional_parts_are_off_by_default_and_render_when_chosen(render: Render) -> None:
-    optional = {"ServiceMonitor", "PrometheusRule"}
+    optional = {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
     assert optional.isdisjoint(_kinds(render()))
     assert optional <= set(_kinds(render(*OPTIONAL_ON)))
 
@@ -133,3 +136,45 @@ def test_install_yaml_is_the_rendered_chart(helm: Path) -> None:
     assert kinds[1:3] == ["CustomResourceDefinition", "CustomResourceDefinition"]
     namespaced = [o for o in objects if o["kind"] in {"Deployment", "ServiceAccount", "ConfigMap", "Service"}]
     assert {o["metadata"]["namespace"] for o in namespaced} == {devhelm.INSTALL_NAMESPACE}
+
+
+def test_serving_network_policy_opens_only_the_model_port_to_the_allowed_peers(render: Render) -> None:
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    values = {
+        "config": {"networkPolicy": True},
+        "networkPolicy": {"namespaces": ["ml", "prod"], "servingFrom": [prometheus]},
+    }
+    policies = _kinds(render(values=values))["NetworkPolicy"]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml", "prod"]
+    for policy in policies:
+        spec = policy["spec"]
+        # Selects the model-server pods (the labels tandem/operator/inferenceservice/builders.py sets).
+        assert spec["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "tandem-serving"}}
+        assert spec["policyTypes"] == ["Ingress"]
+        # One rule: the container's `http` port (API and /metrics), from the allowed peers only.
+        assert spec["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}], "from": [prometheus]}]
+
+
+def test_serving_network_policy_defaults_to_the_namespaces_own_pods(render: Render) -> None:
+    objects = render("config.networkPolicy=true", "config.namespaces={team-a}")
+    (policy,) = _kinds(objects)["NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "team-a"
+    assert policy["spec"]["ingress"][0]["from"] == [{"podSelector": {}}]
+
+
+def test_network_policy_without_namespaces_says_which_value_to_set(helm: Path) -> None:
+    with pytest.raises(UserError, match=r"networkPolicy\.namespaces"):
+        devhelm.run_helm(helm, "template", "t", str(devhelm.CHART_DIR), "--set", "config.networkPolicy=true")
+
+
+def test_operator_may_create_what_the_settings_ask_for(render: Render) -> None:
+    """config.networkPolicy and gangScheduler coscheduling make the operator create these children."""
+    rules = _one(render(), "ClusterRole")["rules"]
+
+    def allowed(group: str, resource: str, verb: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+        )
+
+    assert allowed("networking.k8s.io", "networkpolicies", "create")
+    assert allowed("scheduling.x-k8s.io", "podgroups", "create")

@@ -204,6 +204,7 @@ def _pod(
     resources: dict[str, Any],
     gpus: int,
     resume_from: str | None,
+    scheduler_name: str | None = None,
     extra_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     gang_size = spec.workers.replicas + 1
@@ -247,8 +248,8 @@ def _pod(
         pod_spec["tolerations"] = tolerations
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    if spec.scheduling.scheduler_name:
-        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if spec.scheduling.scheduler_name or scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name or scheduler_name
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     pod_spec["volumes"], pod_spec["containers"][0]["volumeMounts"] = _volumes(spec)
@@ -279,6 +280,7 @@ def head_pod(
     attempt: int,
     image: str,
     resume_from: str | None,
+    scheduler_name: str | None = None,
 ) -> dict[str, Any]:
     """The Ray head: runs the driver (`tandem train head`), reports progress on its own annotation."""
     head = spec.head.resources
@@ -295,6 +297,7 @@ def head_pod(
         resources=_resources(head.cpu, head.memory, head.gpu),
         gpus=head.gpu,
         resume_from=resume_from,
+        scheduler_name=scheduler_name,
     )
 
 
@@ -308,6 +311,7 @@ def worker_pod(
     attempt: int,
     image: str,
     resume_from: str | None = None,
+    scheduler_name: str | None = None,
 ) -> dict[str, Any]:
     """One Ray worker (`tandem train worker`): joins the head and holds the GPUs the gang asked for."""
     workers = spec.workers.resources
@@ -324,6 +328,7 @@ def worker_pod(
         resources=_resources(workers.cpu, workers.memory, workers.gpu),
         gpus=workers.gpu,
         resume_from=resume_from,
+        scheduler_name=scheduler_name,
         extra_labels={LABEL_INDEX: str(index)},
     )
 
@@ -444,11 +449,22 @@ def gang(
     attempt: int,
     image: str,
     resume_from: str | None,
+    scheduler_name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every pod of one attempt: created together, scheduled together, deleted together."""
+    """Every pod of one attempt: created together, scheduled together, deleted together.
+
+    `scheduler_name`: the gang scheduler's profile (the operator's gangSchedulerName when gangScheduler
+    is coscheduling), for pods whose spec names no scheduler of its own."""
     pods = [
         head_pod(
-            spec, job=job, uid=uid, namespace=namespace, attempt=attempt, image=image, resume_from=resume_from
+            spec,
+            job=job,
+            uid=uid,
+            namespace=namespace,
+            attempt=attempt,
+            image=image,
+            resume_from=resume_from,
+            scheduler_name=scheduler_name,
         )
     ]
     pods += [
@@ -461,7 +477,36 @@ def gang(
             attempt=attempt,
             image=image,
             resume_from=resume_from,
+            scheduler_name=scheduler_name,
         )
         for index in range(spec.workers.replicas)
     ]
     return pods
+
+
+def network_policy(job: str, uid: str, namespace: str) -> dict[str, Any]:
+    """The job's pods accept connections only from each other, on any port (Ray's GCS and dashboard,
+    and the object manager, node manager and worker ports Ray picks at run time), plus the metrics port
+    from anyone (Prometheus). Egress is left open (data sets, object storage, the API server).
+
+    Per job, not per namespace: a static policy cannot tell one job's pods from another's, and
+    NetworkPolicies add up, so a namespace-wide allow would open every job to every other."""
+    own_pods = {"podSelector": {"matchLabels": {LABEL_JOB: job}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": f"{job}-ray",
+            "namespace": namespace,
+            "labels": {LABEL_JOB: job, "app.kubernetes.io/managed-by": "tandem-operator"},
+            "ownerReferences": [owner_reference(job, uid)],
+        },
+        "spec": {
+            **own_pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own_pods]},
+                {"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]},
+            ],
+        },
+    }

@@ -106,8 +106,10 @@ ChildKey = tuple[str, str, str, str]
 #: A job's Role names its current head pod, so each new attempt applies it again.
 APPLIED_KINDS = frozenset({"EndpointSlice", "Role"})
 #: A job's identity goes first and in order: a RoleBinding needs its Role, and admission rejects a pod
-#: whose ServiceAccount does not exist yet.
-IDENTITY_KINDS = ("ServiceAccount", "Role", "RoleBinding")
+#: whose ServiceAccount does not exist yet. Its NetworkPolicy and PodGroup (when the settings ask for
+#: them) too: pods must not run unfenced, and the coscheduling plugin does not schedule a pod whose
+#: group does not exist yet.
+IDENTITY_KINDS = ("ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "PodGroup")
 
 
 class SeenChildren:
@@ -300,7 +302,19 @@ class Controller:
         except InvalidSpec as invalid:
             self.jobs.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the job)
-        job = Job(name, namespace, uid, generation, job_spec, job_spec.image or self.settings.training_image)
+        settings = self.settings
+        job = Job(
+            name,
+            namespace,
+            uid,
+            generation,
+            job_spec,
+            job_spec.image or settings.training_image,
+            network_policy=settings.network_policy,
+            gang_scheduler_name=settings.gang_scheduler_name
+            if settings.gang_scheduler == "coscheduling"
+            else None,
+        )
         current = TrainingJobStatus.model_validate(status)
         decision = decide(
             job,

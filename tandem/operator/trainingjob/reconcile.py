@@ -36,7 +36,7 @@ from tandem.operator import cost
 from tandem.operator.controller_common import CREATE_REFUSED, accepted
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.kube import bounded
-from tandem.operator.trainingjob import builders
+from tandem.operator.trainingjob import builders, podgroup
 from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
 
 Phase = TrainingJobPhase
@@ -82,7 +82,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class Job:
-    """The TrainingJob being reconciled: identity, validated spec, image."""
+    """The TrainingJob being reconciled: identity, validated spec, image, and the operator's choices for
+    its children (settings networkPolicy, gangScheduler/gangSchedulerName)."""
 
     name: str
     namespace: str
@@ -90,6 +91,10 @@ class Job:
     generation: int
     spec: TrainingJobSpec
     image: str
+    network_policy: bool = False
+    #: The coscheduling scheduler's profile when gangScheduler is coscheduling (a PodGroup per
+    #: attempt), else None.
+    gang_scheduler_name: str | None = None
 
 
 class ProgressReport(BaseModel):
@@ -333,9 +338,7 @@ class _Machine:
         if due is not None and self.now < due:
             return
         attempt = self.attempt + 1
-        self.decision.create += builders.trainer_identity(
-            self.job.name, self.job.uid, self.job.namespace, attempt
-        )
+        self.decision.create += self.companions(attempt)
         self.decision.create += builders.gang(
             self.spec,
             job=self.job.name,
@@ -344,11 +347,27 @@ class _Machine:
             attempt=attempt,
             image=self.job.image,
             resume_from=resume,
+            scheduler_name=self.job.gang_scheduler_name,
         )
         self.attempt = attempt
         self.set(attempt=attempt, next_attempt_time=None, start_time=self.status.start_time or self.now)
         pods = self.spec.workers.replicas + 1
         self.gang_scheduling(pods, pods, resumed)
+
+    def companions(self, attempt: int) -> list[dict[str, Any]]:
+        """What an attempt's pods need to exist first: the job's identity, its NetworkPolicy and the
+        attempt's PodGroup (the last two when the operator's settings ask for them)."""
+        job = self.job
+        made = builders.trainer_identity(job.name, job.uid, job.namespace, attempt)
+        if job.network_policy:
+            made.append(builders.network_policy(job.name, job.uid, job.namespace))
+        if job.gang_scheduler_name:
+            made.append(
+                podgroup.pod_group(
+                    self.spec, job=job.name, uid=job.uid, namespace=job.namespace, attempt=attempt
+                )
+            )
+        return made
 
     def gang_scheduling(self, created: int, expected: int, resumed: str) -> None:
         """The current gang's pods exist (`created` of `expected`): Scheduling until all are bound."""
@@ -371,8 +390,7 @@ class _Machine:
         present = {p.name: p for p in self.current}
         missing = [name for name in self.expected_names() if name not in present]
         if missing:  # not yet seen, or deleted by someone: creating again is idempotent
-            job = self.job
-            self.decision.create += builders.trainer_identity(job.name, job.uid, job.namespace, self.attempt)
+            self.decision.create += self.companions(self.attempt)
             gang = builders.gang(
                 self.spec,
                 job=self.job.name,
@@ -381,6 +399,7 @@ class _Machine:
                 attempt=self.attempt,
                 image=self.job.image,
                 resume_from=self.status.last_checkpoint.uri if self.status.last_checkpoint else None,
+                scheduler_name=self.job.gang_scheduler_name,
             )
             self.decision.create += [pod for pod in gang if pod["metadata"]["name"] in missing]
         if not missing and all(p.bound for p in self.current):
