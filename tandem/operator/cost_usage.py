@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,13 +48,16 @@ log = logging.getLogger("tandem.operator.cost")
 Query = Callable[[str, str], list[dict[str, Any]]]
 
 
-def queries(window: str = DEFAULT_WINDOW) -> dict[str, str]:
-    """The PromQL behind a snapshot, one per measured quantity, each by namespace, pod, container."""
+def queries(window: str = DEFAULT_WINDOW, namespaces: Sequence[str] = ()) -> dict[str, str]:
+    """The PromQL behind a snapshot, one per measured quantity, each by namespace, pod, container;
+    only `namespaces` when given (the operator's watched namespaces: DNS labels, nothing to escape)."""
     by = "by (namespace, pod, container)"
+    only = f',namespace=~"{"|".join(namespaces)}"' if namespaces else ""
+    containers = _CONTAINERS + only
     return {
-        "cpu": f"max {by} (rate({CPU_SECONDS}{{{_CONTAINERS}}}[{window}]))",
-        "memory_bytes": f"max {by} (avg_over_time({WORKING_SET}{{{_CONTAINERS}}}[{window}]))",
-        "gpu_busy": f'avg {by} (avg_over_time({GPU_UTIL}{{pod!=""}}[{window}])) / 100',
+        "cpu": f"max {by} (rate({CPU_SECONDS}{{{containers}}}[{window}]))",
+        "memory_bytes": f"max {by} (avg_over_time({WORKING_SET}{{{containers}}}[{window}]))",
+        "gpu_busy": f'avg {by} (avg_over_time({GPU_UTIL}{{pod!=""{only}}}[{window}])) / 100',
     }
 
 
@@ -93,12 +96,15 @@ def parse(results: Mapping[str, list[dict[str, Any]]]) -> dict[tuple[str, str], 
     }
 
 
-def read(query: Query, window: str = DEFAULT_WINDOW, now: float | None = None) -> UsageSnapshot:
+def read(
+    query: Query, window: str = DEFAULT_WINDOW, now: float | None = None, namespaces: Sequence[str] = ()
+) -> UsageSnapshot:
     """One snapshot through `query(expression, what)` (an instant query returning the result vector,
     raising ConnectionError when Prometheus fails). Never raises: a failure is the snapshot's problem."""
     taken = time.time() if now is None else now
     try:
-        results = {name: query(expression, name) for name, expression in queries(window).items()}
+        expressions = queries(window, namespaces)
+        results = {name: query(expression, name) for name, expression in expressions.items()}
     except ConnectionError as error:
         return UsageSnapshot(problem=f"{error}: requests only", taken=taken)
     pods = parse(results)
@@ -131,8 +137,10 @@ class UsageSource:
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
         query: Query | None = None,
         clock: Callable[[], float] = time.monotonic,
+        namespaces: Sequence[str] = (),
     ) -> None:
         self.window = window
+        self.namespaces = tuple(namespaces)
         self.refresh_seconds = refresh_seconds
         self._query = query or (prometheus_query(prometheus_url) if prometheus_url else None)
         self._clock = clock
@@ -150,7 +158,7 @@ class UsageSource:
             due = self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds
             if due and self._pending is None:
                 self._read_at = self._clock()
-                self._pending = self._pool.submit(read, self._query, self.window)
+                self._pending = self._pool.submit(read, self._query, self.window, None, self.namespaces)
                 self._pending.add_done_callback(self._landed)
             return self._latest
 

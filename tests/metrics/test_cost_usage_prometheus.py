@@ -69,7 +69,11 @@ def test_the_operator_charges_max_of_request_and_usage_read_from_prometheus(
     prometheus = start_prometheus_with(
         tmp_path / "prometheus", [*devprometheus.kubelet_jobs(kubelets, None), dcgm]
     )
-    source = cost_usage.UsageSource(prometheus.url, window=f"{WINDOW_SECONDS}s", refresh_seconds=0)
+    # An operator watching two namespaces; the pod is in one of them.
+    watched = (NAMESPACE, "elsewhere")
+    source = cost_usage.UsageSource(
+        prometheus.url, window=f"{WINDOW_SECONDS}s", refresh_seconds=0, namespaces=watched
+    )
     prices = cost.Prices({"H100": 4.0})
     try:
         # Until the series reach back past the window's start, rate() reads low (a counter that starts

@@ -174,3 +174,10 @@ def test_the_source_refreshes_in_the_background_at_most_once_per_interval() -> N
         assert len(calls) == 6
     finally:
         source.close()
+
+
+def test_the_queries_keep_to_the_watched_namespaces() -> None:
+    everywhere = cost_usage.queries("5m")
+    assert all("namespace=~" not in q for q in everywhere.values())
+    watched = cost_usage.queries("5m", ["ml", "team-a"])
+    assert all('namespace=~"ml|team-a"' in q for q in watched.values())
