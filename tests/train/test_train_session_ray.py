@@ -104,4 +104,5 @@ def test_own_code_is_reported_checkpointed_and_resumed_after_a_kill(
     assert loss[total] < loss[1] * 0.7  # it learns
     assert set(tb["eval/loss"]) >= {EVERY, total}
     assert all(v > 0 for v in tb["train/learning_rate"].values())
+    assert {1, newest + 1, total} <= set(tb["train/grad_norm"])  # report(grad_norm=)
     assert set(tb["checkpoint/bytes"]) >= {EVERY, total}

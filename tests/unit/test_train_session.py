@@ -14,7 +14,7 @@ from tandem.errors import UserError
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
 from tandem.workloads.train.loop import DistInfo, StepMetrics
-from tandem.workloads.train.session import TrainContext, run_entrypoint
+from tandem.workloads.train.session import TrainContext, run_entrypoint, sample_indices
 
 
 class Hooks:
@@ -117,12 +117,12 @@ def test_is_resume_and_resume_step_name_the_newest_complete_checkpoint(tmp_path:
 def test_report_passes_lr_eval_loss_and_extra_metrics_and_tracks_the_best_eval() -> None:
     hooks = Hooks()
     ctx = TrainContext(TrainConfig(job_name="u", user_config={"steps": 10}), DistInfo(), hooks)
-    ctx.report(1, loss=2.0, lr=1e-3, eval_loss=1.5, metrics={"accuracy": 0.25}, tokens=64)
+    ctx.report(1, loss=2.0, lr=1e-3, eval_loss=1.5, metrics={"accuracy": 0.25}, tokens=64, grad_norm=0.5)
     ctx.report(2, loss=1.0, eval_loss=1.7)
     ctx.report(2, loss=1.0)  # the same step again: nothing new to time, not reported twice
-    assert [(m.step, m.lr, m.eval_loss, m.extra) for m in hooks.steps] == [
-        (1, 1e-3, 1.5, {"accuracy": 0.25}),
-        (2, 0.0, 1.7, {}),
+    assert [(m.step, m.lr, m.eval_loss, m.grad_norm, m.extra) for m in hooks.steps] == [
+        (1, 1e-3, 1.5, 0.5, {"accuracy": 0.25}),
+        (2, 0.0, 1.7, None, {}),
     ]
     assert hooks.steps[0].tokens_per_second > 0
     assert hooks.steps[0].total_steps == 10  # from the config's `steps`
@@ -153,6 +153,8 @@ def test_batch_indices_are_disjoint_per_step_cover_each_epoch_and_resume_identic
     assert ctx(1).batch_indices(4, 24).tolist() == ranks[1].batch_indices(4, 24).tolist()
     assert ctx(1, seed=1).batch_indices(4, 24).tolist() != ranks[1].batch_indices(4, 24).tolist()
     assert ranks[0].epoch(4, 24) == 1
+    uncached = sample_indices(4, 24, 8, seed=0, rank=1, world_size=2)  # the context caches permutations
+    assert ranks[1].batch_indices(4, 24).tolist() == uncached.tolist()
     with pytest.raises(ValueError, match="global_batch"):
         ranks[0].batch_indices(0, 24, global_batch=7)
 

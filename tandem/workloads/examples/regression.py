@@ -9,10 +9,11 @@ or apply that file to a cluster (this module ships in the training image). Your 
 same way once it is importable in the image (or, locally, on PYTHONPATH).
 
 Settings (`spec.trainer.config`): `steps` (optimizer steps), `learningRate` (peak, after `warmupSteps`
-of linear warmup, then cosine to a tenth), `hidden` (width of the two hidden layers), `evalEvery`
-(steps between held-out evaluations), `samples` (training set size; a fifth as many are held out),
-`features` (inputs per sample), `dataSeed` (the data set's seed: the same data on every rank and
-every attempt). `spec.seed` seeds the model's initialisation and the sampling order.
+of linear warmup, then cosine to a tenth), `maxGradNorm` (gradient clipping, default 1), `hidden`
+(width of the two hidden layers), `evalEvery` (steps between held-out evaluations), `samples` (training
+set size; a fifth as many are held out), `features` (inputs per sample), `dataSeed` (the data set's
+seed: the same data on every rank and every attempt). `spec.seed` seeds the model's initialisation
+and the sampling order.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def train_loop(config: dict[str, Any], ctx: TrainContext) -> None:
     lr = float(config.get("learningRate", 1e-2))
     warmup = int(config.get("warmupSteps", max(1, steps // 20)))
     eval_every = int(config.get("evalEvery", 50))
+    max_grad_norm = float(config.get("maxGradNorm", 1.0))
     features = int(config.get("features", 8))
     x, y, val_x, val_y = make_data(
         int(config.get("samples", 4096)), features, int(config.get("dataSeed", 1234))
@@ -110,6 +112,7 @@ def train_loop(config: dict[str, Any], ctx: TrainContext) -> None:
                     loss = F.mse_loss(model(x[part]).float(), y[part])
                 (loss / len(micro)).backward()  # type: ignore[no-untyped-call]
             total += loss.detach()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -123,6 +126,7 @@ def train_loop(config: dict[str, Any], ctx: TrainContext) -> None:
             epoch=ctx.epoch(step, len(x)),
             lr=float(scheduler.get_last_lr()[0]),
             eval_loss=eval_loss,
+            grad_norm=float(grad_norm),
         )
         stopping = done % STOP_CHECK_EVERY == 0 and ctx.should_stop()  # the same steps on every rank
         if ctx.checkpoint_due(done) or (ctx.checkpoints_enabled and (stopping or done == steps)):

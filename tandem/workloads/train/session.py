@@ -64,7 +64,14 @@ def resolve_entrypoint(entrypoint: str) -> Callable[..., Any]:
 
 
 def sample_indices(
-    step: int, num_samples: int, global_batch: int, *, seed: int, rank: int = 0, world_size: int = 1
+    step: int,
+    num_samples: int,
+    global_batch: int,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    permutation: Callable[[int], Any] | None = None,
 ) -> Any:
     """Rank `rank`'s sample indices (a numpy int64 array) of optimizer step `step`.
 
@@ -72,9 +79,13 @@ def sample_indices(
     in which epoch `e` is a permutation of `range(num_samples)` seeded by `(seed, e)`; rank `r` gets
     the `r`-th of `world_size` equal, contiguous parts. A pure function of its arguments, like the
     built-in trainer's sampler: a run resumed at step `s` sees exactly the samples an uninterrupted
-    run would have, and the ranks' parts of a step are disjoint.
+    run would have, and the ranks' parts of a step are disjoint. `permutation(epoch)` may serve the
+    epochs' permutations from a cache (`TrainContext` keeps the last two).
     """
     import numpy as np
+
+    def fresh(epoch: int) -> Any:
+        return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
     if num_samples < 1:
         raise ValueError(f"batch_indices: num_samples is {num_samples}; the data set is empty")
@@ -90,7 +101,7 @@ def sample_indices(
     out = np.empty(per_rank, dtype=np.int64)
     for epoch in np.unique(epochs):
         mask = epochs == epoch
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        perm = (permutation or fresh)(int(epoch))
         out[mask] = perm[positions[mask] % num_samples]
     return out
 
@@ -122,6 +133,7 @@ class TrainContext:
         self.last_loss: float | None = None
         self.last_checkpoint: Any = None
         self.best_eval: tuple[int, float] | None = None
+        self._permutations: dict[tuple[int, int], Any] = {}
         self.stopping = False
         """True once `should_stop()` returned True (on every rank): checkpoint and return."""
 
@@ -184,6 +196,17 @@ class TrainContext:
         `num_samples`: `global_batch` (default `spec.batch.global`) samples per step over all ranks, a
         seeded (`spec.seed`) permutation per epoch. The same step gives the same samples in a resumed
         run, so resuming at a checkpoint's step continues the data order exactly (same world size)."""
+        import numpy as np
+
+        def permutation(epoch: int) -> Any:
+            # One permutation per epoch, not per step: it costs milliseconds for a million samples.
+            key = (num_samples, epoch)
+            if key not in self._permutations:
+                if len(self._permutations) >= 2:
+                    self._permutations.pop(next(iter(self._permutations)))
+                self._permutations[key] = np.random.default_rng([self.seed, epoch]).permutation(num_samples)
+            return self._permutations[key]
+
         return sample_indices(
             step,
             num_samples,
@@ -191,6 +214,7 @@ class TrainContext:
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
+            permutation=permutation,
         )
 
     def epoch(self, step: int, num_samples: int, global_batch: int | None = None) -> int:
@@ -243,15 +267,17 @@ class TrainContext:
         epoch: int = 0,
         lr: float | None = None,
         eval_loss: float | None = None,
+        grad_norm: float | None = None,
         metrics: dict[str, float] | None = None,
     ) -> None:
         """Report progress after `step` (rank 0's reports are used; other ranks' are ignored).
 
         `samples` / `tokens` are what one step consumed over all workers (for throughput); `lr` the
         learning rate of the step; `eval_loss` a held-out loss measured at this step (shown as
-        `status.progress.evalLoss`); `metrics` further scalars for `spec.tracking` (TensorBoard,
-        MLflow). `total_steps` defaults to the config's `maxSteps` or `steps`. Report as often as you
-        like: the step time is measured between reports.
+        `status.progress.evalLoss`); `grad_norm` the gradients' norm (`tandem_train_grad_norm`);
+        `metrics` further scalars for `spec.tracking` (TensorBoard, MLflow). `total_steps` defaults to
+        the config's `maxSteps` or `steps`. Report as often as you like: the step time is measured
+        between reports.
         """
         from tandem.workloads.train.loop import StepMetrics
 
@@ -280,6 +306,7 @@ class TrainContext:
                 samples_per_second=(samples or 0) / dt,
                 tokens_per_second=(tokens or 0) / dt,
                 eval_loss=None if eval_loss is None else float(eval_loss),
+                grad_norm=None if grad_norm is None else float(grad_norm),
                 extra={k: float(v) for k, v in (metrics or {}).items()},
             )
         )
