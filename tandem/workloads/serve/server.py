@@ -41,6 +41,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tandem.serve")
 
+#: How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A server process
+#: has two busy threads: the event loop (HTTP, protocols, the scheduler's per-token work) and the model's
+#: worker thread, which drops the GIL while the accelerator computes and needs it back to hand over the
+#: result and launch the next step. Once the loop is saturated, every such hand-back waits for the loop's
+#: interval to end: a GPU step of 2 ms took up to 2 + 5 ms. `bench/gil_handoff.py` measures it: a
+#: 2-ms GIL-free wait in a loop beside a busy thread cycles in 9 ms at 5 ms, 3.1-3.3 ms at 0.5-1 ms.
+GIL_SWITCH_INTERVAL_S = 0.001
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -172,6 +180,7 @@ def run_server(
 
     `worker`: this process is one of several (`--workers`): metrics go to the shared multiprocess directory,
     readiness waits for every worker, answers name this process, and losing the supervisor drains it."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     model = create_model(config.runtime, config.model)
     if worker is None:
         metrics = ServeMetrics(model.name, config.batching.max_batch_size, runtime=config.runtime.value)

@@ -12,7 +12,6 @@ Jinja's sandbox, as Hugging Face runs them.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_
 from tandem.workloads.serve.dataplane import DataPlane
 from tandem.workloads.serve.errors import InvalidInput
 from tandem.workloads.serve.generation import GenerativeModel, TokenEvent, TokenLogprob, prompt_ids
-from tandem.workloads.serve.protocols.common import parse_json_object, validate
+from tandem.workloads.serve.protocols.common import parse_json_object, request_id, validate
 from tandem.workloads.serve.protocols.openai import (
     MAX_LOGPROBS,
     MAX_TOKENS,
@@ -185,7 +184,7 @@ async def chat_completions(plane: DataPlane, body: bytes) -> dict[str, Any] | Ev
     if template.stops:
         params = replace(params, stop=params.stop + template.stops)
     head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": request_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": plane.model.name,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -42,7 +41,7 @@ from tandem.workloads.serve.generation import (
     collect,
     prompt_ids,
 )
-from tandem.workloads.serve.protocols.common import parse_json_object, validate
+from tandem.workloads.serve.protocols.common import parse_json_object, request_id, validate
 from tandem.workloads.serve.sampling import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
@@ -347,6 +346,11 @@ async def generate(
     include_usage = request.stream_options is not None and request.stream_options.include_usage
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
+    # Every chunk is `{**head, "choices": [choice], **extra}`: the parts around the choice are written once
+    # per request, so a token costs the encoding of its choice alone (the same bytes).
+    before_choice = b"data: " + orjson.dumps(head)[:-1] + b',"choices":['
+    after_choice = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+
     async def chunks() -> AsyncIterator[bytes]:
         event = first
         generated: dict[int, int] = {}
@@ -355,7 +359,7 @@ async def generate(
         try:
             while event is not None:
                 generated[event.index] = event.completion_tokens
-                yield _sse({**head, "choices": [chunk_choice(event)], **extra})
+                yield before_choice + orjson.dumps(chunk_choice(event)) + after_choice
                 event = await handle.next_event()
         except ServeError as exc:
             _, _, error = error_parts(exc, "openai")
@@ -411,7 +415,7 @@ async def completions(plane: DataPlane, body: bytes) -> dict[str, Any] | EventSt
     prompts = [prompt_ids(model, p) for p in request.prompt]
     params = request.sampling(request.max_tokens, request.logprobs)
     head = {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "id": request_id("cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": plane.model.name,
