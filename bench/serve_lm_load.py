@@ -103,14 +103,19 @@ def prompts(count: int, tokens: int) -> list[str]:
 # -- the model ------------------------------------------------------------------------------------------
 
 
-def write_checkpoint(root: Path, size: str, seed: int) -> Path:
-    """A random-weight GPT of `size` as a Tandem training checkpoint under `root` (reused if there)."""
+def write_checkpoint(root: Path, size: str, seed: int, *, greedy_below: int | None = None) -> Path:
+    """A random-weight GPT of `size` as a Tandem training checkpoint under `root` (reused if there).
+
+    `greedy_below`: also zero the (tied) embedding rows of the byte ids from this one up, so their logits
+    are exactly 0 and greedy decoding picks an id below it (128: ASCII, one character per token, so a
+    served answer's text gives back its token ids)."""
     from tandem.workloads.train import checkpoint as ckpt
 
     found = ckpt.latest_complete(root) if root.is_dir() else None
     if found is not None:
         meta = ckpt.read_metadata(found.path)
-        if meta.get("model", {}).get("size") == size and meta.get("seed") == seed:
+        same = meta.get("seed") == seed and meta.get("greedy_below") == greedy_below
+        if meta.get("model", {}).get("size") == size and same:
             return found.path
         raise SystemExit(f"{root} holds another checkpoint ({meta.get('model')}); use another --work-dir")
 
@@ -125,6 +130,8 @@ def write_checkpoint(root: Path, size: str, seed: int) -> Path:
     tokenizer = ByteTokenizer()
     with torch.no_grad():
         model.wte.weight[tokenizer.eos_id].zero_()  # EOS logit = 0 < the best byte's: no early stop
+        if greedy_below is not None:
+            model.wte.weight[greedy_below : tokenizer.vocab_size].zero_()
     root.mkdir(parents=True, exist_ok=True)
     with ckpt.staging(root, 1) as st:
         st.save_torch(ckpt.MODEL_FILE, model.state_dict())
@@ -132,6 +139,7 @@ def write_checkpoint(root: Path, size: str, seed: int) -> Path:
             {
                 "job": "serve-lm-load",
                 "seed": seed,
+                "greedy_below": greedy_below,
                 "precision": "fp32",
                 "model": {
                     "family": "gpt",

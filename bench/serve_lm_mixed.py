@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import cProfile
 import io
 import itertools
+import os
 import platform
 import pstats
 import random
+import re
 import statistics
 import sys
 import time
@@ -62,12 +65,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_lm_load import _NullObserver, load_lm, write_checkpoint
+from serve_variant import STEP_MS_ENV, SWITCH_MS_ENV, use_fake_step
+from serverprocess import ServerProcess
 
 from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
+
+#: cK[-before][-siMS]: `tandem serve` with K processes, optionally --before's package, optionally the GIL
+#: switch interval MS ms instead of the server's own setting.
+HTTP_VARIANT = re.compile(r"c([1-9]|1[0-6])(-before)?(-si[0-9.]+)?")
 
 
 @dataclass
@@ -211,8 +221,15 @@ def set_cache(lm: Any, vocab: int, **options: Any) -> None:
     lm._cache = DecodeCache(lm.gpt, vocab=vocab, **options)
 
 
-def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
-    """All requests submitted at once to an in-process GenerationScheduler, every one streamed."""
+def streamed(index: int, every: int) -> bool:
+    """Whether request `index` is streamed when one in `every` is (0: none)."""
+    return every > 0 and index % every == 0
+
+
+def scheduler_run(lm: Any, requests: list[Request], max_batch: int, stream_every: int = 1) -> Outcome:
+    """All requests submitted at once to an in-process GenerationScheduler; one in `stream_every` streamed
+    (1: all, each token timed), the others collected whole (as the server answers them: one event at the
+    end, no token times)."""
     from tandem.workloads.serve.batcher import BatchingConfig
     from tandem.workloads.serve.generation import GenerationScheduler, SamplingParams
 
@@ -225,10 +242,12 @@ def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
         times: list[list[float]] = [[] for _ in requests]
 
         async def consume(i: int, handle: Any) -> None:
+            timed = streamed(i, stream_every)
             while (event := await handle.next_event()) is not None:
-                now = time.perf_counter() - started
-                made = event.completion_tokens - len(times[i])
-                times[i] += [now] * made
+                if timed:
+                    now = time.perf_counter() - started
+                    made = event.completion_tokens - len(times[i])
+                    times[i] += [now] * made
                 if event.finish_reason is not None:
                     if event.finish_reason != "length":
                         raise SystemExit(f"request {i} finished with {event.finish_reason!r}")
@@ -236,8 +255,12 @@ def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
 
         started = time.perf_counter()
         handles = [
-            scheduler.submit([r.prompt], SamplingParams(max_tokens=r.answer, temperature=0.0), stream=True)
-            for r in requests
+            scheduler.submit(
+                [r.prompt],
+                SamplingParams(max_tokens=r.answer, temperature=0.0),
+                stream=streamed(i, stream_every),
+            )
+            for i, r in enumerate(requests)
         ]
         await asyncio.gather(*(consume(i, h) for i, h in enumerate(handles)))
         seconds = time.perf_counter() - started
@@ -245,6 +268,129 @@ def scheduler_run(lm: Any, requests: list[Request], max_batch: int) -> Outcome:
         return Outcome(seconds, tokens, times)
 
     return asyncio.run(run())
+
+
+# -- Tandem over HTTP -----------------------------------------------------------------------------------
+
+
+class HttpClient:
+    """Completions over keep-alive HTTP/1.1 connections (one request in flight on each, opened as needed
+    and kept for the next run), written and parsed by hand on asyncio streams: a client library's own cost
+    per request (httpx: ~1 ms of CPU) would be a large part of what is measured on a machine with few cores.
+    Streamed answers are read chunk by chunk (each chunk is one write of the server: one or more SSE
+    events), and every token of a chunk is stamped with the chunk's arrival."""
+
+    KEEP_S = 3.0
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def complete(self, request: Request, stream: bool, due: float) -> tuple[list[int], list[float]]:
+        """The answer's token ids (one ASCII character each) and, streamed, each token's arrival (seconds
+        after `due`, a perf_counter time)."""
+        body = orjson.dumps(
+            {"prompt": bytes(request.prompt).decode("ascii"), "max_tokens": request.answer,
+             "temperature": 0, "stream": stream}
+        )  # fmt: skip
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        reader, writer = await self._connection()
+        writer.write(head + body)
+        try:
+            received = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):  # a kept connection the server closed
+            writer.close()
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            writer.write(head + body)
+            received = await reader.readuntil(b"\r\n\r\n")
+        lines = received.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        tokens: list[int] = []
+        times: list[float] = []
+        finish = None
+        if "content-length" in fields:
+            answer = orjson.loads(await reader.readexactly(int(fields["content-length"])))
+            if status != 200:
+                raise SystemExit(f"HTTP {status}: {answer}")
+            choice = answer["choices"][0]
+            tokens, finish = [ord(c) for c in choice["text"]], choice["finish_reason"]
+            if answer["usage"]["completion_tokens"] != request.answer:
+                raise SystemExit(f"usage says {answer['usage']} for an answer of {request.answer} tokens")
+        else:  # chunked: the SSE stream
+            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+                chunk = await reader.readexactly(size + 2)
+                arrived = time.perf_counter() - due
+                for line in chunk.split(b"\n"):
+                    if not line.startswith(b"data: {"):
+                        continue
+                    event = orjson.loads(line[6:])
+                    if "error" in event:
+                        raise SystemExit(f"error in the stream: {event}")
+                    for choice in event["choices"]:
+                        tokens += [ord(c) for c in choice["text"]]
+                        times += [arrived] * len(choice["text"])
+                        finish = choice["finish_reason"] or finish
+            await reader.readexactly(2)  # the last chunk's CRLF
+        if finish != "length":
+            raise SystemExit(
+                f"an answer ended with {finish!r}, expected 'length' after {request.answer} tokens"
+            )
+        self._idle.append((reader, writer, time.monotonic()))
+        return tokens, times
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An idle kept connection, or a new one (a connection idle for over `KEEP_S` is closed: the server
+        closes idle connections after 5 s, uvicorn's default)."""
+        while self._idle:
+            reader, writer, since = self._idle.pop()
+            if time.monotonic() - since < self.KEEP_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        for _, writer, _ in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+async def http_run(
+    client: HttpClient, requests: list[Request], stream_every: int, rate: float | None = None
+) -> Outcome:
+    """The requests through the server: all sent at once (`rate` None) or one every 1/`rate` s (open loop:
+    each request's times count from its due time, so a server that falls behind shows it)."""
+    tokens: list[list[int]] = [[] for _ in requests]
+    times: list[list[float]] = [[] for _ in requests]
+    started = time.perf_counter()
+
+    async def one(i: int) -> None:
+        due = started + (i / rate if rate else 0.0)
+        if rate:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tokens[i], times[i] = await client.complete(requests[i], streamed(i, stream_every), due)
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return Outcome(time.perf_counter() - started, tokens, times)
+
+
+def steps_taken(server: ServerProcess) -> float:
+    """Decoding steps the server has run so far (its batch-duration histogram's count)."""
+    return server.metric("tandem_serve_batch_duration_seconds_count")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def timed_step(lm: Any) -> tuple[dict[str, float], Callable[[], None]]:
@@ -427,6 +573,31 @@ def parse_args() -> argparse.Namespace:
         default=128,
         help="greedy chooses among ids below this (128: ASCII, so each token is one streamed character)",
     )
+    parser.add_argument(
+        "--stream-every",
+        type=int,
+        default=10,
+        help="cK and mN stream one request in this many (10: 10%%), the others are answered whole",
+    )
+    parser.add_argument(
+        "--http-batch", type=int, help="cK's --max-batch-size (default: the largest sN/mN, else 256)"
+    )
+    parser.add_argument(
+        "--half-repeat",
+        type=int,
+        default=4,
+        help="cK's open-loop run at half its rate sends the request set this many times",
+    )
+    parser.add_argument(
+        "--before", type=Path, help="a folder holding an older copy of the `tandem` package, for cK-before"
+    )
+    parser.add_argument(
+        "--fake-step-ms",
+        type=float,
+        help="replace the model's decoding step, in process and in the servers, by a sleep of this many ms "
+        "and a token computed from the context (bench/fake_lm_serve.py): the server's own costs in a "
+        "GPU's regime on a CPU; HF variants are refused",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/tandem-bench-lm-mixed"))
     return parser.parse_args()
@@ -438,8 +609,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.requests = request_set(args)
-        checkpoint = write_checkpoint(args.work_dir / args.size, args.size, args.seed)
-        self.lm = load_lm(checkpoint, args.device, args.precision)
+        self.checkpoint = write_checkpoint(
+            args.work_dir / f"{args.size}-below{args.vocab}", args.size, args.seed, greedy_below=args.vocab
+        )
+        self.lm = load_lm(self.checkpoint, args.device, args.precision)
+        if args.fake_step_ms is not None:
+            use_fake_step(type(self.lm), args.fake_step_ms)
         if args.device.startswith("cuda"):
             torch.backends.cuda.enable_cudnn_sdp(False)  # as the runtime (load) does
         self.hf: Any = None
@@ -487,7 +662,7 @@ class Bench:
     def tandem(self, name: str) -> Outcome:
         args, requests, lm = self.args, self.requests, self.lm
         batch = int(name[1:])
-        graphs = name[0] in "sn" and args.device.startswith("cuda")
+        graphs = name[0] in "snm" and args.device.startswith("cuda")
         set_cache(lm, args.vocab, cuda_graphs=graphs, one_pass=name[0] == "o")
         if name[0] == "n":  # no pass launched ahead
             cache = lm._cache
@@ -495,12 +670,13 @@ class Bench:
         lm._cache.reserve(batch)
         scheduler_run(lm, requests if graphs else requests[:batch], batch)  # warm-up (captures graphs)
         spent, undo = timed_step(lm)
-        outcome = scheduler_run(lm, requests, batch)
+        outcome = scheduler_run(lm, requests, batch, args.stream_every if name[0] == "m" else 1)
         undo()
         outcome.notes = {
             "in_model_step": f"{spent['step_s'] / outcome.seconds:.0%}",
             "in_cache_step_cpu": f"{spent['cache_s'] / outcome.seconds:.0%}",
             "steps": int(spent["steps"]),
+            "ms_a_step": round(1000 * outcome.seconds / max(1, spent["steps"]), 2),
             "graphs": lm._cache.graphs_captured,
         }
         if args.profile and name[0] == "s":
@@ -534,6 +710,60 @@ class Bench:
                 pstats.Stats(which, stream=text).sort_stats("tottime").print_stats(16)
                 print(f"{name}: cProfile of one more run, {title}, by own time\n{text.getvalue()}")
         return outcome
+
+    def http(self, name: str) -> list[tuple[str, Outcome, list[Request]]]:
+        """cK: `tandem serve` with K processes (--workers), the request set sent at once (one in
+        --stream-every streamed), after one untimed pass; then, on the same server, the set repeated
+        --half-repeat times in open loop at half the rate the burst reached (time to first token at half
+        of saturation). cK-before: the same served from --before's copy of the package."""
+        args, requests = self.args, self.requests
+        base, *options = name.split("-")
+        workers = int(base[1:])
+        interval = next((o[2:] for o in options if o.startswith("si")), None)
+        source = None
+        if "before" in options:
+            if args.before is None:
+                raise SystemExit(f"--variants {name}: give --before DIR (a copy of the older package)")
+            source = str(args.before)
+        server_args = [
+            "--runtime", "causal-lm", "--model-uri", str(self.checkpoint), "--model-name", "gpt",
+            "--device", args.device, "--precision", args.precision, "--workers", str(workers),
+            "--max-batch-size", str(args.http_batch), "--max-queue-delay-ms", "1",
+            "--max-queue-size", "1000000", "--max-queue-wait-ms", "0", "--request-timeout-s", "600",
+            "--max-connections", "1000000",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        repeated = requests * args.half_repeat
+        env: dict[str, str] = {}
+        if args.fake_step_ms is not None:
+            env[STEP_MS_ENV] = str(args.fake_step_ms)
+        if interval is not None:
+            env[SWITCH_MS_ENV] = interval
+        launcher = [sys.executable, str(Path(__file__).resolve().parent / "serve_variant.py")]
+        with ServerProcess(
+            server_args, startup_timeout_s=1200, source=source, command=launcher if env else None, env=env
+        ) as server:
+            pids = [server.pid, *server.worker_pids]
+
+            async def session() -> list[tuple[str, Outcome, list[Request]]]:
+                client = HttpClient(server.url)
+                try:
+                    await http_run(client, requests, args.stream_every)  # warm-up, opens the connections
+                    cpu, steps = cpu_seconds(pids), steps_taken(server)
+                    burst = await http_run(client, requests, args.stream_every)
+                    burst.notes["server_cpu_s"] = round(cpu_seconds(pids) - cpu, 2)
+                    burst.notes["processes"] = workers
+                    if workers == 1:  # (with several, /metrics is one worker's, whichever answers)
+                        burst.notes["steps"] = int(steps_taken(server) - steps)
+                        burst.notes["ms_a_step"] = round(1000 * burst.seconds / burst.notes["steps"], 2)
+                    rate = len(requests) / burst.seconds / 2
+                    half = await http_run(client, repeated, args.stream_every, rate=rate)
+                    half.notes["offered_req_per_s"] = round(rate, 1)
+                    return [(name, burst, requests), (f"{name} at half", half, repeated)]
+                finally:
+                    client.close()
+
+            return asyncio.run(session())
 
 
 def table(rows: list[dict[str, Any]]) -> None:
@@ -570,7 +800,9 @@ def main() -> None:
     print(bench.header(), flush=True)
     rows: list[dict[str, Any]] = []
     outcomes: dict[str, Outcome] = {}
-    largest = max([int(v[1:]) for v in variants if v[0] in "sneo" and v[1:].isdigit()], default=32)
+    largest = max([int(v[1:]) for v in variants if v[0] in "snemo" and v[1:].isdigit()], default=32)
+    if args.http_batch is None:
+        args.http_batch = max([int(v[1:]) for v in variants if v[0] in "sm" and v[1:].isdigit()], default=256)
     for name in variants:
         if name == "g":
             print(f"g: {graph_check(bench.lm, args.device)}", flush=True)
@@ -582,12 +814,21 @@ def main() -> None:
             continue
         subset = bench.requests
         if name.startswith("hf"):
+            if args.fake_step_ms is not None:
+                raise SystemExit(f"--variants {name}: HF's generate has no fake step (--fake-step-ms)")
             done = bench.huggingface(name)
             if done is None:
                 continue
             outcome, subset = done
-        elif name[0] in "sneo" and name[1:].isdigit():
+        elif name[0] in "snemo" and name[1:].isdigit():
             outcome = bench.tandem(name)
+        elif HTTP_VARIANT.fullmatch(name):
+            reference = next((o for o in outcomes.values() if len(o.tokens) == len(bench.requests)), None)
+            for label, outcome, subset in bench.http(name):
+                outcomes[label] = outcome
+                rows.append(summarize(label, outcome, subset, reference))
+                print(rows[-1], flush=True)
+            continue
         else:
             raise SystemExit(f"--variants: unknown variant {name!r}")
         reference = next((o for o in outcomes.values() if len(o.tokens) == len(bench.requests)), None)
@@ -595,6 +836,17 @@ def main() -> None:
         rows.append(summarize(name, outcome, subset, reference))
         print(rows[-1], flush=True)
     table(rows)
+    ratios(rows)
+
+
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Each HTTP burst against the in-process runs (the goal: one process >= 85% of the scheduler in
+    process with the same streamed share, mN)."""
+    rates = {row["variant"]: row["tokens_per_s"] for row in rows if "tokens_per_s" in row}
+    inside = [v for v in rates if v[0] in "ms" and v[1:].isdigit()]
+    for http in [v for v in rates if v[0] == "c" and "half" not in v]:
+        for base in inside:
+            print(f"{http} / {base}: {rates[http] / rates[base]:.0%}")
 
 
 if __name__ == "__main__":

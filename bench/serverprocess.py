@@ -35,14 +35,20 @@ class ServerProcess:
         startup_timeout_s: float = 180.0,
         env: dict[str, str] | None = None,
         source: str | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         """`source`: a folder holding another copy of the `tandem` package (e.g. `git archive` of an older
         commit) to serve from instead of this checkout, for before/after benchmarks in one run; the server
-        runs in that folder, so `python -m` finds that copy first (before the editable install)."""
+        runs in that folder with it first on PYTHONPATH, so that copy is found first (before the editable
+        install). `command`: what runs the server instead of `python -m tandem.workloads.serve` (e.g.
+        `[sys.executable, "bench/fake_lm_serve.py"]`), given the same arguments."""
         self.args = [*args, "--host", "127.0.0.1", "--port", "0"]
         self.source = source
+        self.command = list(command or [sys.executable, "-m", "tandem.workloads.serve"])
         self.startup_timeout_s = startup_timeout_s
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        if source is not None:
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, self.env.get("PYTHONPATH")]))
         self.lines: list[str] = []
         self.url = ""
         self._proc: subprocess.Popen[str] | None = None
@@ -75,7 +81,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.workloads.serve", *self.args],
+            [*self.command, *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
