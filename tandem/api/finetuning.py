@@ -64,7 +64,8 @@ class LoRA(SpecModel):
     alpha: float = Field(default=16.0, gt=0, le=65536)
     """Scale of the update, applied as alpha / rank (so the learning rate need not change with rank)."""
     target_modules: list[LoraTarget] = Field(
-        default_factory=lambda: [LoraTarget.ATTENTION_QKV, LoraTarget.ATTENTION_OUT],
+        # a default (not a factory): the CRD carries it, so the API server defaults the field too
+        default=[LoraTarget.ATTENTION_QKV, LoraTarget.ATTENTION_OUT],
         min_length=1,
         max_length=4,
     )
@@ -75,7 +76,8 @@ class LoRA(SpecModel):
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            rule="self.targetModules.all(m, self.targetModules.exists_one(n, n == m))",
+            rule="!has(self.targetModules) || "
+            "self.targetModules.all(m, self.targetModules.exists_one(n, n == m))",
             message="spec.trainer.builtin.fineTuning.lora.targetModules: each module at most once",
             check=lambda lora: len(set(lora.target_modules)) == len(lora.target_modules),
             field_path=".targetModules",
