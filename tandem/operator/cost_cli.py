@@ -100,14 +100,15 @@ def _cost(args: argparse.Namespace) -> int:
     if args.output == "json":
         document = {"source": source, "time": now.isoformat(), "models": [r.to_dict() for r in rows]}
         print(json.dumps(document | {"usage": usage}, indent=2))
-    elif rows:
-        print(cost_report.table(rows))
-        print(f"\nallocation: {usage}")
     else:
-        print(
-            "no TrainingJob or InferenceService spend found"
-            + (f" in {args.namespace}" if args.namespace else "")
-        )
+        if rows:
+            print(cost_report.table(rows))
+        else:
+            print(
+                "no TrainingJob or InferenceService spend found"
+                + (f" in {args.namespace}" if args.namespace else "")
+            )
+        print(f"\nallocation: {usage}")
     if args.plot is not None:
         if args.plot.suffix.lower() != ".png":
             raise UserError(f"--plot {args.plot}: give a .png file name")
