@@ -88,7 +88,7 @@ RESOURCES: dict[str, ResourceInfo] = {
         printer_columns=(
             _column("Phase", "string", ".status.phase", "Where the service is in its life."),
             _column("Ready", "string", ".status.replicasDisplay", "Ready/desired replicas."),
-            _column("Model", "string", ".status.modelDisplay", "Served model: TRAININGJOB@STEP or URI."),
+            _column("Model", "string", ".status.modelDisplay", "Served model: JOB@STEP or URI (+ <-BASE)."),
             _column("RPS", "number", ".status.metrics.rps", "Requests per second."),
             _column("P99", "number", ".status.metrics.latencyP99Ms", "99th percentile latency, ms."),
             _column("Cost/h", "string", ".status.hourlyCostDisplay", "Cost per hour, US dollars."),
