@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,7 +30,7 @@ def series(text: str) -> dict[tuple[str, str, str], float]:
     }
 
 
-def test_the_operator_exports_how_many_containers_were_charged_by_usage() -> None:
+def allocation_exposition() -> str:
     metrics = StatusMetrics()
     job = TrainingJobStatus.model_validate({"phase": "Running", "cost": {"usd": 1.0, "gpuHours": 0.5}})
     measured = cost.Rate(9.0, 2, containers=3, measured=2, idle_gpu_usd_per_hour=1.5, gpu_measured=1)
@@ -39,7 +41,11 @@ def test_the_operator_exports_how_many_containers_were_charged_by_usage() -> Non
     metrics.record("InferenceService", "ml", "old", serving_row(spec, status))
     registry = CollectorRegistry()
     registry.register(metrics)
-    found = series(generate_latest(registry).decode())
+    return generate_latest(registry).decode()
+
+
+def test_the_operator_exports_how_many_containers_were_charged_by_usage() -> None:
+    found = series(allocation_exposition())
     assert found == {
         ("tandem_cost_containers", "gpt", "usage"): 2,
         ("tandem_cost_containers", "gpt", "requests"): 1,
@@ -48,6 +54,18 @@ def test_the_operator_exports_how_many_containers_were_charged_by_usage() -> Non
         ("tandem_cost_containers", "chat", "requests"): 1,
         # No rate given (a caller that does not report allocation): no series rather than a wrong one.
     }
+
+
+def test_the_allocation_series_pass_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=allocation_exposition(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_allocation_is_described_per_model() -> None:
