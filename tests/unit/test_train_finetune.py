@@ -278,3 +278,13 @@ def test_a_base_of_another_tokenizer_is_refused_naming_the_dataset_tokenizer(
         UserError, match=r"spec\.trainer\.builtin\.dataset\.tokenizer: the base checkpoint .* bytes"
     ):
         from_spec(raw, job_name="ft", checkpoint_dir=str(base_root.parent / "ft"))
+
+
+def test_a_local_run_finds_its_base_job_in_the_local_layout(base_root: Path, tmp_path: Path) -> None:
+    """`tandem train --local` keeps a job's checkpoints in tandem-runs/JOB/checkpoints."""
+    runs = tmp_path / "tandem-runs"
+    shutil.copytree(base_root / "step-00000030", runs / "base" / "checkpoints" / "step-00000030")
+    data = arithmetic_text(tmp_path / "a.txt")
+    cfg = from_spec(spec(data, LORA), job_name="ft", checkpoint_dir=str(runs / "ft" / "checkpoints"))
+    assert cfg.fine_tuning is not None
+    assert cfg.fine_tuning["base_path"] == str(runs / "base" / "checkpoints" / "step-00000030")

@@ -158,6 +158,14 @@ def _step_dir(path: Path, what: str) -> ckpt.CheckpointRef:
     return found
 
 
+def _beside(own_root: Path, job: str) -> Path:
+    """The checkpoint root of TrainingJob `job` beside this job's: `ROOT/../JOB` (pods: the claim's
+    `/checkpoints/NAMESPACE/JOB`), or `tandem-runs/JOB/checkpoints` for `tandem train --local`'s layout."""
+    sibling = own_root.parent / job
+    local = own_root.parent.parent / job / own_root.name
+    return local if not sibling.exists() and local.exists() else sibling
+
+
 def _locate(
     ft: FineTuning, checkpoint_dir: str | None, data_root: str | None
 ) -> tuple[str, Path, int, str | None]:
@@ -174,7 +182,7 @@ def _locate(
                 "set spec.checkpoint.storage (the claim the base job writes to), or use "
                 f"{FIELD}.base.uri"
             )
-        root = ckpt.uri_to_path(checkpoint_dir).parent / ref.name
+        root = _beside(ckpt.uri_to_path(checkpoint_dir), ref.name)
         if ref.checkpoint == "latest":
             found = _step_dir(root, f"{what} ({ref.name}, latest)")
         else:
