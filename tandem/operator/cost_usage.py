@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,34 +155,49 @@ class UsageSource:
         """The latest snapshot; starts a refresh when it is due and none is running."""
         if self._query is None:
             return self._latest
+        started: Future[UsageSnapshot] | None = None
         with self._lock:
             due = self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds
             if due and self._pending is None:
                 self._read_at = self._clock()
-                self._pending = self._pool.submit(read, self._query, self.window, None, self.namespaces)
-                self._pending.add_done_callback(self._landed)
-            return self._latest
+                started = self._pending = self._pool.submit(
+                    read, self._query, self.window, None, self.namespaces
+                )
+            latest = self._latest
+        if started is not None:  # outside the lock: a finished future calls back at once, here
+            started.add_done_callback(self._landed)
+        return latest
 
     def _landed(self, done: Future[UsageSnapshot]) -> None:
+        """Take a finished refresh's snapshot (once: `wait` may land it before its callback does)."""
+        failed: Exception | None = None
         try:
             latest = done.result()
-        except Exception as error:  # a bug in parsing: log it, charge requests, keep reconciling
-            log.exception("reading container usage from Prometheus failed")
+        except Exception as error:  # a bug in parsing: charge requests, keep reconciling
             latest = UsageSnapshot(problem=f"reading usage failed ({error}): requests only")
+            failed = error
         with self._lock:
-            if latest.problem and latest.problem != self._latest.problem:
-                log.info("cost allocation: %s", latest.problem)
-            self._latest, self._pending = latest, None
+            if self._pending is not done:
+                return
+            before, self._latest, self._pending = self._latest, latest, None
+        if failed is not None:
+            log.error("reading container usage from Prometheus failed", exc_info=failed)
+        if latest.problem and latest.problem != before.problem:
+            log.info("cost allocation: %s", latest.problem)
+        elif not latest.problem and before.problem:
+            log.info("cost allocation: usage measured for %d pods", len(latest.pods))
 
     def wait(self, timeout: float) -> UsageSnapshot:
-        """Start a refresh if due and wait up to `timeout` seconds for it (for tests and the CLI)."""
+        """Start a refresh if due and wait up to `timeout` seconds for it to land (for tests)."""
         self.snapshot()
         with self._lock:
             pending = self._pending
         if pending is not None:
-            pending.result(timeout)
-            self._landed(pending)  # the callback may not have run yet; landing twice is harmless
-        return self._latest
+            futures.wait([pending], timeout)
+            if pending.done():
+                self._landed(pending)
+        with self._lock:
+            return self._latest
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -181,3 +181,38 @@ def test_the_queries_keep_to_the_watched_namespaces() -> None:
     assert all("namespace=~" not in q for q in everywhere.values())
     watched = cost_usage.queries("5m", ["ml", "team-a"])
     assert all('namespace=~"ml|team-a"' in q for q in watched.values())
+
+
+def test_an_answer_that_lands_at_once_does_not_hold_the_reconciler() -> None:
+    """A refresh that finishes before its callback is registered lands in the caller's thread."""
+    source = cost_usage.UsageSource(
+        "", refresh_seconds=0, query=lambda expression, what: vector(("ml", "p-0", "server", 1.0))
+    )
+    spun = threading.Event()
+
+    def reconcile_often() -> None:
+        for _ in range(300):
+            source.snapshot()
+        spun.set()
+
+    try:
+        threading.Thread(target=reconcile_often, daemon=True).start()
+        assert spun.wait(60), "snapshot() hung"
+        assert source.wait(30).for_pod("ml", "p-0") == {"server": cost.Usage(1.0, 1.0, 1.0)}
+    finally:
+        source.close()
+
+
+def test_a_malformed_reply_is_a_problem_not_a_failed_reconcile(caplog: pytest.LogCaptureFixture) -> None:
+    def no_value(expression: str, what: str) -> list[dict[str, Any]]:
+        return [{"metric": {"namespace": "ml", "pod": "p", "container": "c"}}]
+
+    source = cost_usage.UsageSource("", query=no_value)
+    try:
+        snapshot = source.wait(30)
+    finally:
+        source.close()
+    assert snapshot.problem is not None
+    assert snapshot.problem.startswith("reading usage failed")
+    assert snapshot.problem.endswith("requests only")
+    assert "reading container usage from Prometheus failed" in caplog.text
