@@ -5,9 +5,11 @@ like the dev cluster's other binaries (gomod/helm pins helm.sh/helm/v3; Apache-2
 its own key: a cold build takes a few minutes on two cores, a warm one nothing. It is a bundle of its
 own, not part of `tandem cluster build`, because only the chart tests need it; they build it on first use.
 
-The chart is the one source of the plain install manifest: `python -m tandem.devcluster.helm
-install-yaml` writes manifests/install.yaml with `helm template` (CRDs included, plus the Namespace
-that `helm install --create-namespace` would make), and a unit test fails when the two drift apart.
+The chart is the one source of the plain install manifest, and carries the generated CRDs:
+`python -m tandem.devcluster.helm install-yaml` copies manifests/crds (written by `make crds`) into the
+chart's crds/ (real files: the repository holds no links) and writes manifests/install.yaml with
+`helm template` (CRDs included, plus the Namespace that `helm install --create-namespace` would make).
+Tests fail when either drifts; run it after `make crds`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ HELM = build.Bundle(
 
 REPO_ROOT = paths.PACKAGE_DIR.parents[1]
 CHART_DIR = REPO_ROOT / "charts" / "tandem"
+CRD_DIR = REPO_ROOT / "manifests" / "crds"
 INSTALL_YAML = REPO_ROOT / "manifests" / "install.yaml"
 # Release name and namespace of the plain install: the names docs/operations.md uses.
 INSTALL_RELEASE = "tandem"
@@ -74,6 +77,23 @@ def run_helm(helm: Path, *args: str, stdin: str | None = None, env: dict[str, st
     return result.stdout
 
 
+def stale_chart_crds() -> list[str]:
+    """Names of the chart's crds/ files that differ from manifests/crds (or are missing or extra)."""
+    wanted = {path.name: path.read_bytes() for path in CRD_DIR.glob("*.yaml")}
+    shipped = {path.name: path.read_bytes() for path in (CHART_DIR / "crds").glob("*.yaml")}
+    return sorted(name for name in wanted.keys() | shipped.keys() if wanted.get(name) != shipped.get(name))
+
+
+def copy_crds_into_chart() -> None:
+    """Make the chart's crds/ equal to manifests/crds (Helm installs them from there)."""
+    target = CHART_DIR / "crds"
+    target.mkdir(exist_ok=True)
+    for stale in target.glob("*.yaml"):
+        stale.unlink()
+    for crd in CRD_DIR.glob("*.yaml"):
+        (target / crd.name).write_bytes(crd.read_bytes())
+
+
 def render_install_yaml(helm: Path) -> str:
     """The text of manifests/install.yaml: the chart with default values, CRDs first, behind a Namespace."""
     rendered = run_helm(
@@ -91,16 +111,17 @@ def render_install_yaml(helm: Path) -> str:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tandem.devcluster.helm",
-        description="Build the pinned helm (cached), or write manifests/install.yaml from charts/tandem.",
+        description="Build the pinned helm (cached), or bring charts/tandem/crds and manifests/install.yaml"
+        " up to date with manifests/crds and the chart.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="build helm from gomod/helm (once per pin) and print its path")
     install = commands.add_parser(
-        "install-yaml", help="write manifests/install.yaml from the chart (helm template, default values)"
+        "install-yaml",
+        help="copy manifests/crds into charts/tandem/crds, then write manifests/install.yaml from the chart"
+        " (helm template, default values)",
     )
-    install.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if manifests/install.yaml is stale"
-    )
+    install.add_argument("--check", action="store_true", help="write nothing; exit 1 if either is stale")
     args = parser.parse_args(argv)
 
     def progress(message: str) -> None:
@@ -111,17 +132,22 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             print(helm)
             return 0
-        text = render_install_yaml(helm)
         if args.check:
-            stale = not INSTALL_YAML.is_file() or INSTALL_YAML.read_text() != text
+            stale_crds = stale_chart_crds()
+            if stale_crds:
+                print(f"charts/tandem/crds is stale ({', '.join(stale_crds)})", file=sys.stderr)
+            text = render_install_yaml(helm)
+            stale = bool(stale_crds) or not INSTALL_YAML.is_file() or INSTALL_YAML.read_text() != text
             if stale:
                 print(
-                    f"{INSTALL_YAML} is stale: run `python -m tandem.devcluster.helm install-yaml`",
+                    f"{INSTALL_YAML} or the chart's crds/ is stale: "
+                    "run `python -m tandem.devcluster.helm install-yaml`",
                     file=sys.stderr,
                 )
             return 1 if stale else 0
-        INSTALL_YAML.write_text(text)
-        print(f"wrote {INSTALL_YAML}")
+        copy_crds_into_chart()
+        INSTALL_YAML.write_text(render_install_yaml(helm))
+        print(f"wrote {CHART_DIR / 'crds'} and {INSTALL_YAML}")
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -106,7 +106,12 @@ def test_optional_parts_are_off_by_default_and_render_when_chosen(render: Render
 
 
 def test_crds_ship_in_the_chart_equal_to_manifests_crds(helm: Path) -> None:
-    """`helm install` creates the CRDs from crds/ (a link to manifests/crds, so the two cannot drift)."""
+    """`helm install` creates the CRDs from crds/: the ones `make crds` writes to manifests/crds."""
+    stale = devhelm.stale_chart_crds()
+    assert not stale, (
+        f"charts/tandem/crds differs from manifests/crds ({', '.join(stale)}): "
+        "run `python -m tandem.devcluster.helm install-yaml` and commit both"
+    )
     # `helm show crds` runs the files together without `---`; template --include-crds keeps them apart.
     out = devhelm.run_helm(helm, "template", "tandem", str(devhelm.CHART_DIR), "--include-crds")
     shipped = {
