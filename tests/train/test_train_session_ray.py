@@ -1,15 +1,17 @@
-"""Your own training code (the session-API example, an MLP regressor) through `tandem train --local` on
-real Ray with two DDP ranks: killed mid-run, then resumed from the newest checkpoint, with steps, loss,
-evaluation and checkpoints reported as the built-in trainer reports them, and TensorBoard event files
-beside the checkpoints."""
+"""Your own training code (the session-API example, an MLP regressor, as a module in the current
+directory) through `tandem train --local` on real Ray with two DDP ranks: killed mid-run, then resumed
+from the newest checkpoint, with steps, loss, evaluation and checkpoints reported as the built-in
+trainer reports them, and TensorBoard event files beside the checkpoints."""
 
 from __future__ import annotations
 
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,19 @@ from tbevents import read_scalars
 
 from tandem.workloads.train import checkpoint as ckpt
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "trainingjob-regression.yaml"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "manifests" / "examples" / "trainingjob-regression.yaml"
+MODULE = REPO / "tandem" / "workloads" / "examples" / "regression.py"
+TANDEM = str(Path(sys.executable).parent / "tandem")
 EVERY = 20
 
 
 def write_job(path: Path, steps: int) -> Path:
-    """The example, with `steps` steps, a smaller data set and more frequent checkpoints/evaluations."""
+    """The example as a user's own module beside the job file (imported from the current directory),
+    with `steps` steps, a smaller data set and more frequent checkpoints/evaluations."""
+    shutil.copy(MODULE, path.parent / "my_regression.py")
     doc = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    doc["spec"]["trainer"]["entrypoint"] = "my_regression:train_loop"
     doc["spec"]["trainer"]["config"] |= {
         "steps": steps,
         "evalEvery": EVERY,
@@ -37,16 +45,17 @@ def write_job(path: Path, steps: int) -> Path:
     return path
 
 
-def start(
-    cmd: Callable[..., list[str]], job: Path, root: Path, log: Path, procs: list[subprocess.Popen[str]]
-) -> subprocess.Popen[str]:
+def start(job: Path, root: Path, log: Path, procs: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
     with log.open("w") as out:  # a file, not a pipe: nobody reads the run being killed
         proc = subprocess.Popen(
-            cmd("train", str(job), "--local", "--checkpoint-dir", str(root)),
+            # The console script, as a user runs it (`python -m` would put the current directory on the
+            # driver's path by itself).
+            [TANDEM, "train", str(job), "--local", "--checkpoint-dir", str(root)],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            cwd=job.parent,  # where the user's module is
         )
     procs.append(proc)
     return proc
@@ -72,10 +81,9 @@ def test_own_code_is_reported_checkpointed_and_resumed_after_a_kill(
     tmp_path: Path,
     spawned: list[subprocess.Popen[str]],
     wait_for: Callable[..., Any],
-    tandem_cmd: Callable[..., list[str]],
 ) -> None:
     root = tmp_path / "checkpoints"
-    first = start(tandem_cmd, write_job(tmp_path / "long.yaml", 100_000), root, tmp_path / "1.log", spawned)
+    first = start(write_job(tmp_path / "long.yaml", 100_000), root, tmp_path / "1.log", spawned)
     wait_for((root / ckpt.checkpoint_name(EVERY) / ckpt.MARKER_FILE).exists, 240, "the first checkpoint")
     wait_for(lambda: EVERY in tracked(root), 60, "the steps to the first checkpoint in TensorBoard")
     os.killpg(first.pid, signal.SIGKILL)  # the driver, the local Ray instance, both ranks
@@ -85,7 +93,7 @@ def test_own_code_is_reported_checkpointed_and_resumed_after_a_kill(
     assert EVERY <= newest < 100_000
 
     total = newest + 30
-    second = start(tandem_cmd, write_job(tmp_path / "short.yaml", total), root, tmp_path / "2.log", spawned)
+    second = start(write_job(tmp_path / "short.yaml", total), root, tmp_path / "2.log", spawned)
     assert second.wait(timeout=300) == 0, (tmp_path / "2.log").read_text()[-3000:]
     out = (tmp_path / "2.log").read_text()
     # The outcome line, as the built-in trainer's (it said "step None, loss None" for user code).

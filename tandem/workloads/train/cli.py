@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -136,6 +137,18 @@ def with_overrides(spec: dict[str, Any], *, seed: int | None, seq_len: int | Non
     return out
 
 
+def import_from_cwd() -> None:
+    """Make modules in the current directory importable by the driver and by the local Ray ranks
+    (they inherit `PYTHONPATH`), as `python -m` would: `tandem train job.yaml --local` next to your
+    `my_train.py` runs `entrypoint: my_train:train_loop` without installing it."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *filter(None, paths)])
+
+
 def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
@@ -152,6 +165,7 @@ def run_local(args: argparse.Namespace) -> int:
     if cfg.entrypoint:
         from tandem.workloads.train.session import resolve_entrypoint
 
+        import_from_cwd()
         resolve_entrypoint(cfg.entrypoint)
     # Everything is checked: now take resources.
     from tandem.workloads.train.progress import ProgressBar, ProgressReporter
