@@ -13,11 +13,13 @@ whose kubeconfig it is given.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -182,3 +184,24 @@ class GangScheduler:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tandem.devcluster.gangscheduler",
+        description="Build the pinned scheduler-plugins scheduler (cached; cold: minutes) and print its path"
+        " and the PodGroup CRD of the same release.",
+    )
+    parser.add_argument("command", choices=["build"], help="build it (once per pin)")
+    parser.parse_args(argv)
+    try:
+        print(ensure_scheduler(lambda message: print(message, file=sys.stderr, flush=True)))
+        print(podgroup_crd())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

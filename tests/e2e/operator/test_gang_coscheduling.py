@@ -112,7 +112,7 @@ def test_two_jobs_contending_for_all_gpus_never_both_hold_a_partial_gang(
         return counts if GANG in counts.values() else None
 
     counts = wait_for(one_whole_gang, WAIT, "one whole gang bound")
-    assert not both, f"both jobs held GPUs at once: {both[:5]}"
+    assert not both, f"both jobs had bound pods at once (a partial gang held): {both[:5]}"
     first, second = ("a", "b") if counts["a"] == GANG else ("b", "a")
     wait_for(
         lambda: status_of(kubectl, namespace, "tj", first).get("phase") == "Running", WAIT, f"{first} Running"
@@ -144,5 +144,5 @@ def test_two_jobs_contending_for_all_gpus_never_both_hold_a_partial_gang(
         f"{second} Running after {first} ended",
     )
     assert check()[second] == GANG
-    assert not both, f"both jobs held GPUs at once: {both[:5]}"
+    assert not both, f"both jobs had bound pods at once (a partial gang held): {both[:5]}"
     assert len(seen) > 10, "the invariant was checked only a few times"
