@@ -109,6 +109,7 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
     if not verbose:  # "Timer ... succeeded" for every object every tick drowns everything else
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
+    from tandem.operator.cost_usage import UsageSource
     from tandem.operator.leader import LeaderElector
     from tandem.operator.metrics import LEADER
 
@@ -119,6 +120,8 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         else None
     )
     leading = elector.leading if elector is not None else asyncio.Event()
+    # The containers' measured usage for the cost model, refreshed in the background.
+    usage = UsageSource(settings.prometheus_url, namespaces=settings.namespaces)
 
     @kopf.on.startup()
     async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -163,6 +166,7 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
-        memo=kopf.Memo(settings=settings, leading=leading, leader_waiters=[]),
+        memo=kopf.Memo(settings=settings, leading=leading, leader_waiters=[], usage=usage),
     )
+    usage.close()
     return 0

@@ -50,6 +50,7 @@ from tandem.operator.controller_common import (
     validated_spec,
     with_refusal,
 )
+from tandem.operator.cost_usage import UsageSource
 from tandem.operator.inferenceservice.builders import SERVICE_LABEL, Service
 from tandem.operator.inferenceservice.observe import (
     ObservedDeployment,
@@ -276,6 +277,8 @@ class Controller:
         self.autoscalers: dict[Key, tuple[str, asyncio.Task[None]]] = {}
         #: Set while this replica leads: autoscalers scale only then (see tandem.operator.leader).
         self.leading: asyncio.Event | None = None
+        #: The containers' measured usage for the cost model (None: requests only).
+        self.usage: UsageSource | None = None
 
     # -- from the watch threads --------------------------------------------------------------------
 
@@ -355,6 +358,7 @@ class Controller:
             children=children,
             service_monitor_crd=service_monitor_crd(),
             scaling=_scaling.get(uid),
+            usage=self.usage.snapshot() if self.usage else None,
         )
         current = InferenceServiceStatus.model_validate(status)
         decision = decide(service, generation, current, observed, datetime.now(UTC), self.settings)
@@ -367,7 +371,7 @@ class Controller:
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
         self.bodies.write_status(namespace, name, changes)
-        STATUS_METRICS.record(KIND, namespace, name, serving_row(service_spec, new_status))
+        STATUS_METRICS.record(KIND, namespace, name, serving_row(service_spec, new_status, decision.rate))
         return None if refused else RECONCILE_INTERVAL_SECONDS
 
     # -- autoscaler --------------------------------------------------------------------------------
@@ -423,6 +427,7 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
 
     controller = Controller(settings, caches, services, bodies, trainingjobs)
     controller.loop = asyncio.get_running_loop()
+    controller.usage = getattr(memo, "usage", None)
     queue = controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
     for cache in caches.all():
         cache.on_change = queue.add_threadsafe

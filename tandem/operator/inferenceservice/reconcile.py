@@ -29,6 +29,7 @@ from tandem.api.inferenceservice import (
 from tandem.operator import cost
 from tandem.operator.config import OperatorSettings
 from tandem.operator.controller_common import accepted
+from tandem.operator.cost_usage import UsageSnapshot
 from tandem.operator.inferenceservice import builders, lineage
 from tandem.operator.inferenceservice.builders import SERVICE_LABEL, ModelTarget, Service
 from tandem.operator.inferenceservice.observe import (
@@ -74,6 +75,8 @@ class Observed:
     children: frozenset[str] = frozenset()
     service_monitor_crd: bool = False
     scaling: ScalingInfo | None = None
+    #: The containers' measured usage for the cost model (None: requests only).
+    usage: UsageSnapshot | None = None
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Decision:
     apply: dict[str, Any] | None = None
     create: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    #: What the replicas on nodes cost per hour now, and how it was allocated.
+    rate: cost.Rate = field(default_factory=cost.Rate)
 
 
 #: While the replicas on nodes stay the same, the spend so far is written at most this often.
@@ -92,14 +97,20 @@ COST_REFRESH_SECONDS = 30
 
 
 def replicas_rate(
-    spec: InferenceServiceSpec, replicas: Sequence[ObservedReplica], prices: cost.Prices
+    spec: InferenceServiceSpec,
+    replicas: Sequence[ObservedReplica],
+    prices: cost.Prices,
+    usage: UsageSnapshot | None = None,
+    namespace: str = "",
 ) -> cost.Rate:
     """What the replicas on nodes cost per hour (one not yet scheduled costs nothing). GPUs are priced
-    by the product the spec asks for, which is where its nodeSelector puts them."""
+    by the product the spec asks for, which is where its nodeSelector puts them; vCPUs and memory at
+    max(request, the replica's measured usage in `usage`)."""
     total = cost.Rate()
     for replica in replicas:
         if replica.on_node:
-            total += cost.pod_rate(replica.containers, spec.gpu_product, prices)
+            used = usage.for_pod(namespace, replica.name) if usage else None
+            total += cost.pod_rate(replica.containers, spec.gpu_product, prices, used)
     return total
 
 
@@ -205,7 +216,14 @@ class _Machine:
         dep = self.observed.deployment
         ready = min(dep.ready_replicas, desired) if dep else 0
         self.set(replicas=ReplicaCounts(desired=desired, ready=ready))
-        rate = replicas_rate(self.spec, self.observed.replicas, self.settings.prices())
+        rate = replicas_rate(
+            self.spec,
+            self.observed.replicas,
+            self.settings.prices(),
+            self.observed.usage,
+            self.service.namespace,
+        )
+        self.decision.rate = rate
         self.set(cost=serving_cost(self.status.cost, rate, self.status.metrics, self.now))
         self.scaling_condition()
         return self.decision

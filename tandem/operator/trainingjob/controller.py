@@ -41,6 +41,7 @@ from tandem.operator.controller_common import (
     status_patch,
     validated_spec,
 )
+from tandem.operator.cost_usage import UsageSource
 from tandem.operator.leader import when_leading
 from tandem.operator.metrics import timed_reconcile, watch_queue
 from tandem.operator.status_metrics import STATUS_METRICS, training_row
@@ -263,6 +264,8 @@ class Controller:
         #: Each node's last seen readiness, so that only a change wakes the jobs on it.
         self.node_ready: dict[str, bool] = {}
         self.queue: WorkQueue[Key] | None = None
+        #: The containers' measured usage for the cost model (None: requests only).
+        self.usage: UsageSource | None = None
 
     def job_changed(self, key: Key) -> None:
         """From the jobs' watch thread: keep the newest body and queue the job (news only)."""
@@ -323,6 +326,7 @@ class Controller:
             cluster_view(self.nodes),
             datetime.now(UTC),
             self.settings.prices(),
+            self.usage.snapshot() if self.usage else None,
         )
         applied = apply(decision, body, namespace, name, uid)
         if applied.refused is not None:
@@ -372,6 +376,7 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
         "trainingjobs", custom_objects(GROUP, VERSION, PLURAL), by_name, bodies.observe, settings.namespaces
     )
     controller = Controller(settings, pods, jobs, bodies, nodes_by_name)
+    controller.usage = getattr(memo, "usage", None)
     controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
     queue = controller.queue
     pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)

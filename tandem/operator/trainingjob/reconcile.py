@@ -34,6 +34,7 @@ from tandem.operator import cost
 #: A job the API server refused a child of for good (422, 403, 400) stays Failed with this reason
 #: until its spec changes (a new generation); then it starts a new gang.
 from tandem.operator.controller_common import CREATE_REFUSED, accepted
+from tandem.operator.cost_usage import UsageSnapshot
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.kube import bounded
 from tandem.operator.trainingjob import builders, podgroup
@@ -143,11 +144,13 @@ class _Machine:
         cluster: ClusterView,
         now: datetime,
         prices: cost.Prices,
+        usage: UsageSnapshot | None = None,
     ) -> None:
         self.job = job
         self.spec = job.spec
         self.now = now
         self.prices = prices
+        self.usage = usage
         self.cluster = cluster
         self.original = current
         self.pods = [p for p in pods if not p.deleting]
@@ -612,7 +615,8 @@ class _Machine:
                 continue
             node = self.cluster.nodes.get(pod.node) if pod.node else None
             product = node.product if node and node.product else self.spec.workers.gpu_product
-            rates.append((pod, cost.pod_rate(pod.containers, product, self.prices)))
+            used = self.usage.for_pod(self.job.namespace, pod.name) if self.usage else None
+            rates.append((pod, cost.pod_rate(pod.containers, product, self.prices, used)))
         return rates
 
     def accrue_cost(self) -> None:
@@ -649,9 +653,11 @@ def decide(
     cluster: ClusterView,
     now: datetime,
     prices: cost.Prices,
+    usage: UsageSnapshot | None = None,
 ) -> Decision:
-    """One level-based reconcile of a TrainingJob. Pure: no I/O, no clock."""
-    return _Machine(job, current, pods, cluster, now, prices).run()
+    """One level-based reconcile of a TrainingJob. Pure: no I/O, no clock. `usage`: the containers'
+    measured usage (tandem.operator.cost_usage), charged where above the requests."""
+    return _Machine(job, current, pods, cluster, now, prices, usage).run()
 
 
 def refused(job: Job, status: TrainingJobStatus, message: str, now: datetime) -> TrainingJobStatus:
