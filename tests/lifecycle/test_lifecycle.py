@@ -30,6 +30,8 @@ MAX_STEPS = SPEC["trainer"]["builtin"]["maxSteps"]
 EVERY = SPEC["checkpoint"]["everySteps"]
 TRAINING_SECONDS = 900
 SERVING_SECONDS = 300
+#: The operator's usage reader refreshes every 30 s over a 5-minute rate window.
+USAGE_SECONDS = 180
 PROMPT = "To be"
 
 
@@ -155,11 +157,21 @@ def scales_on_its_metrics(stack: Stack, url: str) -> None:
 
 
 def costs_both_phases(stack: Stack) -> None:
+    """Both statuses show spend, and the serving replicas are charged max(request, measured usage): the
+    real kubelet's cAdvisor series, scraped by the story's Prometheus, reach the operator's cost model."""
     service = lifecycle.get(stack, "tisvc", SERVICE)
     assert service["status"]["cost"]["usd"] > 0
     job = lifecycle.get(stack, "tj", JOB)
     assert job["status"]["cost"]["usd"] > 0
     assert job["status"]["costDisplay"].startswith("$")
+    measured = f'sum(tandem_cost_containers{{namespace="{NAMESPACE}",name="{SERVICE}",basis="usage"}})'
+    deadline = time.monotonic() + USAGE_SECONDS
+    while (lifecycle.prometheus_query(stack, measured) or 0) < 1:
+        assert time.monotonic() < deadline, (
+            f"no serving container charged by measured usage within {USAGE_SECONDS}s: "
+            f"{lifecycle.prometheus_query(stack, 'count(container_cpu_usage_seconds_total)')} cAdvisor series"
+        )
+        time.sleep(2)  # polling Prometheus: the operator re-reads usage every 30 s
 
 
 #: Panels with nothing to show in this story, and why; each must indeed be empty (a panel that starts
