@@ -40,7 +40,11 @@ class ByteDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
-        return self._utf8.decode(self._bytes(token))
+        raw = self._bytes(token)
+        utf8 = self._utf8
+        if not utf8.buffer and raw.isascii():  # nothing held back: ASCII is itself (the common case)
+            return raw.decode("ascii")
+        return utf8.decode(raw)
 
     def finish(self) -> str:
         return self._utf8.decode(b"", final=True)

@@ -47,6 +47,7 @@ without a cache.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -199,9 +200,11 @@ class DecodeCache:
         """Sequences whose keys and values are cached now."""
         return len(self._slots)
 
-    @property
+    @functools.cached_property
     def slot_bytes(self) -> int:
-        """Memory one sequence's slot takes (every layer's keys and values over the whole window)."""
+        """Memory one sequence's slot takes (every layer's keys and values over the whole window). Fixed for
+        the cache's life; computed once (the metrics read it after every step, and a torch module's
+        attribute lookup is slow)."""
         size = self.model.wte.weight.element_size()
         return len(self.blocks) * 2 * self.heads * self.block_size * self.head_dim * size
 
