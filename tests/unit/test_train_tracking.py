@@ -154,7 +154,7 @@ def test_mlflow_gets_one_run_per_checkpoint_root_continued_by_a_resume(
         from_spec(
             {**ENTRYPOINT_SPEC, "trainer": {**ENTRYPOINT_SPEC["trainer"], "config": {"steps": 4}}},
             job_name="reg",
-            checkpoint_dir=str(tmp_path / "ckpt"),
+            checkpoint_dir=str(tmp_path / "job's ckpt"),  # a quote: MLflow filters have no escapes
         ),
         mlflow_uri=uri,
         mlflow_experiment="exp",
@@ -176,7 +176,7 @@ def test_mlflow_gets_one_run_per_checkpoint_root_continued_by_a_resume(
     assert len(runs) == 1  # the resume continued the run
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags[MLFLOW_RUN_TAG] == str(tmp_path / "ckpt")
+    assert run.data.tags[MLFLOW_RUN_TAG] == str(tmp_path / "job's ckpt")
     assert run.data.params["entrypoint"] == cfg.entrypoint
     assert run.data.params["config.steps"] == "4"
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}

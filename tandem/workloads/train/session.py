@@ -251,6 +251,7 @@ class TrainContext:
         from torch import nn
 
         model = model.to(self.device)
+        self._restart_clock()
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -358,6 +359,12 @@ class TrainContext:
         self._last_report = (max(self._last_report[0], s), time.perf_counter())
         return str(uri)
 
+    def _restart_clock(self) -> None:
+        """Before the first report, set-up (building the model, loading a checkpoint) is not step time:
+        the first step is timed from the last of them, as the built-in trainer times it."""
+        if self.last_step is None:
+            self._last_report = (self._last_report[0], time.perf_counter())
+
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The state saved by the checkpoint this run resumes from (the newest complete one, or the one
         the operator asked for), or None (`is_resume` is False)."""
@@ -368,8 +375,7 @@ class TrainContext:
         if self._resume is None:
             return None
         state = torch.load(self._resume.path / ckpt.USER_STATE_FILE, map_location="cpu", weights_only=False)
-        # Loading is not step time either.
-        self._last_report = (self._last_report[0], time.perf_counter())
+        self._restart_clock()
         return state if isinstance(state, dict) else {"state": state}
 
 

@@ -322,10 +322,12 @@ class MLflowTracker:
             client.create_experiment(self.experiment) if experiment is None else experiment.experiment_id
         )
         run = None
-        if self.key:
+        # MLflow's filter strings have no escapes: quote the key with a quote it does not contain.
+        quote = next((q for q in ('"', "'") if self.key and q not in self.key), None)
+        if self.key and quote:
             found = client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{MLFLOW_RUN_TAG}` = '{self.key}'",
+                filter_string=f"tags.`{MLFLOW_RUN_TAG}` = {quote}{self.key}{quote}",
                 max_results=1,
                 order_by=["attributes.start_time DESC"],
             )
