@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help setup system-tools cluster-build demo demo-down test test-unit test-e2e test-lifecycle lint typecheck crds clean
+.PHONY: help setup system-tools cluster-build test-tools demo demo-down test test-unit test-e2e test-lifecycle lint typecheck crds clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,14 +43,19 @@ system-tools:
 cluster-build: setup ## build (once, then cached) the pinned Kubernetes, etcd, kwok and real-node binaries
 	$(BIN)/tandem cluster build --real-node
 
+test-tools: setup ## build (once, then cached) what only the tests use: helm and the coscheduling scheduler
+	$(BIN)/python -m tandem.devcluster.helm build
+	$(BIN)/python -m tandem.devcluster.gangscheduler build
+
 demo: cluster-build ## a model's life on a local cluster with a real node: train, crash, recover, serve, scale, cost
 	$(BIN)/python -m tandem.demo
 
 demo-down: setup ## stop everything the demo started (cluster, real node, Prometheus, operators)
 	$(BIN)/python -m tandem.demo --down
 
-test: cluster-build ## every test: unit, serving (real HTTP), training (real Ray), metrics (real Prometheus), end-to-end (real control plane), lifecycle (real node)
+test: cluster-build test-tools ## every test: unit, chart (helm), serving (real HTTP), training (real Ray), metrics (real Prometheus), end-to-end (real control plane), lifecycle (real node)
 	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/chart
 	$(BIN)/python -m pytest tests/storage
 	$(BIN)/python -m pytest tests/serve
 	$(BIN)/python -m pytest tests/train
@@ -61,7 +66,7 @@ test: cluster-build ## every test: unit, serving (real HTTP), training (real Ray
 test-unit: setup ## unit tests only (no cluster)
 	$(BIN)/python -m pytest tests/unit
 
-test-e2e: cluster-build ## end-to-end tests only
+test-e2e: cluster-build test-tools ## end-to-end tests only
 	$(BIN)/python -m pytest tests/e2e
 
 test-lifecycle: cluster-build ## the lifecycle on a real node only (builds the images once, then cached)
@@ -76,6 +81,7 @@ lint: setup typecheck ## ruff and mypy
 
 crds: setup ## regenerate manifests/crds and the reference in docs/api.md from the API models
 	$(BIN)/tandem crds --output-dir manifests/crds --docs docs/api.md
+	$(BIN)/python -m tandem.devcluster.helm install-yaml
 
 clean: ## remove the virtualenv and build outputs (the control-plane cache stays)
 	rm -rf $(VENV) .build build *.egg-info
