@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +113,23 @@ def test_gpu_replicas_ask_for_gpus_tolerate_the_taint_and_pick_the_product() -> 
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
 
 
+def _model_volumes(pod: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the server's mounts, less the writable dirs every replica has."""
+    writable = set(builders.WRITABLE_DIRS)
+    return (
+        [v for v in pod["volumes"] if v["name"] not in writable],
+        [m for m in pod["containers"][0]["volumeMounts"] if m["name"] not in writable],
+    )
+
+
 def test_pvc_models_are_mounted_read_only() -> None:
     pod = _children()[0]["spec"]["template"]["spec"]
-    assert pod["volumes"] == [
-        {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
-    ]
-    assert pod["containers"][0]["volumeMounts"] == [
-        {"name": "model", "mountPath": "/models/models", "readOnly": True}
-    ]
+    volumes, mounts = _model_volumes(pod)
+    assert volumes == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
+    assert mounts == [{"name": "model", "mountPath": "/models/models", "readOnly": True}]
     checkpoint_pod = _children()[4]["spec"]["template"]["spec"]
-    assert checkpoint_pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "ckpt", "readOnly": True}
+    (checkpoints,) = _model_volumes(checkpoint_pod)[0]
+    assert checkpoints["persistentVolumeClaim"] == {"claimName": "ckpt", "readOnly": True}
     assert "--model-uri" in checkpoint_pod["containers"][0]["command"]
     assert "file:///checkpoints/ml/gpt-tiny/step-00000200" in checkpoint_pod["containers"][0]["command"]
 
@@ -211,8 +219,9 @@ def test_s3_models_get_a_cache_volume_credentials_and_time_to_download() -> None
     # The server gets the s3:// URI itself and downloads into the emptyDir.
     assert flags["--model-uri"] == "s3://tandem-models/minilm"
     assert flags["--model-cache-dir"] == builders.MODEL_CACHE_MOUNT
-    assert pod["volumes"] == [{"name": "model-cache", "emptyDir": {}}]
-    assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": builders.MODEL_CACHE_MOUNT}]
+    volumes, mounts = _model_volumes(pod)
+    assert volumes == [{"name": "model-cache", "emptyDir": {}}]
+    assert mounts == [{"name": "model-cache", "mountPath": builders.MODEL_CACHE_MOUNT}]
     # The Secret's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become the environment.
     assert container["envFrom"] == [{"secretRef": {"name": "s3-reader"}}]
     # The port opens only after the download: the startup probe holds liveness and readiness back
@@ -238,3 +247,48 @@ def test_other_models_get_no_cache_no_startup_probe_no_credentials() -> None:
         assert "--model-cache-dir" not in container["command"]
         assert not {"startupProbe", "envFrom"} & set(container)
         assert "model-cache" not in [v["name"] for v in child["spec"]["template"]["spec"]["volumes"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod Security "restricted" with a read-only root, writable where the server writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _every_replica_pod() -> list[dict[str, Any]]:
+    """The replica pods of a pvc:// model, a checkpoint lineage, a GPU service and an s3:// model."""
+    deployments = [c for c in _children() if c["kind"] == "Deployment"] + [_s3_deployment()]
+    return [d["spec"]["template"]["spec"] for d in deployments]
+
+
+def test_every_replica_is_restricted_with_a_read_only_root() -> None:
+    for pod in _every_replica_pod():
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for container in pod["containers"]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": True,
+            }
+
+
+def test_tmp_home_and_the_model_cache_are_writable_empty_dirs() -> None:
+    """The server's run dir and torch's inductor cache in /tmp, ~/.cache (Triton, Hugging Face, the
+    default model cache) under HOME, an s3:// download in its cache: each a writable emptyDir."""
+    for pod in _every_replica_pod():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        wanted = ["/tmp", builders.HOME_DIR]
+        if "--model-cache-dir" in container["command"]:
+            wanted.append(container["command"][container["command"].index("--model-cache-dir") + 1])
+        for path in wanted:
+            assert path in mounts, f"{path} is not writable under a read-only root"
+            assert not mounts[path].get("readOnly", False)
+            assert "emptyDir" in volumes[mounts[path]["name"]]
+        assert len(volumes) == len(pod["volumes"]), f"duplicate volume names in {pod['volumes']}"
+
+
+def test_the_writable_home_is_the_workloads_images_home() -> None:
+    """The emptyDir must sit where the image points HOME, or ~/.cache writes fail under the read-only root."""
+    dockerfile = (Path(__file__).resolve().parents[2] / "images/workloads.Dockerfile").read_text()
+    assert re.findall(r"\bHOME=(\S+)", dockerfile) == [builders.HOME_DIR]

@@ -7,6 +7,7 @@ ServiceMonitor where the Prometheus Operator's CRD exists.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -45,6 +46,26 @@ STARTUP_PROBE_PERIOD = 5
 DRAIN_SECONDS: Final[float] = default_of(HttpSettings, "drain_timeout_s")
 #: Drain plus time for endpoints to drop the pod and for the process to exit.
 TERMINATION_GRACE_SECONDS = math.ceil(DRAIN_SECONDS) + 15
+#: Pod Security "restricted" for every replica: the image's user, which must not be root (the
+#: project's workloads image runs as 65532, numerically so the kubelet can check), and the runtime's
+#: default seccomp profile.
+POD_SECURITY: Final[dict[str, Any]] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+#: No privilege escalation, no capabilities, and a read-only root file system: what the server writes
+#: goes to WRITABLE_DIRS (or to the s3:// model cache at MODEL_CACHE_MOUNT).
+CONTAINER_SECURITY: Final[dict[str, Any]] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
+#: The workloads image's HOME and working directory (images/workloads.Dockerfile), as in the training pods.
+HOME_DIR = "/home/tandem"
+#: The writable places of a replica under its read-only root, one emptyDir each (they live as long as
+#: the pod, on the node's disk): /tmp holds the server's run directory (the workers' sockets and
+#: scoreboard, `tandem serve` makes it with tempfile) and torch.compile's inductor cache; HOME takes
+#: ~/.cache (Triton's kernels, torch's hub, Hugging Face's cache, and the default model cache of a
+#: server started without --model-cache-dir). /dev/shm is the runtime's own tmpfs and stays writable.
+#: An image built on another base must keep that HOME: no HOME variable is set.
+WRITABLE_DIRS: Final[dict[str, str]] = {"tmp": "/tmp", "home": HOME_DIR}
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -170,8 +191,9 @@ def server_command(service: Service, model: ModelTarget) -> list[str]:
 
 
 def _volumes(model: ModelTarget) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
+    """The writable dirs of the read-only root, then the model's claim or cache (read-only claims)."""
+    volumes: list[dict[str, Any]] = [{"name": name, "emptyDir": {}} for name in WRITABLE_DIRS]
+    mounts: list[dict[str, Any]] = [{"name": name, "mountPath": path} for name, path in WRITABLE_DIRS.items()]
     claim = pvc_model(model.uri)
     if claim is not None:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True}})
@@ -230,17 +252,12 @@ def deployment(service: Service, model: ModelTarget, replica_count: int) -> dict
         "readinessProbe": _probe("/v2/health/ready", period=5, failures=3),
         "livenessProbe": _probe("/v2/health/live", period=10, failures=6),
         "resources": _resources(spec),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],
-        # Pod Security "restricted": the image's user, never root (the project's image runs as 65532),
-        # and the runtime's default seccomp profile (the container drops every capability above).
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -264,10 +281,7 @@ def deployment(service: Service, model: ModelTarget, replica_count: int) -> dict
         )
         if spec.model.credentials_secret:
             container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
-    volumes, mounts = _volumes(model)
-    if volumes:
-        pod_spec["volumes"] = volumes
-        container["volumeMounts"] = mounts
+    pod_spec["volumes"], container["volumeMounts"] = _volumes(model)
     manifest: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

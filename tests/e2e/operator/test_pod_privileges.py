@@ -1,6 +1,7 @@
 """Least privilege for training pods: admitted under Pod Security "restricted", and, with real requests
 under a job's own token, the head may patch its own pod (its progress annotation) and nothing else;
-workers mount no token at all.
+workers mount no token at all. Serving replicas are admitted under "restricted" too, with a read-only
+root file system.
 
 Before, every job of a namespace shared one account allowed to get and patch every pod there: any
 training container could relabel another workload's pods or forge another job's progress.
@@ -129,3 +130,33 @@ def test_pods_pass_pod_security_restricted_and_a_heads_token_patches_its_own_pod
         return [line for line in found.split() if line.endswith("/a-trainer")]
 
     wait_for(lambda: identity_of_a() == [], WAIT, "a's identity garbage-collected")
+
+
+def test_serving_replicas_pass_pod_security_restricted_with_a_read_only_root(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """A refused replica would leave the Deployment's ReplicaSet with FailedCreate and no pod."""
+    kubectl.run("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    service = {
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "embed"},
+        "spec": {
+            "model": {"uri": "file:///models/minilm"},
+            "runtime": "embeddings",
+            "replicas": {"min": 1, "max": 2, "count": 2},
+        },
+    }
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(service))
+
+    def replicas() -> list[dict[str, Any]] | None:
+        found = items(kubectl, namespace, "pods", "-l=tandem.dev/inferenceservice=embed")
+        return found if len(found) == 2 else None
+
+    for pod in wait_for(replicas, WAIT, "both serving replicas admitted"):
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        writable = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        assert "emptyDir" in writable["/tmp"]
+        assert "emptyDir" in writable["/home/tandem"]
