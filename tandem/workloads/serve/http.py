@@ -540,11 +540,14 @@ def build_app(
     limits: HttpLimits,
     *,
     on_load_failed: Callable[[], None],
+    on_loaded: Callable[[], None] = lambda: None,
     worker: str | None = None,
 ) -> ServeApp:
     """The ASGI app. Loading starts in the lifespan (after the port is open, so liveness answers).
 
-    `worker` (with --workers > 1): this process's name in the `x-tandem-worker` header of every answer."""
+    `on_loaded` runs once the model is ready, before the first request is served (the loading task does not
+    yield in between). `worker` (with --workers > 1): this process's name in the `x-tandem-worker` header of
+    every answer."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -554,6 +557,8 @@ def build_app(
             except Exception:
                 log.exception("loading model %s failed; exiting", plane.model.name)
                 on_load_failed()
+                return
+            on_loaded()
 
         loading = asyncio.create_task(load(), name="load-model")
         try:

@@ -13,6 +13,7 @@ many worker processes, each running `run_server` here on its own listening socke
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -48,6 +49,16 @@ log = logging.getLogger("tandem.serve")
 #: interval to end: a GPU step of 2 ms took up to 2 + 5 ms. `bench/gil_handoff.py` measures it: a
 #: 2-ms GIL-free wait in a loop beside a busy thread cycles in 9 ms at 5 ms, 3.1-3.3 ms at 0.5-1 ms.
 GIL_SWITCH_INTERVAL_S = 0.001
+
+
+def freeze_heap() -> None:
+    """Once the model is loaded: collect, then move every object alive to the garbage collector's permanent
+    generation (`gc.freeze`), so that its full collections scan only what requests made since. The loaded
+    server holds ~220,000 tracked objects (torch, pydantic, the model's modules), and a full collection,
+    which stops the event loop and the model thread alike, took 50-80 ms during a burst of generation
+    requests (2 in 1,024 requests: p99 pauses); after the freeze 15-20 ms (5,000 objects)."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,7 @@ def run_server(
         plane,
         config.limits,
         on_load_failed=load_failed,
+        on_loaded=freeze_heap,
         worker=None if worker is None else str(os.getpid()),
     )
     uv_config = uvicorn.Config(
@@ -228,4 +240,5 @@ def run_server(
     if announce is not None:
         announce(model.name)
     server.run(sockets=[sock])
+    gc.unfreeze()  # frozen objects would never be finalized (triton's nanobind then reports leaks at exit)
     return server.exit_code
