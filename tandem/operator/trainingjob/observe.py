@@ -6,9 +6,11 @@ Lean watch caches feed these from watch events (no API calls per reconcile); the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from tandem.operator import cost
@@ -22,6 +24,10 @@ from tandem.operator.trainingjob.builders import (
 )
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
+#: The coscheduling plugin's PreFilter refusal names what the whole group lacks, as Go prints a map of
+#: resource.Quantity: `resource gap: map[nvidia.com/gpu:{{16 0} {<nil>}  DecimalSI}]` (value, power of 10).
+_RESOURCE_GAP = re.compile(r"resource gap: map\[(?P<entries>[^\]]*)\]")
+_GAP_ENTRY = re.compile(r"(?P<name>[\w./-]+):\{\{(?P<value>-?\d+) (?P<scale>-?\d+)\}")
 
 
 def _time(value: Any) -> datetime | None:
@@ -37,6 +43,19 @@ def pod_gpus(pod: Mapping[str, Any]) -> int:
         limits = (container.get("resources") or {}).get("limits") or {}
         total += int(limits.get(GPU_RESOURCE, 0) or 0)
     return total
+
+
+def resource_gap(scheduler_message: str) -> dict[str, str]:
+    """What a PodGroup lacks in the cluster, by resource (`{"nvidia.com/gpu": "16"}`), read from a pod's
+    PodScheduled message under the coscheduling plugin; empty when the message names no gap."""
+    found = _RESOURCE_GAP.search(scheduler_message)
+    if found is None:
+        return {}
+    gap = {}
+    for entry in _GAP_ENTRY.finditer(found["entries"]):
+        amount = Decimal(entry["value"]).scaleb(int(entry["scale"]))
+        gap[entry["name"]] = format(amount.normalize(), "f")
+    return gap
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tandem.operator.cost_usage import UsageSnapshot
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.kube import bounded
 from tandem.operator.trainingjob import builders, podgroup
-from tandem.operator.trainingjob.observe import ClusterView, ObservedPod
+from tandem.operator.trainingjob.observe import ClusterView, ObservedPod, resource_gap
 
 Phase = TrainingJobPhase
 MAX_BACKOFF_SECONDS = 900
@@ -49,6 +49,12 @@ COST_REFRESH_SECONDS = 30
 #: in one status write and one event instead of two of each. A gang still unbound then shows
 #: Scheduling, this much later.
 SCHEDULING_HOLD_SECONDS = 2.0
+#: The Scheduled condition's reason while a gang waits for its PodGroup to fit (gangScheduler
+#: coscheduling), with the scheduler's own words in its message.
+GANG_WAITING = "GangWaiting"
+#: How much of the scheduler's message the condition quotes (it names every node's verdict), so that
+#: the rest of the message survives the condition's bound (kube.MESSAGE_LIMIT).
+SCHEDULER_HINT_LIMIT = 640
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,31 @@ class _Machine:
             return
         if self.now - self.gang_created() >= timedelta(seconds=self.spec.scheduling.gang_timeout_seconds):
             self.unschedulable()
+        elif self.job.gang_scheduler_name:
+            self.gang_waiting()
+
+    def gang_waiting(self) -> None:
+        """Under coscheduling, why the gang waits, in the scheduler's words: the plugin writes them into
+        each pod's PodScheduled condition (the PodGroup's status is left to scheduler-plugins' own
+        controller, which may not run). The Scheduled condition carries them, and an event tells each
+        new reason once."""
+        unbound = [p for p in self.current if not p.bound]
+        told = sorted((p for p in unbound if p.scheduler_message), key=lambda p: (p.role != "head", p.name))
+        if not told:
+            return  # not tried yet: the condition keeps "waiting for N pods to be bound"
+        members = len(self.expected_names())
+        hint = told[0].scheduler_message
+        parts = [f"waiting for the PodGroup's {members} members to fit together ({len(unbound)} unbound)"]
+        gap = resource_gap(hint)
+        if gap:
+            short = ", ".join(f"{amount} {name}" for name, amount in sorted(gap.items()))
+            parts.append(f"the cluster is short of {short} for the whole group")
+        parts.append(f"{self.job.gang_scheduler_name}: {bounded(hint, SCHEDULER_HINT_LIMIT)}")
+        message = bounded("; ".join(parts))
+        before = find_condition(self.original.conditions, ConditionType.SCHEDULED)
+        if before is None or before.reason != GANG_WAITING or before.message != message:
+            self.event(GANG_WAITING, bounded(f"gang {self.attempt}: {message}"))
+        self.condition(ConditionType.SCHEDULED, "False", GANG_WAITING, message)
 
     def gang_created(self) -> datetime:
         """When the current gang's first pod was created (its gang timeout counts from then)."""

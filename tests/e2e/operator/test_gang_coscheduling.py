@@ -4,7 +4,8 @@ Two TrainingJobs that each need every GPU of the cluster's two kwok H100 nodes (
 applied together: with the default scheduler each could bind one worker and hold half the GPUs until
 its gang timeout. With the coscheduling scheduler (built from its pinned Go module, run here as a
 second scheduler) and a PodGroup per attempt, at no moment do both jobs have a bound pod; one runs,
-the other's pods wait for their group; when the first job ends, the second starts.
+the other's pods wait for their group, and its Scheduled condition says why in the scheduler's words;
+when the first job ends, the second starts.
 
 The operator runs with the chart's RBAC and config.networkPolicy on, so the per-job NetworkPolicy and
 the PodGroup are made under the permissions an install grants (kwok does not enforce the policy).
@@ -123,6 +124,20 @@ def test_two_jobs_contending_for_all_gpus_never_both_hold_a_partial_gang(
         assert check()[second] == 0
         time.sleep(0.5)
     assert status_of(kubectl, namespace, "tj", second).get("phase") == "Scheduling"
+
+    # Status says why it waits, in the scheduler's words (the waiting pods' PodScheduled condition).
+    def why_waiting() -> dict[str, Any] | None:
+        conditions = status_of(kubectl, namespace, "tj", second).get("conditions", [])
+        found = next((c for c in conditions if c["type"] == "Scheduled"), None)
+        return found if found and found["reason"] == "GangWaiting" else None
+
+    condition = wait_for(why_waiting, WAIT, f"{second}'s Scheduled condition to say why it waits")
+    assert condition["status"] == "False"
+    assert condition["message"].startswith(f"waiting for the PodGroup's {GANG} members to fit together")
+    assert "the cluster is short of 16 nvidia.com/gpu" in condition["message"]
+    assert f"{gangscheduler.SCHEDULER_NAME}: 0/" in condition["message"]
+    told = [e for e in items(kubectl, namespace, "events") if e["reason"] == "GangWaiting"]
+    assert second in {e["involvedObject"]["name"] for e in told}
     waiting = [
         p for p in items(kubectl, namespace, "pods") if p["metadata"]["name"].startswith(f"{second}-1-")
     ]
