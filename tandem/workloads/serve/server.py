@@ -55,8 +55,8 @@ def freeze_heap() -> None:
     """Once the model is loaded: collect, then move every object alive to the garbage collector's permanent
     generation (`gc.freeze`), so that its full collections scan only what requests made since. The loaded
     server holds ~220,000 tracked objects (torch, pydantic, the model's modules), and a full collection,
-    which stops the event loop and the model thread alike, took 50-80 ms during a burst of generation
-    requests (2 in 1,024 requests: p99 pauses); after the freeze 15-20 ms (5,000 objects)."""
+    which stops the event loop and the model thread alike, took 50-80 ms under generation load; after the
+    freeze 15-20 ms (5,000 objects). docs/benchmarks.md has the measurements."""
     gc.collect()
     gc.freeze()
 
