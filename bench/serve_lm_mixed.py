@@ -1,24 +1,40 @@
-"""Generation at mixed answer lengths: HF transformers `generate`, Tandem's scheduler and the decoding floor,
-on one request set, in one run.
+"""Generation at mixed answer lengths: HF transformers `generate`, Tandem's scheduler in process, Tandem's
+HTTP server (one or several processes) and the decoding floor, on one request set, in one run.
 
-    python bench/serve_lm_mixed.py --device cuda --size 124m --precision bf16            # one GPU
+    python bench/serve_lm_mixed.py --device cuda --size 124m --precision bf16 \\
+        --variants hf1,hf32,hf32s,s256,m256,c1,c1-si5,c4,f                            # one GPU
     .venv/bin/python bench/serve_lm_mixed.py --size tiny --requests 32 --max-answer 48 \\
-        --variants hf1,hf32,hf32s,s32,o32,f                                            # CPU smoke run
+        --variants hf1,hf32,hf32s,s32,m32,c1,o32,f                                     # CPU smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serve_lm_mixed.py --size tiny --requests 512 \\
+        --prompt-tokens 16 --fake-step-ms 0.5 --variants m256,c1,c1-before --before DIR  # the server's costs
 
 The request set: --requests prompts of --prompt-tokens random printable bytes (the byte tokenizer: one token
 each), answers of uniform random length in --min-answer..--max-answer tokens (seeded), all queued at once,
-greedy. The model: the built-in GPT `--size` with random weights (seeded; EOS's embedding row zeroed, so
-greedy never ends early), written as a Tandem checkpoint and served by the causal-lm runtime; HF's
-`GPT2LMHeadModel` gets the same weights (GPT-2's architecture: the same model), and generation is limited to
-the tokenizer's ids in both. Every request must produce exactly its answer length (checked, or the run
-fails). Useful tokens count each request's own answer only (a static batch padded to its longest answer
-computes more).
+greedy. The model: the built-in GPT `--size` with random weights (seeded; the embedding rows of EOS and of
+the byte ids from --vocab up zeroed, so greedy never ends early and picks an id below --vocab: 128, ASCII,
+one character per token, so a served answer's text gives its token ids back), written as a Tandem
+checkpoint and served by the causal-lm runtime; HF's `GPT2LMHeadModel` gets the same weights (GPT-2's
+architecture: the same model), and generation is limited to the first --vocab ids in process. Every request
+must produce exactly its answer length (checked, or the run fails). Useful tokens count each request's own
+answer only (a static batch padded to its longest answer computes more).
 
 Variants (--variants, comma-separated; N a batch size):
 - hf1: HF `generate`, one request at a time (the first --hf1-requests requests, for time).
 - hf32 / hf32s: HF `generate`, static batches of 32 in arrival order / sorted by answer length (an oracle).
 - sN: Tandem's generation scheduler in process (`GenerationScheduler`, every request streamed so each token
   is timed), at most N sequences in flight, the runtime's defaults (on CUDA: CUDA graphs).
+- mN: sN with one request in --stream-every streamed and the others answered whole (one event at the end,
+  no token times), as the HTTP variants send them: the in-process reference for cK.
+- cK: `tandem serve` with K processes (`--workers`, K 1-16), --http-batch sequences in flight each, the
+  request set sent at once over keep-alive HTTP/1.1 connections from this process (one in --stream-every
+  streamed, SSE read chunk by chunk), after one untimed pass; then, on the same server, the set repeated
+  --half-repeat times in open loop at half the rate the burst reached ("cK at half": TTFT and ITL of the
+  streamed requests from each request's due time, i.e. at half of saturation). Every answer is checked
+  (finish reason, usage and text) to hold exactly its tokens. Reported besides: the server processes' CPU
+  seconds for the burst and, with K = 1, its decoding steps (from /metrics). `cK-before`: served from the
+  older copy of the package in --before DIR (`git archive COMMIT tandem | tar -x -C DIR`); `cK-siMS`: with
+  the GIL switch interval MS ms instead of the server's own (`bench/serve_variant.py`). Options combine:
+  `c1-before-si5`.
 - nN: sN without launching the next decoding pass ahead (`DecodeCache.greedy_step` as `step(...).greedy()`).
 - eN: the same as sN without CUDA graphs (the decoding pass launched op by op).
 - oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
@@ -40,7 +56,12 @@ the GPU) and the rest (the scheduler and event loop); `--profile` prints cProfil
 run, for the event loop's thread and the model step's worker thread apart (Python 3.12+: one profile of
 every thread, as its profiler sees them all). bf16 agreement: each
 variant's answers are compared with the first full-set variant's (greedy: a near-tie can flip in another
-summation order; the median position of the first difference is given).
+summation order; the median position of the first difference is given). At the end: each HTTP burst's
+tokens/s against each in-process one (the goal: c1 >= 85% of m256).
+
+--fake-step-ms MS replaces the model's decoding step, in process and in the servers, by a GIL-free sleep of
+MS ms and a token computed from the context (`bench/serve_variant.py`): on a CPU, the regime of a GPU where
+the server's own costs decide (HF variants are refused with it).
 """
 
 from __future__ import annotations
