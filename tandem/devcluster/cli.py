@@ -40,6 +40,11 @@ re-checks readiness; on one whose processes died it restarts them with the same 
 --real-node (when the cluster is created) adds `real-node-0`, a kubelet node with containerd where pods
 really run, after the control plane; a cluster keeps it until `down`. One real node per machine.
 
+--gang-scheduler (also on a running cluster) adds gang admission: the PodGroup CRD and the coscheduling
+scheduler of sigs.k8s.io/scheduler-plugins (built from its pinned Go module on first use: minutes),
+beside kube-scheduler, as the second scheduler `scheduler-plugins-scheduler`. Run the operator with
+TANDEM_GANG_SCHEDULER=coscheduling to send each TrainingJob's gang there. Kept until `down`.
+
 Prints the kubeconfig path; `eval "$(tandem cluster up)"` also sets KUBECONFIG.
 """
 
@@ -87,12 +92,18 @@ def _up(args: argparse.Namespace) -> int:
         cpu_nodes=args.cpu_nodes,
         real_node=args.real_node,
         real_node_gpus=args.real_node_gpus,
+        gang_scheduler=args.gang_scheduler,
     )
     real = ""
     if info.real_node:
         real = (
             f"# real node: {info.real_node} (containerd, kubelet; label tandem.dev/real-node=true; "
             f"simulated {nodes.GPU_RESOURCE}); local images tandem.dev/busybox:1.35, tandem.dev/pause:3.10\n"
+        )
+    if info.gang_scheduler:
+        real += (
+            f"# gang scheduler: {info.gang_scheduler} (coscheduling; PodGroup CRD installed); run the "
+            "operator with TANDEM_GANG_SCHEDULER=coscheduling\n"
         )
     # Comments on stdout keep `eval "$(tandem cluster up)"` working.
     print(
@@ -200,6 +211,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="simulated nvidia.com/gpu devices the real node advertises (default: %(default)s)",
     )
     up.add_argument(
+        "--gang-scheduler",
+        action="store_true",
+        help="also run scheduler-plugins' coscheduling scheduler for gang admission (PodGroups), beside "
+        "kube-scheduler; kept until `down`",
+    )
+    up.add_argument(
         "--timeout",
         type=float,
         default=180.0,
@@ -210,10 +227,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     down = commands.add_parser(
         "down",
         help="stop the cluster and delete its state",
-        description="Stop every process of the cluster (SIGTERM, then SIGKILL after a grace period) and "
-        "delete its state folder: certificates, etcd data, logs. A real node is stopped first and what it "
-        "changed on this machine undone (iptables, bridge, mounts, cgroups, sysctls). The binary cache "
-        "stays. Safe to repeat.",
+        description="Stop every process of the cluster (SIGTERM, then SIGKILL after a grace period), the "
+        "gang scheduler included, and delete its state folder: certificates, etcd data, logs. A real "
+        "node is stopped first and what it changed on this machine undone (iptables, bridge, mounts, "
+        "cgroups, sysctls). The binary cache stays. Safe to repeat.",
     )
     _add_name(down)
     down.set_defaults(handler=_down)

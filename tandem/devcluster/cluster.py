@@ -1,5 +1,6 @@
 """`up`, `down` and `status` of a named local cluster: etcd, the Kubernetes control plane and kwok, and
-optionally a real node (realnode.py: containerd, kubelet, kube-proxy, CoreDNS) where pods really run.
+optionally a real node (realnode.py: containerd, kubelet, kube-proxy, CoreDNS) where pods really run,
+and optionally the coscheduling scheduler for gang admission (gangscheduler.py) beside kube-scheduler.
 
 `up` is idempotent: on a running cluster it only re-checks readiness; on a cluster whose processes
 died (a reboot, a kill) it restarts them on the same ports, certificates and etcd data. It returns
@@ -23,6 +24,7 @@ import yaml
 from tandem.devcluster import (
     build,
     components,
+    gangscheduler,
     kubeconfig,
     nodeconfig,
     nodes,
@@ -42,6 +44,10 @@ from tandem.errors import UserError
 Progress = Callable[[str], None]
 DEFAULT_NAME = "tandem"
 UP_TIMEOUT_SECONDS = 180.0
+#: The optional component: its pid record (run/gang-scheduler.json) also marks a cluster that has one.
+GANG_SCHEDULER = "gang-scheduler"
+PODGROUP_CRD = "podgroups.scheduling.x-k8s.io"
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class ClusterInfo:
     bin_dir: Path
     #: The real node's name (`real-node-0`) when the cluster has one, else None.
     real_node: str | None = None
+    #: The coscheduling scheduler's name (pods' schedulerName) when the cluster runs it, else None.
+    gang_scheduler: str | None = None
 
     @property
     def kubectl(self) -> Path:
@@ -128,7 +136,51 @@ def _info(s: ClusterState, bin_dir: Path, node: RealNode | None = None) -> Clust
         state_dir=s.directory,
         bin_dir=bin_dir,
         real_node=node.node_name if node else None,
+        gang_scheduler=gangscheduler.SCHEDULER_NAME if _gang_record(s.directory) else None,
     )
+
+
+def _gang_record(directory: Path) -> ProcessRecord | None:
+    return ProcessRecord.load(directory / "run" / f"{GANG_SCHEDULER}.json")
+
+
+def _crd_established(api: KubeAPI, name: str) -> readiness.Check:
+    def check() -> str | None:
+        crd = api.get(f"{CRD_PATH}/{name}")
+        if crd is None:
+            return "not created"
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        done = any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+        return None if done else "not Established"
+
+    return check
+
+
+def _start_gang_scheduler(s: ClusterState, waiter: readiness.Waiter, report: Progress) -> None:
+    """The PodGroup CRD of the pinned release, then the scheduler (built first if not cached) under the
+    admin kubeconfig (it reads and updates PodGroups, which kube-scheduler's identity may not)."""
+    binary = gangscheduler.ensure_scheduler(report)
+    api = _api(s)
+    api.create(CRD_PATH, yaml.safe_load(gangscheduler.podgroup_crd().read_text()))
+    waiter.until(f"CRD {PODGROUP_CRD} Established", _crd_established(api, PODGROUP_CRD), "kube-apiserver")
+    workdir = s.directory / GANG_SCHEDULER
+    config = gangscheduler.write_config(workdir, s.kubeconfig)
+    port = gangscheduler.free_port()
+    argv = gangscheduler.command(binary, config, s.kubeconfig, port, workdir / "certs")
+    record = processes.spawn(GANG_SCHEDULER, argv, s.log(GANG_SCHEDULER))
+    record.save(s.pid_file(GANG_SCHEDULER))
+    waiter.watch(record)
+    waiter.until(f"{GANG_SCHEDULER} /healthz", lambda: gangscheduler.healthz(port), GANG_SCHEDULER)
+
+
+def _ensure_gang_scheduler(s: ClusterState, waiter: readiness.Waiter, wanted: bool, report: Progress) -> None:
+    """Start the gang scheduler when asked for or when the cluster had one (a cluster keeps it until
+    `down`); a running one is left alone."""
+    record = _gang_record(s.directory)
+    if record is not None and processes.is_running(record):
+        return
+    if wanted or record is not None:
+        _start_gang_scheduler(s, waiter, report)
 
 
 def _new_state(name: str) -> ClusterState:
@@ -269,6 +321,7 @@ def up(
     cpu_nodes: int = 1,
     real_node: bool = False,
     real_node_gpus: int = nodeconfig.DEFAULT_GPUS,
+    gang_scheduler: bool = False,
 ) -> ClusterInfo:
     """Start cluster `name` (or confirm it runs) and return how to reach it once it is usable.
 
@@ -277,6 +330,8 @@ def up(
 
     `real_node` adds a real node (see realnode.py) when the cluster is created; a cluster keeps what it
     was created with, so a later `up` without it restarts an existing real node too.
+    `gang_scheduler` adds the coscheduling scheduler (gangscheduler.py), also to a running cluster; it
+    too is kept (restarted by a later `up`) until `down`.
     """
     report = progress or _quiet
     paths.validate_name(name)
@@ -301,10 +356,13 @@ def up(
             _wait_usable(s, waiter, specs, kwok_probe)
             if node is not None:
                 realnode.wait_ready(node, waiter, _api(s))
+            _ensure_gang_scheduler(s, waiter, gang_scheduler, report)
             return _info(s, bin_dir, node)
         # Anything half-running is stopped and started again on the same state (pods on a real node
         # keep running: the restarted containerd and kubelet adopt them).
         realnode.stop_processes(directory)
+        gang = _gang_record(directory)
+        processes.stop([gang] if gang is not None else [])
         _stop_control_plane(records)
         if s is None:
             s = _new_state(name)
@@ -331,6 +389,7 @@ def up(
         _wait_usable(s, waiter, specs, kwok_probe)
         if node is not None and node_bin_dir is not None:
             realnode.start(s, node, node_bin_dir, waiter, _api(s), report)
+        _ensure_gang_scheduler(s, waiter, gang_scheduler, report)
         return _info(s, bin_dir, node)
 
 
@@ -352,14 +411,16 @@ def down(name: str = DEFAULT_NAME, *, progress: Progress | None = None) -> bool:
         if not directory.exists():
             return False
         records = _records(directory)
+        gang = [r for r in (_gang_record(directory),) if r is not None]
         node = realnode.load(directory)
-        live = [r for r in realnode.records(directory) + records if processes.is_running(r)]
+        live = [r for r in realnode.records(directory) + gang + records if processes.is_running(r)]
         if live:
             report(f"stopping {', '.join(r.name for r in live)}")
-        # The real node's processes first, then the control plane, then the host's changes: the API
-        # server listens on the node's bridge, which must outlive it (else it hangs in shutdown).
+        # The real node's processes and the gang scheduler first, then the control plane, then the
+        # host's changes: the API server listens on the node's bridge, which must outlive it (else it
+        # hangs in shutdown).
         left = realnode.stop(node) if node is not None else []
-        survivors = _stop_control_plane(records)
+        survivors = processes.stop(gang) + _stop_control_plane(records)
         if survivors:
             pids = ", ".join(f"{r.name} (pid {r.pid})" for r in survivors)
             raise UserError(f"could not stop {pids} even with SIGKILL; state kept in {directory}")
@@ -379,9 +440,13 @@ def status(name: str = DEFAULT_NAME) -> ClusterStatus:
     directory = paths.cluster_dir(name)
     s = state.load(name)
     node = realnode.load(directory)
-    records = {r.name: r for r in _records(directory) + realnode.records(directory)}
+    gang = _gang_record(directory)
+    records = {
+        r.name: r for r in _records(directory) + realnode.records(directory) + ([gang] if gang else [])
+    }
     found = []
-    for component in state.COMPONENTS + (realnode.COMPONENTS if node is not None else ()):
+    optional = (realnode.COMPONENTS if node is not None else ()) + ((GANG_SCHEDULER,) if gang else ())
+    for component in state.COMPONENTS + optional:
         record = records.get(component)
         running = record is not None and processes.is_running(record)
         log = directory / "logs" / f"{component}.log"

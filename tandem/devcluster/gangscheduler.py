@@ -7,8 +7,8 @@ that name it wait at Permit until their whole PodGroup (minMember pods) can be p
 contending for the same GPUs never each hold a part of them. The PodGroup CRD comes from the same
 module (its manifests/coscheduling/crd.yaml), so CRD and scheduler never disagree.
 
-`tandem cluster up` does not start it (yet): `GangScheduler` runs it for a test, against any cluster
-whose kubeconfig it is given.
+`tandem cluster up --gang-scheduler` runs it as a component of the dev cluster (cluster.py, stopped
+by `down`); `GangScheduler` runs it for a test, against any cluster whose kubeconfig it is given.
 """
 
 from __future__ import annotations
@@ -114,7 +114,24 @@ def command(binary: Path, config: Path, kubeconfig: Path, port: int, cert_dir: P
     ]
 
 
-def _free_port() -> int:
+def write_config(workdir: Path, kubeconfig: Path) -> Path:
+    """The scheduler's configuration file in `workdir` (its one Coscheduling profile)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "gang-scheduler.yaml"
+    config.write_text(yaml.safe_dump(scheduler_config(kubeconfig), sort_keys=False))
+    return config
+
+
+def healthz(port: int) -> str | None:
+    """None once the scheduler on `port` answers /healthz with 200, else what it answered."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # its own self-signed serving certificate, on loopback
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=2) as answer:
+        return None if answer.status == 200 else f"/healthz: HTTP {answer.status}"
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -131,10 +148,8 @@ class GangScheduler:
         self.port = 0
 
     def __enter__(self) -> GangScheduler:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "gang-scheduler.yaml"
-        config.write_text(yaml.safe_dump(scheduler_config(self.kubeconfig), sort_keys=False))
-        self.port = _free_port()
+        config = write_config(self.workdir, self.kubeconfig)
+        self.port = free_port()
         argv = command(self.binary, config, self.kubeconfig, self.port, self.workdir / "certs")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -153,19 +168,14 @@ class GangScheduler:
         self.stop()
 
     def _wait_healthy(self) -> None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # its own self-signed serving certificate, on loopback
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise UserError(f"the gang scheduler exited ({self.process.returncode}); see {self.log_path}")
             try:
-                url = f"https://127.0.0.1:{self.port}/healthz"
-                with urllib.request.urlopen(url, context=context, timeout=2) as answer:
-                    if answer.status == 200:
-                        return
+                if healthz(self.port) is None:
+                    return
             except OSError:
                 pass
             time.sleep(0.5)
