@@ -791,6 +791,9 @@ def table(rows: list[dict[str, Any]]) -> None:
     print("\n| variant | useful tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | notes |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
+        if "failed" in row:
+            print(f"| {row['variant']} | FAILED | | | {row['failed']} |")
+            continue
         if "f_tokens_per_s" in row:
             f0 = ""
             if "f0_step_ms" in row:
@@ -845,10 +848,14 @@ def main() -> None:
             outcome = bench.tandem(name)
         elif HTTP_VARIANT.fullmatch(name):
             reference = next((o for o in outcomes.values() if len(o.tokens) == len(bench.requests)), None)
-            for label, outcome, subset in bench.http(name):
-                outcomes[label] = outcome
-                rows.append(summarize(label, outcome, subset, reference))
-                print(rows[-1], flush=True)
+            try:  # a server that fails (start-up, a wrong answer) must not cost the other variants' results
+                for label, outcome, subset in bench.http(name):
+                    outcomes[label] = outcome
+                    rows.append(summarize(label, outcome, subset, reference))
+                    print(rows[-1], flush=True)
+            except (Exception, SystemExit) as exc:
+                print(f"{name}: FAILED: {exc}", flush=True)
+                rows.append({"variant": name, "failed": str(exc).splitlines()[0][:200]})
             continue
         else:
             raise SystemExit(f"--variants: unknown variant {name!r}")
