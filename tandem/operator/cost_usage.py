@@ -1,7 +1,7 @@
 """Measured usage per container, read from Prometheus: what the cost model charges above the requests.
 
 The series are the ones OpenCost reads, scraped by the same Prometheus the autoscaler queries
-(`prometheusUrl`; docs/cost.md shows the scrape jobs):
+(`prometheusUrl`; docs/dashboards.md, "Usage", shows the scrape jobs):
 
 - the kubelet's `/metrics/cadvisor` (or `/metrics/resource`): `container_cpu_usage_seconds_total` and
   `container_memory_working_set_bytes`, labelled `namespace`, `pod`, `container`. Usage is their average
