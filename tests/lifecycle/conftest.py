@@ -63,6 +63,7 @@ def keep_evidence(stack: lifecycle.Stack, say: lifecycle.Say) -> None:
 @pytest.fixture(scope="session")
 def stack(request: pytest.FixtureRequest, say: lifecycle.Say) -> Iterator[lifecycle.Stack]:
     """The real-node cluster with everything the story needs, before anything is applied."""
+    firewall = {family: hostchanges.iptables_save(family) for family in hostchanges.IPTABLES_FAMILIES}
     info = devcluster.up(CLUSTER, progress=say, real_node=True, gpu_nodes=0, cpu_nodes=0)
     bridge = Path("/sys/class/net") / nodeconfig.bridge_name(CLUSTER)
     try:
@@ -73,10 +74,16 @@ def stack(request: pytest.FixtureRequest, say: lifecycle.Say) -> Iterator[lifecy
     finally:
         lifecycle.stop_everything(info)
         devcluster.down(CLUSTER, progress=say)
-    # Nothing of the story is left: no process started from the cluster's folder, no mount, no bridge,
-    # and the folder itself (state, volumes, checkpoints) is gone.
+    # Nothing of the story is left: no process started from the cluster's folder, no mount, no bridge, no
+    # iptables rule or chain that was not there before (kube-proxy's, CNI's, the node's), and the folder
+    # itself (state, volumes, checkpoints) is gone.
     left = [f"process {pid}: {cmd[:120]}" for pid, cmd in processes().items() if str(info.state_dir) in cmd]
     left += [f"mount {m}" for m in hostchanges.mounts_under([info.state_dir])]
     left += [f"interface {bridge.name}"] if bridge.exists() else []
     left += [f"folder {info.state_dir}"] if info.state_dir.exists() else []
+    for family, before in firewall.items():
+        binary = hostchanges.IPTABLES_FAMILIES[family][0]
+        now = hostchanges.iptables_save(family)
+        undo = hostchanges.iptables_undo_commands(before, now, binary)
+        left += [f"{family} rule: {' '.join(command[3:])}" for command in undo]
     assert left == [], left
