@@ -131,7 +131,8 @@ def test_children_are_created_with_the_right_spec(kubectl: Kubectl, namespace: s
             "tolerations"
         ]
         assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": H100}
-        assert pod["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+        claims = [v["persistentVolumeClaim"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [{"claimName": "models", "readOnly": True}]
 
     service = get(kubectl, namespace, "service", "embed")
     assert service["spec"]["selector"] == {"tandem.dev/inferenceservice": "embed"}
@@ -283,8 +284,9 @@ def test_lineage_serves_the_jobs_checkpoint_and_rolls_forward(kubectl: Kubectl, 
     )
     first = deployment(kubectl, namespace, "gpt")
     assert f"file:///checkpoints/{namespace}/gpt/step-00000100" in command_of(first)
-    volume = first["spec"]["template"]["spec"]["volumes"][0]
-    assert volume["persistentVolumeClaim"] == {"claimName": "tandem-checkpoints", "readOnly": True}
+    volumes = first["spec"]["template"]["spec"]["volumes"]
+    claims = [v["persistentVolumeClaim"] for v in volumes if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "tandem-checkpoints", "readOnly": True}]
     assert status_of(kubectl, namespace, "tisvc", "gpt")["model"] == {
         "uri": f"file:///checkpoints/{namespace}/gpt/step-00000100",
         "trainingJob": "gpt",
