@@ -150,18 +150,41 @@ def resolved(address: str) -> str:
         return address
 
 
+def head_answers(address: str, timeout: float = 1.0) -> bool:
+    """True if the head's Ray port (`host:port`) accepts a TCP connection now."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_head(address: str, deadline: float, every: float = 1.0) -> None:
+    """Block until the head's Ray port answers; UserError at `deadline` (time.monotonic()).
+
+    `ray start --address` alone gives up after about 30 s with exit 1, which by its duration looks like a
+    run that ended; a new gang's head can start a minute after its workers, while the old gang still
+    frees the node's CPUs (seen: a worker left as Completed and the run waited for ever on one rank)."""
+    while not head_answers(address, every):
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"the Ray head at {address} did not answer within the run document's "
+                "workerWaitSeconds; check the head pod and its service"
+            )
+        time.sleep(every)  # polling a port: there is no event to wait on
+
+
 def leave_when_head_gone(
     node: subprocess.Popen[bytes], head_address: str, every: float = 1.0, misses: int = 3
 ) -> bool:
     """Stop this pod's Ray node once the head has not answered `misses` times in a row (it ended the
     run, or it is gone); True if it did. Returns False when the node exits by itself first."""
-    host, _, port = head_address.rpartition(":")
     missed = 0
     while node.poll() is None:
-        try:
-            with socket.create_connection((host, int(port)), timeout=every):
-                missed = 0
-        except OSError:
+        if head_answers(head_address, every):
+            missed = 0
+        else:
             missed += 1
             if missed >= misses:
                 log.info("the head at %s no longer answers: stopping this node", head_address)
@@ -208,6 +231,7 @@ def worker(args: Any) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     while True:
+        wait_for_head(env.head_address, deadline)
         t0 = time.monotonic()
         head = resolved(env.head_address)
         current.append((subprocess.Popen(cmd), head))
