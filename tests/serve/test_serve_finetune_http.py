@@ -11,12 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from pretrained import train_tiny_base
 from serverprocess import ServerProcess
 
 from tandem.workloads.models.gpt import load_for_inference
 from tandem.workloads.models.tokenizer import EOS, ByteTokenizer
 from tandem.workloads.train import checkpoint as ckpt
-from tandem.workloads.train.config import TrainConfig, from_spec
+from tandem.workloads.train.config import from_spec
 from tandem.workloads.train.loop import DistInfo, GPTRun, run_builtin
 
 PROMPTS = ["3 plus 4 is", "7 times 2 is 1", "The cat"]
@@ -27,21 +28,7 @@ NEW_TOKENS = 12
 def claim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint claim with a pretrained base job `base` and its LoRA fine-tune `lora` beside it."""
     claim = tmp_path_factory.mktemp("claim")
-    base = TrainConfig(
-        job_name="base",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=30,
-        learning_rate=3e-3,
-        warmup_steps=3,
-        seq_len=32,
-        per_device_batch=8,
-        global_batch=8,
-        checkpoint_dir=str(claim / "base"),
-        checkpoint_every_steps=30,
-        seed=1,
-    )
-    run_builtin(base, DistInfo())
+    train_tiny_base(claim / "base")
     rng = random.Random(3)
     lines = []
     for _ in range(3000):

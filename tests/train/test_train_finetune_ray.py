@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pretrained import train_tiny_base
+
 from tandem.workloads.train import checkpoint as ckpt
-from tandem.workloads.train.config import TrainConfig, from_spec
-from tandem.workloads.train.loop import DistInfo, GPTRun, run_builtin
+from tandem.workloads.train.config import from_spec
+from tandem.workloads.train.loop import DistInfo, GPTRun
 
 
 def test_a_two_worker_lora_fine_tune_through_ray(
@@ -22,21 +24,7 @@ def test_a_two_worker_lora_fine_tune_through_ray(
     spawned: list[subprocess.Popen[str]],
 ) -> None:
     claim = tmp_path / "claim"
-    base = TrainConfig(
-        job_name="base",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=30,
-        learning_rate=3e-3,
-        warmup_steps=3,
-        seq_len=32,
-        per_device_batch=8,
-        global_batch=8,
-        checkpoint_dir=str(claim / "base"),
-        checkpoint_every_steps=30,
-        seed=1,
-    )
-    run_builtin(base, DistInfo())
+    train_tiny_base(claim / "base")
     rng = random.Random(3)
     pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(3000)]
     data = tmp_path / "arithmetic.txt"
