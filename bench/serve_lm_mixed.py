@@ -616,7 +616,7 @@ def parse_args() -> argparse.Namespace:
         "--fake-step-ms",
         type=float,
         help="replace the model's decoding step, in process and in the servers, by a sleep of this many ms "
-        "and a token computed from the context (bench/fake_lm_serve.py): the server's own costs in a "
+        "and a token computed from the context (bench/serve_variant.py): the server's own costs in a "
         "GPU's regime on a CPU; HF variants are refused",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,7 @@ class ServerProcess:
         commit) to serve from instead of this checkout, for before/after benchmarks in one run; the server
         runs in that folder with it first on PYTHONPATH, so that copy is found first (before the editable
         install). `command`: what runs the server instead of `python -m tandem.workloads.serve` (e.g.
-        `[sys.executable, "bench/fake_lm_serve.py"]`), given the same arguments."""
+        `[sys.executable, "bench/serve_variant.py"]`), given the same arguments."""
         self.args = [*args, "--host", "127.0.0.1", "--port", "0"]
         self.source = source
         self.command = list(command or [sys.executable, "-m", "tandem.workloads.serve"])
