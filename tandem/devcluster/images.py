@@ -490,6 +490,18 @@ def _prune_archives(spec: ImageSpec, keep: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def _prune_images(log: Path) -> None:
+    """Drop the images of earlier inputs from buildah's storage; keep the layer cache of the current ones.
+
+    Every rebuild leaves the previous image untagged, and with it the layers only it used: a new
+    requirements list alone strands the old dependency layer (~7 GB), and the storage grew past 25 GB
+    over a few rebuilds. `rmi --prune` removes untagged images without children, so the intermediate
+    images the tagged ones descend from (the `--layers` cache that makes a source edit a one-minute
+    rebuild) stay."""
+    with log.open("a") as out:
+        subprocess.run(_buildah("rmi", "--prune"), stdout=out, stderr=subprocess.STDOUT, check=False)
+
+
 def build(
     spec: ImageSpec,
     progress: Progress,
@@ -552,6 +564,7 @@ def build(
             _run_logged([*command, str(context)], log, progress, spec.name, verbose)
             _write_archive(spec, archive, log, progress, verbose)
             _prune_archives(spec, archive)
+            _prune_images(log)
     seconds = time.monotonic() - start
     size = archive.stat().st_size / 1e6
     progress(f"[{spec.name}] {spec.reference}: built in {_elapsed(seconds)}, archive {size:.0f} MB")
