@@ -119,6 +119,11 @@ class WatchCache(Generic[T]):
         with self._lock:
             return list(self._by_key.get(key, {}).values())
 
+    def entries(self) -> list[tuple[Key, T]]:
+        """Every object with its key: a snapshot."""
+        with self._lock:
+            return [(key, obj) for key, objs in self._by_key.items() for obj in objs.values()]
+
     def keys_where(self, test: Callable[[T], bool]) -> list[Key]:
         """Keys with at least one object that passes `test`."""
         with self._lock:

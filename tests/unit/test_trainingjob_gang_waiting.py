@@ -2,7 +2,9 @@
 its pods' PodScheduled condition, in the TrainingJob's Scheduled condition and one event per reason.
 
 The message below is what scheduler-plugins v0.33.5's Coscheduling wrote into a waiting pod on the dev
-cluster (two jobs each needing the 16 kwok GPUs; the first one bound)."""
+cluster (two jobs each needing the 16 kwok GPUs; the first one bound). The condition also names the
+TrainingJobs whose pods hold what the gang lacks on the nodes it could use (tandem.operator.trainingjob
+.holders), from the operator's pod cache."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from typing import Any
 import pytest
 
 from tandem.api.trainingjob import TrainingJobSpec, TrainingJobStatus
-from tandem.operator.cost import Prices
+from tandem.operator.cost import Amounts, Container, Prices
 from tandem.operator.kube import MESSAGE_LIMIT
-from tandem.operator.trainingjob import builders
+from tandem.operator.trainingjob import builders, holders
 from tandem.operator.trainingjob.observe import ClusterView, ObservedNode, ObservedPod, resource_gap
 from tandem.operator.trainingjob.reconcile import GANG_WAITING, Decision, Job, decide
 
@@ -161,3 +163,105 @@ def test_a_huge_scheduler_message_is_bounded() -> None:
 )
 def test_the_resource_gap_is_read_from_gos_quantity_map(message: str, gap: dict[str, str]) -> None:
     assert resource_gap(message) == gap
+
+
+# -- who holds what the gang waits for ---------------------------------------------------------------
+
+
+def holding(job: str, node: str, gpus: int, phase: str = "Running", role: str = "worker") -> ObservedPod:
+    """A pod of another TrainingJob bound to `node`, holding `gpus`."""
+    return replace(pod("worker-0", "worker", ""), name=f"{job}-1-{role}", node=node, gpus=gpus, phase=phase)
+
+
+def view(
+    pods: list[tuple[tuple[str, str], ObservedPod]], products: tuple[str | None, ...] = (None, None)
+) -> ClusterView:
+    nodes = {
+        f"g{i}": ObservedNode(f"g{i}", ready=True, gpus=8, product=product, unschedulable=False)
+        for i, product in enumerate(products)
+    }
+    return ClusterView(nodes=nodes, gpus_in_use=dict, job_pods=lambda: pods)
+
+
+def waiting_message(cluster: ClusterView, job: Job = JOB) -> str:
+    prices = Prices({}, gpu_default=1.0, cpu_per_vcpu_hour=0.0, ram_per_gib_hour=0.0)
+    status = TrainingJobStatus.model_validate(SCHEDULING)
+    gang = [replace(p, spec_hash=builders.pod_spec_hash(job.spec)) for p in waiting_gang()]
+    reason, message = scheduled(decide(job, status, gang, cluster, NOW, prices))
+    assert reason == GANG_WAITING
+    return message
+
+
+def test_the_waiting_gang_names_the_training_job_holding_its_gpus() -> None:
+    running = [
+        (("ml", "a"), holding("a", "g0", 8)),
+        (("ml", "a"), holding("a", "g1", 8, role="worker-1")),
+        (("ml", "a"), holding("a", "g0", 0, role="head")),
+    ]
+    message = waiting_message(view(running))
+    assert "held on its 2 candidate nodes by TrainingJob ml/a (16 nvidia.com/gpu on 2 nodes)" in message
+    # Before the scheduler's own words, so the condition's bound never cuts the holder off.
+    assert message.index("ml/a") < message.index(f"{SCHEDULER}: ")
+
+
+def test_only_live_pods_of_other_jobs_on_the_nodes_it_could_use_count() -> None:
+    pods = [
+        (("ml", "b"), replace(pod("worker-0", "worker", ""), node="g0", phase="Running")),  # its own
+        (("ml", "done"), holding("done", "g0", 8, phase="Succeeded")),  # finished: holds nothing
+        (("ml", "elsewhere"), holding("elsewhere", "g1", 8)),  # on a node of another product
+        (("other", "a"), holding("a", "g0", 8)),  # same name, other namespace: another job
+    ]
+    spec = {**SPEC, "workers": {**SPEC["workers"], "gpuProduct": "H100"}}
+    job = replace(JOB, spec=TrainingJobSpec.model_validate(spec))
+    message = waiting_message(view(pods, products=("H100", "A100")), job)
+    assert "held on its 1 candidate node by TrainingJob other/a (8 nvidia.com/gpu on 1 node)" in message
+    for absent in ("ml/b ", "ml/done", "ml/elsewhere"):
+        assert absent not in message
+
+
+def test_many_holders_are_named_largest_first_and_counted_beyond_five() -> None:
+    pods = [(("ml", f"j{i}"), holding(f"j{i}", f"g{i % 2}", 1 + i)) for i in range(8)]
+    message = waiting_message(view(pods))
+    named = "ml/j7 (8 nvidia.com/gpu on 1 node), ml/j6 (7 nvidia.com/gpu on 1 node), ml/j5"
+    assert f"held on its 2 candidate nodes by TrainingJobs {named}" in message
+    assert "ml/j3 (4 nvidia.com/gpu on 1 node) and 3 more" in message
+    assert "ml/j2 " not in message
+
+
+def test_when_no_training_job_holds_it_the_message_says_so() -> None:
+    message = waiting_message(view([]))
+    assert "no TrainingJob holds nvidia.com/gpu on its 2 candidate nodes" in message
+
+
+def test_thousands_of_holders_keep_the_condition_bounded() -> None:
+    pods = [
+        (("a-very-long-namespace-name" * 2, f"job-{i:05d}"), holding(f"j{i}", "g0", 1)) for i in range(5000)
+    ]
+    message = waiting_message(view(pods))
+    assert len(message) <= MESSAGE_LIMIT
+    assert "and 4995 more" in message
+
+
+@pytest.mark.parametrize(
+    ("message", "resources"),
+    [
+        (SEEN, ["nvidia.com/gpu"]),
+        (
+            "0/3 nodes are available: 2 Insufficient nvidia.com/gpu, 1 Insufficient cpu.",
+            ["cpu", "nvidia.com/gpu"],
+        ),
+        ("0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.", []),
+    ],
+)
+def test_what_the_pods_wait_for_is_read_from_the_schedulers_words(message: str, resources: list[str]) -> None:
+    assert holders.lacking(message) == resources
+
+
+def test_cpu_and_memory_holders_are_read_from_the_pods_requests() -> None:
+    requests = (Container(Amounts(cpu=2.0, memory_bytes=4 * 2**30)), Container(Amounts(cpu=0.5)))
+    holder = replace(holding("a", "g0", 0), containers=requests)
+    candidates = {"cpu": {"g0"}, "memory": {"g0"}}
+    found = holders.holders([(("ml", "a"), holder)], ["cpu", "memory"], candidates, ("ml", "b"))
+    assert holders.holders_message(found, ["cpu", "memory"], 1) == (
+        "held on its 1 candidate node by TrainingJob ml/a (2.5 cpu, 4 GiB memory on 1 node)"
+    )

@@ -86,9 +86,11 @@ def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, ObservedNod
     return {name: observe_node(body)}
 
 
-def cluster_view(nodes: kopf.Index[str, ObservedNode]) -> ClusterView:
+def cluster_view(nodes: kopf.Index[str, ObservedNode], pods: WatchCache[ObservedPod]) -> ClusterView:
     return ClusterView(
-        nodes={name: next(iter(store)) for name, store in nodes.items()}, gpus_in_use=gpus_in_use
+        nodes={name: next(iter(store)) for name, store in nodes.items()},
+        gpus_in_use=gpus_in_use,
+        job_pods=pods.entries,
     )
 
 
@@ -323,7 +325,7 @@ class Controller:
             job,
             current,
             self.pods.get((namespace, name)),
-            cluster_view(self.nodes),
+            cluster_view(self.nodes, self.pods),
             datetime.now(UTC),
             self.settings.prices(),
             self.usage.snapshot() if self.usage else None,

@@ -7,8 +7,8 @@ Lean watch caches feed these from watch events (no API calls per reconcile); the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -164,6 +164,9 @@ class ClusterView:
     #: GPUs held per node by pods of any owner. A callable, because only an Unschedulable message
     #: needs it: the operator then lists pods once instead of watching every pod in the cluster.
     gpus_in_use: Callable[[], Mapping[str, int]]
+    #: Every TrainingJob's pods with their job's (namespace, name), as the operator's pod cache holds
+    #: them (no API call): who holds what a waiting gang lacks. A callable: read only then.
+    job_pods: Callable[[], Iterable[tuple[tuple[str, str], ObservedPod]]] = field(default=lambda: ())
 
     def free_gpus(self, product: str | None, ignore: Mapping[str, int] | None = None) -> tuple[int, int]:
         """(free GPUs, matching Ready nodes) for a product (None: any GPU node); `ignore` adds back

@@ -37,7 +37,7 @@ from tandem.operator.controller_common import CREATE_REFUSED, accepted
 from tandem.operator.cost_usage import UsageSnapshot
 from tandem.operator.gpu import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from tandem.operator.kube import bounded
-from tandem.operator.trainingjob import builders, podgroup
+from tandem.operator.trainingjob import builders, holders, podgroup
 from tandem.operator.trainingjob.observe import ClusterView, ObservedPod, resource_gap
 
 Phase = TrainingJobPhase
@@ -438,12 +438,25 @@ class _Machine:
         if gap:
             short = ", ".join(f"{amount} {name}" for name, amount in sorted(gap.items()))
             parts.append(f"the cluster is short of {short} for the whole group")
+        lacking = holders.lacking(hint)
+        if lacking:
+            parts.append(self.holders(lacking))
         parts.append(f"{self.job.gang_scheduler_name}: {bounded(hint, SCHEDULER_HINT_LIMIT)}")
         message = bounded("; ".join(parts))
         before = find_condition(self.original.conditions, ConditionType.SCHEDULED)
         if before is None or before.reason != GANG_WAITING or before.message != message:
             self.event(GANG_WAITING, bounded(f"gang {self.attempt}: {message}"))
         self.condition(ConditionType.SCHEDULED, "False", GANG_WAITING, message)
+
+    def holders(self, lacking: list[str]) -> str:
+        """Which TrainingJobs hold what the gang lacks on the nodes it could use (from the pod cache)."""
+        nodes = self.cluster.nodes
+        product = self.spec.workers.gpu_product
+        candidates = {name: holders.candidate_nodes(nodes, name, product) for name in lacking}
+        found = holders.holders(
+            self.cluster.job_pods(), lacking, candidates, (self.job.namespace, self.job.name)
+        )
+        return holders.holders_message(found, lacking, len(set().union(*candidates.values())))
 
     def gang_created(self) -> datetime:
         """When the current gang's first pod was created (its gang timeout counts from then)."""

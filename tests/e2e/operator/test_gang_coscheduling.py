@@ -4,8 +4,8 @@ Two TrainingJobs that each need every GPU of the cluster's two kwok H100 nodes (
 applied together: with the default scheduler each could bind one worker and hold half the GPUs until
 its gang timeout. With the coscheduling scheduler (built from its pinned Go module, run here as a
 second scheduler) and a PodGroup per attempt, at no moment do both jobs have a bound pod; one runs,
-the other's pods wait for their group, and its Scheduled condition says why in the scheduler's words;
-when the first job ends, the second starts.
+the other's pods wait for their group, and its Scheduled condition says why in the scheduler's words
+and names the job holding the GPUs; when the first job ends, the second starts.
 
 The operator runs with the chart's RBAC and config.networkPolicy on, so the per-job NetworkPolicy and
 the PodGroup are made under the permissions an install grants (kwok does not enforce the policy).
@@ -136,6 +136,11 @@ def test_two_jobs_contending_for_all_gpus_never_both_hold_a_partial_gang(
     assert condition["message"].startswith(f"waiting for the PodGroup's {GANG} members to fit together")
     assert "the cluster is short of 16 nvidia.com/gpu" in condition["message"]
     assert f"{gangscheduler.SCHEDULER_NAME}: 0/" in condition["message"]
+    # ... and which job holds the GPUs it waits for, from the operator's pod cache.
+    holder = (
+        f"held on its 2 candidate nodes by TrainingJob {namespace}/{first} (16 nvidia.com/gpu on 2 nodes)"
+    )
+    assert holder in condition["message"], condition["message"]
     told = [e for e in items(kubectl, namespace, "events") if e["reason"] == "GangWaiting"]
     assert second in {e["involvedObject"]["name"] for e in told}
     waiting = [
