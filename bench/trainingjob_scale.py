@@ -1,17 +1,25 @@
 """TrainingJob at scale: N jobs of W workers against the floor of creating the same pods directly.
 
 Runs on a real control plane (`tandem-bench` dev cluster, kwok nodes), in one process, side by side,
-as `--repeats` alternating pairs (the machine is noisy; compare ratios, not seconds):
-  floor  - a plain script creates the N x (W+1) pods (the operator's own manifests, no owner) with
-           the same client concurrency, and waits (a watch) until all are Running;
+as `--repeats` alternating rounds (the machine is noisy; compare ratios, not seconds):
+  floor  - a plain script writes, with the same client concurrency, what the operator must write for
+           each job, and waits (a watch) until all pods are Running. Two floors (`--floor`):
+           `children` (default): every child the operator makes per job, from its own builders and in
+           its order (ServiceAccount, Role, RoleBinding, then the W+1 pods under that account, the head
+           Service and its EndpointSlice), owners left out; `pods`: the pods alone, without an
+           account (the floor of the rounds before 2026-12-06, which the per-job identity outgrew);
   tandem - the same number of TrainingJobs are applied and the real operator (a separate process,
-           under the chart's RBAC) creates the pods; we wait until all pods are Running.
-Each namespace is emptied before the next phase. Prints a table per pair and the median: time to
-all-Running, the ratio to the floor, operator peak RSS and CPU seconds (from the moment it is healthy),
-reconcile latency p50/p99 from the operator's own histogram; then, for the last pair, the API writes per
-job, the control plane's CPU seconds, and when the pods were created and started.
+           under the chart's RBAC) creates the children; we wait until all pods are Running.
+What Tandem writes beyond the `children` floor is its contract: the TrainingJob itself, its status
+and its events. Each namespace is emptied before the next phase. Prints a table per round and the
+median: time to all-Running, the ratio to each floor, operator peak RSS and CPU seconds (from the
+moment it is healthy), reconcile latency p50/p99 from the operator's own histogram; then, for the last
+round, the API writes per job, the control plane's CPU seconds, and when the pods were created and
+started. `--profile` samples the operator with py-spy in the last Tandem phase and prints where its
+CPU went.
 
     .venv/bin/python bench/trainingjob_scale.py --jobs 500 --workers 4 --repeats 3
+    .venv/bin/python bench/trainingjob_scale.py --jobs 2000 --repeats 2 --floor both --profile
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +51,7 @@ from tandem.operator.trainingjob import builders  # noqa: E402
 
 CLUSTER = "tandem-bench"
 PODS_PER_NODE = 250
+FLOORS = ("children", "pods")
 
 
 def finish(reply: Any) -> bytes:
@@ -111,24 +122,61 @@ def _phase(pod: dict[str, Any]) -> str | None:
     return (pod.get("status") or {}).get("phase")
 
 
-def run_floor(core: Any, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
+def _ownerless(manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest["metadata"].pop("ownerReferences", None)
+    return manifest
+
+
+def floor_writes(kind: str, spec: TrainingJobSpec, namespace: str, job: str) -> list[list[dict[str, Any]]]:
+    """What a plain script writes for one job, in steps (each step's objects in order): `children`,
+    the operator's own children of the job from its builders (its identity first: admission refuses
+    a pod whose ServiceAccount does not exist yet); `pods`, the pods alone without an account."""
+    pods = builders.gang(
+        spec, job=job, uid="none", namespace=namespace, attempt=1, image="img", resume_from=None
+    )
+    if kind == "pods":
+        for pod in pods:
+            pod["spec"].pop("serviceAccountName")
+        return [[_ownerless(pod) for pod in pods]]
+    identity = builders.trainer_identity(job, "none", namespace, attempt=1)
+    head = [
+        builders.head_service(job, "none", namespace),
+        builders.head_endpoints(job, "none", namespace, None, None),  # one write, as the operator's
+    ]
+    return [[_ownerless(m) for m in identity], [_ownerless(m) for m in pods + head]]
+
+
+def creators(api: Any) -> dict[str, Callable[..., Any]]:
+    """The generated client's create call for each kind the floor writes."""
+    from kubernetes import client
+
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    return {
+        "Pod": core.create_namespaced_pod,
+        "ServiceAccount": core.create_namespaced_service_account,
+        "Service": core.create_namespaced_service,
+        "Role": rbac.create_namespaced_role,
+        "RoleBinding": rbac.create_namespaced_role_binding,
+        "EndpointSlice": client.DiscoveryV1Api(api).create_namespaced_endpoint_slice,
+    }
+
+
+def run_floor(core: Any, kind: str, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
     spec = TrainingJobSpec.model_validate(job_spec(workers))
-    manifests = []
-    for j in range(jobs):
-        for pod in builders.gang(
-            spec, job=f"j{j}", uid="none", namespace=namespace, attempt=1, image="img", resume_from=None
-        ):
-            pod["metadata"].pop("ownerReferences")
-            pod["spec"].pop("serviceAccountName")  # the floor creates pods only, as a plain script would
-            manifests.append(pod)
+    writes = [floor_writes(kind, spec, namespace, f"j{j}") for j in range(jobs)]
+    pods = sum(1 for steps in writes for step in steps for m in step if m["kind"] == "Pod")
+
+    calls = creators(core.api_client)
+
+    def one_job(steps: list[list[dict[str, Any]]]) -> None:
+        for step in steps:
+            for manifest in step:  # the raw reply, read and released
+                finish(calls[manifest["kind"]](namespace, manifest, _preload_content=False))
+
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(
-            pool.map(
-                lambda m: finish(core.create_namespaced_pod(namespace, m, _preload_content=False)), manifests
-            )
-        )
-    return wait_all_running(core, namespace, len(manifests), started, timeout=1800)
+        list(pool.map(one_job, writes))
+    return wait_all_running(core, namespace, pods, started, timeout=1800)
 
 
 def run_tandem(core: Any, custom: Any, namespace: str, jobs: int, workers: int, concurrency: int) -> float:
@@ -228,12 +276,16 @@ def request_delta(
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
-def control_plane_cpu() -> dict[str, float]:
-    """CPU seconds used so far by each control-plane program (all such processes on the machine)."""
+def control_plane_cpu(cluster: str) -> dict[str, float]:
+    """CPU seconds used so far by each control-plane program of `cluster` (its processes name the
+    cluster's state folder on their command line; other clusters on the machine are left out)."""
     used = dict.fromkeys(CONTROL_PLANE, 0.0)
+    mark = f"/clusters/{cluster}/".encode()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             head, rest = stat.read_text().rsplit(")", 1)
+            if mark not in (stat.parent / "cmdline").read_bytes():
+                continue
         except OSError:
             continue
         name = head.split("(", 1)[1]
@@ -279,21 +331,28 @@ class Bench:
     jobs: int
     workers: int
     concurrency: int
+    cluster: str
 
     def measure(self, namespace: str, create_and_wait: Callable[[], float]) -> Run:
-        before, cpu_before = request_counts(self.kubectl), control_plane_cpu()
+        before, cpu_before = request_counts(self.kubectl), control_plane_cpu(self.cluster)
         seconds = create_and_wait()
         return Run(
             seconds=seconds,
-            control_plane_cpu=cpu_delta(cpu_before, control_plane_cpu()),
+            control_plane_cpu=cpu_delta(cpu_before, control_plane_cpu(self.cluster)),
             writes=request_delta(before, request_counts(self.kubectl), self.jobs),
             timeline=timeline(self.core, namespace),
         )
 
-    def floor(self, namespace: str) -> Run:
+    def fresh(self, namespace: str) -> None:
+        """Create the phase's namespace, after removing one left by an interrupted run."""
+        self.kubectl.run("delete", "namespace", namespace, "--ignore-not-found", "--timeout=900s")
         self.kubectl.run("create", "namespace", namespace)
+
+    def floor(self, kind: str, namespace: str) -> Run:
+        self.fresh(namespace)
         run = self.measure(
-            namespace, lambda: run_floor(self.core, namespace, self.jobs, self.workers, self.concurrency)
+            namespace,
+            lambda: run_floor(self.core, kind, namespace, self.jobs, self.workers, self.concurrency),
         )
         self.clear(namespace)
         return run
@@ -303,15 +362,16 @@ class Bench:
         namespace controller alone takes minutes over 2,500 pods, and nothing here is being measured."""
         pods = self.core.delete_collection_namespaced_pod
         finish(pods(namespace, grace_period_seconds=0, _preload_content=False))
-        self.kubectl.run("delete", "namespace", namespace, "--timeout=600s")
+        self.kubectl.run("delete", "namespace", namespace, "--timeout=900s")
 
-    def tandem(self, namespace: str) -> Run:
-        self.kubectl.run("create", "namespace", namespace)
+    def tandem(self, namespace: str, profile: Path | None = None) -> Run:
+        self.fresh(namespace)
         log = self.workdir / f"operator-{namespace}.log"
         log.unlink(missing_ok=True)
         operator = start_operator(
             operator_kubeconfig(self.kubectl, self.workdir / "operator.kubeconfig"), log
         )
+        sampler = start_profile(operator.process.pid, profile) if profile else None
         try:
             _, user_before, system_before = proc_stats(operator.process.pid)  # startup: not counted
             run = self.measure(
@@ -325,6 +385,9 @@ class Bench:
             print(f"  operator CPU: user {user - user_before:.1f} s, system {system - system_before:.1f} s")
             run.histogram = reconcile_histogram(operator.metrics(), "TrainingJob")
         finally:
+            if sampler is not None:
+                sampler.send_signal(2)  # py-spy writes its samples on SIGINT
+                sampler.wait(60)
             operator.stop()
         finish(
             self.custom.delete_collection_namespaced_custom_object(
@@ -335,37 +398,100 @@ class Bench:
         return run
 
 
-def report(jobs: int, workers: int, runs: list[tuple[Run, Run]]) -> None:
+def start_profile(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` into collapsed stacks at `output`: the thread holding the GIL only (the
+    Python work; time in libcurl and the kernel is not sampled, threads blocked there looked busy),
+    without pausing the process (paused 200 times a second, the operator used 8.1 s of CPU, not 4)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    output.unlink(missing_ok=True)
+    command = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--output",
+        str(output),
+        "--rate",
+        "200",
+        "--gil",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_summary(collapsed: Path, top: int = 25) -> list[str]:
+    """Where the sampled CPU went: the share of samples per function, inclusive and self (leaf)."""
+    inclusive: dict[str, float] = {}
+    leaf: dict[str, float] = {}
+    total = 0.0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = float(count_text)
+        total += count
+        frames = [re.sub(r" \(([^)]*/)?", " (", frame) for frame in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0.0) + count
+        if frames:
+            leaf[frames[-1]] = leaf.get(frames[-1], 0.0) + count
+    if not total:
+        return ["no samples"]
+    rows = [f"{total:.0f} samples; inclusive share (self share): function (file:line)"]
+    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"  {100 * count / total:5.1f}% ({100 * leaf.get(frame, 0.0) / total:4.1f}%) {frame}")
+    rows.append("self time, the top:")
+    for frame, count in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"  {100 * count / total:5.1f}% {frame}")
+    return rows
+
+
+@dataclass
+class Round:
+    """One repeat: each floor's run and the Tandem run beside them."""
+
+    floors: dict[str, Run]
+    tandem: Run
+
+
+def report(jobs: int, workers: int, rounds: list[Round], load: list[str]) -> None:
     pods = jobs * (workers + 1)
+    kinds = list(rounds[0].floors)
     print()
-    print(f"{jobs} TrainingJobs x {workers} workers ({pods} pods), floor and Tandem alternating:")
+    print(f"{jobs} TrainingJobs x {workers} workers ({pods} pods), floors and Tandem alternating:")
     print()
+    floor_heads = " | ".join(f"floor ({kind})" for kind in kinds)
+    ratio_heads = " | ".join(f"ratio to {kind}" for kind in kinds)
     print(
-        "| repeat | floor | Tandem | ratio (goal <= 1.5) | operator peak RSS (goal < 300 MB) "
+        f"| repeat | load (1 min) | {floor_heads} | Tandem | {ratio_heads} | operator peak RSS "
         "| operator CPU | reconciles | reconcile p50 / p99 |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for number, (floor, tandem) in enumerate(runs, 1):
-        histogram = tandem.histogram
+    print("|" + " --- |" * (7 + 2 * len(kinds)))
+    for number, (one, seen) in enumerate(zip(rounds, load, strict=True), 1):
+        tandem, histogram = one.tandem, one.tandem.histogram
         count = histogram[-1][1] if histogram else 0
         latency = (
-            f"{quantile(histogram, 0.5) * 1000:.1f} / {quantile(histogram, 0.99) * 1000:.0f} ms"
+            f"{quantile(histogram, 0.5) * 1000:.0f} / {quantile(histogram, 0.99) * 1000:.0f} ms"
             if histogram
             else "-"
         )
+        floors = " | ".join(f"{one.floors[kind].seconds:.1f} s" for kind in kinds)
+        ratios = " | ".join(f"{tandem.seconds / one.floors[kind].seconds:.2f}" for kind in kinds)
         print(
-            f"| {number} | {floor.seconds:.1f} s | {tandem.seconds:.1f} s "
-            f"| {tandem.seconds / floor.seconds:.2f} | {tandem.operator_rss:.0f} MB "
-            f"| {tandem.operator_cpu:.1f} s | {count:.0f} | {latency} |"
+            f"| {number} | {seen} | {floors} | {tandem.seconds:.1f} s | {ratios} "
+            f"| {tandem.operator_rss:.0f} MB | {tandem.operator_cpu:.1f} s | {count:.0f} | {latency} |"
         )
-    ratios = [tandem.seconds / floor.seconds for floor, tandem in runs]
-    print(
-        f"| median | {statistics.median(f.seconds for f, _ in runs):.1f} s "
-        f"| {statistics.median(t.seconds for _, t in runs):.1f} s | {statistics.median(ratios):.2f} "
-        f"| {max(t.operator_rss for _, t in runs):.0f} MB (max) | | | |"
+    floors = " | ".join(f"{statistics.median(r.floors[k].seconds for r in rounds):.1f} s" for k in kinds)
+    ratios = " | ".join(
+        f"{statistics.median(r.tandem.seconds / r.floors[k].seconds for r in rounds):.2f}" for k in kinds
     )
-    floor, tandem = runs[-1]
-    for name, run in (("floor", floor), ("Tandem", tandem)):
+    print(
+        f"| median | | {floors} | {statistics.median(r.tandem.seconds for r in rounds):.1f} s | {ratios} "
+        f"| {max(r.tandem.operator_rss for r in rounds):.0f} MB (max) | | | |"
+    )
+    last = rounds[-1]
+    for name, run in [*((f"floor ({k})", last.floors[k]) for k in kinds), ("Tandem", last.tandem)]:
         print()
         print(f"{name}, last repeat: control-plane CPU {run.control_plane_cpu}")
         print(f"{name}, last repeat: {run.timeline}")
@@ -373,6 +499,10 @@ def report(jobs: int, workers: int, runs: list[tuple[Run, Run]]) -> None:
         print(f"| {name}: writes to the API server | requests | per job |")
         print("| --- | --- | --- |")
         print("\n".join(run.writes))
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def main() -> int:
@@ -383,35 +513,64 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads creating objects")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="floor/Tandem pairs, alternating (the machine is noisy)"
+        "--repeats", type=int, default=3, help="floor/Tandem rounds, alternating (the machine is noisy)"
+    )
+    parser.add_argument(
+        "--floor",
+        choices=(*FLOORS, "both"),
+        default="children",
+        help="what the plain script writes: every child the operator makes per job (children, the fair "
+        "floor), the pods alone (pods, the floor of the earlier rounds), or both in each round",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the operator with py-spy (pip install py-spy) in the last Tandem phase and print "
+        "where its CPU went; the collapsed stacks are kept in /tmp/CLUSTER/",
+    )
+    parser.add_argument(
+        "--cluster", default=CLUSTER, help="dev cluster name (started and, unless kept, stopped)"
     )
     parser.add_argument("--keep-cluster", action="store_true")
     args = parser.parse_args()
+    kinds = list(FLOORS) if args.floor == "both" else [args.floor]
     pods = args.jobs * (args.workers + 1)
     nodes = pods // PODS_PER_NODE + 2
-    print(f"starting {CLUSTER} with {nodes} CPU nodes for {pods} pods", flush=True)
+    print(f"starting {args.cluster} with {nodes} CPU nodes for {pods} pods", flush=True)
     info = devcluster.up(
-        CLUSTER, gpu_nodes=0, cpu_nodes=nodes, progress=lambda m: print(f"  {m}", flush=True)
+        args.cluster, gpu_nodes=0, cpu_nodes=nodes, progress=lambda m: print(f"  {m}", flush=True)
     )
     kubectl = Kubectl(str(info.bin_dir / "kubectl"), info.kubeconfig)
     install_crds(kubectl)
     core, custom = clients(info.kubeconfig)
-    workdir = Path(f"/tmp/{CLUSTER}")
-    bench = Bench(kubectl, core, custom, workdir, args.jobs, args.workers, args.concurrency)
-    runs = []
+    workdir = Path(f"/tmp/{args.cluster}")
+    bench = Bench(kubectl, core, custom, workdir, args.jobs, args.workers, args.concurrency, args.cluster)
+    rounds: list[Round] = []
+    load: list[str] = []
+    profile = workdir / "operator-profile.txt" if args.profile else None
     try:
         for number in range(1, args.repeats + 1):
-            print(f"repeat {number}/{args.repeats}: floor (pods created directly) ...", flush=True)
-            floor = bench.floor(f"floor-{number}")
-            print(f"  floor {floor.seconds:.1f} s; {floor.timeline}", flush=True)
-            print(f"repeat {number}/{args.repeats}: Tandem (TrainingJobs applied) ...", flush=True)
-            tandem = bench.tandem(f"tandem-{number}")
+            load.append(load_average())
+            floors = {}
+            for kind in kinds:
+                print(
+                    f"repeat {number}/{args.repeats}: floor ({kind}), load {load_average()} ...", flush=True
+                )
+                floors[kind] = bench.floor(kind, f"floor-{kind}-{number}")
+                print(f"  floor {floors[kind].seconds:.1f} s; {floors[kind].timeline}", flush=True)
+            print(f"repeat {number}/{args.repeats}: Tandem, load {load_average()} ...", flush=True)
+            last = number == args.repeats
+            tandem = bench.tandem(f"tandem-{number}", profile if last else None)
             print(f"  Tandem {tandem.seconds:.1f} s; {tandem.timeline}", flush=True)
-            runs.append((floor, tandem))
+            rounds.append(Round(floors, tandem))
     finally:
         if not args.keep_cluster:
-            devcluster.down(CLUSTER)
-    report(args.jobs, args.workers, runs)
+            devcluster.down(args.cluster)
+    report(args.jobs, args.workers, rounds, load)
+    if profile is not None and profile.exists():
+        print()
+        print(f"operator profile (py-spy, last Tandem phase; stacks in {profile}):")
+        print("\n".join(profile_summary(profile)))
     return 0
 
 
