@@ -7,7 +7,8 @@ tandem    - `GPTRun.train_step()`, the exact per-step code a TrainingJob runs: d
             LR schedule, fused AdamW, torch.compile; and the same without clipping (`gradClip: 0`),
             which the reference does not do;
 reference - the smallest loop that trains the same model: random tokens already on the GPU,
-            torch.compile, bf16 autocast, fused AdamW, nothing else.
+            torch.compile, bf16 autocast, fused AdamW, nothing else; and the same with gradient
+            clipping at 1.0 (`clip_grad_norm_`), the work Tandem's default step does besides.
 Prints tokens/s, ms/step and MFU (training FLOPs per token from the model x tokens/s over the
 card's dense bf16 peak), and the ratio tandem / reference.
 """
@@ -40,17 +41,23 @@ def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def reference_step(size: str, seq_len: int, batch: int) -> tuple[Callable[[], torch.Tensor], float]:
+def reference_step(
+    size: str, seq_len: int, batch: int, grad_clip: float = 0.0
+) -> tuple[Callable[[], torch.Tensor], float]:
+    """The minimal loop; with `grad_clip` > 0 it also clips gradients as Tandem does by default."""
     torch.manual_seed(0)
     model = GPT(config_for(size, block_size=seq_len)).cuda()
     compiled = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     data = torch.randint(0, 256, (batch, seq_len + 1), device="cuda")
+    parameters = list(model.parameters())
 
     def step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = compiled(data[:, :-1], data[:, 1:])
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         detached: torch.Tensor = loss.detach()
@@ -96,6 +103,10 @@ def main() -> int:
         del run
         torch.cuda.empty_cache()
 
+    step, flops_per_token = reference_step(args.size, args.seq_len, args.batch, grad_clip=1.0)
+    rows.append(("reference, clipping at 1.0", timed(step, args.steps, args.warmup), flops_per_token))
+    del step
+    torch.cuda.empty_cache()
     step, flops_per_token = reference_step(args.size, args.seq_len, args.batch)
     reference = timed(step, args.steps, args.warmup)
     rows.append(("reference", reference, flops_per_token))
@@ -109,6 +120,8 @@ def main() -> int:
         print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
     for name, seconds, _ in rows[:-1]:
         print(f"{name} / reference throughput: {reference / seconds:.3f}")
+    clipped = rows[-2][1]
+    print(f"tandem / reference with the same clipping: {clipped / rows[0][1]:.3f}")
     return 0
 
 
