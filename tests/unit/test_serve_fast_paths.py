@@ -4,13 +4,18 @@ the validated one, and orjson-first JSON parsing reads every body as the stdlib 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tandem.workloads.serve.errors import InvalidInput
 from tandem.workloads.serve.protocols.common import parse_json_object, validate
-from tandem.workloads.serve.protocols.openai import EmbeddingsRequest, _plain_embeddings_request
+from tandem.workloads.serve.protocols.openai import (
+    EmbeddingsRequest,
+    _plain_embeddings_request,
+    embeddings_call,
+)
 
 PLAIN = [
     {"input": "a sentence"},
@@ -41,13 +46,27 @@ def test_a_plain_request_is_what_validation_makes(data: dict[str, Any]) -> None:
     fast = _plain_embeddings_request(data)
     assert fast is not None
     validated = validate(EmbeddingsRequest, data)
-    assert fast.model_dump() == validated.model_dump()
-    assert fast.model_fields_set == validated.model_fields_set
+    assert fast == (validated.input, validated.model, validated.encoding_format, validated.dimensions)
+    assert embeddings_call(data) == fast
 
 
 @pytest.mark.parametrize("data", NOT_PLAIN, ids=lambda d: json.dumps(d)[:40])
 def test_anything_else_goes_through_validation(data: dict[str, Any]) -> None:
     assert _plain_embeddings_request(data) is None
+
+    def validated() -> tuple[Any, ...]:
+        request = validate(EmbeddingsRequest, data)
+        return (request.input, request.model, request.encoding_format, request.dimensions)
+
+    assert outcome(lambda: embeddings_call(data)) == outcome(validated)
+
+
+def outcome(read: Callable[[], tuple[Any, ...]]) -> tuple[Any, ...]:
+    """What `read` returns, or the field and message of the 400 it raises."""
+    try:
+        return read()
+    except InvalidInput as refused:
+        return ("400", refused.field, refused.message)
 
 
 BODIES = [

@@ -299,37 +299,37 @@ def test_chat_templates_declared_by_the_model_or_the_default(tmp_path: Path) -> 
     assert "the last message must be the user" in refused.value.message
 
 
-class TokenizingModel(LengthModel):
-    """Tokenizes ahead (`prepare`, like the embeddings runtime) and records which thread did what."""
+class ThreadRecordingModel(LengthModel):
+    """Records the thread each batch ran in (the embeddings runtime tokenizes its batch there)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.threads: dict[str, set[str]] = {"prepare": set(), "predict": set()}
-
-    def prepare(self, texts: list[str]) -> list[str]:
-        self.threads["prepare"].add(threading.current_thread().name)
-        return [t.upper() for t in texts]
+        self.threads: set[str] = set()
 
     def predict(self, batch: list[str]) -> Sequence[Embedding]:
-        self.threads["predict"].add(threading.current_thread().name)
-        assert all(t.isupper() for t in batch), "an input reached the model untokenized"
+        self.threads.add(threading.current_thread().name)
         return super().predict(batch)
 
 
-def test_inputs_are_tokenized_off_the_model_thread() -> None:
+def test_texts_reach_the_model_in_batches_off_the_event_loop() -> None:
+    """Tokenizing is the model's work on its batch, in the batch's thread: the event loop hands the texts
+    over with the batch and never tokenizes (nor hands each request to a tokenizer thread)."""
+
     async def main() -> None:
-        model = TokenizingModel()
+        model = ThreadRecordingModel()
         plane = make_plane(model)
         await plane.load()
+        loop_thread = threading.current_thread().name
         async with client_for(plane) as client:
             answers = await asyncio.gather(
                 *(client.post("/v1/embeddings", json={"input": ["abc", "de"]}) for _ in range(3))
             )
             assert all(a.status_code == 200 for a in answers)
+            assert [[d["embedding"] for d in a.json()["data"]] for a in answers] == [[[3.0], [2.0]]] * 3
         await plane.drain(5)
-        [tokenizer] = model.threads["prepare"]
-        assert tokenizer.startswith("tokenizer")
-        assert tokenizer not in model.threads["predict"]
+        assert sorted(text for batch in model.batches for text in batch) == ["abc"] * 3 + ["de"] * 3
+        assert model.threads
+        assert loop_thread not in model.threads
 
     run(main())
 

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from tandem.api.serving import Runtime
 from tandem.workloads.serve.batcher import Batcher, BatchingConfig
-from tandem.workloads.serve.coalesce import Coalescer
 from tandem.workloads.serve.errors import Draining, NotReady, QueueFull
 from tandem.workloads.serve.generation import GenerationScheduler
 from tandem.workloads.serve.metrics import ServeMetrics
@@ -71,9 +70,6 @@ class DataPlane:
         self.batcher: Batcher[Any, Any] | None = None
         self.generation: GenerationScheduler | None = None
         """causal-lm only: the continuous-batching scheduler (instead of `batcher`)."""
-        self._tokenizer: Coalescer[str, Any] | None = None
-        """One thread for `model.prepare` (tokenizing), so it never runs on the model's thread; requests
-        waiting at the same time are tokenized in one call (one hand-off per batch of arrivals)."""
         self._inflight = 0
         self._inflight_gauge = metrics.inflight.labels(metrics.model)
         self._idle = asyncio.Event()
@@ -161,20 +157,6 @@ class DataPlane:
             raise NotReady(f"model {self.model.name} is {self.state.value}")
         return await self.batcher.submit_many(items)
 
-    async def prepare(self, texts: list[str]) -> Sequence[Any]:
-        """The model's batch items for `texts`: tokenized in the plane's tokenizer thread when the model can
-        tokenize ahead (`prepare`), so tokenizing overlaps the forward pass instead of delaying everyone's
-        batch on the model thread; the texts themselves otherwise. Requests that wait at the same time are
-        tokenized together (`Coalescer`)."""
-        prepare = getattr(self.model, "prepare", None)
-        if prepare is None:
-            return texts
-        if self._tokenizer is None:
-            self._tokenizer = Coalescer(
-                prepare, thread_name="tokenizer", max_items=self.batching.max_batch_size
-            )
-        return await self._tokenizer(texts)
-
     async def infer_many(self, items: Sequence[Any]) -> list[Any]:
         """Like `infer`, for requests of any size (OpenAI allows 2,048 embedding inputs): more items than a
         quarter of the queue bound go in chunks, one after another, so a large request never needs a larger
@@ -229,8 +211,6 @@ class DataPlane:
         for scheduler in (self.batcher, self.generation):
             if scheduler is not None:
                 await scheduler.close(drain=False)
-        if self._tokenizer is not None:
-            self._tokenizer.shutdown()
 
     def generator(self) -> GenerationScheduler:
         if self.generation is None:

@@ -389,7 +389,7 @@ async def infer(
     if plane.model.runtime is Runtime.EMBEDDINGS:
         _check_outputs(wanted, [EMBEDDING_OUTPUT])
         texts = to_texts(request, binary)
-        embeddings = await plane.infer_many(await plane.prepare(texts))
+        embeddings = await plane.infer_many(texts)
         plane.metrics.prompt_tokens(sum(e.tokens for e in embeddings))
         vectors = np.stack([e.vector for e in embeddings]).astype(np.float32, copy=False)
         return _answer(plane, request, [(EMBEDDING_OUTPUT, vectors)])

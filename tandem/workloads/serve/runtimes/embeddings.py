@@ -40,19 +40,14 @@ WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog while the model serv
 
 
 @dataclass(frozen=True, slots=True)
-class Tokens:
-    """One input tokenized ahead of its batch, off the model's thread (`EmbeddingModel.prepare`): its ids,
-    already cut to `max_seq_length`."""
-
-    ids: list[int]
-
-
-@dataclass(frozen=True, slots=True)
 class Embedding:
     """One input's vector and how many tokens it used (for the `usage` field)."""
 
     vector: npt.NDArray[np.float32]
     tokens: int
+    finite: bool | None = None
+    """Whether every number of `vector` is finite, when the model checked it for its whole batch at once
+    (one numpy call per batch, not one per request on the event loop); None: not checked."""
 
 
 def _read_json(path: Path) -> Any:
@@ -79,6 +74,8 @@ class EmbeddingModel:
         self._ready = False
         self._model: torch.nn.Module | None = None
         self._tokenizer: Any = None
+        self._encoder: Any = None
+        """`tokenizers.Tokenizer` set up for whole batches (`_batch_encoder`); None for a slow tokenizer."""
         self._device: torch.device | None = None
 
     @property
@@ -101,6 +98,7 @@ class EmbeddingModel:
         check_precision(self.options.precision, device)
         self._read_sentence_transformers_config(path)
         self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self._encoder = self._batch_encoder()
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         model.eval()
         if self.options.precision is Precision.INT8:
@@ -138,57 +136,69 @@ class EmbeddingModel:
         """The part of `text` the model can read (its first `max_seq_length` tokens fit in it)."""
         return text[: self.max_seq_length * CHARS_PER_TOKEN]
 
-    def prepare(self, texts: list[str]) -> list[Tokens]:
-        """Tokenize `texts` for a later `predict` (the data plane runs this in its own tokenizer thread, one
-        at a time: a fast tokenizer must not be used from two threads at once)."""
-        if not texts:
-            return []
+    def _batch_encoder(self) -> Any:
+        """A copy of the fast tokenizer's Rust backend, set once to cut at `max_seq_length` and pad to the
+        batch's longest input on the right, as `tokenizer(texts, truncation=True, max_length=...)` and the
+        padding before would: one `encode_batch_fast` call (which runs without the GIL) gives the whole
+        padded batch. A copy, because the tokenizer's own backend is reconfigured by every `__call__`
+        (and the directory's tokenizer.json may set a fixed padding length). None for a slow tokenizer."""
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_str(backend.to_str())
+        encoder.enable_truncation(self.max_seq_length, stride=0, strategy="longest_first", direction="right")
+        pad_id = self._tokenizer.pad_token_id or 0
+        pad_token = self._tokenizer.pad_token or "[PAD]"
+        encoder.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token)
+        return encoder
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The batch's token ids, right-padded to its longest input, and their attention mask (each input
+        cut to `max_seq_length` tokens). Runs in the batch's own thread (`predict`): a batch is tokenized in
+        one call, so the event loop hands nothing over per request."""
+        clipped = [self.clip(text) for text in texts]
+        if self._encoder is not None:
+            encodings = self._encoder.encode_batch_fast(clipped)
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            return ids, mask
         encoded = self._tokenizer(
-            [self.clip(text) for text in texts], truncation=True, max_length=self.max_seq_length
+            clipped, truncation=True, max_length=self.max_seq_length, padding=True, return_tensors="np"
         )
-        return [Tokens(list(ids)) for ids in encoded["input_ids"]]
+        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
     def count_tokens(self, text: str) -> int:
         ids = self._tokenizer(self.clip(text), truncation=True, max_length=self.max_seq_length)["input_ids"]
         return len(ids)
 
-    def _padded(self, batch: list[Tokens]) -> dict[str, torch.Tensor]:
-        """Right-padded ids and their attention mask, as the tokenizer's own padding makes them."""
-        import torch
-
-        longest = max(len(t.ids) for t in batch)
-        pad = self._tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, tokens in enumerate(batch):
-            ids[row, : len(tokens.ids)] = torch.tensor(tokens.ids, dtype=torch.long)
-            mask[row, : len(tokens.ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def predict(self, batch: Sequence[str | Tokens]) -> list[Embedding]:
-        """Vectors of a batch of texts, or of inputs `prepare` tokenized already (the server's way)."""
+    def predict(self, batch: Sequence[str]) -> list[Embedding]:
+        """Vectors of a batch of texts (tokenized here, in the batch's thread)."""
         import torch
 
         assert self._model is not None, "load() first"
         assert self._device is not None
-        # Direct callers (warm-up, benchmarks) pass text: it is tokenized here.
-        prepared = iter(self.prepare([item for item in batch if isinstance(item, str)]))
-        inputs = [next(prepared) if isinstance(item, str) else item for item in batch]
-        encoded = {k: v.to(self._device) for k, v in self._padded(inputs).items()}
+        ids, mask = self.tokenize(batch)
+        tokens = mask.sum(axis=1).tolist()
+        encoded = {
+            "input_ids": torch.from_numpy(ids).to(self._device),
+            "attention_mask": torch.from_numpy(mask).to(self._device),
+        }
         with torch.inference_mode():
             states = self._model(**encoded).last_hidden_state.float()
-            mask = encoded["attention_mask"].unsqueeze(-1).to(states.dtype)
+            weights = encoded["attention_mask"].unsqueeze(-1).to(states.dtype)
             if self.pooling == "cls":
                 pooled = states[:, 0]
             elif self.pooling == "max":
-                pooled = states.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+                pooled = states.masked_fill(weights == 0, float("-inf")).max(dim=1).values
             else:
-                pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
             if self.normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
             vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
-            tokens = encoded["attention_mask"].sum(dim=1).tolist()
-        return [Embedding(vectors[i], int(tokens[i])) for i in range(len(batch))]
+        finite = np.isfinite(vectors).all(axis=1).tolist()
+        return [Embedding(vectors[i], int(tokens[i]), finite[i]) for i in range(len(batch))]
 
     def metadata(self) -> dict[str, Any]:
         return {
