@@ -28,16 +28,22 @@ from tandem.workloads.train.loop import DistInfo, GPTRun, peak_flops
 
 
 def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> float:
-    """Seconds per step after `warmup` steps (compile included there), synchronised at the ends."""
+    """Seconds per step after `warmup` steps (compile included there), synchronised at the ends (the
+    GPU when there is one; a CPU step is done when it returns)."""
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     loss = torch.zeros(())
     for _ in range(steps):
         loss = step()
     float(loss)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / steps
 
 

@@ -189,6 +189,18 @@ class Evaluation(SpecModel):
     """Stop when the evaluation loss stops improving."""
 
 
+class Parallelism(StrEnum):
+    """How the built-in trainer spreads the model over the workers."""
+
+    DDP = "ddp"
+    """Distributed data parallel: every worker holds the whole model, gradients are all-reduced. The
+    model, its gradients and AdamW's state must fit on one GPU."""
+    FSDP = "fsdp"
+    """Fully sharded data parallel (PyTorch's FSDP2, per transformer block): parameters, gradients and
+    optimizer state are split over the workers and gathered block by block, so a model that does not
+    fit on one GPU trains on several. Checkpoints keep the same (unsharded) format."""
+
+
 class BuiltinTrainer(SpecModel):
     """Train one of Tandem's built-in models; no code of your own."""
 
@@ -246,6 +258,10 @@ class Trainer(SpecModel):
     with the `config` object."""
     config: FreeForm | None = None
     """Free-form settings passed to `entrypoint` as a dict; kept as written."""
+    parallelism: Parallelism = Parallelism.DDP
+    """How the built-in trainer spreads the model over the workers: `ddp` (each holds the whole model)
+    or `fsdp` (parameters, gradients and optimizer state sharded over the workers). `fsdp` is for the
+    built-in trainer only, and not with a LoRA fine-tune."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -260,6 +276,30 @@ class Trainer(SpecModel):
             "remove config (built-in trainers take their settings from spec.trainer.builtin)",
             check=lambda t: t.config is None or t.entrypoint is not None,
             field_path=".config",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            rule="!has(self.parallelism) || self.parallelism == 'ddp' || has(self.builtin)",
+            message="spec.trainer.parallelism: fsdp shards the built-in trainer's model, and your own "
+            "spec.trainer.entrypoint wraps its model itself (TrainContext.prepare_model is DDP): "
+            "set parallelism to ddp, or shard the model in your code",
+            check=lambda t: t.parallelism == Parallelism.DDP or t.builtin is not None,
+            field_path=".parallelism",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            rule="!has(self.parallelism) || self.parallelism == 'ddp' || !has(self.builtin) || "
+            "!has(self.builtin.fineTuning) || !has(self.builtin.fineTuning.lora)",
+            message="spec.trainer.parallelism: fsdp does not train LoRA adapters (their checkpoints "
+            "hold the adapter alone, and the frozen base rarely needs sharding): set parallelism to "
+            "ddp, or fine-tune all weights (remove spec.trainer.builtin.fineTuning.lora)",
+            check=lambda t: (
+                t.parallelism == Parallelism.DDP
+                or t.builtin is None
+                or t.builtin.fine_tuning is None
+                or t.builtin.fine_tuning.lora is None
+            ),
+            field_path=".parallelism",
             reason="FieldValueForbidden",
         ),
     )

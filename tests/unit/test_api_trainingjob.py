@@ -71,7 +71,8 @@ def test_defaults() -> None:
                     "maxGradNorm": 1.0,
                 },
                 "compile": False,
-            }
+            },
+            "parallelism": "ddp",
         },
         "workers": {"replicas": 1, "resources": {"gpu": 0}},
         "head": {"resources": {"gpu": 0}},
@@ -90,7 +91,11 @@ def test_defaults() -> None:
 def test_camel_case_round_trip() -> None:
     wire = {
         "image": "ghcr.io/example/train:1",
-        "trainer": {"entrypoint": "my_pkg.train:train_loop", "config": {"lr": 0.1, "nested": {"a": [1, 2]}}},
+        "trainer": {
+            "entrypoint": "my_pkg.train:train_loop",
+            "config": {"lr": 0.1, "nested": {"a": [1, 2]}},
+            "parallelism": "ddp",
+        },
         "workers": {
             "replicas": 4,
             "resources": {"gpu": 1, "cpu": "8", "memory": "32Gi"},

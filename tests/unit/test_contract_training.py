@@ -108,6 +108,7 @@ def assert_agrees(
         assert cfg.learning_rate == builtin.learning_rate
         assert cfg.seq_len == (builtin.sequence_length or DEFAULT_SEQ_LEN[builtin.size.value])
         assert cfg.compile == builtin.compile
+        assert cfg.parallelism == spec.trainer.parallelism.value
         assert_data_agrees(builtin, run, cfg)
         assert_optimizer_agrees(builtin, cfg)
         assert_evaluation_agrees(builtin, cfg)
@@ -312,7 +313,9 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         spec["batch"]["global"] = per_device * replicas * draw(st.integers(1, 8))
     if draw(st.booleans()):
-        spec["trainer"] = {"builtin": draw(builtin_trainers())}
+        spec["trainer"] = {"builtin": draw(builtin_trainers())} | maybe(
+            draw, "parallelism", st.sampled_from(["ddp", "fsdp"])
+        )
         if draw(st.booleans()):
             spec["seed"] = draw(st.integers(0, 2**32 - 1))
     else:
@@ -371,3 +374,42 @@ def test_a_checkpoint_folder_the_pod_cannot_write_is_named_before_ray_starts(tmp
             check_writable(target)
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param({"entrypoint": "mypkg.train:main"}, id="entrypoint"),
+        pytest.param(
+            {
+                "builtin": {
+                    "dataset": {"uri": "tandem://corpus"},
+                    "fineTuning": {"base": {"uri": "file:///base/step-00000010"}, "lora": {}},
+                }
+            },
+            id="lora",
+        ),
+    ],
+)
+def test_fsdp_where_it_cannot_work_is_refused_naming_the_field(
+    trainer: dict[str, Any], tmp_path: Path
+) -> None:
+    """fsdp shards the built-in trainer's model: a user's entrypoint (which wraps its own) and a LoRA
+    fine-tune (adapter-only checkpoints) are refused before any pod starts, and so is the same job as
+    `tandem train --local` reads it; with ddp both are valid."""
+    from tandem.workloads.train.config import parse_spec
+
+    raw = {"trainer": trainer | {"parallelism": "fsdp"}}
+    with pytest.raises(UserError, match=r"spec\.trainer\.parallelism: fsdp"):
+        parse_spec(raw)
+    TrainingJobSpec.model_validate({"trainer": trainer | {"parallelism": "ddp"}})
+
+
+def test_fsdp_reaches_the_pod_and_the_default_is_ddp(tmp_path: Path) -> None:
+    base = {"trainer": {"builtin": {"dataset": {"uri": "tandem://corpus"}}}}
+    _, default, _ = effective_config(TrainingJobSpec.model_validate(base), data_root=tmp_path)
+    assert default.parallelism == "ddp"
+    sharded = TrainingJobSpec.model_validate({"trainer": base["trainer"] | {"parallelism": "fsdp"}})
+    run, cfg, _ = effective_config(sharded, data_root=tmp_path)
+    assert run.spec.trainer.parallelism == "fsdp"
+    assert TrainConfig.from_dict(cfg.to_dict()).parallelism == "fsdp"  # as Ray ships it to the ranks

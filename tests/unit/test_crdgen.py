@@ -395,6 +395,20 @@ CEL_CASES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (trainingjob.KIND, {"trainer": {"entrypoint": "a:b"}, "checkpoint": {"storage": {}}}),
+    (trainingjob.KIND, {"trainer": {"entrypoint": "a:b", "parallelism": "fsdp"}}),
+    (trainingjob.KIND, {"trainer": {"builtin": {"dataset": {"uri": "pvc://d/x"}}, "parallelism": "fsdp"}}),
+    (
+        trainingjob.KIND,
+        {
+            "trainer": {
+                "builtin": {
+                    "dataset": {"uri": "pvc://d/x"},
+                    "fineTuning": {"base": {"uri": "file:///b/step-00000001"}, "lora": {}},
+                },
+                "parallelism": "fsdp",
+            }
+        },
+    ),
     (
         trainingjob.KIND,
         {"trainer": {"entrypoint": "a:b"}, "checkpoint": {"storage": {"pvc": "p", "uri": "s3://b/k"}}},

@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         type=int,
         help="set spec.trainer.builtin.sequenceLength (default: the spec's, else the model size's)",
     )
+    local.add_argument(
+        "--parallelism",
+        choices=["ddp", "fsdp"],
+        help="set spec.trainer.parallelism: ddp (each worker holds the whole model) or fsdp (the model "
+        "sharded over the workers); default: the spec's, ddp unless set",
+    )
     local.add_argument("--no-progress", action="store_true", help="no progress bar")
     local.add_argument(
         "--metrics-port",
@@ -120,12 +126,17 @@ def load_job(path: str) -> tuple[str, dict[str, Any]]:
     return name, doc["spec"]
 
 
-def with_overrides(spec: dict[str, Any], *, seed: int | None, seq_len: int | None) -> dict[str, Any]:
-    """The spec with `--seed` and `--seq-len` written into their fields (`spec.seed`,
-    `spec.trainer.builtin.sequenceLength`), so they are validated and recorded like any spec value."""
+def with_overrides(
+    spec: dict[str, Any], *, seed: int | None, seq_len: int | None, parallelism: str | None = None
+) -> dict[str, Any]:
+    """The spec with `--seed`, `--seq-len` and `--parallelism` written into their fields (`spec.seed`,
+    `spec.trainer.builtin.sequenceLength`, `spec.trainer.parallelism`), so they are validated and
+    recorded like any spec value."""
     out = dict(spec)
     if seed is not None:
         out["seed"] = seed
+    if parallelism is not None:
+        out["trainer"] = dict(out.get("trainer") or {}) | {"parallelism": parallelism}
     if seq_len is not None:
         trainer = dict(out.get("trainer") or {})
         if not isinstance(trainer.get("builtin"), dict):
@@ -153,7 +164,7 @@ def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
     name, spec = load_job(args.target)
-    spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len)
+    spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len, parallelism=args.parallelism)
     ckpt_dir = args.checkpoint_dir or str(Path("tandem-runs") / name / "checkpoints")
     cfg = from_spec(
         spec,
@@ -198,7 +209,8 @@ def run_local(args: argparse.Namespace) -> int:
     )
     steps = cfg.user_config.get("maxSteps", cfg.user_config.get("steps")) if cfg.entrypoint else cfg.max_steps
     print(
-        f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s), "
+        f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s)"
+        f"{', fsdp' if cfg.parallelism == 'fsdp' else ''}, "
         f"{steps if steps is not None else 'its own number of'} steps, checkpoints in {ckpt_dir}",
         file=sys.stderr,
     )

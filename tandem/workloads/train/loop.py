@@ -5,8 +5,9 @@
 Ray-specific behaviour (reporting to the head, Ray checkpoint pointers) lives behind `Hooks`.
 
 One optimizer step: `accumulation_steps` micro-batches of `per_device_batch` samples on each rank (DDP
-all-reduces gradients on the last one only), optional autocast (bf16, or fp16 with a `GradScaler`),
-gradient clipping, AdamW, warmup + cosine LR. Ranks agree every `sync_every` steps (one tiny all-reduce)
+all-reduces gradients on the last one only; FSDP, `parallelism: fsdp`, reduce-scatters them there, see
+`sharding`), optional autocast (bf16, or fp16 with a `GradScaler`), gradient clipping, AdamW, warmup +
+cosine LR. Ranks agree every `sync_every` steps (one tiny all-reduce)
 on whether to stop (SIGTERM) or checkpoint (time-based interval), so collectives always line up.
 """
 
@@ -30,6 +31,7 @@ from torch import nn
 from tandem.workloads.models.gpt import GPT, config_for
 from tandem.workloads.models.tokenizer import ByteTokenizer, HFTokenizer
 from tandem.workloads.train import checkpoint as ckpt
+from tandem.workloads.train import sharding
 from tandem.workloads.train.config import TrainConfig, resolve_data_uri
 from tandem.workloads.train.data import WindowSampler, micro_batch_first_sample, train_and_validation
 from tandem.workloads.train.finetune import FineTune
@@ -282,19 +284,40 @@ class GPTRun:
             if self.fine_tune is None
             else self.fine_tune.gpt_config
         )
-        self.raw_model = GPT(self.model_config).to(self.device)
+        #: `spec.trainer.parallelism: fsdp`: the model is sharded over the ranks (FSDP2, `sharding`).
+        self.sharded = cfg.parallelism == "fsdp"
+        if self.sharded and self.fine_tune is not None and self.fine_tune.lora is not None:
+            raise ValueError(f"{sharding.FIELD}: fsdp does not train LoRA adapters; use ddp")
+        # Sharding moves the model to the device a block at a time: built on the CPU, it never sits
+        # whole on the GPU (the initial weights are the same either way: they are drawn on the CPU).
+        self.raw_model = GPT(self.model_config)
+        if not self.sharded:
+            self.raw_model = self.raw_model.to(self.device)
         if self.fine_tune is not None:
             self.fine_tune.prepare(self.raw_model)
         self.model: nn.Module = self.raw_model
-        if dist.world_size > 1:
+        if self.sharded:
+            sharding.shard_gpt(
+                self.raw_model,
+                self.device,
+                dist.world_size,
+                precision=cfg.precision,
+                compile_blocks=cfg.compile,
+            )
+        elif dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids)
         self.forward: nn.Module | Callable[..., Any] = (
-            torch.compile(self.model) if cfg.compile else self.model
+            torch.compile(self.model) if cfg.compile and not self.sharded else self.model
         )
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        fp16 = cfg.precision == "fp16"
+        self.scaler = (
+            sharding.grad_scaler(self.device, fp16)
+            if self.sharded
+            else torch.amp.GradScaler(self.device.type, enabled=fp16)
+        )
         self.autocast = autocast_context(cfg.precision, self.device)
         train_tokens, held_out = train_and_validation(cfg, data_root)
         self.data_root = data_root
@@ -338,6 +361,8 @@ class GPTRun:
             self.data_wait_seconds += time.perf_counter() - waited
             inputs, targets = batch[:, :-1], batch[:, 1:]
             last = micro == accum - 1
+            if self.sharded:
+                sharding.set_gradient_sync(self.model, last)
             sync: AbstractContextManager[Any] = (
                 self.model.no_sync()
                 if not last and isinstance(self.model, nn.parallel.DistributedDataParallel)
@@ -350,7 +375,12 @@ class GPTRun:
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip > 0:
+        if self.sharded:  # gradients are DTensor shards: their norm is summed over the ranks
+            if cfg.grad_clip > 0:
+                self.grad_norm = sharding.clip_grad_norm(self.raw_model.parameters(), cfg.grad_clip)
+            elif measure_grad_norm:
+                self.grad_norm = sharding.grad_norm(self.raw_model.parameters())
+        elif cfg.grad_clip > 0:
             self.grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         elif measure_grad_norm:
             grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
@@ -403,15 +433,18 @@ class GPTRun:
     def load(self, ref: ckpt.CheckpointRef) -> None:
         """Restore everything from a checkpoint (every rank)."""
         p = ref.path
-        if self.fine_tune is not None:
-            self.fine_tune.load_weights(p, self.raw_model, self.device)
+        if self.sharded:  # rank 0 reads the full state (a DDP or an FSDP checkpoint), every rank its shards
+            self._load_sharded(p)
         else:
-            self.raw_model.load_state_dict(
-                torch.load(p / ckpt.MODEL_FILE, map_location=self.device, weights_only=True)
+            if self.fine_tune is not None:
+                self.fine_tune.load_weights(p, self.raw_model, self.device)
+            else:
+                self.raw_model.load_state_dict(
+                    torch.load(p / ckpt.MODEL_FILE, map_location=self.device, weights_only=True)
+                )
+            self.optimizer.load_state_dict(
+                torch.load(p / ckpt.OPTIMIZER_FILE, map_location=self.device, weights_only=True)
             )
-        self.optimizer.load_state_dict(
-            torch.load(p / ckpt.OPTIMIZER_FILE, map_location=self.device, weights_only=True)
-        )
         state = torch.load(p / ckpt.TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -428,20 +461,40 @@ class GPTRun:
             )
         self.step = int(state["step"])
 
+    def _load_sharded(self, path: Path) -> None:
+        """The model's and the optimizer's state under FSDP: read on rank 0, broadcast as shards."""
+        main = self.dist.is_main
+
+        def read(name: str) -> dict[str, Any]:
+            loaded: dict[str, Any] = torch.load(path / name, map_location="cpu", weights_only=True)
+            return loaded
+
+        sharding.load_model_state(self.raw_model, read(ckpt.MODEL_FILE) if main else {})
+        sharding.load_optimizer_state(
+            self.raw_model, self.optimizer, read(ckpt.OPTIMIZER_FILE) if main else {}
+        )
+
     def save(self, loss: float | None) -> CheckpointEvent:
         """Write and publish a checkpoint (a collective: every rank calls it at the same step)."""
         assert self.cfg.checkpoint_dir is not None
         t0 = time.perf_counter()
         rngs = gather_objects(rng_state(), self.dist)
+        if self.sharded:  # gathered unsharded on rank 0 (collectives), written as a DDP run writes them
+            model_state = sharding.full_model_state(self.raw_model)
+            optimizer_state = sharding.full_optimizer_state(self.raw_model, self.optimizer)
         result = None
         if self.dist.is_main:
             root = ckpt.uri_to_path(self.cfg.checkpoint_dir)
             with ckpt.staging(root, self.step) as st:
-                if self.fine_tune is not None:  # the adapter alone with LoRA
-                    self.fine_tune.save_weights(st, self.raw_model)
+                if self.sharded:  # a full fine-tune's weights too (fsdp refuses LoRA)
+                    st.save_torch(ckpt.MODEL_FILE, model_state)
+                    st.save_torch(ckpt.OPTIMIZER_FILE, optimizer_state)
                 else:
-                    st.save_torch(ckpt.MODEL_FILE, self.raw_model.state_dict())
-                st.save_torch(ckpt.OPTIMIZER_FILE, self.optimizer.state_dict())
+                    if self.fine_tune is not None:  # the adapter alone with LoRA
+                        self.fine_tune.save_weights(st, self.raw_model)
+                    else:
+                        st.save_torch(ckpt.MODEL_FILE, self.raw_model.state_dict())
+                    st.save_torch(ckpt.OPTIMIZER_FILE, self.optimizer.state_dict())
                 st.save_torch(
                     ckpt.TRAINER_STATE_FILE,
                     {
@@ -471,6 +524,7 @@ class GPTRun:
             "epoch": self.sampler.position(self.step * cfg.global_batch).epoch,
             "totalSteps": cfg.max_steps,
             "worldSize": self.dist.world_size,
+            "parallelism": cfg.parallelism,
             "precision": cfg.precision,
             "seed": cfg.seed,
             "model": {

@@ -1,0 +1,138 @@
+"""`spec.trainer.parallelism: fsdp` on 2 CPU ranks (gloo): it trains like DDP, and its checkpoints are DDP's.
+
+The ranks are plain `torch.distributed` processes running the built-in loop (`run_builtin`), as Ray
+Train's workers do, so each case takes seconds; the Ray path, a kill and a rerun, is in
+test_train_fsdp_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from tandem.api.common import Precision
+from tandem.workloads.models.gpt import load_for_inference
+from tandem.workloads.train import checkpoint as ckpt
+from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.loop import DistInfo, run_builtin
+
+WORLD = 2
+#: fp32 losses of the same steps, DDP against FSDP: the gradients are summed in another order
+#: (all-reduce against reduce-scatter, clipping norms from shards), so they agree to rounding, not bits.
+LOSS_RTOL = 1e-5
+
+
+def config(root: Path, parallelism: str, **kw: Any) -> TrainConfig:
+    """2 ranks x 2 micro-batches of 4 (so accumulation runs without gradient sync), clipping at 1."""
+    base = TrainConfig(
+        job_name="fsdp",
+        model_size="tiny",
+        dataset_uri="tandem://corpus-small",
+        max_steps=8,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        seq_len=32,
+        per_device_batch=4,
+        global_batch=16,
+        num_workers=WORLD,
+        checkpoint_dir=str(root),
+        checkpoint_every_steps=4,
+        checkpoint_keep=5,
+        seed=5,
+        sync_every=2,
+        parallelism=parallelism,
+        precision=Precision.FP32,
+    )
+    return replace(base, **kw)
+
+
+def _rank(rank: int, cfg: dict[str, Any], store: str, out: str) -> None:
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        result = run_builtin(TrainConfig.from_dict(cfg), DistInfo(rank, WORLD, rank))
+    finally:
+        tdist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"history": result.history, "start": result.start_step}))
+
+
+def train(cfg: TrainConfig, scratch: Path) -> dict[str, Any]:
+    """Run `cfg` on 2 ranks; rank 0's loss history and start step (every rank is joined, or killed when
+    one fails)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    store, out = scratch / f"store-{len(list(scratch.iterdir()))}", scratch / "result.json"
+    mp.spawn(  # type: ignore[attr-defined,no-untyped-call]
+        _rank, args=(cfg.to_dict(), str(store), str(out)), nprocs=WORLD, join=True
+    )
+    result: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def state(path: Path, name: str = ckpt.MODEL_FILE) -> Any:
+    return torch.load(path / name, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One DDP and one FSDP run of the same job, 8 steps, checkpoints at 4 and 8."""
+    root = tmp_path_factory.mktemp("runs")
+    found: dict[str, Any] = {"root": root}
+    for parallelism in ("ddp", "fsdp"):
+        found[parallelism] = train(config(root / parallelism, parallelism), root / "scratch")
+    return found
+
+
+def test_fsdp_losses_equal_ddp_losses(runs: dict[str, Any]) -> None:
+    ddp, fsdp = runs["ddp"]["history"], runs["fsdp"]["history"]
+    assert len(ddp) == len(fsdp) == 8
+    assert fsdp[-1] < fsdp[0] - 0.5, "the FSDP run did not learn"
+    assert fsdp == pytest.approx(ddp, rel=LOSS_RTOL)
+    a, b = state(runs["root"] / "ddp" / "step-00000008"), state(runs["root"] / "fsdp" / "step-00000008")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+def test_an_fsdp_checkpoint_has_the_ddp_format_and_serves(runs: dict[str, Any]) -> None:
+    ddp, fsdp = runs["root"] / "ddp" / "step-00000008", runs["root"] / "fsdp" / "step-00000008"
+    meta = ckpt.verify(ckpt.CheckpointRef(8, fsdp))
+    assert (meta["parallelism"], meta["worldSize"]) == ("fsdp", WORLD)
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in ddp.iterdir())
+    a, b = state(ddp), state(fsdp)
+    assert list(a) == list(b)  # unsharded tensors under the plain model's names: no wrapper prefix
+    assert all((a[k].shape, a[k].dtype) == (b[k].shape, b[k].dtype) for k in a)
+    assert all(not isinstance(t, torch.distributed.tensor.DTensor) for t in b.values())
+    oa, ob = state(ddp, ckpt.OPTIMIZER_FILE), state(fsdp, ckpt.OPTIMIZER_FILE)
+    assert oa["param_groups"] == ob["param_groups"]  # parameters by index, the same groups
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        assert {n: t.shape for n, t in oa["state"][i].items()} == {
+            n: t.shape for n, t in ob["state"][i].items()
+        }
+    # The model server's loader reads it as it reads a DDP checkpoint, to the same predictions.
+    model, _, _ = load_for_inference(fsdp)
+    reference, _, _ = load_for_inference(ddp)
+    tokens = torch.arange(32).remainder(200).unsqueeze(0)
+    with torch.no_grad():
+        got, want = model(tokens)[0], reference(tokens)[0]
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("before", "after"), [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_run_resumes_under_the_other_parallelism(
+    runs: dict[str, Any], tmp_path: Path, before: str, after: str
+) -> None:
+    """Step 4's checkpoint of one run, resumed under the other parallelism, continues that run: the
+    losses of steps 5-8 are the uninterrupted run's (to the DDP/FSDP rounding)."""
+    root = tmp_path / "resumed"
+    shutil.copytree(runs["root"] / before / "step-00000004", root / "step-00000004")
+    resumed = train(config(root, after), tmp_path / "scratch")
+    assert resumed["start"] == 4
+    assert resumed["history"] == pytest.approx(runs[before]["history"][4:], rel=LOSS_RTOL)
