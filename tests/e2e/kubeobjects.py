@@ -29,3 +29,23 @@ def status_of(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[st
 
 def events(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
     return items(kubectl, namespace, "events", f"--field-selector=involvedObject.name={name}")
+
+
+def priced_job(name: str) -> dict[str, Any]:
+    """One worker with 2 H100s, 4 vCPUs and 16 GiB, and a CPU head: what the cost tests price."""
+    return {
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "trainer": {
+                "builtin": {"size": "tiny", "dataset": {"uri": "file:///data/c.txt"}, "maxSteps": 100}
+            },
+            "workers": {
+                "replicas": 1,
+                "resources": {"gpu": 2, "cpu": "4", "memory": "16Gi"},
+                "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+            },
+            "checkpoint": {"storage": {"uri": f"file:///checkpoints/{name}"}},
+        },
+    }

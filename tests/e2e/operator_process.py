@@ -62,6 +62,16 @@ class OperatorProcess:
         with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode())
 
+    def sample(self, metric: str, **labels: str) -> float | None:
+        """The value of the first `metric` sample whose labels include `labels`, or None."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None
+
     def healthy(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from typing import Any
 
 import pytest
 import yaml
-from kubeobjects import status_of
+from kubeobjects import priced_job, status_of
 from operator_process import OperatorProcess, wait_for
 from promcheck import check_metrics
-from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.devinstall import Kubectl
 
@@ -28,36 +26,10 @@ def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
 
 
-def operator_series(operator: OperatorProcess, metric: str, **labels: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
-
-
 def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess
 ) -> None:
-    job = {
-        "apiVersion": "tandem.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "priced"},
-        "spec": {
-            "trainer": {
-                "builtin": {"size": "tiny", "dataset": {"uri": "file:///data/c.txt"}, "maxSteps": 100}
-            },
-            "workers": {
-                "replicas": 1,
-                "resources": {"gpu": 2, "cpu": "4", "memory": "16Gi"},
-                "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-            },
-            "checkpoint": {"storage": {"uri": "file:///checkpoints/priced"}},
-        },
-    }
-    apply(kubectl, namespace, job)
+    apply(kubectl, namespace, priced_job("priced"))
     labels = {
         "namespace": namespace,
         "name": "priced",
@@ -65,16 +37,14 @@ def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
         "phase": "training",
         "model": "priced",
     }
-    wait_for(
-        lambda: operator_series(operator, "tandem_allocated_gpus", **labels) == 2, WAIT, "2 GPUs on nodes"
-    )
-    hourly = operator_series(operator, "tandem_cost_usd_per_hour", **labels)
+    wait_for(lambda: operator.sample("tandem_allocated_gpus", **labels) == 2, WAIT, "2 GPUs on nodes")
+    hourly = operator.sample("tandem_cost_usd_per_hour", **labels)
     assert hourly is not None
     assert 2 * H100 + 4 * 0.031611 + 16 * 0.004237 <= hourly < 2 * H100 + 1  # + the head's CPU and memory
 
     def agree() -> bool:
         usd = (status_of(kubectl, namespace, "tj", "priced").get("cost") or {}).get("usd") or 0.0
-        return usd > 0 and operator_series(operator, "tandem_cost_usd_total", **labels) == usd
+        return usd > 0 and operator.sample("tandem_cost_usd_total", **labels) == usd
 
     wait_for(agree, WAIT, "the spend in status and in /metrics, the same and above zero")
     check_metrics(f"http://127.0.0.1:{operator.metrics_port}/metrics")
@@ -123,7 +93,7 @@ def test_a_service_with_nothing_scheduled_costs_nothing(
     assert status["hourlyCostDisplay"] == "$0.00"
     labels = {"namespace": namespace, "name": "huge", "kind": "InferenceService", "phase": "serving"}
     wait_for(
-        lambda: operator_series(operator, "tandem_cost_usd_per_hour", **labels) == 0.0,
+        lambda: operator.sample("tandem_cost_usd_per_hour", **labels) == 0.0,
         WAIT,
         "$0/h in /metrics",
     )

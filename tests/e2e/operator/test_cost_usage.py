@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from kubelet_standin import ContainerUsage, KubeletStandIn
+from kubeobjects import priced_job
 from operator_process import OperatorProcess, start_operator, wait_for
 from prometheus_process import start_prometheus_with
 
@@ -30,16 +31,6 @@ CPU, RAM = cost.OPENCOST_CPU_USD_PER_VCPU_HOUR, cost.OPENCOST_RAM_USD_PER_GIB_HO
 #: The worker's memory use: far above its 16 GiB request. A working set is averaged over the window,
 #: so it counts in full at once (CPU seconds, a rate, read low until the 5-minute window has filled).
 WORKER_MEMORY_GIB = 200
-
-
-def series(operator: OperatorProcess, metric: str, **labels: str) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(operator.metrics()):
-        for sample in family.samples:
-            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
 
 
 def bound_pods(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]] | None:
@@ -68,32 +59,16 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
         env = {"TANDEM_PROMETHEUS_URL": prometheus.url}
         ours = start_operator(operator.kubeconfig, second_operator / "operator.log", env)
         operators.write_text(json.dumps([{"targets": [f"127.0.0.1:{ours.metrics_port}"]}]))
-        job = {
-            "apiVersion": "tandem.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": "used"},
-            "spec": {
-                "trainer": {
-                    "builtin": {"size": "tiny", "dataset": {"uri": "file:///d/c.txt"}, "maxSteps": 100}
-                },
-                "workers": {
-                    "replicas": 1,
-                    "resources": {"gpu": 2, "cpu": "4", "memory": "16Gi"},
-                    "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-                },
-                "checkpoint": {"storage": {"uri": "file:///checkpoints/used"}},
-            },
-        }
-        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(job))
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(priced_job("used")))
         pods = wait_for(lambda: bound_pods(kubectl, namespace), 120, "the job's two pods bound")
         labels = {"namespace": namespace, "name": "used", "kind": "TrainingJob", "phase": "training"}
 
         def priced_by_requests() -> float | None:
-            both = series(ours, "tandem_cost_containers", basis="requests", **labels) == 2
-            return series(ours, "tandem_cost_usd_per_hour", **labels) if both else None
+            both = ours.sample("tandem_cost_containers", basis="requests", **labels) == 2
+            return ours.sample("tandem_cost_usd_per_hour", **labels) if both else None
 
         requested = wait_for(priced_by_requests, WAIT, "both pods priced by their requests (no usage yet)")
-        assert series(ours, "tandem_cost_containers", basis="usage", **labels) == 0
+        assert ours.sample("tandem_cost_containers", basis="usage", **labels) == 0
 
         # Usage appears: the head's containers stay under their requests, the worker's memory goes far over.
         for pod in pods:
@@ -106,8 +81,8 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
         expected = requested + (WORKER_MEMORY_GIB - 16) * RAM
 
         def charged_by_usage() -> float | None:
-            hourly = series(ours, "tandem_cost_usd_per_hour", **labels)
-            measured = series(ours, "tandem_cost_containers", basis="usage", **labels)
+            hourly = ours.sample("tandem_cost_usd_per_hour", **labels)
+            measured = ours.sample("tandem_cost_containers", basis="usage", **labels)
             return hourly if measured == 2 and hourly and hourly > requested else None
 
         hourly = wait_for(charged_by_usage, WAIT, "the worker's memory use charged above its request")
@@ -131,11 +106,11 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
         # Prometheus goes: the operator keeps reconciling and charges the requests again.
         prometheus.stop()
         wait_for(
-            lambda: series(ours, "tandem_cost_containers", basis="requests", **labels) == 2,
+            lambda: ours.sample("tandem_cost_containers", basis="requests", **labels) == 2,
             WAIT,
             "requests again once Prometheus is gone",
         )
-        assert series(ours, "tandem_cost_usd_per_hour", **labels) == pytest.approx(requested)
+        assert ours.sample("tandem_cost_usd_per_hour", **labels) == pytest.approx(requested)
         assert "reading container usage from Prometheus failed" not in ours.log_text()
     finally:
         if ours is not None:
