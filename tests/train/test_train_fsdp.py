@@ -136,3 +136,6 @@ def test_a_run_resumes_under_the_other_parallelism(
     resumed = train(config(root, after), tmp_path / "scratch")
     assert resumed["start"] == 4
     assert resumed["history"] == pytest.approx(runs[before]["history"][4:], rel=LOSS_RTOL)
+    # The optimizer's settings come back as they were (types too), so its next checkpoint is the same.
+    uninterrupted = state(runs["root"] / before / "step-00000008", ckpt.OPTIMIZER_FILE)
+    assert state(root / "step-00000008", ckpt.OPTIMIZER_FILE)["param_groups"] == uninterrupted["param_groups"]

@@ -137,6 +137,12 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         names = parameter_names(model, optimizer)
         state = _rekey(state, dict(enumerate(names)))
     set_optimizer_state_dict(model, optimizer, state, options=_SCATTER)
+    # The broadcast carries tuples as lists (AdamW's `betas`): give each setting its default's type back,
+    # so the next checkpoint is the one an uninterrupted run writes.
+    for group in optimizer.param_groups:
+        for key, default in optimizer.defaults.items():
+            if isinstance(default, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
 
 
 def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
