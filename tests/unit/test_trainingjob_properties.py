@@ -114,7 +114,10 @@ def test_any_admitted_job_reconciles_to_a_fixed_point_without_crashing(
     now = T0
     created_pods: list[int] = []
     for _ in range(6):
-        decision = decide(job, TrainingJobStatus.model_validate(status), pods, NODES, now, PRICES)
+        current = TrainingJobStatus.model_validate(status)
+        decision = decide(job, current, pods, NODES, now, PRICES)
+        # decide works on a shallow copy of the status it is given: it must change nothing in it.
+        assert current.to_dict() == TrainingJobStatus.model_validate(status).to_dict()
         assert_writable(decision)
         new = [m for m in decision.create if m["kind"] == "Pod"]
         created_pods.append(len(new))

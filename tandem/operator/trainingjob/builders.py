@@ -131,12 +131,14 @@ def pod_spec_hash(spec: TrainingJobSpec) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _labels(job: str, role: str, attempt: int, spec: TrainingJobSpec) -> dict[str, str]:
+def _labels(
+    job: str, role: str, attempt: int, spec: TrainingJobSpec, spec_hash: str | None = None
+) -> dict[str, str]:
     labels = {
         LABEL_JOB: job,
         LABEL_ROLE: role,
         LABEL_ATTEMPT: str(attempt),
-        LABEL_SPEC_HASH: pod_spec_hash(spec),
+        LABEL_SPEC_HASH: spec_hash or pod_spec_hash(spec),
         LABEL_POD_GROUP: f"{job}-{attempt}",
         "app.kubernetes.io/name": "tandem-training",
         "app.kubernetes.io/instance": job,
@@ -206,6 +208,7 @@ def _pod(
     resume_from: str | None,
     scheduler_name: str | None = None,
     extra_labels: dict[str, str] | None = None,
+    spec_hash: str | None = None,
 ) -> dict[str, Any]:
     gang_size = spec.workers.replicas + 1
     tolerations: list[dict[str, Any]] = []
@@ -253,7 +256,7 @@ def _pod(
     if spec.scheduling.priority_class_name:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     pod_spec["volumes"], pod_spec["containers"][0]["volumeMounts"] = _volumes(spec)
-    labels = _labels(job, role, attempt, spec) | (extra_labels or {})
+    labels = _labels(job, role, attempt, spec, spec_hash) | (extra_labels or {})
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -281,8 +284,10 @@ def head_pod(
     image: str,
     resume_from: str | None,
     scheduler_name: str | None = None,
+    spec_hash: str | None = None,
 ) -> dict[str, Any]:
-    """The Ray head: runs the driver (`tandem train head`), reports progress on its own annotation."""
+    """The Ray head: runs the driver (`tandem train head`), reports progress on its own annotation.
+    `spec_hash`: `pod_spec_hash(spec)` when the caller has it (computed here otherwise)."""
     head = spec.head.resources
     return _pod(
         name=head_pod_name(job, attempt),
@@ -298,6 +303,7 @@ def head_pod(
         gpus=head.gpu,
         resume_from=resume_from,
         scheduler_name=scheduler_name,
+        spec_hash=spec_hash,
     )
 
 
@@ -312,8 +318,10 @@ def worker_pod(
     image: str,
     resume_from: str | None = None,
     scheduler_name: str | None = None,
+    spec_hash: str | None = None,
 ) -> dict[str, Any]:
-    """One Ray worker (`tandem train worker`): joins the head and holds the GPUs the gang asked for."""
+    """One Ray worker (`tandem train worker`): joins the head and holds the GPUs the gang asked for.
+    `spec_hash`: as for `head_pod`."""
     workers = spec.workers.resources
     return _pod(
         name=worker_pod_name(job, attempt, index),
@@ -330,6 +338,7 @@ def worker_pod(
         resume_from=resume_from,
         scheduler_name=scheduler_name,
         extra_labels={LABEL_INDEX: str(index)},
+        spec_hash=spec_hash,
     )
 
 
@@ -455,6 +464,7 @@ def gang(
 
     `scheduler_name`: the gang scheduler's profile (the operator's gangSchedulerName when gangScheduler
     is coscheduling), for pods whose spec names no scheduler of its own."""
+    spec_hash = pod_spec_hash(spec)  # the same for every pod: hashed once (it dumps the whole spec)
     pods = [
         head_pod(
             spec,
@@ -465,6 +475,7 @@ def gang(
             image=image,
             resume_from=resume_from,
             scheduler_name=scheduler_name,
+            spec_hash=spec_hash,
         )
     ]
     pods += [
@@ -478,6 +489,7 @@ def gang(
             image=image,
             resume_from=resume_from,
             scheduler_name=scheduler_name,
+            spec_hash=spec_hash,
         )
         for index in range(spec.workers.replicas)
     ]

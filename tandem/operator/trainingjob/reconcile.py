@@ -162,7 +162,10 @@ class _Machine:
         self.pods = [p for p in pods if not p.deleting]
         self.attempt = max([current.attempt or 0, *(p.attempt for p in pods)])
         self.current = [p for p in self.pods if p.attempt == self.attempt]
-        self.decision = Decision(status=current.model_copy(deep=True))
+        # A shallow copy: every change goes through `set` (model_copy with an update) and the
+        # condition helpers return new lists, so nothing of `current` is changed in place; a deep
+        # copy was 40% of a reconcile's own CPU.
+        self.decision = Decision(status=current.model_copy())
         #: The event of a phase change made in this pass (folded into the next one, if any).
         self.phase_event: Event | None = None
         self.decision.delete += [p.name for p in self.pods if p.attempt < self.attempt]  # stragglers
