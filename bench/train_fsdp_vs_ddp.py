@@ -6,19 +6,21 @@ each block under FSDP), on every rank with the same per-GPU batch, so the global
 GPUs (weak scaling). Prints, per variant: tokens/s per GPU, ms per step (the slowest rank's) and the peak
 GPU memory per rank (the largest over the ranks; parameters, gradients, AdamW state and activations).
 
-One GPU, one process (FSDP over one rank shards nothing: this is its overhead alone):
+One GPU, one process (FSDP over one rank shards nothing: this is its overhead alone; `ddp` on one rank
+is the plain model, as a one-worker TrainingJob runs it):
     PYTHONPATH=$PWD python3 bench/train_fsdp_vs_ddp.py --size 124m --out fsdp-1.json
 
-N GPUs of one host, one rank per GPU (NCCL, NVLink multicast left off); with the one-GPU results as
-the baseline it adds scaling figures (per-GPU throughput at N over that at 1, and the total speed-up):
-    NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD torchrun --standalone --nproc-per-node N \\
+N GPUs of one host, one rank per GPU (torchrun, here as the module of the python3 that holds torch;
+NCCL with NVLink multicast left off); with the one-GPU results as the baseline it adds scaling
+figures (per-GPU throughput at N over that at 1, and the total speed-up):
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD python3 -m torch.distributed.run --standalone --nproc-per-node N \\
         bench/train_fsdp_vs_ddp.py --size 124m --baseline fsdp-1.json --out fsdp-N.json
 
 CPU smoke test (gloo, any machine; proves the script, measures nothing of interest):
     PYTHONPATH=$PWD python3 bench/train_fsdp_vs_ddp.py --device cpu --size tiny --seq-len 64 \\
         --batch 4 --steps 3 --warmup 1
-    PYTHONPATH=$PWD torchrun --standalone --nproc-per-node 2 bench/train_fsdp_vs_ddp.py --device cpu \\
-        --size tiny --seq-len 64 --batch 4 --steps 3 --warmup 1
+    PYTHONPATH=$PWD python3 -m torch.distributed.run --standalone --nproc-per-node 2 \\
+        bench/train_fsdp_vs_ddp.py --device cpu --size tiny --seq-len 64 --batch 4 --steps 3 --warmup 1
 
 Needs torch, numpy and pydantic (no Ray, no installed tandem: PYTHONPATH points at the repository).
 """
