@@ -294,3 +294,42 @@ def test_an_8mb_input_delays_others_by_at_most_a_batch(server: ServerProcess) ->
     assert big.json()["usage"]["prompt_tokens"] <= 256 + 16
     # Generous for a loaded 2-core machine: tokenizing the whole input took 7-9 s before.
     assert max(times) < 2.0
+
+
+def test_head_get_and_post_answers_follow_each_other_on_one_connection(server: ServerProcess) -> None:
+    """Each answer is whole and in order on a kept-alive connection: a HEAD answer is its head alone (no
+    body follows it), a GET's and a POST's head and body arrive together as one response."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"input": "one connection"}).encode()
+
+    async def exchange() -> list[tuple[bytes, bytes]]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"HEAD /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n")
+            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n")
+            writer.write(
+                b"POST /v1/embeddings HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            answers = []
+            async with asyncio.timeout(60):
+                for method in ("HEAD", "GET", "POST"):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(
+                        int(line.split(b":")[1])
+                        for line in head.lower().split(b"\r\n")
+                        if line.startswith(b"content-length:")
+                    )
+                    answers.append((head, b"" if method == "HEAD" else await reader.readexactly(length)))
+            return answers
+        finally:
+            writer.close()
+
+    (head_head, head_body), (get_head, get_body), (post_head, post_body) = asyncio.run(exchange())
+    for head in (head_head, get_head, post_head):
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    assert head_body == b""
+    assert json.loads(get_body)["ready"] is True
+    assert len(json.loads(post_body)["data"][0]["embedding"]) == 384
