@@ -20,12 +20,19 @@ Variants, all in one run, same model, same load generator:
            (c)/(s) is what the HTTP path costs the event loop
   X-before any Tandem variant (b, c, c0, ...) served from the older copy of the package in --before DIR
            (e.g. `git archive COMMIT tandem | tar -x -C DIR`): before/after in one run, same load
+  X-siMS   any Tandem variant (also X-before-siMS) with the server's GIL switch interval set to MS ms
+           instead of its own (bench/serve_variant.py): how long the model thread waits for the GIL that
+           the event loop holds, between the forward pass's operations
+  a-jit c-jit  (a) and (c) with the embeddings model traced by TorchScript (bench/serve_traced.py): the
+           forward pass drops the GIL once instead of around each operation
 With --tiny the embeddings model is a 1-layer, 32-wide BERT with MiniLM's tokenizer and random weights, so
 that on a CPU the server's own per-request cost (the event loop), not the model, bounds (c).
-Every rate's line also says what batches the server formed (Tandem: mean size from its /metrics; Ray: the
-sizes its replicas logged). Load: bench/loadgen.py (open loop, --clients processes, keep-alive HTTP/1.1;
-latency counted from each request's scheduled send time). Each request embeds one short sentence. A sweep
-stops one rate after the server saturates (throughput < 90% of the offered rate, or p99 > 10x the SLO).
+Every rate's line also says what batches the server formed (Tandem: mean size and mean compute time from its
+/metrics, to compare with (a)'s time per batch: a batch that takes longer in the server than alone waited for
+the GIL; Ray: the sizes its replicas logged). Load: bench/loadgen.py (open loop, --clients processes,
+keep-alive HTTP/1.1; latency counted from each request's scheduled send time). Each request embeds one
+short sentence. A sweep stops one rate after the server saturates (throughput < 90% of the offered rate, or
+p99 > 10x the SLO).
 """
 
 from __future__ import annotations
@@ -68,12 +75,18 @@ class Plain:
         return ""
 
 
+#: The server's batch histograms (every batch's size; every batch's compute time, successful ones).
+BATCH_SIZES = "tandem_serve_batch_size_sum"
+BATCH_COUNT = "tandem_serve_batch_size_count"
+BATCH_SECONDS = "tandem_serve_batch_duration_seconds_sum"
+
+
 @dataclass
 class TandemTarget:
     """`tandem serve`: batch sizes from its /metrics histogram (every worker's, merged)."""
 
     url: str
-    _seen: tuple[float, float] = (0.0, 0.0)
+    _seen: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pids: tuple[int, ...] = ()
 
     def cpu_seconds(self) -> float:
@@ -91,15 +104,21 @@ class TandemTarget:
 
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
             text = response.read().decode()
-        totals = {"tandem_serve_batch_size_sum": 0.0, "tandem_serve_batch_size_count": 0.0}
+        totals = dict.fromkeys((BATCH_SIZES, BATCH_COUNT, BATCH_SECONDS), 0.0)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in totals:
                     totals[sample.name] += sample.value
-        size_sum, count = totals["tandem_serve_batch_size_sum"], totals["tandem_serve_batch_size_count"]
+        size_sum, count, seconds = totals[BATCH_SIZES], totals[BATCH_COUNT], totals[BATCH_SECONDS]
         new_sum, new_count = size_sum - self._seen[0], count - self._seen[1]
-        self._seen = (size_sum, count)
-        return f"{new_count:.0f} batches, mean size {new_sum / new_count:.1f}" if new_count else "no batches"
+        new_seconds = seconds - self._seen[2]
+        self._seen = (size_sum, count, seconds)
+        if not new_count:
+            return "no batches"
+        return (
+            f"{new_count:.0f} batches, mean size {new_sum / new_count:.1f}, "
+            f"{1000 * new_seconds / new_count:.2f} ms each"
+        )
 
 
 @dataclass
@@ -153,8 +172,14 @@ LABELS = {
     "d0": "(d0) Ray Serve no-op model, @serve.batch",
     "s": "(s) Tandem's data plane in process, no HTTP",
     "s0": "(s0) the same, no-op model",
+    "a-jit": "(a-jit) model ceiling, the model traced by TorchScript",
+    "c-jit": "(c-jit) Tandem, dynamic batching, the model traced by TorchScript",
 }
 BEFORE = "-before"
+#: The variants served by `tandem serve` with one process (cN and c0xN are too).
+TANDEM = ("b", "c", "b0", "c0")
+#: `X-siMS` (after any `-before`): the server's GIL switch interval, in ms, set by bench/serve_variant.py.
+SWITCH = re.compile(r"(.+?)-si([0-9]*\.?[0-9]+)")
 #: `cN` and `c0xN`: dynamic batching with N worker processes (`tandem serve --workers N`).
 MULTI_WORKER = re.compile(r"c(0x)?(\d+)")
 #: `dN`: Ray Serve with N replicas (to compare with `cN` at equal replica counts).
@@ -175,7 +200,21 @@ def workers_variant(variant: str) -> tuple[str, int] | None:
     return ("noop" if match.group(1) else "embeddings"), int(match.group(2))
 
 
+def split_switch(variant: str) -> tuple[str, str | None]:
+    """(`X`, `MS`) of `X-siMS`; (`variant`, None) otherwise."""
+    match = SWITCH.fullmatch(variant)
+    return (match.group(1), match.group(2)) if match is not None else (variant, None)
+
+
+def base_variant(variant: str) -> str:
+    """The variant without its `-siMS` and `-before` options."""
+    return split_switch(variant)[0].removesuffix(BEFORE)
+
+
 def label(variant: str) -> str:
+    bare, switch_ms = split_switch(variant)
+    if switch_ms is not None:
+        return f"{label(bare)}, GIL switch interval {switch_ms} ms"
     if variant.endswith(BEFORE):
         return f"{label(variant.removesuffix(BEFORE))}, before"
     replicas = ray_replicas(variant)
@@ -197,7 +236,7 @@ class Sweep:
     cpu_us: list[float] = field(default_factory=list)  # server CPU us/request per rate (Tandem only)
 
 
-def model_ceiling(model_path: Path, batch: int, args: argparse.Namespace) -> float:
+def model_ceiling(model_path: Path, batch: int, args: argparse.Namespace, traced: bool = False) -> float:
     seconds, device = args.duration_s, args.device
     from tandem.workloads.serve.model import ModelOptions
     from tandem.workloads.serve.runtimes.embeddings import EmbeddingModel
@@ -208,6 +247,11 @@ def model_ceiling(model_path: Path, batch: int, args: argparse.Namespace) -> flo
 
         torch.set_num_threads(1)
     model.load()
+    if traced:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from serve_traced import TracedEncoder
+
+        model._model = TracedEncoder(model._model, model.tokenize, model._device)  # type: ignore[assignment]
     model.warm_up(batch)
     texts = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
     done, started = 0, time.perf_counter()
@@ -295,6 +339,8 @@ def tandem(
     batch: int,
     workers: int = 1,
     source: str | None = None,
+    switch_ms: str | None = None,
+    traced: bool = False,
 ) -> Iterator[Target]:
     server_args = [
         "--runtime", runtime, "--model-uri", str(model_path), "--model-name", "minilm",
@@ -304,8 +350,14 @@ def tandem(
         *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     # A tiny model on a shared CPU: one torch thread (two threads spin against each other and the server).
-    env = {"OMP_NUM_THREADS": "1"} if args.tiny else None
-    with ServerProcess(server_args, source=source, env=env) as server:
+    env = {"OMP_NUM_THREADS": "1"} if args.tiny else {}
+    command = None
+    if switch_ms is not None:  # the server with another GIL switch interval
+        env["TANDEM_BENCH_SWITCH_INTERVAL_MS"] = switch_ms
+        command = [sys.executable, str(Path(__file__).with_name("serve_variant.py").resolve())]
+    if traced:
+        command = [sys.executable, str(Path(__file__).with_name("serve_traced.py").resolve())]
+    with ServerProcess(server_args, source=source, env=env, command=command) as server:
         yield TandemTarget(server.url, pids=(server.pid, *server.worker_pids))
 
 
@@ -395,6 +447,8 @@ def print_report(sweeps: list[Sweep], args: argparse.Namespace, device_name: str
     ratios = [("c", "b", "x"), ("c", "a", "%"), ("c", "d", "x"), ("c0", "d0", "x"), ("c0", "a", "%")]
     ratios += [("c", "s", "%"), ("c0", "s0", "%"), ("s", "a", "%")]
     ratios += [(s.variant.removesuffix(BEFORE), s.variant, "x") for s in sweeps if s.variant.endswith(BEFORE)]
+    ratios += [(s.variant, "a", "%") for s in sweeps if s.variant != "c" and base_variant(s.variant) == "c"]
+    ratios += [("c-jit", "a", "%"), ("c-jit", "a-jit", "%"), ("a-jit", "a", "x"), ("c-jit", "c", "x")]
     for s in sweeps:
         multi = workers_variant(s.variant)
         if multi is not None:
@@ -456,13 +510,20 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def checked_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bare = [v.removesuffix(BEFORE) for v in variants]
-    unknown = {v for v in bare if v not in LABELS and workers_variant(v) is None and ray_replicas(v) is None}
-    if args.before is None and any(v.endswith(BEFORE) for v in variants):
+    unknown = set()
+    for variant in variants:
+        bare = base_variant(variant)
+        tandem_variant = bare in TANDEM or workers_variant(bare) is not None
+        if bare != variant and not tandem_variant:
+            unknown.add(variant)  # -before and -siMS are options of Tandem's variants only
+        elif bare not in LABELS and workers_variant(bare) is None and ray_replicas(bare) is None:
+            unknown.add(variant)
+    if args.before is None and any(BEFORE in v for v in variants):
         parser.error("the X-before variants need --before DIR (an older copy of the tandem package)")
     if unknown:
         parser.error(
-            f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN, c0xN or dN (N >= 2)"
+            f"unknown variants {sorted(unknown)}; choose from {', '.join(LABELS)}, cN, c0xN or dN (N >= 2), "
+            "and for Tandem's (b, c, b0, c0, cN, c0xN) X-before, X-siMS or X-before-siMS"
         )
     return variants
 
@@ -485,7 +546,6 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     ceiling_rates = [float(r) for r in args.ceiling_rates.split(",")]
     variants = checked_variants(parser, args)
-    bare = [v.removesuffix(BEFORE) for v in variants]
     model_path = resolve_model(args)
     device_name = "CPU"
     if args.device.startswith("cuda"):
@@ -507,44 +567,37 @@ def main() -> None:
 
     starts: dict[str, tuple[Callable[[], AbstractContextManager[Target]], list[float]]] = {
         "loadgen": (lambda: plain(static_server(json.dumps({"data": [0.0] * 384}).encode())), ceiling_rates),
-        "b": (lambda: tandem(model_path, args, "embeddings", 1), rates),
-        "c": (lambda: tandem(model_path, args, "embeddings", batch), rates),
         "d": (ray("embeddings"), rates),
-        "b0": (lambda: tandem(model_path, args, "noop", 1), ceiling_rates),
-        "c0": (lambda: tandem(model_path, args, "noop", batch), ceiling_rates),
         "d0": (ray("noop"), ceiling_rates),
     }
 
-    def workers_server(runtime: str, workers: int) -> Callable[[], AbstractContextManager[Target]]:
-        return lambda: tandem(model_path, args, runtime, batch, workers)
+    def served(variant: str) -> tuple[Callable[[], AbstractContextManager[Target]], list[float]]:
+        """A Tandem variant (b, c, b0, c0, cN, c0xN), with its -before and -siMS options."""
+        options, switch_ms = split_switch(variant)
+        bare = options.removesuffix(BEFORE)
+        source = args.before if options.endswith(BEFORE) else None
+        runtime, workers = workers_variant(bare) or ("noop" if bare.endswith("0") else "embeddings", 1)
+        size = 1 if bare.startswith("b") else batch
+        chosen = ceiling_rates if runtime == "noop" else rates
+        return (
+            lambda: tandem(model_path, args, runtime, size, workers, source=source, switch_ms=switch_ms)
+        ), chosen
 
-    for variant in bare:
-        multi = workers_variant(variant)
-        if multi is not None:
-            starts[variant] = (workers_server(*multi), ceiling_rates if multi[0] == "noop" else rates)
+    for variant in variants:
         replicas = ray_replicas(variant)
         if replicas is not None:
             starts[variant] = (ray("embeddings", replicas), rates)
-
-    def before(variant: str) -> tuple[Callable[[], AbstractContextManager[Target]], list[float]]:
-        """The same Tandem variant served from the --before copy of the package."""
-        multi = workers_variant(variant)
-        runtime, workers = multi or ("noop" if variant.endswith("0") else "embeddings", 1)
-        size = 1 if variant.startswith("b") else batch
-        chosen = ceiling_rates if runtime == "noop" else rates
-        return lambda: tandem(model_path, args, runtime, size, workers, source=args.before), chosen
-
-    for variant in variants:
-        if variant.endswith(BEFORE):
-            starts[variant] = before(variant.removesuffix(BEFORE))
+        elif base_variant(variant) in TANDEM or workers_variant(base_variant(variant)) is not None:
+            starts[variant] = served(variant)
+    starts["c-jit"] = (lambda: tandem(model_path, args, "embeddings", batch, traced=True), rates)
     sweeps: list[Sweep] = []
     with LoadGenerator(args.clients) as gen:
         for variant in variants:
-            if variant == "a":
-                print(f"{LABELS['a']} ...", flush=True)
-                ceiling = model_ceiling(model_path, batch, args)
+            if variant in ("a", "a-jit"):
+                print(f"{LABELS[variant]} ...", flush=True)
+                ceiling = model_ceiling(model_path, batch, args, traced=variant == "a-jit")
                 print(f"  {ceiling:.1f} sentences/s at batch {batch}", flush=True)
-                sweeps.append(Sweep("a", [], ceiling))
+                sweeps.append(Sweep(variant, [], ceiling))
                 continue
             if variant in ("s", "s0"):
                 print(f"{LABELS[variant]} ...", flush=True)
