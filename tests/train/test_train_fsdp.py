@@ -8,6 +8,7 @@ test_train_fsdp_resume.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -139,3 +140,19 @@ def test_a_run_resumes_under_the_other_parallelism(
     # The optimizer's settings come back as they were (types too), so its next checkpoint is the same.
     uninterrupted = state(runs["root"] / before / "step-00000008", ckpt.OPTIMIZER_FILE)
     assert state(root / "step-00000008", ckpt.OPTIMIZER_FILE)["param_groups"] == uninterrupted["param_groups"]
+
+
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP16])
+def test_mixed_precision_under_fsdp_learns_and_keeps_fp32_master_weights(
+    tmp_path: Path, precision: Precision
+) -> None:
+    """bf16 through FSDP's MixedPrecisionPolicy, fp16 through autocast and the sharded gradient scaler
+    (whose state is checkpointed like DDP's)."""
+    cfg = config(tmp_path / "run", "fsdp", precision=precision, max_steps=4)
+    history = train(cfg, tmp_path / "scratch")["history"]
+    assert all(math.isfinite(x) for x in history)
+    assert history[-1] < history[0] - 0.5
+    last = tmp_path / "run" / "step-00000004"
+    assert all(t.dtype == torch.float32 for t in state(last).values())
+    scaler = torch.load(last / ckpt.TRAINER_STATE_FILE, weights_only=False)["scaler"]
+    assert bool(scaler) == (precision == Precision.FP16)  # the scaler is only enabled for fp16
