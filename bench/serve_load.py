@@ -541,6 +541,30 @@ def resolve_model(args: argparse.Namespace) -> Path:
     return Path(args.model_dir)
 
 
+def run_variant(
+    variant: str,
+    model_path: Path,
+    gen: LoadGenerator,
+    starts: dict[str, tuple[Callable[[], AbstractContextManager[Target]], list[float]]],
+    args: argparse.Namespace,
+) -> Sweep:
+    """One variant's result: a ceiling (a, a-jit, s, s0) or a sweep of rates against a server."""
+    batch = args.max_batch_size
+    if variant in ("a", "a-jit"):
+        print(f"{LABELS[variant]} ...", flush=True)
+        ceiling = model_ceiling(model_path, batch, args, traced=variant == "a-jit")
+        print(f"  {ceiling:.1f} sentences/s at batch {batch}", flush=True)
+        return Sweep(variant, [], ceiling)
+    if variant in ("s", "s0"):
+        print(f"{LABELS[variant]} ...", flush=True)
+        runtime = "noop" if variant == "s0" else "embeddings"
+        rate = in_process(model_path, runtime, args)
+        print(f"  {rate:.1f} req/s, {args.concurrency} coroutines", flush=True)
+        return Sweep(variant, [], rate)
+    start, variant_rates = starts[variant]
+    return sweep(variant, start, gen, variant_rates, args)
+
+
 def main() -> None:
     parser, args = parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -593,21 +617,10 @@ def main() -> None:
     sweeps: list[Sweep] = []
     with LoadGenerator(args.clients) as gen:
         for variant in variants:
-            if variant in ("a", "a-jit"):
-                print(f"{LABELS[variant]} ...", flush=True)
-                ceiling = model_ceiling(model_path, batch, args, traced=variant == "a-jit")
-                print(f"  {ceiling:.1f} sentences/s at batch {batch}", flush=True)
-                sweeps.append(Sweep(variant, [], ceiling))
-                continue
-            if variant in ("s", "s0"):
-                print(f"{LABELS[variant]} ...", flush=True)
-                runtime = "noop" if variant == "s0" else "embeddings"
-                rate = in_process(model_path, runtime, args)
-                print(f"  {rate:.1f} req/s, {args.concurrency} coroutines", flush=True)
-                sweeps.append(Sweep(variant, [], rate))
-                continue
-            start, variant_rates = starts[variant]
-            sweeps.append(sweep(variant, start, gen, variant_rates, args))
+            try:
+                sweeps.append(run_variant(variant, model_path, gen, starts, args))
+            except Exception as exc:  # one variant's failure (e.g. a server that did not start) ends it only
+                print(f"  FAILED: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
     print_report(sweeps, args, device_name)
 
 
