@@ -599,7 +599,8 @@ def main() -> None:
         """A Tandem variant (b, c, b0, c0, cN, c0xN), with its -before and -siMS options."""
         options, switch_ms = split_switch(variant)
         bare = options.removesuffix(BEFORE)
-        source = args.before if options.endswith(BEFORE) else None
+        # absolute: the server runs in that folder, with it on PYTHONPATH
+        source = str(Path(args.before).resolve()) if options.endswith(BEFORE) else None
         runtime, workers = workers_variant(bare) or ("noop" if bare.endswith("0") else "embeddings", 1)
         size = 1 if bare.startswith("b") else batch
         chosen = ceiling_rates if runtime == "noop" else rates
