@@ -193,6 +193,8 @@ def report(args: argparse.Namespace, world: int, results: list[Result]) -> dict[
             print(f"fsdp / ddp peak memory: {fsdp.peak_memory_gib / ddp.peak_memory_gib:.3f}")
     if args.baseline is not None:
         scaling(json.loads(args.baseline.read_text()), world, done)
+    elif world > 1:
+        print("(scaling figures: pass --baseline with the --out file of the same command on one GPU)")
     return {
         "world": world,
         "card": card,
