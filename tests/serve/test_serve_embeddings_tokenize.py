@@ -57,3 +57,11 @@ def test_vectors_and_token_counts_do_not_depend_on_the_batch(model: EmbeddingMod
         counted = model._tokenizer(cut, truncation=True, max_length=model.max_seq_length)["input_ids"]
         assert embedding.tokens == alone.tokens == len(counted)
         assert embedding.finite is True
+
+
+def test_loading_leaves_autograd_on_in_the_callers_thread(model: EmbeddingModel) -> None:
+    """The runtime computes under `inference_mode`; loading it in a process that also trains (a test
+    session, a notebook) must not switch gradients off for the thread that loaded it."""
+    import torch
+
+    assert torch.is_grad_enabled()

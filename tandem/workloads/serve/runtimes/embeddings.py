@@ -83,7 +83,6 @@ class EmbeddingModel:
         return self._ready
 
     def load(self) -> None:
-        import torch
         import transformers
         from transformers import AutoModel, AutoTokenizer
 
@@ -108,7 +107,6 @@ class EmbeddingModel:
         self._model = model
         self._device = device
         self.dimensions = int(model.config.hidden_size)
-        torch.set_grad_enabled(False)
 
     def _read_sentence_transformers_config(self, path: Path) -> None:
         modules = _read_json(path / "modules.json") or []
