@@ -20,9 +20,11 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from tandem.api.common import Precision
+from tandem.api.finetuning import FineTuning
 from tandem.workloads.models.gpt import load_for_inference
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
+from tandem.workloads.train.finetune import resolve
 from tandem.workloads.train.loop import DistInfo, run_builtin
 
 WORLD = 2
@@ -156,3 +158,23 @@ def test_mixed_precision_under_fsdp_learns_and_keeps_fp32_master_weights(
     assert all(t.dtype == torch.float32 for t in state(last).values())
     scaler = torch.load(last / ckpt.TRAINER_STATE_FILE, weights_only=False)["scaler"]
     assert bool(scaler) == (precision == Precision.FP16)  # the scaler is only enabled for fp16
+
+
+def test_a_full_fine_tune_under_fsdp_starts_from_an_fsdp_checkpoint(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    """An FSDP checkpoint is a fine-tune's base like any other, and a full fine-tune shards too: its base
+    weights are loaded before sharding and its checkpoints hold the whole model."""
+    base = runs["root"] / "fsdp" / "step-00000008"
+    tuning = FineTuning.model_validate({"base": {"uri": f"file://{base}"}})
+    fine = resolve(tuning, size="tiny", sequence_length=32, checkpoint_dir=None)
+    cfg = config(
+        tmp_path / "tuned", "fsdp", fine_tuning=fine.to_dict(), max_steps=2, checkpoint_every_steps=2
+    )
+    history = train(cfg, tmp_path / "scratch")["history"]
+    # It starts where the base ended (a loss near the base's last), not from random weights (about 5.8).
+    assert history[0] < runs["fsdp"]["history"][-1] + 0.5 < runs["fsdp"]["history"][0]
+    tuned = tmp_path / "tuned" / "step-00000002"
+    assert ckpt.read_metadata(tuned)["fineTuning"]["method"] == "full"
+    assert state(tuned).keys() == state(base).keys()
+    load_for_inference(tuned)

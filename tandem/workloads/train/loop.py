@@ -13,6 +13,7 @@ on whether to stop (SIGTERM) or checkpoint (time-based interval), so collectives
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -744,4 +745,10 @@ def run_builtin(
     best = run.evaluation
     if best.best is not None and best.best_step is not None:
         result.best_eval = (best.best_step, best.best)
+    if run.sharded:
+        # FSDP's modules and hooks hold reference cycles that keep the process group's C++ object alive;
+        # freed only at interpreter exit, after the group was destroyed, a rank was seen to abort there
+        # ("terminate called without an active exception"). Free them now, while the group exists.
+        del run
+        gc.collect()
     return result
