@@ -1,4 +1,4 @@
-"""DDP against FSDP (`spec.trainer.parallelism`) for the built-in GPT: throughput and memory per GPU.
+"""DDP against FSDP (`spec.trainer.strategy`) for the built-in GPT: throughput and memory per GPU.
 
 Each variant runs `GPTRun.train_step()`, the exact step a TrainingJob runs (data sampler, autocast,
 gradient clipping at 1.0, fused AdamW, LR schedule, torch.compile on a GPU: the whole model under DDP,
@@ -123,7 +123,7 @@ def measure(variant: str, args: argparse.Namespace, dist: DistInfo) -> Result:
         use_gpu=cuda,
         gpus_per_worker=1 if cuda else 0,
         compile=cuda and not args.no_compile,
-        parallelism=variant,
+        strategy=variant,
     )
     if cuda:
         torch.cuda.empty_cache()

@@ -189,7 +189,7 @@ class Evaluation(SpecModel):
     """Stop when the evaluation loss stops improving."""
 
 
-class Parallelism(StrEnum):
+class Strategy(StrEnum):
     """How the built-in trainer spreads the model over the workers."""
 
     DDP = "ddp"
@@ -258,7 +258,7 @@ class Trainer(SpecModel):
     with the `config` object."""
     config: FreeForm | None = None
     """Free-form settings passed to `entrypoint` as a dict; kept as written."""
-    parallelism: Parallelism = Parallelism.DDP
+    strategy: Strategy = Strategy.DDP
     """How the built-in trainer spreads the model over the workers: `ddp` (each holds the whole model)
     or `fsdp` (parameters, gradients and optimizer state sharded over the workers). `fsdp` is for the
     built-in trainer only, and not with a LoRA fine-tune."""
@@ -279,27 +279,27 @@ class Trainer(SpecModel):
             reason="FieldValueForbidden",
         ),
         Rule(
-            rule="!has(self.parallelism) || self.parallelism == 'ddp' || has(self.builtin)",
-            message="spec.trainer.parallelism: fsdp shards the built-in trainer's model, and your own "
+            rule="!has(self.strategy) || self.strategy == 'ddp' || has(self.builtin)",
+            message="spec.trainer.strategy: fsdp shards the built-in trainer's model, and your own "
             "spec.trainer.entrypoint wraps its model itself (TrainContext.prepare_model is DDP): "
-            "set parallelism to ddp, or shard the model in your code",
-            check=lambda t: t.parallelism == Parallelism.DDP or t.builtin is not None,
-            field_path=".parallelism",
+            "set strategy to ddp, or shard the model in your code",
+            check=lambda t: t.strategy == Strategy.DDP or t.builtin is not None,
+            field_path=".strategy",
             reason="FieldValueForbidden",
         ),
         Rule(
-            rule="!has(self.parallelism) || self.parallelism == 'ddp' || !has(self.builtin) || "
+            rule="!has(self.strategy) || self.strategy == 'ddp' || !has(self.builtin) || "
             "!has(self.builtin.fineTuning) || !has(self.builtin.fineTuning.lora)",
-            message="spec.trainer.parallelism: fsdp does not train LoRA adapters (their checkpoints "
-            "hold the adapter alone, and the frozen base rarely needs sharding): set parallelism to "
+            message="spec.trainer.strategy: fsdp does not train LoRA adapters (their checkpoints "
+            "hold the adapter alone, and the frozen base rarely needs sharding): set strategy to "
             "ddp, or fine-tune all weights (remove spec.trainer.builtin.fineTuning.lora)",
             check=lambda t: (
-                t.parallelism == Parallelism.DDP
+                t.strategy == Strategy.DDP
                 or t.builtin is None
                 or t.builtin.fine_tuning is None
                 or t.builtin.fine_tuning.lora is None
             ),
-            field_path=".parallelism",
+            field_path=".strategy",
             reason="FieldValueForbidden",
         ),
     )

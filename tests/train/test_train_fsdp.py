@@ -1,4 +1,4 @@
-"""`spec.trainer.parallelism: fsdp` on 2 CPU ranks (gloo): it trains like DDP, and its checkpoints are DDP's.
+"""`spec.trainer.strategy: fsdp` on 2 CPU ranks (gloo): it trains like DDP, and its checkpoints are DDP's.
 
 The ranks are plain `torch.distributed` processes running the built-in loop (`run_builtin`), as Ray
 Train's workers do, so each case takes seconds; the Ray path, a kill and a rerun, is in
@@ -33,7 +33,7 @@ WORLD = 2
 LOSS_RTOL = 1e-5
 
 
-def config(root: Path, parallelism: str, **kw: Any) -> TrainConfig:
+def config(root: Path, strategy: str, **kw: Any) -> TrainConfig:
     """2 ranks x 2 micro-batches of 4 (so accumulation runs without gradient sync), clipping at 1."""
     base = TrainConfig(
         job_name="fsdp",
@@ -51,7 +51,7 @@ def config(root: Path, parallelism: str, **kw: Any) -> TrainConfig:
         checkpoint_keep=5,
         seed=5,
         sync_every=2,
-        parallelism=parallelism,
+        strategy=strategy,
         precision=Precision.FP32,
     )
     return replace(base, **kw)
@@ -89,8 +89,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One DDP and one FSDP run of the same job, 8 steps, checkpoints at 4 and 8."""
     root = tmp_path_factory.mktemp("runs")
     found: dict[str, Any] = {"root": root}
-    for parallelism in ("ddp", "fsdp"):
-        found[parallelism] = train(config(root / parallelism, parallelism), root / "scratch")
+    for strategy in ("ddp", "fsdp"):
+        found[strategy] = train(config(root / strategy, strategy), root / "scratch")
     return found
 
 
@@ -106,7 +106,7 @@ def test_fsdp_losses_equal_ddp_losses(runs: dict[str, Any]) -> None:
 def test_an_fsdp_checkpoint_has_the_ddp_format_and_serves(runs: dict[str, Any]) -> None:
     ddp, fsdp = runs["root"] / "ddp" / "step-00000008", runs["root"] / "fsdp" / "step-00000008"
     meta = ckpt.verify(ckpt.CheckpointRef(8, fsdp))
-    assert (meta["parallelism"], meta["worldSize"]) == ("fsdp", WORLD)
+    assert (meta["strategy"], meta["worldSize"]) == ("fsdp", WORLD)
     assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in ddp.iterdir())
     a, b = state(ddp), state(fsdp)
     assert list(a) == list(b)  # unsharded tensors under the plain model's names: no wrapper prefix
@@ -129,10 +129,10 @@ def test_an_fsdp_checkpoint_has_the_ddp_format_and_serves(runs: dict[str, Any]) 
 
 
 @pytest.mark.parametrize(("before", "after"), [("ddp", "fsdp"), ("fsdp", "ddp")])
-def test_a_run_resumes_under_the_other_parallelism(
+def test_a_run_resumes_under_the_other_strategy(
     runs: dict[str, Any], tmp_path: Path, before: str, after: str
 ) -> None:
-    """Step 4's checkpoint of one run, resumed under the other parallelism, continues that run: the
+    """Step 4's checkpoint of one run, resumed under the other strategy, continues that run: the
     losses of steps 5-8 are the uninterrupted run's (to the DDP/FSDP rounding)."""
     root = tmp_path / "resumed"
     shutil.copytree(runs["root"] / before / "step-00000004", root / "step-00000004")

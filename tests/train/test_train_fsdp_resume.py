@@ -1,5 +1,5 @@
 """SIGKILL of a whole `tandem train --local` FSDP run (Ray, 2 ranks), then a rerun: bit for bit the
-uninterrupted FSDP run. The same kill and rerun as test_train_resume.py, with `spec.trainer.parallelism:
+uninterrupted FSDP run. The same kill and rerun as test_train_resume.py, with `spec.trainer.strategy:
 fsdp`: sharded state is gathered into the checkpoint and scattered back from it exactly."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_an_fsdp_run_killed_and_rerun_ends_bit_exact(
 ) -> None:
     job = write_job(tmp_path / "fsdp.yaml", steps=STEPS, every=10)
     manifest = yaml.safe_load(job.read_text())
-    manifest["spec"]["trainer"]["parallelism"] = "fsdp"
+    manifest["spec"]["trainer"]["strategy"] = "fsdp"
     job.write_text(yaml.safe_dump(manifest))
     killed = start(tandem_cmd, job, tmp_path / "killed", spawned)
     reference = start(tandem_cmd, job, tmp_path / "reference", spawned)
@@ -52,7 +52,7 @@ def test_an_fsdp_run_killed_and_rerun_ends_bit_exact(
     out = finish(start(tandem_cmd, job, tmp_path / "killed", spawned))
     assert f"completed at step {STEPS} (resumed at step {done[-1]})" in out
     last = f"step-{STEPS:08d}"
-    assert ckpt.read_metadata(tmp_path / "killed" / last)["parallelism"] == "fsdp"
+    assert ckpt.read_metadata(tmp_path / "killed" / last)["strategy"] == "fsdp"
     for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):
         a = torch.load(tmp_path / "reference" / last / name, weights_only=True)
         b = torch.load(tmp_path / "killed" / last / name, weights_only=True)

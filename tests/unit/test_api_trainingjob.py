@@ -72,7 +72,7 @@ def test_defaults() -> None:
                 },
                 "compile": False,
             },
-            "parallelism": "ddp",
+            "strategy": "ddp",
         },
         "workers": {"replicas": 1, "resources": {"gpu": 0}},
         "head": {"resources": {"gpu": 0}},
@@ -94,7 +94,7 @@ def test_camel_case_round_trip() -> None:
         "trainer": {
             "entrypoint": "my_pkg.train:train_loop",
             "config": {"lr": 0.1, "nested": {"a": [1, 2]}},
-            "parallelism": "ddp",
+            "strategy": "ddp",
         },
         "workers": {
             "replicas": 4,

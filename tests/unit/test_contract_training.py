@@ -108,7 +108,7 @@ def assert_agrees(
         assert cfg.learning_rate == builtin.learning_rate
         assert cfg.seq_len == (builtin.sequence_length or DEFAULT_SEQ_LEN[builtin.size.value])
         assert cfg.compile == builtin.compile
-        assert cfg.parallelism == spec.trainer.parallelism.value
+        assert cfg.strategy == spec.trainer.strategy.value
         assert_data_agrees(builtin, run, cfg)
         assert_optimizer_agrees(builtin, cfg)
         assert_evaluation_agrees(builtin, cfg)
@@ -314,7 +314,7 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
         spec["batch"]["global"] = per_device * replicas * draw(st.integers(1, 8))
     if draw(st.booleans()):
         spec["trainer"] = {"builtin": draw(builtin_trainers())} | maybe(
-            draw, "parallelism", st.sampled_from(["ddp", "fsdp"])
+            draw, "strategy", st.sampled_from(["ddp", "fsdp"])
         )
         if draw(st.booleans()):
             spec["seed"] = draw(st.integers(0, 2**32 - 1))
@@ -399,17 +399,17 @@ def test_fsdp_where_it_cannot_work_is_refused_naming_the_field(
     `tandem train --local` reads it; with ddp both are valid."""
     from tandem.workloads.train.config import parse_spec
 
-    raw = {"trainer": trainer | {"parallelism": "fsdp"}}
-    with pytest.raises(UserError, match=r"spec\.trainer\.parallelism: fsdp"):
+    raw = {"trainer": trainer | {"strategy": "fsdp"}}
+    with pytest.raises(UserError, match=r"spec\.trainer\.strategy: fsdp"):
         parse_spec(raw)
-    TrainingJobSpec.model_validate({"trainer": trainer | {"parallelism": "ddp"}})
+    TrainingJobSpec.model_validate({"trainer": trainer | {"strategy": "ddp"}})
 
 
 def test_fsdp_reaches_the_pod_and_the_default_is_ddp(tmp_path: Path) -> None:
     base = {"trainer": {"builtin": {"dataset": {"uri": "tandem://corpus"}}}}
     _, default, _ = effective_config(TrainingJobSpec.model_validate(base), data_root=tmp_path)
-    assert default.parallelism == "ddp"
-    sharded = TrainingJobSpec.model_validate({"trainer": base["trainer"] | {"parallelism": "fsdp"}})
+    assert default.strategy == "ddp"
+    sharded = TrainingJobSpec.model_validate({"trainer": base["trainer"] | {"strategy": "fsdp"}})
     run, cfg, _ = effective_config(sharded, data_root=tmp_path)
-    assert run.spec.trainer.parallelism == "fsdp"
-    assert TrainConfig.from_dict(cfg.to_dict()).parallelism == "fsdp"  # as Ray ships it to the ranks
+    assert run.spec.trainer.strategy == "fsdp"
+    assert TrainConfig.from_dict(cfg.to_dict()).strategy == "fsdp"  # as Ray ships it to the ranks

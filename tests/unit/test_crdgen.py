@@ -395,8 +395,8 @@ CEL_CASES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (trainingjob.KIND, {"trainer": {"entrypoint": "a:b"}, "checkpoint": {"storage": {}}}),
-    (trainingjob.KIND, {"trainer": {"entrypoint": "a:b", "parallelism": "fsdp"}}),
-    (trainingjob.KIND, {"trainer": {"builtin": {"dataset": {"uri": "pvc://d/x"}}, "parallelism": "fsdp"}}),
+    (trainingjob.KIND, {"trainer": {"entrypoint": "a:b", "strategy": "fsdp"}}),
+    (trainingjob.KIND, {"trainer": {"builtin": {"dataset": {"uri": "pvc://d/x"}}, "strategy": "fsdp"}}),
     (
         trainingjob.KIND,
         {
@@ -405,7 +405,7 @@ CEL_CASES: list[tuple[str, dict[str, Any]]] = [
                     "dataset": {"uri": "pvc://d/x"},
                     "fineTuning": {"base": {"uri": "file:///b/step-00000001"}, "lora": {}},
                 },
-                "parallelism": "fsdp",
+                "strategy": "fsdp",
             }
         },
     ),

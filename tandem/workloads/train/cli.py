@@ -57,9 +57,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="set spec.trainer.builtin.sequenceLength (default: the spec's, else the model size's)",
     )
     local.add_argument(
-        "--parallelism",
+        "--strategy",
         choices=["ddp", "fsdp"],
-        help="set spec.trainer.parallelism: ddp (each worker holds the whole model) or fsdp (the model "
+        help="set spec.trainer.strategy: ddp (each worker holds the whole model) or fsdp (the model "
         "sharded over the workers); default: the spec's, ddp unless set",
     )
     local.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,16 +127,16 @@ def load_job(path: str) -> tuple[str, dict[str, Any]]:
 
 
 def with_overrides(
-    spec: dict[str, Any], *, seed: int | None, seq_len: int | None, parallelism: str | None = None
+    spec: dict[str, Any], *, seed: int | None, seq_len: int | None, strategy: str | None = None
 ) -> dict[str, Any]:
-    """The spec with `--seed`, `--seq-len` and `--parallelism` written into their fields (`spec.seed`,
-    `spec.trainer.builtin.sequenceLength`, `spec.trainer.parallelism`), so they are validated and
+    """The spec with `--seed`, `--seq-len` and `--strategy` written into their fields (`spec.seed`,
+    `spec.trainer.builtin.sequenceLength`, `spec.trainer.strategy`), so they are validated and
     recorded like any spec value."""
     out = dict(spec)
     if seed is not None:
         out["seed"] = seed
-    if parallelism is not None:
-        out["trainer"] = dict(out.get("trainer") or {}) | {"parallelism": parallelism}
+    if strategy is not None:
+        out["trainer"] = dict(out.get("trainer") or {}) | {"strategy": strategy}
     if seq_len is not None:
         trainer = dict(out.get("trainer") or {})
         if not isinstance(trainer.get("builtin"), dict):
@@ -164,7 +164,7 @@ def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
     name, spec = load_job(args.target)
-    spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len, parallelism=args.parallelism)
+    spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len, strategy=args.strategy)
     ckpt_dir = args.checkpoint_dir or str(Path("tandem-runs") / name / "checkpoints")
     cfg = from_spec(
         spec,
@@ -210,7 +210,7 @@ def run_local(args: argparse.Namespace) -> int:
     steps = cfg.user_config.get("maxSteps", cfg.user_config.get("steps")) if cfg.entrypoint else cfg.max_steps
     print(
         f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s)"
-        f"{', fsdp' if cfg.parallelism == 'fsdp' else ''}, "
+        f"{', fsdp' if cfg.strategy == 'fsdp' else ''}, "
         f"{steps if steps is not None else 'its own number of'} steps, checkpoints in {ckpt_dir}",
         file=sys.stderr,
     )

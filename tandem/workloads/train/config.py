@@ -65,7 +65,7 @@ _SPEC_DEFAULTS: Final[dict[str, Any]] = {
     "token_dtype": str(_default(Dataset, "token_dtype")),
     "text_field": _default(Dataset, "text_field"),
     "eval_batches": _default(Evaluation, "batches"),
-    "parallelism": str(_default(Trainer, "parallelism")),
+    "strategy": str(_default(Trainer, "strategy")),
 }
 
 #: The minimum learning rate when the spec leaves it unset: this share of the peak.
@@ -115,9 +115,9 @@ class TrainConfig:
     keep_best: bool = False
     early_stop_patience: int | None = None
     early_stop_min_delta: float = 0.0
-    # Parallelism.
-    #: `spec.trainer.parallelism`: `ddp` (whole model per rank) or `fsdp` (FSDP2, sharded per block).
-    parallelism: str = _SPEC_DEFAULTS["parallelism"]
+    # Strategy.
+    #: `spec.trainer.strategy`: `ddp` (whole model per rank) or `fsdp` (FSDP2, sharded per block).
+    strategy: str = _SPEC_DEFAULTS["strategy"]
     num_workers: int = _SPEC_DEFAULTS["num_workers"]
     per_device_batch: int = _SPEC_DEFAULTS["per_device_batch"]
     global_batch: int = _SPEC_DEFAULTS["per_device_batch"] * _SPEC_DEFAULTS["num_workers"]
@@ -322,7 +322,7 @@ def from_spec(
             early_stop_patience=None if stopping is None else stopping.patience,
             early_stop_min_delta=0.0 if stopping is None else stopping.min_delta,
             fine_tuning=None if fine is None else fine.to_dict(),
-            parallelism=str(trainer.parallelism),
+            strategy=str(trainer.strategy),
             **data,
             **common,
         )

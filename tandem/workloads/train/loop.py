@@ -5,7 +5,7 @@
 Ray-specific behaviour (reporting to the head, Ray checkpoint pointers) lives behind `Hooks`.
 
 One optimizer step: `accumulation_steps` micro-batches of `per_device_batch` samples on each rank (DDP
-all-reduces gradients on the last one only; FSDP, `parallelism: fsdp`, reduce-scatters them there, see
+all-reduces gradients on the last one only; FSDP, `strategy: fsdp`, reduce-scatters them there, see
 `sharding`), optional autocast (bf16, or fp16 with a `GradScaler`), gradient clipping, AdamW, warmup +
 cosine LR. Ranks agree every `sync_every` steps (one tiny all-reduce)
 on whether to stop (SIGTERM) or checkpoint (time-based interval), so collectives always line up.
@@ -285,8 +285,8 @@ class GPTRun:
             if self.fine_tune is None
             else self.fine_tune.gpt_config
         )
-        #: `spec.trainer.parallelism: fsdp`: the model is sharded over the ranks (FSDP2, `sharding`).
-        self.sharded = cfg.parallelism == "fsdp"
+        #: `spec.trainer.strategy: fsdp`: the model is sharded over the ranks (FSDP2, `sharding`).
+        self.sharded = cfg.strategy == "fsdp"
         if self.sharded and self.fine_tune is not None and self.fine_tune.lora is not None:
             raise ValueError(f"{sharding.FIELD}: fsdp does not train LoRA adapters; use ddp")
         # Sharding moves the model to the device a block at a time: built on the CPU, it never sits
@@ -525,7 +525,7 @@ class GPTRun:
             "epoch": self.sampler.position(self.step * cfg.global_batch).epoch,
             "totalSteps": cfg.max_steps,
             "worldSize": self.dist.world_size,
-            "parallelism": cfg.parallelism,
+            "strategy": cfg.strategy,
             "precision": cfg.precision,
             "seed": cfg.seed,
             "model": {

@@ -1,4 +1,4 @@
-"""FSDP for the built-in GPT (`spec.trainer.parallelism: fsdp`): sharding, and one checkpoint format.
+"""FSDP for the built-in GPT (`spec.trainer.strategy: fsdp`): sharding, and one checkpoint format.
 
 The model is sharded with PyTorch's FSDP2 (`fully_shard`): each transformer block is one unit (its
 parameters are all-gathered just before it runs and freed after), then the root (embeddings, final norm,
@@ -10,7 +10,7 @@ Checkpoints do not change: `full_model_state` and `full_optimizer_state` gather 
 rank 0 (`torch.distributed.checkpoint.state_dict`, CPU-offloaded, so no GPU holds the whole model), and
 the optimizer's state is written in `torch.optim.Optimizer.state_dict()`'s own layout (parameters by
 index) rather than DCP's (by name). So the model server, a fine-tune's base, and a resume under the
-other parallelism all read an FSDP checkpoint like a DDP one; loading broadcasts rank 0's copy.
+other strategy all read an FSDP checkpoint like a DDP one; loading broadcasts rank 0's copy.
 
 Torch is imported here at module level: only the training loop imports this module.
 """
@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
-FIELD = "spec.trainer.parallelism"
+FIELD = "spec.trainer.strategy"
 
 #: Gather on rank 0 only, in host memory: a checkpoint never needs the whole model on one GPU.
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
