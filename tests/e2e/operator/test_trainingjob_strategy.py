@@ -1,4 +1,4 @@
-"""`spec.trainer.parallelism` on a real API server: it defaults to ddp, fsdp passes with the built-in
+"""`spec.trainer.strategy` on a real API server: it defaults to ddp, fsdp passes with the built-in
 trainer, and the CEL rules refuse fsdp where the pod could not shard (a user's entrypoint, a LoRA
 fine-tune), naming the field."""
 
@@ -34,22 +34,22 @@ def test_the_server_defaults_ddp_and_accepts_fsdp_for_the_builtin_trainer(
 ) -> None:
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(job({"builtin": BUILTIN})))
     stored = json.loads(kubectl.run("get", "tj", "probe", "-n", namespace, "-o", "json"))
-    assert stored["spec"]["trainer"]["parallelism"] == "ddp"
-    assert "(server dry run)" in dry_run(kubectl, namespace, job({"builtin": BUILTIN, "parallelism": "fsdp"}))
+    assert stored["spec"]["trainer"]["strategy"] == "ddp"
+    assert "(server dry run)" in dry_run(kubectl, namespace, job({"builtin": BUILTIN, "strategy": "fsdp"}))
 
 
 @pytest.mark.parametrize(
     "trainer",
     [
-        pytest.param({"entrypoint": "pkg.train:main", "parallelism": "fsdp"}, id="entrypoint"),
+        pytest.param({"entrypoint": "pkg.train:main", "strategy": "fsdp"}, id="entrypoint"),
         pytest.param(
             {
                 "builtin": BUILTIN | {"fineTuning": {"base": {"uri": "s3://b/k"}, "lora": {}}},
-                "parallelism": "fsdp",
+                "strategy": "fsdp",
             },
             id="lora",
         ),
-        pytest.param({"builtin": BUILTIN, "parallelism": "zero3"}, id="unknown"),
+        pytest.param({"builtin": BUILTIN, "strategy": "zero3"}, id="unknown"),
     ],
 )
 def test_fsdp_where_the_pod_cannot_shard_is_refused_naming_the_field(
@@ -57,4 +57,4 @@ def test_fsdp_where_the_pod_cannot_shard_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(UserError) as rejected:
         dry_run(kubectl, namespace, job(trainer))
-    assert "spec.trainer.parallelism" in str(rejected.value), rejected.value
+    assert "spec.trainer.strategy" in str(rejected.value), rejected.value
