@@ -378,6 +378,37 @@ class ObjectMeta(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------
+# Cost
+# ------------------------------------------------------------------------------------------------
+
+
+class CostAllocation(StrEnum):
+    """How the containers on nodes are priced now (the operator's cost model, OpenCost's rule)."""
+
+    USAGE = "usage"
+    """Every container at max(request, measured usage): the kubelet's usage series were in Prometheus."""
+    REQUESTS = "requests"
+    """Every container at its requests: no usage measured (no Prometheus, or no series for these pods)."""
+    MIXED = "mixed"
+    """Some containers by usage, the others by their requests."""
+
+
+class CostStatus(StatusModel):
+    """Spend so far, the same fields for both kinds (priced by the operator's one cost model)."""
+
+    usd: float | None = Field(default=None, ge=0)
+    """Cost so far, US dollars."""
+    gpu_hours: float | None = Field(default=None, ge=0)
+    """GPU-hours held so far (a TrainingJob's over all its attempts)."""
+    last_update_time: datetime | None = None
+    """When usd and gpuHours were last brought up to date (cost accrues from here)."""
+    allocation: CostAllocation | None = None
+    """How vCPUs and memory are priced now: `usage` (max(request, measured usage) per container),
+    `requests` (nothing measured) or `mixed`; GPUs are always priced by request (reserved whole).
+    Absent while nothing runs on a node."""
+
+
+# ------------------------------------------------------------------------------------------------
 # Conditions
 # ------------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from tandem.api.common import (
     ApiModel,
     CheckpointSelector,
     Condition,
+    CostStatus,
     NodeSelector,
     ObjectMeta,
     Resources,
@@ -289,8 +290,9 @@ class ServingMetrics(StatusModel):
     """Tokens generated per second (causal-lm)."""
 
 
-class ServingCost(StatusModel):
-    """What serving costs (GPU time priced by the operator's price table)."""
+class ServingCost(CostStatus):
+    """What serving costs (the replicas' GPUs, vCPUs and memory on nodes, priced by the operator's
+    price table): the spend so far, and the rate now."""
 
     hourly_usd: float | None = Field(default=None, ge=0, alias="hourlyUSD")
     """Cost per hour of the current replicas, US dollars."""
@@ -300,12 +302,6 @@ class ServingCost(StatusModel):
     """Cost per million generated tokens at the current load (causal-lm)."""
     gpus: int | None = Field(default=None, ge=0)
     """GPUs that the replicas on nodes hold now."""
-    usd: float | None = Field(default=None, ge=0)
-    """Serving cost so far, US dollars (the spend that `tandem cost` sets against training's)."""
-    gpu_hours: float | None = Field(default=None, ge=0)
-    """GPU-hours held by the replicas so far."""
-    last_update_time: datetime | None = None
-    """When usd and gpuHours were last brought up to date (cost accrues from here at hourlyUSD)."""
 
 
 class InferenceServiceStatus(StatusModel):

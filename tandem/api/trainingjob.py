@@ -17,6 +17,7 @@ from tandem.api.common import (
     URI_PATTERN,
     ApiModel,
     Condition,
+    CostStatus,
     FreeForm,
     NodeSelector,
     ObjectMeta,
@@ -571,15 +572,9 @@ class FailureInfo(StatusModel):
     """When it happened."""
 
 
-class TrainingCost(StatusModel):
-    """What the job has cost so far (GPU time priced by the operator's price table)."""
-
-    gpu_hours: float | None = Field(default=None, ge=0)
-    """GPU-hours used, over all attempts."""
-    usd: float | None = Field(default=None, ge=0)
-    """Cost in US dollars."""
-    last_update_time: datetime | None = None
-    """When gpuHours and usd were last brought up to date (cost accrues from here)."""
+class TrainingCost(CostStatus):
+    """What the job has cost so far, over all attempts (GPUs, vCPUs and memory of its pods on nodes,
+    priced by the operator's price table)."""
 
 
 class TrainingJobStatus(StatusModel):

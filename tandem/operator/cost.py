@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.api.common import CostAllocation
 from tandem.operator.gpu import GPU_RESOURCE
 
 #: OpenCost's published default prices (github.com/opencost/opencost configs/default.json, "Default
@@ -140,6 +141,11 @@ class Rate:
         if self.measured == self.containers:
             return "usage"
         return "requests" if not self.measured else "mixed"
+
+
+def allocation(rate: Rate) -> CostAllocation | None:
+    """The status's `cost.allocation` for what `rate` prices (None while nothing is on a node)."""
+    return None if rate.basis == "none" else CostAllocation(rate.basis)
 
 
 @dataclass(frozen=True)

@@ -125,8 +125,9 @@ def _usage_note(prometheus_url: str | None) -> str:
 
     if not prometheus_url:
         return (
-            "basis not recorded in the status; max(request, usage) where the operator's Prometheus has "
-            "the kubelet's usage series, requests elsewhere (--prometheus-url shows which)"
+            "max(request, usage) per container where the operator's Prometheus has the kubelet's usage "
+            "series, requests elsewhere (each resource's status.cost.allocation: the ALLOCATION column); "
+            "GPUs by request (reserved whole)"
         )
     snapshot = cost_usage.read(cost_usage.prometheus_query(prometheus_url))
     if snapshot.problem:

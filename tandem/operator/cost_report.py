@@ -113,6 +113,8 @@ class ModelHistory:
     training_ended: bool = False
     #: How its cost is allocated now (None: the source does not say).
     allocation: Allocation | None = None
+    #: Without container counts (the status source): its resources' `cost.allocation`, combined.
+    allocation_basis: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ def summarize(history: ModelHistory, now: datetime, window: float = DEFAULT_WIND
         usd_per_million_tokens=per_million(serving_hourly, history.tokens.rate(window)),
         crossover=crossover,
         crossed=crossed,
-        allocation=history.allocation.describe() if history.allocation else "-",
+        allocation=history.allocation.describe() if history.allocation else history.allocation_basis or "-",
     )
 
 

@@ -200,6 +200,7 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
     A TrainingJob's status has no rate: a running job is taken to go on at its average since it started.
     A model whose TrainingJobs have all Succeeded or Failed has its training spend fixed."""
     at = now.timestamp()
+    bases: dict[str, set[str]] = defaultdict(set)
     training: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     active: set[str] = set()
     for job in _items("trainingjobs", namespace):
@@ -211,6 +212,8 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
             per_second = usd / (now - started).total_seconds()
         if status.get("phase") not in ("Succeeded", "Failed"):
             active.add(job["metadata"]["name"])
+        if basis := (status.get("cost") or {}).get("allocation"):
+            bases[job["metadata"]["name"]].add(basis)
         spent, rate = training[job["metadata"]["name"]]
         training[job["metadata"]["name"]] = (spent + usd, rate + per_second)
     serving: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
@@ -219,6 +222,8 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
         ref = (spec.get("model") or {}).get("trainingJobRef") or {}
         model = (status.get("model") or {}).get("trainingJob") or ref.get("name") or ""
         paid, metrics = status.get("cost") or {}, status.get("metrics") or {}
+        if basis := paid.get("allocation"):
+            bases[model].add(basis)
         row = serving[model]
         row[0] += float(paid.get("usd") or 0.0)
         row[1] += float(paid.get("hourlyUSD") or 0.0) / 3600
@@ -236,6 +241,14 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
                 requests=Series.line(at, served[2] * 3600, served[2], span=3600),
                 tokens=Series.line(at, served[3] * 3600, served[3], span=3600),
                 training_ended=model not in active,
+                allocation_basis=_combined(bases.get(model, set())),
             )
         )
     return histories
+
+
+def _combined(bases: set[str]) -> str | None:
+    """One model's basis from its resources' (`usage`, `requests`, `mixed`): the same, else `mixed`."""
+    if not bases:
+        return None
+    return next(iter(bases)) if len(bases) == 1 else "mixed"

@@ -136,7 +136,7 @@ def test_tandem_cost_says_when_usage_is_missing_and_why(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(cost_sources, "_get", measured)
     assert cost_cli._usage_note("http://p").startswith("max(request, usage) per container")
-    assert "not recorded in the status" in cost_cli._usage_note(None)
+    assert "status.cost.allocation" in cost_cli._usage_note(None)  # the column comes from the status
 
 
 def test_a_recent_allocation_needs_a_point_near_now() -> None:

@@ -221,3 +221,31 @@ def test_prometheus_histories_mark_the_models_whose_training_ended(monkeypatch: 
     row = cost_report.summarize(found["gpt"], now)
     assert row.crossover == datetime(2026, 12, 9, 18, 0, tzinfo=UTC)
     assert cost_report.summarize(found["big"], now).training_usd_per_hour == pytest.approx(20.0)
+
+
+def test_the_status_says_how_each_model_is_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Prometheus the ALLOCATION column comes from each resource's status.cost.allocation: one
+    basis when a model's resources agree, `mixed` when they do not, `-` when none says."""
+    from tandem.operator import cost_sources
+
+    now = T0 + timedelta(hours=1)
+
+    def job(name: str, basis: str | None) -> dict[str, Any]:
+        cost: dict[str, Any] = {"usd": 1.0} | ({"allocation": basis} if basis else {})
+        return {"metadata": {"name": name}, "status": {"phase": "Running", "cost": cost}}
+
+    def service(name: str, model: str, basis: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name},
+            "spec": {"model": {"trainingJobRef": {"name": model}}},
+            "status": {"cost": {"usd": 1.0, "hourlyUSD": 1.0, "allocation": basis}},
+        }
+
+    listed = {
+        "trainingjobs": [job("a", "usage"), job("b", "usage"), job("c", None)],
+        "inferenceservices": [service("a-chat", "a", "usage"), service("b-chat", "b", "requests")],
+    }
+    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
+    rows = {row.model: row for row in cost_report.report(cost_sources.from_status(None, now), now)}
+    assert {model: row.allocation for model, row in rows.items()} == {"a": "usage", "b": "mixed", "c": "-"}
+    assert rows["b"].to_dict()["allocation"] == "mixed"

@@ -354,10 +354,12 @@ def test_serving_cost_counts_only_replicas_on_nodes_and_accrues_the_rate_that_ra
     nothing = tick(big, Observed(replicas=pending))
     assert nothing.status.cost is not None
     assert (nothing.status.cost.hourly_usd, nothing.status.cost.gpus) == (0, 0)
+    assert nothing.status.cost.allocation is None  # nothing on a node: nothing allocated
     eight_gpus = [replace(replica("a"), containers=(Container(Amounts(gpus=8)),))]
     first = decide(big, 1, nothing.status, Observed(replicas=eight_gpus), T0, SETTINGS)
     assert first.status.cost is not None
     assert (first.status.cost.hourly_usd, first.status.cost.gpus, first.status.cost.usd) == (32.0, 8, 0)
+    assert first.status.cost.allocation == "requests"  # no usage measured here
     soon = decide(big, 1, first.status, Observed(replicas=eight_gpus), T0 + timedelta(seconds=10), SETTINGS)
     assert soon.status.to_dict() == first.status.to_dict()  # same rate, under 30 s: no status write
     later = T0 + timedelta(minutes=30)

@@ -386,6 +386,7 @@ def test_cost_accrues_for_running_gpu_pods_every_30_seconds() -> None:
     assert hour.status.cost.gpu_hours == 1.0 + 8  # two workers x 4 GPUs for an hour
     assert hour.status.cost.usd == 2.0 + 8 * 2.0
     assert hour.status.to_dict()["costDisplay"] == "$18.00"
+    assert hour.status.cost.allocation == "requests"  # no usage measured here: priced by requests
 
 
 def test_pods_made_by_an_operator_that_died_before_writing_status_are_adopted() -> None:

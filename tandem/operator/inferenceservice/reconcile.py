@@ -142,6 +142,7 @@ def serving_cost(
             "usd": round(spend.usd, 6),
             "gpu_hours": round(spend.gpu_seconds / cost.SECONDS_PER_HOUR, 6),
             "last_update_time": last_update,
+            "allocation": cost.allocation(rate),
             "usd_per_million_requests": per_million(metrics.rps if metrics else None),
             "usd_per_million_tokens": per_million(metrics.tokens_per_second if metrics else None),
         }

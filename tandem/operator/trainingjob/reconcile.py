@@ -689,6 +689,7 @@ class _Machine:
                 gpu_hours=round(spend.gpu_seconds / cost.SECONDS_PER_HOUR, 6),
                 usd=round(spend.usd, 6),
                 last_update_time=self.now,
+                allocation=cost.allocation(self.decision.rate),
             )
         )
 

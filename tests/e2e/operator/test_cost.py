@@ -47,6 +47,8 @@ def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
         return usd > 0 and operator.sample("tandem_cost_usd_total", **labels) == usd
 
     wait_for(agree, WAIT, "the spend in status and in /metrics, the same and above zero")
+    # The session's operator has no Prometheus: nothing measured, every container priced by its requests.
+    assert status_of(kubectl, namespace, "tj", "priced")["cost"]["allocation"] == "requests"
     check_metrics(f"http://127.0.0.1:{operator.metrics_port}/metrics")
 
     # `tandem cost` without Prometheus reads the same status through the kubeconfig.
@@ -65,6 +67,7 @@ def test_a_running_job_costs_what_its_pods_hold_and_metrics_show_the_status(
     assert row["trainingUSD"] > 0
     assert row["servingUSD"] == 0
     assert row["crossover"] is None  # nothing serves it
+    assert row["allocation"] == "requests"  # from the status: how the job is priced
 
 
 def test_a_service_with_nothing_scheduled_costs_nothing(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from kubelet_standin import ContainerUsage, KubeletStandIn
-from kubeobjects import priced_job
+from kubeobjects import priced_job, status_of
 from operator_process import OperatorProcess, start_operator, wait_for
 from prometheus_process import start_prometheus_with
 
@@ -87,6 +87,11 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
 
         hourly = wait_for(charged_by_usage, WAIT, "the worker's memory use charged above its request")
         assert hourly == pytest.approx(expected, rel=1e-3)
+
+        def allocation() -> str | None:
+            return (status_of(kubectl, namespace, "tj", "used").get("cost") or {}).get("allocation")
+
+        wait_for(lambda: allocation() == "usage", WAIT, "status.cost.allocation: usage")
         # `tandem cost` says which allocation it was.
         report = subprocess.run(
             [sys.executable, "-m", "tandem", "cost", "-n", namespace, "--prometheus-url", prometheus.url],
@@ -111,6 +116,7 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
             "requests again once Prometheus is gone",
         )
         assert ours.sample("tandem_cost_usd_per_hour", **labels) == pytest.approx(requested)
+        wait_for(lambda: allocation() == "requests", WAIT, "status.cost.allocation: requests again")
         assert "reading container usage from Prometheus failed" not in ours.log_text()
     finally:
         if ours is not None:
