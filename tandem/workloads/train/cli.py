@@ -45,7 +45,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("output", nargs="?", help="(corpus) the file to write")
     local = p.add_argument_group("local runs (JOB.yaml --local)")
     local.add_argument("--local", action="store_true", help="run the job on this machine")
-    local.add_argument("--checkpoint-dir", help="checkpoint root (default: ./tandem-runs/NAME/checkpoints)")
+    local.add_argument(
+        "--checkpoint-dir",
+        help="checkpoint root, standing for spec.checkpoint.storage (default: the spec's storage.uri "
+        "if it has one, else ./tandem-runs/NAME/checkpoints); a run resumes from its newest checkpoint",
+    )
     local.add_argument("--data-root", help="directory holding pvc://CLAIM/PATH data sets as CLAIM/PATH")
     local.add_argument("--workers", type=int, help="override spec.workers.replicas")
     local.add_argument(
@@ -160,19 +164,73 @@ def import_from_cwd() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *filter(None, paths)])
 
 
+DEFAULT_CHECKPOINT_DIR = "tandem-runs/{name}/checkpoints"
+"""Where a local run checkpoints when neither `--checkpoint-dir` nor `spec.checkpoint.storage.uri` says."""
+
+
+def local_checkpoint_dir(spec: dict[str, Any], name: str, option: str | None) -> tuple[str, str]:
+    """(checkpoint root, what chose it) of a local run: `--checkpoint-dir`, else the spec's
+    `checkpoint.storage.uri` (the same root the job's pods use), else `./tandem-runs/NAME/checkpoints`
+    (a `storage.pvc` names a claim, which only exists in the cluster)."""
+    if option:
+        return str(Path(option).resolve()), "--checkpoint-dir"
+    checkpoint = spec.get("checkpoint")
+    storage = checkpoint.get("storage") if isinstance(checkpoint, dict) else None
+    uri = storage.get("uri") if isinstance(storage, dict) else None
+    if isinstance(uri, str) and uri:
+        if not uri.startswith("file://"):
+            return uri, "spec.checkpoint.storage.uri"  # from_spec refuses it, naming the field
+        return str(Path(uri.removeprefix("file://")).resolve()), "spec.checkpoint.storage.uri"
+    return str(Path(DEFAULT_CHECKPOINT_DIR.format(name=name)).resolve()), "the default checkpoint root"
+
+
+def check_checkpoint_dir(checkpoint_dir: str, origin: str) -> None:
+    """Make the checkpoint root and write a probe file in it, before Ray or torch start: a bad root
+    (under a regular file, read-only, not a directory) is an error naming what set it, not a traceback
+    from the first checkpoint or a message about a field that merely lives next to it."""
+    path = Path(checkpoint_dir.removeprefix("file://"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".tandem-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if origin == "--checkpoint-dir":
+            message = (
+                f"--checkpoint-dir (this run's spec.checkpoint.storage): cannot write checkpoints to "
+                f"{path} ({why}); pass a writable directory"
+            )
+        elif origin == "spec.checkpoint.storage.uri":
+            message = (
+                f"spec.checkpoint.storage.uri: cannot write checkpoints to {path} ({why}); fix the uri, "
+                "or pass a writable directory with --checkpoint-dir"
+            )
+        else:
+            message = (
+                f"cannot write checkpoints to the default checkpoint root {path} ({why}); pass a writable "
+                "directory with --checkpoint-dir (it stands for spec.checkpoint.storage locally)"
+            )
+        raise UserError(message) from None
+
+
 def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
     name, spec = load_job(args.target)
     spec = with_overrides(spec, seed=args.seed, seq_len=args.seq_len, strategy=args.strategy)
-    ckpt_dir = args.checkpoint_dir or str(Path("tandem-runs") / name / "checkpoints")
+    ckpt_dir, ckpt_origin = local_checkpoint_dir(spec, name, args.checkpoint_dir)
+    # Absolute paths: the Ray ranks run in a working directory of Ray's, not this one.
+    data_root = None if args.data_root is None else str(Path(args.data_root).resolve())
     cfg = from_spec(
         spec,
         job_name=name,
-        checkpoint_dir=str(Path(ckpt_dir).resolve()),
-        data_root=args.data_root,
+        checkpoint_dir=ckpt_dir,
+        data_root=data_root,
         num_workers=args.workers,
     )
+    if cfg.checkpoint_dir:
+        check_checkpoint_dir(cfg.checkpoint_dir, ckpt_origin)
     if cfg.entrypoint:
         from tandem.workloads.train.session import resolve_entrypoint
 
@@ -216,7 +274,7 @@ def run_local(args: argparse.Namespace) -> int:
     )
     status = "failed"
     try:
-        outcome = run(cfg, reporter, stop=stop, data_root=args.data_root)
+        outcome = run(cfg, reporter, stop=stop, data_root=data_root, quiet=True)
         status = outcome.status
     finally:
         if tracker is not None:

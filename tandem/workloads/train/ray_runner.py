@@ -38,6 +38,8 @@ from tandem.workloads.train.progress import ProgressReporter
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "pointer.json"
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's notice that a new local instance has token authentication on (quiet runs)."""
 WORKER_RESOURCE = "tandem-worker"
 """Custom Ray resource each worker pod offers once, so each training rank lands in its own pod."""
 
@@ -287,6 +289,11 @@ def train_worker(config: dict[str, Any]) -> None:
     from tandem.workloads.train.session import run_entrypoint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if config.get("quiet"):
+        # A local run's terminal: warnings only. Ray Train gives the root logger a console handler at
+        # INFO (so basicConfig does nothing), and some of its loggers are named after their files, out
+        # of reach of `LoggingConfig`: one logs every `ray.train.report`.
+        logging.getLogger().setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
     dist = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
@@ -337,15 +344,45 @@ def run(
     stop: threading.Event | None = None,
     data_root: str | None = None,
     num_cpus: int | None = None,
+    quiet: bool = False,
 ) -> RunOutcome:
-    """Run the job on Ray (connecting to `address`, or starting/using a local instance) and wait for it.
+    """Run the job on Ray and wait for it: on the Ray this process is connected to, else on `address`,
+    else on a Ray instance of its own, started here and stopped at the end (never one found through
+    `RAY_ADDRESS` or an earlier `ray start`: joining it failed, or shared another run's resources, and
+    a stale one's address made `tandem train --local` fail with a traceback).
 
-    `RAY_ENV` is in this process's environment meanwhile (a Ray instance started here inherits it).
+    `quiet` keeps Ray Train's INFO lines (worker group started, every checkpoint reported) out of the
+    driver's output, for a terminal with a progress line. `RAY_ENV` is in this process's environment
+    meanwhile (a Ray instance started here inherits it).
     """
     with ray_env():
         return _run(
-            cfg, reporter, address=address, cluster=cluster, stop=stop, data_root=data_root, num_cpus=num_cpus
+            cfg,
+            reporter,
+            address=address,
+            cluster=cluster,
+            stop=stop,
+            data_root=data_root,
+            num_cpus=num_cpus,
+            quiet=quiet,
         )
+
+
+def _start_ray(cfg: TrainConfig, address: str | None, num_cpus: int | None, *, quiet: bool) -> bool:
+    """Connect to `address`, or start a Ray instance of this process's own; False if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if quiet:  # it says token authentication is on, as it should be, on every start
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+    ray.init(
+        address=address or "local",  # "local": a new instance, whatever RAY_ADDRESS or `ray start` say
+        num_cpus=None if address else (num_cpus or max(2, cfg.num_workers)),
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    return True
 
 
 def _run(
@@ -357,20 +394,13 @@ def _run(
     stop: threading.Event | None,
     data_root: str | None,
     num_cpus: int | None,
+    quiet: bool,
 ) -> RunOutcome:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            address=address,
-            num_cpus=None if address else (num_cpus or max(2, cfg.num_workers)),
-            log_to_driver=True,
-            configure_logging=False,
-        )
-        started = True
+    started = _start_ray(cfg, address, num_cpus, quiet=quiet)
     try:
         mailbox: Any = ray.remote(num_cpus=0)(Mailbox).remote()
         if cfg.checkpoint_dir:
@@ -379,7 +409,12 @@ def _run(
             storage = str(Path(tempfile.gettempdir()) / "tandem-ray-train")
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"train": cfg.to_dict(), "mailbox": mailbox, "data_root": data_root},
+            train_loop_config={
+                "train": cfg.to_dict(),
+                "mailbox": mailbox,
+                "data_root": data_root,
+                "quiet": quiet,
+            },
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=scaling_config(cfg, cluster=cluster),
             run_config=RunConfig(
@@ -387,6 +422,8 @@ def _run(
                 storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # Ray Train v2's RunConfig (what runs) has it; mypy resolves the name to v1's.
+                logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),  # type: ignore[call-arg]
             ),
         )
         box: dict[str, Any] = {}
@@ -402,6 +439,7 @@ def _run(
         stop_sent = False
         final: dict[str, Any] | None = None
         groups = 0
+        order = InStepOrder()
         while True:
             thread.join(timeout=SEND_INTERVAL_S)
             # Liveness before the drain: once fit() has returned, every rank has delivered its last steps,
@@ -419,10 +457,12 @@ def _run(
                 groups += 1
             for rank, sample in sorted(drained.devices.items()):
                 reporter.device(rank, sample)
-            for ev in drained.checkpoints:
-                reporter.checkpoint(ev)
-            for m in drained.steps:
-                reporter.step(m)
+            events = order.feed(drained) + (order.rest() if finished else [])
+            for kind, item in events:
+                if kind == "checkpoint":
+                    reporter.checkpoint(item)
+                else:
+                    reporter.step(item)
             if finished:
                 break
         reporter.flush()
@@ -443,6 +483,40 @@ def _run(
     finally:
         if started:
             ray.shutdown()
+
+
+class InStepOrder:
+    """Puts the mailbox's checkpoint events after the steps they follow.
+
+    Rank 0 sends a checkpoint event at once but its steps once a second, so a drain often holds the
+    checkpoint at step N before step N itself (or without it: it comes with the next drain). Passed on
+    as drained, the progress line showed step N with step 1's loss, or named a checkpoint its step count
+    had not reached. A checkpoint is held until a step at or past it arrives (or the run ends); the
+    steps keep their order (after a Ray Train restart their numbers go back).
+    """
+
+    def __init__(self) -> None:
+        self._held: list[dict[str, Any]] = []
+
+    def feed(self, drained: Drained) -> list[tuple[str, dict[str, Any]]]:
+        self._held += drained.checkpoints
+        out: list[tuple[str, dict[str, Any]]] = []
+        for m in drained.steps:
+            # Just before the step it was taken at: the record of step N names the checkpoint of N.
+            out += self._release(before=m["step"] + 1)
+            out.append(("step", m))
+        return out
+
+    def rest(self) -> list[tuple[str, dict[str, Any]]]:
+        """The checkpoints still held (the run ended)."""
+        return self._release(before=None)
+
+    def _release(self, *, before: int | None) -> list[tuple[str, dict[str, Any]]]:
+        """The held checkpoints (in order) of steps below `before` (all with None)."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        while self._held and (before is None or self._held[0]["step"] < before):
+            out.append(("checkpoint", self._held.pop(0)))
+        return out
 
 
 def ckpt_storage(checkpoint_dir: str) -> str:
