@@ -3,6 +3,7 @@ paths the Ray ranks can use; and the driver's ordering of checkpoint events amon
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 
 from tandem.cli import main
 from tandem.workloads.train import ray_runner
+from tandem.workloads.train.cli import StatusLine
 from tandem.workloads.train.ray_runner import Drained, InStepOrder, RunOutcome
 
 
@@ -139,3 +141,29 @@ def test_checkpoints_are_passed_on_just_before_the_step_they_were_taken_at() -> 
     assert third == [("step", step(5)), ("checkpoint", ckpt(6)), ("step", step(6))]
     assert order.rest() == [("checkpoint", ckpt(8))]  # the run ended: nothing is lost
     assert order.rest() == []
+
+
+def test_other_output_goes_above_the_progress_line() -> None:
+    """Ray prints the ranks' output into a terminal whose last line is the bar (no newline): it must
+    clear the bar's line, write its lines, and redraw the bar below them."""
+    out, err = io.StringIO(), io.StringIO()
+    line = StatusLine(out, err)
+    line.bar_stream.write("\rstep 1/9\033[K")
+    line.stderr.write("(RayTrainWorker pid=7) WARNING skipped step-00000010\n")
+    assert err.getvalue() == (
+        "\rstep 1/9\033[K"
+        + "\r\033[K"
+        + "(RayTrainWorker pid=7) WARNING skipped step-00000010\n"
+        + "\rstep 1/9\033[K"
+    )
+    err.seek(0)
+    err.truncate()
+    # A line written in parts: the bar waits for its end (an update meanwhile included).
+    line.stdout.write("(pid=7) hello")
+    line.bar_stream.write("\rstep 2/9\033[K")
+    line.stdout.write(" world\n")
+    assert out.getvalue() == "(pid=7) hello world\n"
+    assert err.getvalue() == "\r\033[K" + "\rstep 2/9\033[K"
+    line.bar_stream.write("\n")  # the bar closes its line: later output is left alone
+    line.stderr.write("completed\n")
+    assert err.getvalue().endswith("\rstep 2/9\033[K\ncompleted\n")

@@ -11,15 +11,20 @@ Nothing heavy (torch, ray) is imported until a command runs.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tandem.errors import UserError
+
+if TYPE_CHECKING:
+    from tandem.workloads.train.progress import ProgressBar
 
 EPILOG = """\
 modes:
@@ -214,6 +219,86 @@ def check_checkpoint_dir(checkpoint_dir: str, origin: str) -> None:
         raise UserError(message) from None
 
 
+class StatusLine:
+    """Keeps the progress line at the bottom of the terminal while other output goes above it.
+
+    Ray prints what the ranks write (their warnings, a user loop's `print`) to this process's
+    `sys.stdout`/`sys.stderr` whenever it arrives; written after a progress line, which ends in `\r`
+    and no newline, it ran on from the bar. While installed, the bar writes through `bar_stream`, and
+    any other write to stdout or stderr first clears the bar's line and, once its text ends a line,
+    redraws the bar below it. (tqdm's `write` does this for code that calls it; Ray does not.)
+    """
+
+    def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
+        self._out, self._err = stdout, stderr
+        self._lock = threading.RLock()
+        self._line = ""  # the bar as last drawn ("" when none is on screen)
+        self._mid_line = False  # other output began a line and has not ended it yet
+        self.bar_stream = _Stream(self._err, self._draw)
+        self.stdout = _Stream(self._out, self._above)
+        self.stderr = _Stream(self._err, self._above)
+
+    def _draw(self, real: TextIO, text: str) -> None:
+        with self._lock:
+            if text.startswith("\r"):
+                self._line = text
+                if self._mid_line:
+                    return  # drawn once the other line ends
+            elif text.endswith("\n"):
+                self._line = ""  # the bar closed its line
+            real.write(text)
+            real.flush()
+
+    def _above(self, real: TextIO, text: str) -> None:
+        with self._lock:
+            if self._line and not self._mid_line:
+                self._err.write("\r\033[K")
+                self._err.flush()
+            real.write(text)
+            real.flush()
+            self._mid_line = not text.endswith("\n")
+            if self._line and not self._mid_line:
+                self._err.write(self._line)
+                self._err.flush()
+
+
+class _Stream(io.TextIOBase):
+    """A text stream whose writes go to `write(real, text)`."""
+
+    def __init__(self, real: TextIO, write: Callable[[TextIO, str], None]) -> None:
+        self._real, self._write = real, write
+
+    def write(self, text: str) -> int:
+        if text:
+            self._write(self._real, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._real.flush()
+
+    def isatty(self) -> bool:
+        return self._real.isatty()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._real.encoding
+
+
+def progress_bar() -> ProgressBar:
+    """The run's progress bar; on a terminal, with a `StatusLine` on stdout and stderr for the rest of
+    the process (Ray's output is printed from its threads until the process exits)."""
+    from tandem.workloads.train.progress import ProgressBar
+
+    if not sys.stderr.isatty():
+        return ProgressBar()  # a file or a pipe: one line per update, nothing to keep apart
+    status_line = StatusLine(sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = status_line.stdout, status_line.stderr
+    return ProgressBar(status_line.bar_stream)  # type: ignore[arg-type]
+
+
 def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.config import from_spec
 
@@ -237,9 +322,10 @@ def run_local(args: argparse.Namespace) -> int:
         import_from_cwd()
         resolve_entrypoint(cfg.entrypoint)
     # Everything is checked: now take resources.
-    from tandem.workloads.train.progress import ProgressBar, ProgressReporter
+    from tandem.workloads.train.progress import ProgressReporter
     from tandem.workloads.train.ray_runner import run
 
+    bar = None if args.no_progress else progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 
@@ -262,9 +348,7 @@ def run_local(args: argparse.Namespace) -> int:
     from tandem.workloads.train.tracking import open_tracker
 
     tracker = open_tracker(cfg)  # spec.tracking: TensorBoard event files, MLflow
-    reporter = ProgressReporter(
-        bar=None if args.no_progress else ProgressBar(), metrics=metrics, tracker=tracker
-    )
+    reporter = ProgressReporter(bar=bar, metrics=metrics, tracker=tracker)
     steps = cfg.user_config.get("maxSteps", cfg.user_config.get("steps")) if cfg.entrypoint else cfg.max_steps
     print(
         f"training {name}: {cfg.model_size or cfg.entrypoint}, {cfg.num_workers} worker(s)"
