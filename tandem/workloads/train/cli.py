@@ -49,7 +49,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("target", metavar="JOB.yaml|head|worker|corpus", help="a TrainingJob file, or a mode")
     p.add_argument("output", nargs="?", help="(corpus) the file to write")
     local = p.add_argument_group("local runs (JOB.yaml --local)")
-    local.add_argument("--local", action="store_true", help="run the job on this machine")
+    local.add_argument(
+        "--local",
+        action="store_true",
+        help="run the job on this machine, on a Ray instance of its own that ends with it (never a "
+        "cluster that RAY_ADDRESS or `ray start` set up, which it leaves alone)",
+    )
     local.add_argument(
         "--checkpoint-dir",
         help="checkpoint root, standing for spec.checkpoint.storage (default: the spec's storage.uri "
