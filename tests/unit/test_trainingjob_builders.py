@@ -114,6 +114,13 @@ def test_each_job_has_an_account_that_may_only_patch_its_current_head_pod() -> N
     assert next_attempt["rules"][0]["resourceNames"] == ["gpt-4-head"]
 
 
+def test_training_containers_leave_their_last_log_lines_when_they_fail() -> None:
+    """Kubernetes copies a failed container's log tail into its termination message only when asked:
+    the operator's failure record then says what the head or a worker died of."""
+    policies = {pod["spec"]["containers"][0]["terminationMessagePolicy"] for pod in _gang()[2:]}
+    assert policies == {"FallbackToLogsOnError"}
+
+
 def test_only_the_head_mounts_an_api_token() -> None:
     pods = _gang()[2:]
     assert {pod["spec"]["serviceAccountName"] for pod in pods} == {"gpt-trainer"}

@@ -243,6 +243,10 @@ def _pod(
                 ),
                 "resources": resources,
                 "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+                # A container that fails leaves its last log lines as its termination message: the
+                # failure the operator records (lastFailure, the event) then says why, even once the
+                # gang's pods, and their logs, are gone.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
         "securityContext": copy.deepcopy(POD_SECURITY),

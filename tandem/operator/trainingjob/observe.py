@@ -91,15 +91,26 @@ class ObservedPod:
         return self.phase == "Failed"
 
 
+#: How much of a failed container's own last words goes into the failure (its last log lines when
+#: the pod asks for them: `terminationMessagePolicy: FallbackToLogsOnError`).
+LAST_WORDS_CHARS = 400
+
+
 def _failure(status: Mapping[str, Any]) -> str:
-    """Why a pod failed, from its container states (exit code and reason), or its own reason."""
+    """Why a pod failed, from its container states (exit code, reason, and the last non-empty line of
+    its termination message: usually the error it died of), or its own reason."""
     for container in status.get("containerStatuses") or ():
         terminated = (container.get("state") or {}).get("terminated")
         if terminated and terminated.get("exitCode", 0) != 0:
             reason = terminated.get("reason") or "Error"
-            return (
+            said = (
                 f"container {container.get('name')} exited with code {terminated.get('exitCode')} ({reason})"
             )
+            lines = [line.strip() for line in str(terminated.get("message") or "").splitlines()]
+            last = next((line for line in reversed(lines) if line), "")
+            if len(last) > LAST_WORDS_CHARS:
+                last = "..." + last[-LAST_WORDS_CHARS:]
+            return f"{said}: {last}" if last else said
     return str(status.get("reason") or status.get("message") or "")
 
 
