@@ -107,12 +107,29 @@ def _ray_processes() -> dict[int, str]:
     return {pid: cmd for pid, cmd in processes().items() if any(m in cmd for m in RAY_PROCESS_MARKERS)}
 
 
+#: The process sessions this pytest run owns: its own (an in-process Ray instance's processes stay in
+#: it) and each `spawned` process's (its Ray runs there). Ray on the same host that this run did not
+#: start (another run's, a real node's pods) is in none of them, and the module guard leaves it alone:
+#: it once killed a lifecycle run's Ray processes in their pods, from a test run beside it.
+_OWN_SESSIONS: set[int] = {os.getsid(0)}
+
+
+def _own_ray_processes() -> dict[int, str]:
+    own = {}
+    for pid, cmd in _ray_processes().items():
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) in _OWN_SESSIONS:
+                own[pid] = cmd
+    return own
+
+
 @pytest.fixture
 def spawned() -> Iterator[list[subprocess.Popen[str]]]:
     """Processes a test starts in their own session; at the end every process left in those sessions
     (a finished driver's Ray workers too, not only a leader still running) is killed."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
+    _OWN_SESSIONS.update(p.pid for p in procs)  # a leader's pid is its session's id
     for p in procs:
         for pid in _in_session(p.pid):
             with contextlib.suppress(OSError):
@@ -124,12 +141,13 @@ def spawned() -> Iterator[list[subprocess.Popen[str]]]:
 @pytest.fixture(scope="module", autouse=True)
 def no_ray_process_outlives_its_module() -> Iterator[None]:
     """Every Ray process a test module started ends with it (Tandem's own clean-up, not this fixture's:
-    a leftover fails the module after being killed, so a leak cannot hide)."""
-    before = set(_ray_processes())
+    a leftover fails the module after being killed, so a leak cannot hide). Only this run's sessions are
+    looked at (`_OWN_SESSIONS`)."""
+    before = set(_own_ray_processes())
     yield
     deadline = time.monotonic() + 60
     while (
-        left := {p: c for p, c in _ray_processes().items() if p not in before}
+        left := {p: c for p, c in _own_ray_processes().items() if p not in before}
     ) and time.monotonic() < deadline:
         time.sleep(0.5)  # Ray's processes exit a moment after their driver; there is no event to wait on
     for pid in left:

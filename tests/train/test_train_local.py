@@ -34,12 +34,6 @@ def in_session(sid: int) -> set[int]:
     return found
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_process_outlives_its_module() -> None:
-    """Replaces the folder's guard, which kills every Ray process that appeared on the host during the
-    module: that included another cluster's (pods of a real node). The test checks its own sessions."""
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A short temp folder: Ray's socket paths under it must fit the 107-byte limit."""
