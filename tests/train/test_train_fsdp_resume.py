@@ -5,8 +5,6 @@ fsdp`: sharded state is gathered into the checkpoint and scattered back from it 
 from __future__ import annotations
 
 import importlib
-import os
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +17,7 @@ from tandem.workloads.train import checkpoint as ckpt
 
 # The kill-and-rerun helpers of the DDP test (pytest puts this folder on sys.path; mypy does not know it).
 resume: Any = importlib.import_module("test_train_resume")
-start, finish, session_alive = resume.start, resume.finish, resume.session_alive
+kill_and_rerun = resume.kill_after_first_checkpoint_and_rerun
 
 STEPS = 40
 
@@ -35,22 +33,8 @@ def test_an_fsdp_run_killed_and_rerun_ends_bit_exact(
     manifest = yaml.safe_load(job.read_text())
     manifest["spec"]["trainer"]["strategy"] = "fsdp"
     job.write_text(yaml.safe_dump(manifest))
-    killed = start(tandem_cmd, job, tmp_path / "killed", spawned)
-    reference = start(tandem_cmd, job, tmp_path / "reference", spawned)
-    wait_for(
-        (tmp_path / "killed" / "step-00000010" / ckpt.MARKER_FILE).exists,
-        240,
-        "the first checkpoint of the run to kill",
-    )
-    os.killpg(killed.pid, signal.SIGKILL)  # the driver, the local Ray cluster, the workers: everything
-    killed.wait()
-    wait_for(lambda: not session_alive(killed.pid), 60, "every process of the killed run to exit")
-    done = [r.step for r in ckpt.list_checkpoints(tmp_path / "killed")]
-    assert done, "no checkpoint survived the kill"
-    assert done[-1] < STEPS, f"the run finished before it was killed ({done})"
-    assert "2 worker(s), fsdp" in finish(reference)
-    out = finish(start(tandem_cmd, job, tmp_path / "killed", spawned))
-    assert f"completed at step {STEPS} (resumed at step {done[-1]})" in out
+    reference_out, _ = kill_and_rerun(job, tmp_path, STEPS, spawned, wait_for, tandem_cmd)
+    assert "2 worker(s), fsdp" in reference_out
     last = f"step-{STEPS:08d}"
     assert ckpt.read_metadata(tmp_path / "killed" / last)["strategy"] == "fsdp"
     for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):

@@ -58,6 +58,36 @@ def finish(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def kill_after_first_checkpoint_and_rerun(
+    job: Path,
+    root: Path,
+    steps: int,
+    spawned: list[subprocess.Popen[str]],
+    wait_for: Callable[..., Any],
+    tandem_cmd: Callable[..., list[str]],
+) -> tuple[str, str]:
+    """Run `job` twice at once (same seed) into root/killed and root/reference, SIGKILL the first after its
+    first checkpoint, finish the second, rerun the first: it must resume from its newest checkpoint and
+    complete. Returns the reference's and the rerun's output."""
+    killed = start(tandem_cmd, job, root / "killed", spawned)
+    reference = start(tandem_cmd, job, root / "reference", spawned)
+    wait_for(
+        (root / "killed" / "step-00000010" / ckpt.MARKER_FILE).exists,
+        240,
+        "the first checkpoint of the run to kill",
+    )
+    os.killpg(killed.pid, signal.SIGKILL)  # the driver, the local Ray cluster, the workers: everything
+    killed.wait()
+    wait_for(lambda: not session_alive(killed.pid), 60, "every process of the killed run to exit")
+    done = [r.step for r in ckpt.list_checkpoints(root / "killed")]
+    assert done, "no checkpoint survived the kill"
+    assert done[-1] < steps, f"the run finished before it was killed ({done})"
+    reference_out = finish(reference)
+    out = finish(start(tandem_cmd, job, root / "killed", spawned))
+    assert f"completed at step {steps} (resumed at step {done[-1]})" in out
+    return reference_out, out
+
+
 def test_sigkill_then_rerun_is_bit_exact(
     tmp_path: Path,
     spawned: list[subprocess.Popen[str]],
@@ -66,23 +96,7 @@ def test_sigkill_then_rerun_is_bit_exact(
     tandem_cmd: Callable[..., list[str]],
 ) -> None:
     job = write_job(tmp_path / "resume.yaml", steps=STEPS, every=10)
-    # The run to be killed and the uninterrupted reference run at the same time (same seed, same job).
-    killed = start(tandem_cmd, job, tmp_path / "killed", spawned)
-    reference = start(tandem_cmd, job, tmp_path / "reference", spawned)
-    wait_for(
-        (tmp_path / "killed" / "step-00000010" / ckpt.MARKER_FILE).exists,
-        240,
-        "the first checkpoint of the run to kill",
-    )
-    os.killpg(killed.pid, signal.SIGKILL)  # the driver, the local Ray cluster, the workers: everything
-    killed.wait()
-    wait_for(lambda: not session_alive(killed.pid), 60, "every process of the killed run to exit")
-    done = [r.step for r in ckpt.list_checkpoints(tmp_path / "killed")]
-    assert done, "no checkpoint survived the kill"
-    assert done[-1] < STEPS, f"the run finished before it was killed ({done})"
-    finish(reference)
-    out = finish(start(tandem_cmd, job, tmp_path / "killed", spawned))
-    assert f"completed at step {STEPS} (resumed at step {done[-1]})" in out
+    kill_after_first_checkpoint_and_rerun(job, tmp_path, STEPS, spawned, wait_for, tandem_cmd)
     a = torch.load(tmp_path / "reference" / f"step-{STEPS:08d}" / ckpt.MODEL_FILE, weights_only=True)
     b = torch.load(tmp_path / "killed" / f"step-{STEPS:08d}" / ckpt.MODEL_FILE, weights_only=True)
     assert a.keys() == b.keys()
