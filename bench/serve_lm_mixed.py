@@ -2,7 +2,7 @@
 HTTP server (one or several processes) and the decoding floor, on one request set, in one run.
 
     python bench/serve_lm_mixed.py --device cuda --size 124m --precision bf16 \\
-        --variants hf1,hf32,hf32s,s256,m256,c1,c1-si5,c4,f                            # one GPU
+        --variants hf1,hf32,hf32s,s256,m256,c1,c1-si5,c4-b64,f,g                      # one GPU
     .venv/bin/python bench/serve_lm_mixed.py --size tiny --requests 32 --max-answer 48 \\
         --variants hf1,hf32,hf32s,s32,m32,c1,o32,f                                     # CPU smoke run
     OMP_NUM_THREADS=1 .venv/bin/python bench/serve_lm_mixed.py --size tiny --requests 512 \\
@@ -33,8 +33,9 @@ Variants (--variants, comma-separated; N a batch size):
   (finish reason, usage and text) to hold exactly its tokens. Reported besides: the server processes' CPU
   seconds for the burst and, with K = 1, its decoding steps (from /metrics). `cK-before`: served from the
   older copy of the package in --before DIR (`git archive COMMIT tandem | tar -x -C DIR`); `cK-siMS`: with
-  the GIL switch interval MS ms instead of the server's own (`bench/serve_variant.py`). Options combine:
-  `c1-before-si5`.
+  the GIL switch interval MS ms instead of the server's own (`bench/serve_variant.py`); `cK-bN`: N
+  sequences in flight in each process instead of --http-batch (four processes of 256 need four KV caches).
+  Options combine: `c1-before-si5`, `c4-b64`.
 - nN: sN without launching the next decoding pass ahead (`DecodeCache.greedy_step` as `step(...).greedy()`).
 - eN: the same as sN without CUDA graphs (the decoding pass launched op by op).
 - oN: the same as eN with the old mixed step: a step in which sequences join recomputes every row's whole
@@ -97,9 +98,9 @@ from serverprocess import ServerProcess
 
 from tandem.workloads.serve.runtimes.kv_cache import DecodeCache
 
-#: cK[-before][-siMS]: `tandem serve` with K processes, optionally --before's package, optionally the GIL
-#: switch interval MS ms instead of the server's own setting.
-HTTP_VARIANT = re.compile(r"c([1-9]|1[0-6])(-before)?(-si[0-9.]+)?")
+#: cK[-before][-siMS][-bN]: `tandem serve` with K processes, optionally --before's package, the GIL
+#: switch interval MS ms instead of the server's own setting, N sequences in flight in each process.
+HTTP_VARIANT = re.compile(r"c([1-9]|1[0-6])(-before)?(-si[0-9.]+)?(-b[0-9]+)?")
 
 
 @dataclass
@@ -745,11 +746,13 @@ class Bench:
         """cK: `tandem serve` with K processes (--workers), the request set sent at once (one in
         --stream-every streamed), after one untimed pass; then, on the same server, the set repeated
         --half-repeat times in open loop at half the rate the burst reached (time to first token at half
-        of saturation). cK-before: the same served from --before's copy of the package."""
+        of saturation). cK-before: the same served from --before's copy of the package; cK-bN: each
+        process batches at most N sequences (default --http-batch)."""
         args, requests = self.args, self.requests
         base, *options = name.split("-")
         workers = int(base[1:])
         interval = next((o[2:] for o in options if o.startswith("si")), None)
+        batch = next((o[1:] for o in options if o.startswith("b") and o != "before"), str(args.http_batch))
         source = None
         if "before" in options:
             if args.before is None:
@@ -758,7 +761,7 @@ class Bench:
         server_args = [
             "--runtime", "causal-lm", "--model-uri", str(self.checkpoint), "--model-name", "gpt",
             "--device", args.device, "--precision", args.precision, "--workers", str(workers),
-            "--max-batch-size", str(args.http_batch), "--max-queue-delay-ms", "1",
+            "--max-batch-size", batch, "--max-queue-delay-ms", "1",
             "--max-queue-size", "1000000", "--max-queue-wait-ms", "0", "--request-timeout-s", "600",
             "--max-connections", "1000000",
             "--log-level", "warning",
