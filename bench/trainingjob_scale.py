@@ -441,15 +441,13 @@ def start_profile(pid: int, output: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-#: Leaf frames of a thread waiting, not working: py-spy takes a thread blocked in C (epoll, a lock,
-#: libcurl's transfer) for a busy one. Its --gil mode was no better here: it names the GIL's last
+#: Leaf frames of a thread waiting, not working: py-spy takes a thread blocked in C (epoll, a lock)
+#: for a busy one. Its --gil mode was no better here: it names the GIL's last
 #: holder, and gave the asyncio loop's thread 67-85% of the samples where /proc gave it 0.2 s of 3.3 s.
 WAITING = (
     "select (selectors.py",
     "wait (threading.py",
     "_worker (thread.py:81)",
-    "Transport.call (kubehttp.py",
-    "Transport.stream (kubehttp.py",
 )
 
 

@@ -1,5 +1,5 @@
 # The Tandem operator image: `tandem operator run` with the `operator` extra (kopf, the Kubernetes
-# client, pycurl). No torch, no ray. Build from the repository root:
+# client's configuration, aiohttp). No torch, no ray. Build from the repository root:
 #
 #   docker build -f images/operator.Dockerfile -t ghcr.io/tandem-dev/tandem-operator:0.1.0 .
 #

@@ -4,18 +4,20 @@ Both give one `Load` snapshot per service and tick: concurrency (in-flight reque
 summed over replicas, requests per second, and latency p50/p99 of inference requests. The metric names
 are the model server's (`tandem.workloads.serve.metrics`, documented in docs/serving.md); this module
 only speaks HTTP and the Prometheus text format, so the operator needs neither torch nor the server.
+Both go through the operator's one HTTP client (`kubehttp`, aiohttp on its loop), concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from tandem.operator.kubehttp import get_text
 
 INFLIGHT = "tandem_serve_inflight_requests"
 QUEUE_DEPTH = "tandem_serve_queue_depth"
@@ -26,7 +28,6 @@ INFERENCE_ROUTES = r".*/infer|/v1/embeddings|/v1/completions|/v1/chat/completion
 _INFERENCE_RE = re.compile(INFERENCE_ROUTES)
 SCRAPE_TIMEOUT_SECONDS = 1.0
 QUERY_TIMEOUT_SECONDS = 2.0
-_SCRAPES = ThreadPoolExecutor(8, thread_name_prefix="tandem-scrape")
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,6 @@ def parse_metrics(text: str) -> ReplicaMetrics:
     return ReplicaMetrics(inflight, queue, requests, buckets, tokens)
 
 
-def _fetch(url: str, timeout: float) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return str(response.read().decode())
-    except (OSError, ValueError):
-        return None
-
-
 class Scraper:
     """Scrapes the ready replicas of one service; rates come from the change since the last scrape."""
 
@@ -128,13 +121,11 @@ class Scraper:
         self.timeout = timeout
         self.previous: dict[str, tuple[float, ReplicaMetrics]] = {}
 
-    def scrape(self, replicas: Sequence[tuple[str, str]], now: float) -> Load:
-        """`replicas`: (pod name, IP) of the ready replicas. Unreachable ones are left out."""
-        texts = list(
-            _SCRAPES.map(
-                lambda ip: _fetch(f"http://{_host(ip)}:{self.port}/metrics", self.timeout),
-                [ip for _, ip in replicas],
-            )
+    async def scrape(self, replicas: Sequence[tuple[str, str]], now: float) -> Load:
+        """`replicas`: (pod name, IP) of the ready replicas, scraped concurrently. Unreachable ones
+        are left out."""
+        texts = await asyncio.gather(
+            *(get_text(f"http://{_host(ip)}:{self.port}/metrics", self.timeout) for _, ip in replicas)
         )
         current: dict[str, tuple[float, ReplicaMetrics]] = {}
         for (name, _), text in zip(replicas, texts, strict=True):
@@ -220,14 +211,14 @@ def instant_value(reply: Mapping[str, object]) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def query_prometheus(
+async def query_prometheus(
     base_url: str, queries: Mapping[str, str], timeout: float = QUERY_TIMEOUT_SECONDS
 ) -> Load:
     """Run the queries (concurrently) against Prometheus' /api/v1/query; a failed one is unknown."""
 
-    def run(query: str) -> float | None:
+    async def run(query: str) -> float | None:
         url = f"{base_url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-        text = _fetch(url, timeout)
+        text = await get_text(url, timeout)
         if text is None:
             return None
         try:
@@ -236,7 +227,7 @@ def query_prometheus(
             return None
 
     names = list(queries)
-    values = dict(zip(names, _SCRAPES.map(run, [queries[n] for n in names]), strict=True))
+    values = dict(zip(names, await asyncio.gather(*(run(queries[n]) for n in names)), strict=True))
     return Load(
         concurrency=values.get("concurrency"),
         queue_depth=values.get("queue_depth"),

@@ -6,8 +6,7 @@ reads what kopf and the caches hold and writes the status back.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
@@ -35,7 +34,7 @@ StatusT = TypeVar("StatusT", bound=BaseModel)
 
 
 #: post(object, type, reason, message): an event on one of our resources.
-EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+EventPoster = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
 
 
 class WarningsOnce:
@@ -45,19 +44,16 @@ class WarningsOnce:
     def __init__(self, post: EventPoster | None = None) -> None:
         self._post = post or kube.post_event
         self._last: dict[tuple[str, str], str] = {}
-        self._lock = threading.Lock()
 
-    def warn(self, body: Mapping[str, Any], uid: str, reason: str, message: str) -> None:
-        with self._lock:
-            if self._last.get((uid, reason)) == message:
-                return
-            self._last[(uid, reason)] = message
-        self._post(body, "Warning", reason, message)
+    async def warn(self, body: Mapping[str, Any], uid: str, reason: str, message: str) -> None:
+        if self._last.get((uid, reason)) == message:
+            return
+        self._last[(uid, reason)] = message
+        await self._post(body, "Warning", reason, message)
 
     def forget(self, uid: str) -> None:
-        with self._lock:
-            for key in [key for key in self._last if key[0] == uid]:
-                del self._last[key]
+        for key in [key for key in self._last if key[0] == uid]:
+            del self._last[key]
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,7 +135,7 @@ class InvalidSpec(Exception):
         self.status = status
 
 
-def validated_spec(
+async def validated_spec(
     model: type[ModelT], body: Mapping[str, Any], phase_on_error: str, post: EventPoster | None = None
 ) -> ModelT:
     """The spec, validated; an invalid one raises InvalidSpec with a status whose Accepted=False
@@ -163,7 +159,7 @@ def validated_spec(
             observed_generation=generation,
             last_transition_time=utc_now(),
         )
-        (post or kube.post_event)(body, "Warning", "InvalidSpec", message)
+        await (post or kube.post_event)(body, "Warning", "InvalidSpec", message)
         raise InvalidSpec(
             message,
             {
@@ -186,37 +182,35 @@ class BodyStore:
     def __init__(self, kind: str, plural: str) -> None:
         self.kind, self.plural = kind, plural
         self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
-        self._lock = threading.Lock()
 
     def observe(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """An object as listed or watched, with its apiVersion and kind (list items may lack them;
         events name them): the watch cache's observation."""
         return {"apiVersion": API_VERSION, "kind": self.kind, **obj}
 
-    def write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
+    async def write_status(self, namespace: str, name: str, changes: Mapping[str, Any]) -> None:
         """Merge-patch the status (nothing to write: no call) and keep the stored reply."""
         if changes:
-            stored = kube.patch_custom_object_status(GROUP, VERSION, self.plural, namespace, name, changes)
+            stored = await kube.patch_custom_object_status(
+                GROUP, VERSION, self.plural, namespace, name, changes
+            )
             self.put(self.observe(stored))
 
     def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
-        with self._lock:
-            return self._bodies.get(key)
+        return self._bodies.get(key)
 
     def put(self, body: dict[str, Any]) -> bool:
         """Keep `body` unless what is held is newer; True if it is news (not the version held)."""
         meta = body["metadata"]
         key = (str(meta["namespace"]), str(meta["name"]))
-        with self._lock:
-            held = (self._bodies.get(key) or {}).get("metadata") or {}
-            if held.get("uid") == meta.get("uid") and not _newer(meta, held):
-                return False  # older, or the version held (the watch's echo of our own status write)
-            self._bodies[key] = body
-            return True
+        held = (self._bodies.get(key) or {}).get("metadata") or {}
+        if held.get("uid") == meta.get("uid") and not _newer(meta, held):
+            return False  # older, or the version held (the watch's echo of our own status write)
+        self._bodies[key] = body
+        return True
 
     def drop(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._bodies.pop(key, None)
+        self._bodies.pop(key, None)
 
 
 def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
@@ -225,7 +219,7 @@ def _newer(meta: Mapping[str, Any], held: Mapping[str, Any]) -> bool:
     return int(new) > int(old) if new.isdigit() and old.isdigit() else new != old
 
 
-def release_kopf_finalizer(body: Mapping[str, Any], plural: str) -> None:
+async def release_kopf_finalizer(body: Mapping[str, Any], plural: str) -> None:
     """Take KOPF_FINALIZER off an object that still carries it (see there); a no-op for the rest."""
     if KOPF_FINALIZER in (body["metadata"].get("finalizers") or ()):
-        kube.remove_finalizer(body, plural, KOPF_FINALIZER)
+        await kube.remove_finalizer(body, plural, KOPF_FINALIZER)

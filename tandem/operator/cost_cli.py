@@ -79,24 +79,28 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     cost.set_defaults(handler=_cost)
 
 
-def _cost(args: argparse.Namespace) -> int:
-    from tandem.operator import cost_report, cost_sources
+async def _read(args: argparse.Namespace, now: datetime) -> tuple[list[Any], str, str]:
+    """The histories, where they came from, and the usage note: every call on one event loop and the
+    operator's one HTTP client (`kubehttp`)."""
+    from tandem.operator import cost_sources
 
-    now = datetime.now(UTC)
-    histories = None
-    source = "status"
     if args.prometheus_url:
         try:
-            histories = cost_sources.from_prometheus(
+            histories = await cost_sources.from_prometheus(
                 args.prometheus_url, args.namespace, now, max(args.history, args.window), args.window
             )
-            source = "prometheus"
+            return histories, "prometheus", await _usage_note(args.prometheus_url)
         except ConnectionError as error:
             print(f"{error}; reading the resources' status instead", file=sys.stderr)
-    if histories is None:
-        histories = cost_sources.from_status(args.namespace, now)
+    return await cost_sources.from_status(args.namespace, now), "status", await _usage_note(None)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from tandem.operator import cost_report, kubehttp
+
+    now = datetime.now(UTC)
+    histories, source, usage = kubehttp.run(_read(args, now))
     rows = cost_report.report(histories, now, args.window)
-    usage = _usage_note(args.prometheus_url if source == "prometheus" else None)
     if args.output == "json":
         document = {"source": source, "time": now.isoformat(), "models": [r.to_dict() for r in rows]}
         print(json.dumps(document | {"usage": usage}, indent=2))
@@ -119,7 +123,7 @@ def _cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usage_note(prometheus_url: str | None) -> str:
+async def _usage_note(prometheus_url: str | None) -> str:
     """Whether usage is measured, as the operator reads it (the same queries, the same Prometheus)."""
     from tandem.operator import cost_usage
 
@@ -129,7 +133,7 @@ def _usage_note(prometheus_url: str | None) -> str:
             "series, requests elsewhere (each resource's status.cost.allocation: the ALLOCATION column); "
             "GPUs by request (reserved whole)"
         )
-    snapshot = cost_usage.read(cost_usage.prometheus_query(prometheus_url))
+    snapshot = await cost_usage.read(cost_usage.prometheus_query(prometheus_url))
     if snapshot.problem:
         return snapshot.problem
     return (

@@ -8,14 +8,15 @@ labels them). The status has the spend now and the rate now: a history of one li
 
 from __future__ import annotations
 
+import asyncio
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+
+import aiohttp
 
 from tandem.api.common import GROUP, VERSION
 from tandem.errors import UserError
@@ -27,6 +28,7 @@ from tandem.operator.status_metrics import CONTAINERS, COST, HOURLY, STATUS_PHAS
 #: import the workloads).
 PROMPT_TOKENS = "tandem_serve_prompt_tokens_total"
 QUERY_TIMEOUT_SECONDS = 10.0
+QUERY_TIMEOUT = aiohttp.ClientTimeout(total=QUERY_TIMEOUT_SECONDS)
 #: Points per plotted history (the range query's step is the span divided by this).
 HISTORY_POINTS = 240
 
@@ -89,29 +91,33 @@ def tokens_query(namespace: str | None) -> str:
     return per_model_query((TOKENS, PROMPT_TOKENS), namespace)
 
 
-def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The result of one Prometheus HTTP API query (stdlib urllib, as the autoscaler's client: the
-    operator needs no other HTTP stack for it). Raises ConnectionError when Prometheus fails."""
+async def _get(base_url: str, path: str, params: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The result of one Prometheus HTTP API query (through the operator's one HTTP client,
+    `kubehttp`). Raises ConnectionError when Prometheus fails."""
+    from tandem.operator import kubehttp
+
     url = f"{base_url.rstrip('/')}{path}?" + urllib.parse.urlencode(params)
     try:
-        with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_SECONDS) as response:
-            reply = json.loads(response.read())
-    except (OSError, ValueError) as error:
-        raise ConnectionError(f"Prometheus at {base_url} did not answer ({error})") from error
+        async with kubehttp.session().get(url, timeout=QUERY_TIMEOUT) as response:
+            response.raise_for_status()
+            reply = json.loads(await response.read())
+    except (OSError, ValueError, TimeoutError, aiohttp.ClientError) as error:
+        reason = str(error) or type(error).__name__
+        raise ConnectionError(f"Prometheus at {base_url} did not answer ({reason})") from error
     if reply.get("status") != "success":
         raise ConnectionError(f"Prometheus at {base_url} refused a query: {reply.get('error')}")
     return list(reply["data"]["result"])
 
 
-def instant_query(base_url: str, query: str, at: float | None = None) -> list[dict[str, Any]]:
+async def instant_query(base_url: str, query: str, at: float | None = None) -> list[dict[str, Any]]:
     """An instant query's result vector (at `at`, else Prometheus' now); ConnectionError if it fails."""
     params = {"query": query} | ({"time": f"{at:.3f}"} if at is not None else {})
-    return _get(base_url, "/api/v1/query", params)
+    return await _get(base_url, "/api/v1/query", params)
 
 
-def _range(base_url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+async def _range(base_url: str, query: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
     params = {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"}
-    return _get(base_url, "/api/v1/query_range", params)
+    return await _get(base_url, "/api/v1/query_range", params)
 
 
 def _series(result: Mapping[str, Any]) -> Series:
@@ -124,23 +130,34 @@ def _merged(coarse: Series, fine: Series) -> Series:
     return Series(tuple(p for p in coarse.points if p[0] < start) + fine.points)
 
 
-def _histories(
+async def _histories(
     base_url: str, namespace: str | None, start: float, end: float, step: float
 ) -> dict[str, dict[str, Series]]:
     found: dict[str, dict[str, Series]] = defaultdict(dict)
-    for result in _range(base_url, spend_query(namespace), start, end, step):
+    spend, requests, tokens, allocation = await asyncio.gather(
+        *(
+            _range(base_url, query, start, end, step)
+            for query in (
+                spend_query(namespace),
+                requests_query(namespace),
+                tokens_query(namespace),
+                allocation_query(namespace),
+            )
+        )
+    )
+    for result in spend:
         labels = result["metric"]
         found[labels.get("phase", "")][labels.get("model", "")] = _series(result)
-    for name, query in (("requests", requests_query(namespace)), ("tokens", tokens_query(namespace))):
-        for result in _range(base_url, query, start, end, step):
+    for name, results in (("requests", requests), ("tokens", tokens)):
+        for result in results:
             found[name][result["metric"].get("model", "")] = _series(result)
-    for result in _range(base_url, allocation_query(namespace), start, end, step):
+    for result in allocation:
         labels = result["metric"]
         found[f"allocation-{labels.get('basis', '')}"][labels.get("model", "")] = _series(result)
     return found
 
 
-def from_prometheus(
+async def from_prometheus(
     base_url: str, namespace: str | None, now: datetime, span: float, window: float
 ) -> list[ModelHistory]:
     """Every model's history over the last `span` seconds: coarse (HISTORY_POINTS points) before the
@@ -149,17 +166,20 @@ def from_prometheus(
     end = now.timestamp()
     window = min(window, span)
     fine_step = max(window / HISTORY_POINTS, 1.0)
-    fine = _histories(base_url, namespace, end - window, end, fine_step)
+    fine = await _histories(base_url, namespace, end - window, end, fine_step)
     coarse: dict[str, dict[str, Series]] = defaultdict(dict)
     if span > window:
-        coarse = _histories(base_url, namespace, end - span, end - window, max(span / HISTORY_POINTS, 1.0))
+        coarse = await _histories(
+            base_url, namespace, end - span, end - window, max(span / HISTORY_POINTS, 1.0)
+        )
 
     def series(kind: str, model: str) -> Series:
         return _merged(coarse[kind].get(model, Series()), fine[kind].get(model, Series()))
 
     models = set(fine["training"]) | set(fine["serving"]) | set(coarse["training"]) | set(coarse["serving"])
     active = {
-        r["metric"].get("model", "") for r in instant_query(base_url, training_active_query(namespace), end)
+        r["metric"].get("model", "")
+        for r in await instant_query(base_url, training_active_query(namespace), end)
     }
     return [
         ModelHistory(
@@ -177,11 +197,11 @@ def from_prometheus(
     ]
 
 
-def _items(plural: str, namespace: str | None) -> list[dict[str, Any]]:
+async def _items(plural: str, namespace: str | None) -> list[dict[str, Any]]:
     from tandem.operator import kube
 
     try:
-        reply = kube.request("GET", kube.api_path(f"{GROUP}/{VERSION}", plural, namespace))
+        reply = await kube.request("GET", kube.api_path(f"{GROUP}/{VERSION}", plural, namespace))
     except Exception as error:  # the client's ApiException, a connection error, a missing kubeconfig
         raise UserError(
             f"cannot list {plural} through the kubeconfig ({error}); "
@@ -194,7 +214,7 @@ def _time(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
 
 
-def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
+async def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
     """Every model's spend now and rate now, from the TrainingJobs' and InferenceServices' status.
 
     A TrainingJob's status has no rate: a running job is taken to go on at its average since it started.
@@ -203,7 +223,10 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
     bases: dict[str, set[str]] = defaultdict(set)
     training: dict[str, tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     active: set[str] = set()
-    for job in _items("trainingjobs", namespace):
+    jobs, services = await asyncio.gather(
+        _items("trainingjobs", namespace), _items("inferenceservices", namespace)
+    )
+    for job in jobs:
         status = job.get("status") or {}
         usd = float((status.get("cost") or {}).get("usd") or 0.0)
         per_second = 0.0
@@ -217,7 +240,7 @@ def from_status(namespace: str | None, now: datetime) -> list[ModelHistory]:
         spent, rate = training[job["metadata"]["name"]]
         training[job["metadata"]["name"]] = (spent + usd, rate + per_second)
     serving: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
-    for service in _items("inferenceservices", namespace):
+    for service in services:
         spec, status = service.get("spec") or {}, service.get("status") or {}
         ref = (spec.get("model") or {}).get("trainingJobRef") or {}
         model = (status.get("model") or {}).get("trainingJob") or ref.get("name") or ""

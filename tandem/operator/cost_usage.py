@@ -11,21 +11,19 @@ The series are the ones OpenCost reads, scraped by the same Prometheus the autos
   `namespace`, `pod`, `container` holding the GPU. It says how busy the requested GPUs were; GPUs are
   charged by the request whatever it says (tandem.operator.cost).
 
-A `UsageSource` refreshes in the background (one query round at most every `refresh_seconds`) and hands
-the reconcilers the last snapshot without waiting: a slow or absent Prometheus never holds a reconcile
-up, and never fails one. A snapshot without data carries the reason, and the cost model falls back to
-the requests.
+A `UsageSource` refreshes in the background (one query round at most every `refresh_seconds`, an
+asyncio task on the operator's loop, through its one HTTP client) and hands the reconcilers the last
+snapshot without waiting: a slow or absent Prometheus never holds a reconcile up, and never fails
+one. A snapshot without data carries the reason, and the cost model falls back to the requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +44,7 @@ NO_SERIES = (
 )
 
 log = logging.getLogger("tandem.operator.cost")
-Query = Callable[[str, str], list[dict[str, Any]]]
+Query = Callable[[str, str], Awaitable[list[dict[str, Any]]]]
 
 
 def queries(window: str = DEFAULT_WINDOW, namespaces: Sequence[str] = ()) -> dict[str, str]:
@@ -97,15 +95,17 @@ def parse(results: Mapping[str, list[dict[str, Any]]]) -> dict[tuple[str, str], 
     }
 
 
-def read(
+async def read(
     query: Query, window: str = DEFAULT_WINDOW, now: float | None = None, namespaces: Sequence[str] = ()
 ) -> UsageSnapshot:
     """One snapshot through `query(expression, what)` (an instant query returning the result vector,
-    raising ConnectionError when Prometheus fails). Never raises: a failure is the snapshot's problem."""
+    raising ConnectionError when Prometheus fails), the queries made concurrently. Never raises: a
+    failure is the snapshot's problem."""
     taken = time.time() if now is None else now
     try:
         expressions = queries(window, namespaces)
-        results = {name: query(expression, name) for name, expression in expressions.items()}
+        vectors = await asyncio.gather(*(query(expression, name) for name, expression in expressions.items()))
+        results = dict(zip(expressions, vectors, strict=True))
     except ConnectionError as error:
         return UsageSnapshot(problem=f"{error}: requests only", taken=taken)
     pods = parse(results)
@@ -119,8 +119,8 @@ def prometheus_query(base_url: str) -> Query:
     10 s, holds up only the background refresh)."""
     from tandem.operator.cost_sources import instant_query
 
-    def query(expression: str, _what: str) -> list[dict[str, Any]]:
-        return instant_query(base_url, expression)
+    async def query(expression: str, _what: str) -> list[dict[str, Any]]:
+        return await instant_query(base_url, expression)
 
     return query
 
@@ -128,8 +128,8 @@ def prometheus_query(base_url: str) -> Query:
 class UsageSource:
     """The latest snapshot, refreshed in the background when it is older than `refresh_seconds`.
 
-    `snapshot()` never blocks on Prometheus: the first call starts a query round and returns an empty
-    snapshot (requests only) until it lands."""
+    `snapshot()` never waits on Prometheus: called on the loop, the first call starts a query round
+    (a task) and returns an empty snapshot (requests only) until it lands."""
 
     def __init__(
         self,
@@ -145,59 +145,47 @@ class UsageSource:
         self.refresh_seconds = refresh_seconds
         self._query = query or (prometheus_query(prometheus_url) if prometheus_url else None)
         self._clock = clock
-        self._lock = threading.Lock()
         self._latest = UsageSnapshot(problem=None if self._query else NO_PROMETHEUS)
         self._read_at: float | None = None
-        self._pending: Future[UsageSnapshot] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tandem-usage")
+        self._pending: asyncio.Task[None] | None = None
 
     def snapshot(self) -> UsageSnapshot:
-        """The latest snapshot; starts a refresh when it is due and none is running."""
+        """The latest snapshot; starts a refresh when it is due and none is running (on the loop)."""
         if self._query is None:
             return self._latest
-        started: Future[UsageSnapshot] | None = None
-        with self._lock:
-            due = self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds
-            if due and self._pending is None:
-                self._read_at = self._clock()
-                started = self._pending = self._pool.submit(
-                    read, self._query, self.window, None, self.namespaces
-                )
-            latest = self._latest
-        if started is not None:  # outside the lock: a finished future calls back at once, here
-            started.add_done_callback(self._landed)
-        return latest
+        due = self._read_at is None or self._clock() - self._read_at >= self.refresh_seconds
+        if due and self._pending is None:
+            self._read_at = self._clock()
+            self._pending = asyncio.get_running_loop().create_task(self._refresh(self._query))
+        return self._latest
 
-    def _landed(self, done: Future[UsageSnapshot]) -> None:
-        """Take a finished refresh's snapshot (once: `wait` may land it before its callback does)."""
-        failed: Exception | None = None
+    async def _refresh(self, query: Query) -> None:
+        """One query round; its snapshot becomes the latest (a bug in parsing: requests, logged)."""
+        before = self._latest
         try:
-            latest = done.result()
-        except Exception as error:  # a bug in parsing: charge requests, keep reconciling
+            latest = await read(query, self.window, None, self.namespaces)
+        except Exception as error:
             latest = UsageSnapshot(problem=f"reading usage failed ({error}): requests only")
-            failed = error
-        with self._lock:
-            if self._pending is not done:
-                return
-            before, self._latest, self._pending = self._latest, latest, None
-        if failed is not None:
-            log.error("reading container usage from Prometheus failed", exc_info=failed)
+            log.exception("reading container usage from Prometheus failed")
+        finally:
+            self._pending = None
+        self._latest = latest
         if latest.problem and latest.problem != before.problem:
             log.info("cost allocation: %s", latest.problem)
         elif not latest.problem and before.problem:
             log.info("cost allocation: usage measured for %d pods", len(latest.pods))
 
-    def wait(self, timeout: float) -> UsageSnapshot:
+    async def wait(self, timeout: float) -> UsageSnapshot:
         """Start a refresh if due and wait up to `timeout` seconds for it to land (for tests)."""
         self.snapshot()
-        with self._lock:
-            pending = self._pending
+        pending = self._pending
         if pending is not None:
-            futures.wait([pending], timeout)
-            if pending.done():
-                self._landed(pending)
-        with self._lock:
-            return self._latest
+            await asyncio.wait([pending], timeout=timeout)
+        return self._latest
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Stop a refresh in flight (the operator's cleanup)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)

@@ -1,6 +1,6 @@
 """What /healthz says: per controller, its caches' freshness, its queue's depth and its last good
 reconcile, and whether this replica leads; and it fails (HTTP 500, the kubelet restarts the pod) when
-a watch thread has died, which kopf's own health cannot see (the caches are Tandem's, not kopf's).
+a watch task has ended, which kopf's own health cannot see (the caches are Tandem's, not kopf's).
 
 Served through kopf's liveness endpoint: a `@kopf.on.probe` handler's result is part of its JSON, and
 one that raises `kopf.PermanentError` makes it answer 500 (runner.py registers it).
@@ -40,7 +40,7 @@ class ControllerHealth:
 
 
 class Unhealthy(Exception):
-    """A watch thread died: the replica no longer sees changes and must be restarted."""
+    """A watch task ended: the replica no longer sees changes and must be restarted."""
 
 
 def _age(moment: float | None, now: float) -> float | None:
@@ -67,5 +67,5 @@ def report(controllers: Iterable[ControllerHealth], leading: bool, now: float) -
         }
         dead += [f"{controller.kind} {cache.name}" for cache in controller.caches if not cache.alive]
     if dead:
-        raise Unhealthy(f"watch threads died: {', '.join(dead)} (restart the operator); health: {document}")
+        raise Unhealthy(f"watch tasks ended: {', '.join(dead)} (restart the operator); health: {document}")
     return document

@@ -1,4 +1,5 @@
-"""The few Kubernetes API calls the reconcilers make, each idempotent.
+"""The few Kubernetes API calls the reconcilers make, each idempotent, as coroutines on the
+operator's one event loop (the HTTP client is `kubehttp`: aiohttp, not kopf's session; it says why).
 
 Creating a child that exists and deleting one that is gone both succeed: with deterministic names,
 that is what makes re-running a reconcile (or an operator restart mid-way) harmless.
@@ -6,13 +7,13 @@ that is what makes re-running a reconcile (or an operator restart mid-way) harml
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, NoReturn
@@ -20,7 +21,8 @@ from urllib.parse import urlencode
 
 import orjson
 
-from tandem.operator.kubehttp import Reply, Transport
+from tandem.operator import kubehttp
+from tandem.operator.kubehttp import Reply
 from tandem.operator.metrics import API_SECONDS
 from tandem.operator.workqueue import TryAgain
 
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 @functools.cache
 def configuration() -> Any:
     """The kubernetes client's configuration (server, CA, credentials): in-cluster credentials in a
-    pod, else the current kubeconfig. Only its settings are used; calls go through `kubehttp`."""
+    pod, else the current kubeconfig. Only its settings are used; calls go through `kubehttp`.
+    Synchronous (it reads files): called once, before the loop serves calls (`warm_up`)."""
     from kubernetes import client, config
 
     try:
@@ -82,7 +85,7 @@ def api_path(
     return path
 
 
-def request(
+async def request(
     method: str,
     path: str,
     body: Any = None,
@@ -90,37 +93,42 @@ def request(
     query: Mapping[str, str] | None = None,
     content_type: str = "application/json",
 ) -> bytes:
-    """One API call with the shared client's credentials, JSON in and out; the reply's bytes.
+    """One API call with the client configuration's credentials, JSON in and out; the reply's bytes.
 
     The generated client's per-call work (argument validation, recursive body sanitising, model
     lookups) cost more than the HTTP call itself on the operator's hot path, thousands of times a
-    minute; the call itself goes through libcurl (`kubehttp`). Raises the client's ApiException on an
-    error status, as the generated calls do; ConnectionError when no reply came.
+    minute, and it blocks a thread per call. Raises the client's ApiException on an error status, as
+    the generated calls do; ConnectionError when no reply came.
     """
     data = orjson.dumps(body) if body is not None else None
 
-    def call(url: str, headers: dict[str, str]) -> Reply:
+    async def call(url: str, headers: dict[str, str]) -> Reply:
         if data is not None:
             headers["Content-Type"] = content_type
-        return _transport_for(configuration()).call(method, url, data, headers)
+        return await kubehttp.call(configuration(), method, url, data, headers)
 
     started = time.perf_counter()
     try:
-        return _authenticated(path, query, call)
+        return await _authenticated(path, query, call)
     finally:
         API_SECONDS.labels(verb=method).observe(time.perf_counter() - started)
 
 
-def watch(path: str, query: Mapping[str, str], on_block: Callable[[bytes], bool], timeout: float) -> None:
+async def watch(
+    path: str, query: Mapping[str, str], on_block: Callable[[bytes], bool], timeout: float
+) -> None:
     """Stream a watch, handing each block of its reply to `on_block` until the server ends it after
     `timeout` seconds (a `timeoutSeconds` in `query` ends it sooner) or `on_block` returns False.
     Raises as `request` does."""
-    transport = _transport_for(configuration())
-    _authenticated(path, query, lambda url, headers: transport.stream(url, headers, on_block, timeout))
+
+    async def stream(url: str, headers: dict[str, str]) -> Reply:
+        return await kubehttp.stream(configuration(), url, headers, on_block, timeout)
+
+    await _authenticated(path, query, stream)
 
 
-def _authenticated(
-    path: str, query: Mapping[str, str] | None, send: Callable[[str, dict[str, str]], Reply]
+async def _authenticated(
+    path: str, query: Mapping[str, str] | None, send: Callable[[str, dict[str, str]], Awaitable[Reply]]
 ) -> bytes:
     """Send with the cached server address and credentials; on a 401 (a token that expired within the
     cache's lifetime) once more with fresh ones. The reply's bytes; ApiException on an error status,
@@ -128,9 +136,9 @@ def _authenticated(
     from kubernetes.client.exceptions import ApiException
 
     for attempt in (1, 2):
-        host, credentials = _endpoint.get(fresh=attempt > 1)
+        host, credentials = await _endpoint.get(fresh=attempt > 1)
         url = host + path + (f"?{urlencode(query)}" if query else "")
-        reply = send(url, dict(credentials))
+        reply = await send(url, dict(credentials))
         if reply.status == 401 and attempt == 1:
             continue
         if reply.status >= 300:
@@ -169,12 +177,6 @@ def _phrase(status: int) -> str:
         return ""
 
 
-@functools.cache
-def _transport_for(settings: Any) -> Transport:
-    """The transport for one configuration (a new one, e.g. after a kubeconfig change, gets its own)."""
-    return Transport(settings)
-
-
 #: How long the server address and credential headers are reused before the client is asked again.
 AUTH_REFRESH_SECONDS = 30.0
 
@@ -182,25 +184,37 @@ AUTH_REFRESH_SECONDS = 30.0
 class _Endpoint:
     """The API server's URL and the request headers with credentials, asked of the client at most
     every AUTH_REFRESH_SECONDS: its kubeconfig loader re-reads its whole configuration on each ask
-    (to refresh an expiring token), which showed in profiles at thousands of calls a minute."""
+    (to refresh an expiring token), which showed in profiles at thousands of calls a minute.
+
+    The ask runs in a thread (`asyncio.to_thread`), once for every caller waiting on it: the loader is
+    synchronous and may run a kubeconfig exec plugin, which must not stall the event loop."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._asked = float("-inf")
         self._host = ""
         self._headers: dict[str, str] = {}
+        self._asking: asyncio.Future[None] | None = None
 
-    def get(self, fresh: bool = False) -> tuple[str, dict[str, str]]:
-        now = time.monotonic()
-        with self._lock:
-            if fresh or now - self._asked > AUTH_REFRESH_SECONDS:
-                settings = configuration()
-                headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-                for auth in settings.auth_settings().values():  # refreshes an expiring token
-                    if auth["in"] == "header" and auth["value"]:
-                        headers[auth["key"]] = auth["value"]
-                self._asked, self._host, self._headers = now, settings.host, headers
-            return self._host, self._headers
+    async def get(self, fresh: bool = False) -> tuple[str, dict[str, str]]:
+        if fresh or time.monotonic() - self._asked > AUTH_REFRESH_SECONDS:
+            asking = self._asking
+            if (
+                fresh
+                or asking is None
+                or asking.done()
+                or asking.get_loop() is not asyncio.get_running_loop()
+            ):
+                asking = self._asking = asyncio.ensure_future(asyncio.to_thread(self._ask))
+            await asyncio.shield(asking)
+        return self._host, self._headers
+
+    def _ask(self) -> None:
+        settings = configuration()
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        for auth in settings.auth_settings().values():  # refreshes an expiring token
+            if auth["in"] == "header" and auth["value"]:
+                headers[auth["key"]] = auth["value"]
+        self._asked, self._host, self._headers = time.monotonic(), settings.host, headers
 
 
 _endpoint = _Endpoint()
@@ -239,12 +253,13 @@ def _status_of(error: Exception) -> int | None:
 
 
 def warm_up() -> None:
-    """Load the client's configuration and modules now rather than in the first reconciles."""
+    """Load the client's configuration and modules now rather than in the first reconciles (at
+    startup, before the caches and queues run: it reads files)."""
     configuration()
     from kubernetes.client.exceptions import ApiException  # noqa: F401
 
 
-def create(manifest: Mapping[str, Any]) -> bool:
+async def create(manifest: Mapping[str, Any]) -> bool:
     """Create a namespaced child; False if it already exists (or its namespace is going away).
 
     Raises Refused on a 4xx the user must fix, Busy when the API server asks us to come back.
@@ -253,7 +268,7 @@ def create(manifest: Mapping[str, Any]) -> bool:
 
     path = api_path(manifest["apiVersion"], PLURALS[manifest["kind"]], manifest["metadata"]["namespace"])
     try:
-        request("POST", path, manifest, query={"fieldManager": FIELD_MANAGER})
+        await request("POST", path, manifest, query={"fieldManager": FIELD_MANAGER})
     except ApiException as error:
         if _status_of(error) == 409 or _namespace_terminating(error):
             return False
@@ -307,12 +322,12 @@ def _api_message(error: Exception) -> str:
         return str(error)
 
 
-def _found(method: str, path: str, query: Mapping[str, str] | None = None) -> bool:
+async def _found(method: str, path: str, query: Mapping[str, str] | None = None) -> bool:
     """Make the call; False if the object is not there (404), which for a delete is success too."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        request(method, path, query=query)
+        await request(method, path, query=query)
     except ApiException as error:
         if _status_of(error) == 404:
             return False
@@ -320,25 +335,25 @@ def _found(method: str, path: str, query: Mapping[str, str] | None = None) -> bo
     return True
 
 
-def delete_pod(namespace: str, name: str) -> bool:
+async def delete_pod(namespace: str, name: str) -> bool:
     """Delete a pod (graceful: the driver gets SIGTERM and checkpoints); False if it was gone."""
-    return _found("DELETE", api_path("v1", "pods", namespace, name))
+    return await _found("DELETE", api_path("v1", "pods", namespace, name))
 
 
-def list_bound_pods() -> list[dict[str, Any]]:
+async def list_bound_pods() -> list[dict[str, Any]]:
     """Every pod bound to a node, cluster-wide, as plain dicts."""
 
-    reply = request("GET", api_path("v1", "pods"), query={"fieldSelector": "spec.nodeName!="})
+    reply = await request("GET", api_path("v1", "pods"), query={"fieldSelector": "spec.nodeName!="})
     return list(orjson.loads(reply)["items"])
 
 
-def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
+async def delete_custom_object(group: str, version: str, plural: str, namespace: str, name: str) -> bool:
     """Delete one of Tandem's resources (children follow through ownerReferences); False if gone."""
     path = api_path(f"{group}/{version}", plural, namespace, name)
-    return _found("DELETE", path, query={"propagationPolicy": "Background"})
+    return await _found("DELETE", path, query={"propagationPolicy": "Background"})
 
 
-def apply(manifest: Mapping[str, Any]) -> None:
+async def apply(manifest: Mapping[str, Any]) -> None:
     """Server-side apply a namespaced object as the operator's one field manager (forcing its fields):
     created if missing, else made to match; fields others own are kept.
 
@@ -350,7 +365,7 @@ def apply(manifest: Mapping[str, Any]) -> None:
     meta = manifest["metadata"]
     path = api_path(manifest["apiVersion"], PLURALS[manifest["kind"]], meta["namespace"], meta["name"])
     try:
-        request(
+        await request(
             "PATCH",
             path,
             manifest,
@@ -365,18 +380,18 @@ def apply(manifest: Mapping[str, Any]) -> None:
         raise Busy(str(error)) from error
 
 
-def crd_exists(name: str) -> bool:
+async def crd_exists(name: str) -> bool:
     """Whether a CustomResourceDefinition (e.g. `servicemonitors.monitoring.coreos.com`) is installed."""
-    return _found("GET", api_path("apiextensions.k8s.io/v1", "customresourcedefinitions", name=name))
+    return await _found("GET", api_path("apiextensions.k8s.io/v1", "customresourcedefinitions", name=name))
 
 
-def scale_custom_object(
+async def scale_custom_object(
     group: str, version: str, plural: str, namespace: str, name: str, replicas: int
 ) -> None:
     """Set a custom resource's replica count through its scale subresource (as `kubectl scale` does)."""
 
     path = api_path(f"{group}/{version}", plural, namespace, name, "scale")
-    request(
+    await request(
         "PATCH",
         path,
         {"spec": {"replicas": replicas}},
@@ -385,7 +400,7 @@ def scale_custom_object(
     )
 
 
-def remove_finalizer(obj: Mapping[str, Any], plural: str, finalizer: str) -> None:
+async def remove_finalizer(obj: Mapping[str, Any], plural: str, finalizer: str) -> None:
     """Take `finalizer` off one of Tandem's resources, as last seen (a JSON patch that first tests the
     entry is still where it was seen: a concurrent change fails it, 422, and the caller retries)."""
     meta = obj["metadata"]
@@ -395,10 +410,10 @@ def remove_finalizer(obj: Mapping[str, Any], plural: str, finalizer: str) -> Non
         {"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
         {"op": "remove", "path": f"/metadata/finalizers/{index}"},
     ]
-    request("PATCH", path, ops, content_type="application/json-patch+json")
+    await request("PATCH", path, ops, content_type="application/json-patch+json")
 
 
-def patch_custom_object_status(
+async def patch_custom_object_status(
     group: str, version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Merge-patch a custom resource's status subresource (fields not named are left alone).
@@ -407,12 +422,14 @@ def patch_custom_object_status(
     """
 
     path = api_path(f"{group}/{version}", plural, namespace, name, "status")
-    reply = request("PATCH", path, {"status": dict(status)}, content_type="application/merge-patch+json")
+    reply = await request(
+        "PATCH", path, {"status": dict(status)}, content_type="application/merge-patch+json"
+    )
     stored: dict[str, Any] = orjson.loads(reply)
     return stored
 
 
-def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+async def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """Post a core/v1 Event about `obj` (what `kubectl describe` lists). Best effort: a failure is
     logged, never raised, so that a busy API server cannot fail the reconcile that reported it."""
     from kubernetes.client.exceptions import ApiException
@@ -441,6 +458,12 @@ def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
         "count": 1,
     }
     try:
-        request("POST", api_path("v1", "events", meta["namespace"]), event)
+        await request("POST", api_path("v1", "events", meta["namespace"]), event)
     except (ApiException, OSError) as error:
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], error)
+
+
+#: Run a coroutine of these calls to the end on a new loop, closing its session (the CLI's way in).
+run = kubehttp.run
+#: Close the running loop's session (the operator's cleanup).
+close = kubehttp.close

@@ -1,31 +1,42 @@
-"""HTTP/1.1 to the API server through libcurl (pycurl): calls and watches, one reused connection per
-thread.
+"""The operator's one HTTP client: aiohttp on kopf's event loop, for the API server (calls and
+watches), Prometheus and the replicas' /metrics.
 
-Why not the kubernetes client's urllib3 pool: at a burst of gangs the operator makes thousands of calls
-a minute, and urllib3 with `http.client` spent about 290 us of Python per call (URL parsing, header
-objects, the email parser for response headers) against about 140 us here; the operator's CPU in the
-TrainingJob scale benchmark fell by a quarter (docs/benchmarks.md, "Fourth round"). HTTP/1.1, not
-HTTP/2: it cost both the operator and the API server less per call in the same benchmark.
+Why aiohttp: kopf already runs on it, and a call costs about 110 us of Python against libcurl's 141 us
+(pycurl, which the operator used while its reconcilers were threads); a call in flight is a coroutine,
+not a thread. HTTP/1.1: it cost both the operator and the API server less per call than HTTP/2 in the
+TrainingJob scale benchmark (docs/benchmarks.md).
 
-The connection settings (server CA, client certificate, proxy, TLS server name) come from the same
-kubernetes client configuration as before, so kubeconfigs and in-cluster credentials work unchanged.
-Watches (`stream`) go the same way: libcurl undoes the chunked encoding, the caller gets blocks.
+Why not kopf's own session: kopf makes it in its login handler and makes a new one at every re-login
+(a 401), closing the old one under the calls in flight, and it carries kopf's credential headers on
+every request. Tandem's session lives as long as the operator (opened on first use on the loop,
+closed by `close()` at cleanup) and has no default headers: the API server's credentials go with each
+call to it (`kube`), never to a replica or to Prometheus. TLS comes from the same kubernetes client
+configuration as before (CA, client certificate, `tls-server-name`, proxy), as an `ssl.SSLContext`.
 """
 
 from __future__ import annotations
 
-import io
-import threading
-from collections.abc import Callable
-from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+import asyncio
+import functools
+import ssl
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, TypeVar
 
-import pycurl
+import aiohttp
 
 CONNECT_TIMEOUT_SECONDS = 10
 #: A call that takes longer is given up (the reconcile retries). Past the API server's own 60 s
 #: request timeout, so that its answer, not ours, ends a slow call.
 CALL_TIMEOUT_SECONDS = 90
+#: Connections the session holds open. Calls in flight are bounded well below this by the work
+#: queues' workers and the child-call limit (about 30); the watches hold one each (seven per watched
+#: namespace). Each TLS connection keeps its own buffers: an unbounded pool took 200 MB in kopf's.
+CONNECTIONS = 128
+T = TypeVar("T")
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Reply(NamedTuple):
@@ -36,150 +47,129 @@ class Reply(NamedTuple):
     retry_after: float | None = None
 
 
-def retry_after(header_lines: bytes) -> float | None:
-    """The Retry-After of a reply's header block, in seconds (the API server sends whole seconds;
-    an HTTP date, which it never sends, counts as none)."""
-    for line in header_lines.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"retry-after":
-            try:
-                return max(float(value.strip()), 0.0)
-            except ValueError:
-                return None
-    return None
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds (the API server sends whole seconds; an HTTP date, which it
+    never sends, counts as none)."""
+    if value is None:
+        return None
+    try:
+        return max(float(value.strip()), 0.0)
+    except ValueError:
+        return None
 
 
-class Transport:
-    """Thread-local libcurl handles for one API server, configured from a kubernetes client
-    `Configuration` (read once, when a thread makes its first call)."""
+def session() -> aiohttp.ClientSession:
+    """The running loop's session, made on first use (one per loop: `tandem cost` and tests run
+    their own loops with `run`)."""
+    loop = asyncio.get_running_loop()
+    found = _sessions.get(loop)
+    if found is None or found.closed:
+        connector = aiohttp.TCPConnector(limit=CONNECTIONS, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS)
+        found = _sessions[loop] = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, skip_auto_headers=("Accept-Encoding",)
+        )
+    return found
 
-    def __init__(self, configuration: Any) -> None:
-        self._configuration = configuration
-        self._local = threading.local()
 
-    def call(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> Reply:
-        """The reply. Raises ConnectionError when no reply came (refused, timed out).
+async def close() -> None:
+    """Close the running loop's session (the operator's cleanup; the end of a `run`)."""
+    found = _sessions.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.close()
 
-        The header block is kept (libcurl writes it into a buffer, no Python per line) and read only
-        for an error reply, for its Retry-After."""
-        handle = self._prepared(method, url, body, headers)
-        reply, head = io.BytesIO(), io.BytesIO()
-        handle.setopt(pycurl.WRITEDATA, reply)
-        handle.setopt(pycurl.HEADERFUNCTION, head.write)
+
+def run(call: Coroutine[Any, Any, T]) -> T:
+    """Run `call` to the end on a new event loop and close its session: the CLI's way in."""
+
+    async def closing() -> T:
         try:
-            handle.perform()
-        except pycurl.error as error:
-            raise _no_reply(method, url, error) from None
+            return await call
         finally:
-            handle.unsetopt(pycurl.HEADERFUNCTION)
-        status = int(handle.getinfo(pycurl.RESPONSE_CODE))
-        return Reply(status, reply.getvalue(), retry_after(head.getvalue()) if status >= 300 else None)
+            await close()
 
-    def stream(
-        self, url: str, headers: dict[str, str], on_block: Callable[[bytes], bool], timeout: float
-    ) -> Reply:
-        """GET a streaming reply (a watch), handing each block to `on_block` as it arrives, until the
-        server ends it, `timeout` seconds pass, or `on_block` returns False. The reply (the body of an
-        error reply). An exception raised by `on_block` ends the stream and is raised here."""
-        handle = self._prepared("GET", url, None, headers)
-        error_reply = io.BytesIO()
-        stopped: list[BaseException | None] = []
-        status = [0]
-        head = io.BytesIO()
+    return asyncio.run(closing())
 
-        def header(line: bytes) -> None:  # the status line comes first (getinfo waits for the end)
-            if line.startswith(b"HTTP/"):
-                status[0] = int(line.split()[1])
-            head.write(line)
 
-        def write(block: bytes) -> int:
-            if status[0] >= 300:
-                error_reply.write(block)
-                return len(block)
-            try:
-                if on_block(block):
-                    return len(block)
-                stopped.append(None)
-            except BaseException as raised:  # libcurl cannot carry it: end the transfer, raise it below
-                stopped.append(raised)
-            return 0  # anything but len(block) makes libcurl end the transfer
+@functools.cache
+def tls(configuration: Any) -> ssl.SSLContext | bool:
+    """The TLS settings of a kubernetes client configuration (False: do not verify)."""
+    config = configuration
+    if not config.verify_ssl:
+        return False
+    context = ssl.create_default_context(cafile=config.ssl_ca_cert or None)
+    if config.cert_file:
+        context.load_cert_chain(config.cert_file, config.key_file or None)
+    if config.assert_hostname is False:
+        context.check_hostname = False
+    return context
 
-        handle.setopt(pycurl.HEADERFUNCTION, header)
-        handle.setopt(pycurl.WRITEFUNCTION, write)
-        handle.setopt(pycurl.TIMEOUT_MS, int(timeout * 1000))
-        try:
-            handle.perform()
-        except pycurl.error as error:
-            if stopped and stopped[0] is not None:
-                raise stopped[0] from None
-            if not stopped:
-                raise _no_reply("GET", url, error) from None
-        finally:
-            handle.unsetopt(pycurl.HEADERFUNCTION)
-            handle.setopt(pycurl.TIMEOUT, CALL_TIMEOUT_SECONDS)
-        code = int(handle.getinfo(pycurl.RESPONSE_CODE))
-        return Reply(code, error_reply.getvalue(), retry_after(head.getvalue()) if code >= 300 else None)
 
-    def _prepared(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> pycurl.Curl:
-        """This thread's handle, set up for one request (nothing left over from the one before)."""
-        handle = self._handle()
-        handle.setopt(pycurl.URL, self._url(url))
-        if body is None:
-            handle.setopt(pycurl.HTTPGET, 1)  # forget an earlier call's body
-        else:
-            handle.setopt(pycurl.POSTFIELDS, body)
-        handle.setopt(pycurl.CUSTOMREQUEST, method)
-        # "Expect:" stops libcurl from waiting for a 100 Continue before sending a large body.
-        handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()] + ["Expect:"])
-        return handle
-
-    def _url(self, url: str) -> str:
-        """With a TLS server name set (kubeconfig `tls-server-name`), the URL names it; CONNECT_TO
-        (set on the handle) still sends the connection to the configured address."""
-        server_name = getattr(self._configuration, "tls_server_name", None)
-        if not server_name:
-            return url
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        return urlunsplit(parts._replace(netloc=f"{server_name}{port}"))
-
-    def _handle(self) -> pycurl.Curl:
-        handle: pycurl.Curl | None = getattr(self._local, "handle", None)
-        if handle is None:
-            handle = self._new_handle()
-            self._local.handle = handle
-        return handle
-
-    def _new_handle(self) -> pycurl.Curl:
-        config = self._configuration
-        handle = pycurl.Curl()
-        handle.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: required with threads
-        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
-        handle.setopt(pycurl.CONNECTTIMEOUT, CONNECT_TIMEOUT_SECONDS)
-        handle.setopt(pycurl.TIMEOUT, CALL_TIMEOUT_SECONDS)
-        # The configured proxy or none: libcurl would otherwise follow https_proxy from the environment,
-        # which the kubernetes client never did.
-        handle.setopt(pycurl.PROXY, config.proxy or "")
-        if config.ssl_ca_cert:
-            handle.setopt(pycurl.CAINFO, config.ssl_ca_cert)
-        if config.cert_file:
-            handle.setopt(pycurl.SSLCERT, config.cert_file)
-        if config.key_file:
-            handle.setopt(pycurl.SSLKEY, config.key_file)
-        if not config.verify_ssl:
-            handle.setopt(pycurl.SSL_VERIFYPEER, 0)
-        if not config.verify_ssl or config.assert_hostname is False:
-            handle.setopt(pycurl.SSL_VERIFYHOST, 0)
-        server_name = getattr(config, "tls_server_name", None)
+def _options(configuration: Any, url: str) -> dict[str, Any]:
+    """Per-request TLS, proxy and server name (`tls-server-name` of a kubeconfig) of the API server."""
+    options: dict[str, Any] = {"proxy": configuration.proxy or None}
+    if url.startswith("https:"):
+        options["ssl"] = tls(configuration)
+        server_name = getattr(configuration, "tls_server_name", None)
         if server_name:
-            address = urlsplit(config.host)
-            port, host = address.port or 443, address.hostname or ""
-            host = f"[{host}]" if ":" in host else host  # an IPv6 address
-            handle.setopt(pycurl.CONNECT_TO, [f"{server_name}:{port}:{host}:{port}"])
-        return handle
+            options["server_hostname"] = server_name
+    return options
 
 
-def _no_reply(method: str, url: str, error: pycurl.error) -> ConnectionError:
-    """A call that got no reply, said with the call and libcurl's reason (refused, TLS, timeout)."""
-    code, message = error.args if len(error.args) == 2 else (0, str(error))
-    return ConnectionError(f"{method} {url}: {message} (libcurl error {code})")
+async def call(
+    configuration: Any, method: str, url: str, body: bytes | None, headers: dict[str, str]
+) -> Reply:
+    """One call to the API server. Raises ConnectionError when no reply came (refused, timed out)."""
+    try:
+        async with session().request(
+            method, url, data=body, headers=headers, **_options(configuration, url)
+        ) as response:
+            data = await response.read()
+            wait = retry_after(response.headers.get("Retry-After")) if response.status >= 300 else None
+            return Reply(response.status, data, wait)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise no_reply(method, url, error) from None
+
+
+async def stream(
+    configuration: Any, url: str, headers: dict[str, str], on_block: Callable[[bytes], bool], timeout: float
+) -> Reply:
+    """GET a streaming reply (a watch), handing each block to `on_block` as it arrives, until the
+    server ends it, `timeout` seconds pass, or `on_block` returns False. The reply (with the body of
+    an error reply). An exception raised by `on_block` ends the stream and is raised here.
+
+    Blocks, not lines: aiohttp's line reader refuses lines over 64 KiB, and one watch event (a pod
+    with a 1 MiB label value) can be far longer; the caller splits them (`watchcache.Lines`)."""
+    limit = aiohttp.ClientTimeout(total=timeout, connect=CONNECT_TIMEOUT_SECONDS)
+    try:
+        async with session().get(
+            url, headers=headers, timeout=limit, **_options(configuration, url)
+        ) as response:
+            if response.status >= 300:
+                data = await response.read()
+                return Reply(response.status, data, retry_after(response.headers.get("Retry-After")))
+            async for block in response.content.iter_any():
+                if not on_block(block):
+                    break
+            return Reply(response.status, b"")
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise no_reply("GET", url, error) from None
+
+
+async def get_text(url: str, timeout: float) -> str | None:
+    """GET a plain URL (a replica's /metrics, a Prometheus query): its text, None on any failure."""
+    try:
+        async with session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            if response.status >= 300:
+                return None
+            return await response.text()
+    except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def no_reply(method: str, url: str, error: BaseException) -> ConnectionError:
+    """A call that got no reply, said with the call and the reason (refused, TLS, timeout)."""
+    reason = str(error) or type(error).__name__
+    if isinstance(error, TimeoutError):
+        reason = f"no reply in time ({reason})"
+    return ConnectionError(f"{method} {url}: no reply: {reason}")

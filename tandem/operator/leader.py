@@ -87,24 +87,24 @@ def _micro_time(moment: float) -> str:
 
 
 class LeaseClient:
-    """The three Lease calls, through the operator's one HTTP client."""
+    """The three Lease calls, through the operator's one HTTP client, on its loop."""
 
     def __init__(self, settings: LeaseSettings) -> None:
         self.settings = settings
         self.path = kube.api_path(LEASE_API, "leases", settings.namespace, settings.name)
 
-    def get(self) -> dict[str, Any] | None:
+    async def get(self) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            lease: dict[str, Any] = orjson.loads(kube.request("GET", self.path))
+            lease: dict[str, Any] = orjson.loads(await kube.request("GET", self.path))
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
         return lease
 
-    def write(self, lease: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
+    async def write(self, lease: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
         """Create the Lease (`lease` None) or replace it as read; False if another replica wrote first."""
         from kubernetes.client.exceptions import ApiException
 
@@ -115,9 +115,9 @@ class LeaseClient:
         body = {"apiVersion": LEASE_API, "kind": "Lease", "metadata": metadata, "spec": spec}
         try:
             if lease is None:
-                kube.request("POST", kube.api_path(LEASE_API, "leases", settings.namespace), body)
+                await kube.request("POST", kube.api_path(LEASE_API, "leases", settings.namespace), body)
             else:
-                kube.request("PUT", self.path, body)
+                await kube.request("PUT", self.path, body)
         except ApiException as error:
             if error.status == 409:  # created or updated by another replica since we read it
                 return False
@@ -152,10 +152,10 @@ class LeaderElector:
         #: Another replica holds the Lease now (seen in the last attempt).
         self._taken = False
 
-    def try_acquire_or_renew(self) -> bool:
-        """One attempt (blocking: API calls); True if this replica holds the Lease now."""
+    async def try_acquire_or_renew(self) -> bool:
+        """One attempt (a read, maybe a write); True if this replica holds the Lease now."""
         settings, now = self.settings, self.clock()
-        lease = self.client.get()
+        lease = await self.client.get()
         spec: dict[str, Any] = dict((lease or {}).get("spec") or {})
         if lease is not None:
             version = str(lease["metadata"].get("resourceVersion"))
@@ -175,35 +175,35 @@ class LeaderElector:
             "renewTime": stamp,
             "leaseTransitions": int(spec.get("leaseTransitions") or 0) + (0 if mine or lease is None else 1),
         }
-        if not self.client.write(lease, new_spec):
+        if not await self.client.write(lease, new_spec):
             return False
         self._renewed_at = now
         return True
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Give the Lease up (a clean shutdown), if we hold it: a standby need not wait for it to expire."""
         if not self.leading.is_set():
             return
-        lease = self.client.get()
+        lease = await self.client.get()
         if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.settings.identity:
             return
         spec = dict(lease["spec"])
         spec.update(holderIdentity="", leaseDurationSeconds=1, renewTime=_micro_time(self.wall()))
-        self.client.write(lease, spec)
+        await self.client.write(lease, spec)
         self.leading.clear()
         LEADER.set(0)
         log.info("gave up the leader lease %s/%s", self.settings.namespace, self.settings.name)
 
     async def run(self) -> None:
         """Try for the Lease every retry period until it is ours, then renew it until it is lost."""
-        loop = asyncio.get_running_loop()
         settings = self.settings
         log.info(
             "waiting for the leader lease %s/%s as %s", settings.namespace, settings.name, settings.identity
         )
         while True:
             try:
-                held = await loop.run_in_executor(None, self.try_acquire_or_renew)
+                # Bounded: a call that hangs must not keep a leader past its renew deadline.
+                held = await asyncio.wait_for(self.try_acquire_or_renew(), settings.renew_deadline)
             except Exception as error:  # an unreachable or busy API server: try again next period
                 log.warning("leader election: %s", kube.bounded(str(error), 300))
                 held = False

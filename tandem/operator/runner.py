@@ -1,5 +1,12 @@
 """Start the operator: kopf with Tandem's storage settings, /metrics, a liveness endpoint, and the
-leader election that decides when this replica's work queues start (see tandem.operator.leader)."""
+leader election that decides when this replica's work queues start (see tandem.operator.leader).
+
+One runtime: kopf's event loop runs everything. kopf's part is the handlers that feed the queues
+(the node index and events), the startup and cleanup activities that start and stop the controllers,
+the liveness probe, its own events and settings, and its login (its own aiohttp session, for its own
+calls). Tandem's part, on the same loop: the label-selected watch caches, the work queues and their
+coroutine reconciles, the leader Lease, the usage reader and the autoscalers, all through one aiohttp
+session (`kubehttp`), opened on first use and closed at cleanup."""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ from typing import Any
 from tandem.operator.config import OperatorSettings
 
 ANNOTATION_PREFIX = "tandem.dev"
-HANDLER_THREADS = 4
+#: kopf's threads for sync handlers: Tandem registers none (its handlers are coroutines), so few.
+HANDLER_THREADS = 1
 #: Connections kopf may hold open to the API server (watch streams included). kopf's own session has
 #: no limit, so hundreds of concurrent status patches and events each open a TLS connection with its
 #: own 128 KiB buffer: at 500 TrainingJobs that alone took over 200 MB.
@@ -35,7 +43,6 @@ def configure_kopf(kopf_settings: Any) -> None:
     kopf_settings.posting.level = logging.WARNING
     kopf_settings.watching.server_timeout = 300
     kopf_settings.networking.request_timeout = 60
-    # kopf's threads for sync handlers (the node index).
     kopf_settings.execution.max_workers = HANDLER_THREADS
 
 
@@ -134,15 +141,24 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
 
     @kopf.on.cleanup()
     async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+        """After the controllers' own cleanups (registered first, run first): give up the Lease,
+        stop the usage reader, close the HTTP session."""
+        from tandem.operator import kubehttp
+
         for waiter in memo.leader_waiters:
             waiter.cancel()
         if elector is not None:
             memo.election.cancel()
-            await asyncio.get_running_loop().run_in_executor(None, elector.release)
+            try:
+                await elector.release()
+            except Exception as error:  # the API server may be gone: the Lease then expires
+                log.warning("could not give up the leader lease: %s", error)
+        await usage.close()
+        await kubehttp.close()
 
     @kopf.on.probe(id="tandem")
-    def _health(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-        """Caches, queues and leadership into /healthz; a dead watch thread makes it answer 500."""
+    async def _health(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        """Caches, queues and leadership into /healthz; a dead watch task makes it answer 500."""
         from tandem.operator.health import Unhealthy, report
 
         try:
@@ -168,5 +184,4 @@ def run_operator(settings: OperatorSettings, verbose: bool = False) -> int:
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
         memo=kopf.Memo(settings=settings, leading=leading, leader_waiters=[], usage=usage),
     )
-    usage.close()
     return 0

@@ -9,9 +9,12 @@ asks for its own resync (`requeue after N seconds`) to keep level-based checks s
 A reconcile that fails (raises) is tried again after a per-key exponential backoff with jitter, never
 sooner than the Retry-After the API server sent (`TryAgain.retry_after`, or a `retry_after`
 attribute on the error); a success forgets the key's failures. Why not tenacity: it retries a call
-in place, holding the worker (a thread here) through every wait and missing the changes queued
-meanwhile; a work queue must give the worker back and requeue the key, as controller-runtime's rate
-limiter does, so the delay is computed here (`Backoff`) and the queue's timers do the waiting.
+in place, holding the worker through every wait and missing the changes queued meanwhile; a work
+queue must give the worker back and requeue the key, as controller-runtime's rate limiter does, so
+the delay is computed here (`Backoff`) and the queue's timers do the waiting.
+
+Reconciles are coroutines run by `workers` worker tasks on the operator's loop: all of it (the watch
+caches that queue keys, the timers, the reconciles and their API calls) is one asyncio stack.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable, Hashable
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -74,29 +75,23 @@ class Backoff(Generic[K]):
 
 
 class WorkQueue(Generic[K]):
-    """Run `reconcile(key)` in `executor` for queued keys; it returns seconds until its next run, or None.
-
-    `add` must be called on the loop's thread; `add_threadsafe` from any other thread (a watch thread).
-    """
+    """Await `reconcile(key)` for queued keys, at most `workers` at once; it returns seconds until the
+    key's next run, or None. Made, filled and run on one event loop."""
 
     def __init__(
         self,
-        reconcile: Callable[[K], float | None],
-        executor: Executor,
+        reconcile: Callable[[K], Awaitable[float | None]],
         *,
         workers: int,
         backoff: Backoff[K] | None = None,
     ) -> None:
-        self._reconcile, self._executor, self._workers = reconcile, executor, workers
+        self._reconcile, self._workers = reconcile, workers
         self.backoff: Backoff[K] = backoff or Backoff()
         self._ready: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._running: set[K] = set()
         self._again: set[K] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
-        #: Loop time at which each key is due, for keys queued with a delay (read by other threads).
-        self._due: dict[K, float] = {}
-        self._due_lock = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
         #: Wall-clock time of the last reconcile that went through (None: none yet), for /healthz.
@@ -107,10 +102,15 @@ class WorkQueue(Generic[K]):
         return len(self._queued)
 
     def add(self, key: K, after: float = 0.0) -> None:
-        """Queue `key` now, or in `after` seconds unless it is already due sooner."""
+        """Queue `key` now, or in `after` seconds unless it is already due sooner.
+
+        A key already due no later than asked is left alone: a gang's pods change thousands of times a
+        minute, and the due run has not started yet, so it will read what the caller changed."""
         if after <= 0:
             self._make_ready(key)
             return
+        if key in self._queued:
+            return  # queued to run now, and not started: it will read what changed
         due = self._loop.time() + after
         timer = self._timers.get(key)
         if timer is not None:
@@ -118,26 +118,9 @@ class WorkQueue(Generic[K]):
                 return
             timer.cancel()
         self._timers[key] = self._loop.call_at(due, self._make_ready, key)
-        with self._due_lock:
-            self._due[key] = due
-
-    def add_threadsafe(self, key: K, after: float = 0.0) -> None:
-        """`add` from another thread (a watch thread).
-
-        A key already due no later than asked is left alone without waking the loop: a gang's pods
-        change thousands of times a minute, and each wake-up of the loop costs more than the check.
-        The due run has not started yet, so it will read what the caller changed before calling.
-        """
-        with self._due_lock:
-            due = self._due.get(key)
-        if due is not None and due <= self._loop.time() + after:
-            return
-        self._loop.call_soon_threadsafe(self.add, key, after)
 
     def forget(self, key: K) -> None:
         """Drop a pending delayed run (the object is gone); a run in progress finishes."""
-        with self._due_lock:
-            self._due.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -162,8 +145,6 @@ class WorkQueue(Generic[K]):
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        with self._due_lock:
-            self._due.clear()
 
     def _make_ready(self, key: K) -> None:
         self.forget(key)
@@ -190,7 +171,7 @@ class WorkQueue(Generic[K]):
 
     async def _run(self, key: K) -> float | None:
         try:
-            after = await self._loop.run_in_executor(self._executor, self._reconcile, key)
+            after = await self._reconcile(key)
         except TryAgain as error:
             delay = self.backoff.failed(key, error.retry_after)
             log.warning("reconcile of %s must wait: %s; retrying in %.1f s", key, error, delay)

@@ -102,7 +102,7 @@ def test_operator_image_answers_tandem_help(run_in_image: Any) -> None:
 def test_operator_image_has_the_operator_and_not_the_workloads(run_in_image: Any) -> None:
     probe = (
         "import importlib.util as u, json, os; print(json.dumps({'uid': os.getuid(), **{m: u.find_spec(m) "
-        "is not None for m in ('kopf', 'kubernetes', 'pycurl', 'tandem.operator', 'torch', 'ray')}}))"
+        "is not None for m in ('kopf', 'kubernetes', 'aiohttp', 'tandem.operator', 'torch', 'ray')}}))"
     )
     result = run_in_image(["python", "-c", probe])
     assert result.returncode == 0, result.stderr
@@ -111,7 +111,7 @@ def test_operator_image_has_the_operator_and_not_the_workloads(run_in_image: Any
         "uid": 65532,
         "kopf": True,
         "kubernetes": True,
-        "pycurl": True,
+        "aiohttp": True,
         "tandem.operator": True,
         "torch": False,
         "ray": False,

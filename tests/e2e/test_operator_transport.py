@@ -1,4 +1,4 @@
-"""The operator's API transport (libcurl, `tandem/operator/kubehttp.py`) against the real API server: TLS
+"""The operator's API transport (aiohttp, `tandem/operator/kubehttp.py`) against the real API server: TLS
 checked against the cluster's CA, the admin's client certificate, and a kubeconfig `tls-server-name`
 (the name the server's certificate is checked against, while the connection goes to `server`)."""
 
@@ -39,7 +39,7 @@ def test_calls_go_over_tls_with_the_admins_client_certificate(
     cluster: devcluster.ClusterInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    namespaces = json.loads(kube.request("GET", "/api/v1/namespaces"))  # needs the admin's identity
+    namespaces = json.loads(kube.run(kube.request("GET", "/api/v1/namespaces")))  # needs the admin's identity
     assert "kube-system" in {item["metadata"]["name"] for item in namespaces["items"]}
 
 
@@ -49,11 +49,13 @@ def test_a_tls_server_name_is_the_name_the_certificate_must_carry(
 ) -> None:
     # "kubernetes" is one of the server certificate's names, and no DNS name of this machine.
     monkeypatch.setenv("KUBECONFIG", str(with_server_name(cluster.kubeconfig, tmp_path / "ok", "kubernetes")))
-    assert json.loads(kube.request("GET", "/version"))["gitVersion"].startswith("v1.")
+    assert json.loads(kube.run(kube.request("GET", "/version")))["gitVersion"].startswith("v1.")
 
     kube.configuration.cache_clear()
     monkeypatch.setattr(kube, "_endpoint", kube._Endpoint())
     wrong = with_server_name(cluster.kubeconfig, tmp_path / "wrong", "not-the-api-server")
     monkeypatch.setenv("KUBECONFIG", str(wrong))
     with pytest.raises(ConnectionError, match="not-the-api-server"):
-        kube.request("GET", "/version")  # 127.0.0.1 is in the certificate too: only the name can fail it
+        kube.run(
+            kube.request("GET", "/version")
+        )  # 127.0.0.1 is in the certificate too: only the name can fail it

@@ -20,7 +20,7 @@ from operator_process import wait_for
 from prometheus_process import start_prometheus_with
 
 from tandem import devprometheus
-from tandem.operator import cost, cost_usage
+from tandem.operator import cost, cost_usage, kubehttp
 
 NAMESPACE, POD = "ml", "gpt-head-0"
 #: What the stand-in's containers use: vCPUs (the CPU seconds counter's slope) and working set.
@@ -85,7 +85,7 @@ def test_the_operator_charges_max_of_request_and_usage_read_from_prometheus(
         wait_for(
             lambda: prometheus.query(covered), 180, f"{WINDOW_SECONDS}s of kubelet scrapes", interval=1.0
         )
-        snapshot = source.wait(60)
+        snapshot = kubehttp.run(source.wait(60))
         assert snapshot.problem is None
         usage = snapshot.for_pod(NAMESPACE, POD)
         assert usage is not None
@@ -117,14 +117,14 @@ def test_the_operator_charges_max_of_request_and_usage_read_from_prometheus(
         # A pod on a kwok node has no series: requests, and the snapshot is still good for the others.
         assert snapshot.for_pod(NAMESPACE, "on-a-kwok-node") is None
     finally:
-        source.close()
+        kubehttp.run(source.close())
         prometheus.stop()
     # Prometheus gone: the next read says so instead of failing, and allocation falls back to requests.
     down = cost_usage.UsageSource(prometheus.url, refresh_seconds=0)
     try:
-        snapshot = down.wait(60)
+        snapshot = kubehttp.run(down.wait(60))
     finally:
-        down.close()
+        kubehttp.run(down.close())
     assert snapshot.problem is not None
     assert "did not answer" in snapshot.problem
     fallback = cost.pod_rate(cost.containers_of(manifest()), "H100", prices, snapshot.for_pod(NAMESPACE, POD))

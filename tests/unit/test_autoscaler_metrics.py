@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tandem.operator import kubehttp
 from tandem.operator.autoscaler_metrics import (
     Load,
     Scraper,
@@ -98,11 +99,11 @@ def test_scraper_sums_gauges_and_rates_counters_between_scrapes(
     server, handler = replica
     scraper = Scraper(port=server.server_address[1])
     handler.body = exposition(inflight=4, queue=1, requests=100, fast=100)
-    first = scraper.scrape([("pod-a", "127.0.0.1"), ("pod-gone", "127.0.0.2")], now=10.0)
+    first = kubehttp.run(scraper.scrape([("pod-a", "127.0.0.1"), ("pod-gone", "127.0.0.2")], now=10.0))
     assert (first.concurrency, first.queue_depth, first.replicas) == (4, 1, 1)
     assert first.rps is None  # a rate needs two scrapes
     handler.body = exposition(inflight=6, queue=0, requests=300, fast=120)
-    second = scraper.scrape([("pod-a", "127.0.0.1")], now=12.0)
+    second = kubehttp.run(scraper.scrape([("pod-a", "127.0.0.1")], now=12.0))
     assert second.rps == pytest.approx(100.0)
     assert second.concurrency == 6
     # 200 new requests, 20 under 10 ms: p50 and p99 fall in the 10-100 ms bucket.

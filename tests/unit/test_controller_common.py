@@ -3,14 +3,26 @@ says why (Accepted=False naming the field) and one Warning event, never a crash.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
 from tandem.api.trainingjob import TrainingJobSpec
 from tandem.operator.controller_common import InvalidSpec, refusal_message, validated_spec
 
+T = TypeVar("T")
 VALID = {"trainer": {"builtin": {"size": "tiny", "dataset": {"uri": "file:///d"}}}, "batch": {"perDevice": 4}}
+
+
+def coroutine_of(function: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """A plain function as the coroutine function it stands in for."""
+
+    async def call(*args: Any) -> T:
+        return function(*args)
+
+    return call
 
 
 def job(spec: dict[str, Any], generation: int = 3) -> dict[str, Any]:
@@ -20,7 +32,8 @@ def job(spec: dict[str, Any], generation: int = 3) -> dict[str, Any]:
 
 def test_a_valid_spec_is_returned_and_nothing_is_posted() -> None:
     posted: list[tuple[str, str, str]] = []
-    spec = validated_spec(TrainingJobSpec, job(VALID), "Failed", post=lambda _, *event: posted.append(event))
+    post = coroutine_of(lambda _, *event: posted.append(event))
+    spec = asyncio.run(validated_spec(TrainingJobSpec, job(VALID), "Failed", post=post))
     assert spec.batch.per_device == 4
     assert posted == []
 
@@ -28,8 +41,9 @@ def test_a_valid_spec_is_returned_and_nothing_is_posted() -> None:
 def test_an_invalid_spec_is_a_failed_status_naming_the_field_and_one_warning() -> None:
     posted: list[tuple[str, str, str]] = []
     body = job({**VALID, "workers": {"replicas": 0}})
+    post = coroutine_of(lambda _, *event: posted.append(event))
     with pytest.raises(InvalidSpec) as raised:
-        validated_spec(TrainingJobSpec, body, "Failed", post=lambda _, *event: posted.append(event))
+        asyncio.run(validated_spec(TrainingJobSpec, body, "Failed", post=post))
     status = raised.value.status
     assert status["phase"] == "Failed"
     assert status["observedGeneration"] == 3

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -13,11 +14,23 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from tandem.api.trainingjob import TrainingJobStatus
-from tandem.operator import cost, cost_cli, cost_report, cost_sources
+from tandem.operator import cost, cost_cli, cost_report, cost_sources, kubehttp
 from tandem.operator.cost_report import Allocation, ModelHistory, Series
 from tandem.operator.status_metrics import StatusMetrics, serving_row, training_row
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+T = TypeVar("T")
+
+
+def coroutine_of(function: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """A plain function as the coroutine function it stands in for."""
+
+    async def call(*args: Any) -> T:
+        return function(*args)
+
+    return call
 
 
 def series(text: str) -> dict[tuple[str, str, str], float]:
@@ -116,8 +129,11 @@ def test_prometheus_gives_each_model_its_allocation_now(monkeypatch: pytest.Monk
             ]
         return []
 
-    monkeypatch.setattr(cost_sources, "_get", answer)
-    found = {h.model: h.allocation for h in cost_sources.from_prometheus("http://p", None, NOW, 7200, 3600)}
+    monkeypatch.setattr(cost_sources, "_get", coroutine_of(answer))
+    found = {
+        h.model: h.allocation
+        for h in kubehttp.run(cost_sources.from_prometheus("http://p", None, NOW, 7200, 3600))
+    }
     assert found == {"gpt": Allocation(3, 2), "bert": Allocation(2, 0), "gone": None}
 
 
@@ -125,8 +141,8 @@ def test_tandem_cost_says_when_usage_is_missing_and_why(monkeypatch: pytest.Monk
     def no_series(base_url: str, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
         return []
 
-    monkeypatch.setattr(cost_sources, "_get", no_series)
-    note = cost_cli._usage_note("http://p")
+    monkeypatch.setattr(cost_sources, "_get", coroutine_of(no_series))
+    note = kubehttp.run(cost_cli._usage_note("http://p"))
     assert "requests only" in note
     assert "kwok" in note
 
@@ -134,9 +150,11 @@ def test_tandem_cost_says_when_usage_is_missing_and_why(monkeypatch: pytest.Monk
         labels = {"namespace": "ml", "pod": "p", "container": "c"}
         return [{"metric": labels, "value": [0, "0.5"]}]
 
-    monkeypatch.setattr(cost_sources, "_get", measured)
-    assert cost_cli._usage_note("http://p").startswith("max(request, usage) per container")
-    assert "status.cost.allocation" in cost_cli._usage_note(None)  # the column comes from the status
+    monkeypatch.setattr(cost_sources, "_get", coroutine_of(measured))
+    assert kubehttp.run(cost_cli._usage_note("http://p")).startswith("max(request, usage) per container")
+    assert "status.cost.allocation" in kubehttp.run(
+        cost_cli._usage_note(None)
+    )  # the column comes from the status
 
 
 def test_a_recent_allocation_needs_a_point_near_now() -> None:

@@ -5,19 +5,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from tandem.operator import cost_cli, cost_report
+from tandem.operator import cost_cli, cost_report, kubehttp
 from tandem.operator.cost_plot import plot
 from tandem.operator.cost_report import ModelHistory, Series
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 HOUR = 3600.0
+
+
+T = TypeVar("T")
+
+
+def coroutine_of(function: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """A plain function as the coroutine function it stands in for."""
+
+    async def call(*args: Any) -> T:
+        return function(*args)
+
+    return call
 
 
 def hourly(values: list[float], start: datetime = T0) -> Series:
@@ -158,8 +170,10 @@ def test_without_prometheus_the_status_gives_spend_and_rate_now(monkeypatch: pyt
             {"metadata": {"name": "other"}, "spec": {"model": {"uri": "s3://b/m"}}, "status": {}},
         ],
     }
-    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
-    rows = {row.model: row for row in cost_report.report(cost_sources.from_status(None, now), now)}
+    monkeypatch.setattr(cost_sources, "_items", coroutine_of(lambda plural, namespace: listed[plural]))
+    rows = {
+        row.model: row for row in cost_report.report(kubehttp.run(cost_sources.from_status(None, now)), now)
+    }
     assert rows["gpt"] == cost_report.summarize(gpt_history(), now)  # the same answer as Prometheus' history
     assert rows[""].crossover is None  # a service with no TrainingJob: nothing to cross
 
@@ -182,11 +196,11 @@ def test_the_status_right_after_training_gives_the_same_crossover(monkeypatch: p
             },
         ],
     }
-    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
-    (row,) = cost_report.report(cost_sources.from_status(None, now), now)
+    monkeypatch.setattr(cost_sources, "_items", coroutine_of(lambda plural, namespace: listed[plural]))
+    (row,) = cost_report.report(kubehttp.run(cost_sources.from_status(None, now)), now)
     assert row == cost_report.summarize(just_after_training(), now)
     job["phase"] = "Recovering"  # not ended: it will spend again
-    (history,) = cost_sources.from_status(None, now)
+    (history,) = kubehttp.run(cost_sources.from_status(None, now))
     assert not history.training_ended
 
 
@@ -214,8 +228,10 @@ def test_prometheus_histories_mark_the_models_whose_training_ended(monkeypatch: 
             ]
         return []
 
-    monkeypatch.setattr(cost_sources, "_get", answer)
-    found = {h.model: h for h in cost_sources.from_prometheus("http://p", "ml", now, 86400.0, HOUR)}
+    monkeypatch.setattr(cost_sources, "_get", coroutine_of(answer))
+    found = {
+        h.model: h for h in kubehttp.run(cost_sources.from_prometheus("http://p", "ml", now, 86400.0, HOUR))
+    }
     assert found["gpt"].training_ended
     assert not found["big"].training_ended
     row = cost_report.summarize(found["gpt"], now)
@@ -245,7 +261,9 @@ def test_the_status_says_how_each_model_is_allocated(monkeypatch: pytest.MonkeyP
         "trainingjobs": [job("a", "usage"), job("b", "usage"), job("c", None)],
         "inferenceservices": [service("a-chat", "a", "usage"), service("b-chat", "b", "requests")],
     }
-    monkeypatch.setattr(cost_sources, "_items", lambda plural, namespace: listed[plural])
-    rows = {row.model: row for row in cost_report.report(cost_sources.from_status(None, now), now)}
+    monkeypatch.setattr(cost_sources, "_items", coroutine_of(lambda plural, namespace: listed[plural]))
+    rows = {
+        row.model: row for row in cost_report.report(kubehttp.run(cost_sources.from_status(None, now)), now)
+    }
     assert {model: row.allocation for model, row in rows.items()} == {"a": "usage", "b": "mixed", "c": "-"}
     assert rows["b"].to_dict()["allocation"] == "mixed"

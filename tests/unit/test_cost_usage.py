@@ -5,15 +5,28 @@ GiB-hour, $0.95 per GPU-hour) and a $4 H100."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
-from tandem.operator import cost, cost_usage
+from tandem.operator import cost, cost_usage, kubehttp
 
 PRICES = cost.Prices({"H100": 4.0})
 CPU, RAM = cost.OPENCOST_CPU_USD_PER_VCPU_HOUR, cost.OPENCOST_RAM_USD_PER_GIB_HOUR
+
+
+T = TypeVar("T")
+
+
+def coroutine_of(function: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """A plain function as the coroutine function it stands in for."""
+
+    async def call(*args: Any) -> T:
+        return function(*args)
+
+    return call
 
 
 def manifest() -> dict[str, Any]:
@@ -111,11 +124,11 @@ def test_a_snapshot_reads_cpu_memory_and_gpu_by_container() -> None:
     }
     seen: list[str] = []
 
-    def query(expression: str, what: str) -> list[dict[str, Any]]:
+    async def query(expression: str, what: str) -> list[dict[str, Any]]:
         seen.append(expression)
         return replies[what]
 
-    snapshot = cost_usage.read(query, window="2m", now=100.0)
+    snapshot = asyncio.run(cost_usage.read(query, window="2m", now=100.0))
     assert snapshot.problem is None
     assert snapshot.for_pod("ml", "p-0") == {
         "server": cost.Usage(cpu=3.5, memory_bytes=6 * cost.GIB, gpu_busy=0.4),
@@ -127,15 +140,15 @@ def test_a_snapshot_reads_cpu_memory_and_gpu_by_container() -> None:
 
 
 def test_no_series_or_no_prometheus_falls_back_to_requests_and_says_why() -> None:
-    empty = cost_usage.read(lambda expression, what: [])
+    empty = asyncio.run(cost_usage.read(coroutine_of(lambda expression, what: [])))
     assert empty.problem == cost_usage.NO_SERIES
     assert "kwok" in empty.problem
     assert "requests only" in empty.problem
 
-    def down(expression: str, what: str) -> list[dict[str, Any]]:
+    async def down(expression: str, what: str) -> list[dict[str, Any]]:
         raise ConnectionError("Prometheus at http://prom:9090 did not answer (refused)")
 
-    failed = cost_usage.read(down)
+    failed = asyncio.run(cost_usage.read(down))
     assert failed.problem is not None
     assert "did not answer" in failed.problem
     assert failed.pods == {}
@@ -143,11 +156,14 @@ def test_no_series_or_no_prometheus_falls_back_to_requests_and_says_why() -> Non
 
 
 def test_a_real_unreachable_prometheus_is_a_problem_not_an_exception() -> None:
-    source = cost_usage.UsageSource("http://127.0.0.1:9", refresh_seconds=60)
-    try:
-        snapshot = source.wait(30)
-    finally:
-        source.close()
+    async def scenario() -> cost_usage.UsageSnapshot:
+        source = cost_usage.UsageSource("http://127.0.0.1:9", refresh_seconds=60)
+        try:
+            return await source.wait(30)
+        finally:
+            await source.close()
+
+    snapshot = kubehttp.run(scenario())
     assert snapshot.problem is not None
     assert "did not answer" in snapshot.problem
 
@@ -155,25 +171,31 @@ def test_a_real_unreachable_prometheus_is_a_problem_not_an_exception() -> None:
 def test_the_source_refreshes_in_the_background_at_most_once_per_interval() -> None:
     now = [0.0]
     calls: list[str] = []
-    release = threading.Event()
 
-    def query(expression: str, what: str) -> list[dict[str, Any]]:
-        release.wait(30)
-        calls.append(what)
-        return vector(("ml", "p-0", "server", 1.0)) if what == "cpu" else []
+    async def scenario() -> None:
+        release = asyncio.Event()
 
-    source = cost_usage.UsageSource("", refresh_seconds=30, query=query, clock=lambda: now[0])
-    try:
-        assert source.snapshot().for_pod("ml", "p-0") is None  # not landed yet: never blocks
-        release.set()
-        assert source.wait(30).for_pod("ml", "p-0") == {"server": cost.Usage(cpu=1.0)}
-        assert source.snapshot().for_pod("ml", "p-0") is not None
-        assert len(calls) == 3  # one round, not one per snapshot()
-        now[0] = 31.0
-        source.wait(30)
-        assert len(calls) == 6
-    finally:
-        source.close()
+        async def query(expression: str, what: str) -> list[dict[str, Any]]:
+            await release.wait()
+            calls.append(what)
+            return vector(("ml", "p-0", "server", 1.0)) if what == "cpu" else []
+
+        source = cost_usage.UsageSource("", refresh_seconds=30, query=query, clock=lambda: now[0])
+        try:
+            assert source.snapshot().for_pod("ml", "p-0") is None  # not landed yet: never waits
+            await asyncio.sleep(0)  # the round has started and waits on Prometheus
+            assert source.snapshot().for_pod("ml", "p-0") is None
+            release.set()
+            assert (await source.wait(30)).for_pod("ml", "p-0") == {"server": cost.Usage(cpu=1.0)}
+            assert source.snapshot().for_pod("ml", "p-0") is not None
+            assert len(calls) == 3  # one round, not one per snapshot()
+            now[0] = 31.0
+            await source.wait(30)
+            assert len(calls) == 6
+        finally:
+            await source.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_the_queries_keep_to_the_watched_namespaces() -> None:
@@ -183,35 +205,41 @@ def test_the_queries_keep_to_the_watched_namespaces() -> None:
     assert all('namespace=~"ml|team-a"' in q for q in watched.values())
 
 
-def test_an_answer_that_lands_at_once_does_not_hold_the_reconciler() -> None:
-    """A refresh that finishes before its callback is registered lands in the caller's thread."""
-    source = cost_usage.UsageSource(
-        "", refresh_seconds=0, query=lambda expression, what: vector(("ml", "p-0", "server", 1.0))
-    )
-    spun = threading.Event()
+def test_snapshots_taken_often_start_one_round_at_a_time_and_never_wait() -> None:
+    """A reconcile asks for a snapshot on every pass: it is handed the last one at once, and at most
+    one query round runs at a time however often it asks."""
+    rounds: list[int] = []
 
-    def reconcile_often() -> None:
-        for _ in range(300):
-            source.snapshot()
-        spun.set()
+    async def query(expression: str, what: str) -> list[dict[str, Any]]:
+        rounds.append(1)
+        await asyncio.sleep(0.01)
+        return vector(("ml", "p-0", "server", 1.0))
 
-    try:
-        threading.Thread(target=reconcile_often, daemon=True).start()
-        assert spun.wait(60), "snapshot() hung"
-        assert source.wait(30).for_pod("ml", "p-0") == {"server": cost.Usage(1.0, 1.0, 1.0)}
-    finally:
-        source.close()
+    async def scenario() -> None:
+        source = cost_usage.UsageSource("", refresh_seconds=0, query=query)
+        try:
+            for _ in range(300):
+                source.snapshot()  # no await: it never waits for Prometheus
+            assert len(rounds) <= 3  # one round in flight: its three queries
+            assert (await source.wait(30)).for_pod("ml", "p-0") == {"server": cost.Usage(1.0, 1.0, 1.0)}
+        finally:
+            await source.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_a_malformed_reply_is_a_problem_not_a_failed_reconcile(caplog: pytest.LogCaptureFixture) -> None:
-    def no_value(expression: str, what: str) -> list[dict[str, Any]]:
+    async def no_value(expression: str, what: str) -> list[dict[str, Any]]:
         return [{"metric": {"namespace": "ml", "pod": "p", "container": "c"}}]
 
-    source = cost_usage.UsageSource("", query=no_value)
-    try:
-        snapshot = source.wait(30)
-    finally:
-        source.close()
+    async def scenario() -> cost_usage.UsageSnapshot:
+        source = cost_usage.UsageSource("", query=no_value)
+        try:
+            return await source.wait(30)
+        finally:
+            await source.close()
+
+    snapshot = asyncio.run(scenario())
     assert snapshot.problem is not None
     assert snapshot.problem.startswith("reading usage failed")
     assert snapshot.problem.endswith("requests only")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import threading
 from typing import Any
 
 import pytest
@@ -19,30 +18,36 @@ from tandem.operator.leader import LeaderElector, LeaseClient, LeaseSettings
 
 
 class Store(LeaseClient):
-    """One Lease, held in memory, with optimistic concurrency by resourceVersion."""
+    """One Lease, held in memory, with optimistic concurrency by resourceVersion. Each call yields to
+    the loop first, as a real call does, so replicas racing on one loop interleave."""
 
     def __init__(self) -> None:
         self.lease: dict[str, Any] | None = None
         self.version = 0
         self.fail = False
-        self._lock = threading.Lock()  # the API server's compare-and-swap is atomic
 
-    def get(self) -> dict[str, Any] | None:
+    async def get(self) -> dict[str, Any] | None:
+        await asyncio.sleep(0)
         if self.fail:
             raise ConnectionError("API server unreachable")
         return copy.deepcopy(self.lease)
 
-    def write(self, lease: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
+    async def write(self, lease: dict[str, Any] | None, spec: dict[str, Any]) -> bool:
+        await asyncio.sleep(0)
         if self.fail:
             raise ConnectionError("API server unreachable")
-        with self._lock:
-            current = self.lease["metadata"]["resourceVersion"] if self.lease else None
-            read = lease["metadata"]["resourceVersion"] if lease else None
-            if current != read:
-                return False  # 409: written by another since it was read
-            self.version += 1
-            self.lease = {"metadata": {"resourceVersion": str(self.version)}, "spec": dict(spec)}
-            return True
+        # The API server's compare-and-swap is atomic: no await from the read to the write here.
+        current = self.lease["metadata"]["resourceVersion"] if self.lease else None
+        read = lease["metadata"]["resourceVersion"] if lease else None
+        if current != read:
+            return False  # 409: written by another since it was read
+        self.version += 1
+        self.lease = {"metadata": {"resourceVersion": str(self.version)}, "spec": dict(spec)}
+        return True
+
+
+def attempt(elector: LeaderElector) -> bool:
+    return asyncio.run(elector.try_acquire_or_renew())
 
 
 class Clock:
@@ -61,12 +66,12 @@ def replica(store: Store, clock: Clock, identity: str, lost: list[str] | None = 
 def test_the_first_replica_leads_and_the_second_stands_by_while_the_leader_renews() -> None:
     store, clock = Store(), Clock()
     a, b = replica(store, clock, "a"), replica(store, clock, "b")
-    assert a.try_acquire_or_renew()
-    assert not b.try_acquire_or_renew()
+    assert attempt(a)
+    assert not attempt(b)
     for _ in range(20):  # 40 s of renewals every 2 s: the standby never takes over
         clock.now += 2
-        assert a.try_acquire_or_renew()
-        assert not b.try_acquire_or_renew()
+        assert attempt(a)
+        assert not attempt(b)
     assert store.lease is not None
     assert store.lease["spec"]["holderIdentity"] == "a"
     assert store.lease["spec"]["leaseTransitions"] == 0
@@ -75,16 +80,16 @@ def test_the_first_replica_leads_and_the_second_stands_by_while_the_leader_renew
 def test_a_standby_takes_over_once_the_leader_has_not_renewed_for_the_lease_duration() -> None:
     store, clock = Store(), Clock()
     a, b = replica(store, clock, "a"), replica(store, clock, "b")
-    assert a.try_acquire_or_renew()
-    assert not b.try_acquire_or_renew()  # b first sees the Lease now
+    assert attempt(a)
+    assert not attempt(b)  # b first sees the Lease now
     clock.now += 14.9
-    assert not b.try_acquire_or_renew()
+    assert not attempt(b)
     clock.now += 0.2  # 15.1 s since b saw the last renewal
-    assert b.try_acquire_or_renew()
+    assert attempt(b)
     assert store.lease is not None
     assert store.lease["spec"]["holderIdentity"] == "b"
     assert store.lease["spec"]["leaseTransitions"] == 1
-    assert not a.try_acquire_or_renew()  # the old leader sees it is taken
+    assert not attempt(a)  # the old leader sees it is taken
 
 
 def test_the_holders_own_timestamps_are_not_trusted_only_the_standbys_clock() -> None:
@@ -94,17 +99,17 @@ def test_the_holders_own_timestamps_are_not_trusted_only_the_standbys_clock() ->
     behind.now = clock.now - 7200
     a = LeaderElector(LeaseSettings("tandem", "l", "a"), lambda: None, store, clock, behind)
     b = replica(store, clock, "b")
-    assert a.try_acquire_or_renew()
-    assert not b.try_acquire_or_renew()
+    assert attempt(a)
+    assert not attempt(b)
     clock.now += 2
-    assert a.try_acquire_or_renew()
-    assert not b.try_acquire_or_renew()
+    assert attempt(a)
+    assert not attempt(b)
 
 
 def test_a_restarted_replica_of_the_same_pod_leads_again_at_once() -> None:
     store, clock = Store(), Clock()
-    assert replica(store, clock, "operator-0").try_acquire_or_renew()
-    assert replica(store, clock, "operator-0").try_acquire_or_renew()  # same identity, new process
+    assert attempt(replica(store, clock, "operator-0"))
+    assert attempt(replica(store, clock, "operator-0"))  # same identity, new process
     assert store.lease is not None
     assert store.lease["spec"]["leaseTransitions"] == 0
 
@@ -112,30 +117,22 @@ def test_a_restarted_replica_of_the_same_pod_leads_again_at_once() -> None:
 def test_a_released_lease_is_taken_at_once() -> None:
     store, clock = Store(), Clock()
     a, b = replica(store, clock, "a"), replica(store, clock, "b")
-    assert a.try_acquire_or_renew()
+    assert attempt(a)
     a.leading.set()
-    assert not b.try_acquire_or_renew()
-    a.release()
+    assert not attempt(b)
+    asyncio.run(a.release())
     assert not a.leading.is_set()
-    assert b.try_acquire_or_renew()  # no lease duration to wait
+    assert attempt(b)  # no lease duration to wait
 
 
 def test_two_replicas_racing_for_a_free_lease_never_both_win() -> None:
     store, clock = Store(), Clock()
     replicas = [replica(store, clock, f"r{i}") for i in range(8)]
-    barrier = threading.Barrier(len(replicas))
-    won: list[str] = []
 
-    def race(elector: LeaderElector) -> None:
-        barrier.wait()
-        if elector.try_acquire_or_renew():
-            won.append(elector.settings.identity)
+    async def race() -> list[bool]:  # every replica reads the free Lease before any writes it
+        return list(await asyncio.gather(*(r.try_acquire_or_renew() for r in replicas)))
 
-    threads = [threading.Thread(target=race, args=(r,)) for r in replicas]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    won = [r.settings.identity for r, held in zip(replicas, asyncio.run(race()), strict=True) if held]
     assert len(won) == 1
     assert store.lease is not None
     assert store.lease["spec"]["holderIdentity"] == won[0]

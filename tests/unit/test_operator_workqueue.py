@@ -1,16 +1,15 @@
 """The operator's keyed work queue in pure asyncio: one run per key at a time, no run lost, resyncs.
 
-Reconciles run in a real thread pool; tests wait on events the reconcile sets, never on sleeps.
+Reconciles are coroutines run by the queue's worker tasks; tests wait on events the reconcile sets,
+never on sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from tandem.operator.workqueue import Backoff, TryAgain, WorkQueue
@@ -27,29 +26,37 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)  # polling a condition, with the test's 10 s bound around it
 
 
+def coroutine(reconcile: Callable[[str], float | None]) -> Callable[[str], Awaitable[float | None]]:
+    """A plain function as a reconcile coroutine."""
+
+    async def run(key: str) -> float | None:
+        return reconcile(key)
+
+    return run
+
+
 async def with_queue(
-    reconcile: Callable[[str], float | None],
+    reconcile: Callable[[str], Awaitable[float | None]],
     body: Callable[[WorkQueue[str]], Awaitable[None]],
     workers: int = 4,
     backoff: Backoff[str] | None = None,
 ) -> None:
-    with ThreadPoolExecutor(workers) as executor:
-        queue: WorkQueue[str] = WorkQueue(reconcile, executor, workers=workers, backoff=backoff)
-        queue.start()
-        try:
-            await body(queue)
-        finally:
-            await queue.stop()
+    queue: WorkQueue[str] = WorkQueue(reconcile, workers=workers, backoff=backoff)
+    queue.start()
+    try:
+        await body(queue)
+    finally:
+        await queue.stop()
 
 
 def test_a_key_added_many_times_while_queued_runs_once() -> None:
     runs: list[str] = []
     started: list[str] = []
-    gate = threading.Event()
+    gate = asyncio.Event()
 
-    def reconcile(key: str) -> None:
+    async def reconcile(key: str) -> None:
         started.append(key)
-        gate.wait(5)
+        await gate.wait()
         runs.append(key)
 
     async def body(queue: WorkQueue[str]) -> None:
@@ -68,23 +75,20 @@ def test_a_key_added_many_times_while_queued_runs_once() -> None:
 
 def test_a_key_added_while_running_runs_again_after_and_never_twice_at_once() -> None:
     active, most, runs = 0, 0, 0
-    lock = threading.Lock()
-    first_started, release = threading.Event(), threading.Event()
+    first_started, release = asyncio.Event(), asyncio.Event()
 
-    def reconcile(key: str) -> None:
+    async def reconcile(key: str) -> None:
         nonlocal active, most, runs
-        with lock:
-            active += 1
-            most = max(most, active)
+        active += 1
+        most = max(most, active)
         first_started.set()
-        release.wait(5)
-        with lock:
-            active -= 1
-            runs += 1
+        await release.wait()
+        active -= 1
+        runs += 1
 
     async def body(queue: WorkQueue[str]) -> None:
         queue.add("job")
-        await until(first_started.is_set)
+        await first_started.wait()
         queue.add("job")  # a change arrives while the first run is in progress
         queue.add("job")
         release.set()
@@ -107,6 +111,8 @@ def test_reconcile_asks_for_its_own_resync() -> None:
         await until(lambda: len(runs) == 3)
         assert len(queue) == 0  # no fourth run pending: None ends the resyncs
 
+    run(with_queue(coroutine(reconcile), body))
+
 
 def test_a_sooner_add_overrides_a_later_delay_and_forget_cancels_it() -> None:
     runs: list[str] = []
@@ -121,7 +127,7 @@ def test_a_sooner_add_overrides_a_later_delay_and_forget_cancels_it() -> None:
         queue.add("late", after=60)  # a later time never postpones an earlier one
         await until(lambda: runs == ["late", "late"])
 
-    run(with_queue(runs.append, body))
+    run(with_queue(coroutine(runs.append), body))
     assert "gone" not in runs
 
 
@@ -138,7 +144,7 @@ def test_a_failing_reconcile_is_retried_not_dropped() -> None:
         queue.add("job")
         await until(lambda: calls == 2)
 
-    run(with_queue(reconcile, body, backoff=Backoff(base=0.01)))
+    run(with_queue(coroutine(reconcile), body, backoff=Backoff(base=0.01)))
     assert calls == 2
 
 
@@ -172,7 +178,7 @@ def test_a_try_again_waits_at_least_its_retry_after_then_runs_the_key_again() ->
         await until(lambda: len(runs) == 2)
         assert queue.backoff.failures("job") == 0  # the second run succeeded
 
-    run(with_queue(reconcile, body, backoff=Backoff(base=0.001)))
+    run(with_queue(coroutine(reconcile), body, backoff=Backoff(base=0.001)))
     assert runs[1] - runs[0] >= 0.3
 
 
@@ -191,46 +197,24 @@ def test_an_error_carrying_retry_after_is_honoured_like_try_again() -> None:
         queue.add("job")
         await until(lambda: len(runs) == 2)
 
-    run(with_queue(reconcile, body, backoff=Backoff(base=0.001)))
+    run(with_queue(coroutine(reconcile), body, backoff=Backoff(base=0.001)))
     assert runs[1] - runs[0] >= 0.2
 
 
-def test_add_threadsafe_wakes_a_key_from_a_watch_thread() -> None:
+def test_a_burst_of_adds_runs_once_and_a_sooner_one_still_wins() -> None:
+    """A gang's pods change many times in a moment: one run, after the delay; an immediate ask is not
+    held back by the delayed one already queued."""
     runs: list[str] = []
 
     async def body(queue: WorkQueue[str]) -> None:
-        thread = threading.Thread(target=queue.add_threadsafe, args=("job",))
-        thread.start()
-        thread.join()
-        await until(lambda: runs == ["job"])
-
-    run(with_queue(runs.append, body))
-
-
-def test_a_burst_of_threadsafe_adds_runs_once_and_a_sooner_one_still_wins() -> None:
-    """A gang's pods change many times in a moment: one run, after the delay; an immediate ask from
-    another thread is not held back by the delayed one already queued."""
-    runs: list[str] = []
-
-    def burst(after: float) -> None:
-        for _ in range(50):
-            queue_ref[0].add_threadsafe("job", after)
-
-    queue_ref: list[WorkQueue[str]] = []
-
-    async def body(queue: WorkQueue[str]) -> None:
-        queue_ref.append(queue)
         queue.add("job", after=0.2)  # due soon: the burst below must not postpone or repeat it
-        thread = threading.Thread(target=burst, args=(0.5,))
-        thread.start()
-        thread.join()
+        for _ in range(50):
+            queue.add("job", 0.5)
         queue.add("marker", after=0.7)  # due after every delay the burst asked for
         await until(lambda: "marker" in runs)
         assert runs == ["job", "marker"]  # one run of the job, none repeated by the burst
         queue.add("job", after=60)
-        thread = threading.Thread(target=queue.add_threadsafe, args=("job", 0.0))
-        thread.start()
-        thread.join()
+        queue.add("job")
         await until(lambda: runs == ["job", "marker", "job"])  # not held until the 60 s one
 
-    run(with_queue(runs.append, body))
+    run(with_queue(coroutine(runs.append), body))

@@ -9,7 +9,8 @@ changed. The autoscaler task reads load every `autoscaler_tick_seconds`, writes 
 in builtin mode writes its decisions to `spec.replicas.count` through the scale subresource.
 
 No kopf timer or daemon: they put a finalizer on every service, so that deleting one hung while the
-operator was down (`tandem/operator/workqueue.py`).
+operator was down (`tandem/operator/workqueue.py`). All of it runs on kopf's event loop; what the
+controller remembers lives on the `Controller` in kopf's memo, not in module globals.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -75,14 +75,8 @@ CRD_CHECK_SECONDS = 300.0
 METRICS_WRITE_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
-#: The autoscaler's last word per service uid, read by the reconcile timer (ScalingActive condition).
-_scaling: dict[str, ScalingInfo] = {}
-_warnings = WarningsOnce()
-#: Services reconciled at the same time (threads: a reconcile blocks on its API calls).
+#: Services reconciled at the same time (work queue workers).
 RECONCILE_WORKERS = 4
-_RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-inferenceservice")
-_crd_cache: dict[str, tuple[float, bool]] = {}
-_service_monitors: set[str] = set()
 
 
 # -- indexes ---------------------------------------------------------------------------------------
@@ -113,43 +107,49 @@ def training_job(cache: WatchCache[dict[str, Any]], namespace: str, name: str) -
     return observe_trainingjob(bodies[0]) if bodies else None
 
 
-def service_monitor_crd() -> bool:
+class CrdCheck:
     """Whether the Prometheus Operator's ServiceMonitor CRD exists (asked at most every 5 minutes)."""
-    now = time.monotonic()
-    cached = _crd_cache.get(SERVICE_MONITOR_CRD)
-    if cached is None or now - cached[0] > CRD_CHECK_SECONDS:
-        cached = (now, kube.crd_exists(SERVICE_MONITOR_CRD))
-        _crd_cache[SERVICE_MONITOR_CRD] = cached
-    return cached[1]
+
+    def __init__(self) -> None:
+        self._asked: tuple[float, bool] | None = None
+
+    async def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._asked is None or now - self._asked[0] > CRD_CHECK_SECONDS:
+            self._asked = (now, await kube.crd_exists(SERVICE_MONITOR_CRD))
+        return self._asked[1]
 
 
 # -- reconcile -------------------------------------------------------------------------------------
 
 
-def apply(decision: Decision, body: Mapping[str, Any], uid: str) -> str | None:
+async def apply(
+    decision: Decision, body: Mapping[str, Any], uid: str, monitors: set[str], warnings: WarningsOnce
+) -> str | None:
     """Carry out a decision; return why the API server refused a child for good (which child, which
-    field, bounded), if it did. Idempotent. A busy API server raises kube.Busy (the queue backs off)."""
+    field, bounded), if it did. Idempotent. A busy API server raises kube.Busy (the queue backs off).
+    `monitors`: the uids of the services whose ServiceMonitor is in place."""
     refused = None
     for manifest in decision.create:
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
         try:
-            if kube.create(manifest):
+            if await kube.create(manifest):
                 log.info("created %s in %s", child, manifest["metadata"]["namespace"])
             if manifest["kind"] == "ServiceMonitor":
-                _service_monitors.add(uid)
+                monitors.add(uid)
         except kube.Refused as error:
             refused = refused or refusal_message(child, error)
     # A refused Service or PDB: no Deployment either (replicas must not run unreachable behind a
     # Failed service). A refused Deployment of a new spec leaves the one of the last good spec serving.
     if decision.apply is not None and refused is None:
         try:
-            kube.apply(decision.apply)
+            await kube.apply(decision.apply)
         except kube.Refused as error:
             refused = refused or refusal_message(f"Deployment {decision.apply['metadata']['name']}", error)
     for event in decision.events:
-        kube.post_event(body, event.type, event.reason, event.message)
+        await kube.post_event(body, event.type, event.reason, event.message)
     if refused:
-        _warnings.warn(body, uid, CREATE_REFUSED, refused)
+        await warnings.warn(body, uid, CREATE_REFUSED, refused)
     return refused
 
 
@@ -193,17 +193,17 @@ def policy(spec: InferenceServiceSpec, settings: OperatorSettings) -> autoscaler
     )
 
 
-def read_load(
+async def read_load(
     settings: OperatorSettings, namespace: str, name: str, ready: list[tuple[str, str]], memory: _Scaling
 ) -> Load:
     if settings.prometheus_url:
-        return query_prometheus(settings.prometheus_url, promql(namespace, name))
+        return await query_prometheus(settings.prometheus_url, promql(namespace, name))
     if not ready:
         return Load()
-    return memory.scraper.scrape(ready, time.monotonic())
+    return await memory.scraper.scrape(ready, time.monotonic())
 
 
-def autoscale_tick(
+async def autoscale_tick(
     settings: OperatorSettings,
     namespace: str,
     name: str,
@@ -211,7 +211,7 @@ def autoscale_tick(
     replicas: list[ObservedReplica],
     memory: _Scaling,
 ) -> _Outcome:
-    """One autoscaler step for one service (blocking I/O; run off the event loop)."""
+    """One autoscaler step for one service: read its load, write status.metrics, scale (builtin)."""
     try:
         service_spec = InferenceServiceSpec.model_validate(dict(spec))
     except ValueError:
@@ -222,10 +222,10 @@ def autoscale_tick(
         return _Outcome([], ScalingInfo(False, "Suspended", "suspended: not scaling"))
     ready = [(r.name, r.ip) for r in replicas if r.ready and r.ip and not r.deleting]
     now = time.monotonic()
-    load = read_load(settings, namespace, name, ready, memory)
+    load = await read_load(settings, namespace, name, ready, memory)
     metrics = rounded(load)
     if metrics and (metrics != memory.written and now - memory.written_at >= METRICS_WRITE_SECONDS):
-        kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, {"metrics": metrics})
+        await kube.patch_custom_object_status(GROUP, VERSION, PLURAL, namespace, name, {"metrics": metrics})
         memory.written, memory.written_at = metrics, now
     scaling = service_spec.autoscaling
     if scaling is None or scaling.mode is AutoscalingMode.EXTERNAL:
@@ -247,7 +247,7 @@ def autoscale_tick(
     events: list[tuple[str, str, str]] = []
     text = decision.describe(rules, current)
     if decision.replicas != count:
-        kube.scale_custom_object(GROUP, VERSION, PLURAL, namespace, name, decision.replicas)
+        await kube.scale_custom_object(GROUP, VERSION, PLURAL, namespace, name, decision.replicas)
         events.append(("Normal", "Scaled", text))
         log.info("%s/%s: %s", namespace, name, text)
     if decision.stable_value is None:
@@ -259,7 +259,7 @@ def autoscale_tick(
 
 
 class Controller:
-    """What the InferenceService reconciler and autoscalers need between calls."""
+    """What the InferenceService reconciler and autoscalers need between calls (kopf's memo holds it)."""
 
     def __init__(
         self,
@@ -272,38 +272,42 @@ class Controller:
         self.settings, self.caches, self.service_cache = settings, caches, service_cache
         self.bodies, self.trainingjobs = bodies, trainingjobs
         self.queue: WorkQueue[Key] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         #: The autoscaler task of each service, with the uid it was started for.
         self.autoscalers: dict[Key, tuple[str, asyncio.Task[None]]] = {}
         #: Set while this replica leads: autoscalers scale only then (see tandem.operator.leader).
         self.leading: asyncio.Event | None = None
         #: The containers' measured usage for the cost model (None: requests only).
         self.usage: UsageSource | None = None
+        #: The autoscaler's last word per service uid, read by the reconcile (ScalingActive condition).
+        self.scaling: dict[str, ScalingInfo] = {}
+        #: The uids of the services whose ServiceMonitor is in place.
+        self.service_monitors: set[str] = set()
+        self.warnings = WarningsOnce()
+        self.service_monitor_crd = CrdCheck()
 
-    # -- from the watch threads --------------------------------------------------------------------
+    # -- from the watches --------------------------------------------------------------------------
 
     def service_changed(self, key: Key) -> None:
         """Keep the newest body, queue the service (news only); start or stop its autoscaler."""
         assert self.queue is not None
-        assert self.loop is not None
         bodies = self.service_cache.get(key)
         if not bodies:  # deleted: children go by ownerReference; drop what we kept of it
             gone = self.bodies.get(key)
             self.bodies.drop(key)
             if gone is not None:
                 uid = str(gone["metadata"].get("uid"))
-                _scaling.pop(uid, None)
-                _service_monitors.discard(uid)
-                _warnings.forget(uid)
+                self.scaling.pop(uid, None)
+                self.service_monitors.discard(uid)
+                self.warnings.forget(uid)
             STATUS_METRICS.forget(KIND, *key)
-            self.loop.call_soon_threadsafe(self._autoscaler, key, None)
+            self._autoscaler(key, None)
             return
         if self.bodies.put(bodies[0]):
-            self.queue.add_threadsafe(key)
-            self.loop.call_soon_threadsafe(self._autoscaler, key, str(bodies[0]["metadata"]["uid"]))
+            self.queue.add(key)
+            self._autoscaler(key, str(bodies[0]["metadata"]["uid"]))
 
     def _autoscaler(self, key: Key, uid: str | None) -> None:
-        """On the loop: the service `key` now has `uid` (None: gone); one autoscaler task per uid."""
+        """The service `key` now has `uid` (None: gone); one autoscaler task per uid."""
         running = self.autoscalers.get(key)
         if running is not None and running[0] == uid:
             return
@@ -315,28 +319,31 @@ class Controller:
 
     # -- reconcile ---------------------------------------------------------------------------------
 
-    def reconcile(self, key: Key) -> float | None:
+    async def reconcile(self, key: Key) -> float | None:
         """Converge the children to the spec, and the status to what the children report."""
         body = self.bodies.get(key)
         if body is None:
             return None  # deleted
-        release_kopf_finalizer(body, PLURAL)
+        await release_kopf_finalizer(body, PLURAL)
         if body["metadata"].get("deletionTimestamp"):
             return None  # being deleted: its children go with it
         trainingjobs = self.trainingjobs()
         if trainingjobs is None or not all(cache.synced for cache in (*self.caches.all(), trainingjobs)):
             return RECONCILE_INTERVAL_SECONDS  # before the first lists, a missing child proves nothing
         with timed_reconcile(KIND):
-            return self._reconcile(body, trainingjobs)
+            return await self._reconcile(body, trainingjobs)
 
-    def _reconcile(self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]) -> float | None:
+    async def _reconcile(
+        self, body: dict[str, Any], trainingjobs: WatchCache[dict[str, Any]]
+    ) -> float | None:
         meta, status = body["metadata"], body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
         try:
-            service_spec = validated_spec(InferenceServiceSpec, body, InferenceServicePhase.FAILED.value)
+            failed = InferenceServicePhase.FAILED.value
+            service_spec = await validated_spec(InferenceServiceSpec, body, failed)
         except InvalidSpec as invalid:
-            self.bodies.write_status(namespace, name, invalid.status)
+            await self.bodies.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the service)
         if refused_at(status, generation):
             return None  # the API server refused a child of this spec for good: wait for a new spec
@@ -349,20 +356,20 @@ class Controller:
         children = frozenset(
             caches.services.get(key)
             + caches.pdbs.get(key)
-            + (["ServiceMonitor"] if uid in _service_monitors else [])
+            + (["ServiceMonitor"] if uid in self.service_monitors else [])
         )
         observed = Observed(
             deployment=next(iter(caches.deployments.get(key)), None),
             replicas=caches.replicas.get(key),
             training_job=training_job(trainingjobs, namespace, ref.name) if ref else None,
             children=children,
-            service_monitor_crd=service_monitor_crd(),
-            scaling=_scaling.get(uid),
+            service_monitor_crd=await self.service_monitor_crd(),
+            scaling=self.scaling.get(uid),
             usage=self.usage.snapshot() if self.usage else None,
         )
         current = InferenceServiceStatus.model_validate(status)
         decision = decide(service, generation, current, observed, datetime.now(UTC), self.settings)
-        refused = apply(decision, body, uid)
+        refused = await apply(decision, body, uid, self.service_monitors, self.warnings)
         new_status = decision.status
         if refused:
             failed = InferenceServicePhase.FAILED
@@ -370,7 +377,7 @@ class Controller:
         changes = status_patch(status, new_status.to_dict())
         # status.metrics belongs to the autoscaler: never overwrite it from a stale view.
         changes.pop("metrics", None)
-        self.bodies.write_status(namespace, name, changes)
+        await self.bodies.write_status(namespace, name, changes)
         STATUS_METRICS.record(KIND, namespace, name, serving_row(service_spec, new_status, decision.rate))
         return None if refused else RECONCILE_INTERVAL_SECONDS
 
@@ -380,7 +387,6 @@ class Controller:
         """Read load and (builtin mode) scale, every autoscaler_tick_seconds, until the service goes."""
         namespace, name = key
         memory = _Scaling()
-        loop = asyncio.get_running_loop()
         while True:
             if self.leading is not None:
                 await self.leading.wait()  # a standby neither scales nor reports
@@ -390,16 +396,14 @@ class Controller:
             replicas = self.caches.replicas.get(key)
             spec = dict(body.get("spec") or {})
             try:
-                outcome = await loop.run_in_executor(
-                    _RECONCILES, autoscale_tick, self.settings, namespace, name, spec, replicas, memory
-                )
+                outcome = await autoscale_tick(self.settings, namespace, name, spec, replicas, memory)
             except Exception as error:  # one bad tick (API hiccup, Prometheus down) must not end the loop
                 log.warning("autoscaler %s/%s: %s", namespace, name, error)
             else:
                 for type_, reason, message in outcome.events:
-                    await loop.run_in_executor(_RECONCILES, kube.post_event, body, type_, reason, message)
+                    await kube.post_event(body, type_, reason, message)
                 if outcome.scaling is not None:
-                    _scaling[uid] = outcome.scaling
+                    self.scaling[uid] = outcome.scaling
             await asyncio.sleep(self.settings.autoscaler_tick_seconds)
 
 
@@ -426,11 +430,10 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
         return getattr(memo, "trainingjob_cache", None)
 
     controller = Controller(settings, caches, services, bodies, trainingjobs)
-    controller.loop = asyncio.get_running_loop()
     controller.usage = getattr(memo, "usage", None)
-    queue = controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
+    queue = controller.queue = WorkQueue(controller.reconcile, workers=RECONCILE_WORKERS)
     for cache in caches.all():
-        cache.on_change = queue.add_threadsafe
+        cache.on_change = queue.add
     services.on_change = controller.service_changed
     controller.leading = memo.leading
     when_leading(memo, queue.start)  # a standby queues what its caches see, and starts when it leads
@@ -444,7 +447,7 @@ async def start_controller(memo: kopf.Memo, **_: Any) -> None:
 async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo.inferenceservices
     for cache in (*controller.caches.all(), controller.service_cache):
-        cache.stop()
+        await cache.stop()
     watch_queue(KIND, None)
     for _uid, task in controller.autoscalers.values():
         task.cancel()

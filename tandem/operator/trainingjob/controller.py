@@ -6,17 +6,20 @@ NotReady or away, and when the clock makes a decision due (a timeout, a backoff,
 with a slow resync as a safety net. A reconcile runs `reconcile.decide` on what the caches hold (no
 API reads), then carries out the decision: create or delete children, post events, patch status when
 it changed. kopf runs the operator around it; the jobs' own events skip its per-object machinery.
+
+All of it runs on kopf's event loop: reconciles are coroutines run by the work queue's workers, a
+gang's children are written concurrently (`asyncio.gather`, at most CHILD_CALLS at once across all
+reconciles), and what the controller remembers lives on the `Controller` in kopf's memo.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 import orjson
@@ -69,35 +72,48 @@ RETRY_SECONDS = 2.0
 #: A pod's change wakes its job this much later, so that a gang's pods coming up one by one (each
 #: bound, then Running, then ready) fold into one reconcile and one status write, not fifteen.
 POD_CHANGE_DELAY_SECONDS = 0.5
-#: Jobs reconciled at the same time (threads: a reconcile blocks on its API calls).
+#: Jobs reconciled at the same time (work queue workers; each waits on its API round trips).
 RECONCILE_WORKERS = 16
-_RECONCILES = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="tandem-trainingjob")
-#: Threads for a reconcile's child create/delete calls (the API client's pool holds as many connections).
-CHILD_CALL_THREADS = 8
-_CHILD_CALLS = ThreadPoolExecutor(CHILD_CALL_THREADS, thread_name_prefix="tandem-children")
+#: Child create/delete calls in flight at once, across all reconciles (the thread count that was
+#: measured best when they were threads: 16 threads gave more passes that saw a gang half-way).
+CHILD_CALLS = 8
 log = logging.getLogger(__name__)
 #: Reasons whose warnings a reconcile would repeat each time it runs (posted once per message).
 REPEATING_WARNINGS = ("BadProgress", CREATE_REFUSED)
-_warnings = WarningsOnce()
 
 
 @kopf.index("nodes")
-def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, ObservedNode]:
+async def nodes_by_name(name: str, body: kopf.Body, **_: Any) -> dict[str, ObservedNode]:
     return {name: observe_node(body)}
 
 
-def cluster_view(nodes: kopf.Index[str, ObservedNode], pods: WatchCache[ObservedPod]) -> ClusterView:
+class _NotListed(Exception):
+    """`decide` asked for the GPUs in use, which take an API call: list them, then decide again."""
+
+
+def cluster_view(
+    nodes: kopf.Index[str, ObservedNode], pods: WatchCache[ObservedPod], in_use: Mapping[str, int] | None
+) -> ClusterView:
+    """What `decide` sees of the cluster; `in_use` None: the GPUs in use are not listed yet (only an
+    Unschedulable message needs them; asking raises _NotListed, and the reconcile lists and decides
+    again: `decide` is pure, so deciding twice is harmless)."""
+
+    def gpus() -> Mapping[str, int]:
+        if in_use is None:
+            raise _NotListed
+        return in_use
+
     return ClusterView(
         nodes={name: next(iter(store)) for name, store in nodes.items()},
-        gpus_in_use=gpus_in_use,
+        gpus_in_use=gpus,
         job_pods=pods.entries,
     )
 
 
-def gpus_in_use() -> dict[str, int]:
+async def gpus_in_use() -> dict[str, int]:
     """GPUs held on each node by live pods of any owner (one list call, made only when needed)."""
     used: dict[str, int] = {}
-    for pod in kube.list_bound_pods():
+    for pod in await kube.list_bound_pods():
         node = (pod.get("spec") or {}).get("nodeName")
         if node and (pod.get("status") or {}).get("phase") not in TERMINAL_PHASES:
             used[node] = used.get(node, 0) + pod_gpus(pod)
@@ -126,7 +142,6 @@ class SeenChildren:
 
     def __init__(self) -> None:
         self._written: dict[ChildKey, bytes] = {}
-        self._lock = threading.Lock()
 
     @staticmethod
     def key(manifest: Mapping[str, Any]) -> ChildKey | None:
@@ -147,37 +162,45 @@ class SeenChildren:
         key = self.key(manifest)
         if key is None:
             return False
-        with self._lock:
-            return self._written.get(key) == self.content(manifest)
+        return self._written.get(key) == self.content(manifest)
 
     def note(self, children: Sequence[Mapping[str, Any]], outcomes: Sequence[Any]) -> None:
         """Remember the children now known to be in place: written, or there already (a conflict)."""
-        with self._lock:
-            for manifest, outcome in zip(children, outcomes, strict=True):
-                key = self.key(manifest)
-                if key is not None and not isinstance(outcome, Exception):
-                    self._written[key] = self.content(manifest)
+        for manifest, outcome in zip(children, outcomes, strict=True):
+            key = self.key(manifest)
+            if key is not None and not isinstance(outcome, Exception):
+                self._written[key] = self.content(manifest)
 
     def forget_owner(self, uid: str) -> None:
         """A job was deleted: the garbage collector removes its children."""
-        with self._lock:
-            self._written = {key: value for key, value in self._written.items() if key[3] != uid}
+        self._written = {key: value for key, value in self._written.items() if key[3] != uid}
 
 
-_seen = SeenChildren()
-
-
-def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
+async def _create(manifest: dict[str, Any]) -> bool | kube.Refused | kube.Busy:
     """Write one child: create it (False: it was there); one of APPLIED_KINDS that was there is then
     applied (a create costs the API server half an apply, and most are written once)."""
     try:
-        created = kube.create(manifest)
+        created = await kube.create(manifest)
         if not created and manifest["kind"] in APPLIED_KINDS:
-            kube.apply(manifest)
+            await kube.apply(manifest)
             return True
         return created
     except (kube.Refused, kube.Busy) as problem:
         return problem
+
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+async def each(calls: asyncio.Semaphore, call: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
+    """`call` on every item concurrently, at most as many at once as `calls` allows; results in order."""
+
+    async def limited(item: A) -> T:
+        async with calls:
+            return await call(item)
+
+    return list(await asyncio.gather(*(limited(item) for item in items)))
 
 
 @dataclass(frozen=True)
@@ -189,25 +212,31 @@ class Applied:
     busy: kube.Busy | None = None
 
 
-def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str, uid: str) -> Applied:
-    """Create and delete the decision's children; say whether the API server refused a child or was
-    too busy to take it (events and the status are the caller's: a held decision has none yet).
+async def apply(
+    decision: Decision, namespace: str, name: str, seen: SeenChildren, calls: asyncio.Semaphore
+) -> Applied:
+    """Create and delete the decision's children (at most `calls` at once); say whether the API
+    server refused a child or was too busy to take it (events and the status are the caller's: a held
+    decision has none yet). `seen` remembers the children in place.
 
     Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
     refused: str | None = None
     busy: kube.Busy | None = None
-    wanted = [m for m in decision.create if not _seen.has(m)]
+    wanted = [m for m in decision.create if not seen.has(m)]
     # The job's identity goes first and in order (see IDENTITY_KINDS); then its pods and Service,
     # concurrently.
     first = sorted(
         (m for m in wanted if m["kind"] in IDENTITY_KINDS), key=lambda m: IDENTITY_KINDS.index(m["kind"])
     )
-    created = [_create(m) for m in first]
-    _seen.note(first, created)
+    created = []
+    for manifest in first:
+        async with calls:
+            created.append(await _create(manifest))
+    seen.note(first, created)
     own = [m for m in wanted if m["kind"] not in IDENTITY_KINDS]
-    own_created = list(_CHILD_CALLS.map(_create, own))
-    _seen.note(own, own_created)
+    own_created = await each(calls, _create, own)
+    seen.note(own, own_created)
     made = []
     for manifest, outcome in zip(first + own, created + own_created, strict=True):
         child = f"{manifest['kind']} {manifest['metadata']['name']}"
@@ -221,19 +250,20 @@ def apply(decision: Decision, body: Mapping[str, Any], namespace: str, name: str
             made.append(child)
     if made:  # one line per reconcile: at thousands of pods a minute, a line each showed in profiles
         log.info("%s/%s: created %s", namespace, name, ", ".join(made))
-    deletes = _CHILD_CALLS.map(lambda pod: kube.delete_pod(namespace, pod), decision.delete)
+    deletes = await each(calls, lambda pod: kube.delete_pod(namespace, pod), decision.delete)
     gone = [pod for pod, deleted in zip(decision.delete, deletes, strict=True) if deleted]
     if gone:
         log.info("%s/%s: deleted pod %s", namespace, name, ", ".join(gone))
     return Applied(refused, busy)
 
 
-def post_events(decision: Decision, body: Mapping[str, Any], uid: str) -> None:
+async def post_events(decision: Decision, body: Mapping[str, Any], uid: str, warnings: WarningsOnce) -> None:
+    """The decision's events, in order; a warning a reconcile would repeat, once per message."""
     for event in decision.events:
         if event.reason in REPEATING_WARNINGS:
-            _warnings.warn(body, uid, event.reason, event.message)
+            await warnings.warn(body, uid, event.reason, event.message)
         else:
-            kube.post_event(body, event.type, event.reason, event.message)
+            await kube.post_event(body, event.type, event.reason, event.message)
 
 
 def recheck_in(decision: Decision, retry: bool) -> float | None:
@@ -251,7 +281,8 @@ def recheck_in(decision: Decision, retry: bool) -> float | None:
 
 
 class Controller:
-    """What the TrainingJob reconciler needs between calls: the job bodies, the caches, the queue."""
+    """What the TrainingJob reconciler needs between calls: the job bodies, the caches, the queue, the
+    children written and the warnings posted (kopf's memo holds it: no state in module globals)."""
 
     def __init__(
         self,
@@ -268,44 +299,48 @@ class Controller:
         self.queue: WorkQueue[Key] | None = None
         #: The containers' measured usage for the cost model (None: requests only).
         self.usage: UsageSource | None = None
+        self.seen = SeenChildren()
+        self.warnings = WarningsOnce()
+        #: Child calls in flight at once, across all reconciles.
+        self.child_calls = asyncio.Semaphore(CHILD_CALLS)
 
     def job_changed(self, key: Key) -> None:
-        """From the jobs' watch thread: keep the newest body and queue the job (news only)."""
+        """From the jobs' watch: keep the newest body and queue the job (news only)."""
         assert self.queue is not None
         bodies = self.job_cache.get(key)
         if not bodies:  # deleted: its children go by ownerReference; drop what we kept of it
             gone = self.jobs.get(key)
             self.jobs.drop(key)
             if gone is not None:
-                _warnings.forget(str(gone["metadata"].get("uid")))
-                _seen.forget_owner(str(gone["metadata"].get("uid")))
+                self.warnings.forget(str(gone["metadata"].get("uid")))
+                self.seen.forget_owner(str(gone["metadata"].get("uid")))
             STATUS_METRICS.forget(KIND, *key)
             return
         if self.jobs.put(bodies[0]):
-            self.queue.add_threadsafe(key)
+            self.queue.add(key)
 
-    def reconcile(self, key: Key) -> float | None:
+    async def reconcile(self, key: Key) -> float | None:
         """Converge one job; seconds until it should be looked at again (None: only on a change)."""
         body = self.jobs.get(key)
         if body is None:
             return None  # deleted
-        release_kopf_finalizer(body, PLURAL)
+        await release_kopf_finalizer(body, PLURAL)
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return None  # being deleted: its children go with it; recreating "lost" pods would fight the GC
         if not self.pods.synced:
             return RETRY_SECONDS  # before the first list, a missing pod proves nothing
         with timed_reconcile(KIND):
-            return self._reconcile(body)
+            return await self._reconcile(body)
 
-    def _reconcile(self, body: dict[str, Any]) -> float | None:
+    async def _reconcile(self, body: dict[str, Any]) -> float | None:
         meta, status = body["metadata"], body.get("status") or {}
         namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         generation = int(meta.get("generation") or 0)
         try:
-            job_spec = validated_spec(TrainingJobSpec, body, TrainingJobPhase.FAILED.value)
+            job_spec = await validated_spec(TrainingJobSpec, body, TrainingJobPhase.FAILED.value)
         except InvalidSpec as invalid:
-            self.jobs.write_status(namespace, name, invalid.status)
+            await self.jobs.write_status(namespace, name, invalid.status)
             return None  # nothing to do until the spec changes (its watch event queues the job)
         settings = self.settings
         job = Job(
@@ -321,47 +356,47 @@ class Controller:
             else None,
         )
         current = TrainingJobStatus.model_validate(status)
-        decision = decide(
-            job,
-            current,
-            self.pods.get((namespace, name)),
-            cluster_view(self.nodes, self.pods),
-            datetime.now(UTC),
-            self.settings.prices(),
-            self.usage.snapshot() if self.usage else None,
-        )
-        applied = apply(decision, body, namespace, name, uid)
+        pods, usage = self.pods.get((namespace, name)), self.usage.snapshot() if self.usage else None
+        try:
+            view = cluster_view(self.nodes, self.pods, None)
+            decision = decide(job, current, pods, view, datetime.now(UTC), settings.prices(), usage)
+        except _NotListed:
+            view = cluster_view(self.nodes, self.pods, await gpus_in_use())
+            decision = decide(job, current, pods, view, datetime.now(UTC), settings.prices(), usage)
+        applied = await apply(decision, namespace, name, self.seen, self.child_calls)
         if applied.refused is not None:
-            self._refused(body, job, decision, applied.refused)
+            await self._refused(body, job, decision, applied.refused)
             return None
         if (
             decision.hold and applied.busy is None
         ):  # a gang just created: its status waits (it may bind at once)
             return recheck_in(decision, retry=False)
-        post_events(decision, body, uid)
+        await post_events(decision, body, uid, self.warnings)
         if decision.delete_job:
-            kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
+            await kube.delete_custom_object(GROUP, VERSION, PLURAL, namespace, name)
             return None
         new_status = decision.status
         changes = status_patch(status, new_status.to_dict())
         if changes:
-            self.jobs.write_status(namespace, name, changes)
+            await self.jobs.write_status(namespace, name, changes)
         STATUS_METRICS.record(KIND, namespace, name, training_row(name, new_status, decision.rate))
         if applied.busy is not None:  # the work queue backs off, no sooner than its Retry-After
             raise applied.busy
         return recheck_in(decision, retry=False)
 
-    def _refused(self, body: dict[str, Any], job: Job, decision: Decision, message: str) -> None:
+    async def _refused(self, body: dict[str, Any], job: Job, decision: Decision, message: str) -> None:
         """The API server refused a child for good: delete the half-made gang (a head alone must not
         run until its gang timeout), say why in one Warning event and a Failed status naming the
         child and field, and look again only when the job changes (its spec, or a pod going)."""
         namespace, name = job.namespace, job.name
         made = {m["metadata"]["name"] for m in decision.create if m["kind"] == "Pod"}
         made |= {pod.name for pod in self.pods.get((namespace, name)) if not pod.deleting}
-        list(_CHILD_CALLS.map(lambda pod: kube.delete_pod(namespace, pod), sorted(made)))
-        _warnings.warn(body, job.uid, CREATE_REFUSED, message)
+        await each(self.child_calls, lambda pod: kube.delete_pod(namespace, pod), sorted(made))
+        await self.warnings.warn(body, job.uid, CREATE_REFUSED, message)
         new_status = refused(job, decision.status, message, datetime.now(UTC))
-        self.jobs.write_status(namespace, name, status_patch(body.get("status") or {}, new_status.to_dict()))
+        await self.jobs.write_status(
+            namespace, name, status_patch(body.get("status") or {}, new_status.to_dict())
+        )
         STATUS_METRICS.record(KIND, namespace, name, training_row(name, new_status, decision.rate))
         log.warning("%s/%s failed: %s", namespace, name, message)
 
@@ -379,9 +414,9 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
     )
     controller = Controller(settings, pods, jobs, bodies, nodes_by_name)
     controller.usage = getattr(memo, "usage", None)
-    controller.queue = WorkQueue(controller.reconcile, _RECONCILES, workers=RECONCILE_WORKERS)
+    controller.queue = WorkQueue(controller.reconcile, workers=RECONCILE_WORKERS)
     queue = controller.queue
-    pods.on_change = lambda key: queue.add_threadsafe(key, POD_CHANGE_DELAY_SECONDS)
+    pods.on_change = lambda key: queue.add(key, POD_CHANGE_DELAY_SECONDS)
     jobs.on_change = controller.job_changed
     when_leading(memo, queue.start)  # a standby queues what its caches see, and starts when it leads
     watch_queue(KIND, queue.__len__)
@@ -394,8 +429,8 @@ async def start_controller(memo: kopf.Memo, nodes_by_name: kopf.Index[str, Obser
 @kopf.on.cleanup()
 async def stop_controller(memo: kopf.Memo, **_: Any) -> None:
     controller: Controller = memo.trainingjobs
-    controller.pods.stop()
-    controller.job_cache.stop()
+    await controller.pods.stop()
+    await controller.job_cache.stop()
     watch_queue(KIND, None)
     if controller.queue is not None:
         await controller.queue.stop()
