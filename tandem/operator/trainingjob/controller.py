@@ -215,9 +215,10 @@ class Applied:
 async def apply(
     decision: Decision, namespace: str, name: str, seen: SeenChildren, calls: asyncio.Semaphore
 ) -> Applied:
-    """Create and delete the decision's children (at most `calls` at once); say whether the API
-    server refused a child or was too busy to take it (events and the status are the caller's: a held
-    decision has none yet). `seen` remembers the children in place.
+    """Create and delete the decision's children (the identity in order, then the rest at most
+    `calls` at once); say whether the API server refused a child or was too busy to take it (events
+    and the status are the caller's: a held decision has none yet). `seen` remembers the children in
+    place.
 
     Every call is idempotent, so a crash half-way is repaired by the next reconcile.
     """
@@ -229,10 +230,7 @@ async def apply(
     first = sorted(
         (m for m in wanted if m["kind"] in IDENTITY_KINDS), key=lambda m: IDENTITY_KINDS.index(m["kind"])
     )
-    created = []
-    for manifest in first:
-        async with calls:
-            created.append(await _create(manifest))
+    created = [await _create(manifest) for manifest in first]
     seen.note(first, created)
     own = [m for m in wanted if m["kind"] not in IDENTITY_KINDS]
     own_created = await each(calls, _create, own)
