@@ -1,8 +1,9 @@
 """/healthz: freshness of every cache, depth of every queue, the last good reconcile, leadership; a
-dead watch thread fails it (the replica no longer sees changes), which kopf's own health cannot see."""
+dead watch task fails it (the replica no longer sees changes), which kopf's own health cannot see."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import pytest
@@ -63,3 +64,32 @@ def test_a_dead_watch_thread_is_unhealthy_and_named() -> None:
     jobs = ControllerHealth("TrainingJob", [FakeCache("pods", 999.0, alive=False)], FakeQueue(0, 999.0))
     with pytest.raises(Unhealthy, match="TrainingJob pods"):
         report([jobs], leading=True, now=1000.0)
+
+
+def test_a_watch_task_that_ended_fails_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caches' watches are asyncio tasks that retry every error: one that ended anyway (a bug, a
+    BaseException) leaves the cache alive no more, and /healthz answers 500."""
+    from tandem.operator import kube
+    from tandem.operator.watchcache import WatchCache, by_name, custom_objects
+
+    async def never_answers(*args: object, **kwargs: object) -> bytes:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(kube, "request", never_answers)
+
+    async def scenario() -> None:
+        cache: WatchCache[object] = WatchCache(
+            "trainingjobs", custom_objects("tandem.dev", "v1alpha1", "trainingjobs"), by_name, dict
+        )
+        cache.start()
+        await asyncio.sleep(0)
+        queue = FakeQueue(0, None)
+        assert report([ControllerHealth("TrainingJob", [cache], queue)], True, 1000.0)
+        cache._tasks[0].cancel()  # ends as a bug would end it, without stop()
+        await asyncio.gather(*cache._tasks, return_exceptions=True)
+        with pytest.raises(Unhealthy, match="TrainingJob trainingjobs"):
+            report([ControllerHealth("TrainingJob", [cache], queue)], True, 1000.0)
+        await cache.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

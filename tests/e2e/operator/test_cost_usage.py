@@ -92,7 +92,10 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
             return (status_of(kubectl, namespace, "tj", "used").get("cost") or {}).get("allocation")
 
         wait_for(lambda: allocation() == "usage", WAIT, "status.cost.allocation: usage")
-        # `tandem cost` says which allocation it was.
+        # `tandem cost` says which allocation it was, from what Prometheus has scraped of the operator
+        # (up to a scrape interval behind its /metrics and the status).
+        scraped = f'tandem_cost_containers{{namespace="{namespace}",name="used",basis="usage"}} == 2'
+        wait_for(lambda: prometheus.query(scraped), WAIT, "Prometheus to scrape the usage allocation")
         report = subprocess.run(
             [sys.executable, "-m", "tandem", "cost", "-n", namespace, "--prometheus-url", prometheus.url],
             capture_output=True,
