@@ -2,7 +2,7 @@
 
     python bench/train_recovery.py --gpus 1 --size 124m --seq-len 1024 --batch 16 --steps 250 \\
         --checkpoint-every 100 --kill-at 130
-    NCCL_NVLS_ENABLE=0 python bench/train_recovery.py --gpus 8 ...            # kills rank 8's process
+    NCCL_NVLS_ENABLE=0 python bench/train_recovery.py --gpus 8 ...   # kills the newest rank process
     python bench/train_recovery.py --device cpu --gpus 2 --size tiny --seq-len 64 --batch 4 \\
         --steps 30 --checkpoint-every 10 --kill-at 15                         # smoke run (gloo)
 
