@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rayguard import RunSessions
 from tiny_train import tiny_gpt
 
 from tandem.workloads.train import checkpoint as ckpt
@@ -94,15 +95,9 @@ def test_ray_settings_never_override_the_environment() -> None:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of this machine's Ray Train worker processes (their title is `ray::RayTrainWorker...`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    """PIDs of this run's Ray Train worker processes (title `ray::RayTrainWorker...`), in pytest's session
+    as the module's in-process Ray is: a worker of another run on this host is never the one killed."""
+    return sorted(pid for pid, cmd in RunSessions().ray_processes().items() if "RayTrainWorker" in cmd)
 
 
 def test_killing_one_ray_worker_mid_run_still_completes(
