@@ -16,7 +16,8 @@ from, the steps lost (the newest step the killed group reported, less the step i
 one checkpoint interval is the promise), the seconds from the kill to the
 first step reported after it, each run's wall time, and whether the final parameters and AdamW state
 equal the reference's bit for bit (else the largest difference: GPU kernels whose reductions use
-atomics, such as an embedding's backward, need not repeat exactly).
+atomics, such as an embedding's backward, need not repeat exactly; `--deterministic` runs both with
+`spec.trainer.deterministic`, whose kernels do).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def train_config(args: argparse.Namespace, checkpoint_dir: Path) -> TrainConfig:
         checkpoint_every_steps=args.checkpoint_every,
         checkpoint_keep=3,
         max_failures=1,
+        deterministic=args.deterministic,
     )
 
 
@@ -157,6 +159,9 @@ def main() -> int:
     parser.add_argument(
         "--kill-at", type=int, default=60, help="kill the last rank once this step is reported"
     )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="spec.trainer.deterministic: repeatable kernels"
+    )
     args = parser.parse_args()
     if not args.checkpoint_every < args.kill_at < args.steps:
         parser.error("--kill-at must lie after the first checkpoint (--checkpoint-every) and before --steps")
@@ -169,6 +174,7 @@ def main() -> int:
     print(
         f"\n{args.gpus} rank(s) on {args.device}, GPT {args.size}, per-GPU batch {args.batch} x "
         f"{args.seq_len}, {args.steps} steps, a checkpoint every {args.checkpoint_every}"
+        f"{', spec.trainer.deterministic' if args.deterministic else ''}"
     )
     print("| run | wall s | last step reported | resumed from step | steps lost | kill -> next step s |")
     print("| --- | --- | --- | --- | --- | --- |")
