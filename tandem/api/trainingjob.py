@@ -268,7 +268,8 @@ class Trainer(SpecModel):
     operation without one fails, naming it), cuBLAS with a fixed workspace, no cuDNN autotuning. Then
     the same job run twice, or resumed after a failure, ends with the same parameters. Off, GPU kernels
     whose sums use atomics make two runs part in the last bits (by about 4e-5 after 30 steps of GPT
-    124M on one H100); on, a step of that model took about 10% longer there. CPU runs repeat either way."""
+    124M on one H100); on, a step of that model took 17% longer there (41.6 ms against 35.7). CPU runs
+    repeat either way."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
