@@ -29,31 +29,22 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tandem.api.common import Precision
+from train_ray_vs_torchrun import train_config as throughput_config
+
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
 
 
 def train_config(args: argparse.Namespace, checkpoint_dir: Path) -> TrainConfig:
-    gpu = args.device == "cuda"
-    return TrainConfig(
+    """The job of `train_ray_vs_torchrun` (same model, data and batch), checkpointed every
+    --checkpoint-every steps, allowed one restart."""
+    return replace(
+        throughput_config(args, str(checkpoint_dir)),
         job_name="recovery",
-        model_size=args.size,
-        dataset_uri="tandem://corpus",
-        max_steps=args.steps,
-        warmup_steps=10,
-        seq_len=args.seq_len,
-        precision=Precision.BF16 if gpu else Precision.FP32,
-        num_workers=args.gpus,
-        per_device_batch=args.batch,
-        global_batch=args.batch * args.gpus,
-        use_gpu=gpu,
-        gpus_per_worker=1 if gpu else 0,
-        compile=gpu,
-        checkpoint_dir=str(checkpoint_dir),
         checkpoint_every_steps=args.checkpoint_every,
         checkpoint_keep=3,
         max_failures=1,
