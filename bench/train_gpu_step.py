@@ -11,6 +11,8 @@ reference - the smallest loop that trains the same model on the same data: the b
             2026-12-06, ran ~0.4% faster than real text), torch.compile, bf16 autocast, fused
             AdamW, nothing else; and the same with gradient clipping at 1.0 (`clip_grad_norm_`), the
             work Tandem's default step does besides.
+With --deterministic, last (the switch is global to the process): tandem with
+`spec.trainer.deterministic` (deterministic kernels, bit-for-bit repeatable), and its cost against tandem.
 Prints tokens/s, ms/step and MFU (training FLOPs per token from the model x tokens/s over the
 card's dense bf16 peak), and the ratio tandem / reference.
 """
@@ -77,6 +79,30 @@ def reference_step(
     return step, model.flops_per_token(data.shape[-1] - 1)
 
 
+def print_table(
+    rows: list[tuple[str, float, float]],
+    deterministic: tuple[str, float, float] | None,
+    tokens: int,
+    peak: float,
+) -> None:
+    """The rows (tandem first, the reference without clipping last), then the ratios."""
+    reference = rows[-1][1]
+    print("| loop | ms/step | tokens/s | MFU |")
+    print("| --- | --- | --- | --- |")
+    for name, seconds, fpt in rows:
+        rate = tokens / seconds
+        print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
+    for name, seconds, _ in rows[:-1]:
+        print(f"{name} / reference throughput: {reference / seconds:.3f}")
+    clipped = rows[-2][1]
+    print(f"tandem / reference with the same clipping: {clipped / rows[0][1]:.3f}")
+    if deterministic is not None:
+        name, seconds, fpt = deterministic
+        rate = tokens / seconds
+        print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
+        print(f"deterministic / tandem throughput: {rows[0][1] / seconds:.3f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,6 +112,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument(
+        "--deterministic", action="store_true", help="also time tandem with spec.trainer.deterministic (last)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     peak = peak_flops(device) or 989e12
@@ -93,7 +122,8 @@ def main() -> int:
     rows = []
     data: torch.Tensor | None = None
 
-    for name, clip in (("tandem", 1.0), ("tandem, no gradient clipping", 0.0)):
+    def tandem_step(name: str, clip: float, deterministic: bool = False) -> None:
+        nonlocal data
         cfg = TrainConfig(
             job_name="bench",
             model_size=args.size,
@@ -107,6 +137,7 @@ def main() -> int:
             gpus_per_worker=1,
             compile=True,
             grad_clip=clip,
+            deterministic=deterministic,
         )
         compile_start = time.perf_counter()
         run = GPTRun(cfg, DistInfo())
@@ -118,26 +149,24 @@ def main() -> int:
         del run
         torch.cuda.empty_cache()
 
+    tandem_step("tandem", 1.0)
+    tandem_step("tandem, no gradient clipping", 0.0)
+
     assert data is not None
     step, flops_per_token = reference_step(args.size, data, grad_clip=1.0)
     rows.append(("reference, clipping at 1.0", timed(step, args.steps, args.warmup), flops_per_token))
     del step
     torch.cuda.empty_cache()
     step, flops_per_token = reference_step(args.size, data)
-    reference = timed(step, args.steps, args.warmup)
-    rows.append(("reference", reference, flops_per_token))
+    rows.append(("reference", timed(step, args.steps, args.warmup), flops_per_token))
 
+    deterministic = None
+    if args.deterministic:
+        tandem_step("tandem, spec.trainer.deterministic", 1.0, deterministic=True)
+        deterministic = rows.pop()
     card = torch.cuda.get_device_name(device)
     print(f"\n{card}, {args.size}, bf16, batch {args.batch} x {args.seq_len} tokens")
-    print("| loop | ms/step | tokens/s | MFU |")
-    print("| --- | --- | --- | --- |")
-    for name, seconds, fpt in rows:
-        rate = tokens / seconds
-        print(f"| {name} | {seconds * 1000:.1f} | {rate:,.0f} | {rate * fpt / peak:.1%} |")
-    for name, seconds, _ in rows[:-1]:
-        print(f"{name} / reference throughput: {reference / seconds:.3f}")
-    clipped = rows[-2][1]
-    print(f"tandem / reference with the same clipping: {clipped / rows[0][1]:.3f}")
+    print_table(rows, deterministic, tokens, peak)
     return 0
 
 

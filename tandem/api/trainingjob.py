@@ -263,6 +263,13 @@ class Trainer(SpecModel):
     """How the built-in trainer spreads the model over the workers: `ddp` (each holds the whole model)
     or `fsdp` (parameters, gradients and optimizer state sharded over the workers). `fsdp` is for the
     built-in trainer only, and not with a LoRA fine-tune."""
+    deterministic: bool = False
+    """Bit-for-bit repeatable training on GPUs: PyTorch's deterministic algorithms (a run that meets an
+    operation without one fails, naming it), cuBLAS with a fixed workspace, no cuDNN autotuning. Then
+    the same job run twice, or resumed after a failure, ends with the same parameters. Off, GPU kernels
+    whose sums use atomics make two runs part in the last bits (by about 4e-5 after 30 steps of GPT
+    124M on one H100); on, a step of that model took 17% longer there (41.6 ms against 35.7). CPU runs
+    repeat either way."""
 
     cel_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(

@@ -31,6 +31,7 @@ from operator_process import free_port, wait_for
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_process import PrometheusProcess, start_prometheus_with
 from serverprocess import ServerProcess
+from tiny_train import train_tiny_checkpoint
 
 from tandem.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus, ReplicaCounts
 from tandem.api.trainingjob import TrainingJobStatus
@@ -58,24 +59,7 @@ WARM_SECONDS = 20.0
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tandem.workloads.train.config import TrainConfig
-    from tandem.workloads.train.loop import DistInfo, run_builtin
-
-    root = tmp_path_factory.mktemp("gpt")
-    config = TrainConfig(
-        job_name=TRAINING_JOB,
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=3,
-        seq_len=32,
-        per_device_batch=2,
-        global_batch=2,
-        checkpoint_dir=str(root),
-        checkpoint_every_steps=3,
-        warmup_steps=1,
-    )
-    run_builtin(config, DistInfo())
-    return root
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("gpt"), job_name=TRAINING_JOB)
 
 
 class OperatorStandIn:

@@ -15,30 +15,14 @@ import httpx
 import openai
 import pytest
 from serverprocess import ServerProcess
+from tiny_train import train_tiny_checkpoint
 
 from tandem.workloads.models.tokenizer import EOS
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tandem.workloads.train.config import TrainConfig
-    from tandem.workloads.train.loop import DistInfo, run_builtin
-
-    root = tmp_path_factory.mktemp("gpt")
-    config = TrainConfig(
-        job_name="serve-test",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=3,
-        seq_len=32,
-        per_device_batch=2,
-        global_batch=2,
-        checkpoint_dir=str(root),
-        checkpoint_every_steps=3,
-        warmup_steps=1,
-    )
-    run_builtin(config, DistInfo())
-    return root
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("gpt"), job_name="serve-test")
 
 
 @pytest.fixture(scope="module")

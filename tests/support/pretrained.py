@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from tandem.workloads.train.config import TrainConfig
-from tandem.workloads.train.loop import DistInfo, run_builtin
+from tiny_train import train_tiny
 
 
-def train_tiny_base(checkpoint_dir: Path, job_name: str = "base") -> None:
-    """Write the base job's checkpoint (step 30) under `checkpoint_dir`, in seconds on a CPU."""
-    run_builtin(
-        TrainConfig(
-            job_name=job_name,
-            model_size="tiny",
-            dataset_uri="tandem://corpus-small",
-            max_steps=30,
-            learning_rate=3e-3,
-            warmup_steps=3,
-            seq_len=32,
-            per_device_batch=8,
-            global_batch=8,
-            checkpoint_dir=str(checkpoint_dir),
-            checkpoint_every_steps=30,
-            seed=1,
-        ),
-        DistInfo(),
-    )
+def train_tiny_base(checkpoint_dir: Path, job_name: str = "base", **overrides: Any) -> None:
+    """Write the base job's checkpoint (step 30; `overrides` may add earlier ones) under `checkpoint_dir`,
+    in seconds on a CPU."""
+    settings: dict[str, Any] = {
+        "max_steps": 30,
+        "warmup_steps": 3,
+        "per_device_batch": 8,
+        "global_batch": 8,
+        "checkpoint_every_steps": 30,
+        "seed": 1,
+    }
+    train_tiny(checkpoint_dir, job_name=job_name, **(settings | overrides))

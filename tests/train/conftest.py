@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from processlist import processes
+from rayguard import RunSessions, end_session
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,45 +79,9 @@ def tandem_cmd() -> Callable[..., list[str]]:
     return _tandem_cmd
 
 
-def _in_session(sid: int) -> list[int]:
-    pids = []
-    for pid in processes():
-        try:
-            if os.getsid(pid) == sid:
-                pids.append(pid)
-        except OSError:
-            continue
-    return pids
-
-
-RAY_PROCESS_MARKERS = (
-    "ray::",
-    "raylet",
-    "gcs_server",
-    "ray/dashboard",
-    "default_worker.py",
-    "log_monitor.py",
-)
-
-
-def _ray_processes() -> dict[int, str]:
-    return {pid: cmd for pid, cmd in processes().items() if any(m in cmd for m in RAY_PROCESS_MARKERS)}
-
-
-#: The process sessions this pytest run owns: its own (an in-process Ray instance's processes stay in
-#: it) and each `spawned` process's (its Ray runs there). Ray on the same host that this run did not
-#: start (another run's, a real node's pods) is in none of them, and the module guard leaves it alone:
-#: it once killed a lifecycle run's Ray processes in their pods, from a test run beside it.
-_OWN_SESSIONS: set[int] = {os.getsid(0)}
-
-
-def _own_ray_processes() -> dict[int, str]:
-    own = {}
-    for pid, cmd in _ray_processes().items():
-        with contextlib.suppress(OSError):
-            if os.getsid(pid) in _OWN_SESSIONS:
-                own[pid] = cmd
-    return own
+#: The process sessions this pytest run owns (`rayguard`): its own and each `spawned` process's. The
+#: module guard looks only at these, so Ray on the same host that this run did not start is left alone.
+_RUN = RunSessions()
 
 
 @pytest.fixture
@@ -129,30 +90,19 @@ def spawned() -> Iterator[list[subprocess.Popen[str]]]:
     (a finished driver's Ray workers too, not only a leader still running) is killed."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
-    _OWN_SESSIONS.update(p.pid for p in procs)  # a leader's pid is its session's id
+    _RUN.adopt(procs)
     for p in procs:
-        for pid in _in_session(p.pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if p.poll() is None:
-            p.wait()
+        end_session(p)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def no_ray_process_outlives_its_module() -> Iterator[None]:
     """Every Ray process a test module started ends with it (Tandem's own clean-up, not this fixture's:
     a leftover fails the module after being killed, so a leak cannot hide). Only this run's sessions are
-    looked at (`_OWN_SESSIONS`)."""
-    before = set(_own_ray_processes())
+    looked at (`_RUN`): test_module_guard.py shows that Ray this run did not start survives it."""
+    before = set(_RUN.ray_processes())
     yield
-    deadline = time.monotonic() + 60
-    while (
-        left := {p: c for p, c in _own_ray_processes().items() if p not in before}
-    ) and time.monotonic() < deadline:
-        time.sleep(0.5)  # Ray's processes exit a moment after their driver; there is no event to wait on
-    for pid in left:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    left = _RUN.end_ray_processes(spare=before, grace=60)
     assert not left, f"Ray processes left running after the module: {sorted(left.values())[:5]}"
 
 
@@ -176,19 +126,4 @@ def _end_own_ray_processes(timeout: float = 60.0) -> None:
     their own, which `no_ray_process_outlives_its_module` still checks) exit a moment after
     `ray.shutdown()`, or, seen once on the loaded machine, a minute later: this fixture started them, so
     it ends them."""
-    own = os.getsid(0)
-
-    def left() -> list[int]:
-        found = []
-        for pid in _ray_processes():
-            with contextlib.suppress(OSError):
-                if os.getsid(pid) == own:
-                    found.append(pid)
-        return found
-
-    deadline = time.monotonic() + timeout
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.5)  # no event tells when Ray's workers have noticed their raylet is gone
-    for pid in left():
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    RunSessions().end_ray_processes(grace=timeout)  # a new one owns only this pytest's session

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from tiny_train import tiny_gpt
 
 from tandem.api.common import Precision
 from tandem.api.finetuning import FineTuning
@@ -35,26 +35,17 @@ LOSS_RTOL = 1e-5
 
 def config(root: Path, strategy: str, **kw: Any) -> TrainConfig:
     """2 ranks x 2 micro-batches of 4 (so accumulation runs without gradient sync), clipping at 1."""
-    base = TrainConfig(
-        job_name="fsdp",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=8,
-        learning_rate=3e-3,
-        warmup_steps=2,
-        seq_len=32,
-        per_device_batch=4,
-        global_batch=16,
-        num_workers=WORLD,
-        checkpoint_dir=str(root),
-        checkpoint_every_steps=4,
-        checkpoint_keep=5,
-        seed=5,
-        sync_every=2,
-        strategy=strategy,
-        precision=Precision.FP32,
-    )
-    return replace(base, **kw)
+    settings: dict[str, Any] = {
+        "job_name": "fsdp",
+        "max_steps": 8,
+        "global_batch": 16,
+        "num_workers": WORLD,
+        "seed": 5,
+        "sync_every": 2,
+        "strategy": strategy,
+        "precision": Precision.FP32,
+    }
+    return tiny_gpt(root, **(settings | kw))
 
 
 def _rank(rank: int, cfg: dict[str, Any], store: str, out: str) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rayguard import RunSessions
+from tiny_train import tiny_gpt
 
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig
@@ -22,23 +24,18 @@ from tandem.workloads.train.ray_runner import RAY_ENV, Mailbox, RayHooks, RunOut
 
 
 def config(tmp_path: Path, **kw: Any) -> TrainConfig:
-    base = TrainConfig(
-        job_name="ddp",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=30,
-        learning_rate=3e-3,
-        warmup_steps=3,
-        seq_len=64,
-        per_device_batch=4,
-        global_batch=16,
-        num_workers=2,
-        checkpoint_dir=str(tmp_path),
-        checkpoint_every_steps=10,
-        checkpoint_keep=2,
-        sync_every=5,
-    )
-    return replace(base, **kw)
+    settings: dict[str, Any] = {
+        "job_name": "ddp",
+        "max_steps": 30,
+        "warmup_steps": 3,
+        "seq_len": 64,
+        "global_batch": 16,
+        "num_workers": 2,
+        "checkpoint_every_steps": 10,
+        "checkpoint_keep": 2,
+        "sync_every": 5,
+    }
+    return tiny_gpt(tmp_path, **(settings | kw))
 
 
 def test_two_worker_ddp_lowers_loss_and_checkpoints(ray_cluster: None, tmp_path: Path) -> None:
@@ -98,15 +95,9 @@ def test_ray_settings_never_override_the_environment() -> None:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of this machine's Ray Train worker processes (their title is `ray::RayTrainWorker...`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    """PIDs of this run's Ray Train worker processes (title `ray::RayTrainWorker...`), in pytest's session
+    as the module's in-process Ray is: a worker of another run on this host is never the one killed."""
+    return sorted(pid for pid, cmd in RunSessions().ray_processes().items() if "RayTrainWorker" in cmd)
 
 
 def test_killing_one_ray_worker_mid_run_still_completes(

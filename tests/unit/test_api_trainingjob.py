@@ -73,6 +73,7 @@ def test_defaults() -> None:
                 "compile": False,
             },
             "strategy": "ddp",
+            "deterministic": False,
         },
         "workers": {"replicas": 1, "resources": {"gpu": 0}},
         "head": {"resources": {"gpu": 0}},
@@ -95,6 +96,7 @@ def test_camel_case_round_trip() -> None:
             "entrypoint": "my_pkg.train:train_loop",
             "config": {"lr": 0.1, "nested": {"a": [1, 2]}},
             "strategy": "ddp",
+            "deterministic": False,
         },
         "workers": {
             "replicas": 4,

@@ -101,6 +101,7 @@ def assert_agrees(
         assert cfg.checkpoint_every_minutes == spec.checkpoint.every_minutes
         assert cfg.checkpoint_keep == spec.checkpoint.keep
     assert cfg.seed == spec.seed
+    assert cfg.deterministic == spec.trainer.deterministic
     builtin = spec.trainer.builtin
     if builtin is not None:
         assert cfg.model_size == builtin.size.value
@@ -313,13 +314,17 @@ def training_specs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         spec["batch"]["global"] = per_device * replicas * draw(st.integers(1, 8))
     if draw(st.booleans()):
-        spec["trainer"] = {"builtin": draw(builtin_trainers())} | maybe(
-            draw, "strategy", st.sampled_from(["ddp", "fsdp"])
+        spec["trainer"] = (
+            {"builtin": draw(builtin_trainers())}
+            | maybe(draw, "strategy", st.sampled_from(["ddp", "fsdp"]))
+            | maybe(draw, "deterministic", st.booleans())
         )
         if draw(st.booleans()):
             spec["seed"] = draw(st.integers(0, 2**32 - 1))
     else:
-        spec["trainer"] = {"entrypoint": "mypkg.train:main", "config": {"k": draw(st.integers())}}
+        spec["trainer"] = {"entrypoint": "mypkg.train:main", "config": {"k": draw(st.integers())}} | maybe(
+            draw, "deterministic", st.booleans()
+        )
     if draw(st.booleans()):
         storage = draw(st.sampled_from([{"pvc": "ckpts"}, {"uri": "file:///shared/ckpts"}]))
         spec["checkpoint"] = {

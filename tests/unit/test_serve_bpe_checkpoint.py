@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_train import train_tiny_checkpoint
 
 from tandem.workloads.models.gpt import load_for_inference
 from tandem.workloads.models.tokenizer import HFTokenizer, train_bpe
@@ -17,8 +18,6 @@ from tandem.workloads.serve.generation import GenerationScheduler, SamplingParam
 from tandem.workloads.serve.metrics import ServeMetrics
 from tandem.workloads.serve.model import ModelOptions
 from tandem.workloads.serve.runtimes.causal_lm import CausalLM
-from tandem.workloads.train.config import TrainConfig
-from tandem.workloads.train.loop import DistInfo, run_builtin
 
 CORPUS = "the quick brown fox jumps over the lazy dog. " * 200 + "a stitch in time saves nine. " * 200
 
@@ -27,23 +26,15 @@ def bpe_checkpoint(tmp_path: Path) -> tuple[Path, HFTokenizer]:
     tokenizer = train_bpe([CORPUS], vocab_size=300)
     (tmp_path / "tokenizer.json").write_text(tokenizer.to_json())
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    cfg = TrainConfig(
+    checkpoint = train_tiny_checkpoint(
+        tmp_path / "ckpt",
         job_name="bpe",
-        model_size="tiny",
         dataset_uri=str(tmp_path / "corpus.txt"),
         data_format="text",
         tokenizer_uri=str(tmp_path / "tokenizer.json"),
         vocab_size=tokenizer.vocab_size,
-        max_steps=3,
-        seq_len=32,
-        per_device_batch=2,
-        global_batch=2,
-        checkpoint_dir=str(tmp_path / "ckpt"),
-        checkpoint_every_steps=3,
-        warmup_steps=1,
     )
-    run_builtin(cfg, DistInfo())
-    return tmp_path / "ckpt", tokenizer
+    return checkpoint, tokenizer
 
 
 @pytest.fixture

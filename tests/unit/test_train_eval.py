@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_train import tiny_gpt
 
 from tandem.workloads.train import checkpoint as ckpt
 from tandem.workloads.train.config import TrainConfig, from_spec
@@ -27,25 +28,7 @@ from tandem.workloads.train.progress import ListWriter, ProgressBar, ProgressRep
 
 def config(tmp_path: Path, **kw: Any) -> TrainConfig:
     """A tiny GPT on the small corpus, a tenth held out, evaluated every 4 steps."""
-    base = TrainConfig(
-        job_name="t",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        validation_fraction=0.1,
-        max_steps=12,
-        learning_rate=3e-3,
-        warmup_steps=2,
-        seq_len=32,
-        per_device_batch=4,
-        global_batch=8,
-        checkpoint_dir=str(tmp_path),
-        checkpoint_every_steps=4,
-        checkpoint_keep=5,
-        seed=7,
-        eval_interval=4,
-        eval_batches=3,
-    )
-    return replace(base, **kw)
+    return tiny_gpt(tmp_path, **({"validation_fraction": 0.1, "eval_interval": 4, "eval_batches": 3} | kw))
 
 
 class Recorder(NullHooks):

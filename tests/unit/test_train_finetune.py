@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from pretrained import train_tiny_base
 
 from tandem.errors import UserError
 from tandem.workloads.models.gpt import GPT, load_for_inference
@@ -46,21 +47,7 @@ def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Checkpoints of a TrainingJob `base` (a tiny GPT pretrained on the built-in corpus), beside which
     fine-tune jobs keep theirs (as on one checkpoint claim: /checkpoints/NAMESPACE/JOB)."""
     root = tmp_path_factory.mktemp("claim") / "base"
-    cfg = TrainConfig(
-        job_name="base",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=30,
-        learning_rate=3e-3,
-        warmup_steps=3,
-        seq_len=SEQ,
-        per_device_batch=8,
-        global_batch=8,
-        checkpoint_dir=str(root),
-        checkpoint_every_steps=20,
-        seed=1,
-    )
-    run_builtin(cfg, DistInfo())
+    train_tiny_base(root, seq_len=SEQ, checkpoint_every_steps=20)
     assert [r.step for r in ckpt.list_checkpoints(root)] == [20, 30]
     return root
 

@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_train import tiny_gpt
 
 from tandem.workloads.models.gpt import GPT
 from tandem.workloads.train import checkpoint as ckpt
-from tandem.workloads.train.config import TrainConfig
 from tandem.workloads.train.data import WindowSampler, load_tokens, micro_batch_first_sample
 from tandem.workloads.train.loop import DistInfo, StepMetrics, lr_lambda, run_builtin
-
-
-def config(tmp_path: Path, **kw: object) -> TrainConfig:
-    base = TrainConfig(
-        job_name="t",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=12,
-        learning_rate=3e-3,
-        warmup_steps=2,
-        seq_len=32,
-        per_device_batch=4,
-        global_batch=8,
-        checkpoint_dir=str(tmp_path),
-        checkpoint_every_steps=4,
-        checkpoint_keep=5,
-        seed=7,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def params(path: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +56,7 @@ class CrashAt(Recorder):
 
 
 def test_loss_drops_and_checkpoints_are_written(tmp_path: Path) -> None:
-    result = run_builtin(config(tmp_path, max_steps=16), DistInfo())
+    result = run_builtin(tiny_gpt(tmp_path, max_steps=16), DistInfo())
     assert result.status == "completed"
     assert result.step == 16
     assert result.history[-1] < result.history[0] - 1.0
@@ -90,10 +70,10 @@ def test_loss_drops_and_checkpoints_are_written(tmp_path: Path) -> None:
 def test_resume_is_bit_exact_and_skips_torn_and_corrupt_checkpoints(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    full = run_builtin(config(tmp_path / "full"), DistInfo())
+    full = run_builtin(tiny_gpt(tmp_path / "full"), DistInfo())
     part_dir = tmp_path / "part"
     with pytest.raises(Crash):  # the process dies at step 10, after the checkpoint of step 8 ...
-        run_builtin(config(part_dir), DistInfo(), CrashAt(10))
+        run_builtin(tiny_gpt(part_dir), DistInfo(), CrashAt(10))
     # ... leaving a checkpoint at 8 whose data got corrupted and a torn one (no marker) at 10:
     shutil.copytree(part_dir / "step-00000008", part_dir / "step-00000010")
     (part_dir / "step-00000010" / ckpt.MARKER_FILE).unlink()
@@ -101,7 +81,7 @@ def test_resume_is_bit_exact_and_skips_torn_and_corrupt_checkpoints(
     raw[-100] ^= 0x55
     (part_dir / "step-00000008" / ckpt.OPTIMIZER_FILE).write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING):
-        resumed = run_builtin(config(part_dir), DistInfo())
+        resumed = run_builtin(tiny_gpt(part_dir), DistInfo())
     assert "skipping corrupted checkpoint" in caplog.text
     assert resumed.start_step == 4
     assert resumed.step == 12
@@ -113,7 +93,7 @@ def test_resume_is_bit_exact_and_skips_torn_and_corrupt_checkpoints(
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path: Path, precision: str) -> None:
-    result = run_builtin(config(tmp_path, precision=precision, max_steps=4), DistInfo())
+    result = run_builtin(tiny_gpt(tmp_path, precision=precision, max_steps=4), DistInfo())
     assert result.status == "completed"
     assert all(np.isfinite(result.history))
     weights = params(tmp_path / "step-00000004")
@@ -124,7 +104,7 @@ def test_mixed_precision_trains_and_keeps_fp32_master_weights(tmp_path: Path, pr
 
 def test_stop_request_checkpoints_and_returns(tmp_path: Path) -> None:
     hooks = Recorder()
-    result = run_builtin(config(tmp_path, checkpoint_every_steps=100), DistInfo(), hooks)
+    result = run_builtin(tiny_gpt(tmp_path, checkpoint_every_steps=100), DistInfo(), hooks)
     assert result.status == "stopped"
     assert result.step == 3
     assert [r.step for r in ckpt.list_checkpoints(tmp_path)] == [3]
@@ -139,8 +119,8 @@ class Everything(Recorder):
 
 def test_each_step_reports_its_gradient_norm_and_data_wait_and_no_mfu_on_a_cpu(tmp_path: Path) -> None:
     clipped, unclipped = Everything(), Everything()
-    run_builtin(config(tmp_path / "a", max_steps=3), DistInfo(), clipped)
-    run_builtin(config(tmp_path / "b", max_steps=3, grad_clip=0.0), DistInfo(), unclipped)
+    run_builtin(tiny_gpt(tmp_path / "a", max_steps=3), DistInfo(), clipped)
+    run_builtin(tiny_gpt(tmp_path / "b", max_steps=3, grad_clip=0.0), DistInfo(), unclipped)
     for m in clipped.steps + unclipped.steps:
         assert m.grad_norm is not None
         assert 0 < m.grad_norm < 1e4
@@ -179,7 +159,7 @@ def test_each_step_uses_the_same_samples_whatever_the_world_size() -> None:
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path: Path) -> None:
-    f = lr_lambda(config(tmp_path, max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    f = lr_lambda(tiny_gpt(tmp_path, max_steps=100, warmup_steps=10, min_lr_ratio=0.1))
     assert f(0) == pytest.approx(0.1)
     assert f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)

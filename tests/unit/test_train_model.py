@@ -66,22 +66,9 @@ def test_config_round_trips_through_dict() -> None:
 
 
 def test_load_for_inference_reads_a_training_checkpoint(tmp_path: Path) -> None:
-    from tandem.workloads.train.config import TrainConfig
-    from tandem.workloads.train.loop import DistInfo, run_builtin
+    from tiny_train import train_tiny_checkpoint
 
-    cfg = TrainConfig(
-        job_name="t",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
-        max_steps=2,
-        seq_len=32,
-        per_device_batch=2,
-        global_batch=2,
-        checkpoint_dir=str(tmp_path),
-        checkpoint_every_steps=1,
-        warmup_steps=1,
-    )
-    run_builtin(cfg, DistInfo())
+    train_tiny_checkpoint(tmp_path, max_steps=2, checkpoint_every_steps=1)
     model, tok, config = load_for_inference(tmp_path)  # the root: newest complete checkpoint
     assert config.block_size == 32
     assert not model.training

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from tbevents import read_scalars
+from tiny_train import tiny_gpt
 
 from tandem.api.tracking import TENSORBOARD_DIR
 from tandem.errors import UserError
@@ -62,17 +63,11 @@ def test_spec_tracking_puts_event_files_in_the_checkpoint_root_and_needs_one(tmp
 
 
 def test_the_built_in_trainer_writes_loss_lr_throughput_and_eval_loss(tmp_path: Path) -> None:
-    cfg = TrainConfig(
-        job_name="t",
-        model_size="tiny",
-        dataset_uri="tandem://corpus-small",
+    cfg = tiny_gpt(
+        tmp_path,
         validation_fraction=0.1,
         max_steps=6,
-        warmup_steps=2,
-        seq_len=32,
-        per_device_batch=4,
         global_batch=4,
-        checkpoint_dir=str(tmp_path),
         checkpoint_every_steps=3,
         eval_interval=3,
         eval_batches=2,

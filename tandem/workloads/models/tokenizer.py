@@ -145,6 +145,30 @@ class HFTokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
+    def longest_token_chars(self) -> int:
+        """The most characters one token decodes to, special tokens as written (`decode([id])`'s longest).
+
+        A byte-level decoder (GPT-2's BPE, `train_bpe`'s) turns each character of a vocabulary entry into
+        one byte (or, for an entry outside its alphabet, keeps the entry), and bytes decode to at most as
+        many characters: no token decodes to more characters than its entry has. So only the entries
+        longer than the best found so far are decoded, longest first: a 50k vocabulary's 50k decodes
+        were most of the time of this scan. Other decoders promise no such bound: each id is decoded, in
+        one call of the Rust library.
+        """
+        from tokenizers import decoders
+
+        tok, size = self._tok, self.vocab_size
+        if not isinstance(tok.decoder, decoders.ByteLevel):
+            texts = tok.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+            return max(map(len, texts), default=0)
+        bound = [len(tok.id_to_token(i) or "") for i in range(size)]  # None: an unused id
+        best = 0
+        for i in sorted(range(size), key=bound.__getitem__, reverse=True):
+            if bound[i] <= best:
+                break
+            best = max(best, len(tok.decode([i], skip_special_tokens=False)))
+        return best
+
     def to_json(self) -> str:
         """The tokenizer as `tokenizer.json` text (what checkpoints carry)."""
         out: str = self._tok.to_str()

@@ -118,6 +118,8 @@ class TrainConfig:
     # Strategy.
     #: `spec.trainer.strategy`: `ddp` (whole model per rank) or `fsdp` (FSDP2, sharded per block).
     strategy: str = _SPEC_DEFAULTS["strategy"]
+    #: `spec.trainer.deterministic`: deterministic algorithms (bit-for-bit repeatable on GPUs).
+    deterministic: bool = False
     num_workers: int = _SPEC_DEFAULTS["num_workers"]
     per_device_batch: int = _SPEC_DEFAULTS["per_device_batch"]
     global_batch: int = _SPEC_DEFAULTS["per_device_batch"] * _SPEC_DEFAULTS["num_workers"]
@@ -259,6 +261,7 @@ def from_spec(
         "attempt": attempt,
         "max_failures": spec.failure_policy.max_restarts,
         "resume_from": resume_from,
+        "deterministic": spec.trainer.deterministic,
     }
     if checkpoint_dir is not None and "://" in checkpoint_dir and not checkpoint_dir.startswith("file://"):
         raise UserError(

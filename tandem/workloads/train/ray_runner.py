@@ -139,14 +139,24 @@ class Mailbox:
         self._stop = False
         self._starts = 0
         self._devices: dict[int, dict[str, float]] = {}
+        #: The newest step this worker group's rank 0 delivered (its numbers go back after a restart).
+        self._last_step = -1
 
     def put_start(self) -> None:
         """Rank 0 of a worker group began (Ray Train starts a new group after a rank dies)."""
         self._starts += 1
+        self._last_step = -1
 
     def put_steps(self, steps: list[dict[str, Any]], device: dict[str, float] | None = None) -> bool:
-        """Rank 0's step metrics since its last call, and its GPU sample; the reply says whether to stop."""
-        self._steps.extend(steps)
+        """Rank 0's step metrics since its last call, and its GPU sample; the reply says whether to stop.
+
+        Steps already delivered are dropped: a call that rank 0 gave up waiting for may still arrive,
+        and rank 0 then sends the same steps again with its next batch (each would count twice in the
+        step-time histogram)."""
+        fresh = [m for m in steps if m["step"] > self._last_step]
+        if fresh:
+            self._last_step = fresh[-1]["step"]
+        self._steps.extend(fresh)
         del self._steps[:-MAX_PENDING_STEPS]
         if device:
             self._devices[0] = device

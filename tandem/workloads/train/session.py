@@ -120,10 +120,12 @@ class TrainContext:
             find_resume,
             pick_device,
             seed_everything,
+            use_deterministic_algorithms,
         )
 
         self._cfg, self._dist, self._hooks = cfg, dist, hooks or NullHooks()
         seed_everything(int(cfg.seed))  # spec.seed, before your code builds a model or draws a batch
+        use_deterministic_algorithms(cfg.deterministic)  # spec.trainer.deterministic, likewise
         self.device = pick_device(cfg, dist)
         self._autocast = autocast_context(cfg.precision, self.device)
         self._resume = find_resume(cfg, dist, self._hooks) if cfg.checkpoint_dir else None

@@ -55,8 +55,7 @@ def _prompt_chars(tokenizer: ByteTokenizer | HFTokenizer, window: int) -> int:
 
     if isinstance(tokenizer, ByteTokenizer):
         return window
-    longest = max(len(tokenizer.decode([i], skip_special=False)) for i in range(tokenizer.vocab_size))
-    return window * max(1, longest)
+    return window * max(1, tokenizer.longest_token_chars())
 
 
 class CausalLM:
