@@ -19,7 +19,7 @@ import yaml
 from kubelet_standin import ContainerUsage, KubeletStandIn
 from kubeobjects import priced_job, status_of
 from operator_process import OperatorProcess, start_operator, wait_for
-from prometheus_process import start_prometheus_with
+from prometheus_process import PrometheusProcess, start_prometheus_with
 
 from tandem import devprometheus
 from tandem.devinstall import Kubectl
@@ -36,6 +36,22 @@ WORKER_MEMORY_GIB = 200
 def bound_pods(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]] | None:
     pods = json.loads(kubectl.run("get", "pods", "-n", namespace, "-o", "json"))["items"]
     return pods if len(pods) == 2 and all(p["spec"].get("nodeName") for p in pods) else None
+
+
+def tandem_cost_once_scraped(prometheus: PrometheusProcess, namespace: str) -> str:
+    """`tandem cost`'s report, once Prometheus has scraped the usage allocation of the operator (it
+    is up to a scrape interval behind the operator's /metrics and the status)."""
+    scraped = f'tandem_cost_containers{{namespace="{namespace}",name="used",basis="usage"}} == 2'
+    wait_for(lambda: prometheus.query(scraped), WAIT, "Prometheus to scrape the usage allocation")
+    report = subprocess.run(
+        [sys.executable, "-m", "tandem", "cost", "-n", namespace, "--prometheus-url", prometheus.url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    return report.stdout
 
 
 def test_usage_above_the_request_is_charged_until_prometheus_goes(
@@ -92,20 +108,10 @@ def test_usage_above_the_request_is_charged_until_prometheus_goes(
             return (status_of(kubectl, namespace, "tj", "used").get("cost") or {}).get("allocation")
 
         wait_for(lambda: allocation() == "usage", WAIT, "status.cost.allocation: usage")
-        # `tandem cost` says which allocation it was, from what Prometheus has scraped of the operator
-        # (up to a scrape interval behind its /metrics and the status).
-        scraped = f'tandem_cost_containers{{namespace="{namespace}",name="used",basis="usage"}} == 2'
-        wait_for(lambda: prometheus.query(scraped), WAIT, "Prometheus to scrape the usage allocation")
-        report = subprocess.run(
-            [sys.executable, "-m", "tandem", "cost", "-n", namespace, "--prometheus-url", prometheus.url],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
-        assert report.returncode == 0, report.stderr
-        assert "allocation: max(request, usage) per container" in report.stdout
-        header, row = report.stdout.splitlines()[:2]
+        # `tandem cost` says which allocation it was.
+        report = tandem_cost_once_scraped(prometheus, namespace)
+        assert "allocation: max(request, usage) per container" in report
+        header, row = report.splitlines()[:2]
         assert header.split()[0] == "MODEL"
         assert header.split()[-1] == "ALLOCATION"
         assert row.split()[0] == "used"
