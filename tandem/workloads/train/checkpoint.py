@@ -54,6 +54,16 @@ class CorruptCheckpoint(Exception):
     """A complete-looking checkpoint whose contents do not match its metadata."""
 
 
+def probe_writable(root: str) -> None:
+    """Make the checkpoint root `root` (a path or a file:// URI) and write a probe file in it, before Ray
+    or torch start; an OSError says why not (the callers name the setting that chose the root)."""
+    path = Path(root.removeprefix("file://"))
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".tandem-write-check-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def uri_to_path(uri: str) -> Path:
     """`file:///a/b` or a plain path -> Path."""
     if uri.startswith("file://"):

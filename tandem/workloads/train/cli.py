@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from tandem.errors import UserError
+from tandem.workloads.train.checkpoint import probe_writable
 
 if TYPE_CHECKING:
     from tandem.workloads.train.progress import ProgressBar
@@ -200,10 +201,7 @@ def check_checkpoint_dir(checkpoint_dir: str, origin: str) -> None:
     from the first checkpoint or a message about a field that merely lives next to it."""
     path = Path(checkpoint_dir.removeprefix("file://"))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".tandem-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(checkpoint_dir)
     except OSError as exc:
         why = exc.strerror or str(exc)
         if origin == "--checkpoint-dir":

@@ -22,6 +22,7 @@ from typing import Any
 
 from tandem.api.trainingrun import RAY_GCS_PORT, TrainingRun
 from tandem.errors import UserError
+from tandem.workloads.train.checkpoint import probe_writable
 from tandem.workloads.train.config import from_run
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,7 @@ def check_writable(checkpoint_dir: str) -> None:
     naming the field before Ray starts, instead of a traceback from deep inside the first checkpoint."""
     path = Path(checkpoint_dir.removeprefix("file://"))
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".tandem-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(checkpoint_dir)
     except OSError as exc:
         raise UserError(
             f"spec.checkpoint.storage: cannot write checkpoints to {path} ({exc.strerror}, "
